@@ -1,0 +1,107 @@
+"""Text for calibration and evaluation: local files or corpora that ship with Python.
+
+Built-in corpora are split into disjoint parts by a stable hash of each document's name, so
+training, calibration and evaluation text never overlap:
+
+    builtin:pydoc/train   builtin:pydoc/calib   builtin:pydoc/eval
+    builtin:stdlib/train  builtin:stdlib/calib  builtin:stdlib/eval
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sysconfig
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+SPLITS = {"train": (0, 80), "calib": (80, 90), "eval": (90, 100)}   # hash % 100 ranges
+CORPORA = ("pydoc", "stdlib")
+STDLIB_MAX_CHARS = 4_000_000
+
+
+def _pydoc_docs() -> dict[str, str]:
+    from pydoc_data.topics import topics
+    return {k: topics[k] for k in sorted(topics)}
+
+
+def _stdlib_docs() -> dict[str, str]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs, total = {}, 0
+    for p in sorted(root.rglob("*.py")):
+        rel = p.relative_to(root).as_posix()
+        if rel.startswith(("site-packages/", "test/", "idlelib/idle_test/")) or "/tests/" in rel:
+            continue
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        docs[rel] = text
+        total += len(text)
+        if total > STDLIB_MAX_CHARS:
+            break
+    return docs
+
+
+def split_of(doc_name: str) -> str:
+    h = int(hashlib.sha256(doc_name.encode()).hexdigest(), 16) % 100
+    return next(s for s, (lo, hi) in SPLITS.items() if lo <= h < hi)
+
+
+def builtin_text(spec: str) -> str:
+    """`pydoc/eval` -> that part of the corpus as one string."""
+    corpus, _, split = spec.partition("/")
+    if corpus not in CORPORA:
+        raise UserError(f"builtin:{spec}: unknown corpus '{corpus}' (choose {', '.join(CORPORA)})")
+    if split and split not in SPLITS:
+        raise UserError(f"builtin:{spec}: unknown split '{split}' (choose {', '.join(SPLITS)})")
+    docs = _pydoc_docs() if corpus == "pydoc" else _stdlib_docs()
+    return "\n\n".join(t for k, t in docs.items() if not split or split_of(k) == split)
+
+
+def load_text(source: str, field: str = "text") -> str:
+    """A text source: `builtin:CORPUS/SPLIT`, a .txt file, or a .jsonl file (one `field` per line)."""
+    if source.startswith("builtin:"):
+        return builtin_text(source.removeprefix("builtin:"))
+    path = Path(source)
+    if not path.is_file():
+        raise UserError(f"{source}: no such text file (or use builtin:pydoc/calib, builtin:stdlib/eval, ...)")
+    if path.suffix == ".jsonl":
+        parts = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{source}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
+                raise UserError(f"{source}:{n}: no string field '{field}' (set the text field name)")
+            parts.append(rec[field])
+        return "\n\n".join(parts)
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def random_windows(ids: torch.Tensor, n: int, seq_len: int, seed: int, what: str) -> torch.Tensor:
+    """n windows of seq_len tokens at random offsets (calibration). [n, seq_len]"""
+    if ids.numel() < seq_len:
+        raise UserError(f"{what}: only {ids.numel()} tokens, fewer than seq_len {seq_len}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len + 1, (n,), generator=g)
+    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+
+
+def consecutive_windows(ids: torch.Tensor, n: int, seq_len: int, what: str) -> torch.Tensor:
+    """Up to n non-overlapping windows from the start (evaluation). [m, seq_len]"""
+    m = min(n, ids.numel() // seq_len)
+    if m == 0:
+        raise UserError(f"{what}: only {ids.numel()} tokens, fewer than seq_len {seq_len}")
+    return ids[: m * seq_len].view(m, seq_len)

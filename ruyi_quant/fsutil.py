@@ -1,0 +1,59 @@
+"""Files: the cache directory, all-or-nothing output directories, checksums."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import UserError
+
+MARKER = "ruyi_quant.json"          # every directory we write carries this file
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RUYI_QUANT_CACHE", Path.home() / ".cache" / "ruyi-quant"))
+
+
+def check_output_dir(path: Path, force: bool = True) -> None:
+    """Refuse to overwrite a directory that is not ours (or, without force, any existing one)."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{path}: exists and is not a directory; choose another output path")
+        if any(path.iterdir()) and not (path / MARKER).is_file():
+            raise UserError(f"{path}: exists and was not written by ruyi-quant; choose another "
+                            "output path or remove it")
+        if not force:
+            raise UserError(f"{path}: exists; pass --force to replace it")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path):
+    """Yield a temporary directory beside `path`; on success it replaces `path`, else vanishes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

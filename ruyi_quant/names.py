@@ -1,0 +1,89 @@
+"""The one table of tensor and module names.
+
+Our familial module tree mirrors Ruyi's checkpoint names, so `state_dict()` keys are Ruyi's keys.
+Everything that renames a tensor (plain checkpoints in, per-exit checkpoints out) goes through
+the templates and functions here; no other module spells a tensor name.
+"""
+
+from __future__ import annotations
+
+# --- familial (Ruyi) checkpoint -------------------------------------------------------------
+EMBED = "model.embed_tokens"
+TRUNK_LAYER = "model.layers.{i}"
+BRANCH_LAYER = "model.eelayers.{j}"
+EXIT_NORM = "model.norms.{j}"
+HEAD = "lm_head.{j}"
+SHARED_HEAD = "lm_head"
+
+# --- plain Qwen2 / Llama checkpoint (and every per-exit export) -----------------------------
+PLAIN_LAYER = "model.layers.{i}"
+PLAIN_NORM = "model.norm"
+PLAIN_HEAD = "lm_head"
+
+# Tensors that some checkpoints carry and nobody needs.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+# Linear modules inside one decoder layer, in execution order, and whether they carry a bias
+# (Qwen2: q/k/v do; a Llama source gets zero biases on load, which is exact).
+LAYER_LINEARS: dict[str, bool] = {
+    "self_attn.q_proj": True,
+    "self_attn.k_proj": True,
+    "self_attn.v_proj": True,
+    "self_attn.o_proj": False,
+    "mlp.gate_proj": False,
+    "mlp.up_proj": False,
+    "mlp.down_proj": False,
+}
+LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
+
+# A quantized linear stores these tensors instead of `.weight` (GPTQ layout, see quant/pack.py).
+QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def branch_prefix(exits: list[int], num_layers: int, j: int) -> str:
+    """Module prefix of exit j's branch layer: its own eelayer, or the last trunk layer."""
+    return TRUNK_LAYER.format(i=num_layers - 1) if exits[j] == num_layers - 1 else BRANCH_LAYER.format(j=j)
+
+
+def head_prefix(shared_heads: bool, j: int) -> str:
+    return SHARED_HEAD if shared_heads else HEAD.format(j=j)
+
+
+def exit_module_map(exits: list[int], num_layers: int, shared_heads: bool, j: int) -> dict[str, str]:
+    """Familial module prefix -> plain Qwen2 module prefix for the per-exit model of exit j.
+
+    Exit e = exits[j] is a plain model of e+1 layers: trunk layers 0..e-1, then the branch layer
+    as layer e, the exit's norm as the final norm, its head as lm_head.
+    """
+    e = exits[j]
+    out = {EMBED: EMBED}
+    for i in range(e):
+        out[TRUNK_LAYER.format(i=i)] = PLAIN_LAYER.format(i=i)
+    out[branch_prefix(exits, num_layers, j)] = PLAIN_LAYER.format(i=e)
+    out[EXIT_NORM.format(j=j)] = PLAIN_NORM
+    out[head_prefix(shared_heads, j)] = PLAIN_HEAD
+    return out
+
+
+def rename(name: str, prefix_map: dict[str, str]) -> str | None:
+    """Rename a tensor by the longest matching module prefix; None if no prefix matches."""
+    best = None
+    for src in prefix_map:
+        if (name == src or name.startswith(src + ".")) and (best is None or len(src) > len(best)):
+            best = src
+    if best is None:
+        return None
+    return prefix_map[best] + name[len(best):]
+
+
+def plain_to_familial(num_layers: int) -> dict[str, str]:
+    """Plain Qwen2/Llama prefix -> familial prefix: a plain model is a family of one exit."""
+    out = {EMBED: EMBED, PLAIN_NORM: EXIT_NORM.format(j=0), PLAIN_HEAD: SHARED_HEAD}
+    for i in range(num_layers):
+        out[PLAIN_LAYER.format(i=i)] = TRUNK_LAYER.format(i=i)
+    return out
+
+
+def module_of(tensor_name: str) -> str:
+    """`model.layers.0.self_attn.q_proj.qweight` -> `model.layers.0.self_attn.q_proj`."""
+    return tensor_name.rsplit(".", 1)[0]

@@ -1,0 +1,76 @@
+"""Integer grids and the GPTQ ("gptq", v1) tensor layout. Pure functions, shapes in comments.
+
+A quantized linear of weight W [N, K] (out, in) with bits b and group size g is
+    q      [K, N] ints in [0, 2^b)         W[n, k] ~= scales[g_idx[k], n] * (q[k, n] - zeros[g_idx[k], n])
+    scales [G, N] fp16, zeros [G, N] ints, g_idx [K] ints, G = ceil(K / g)
+and is stored as GPTQ does:
+    qweight int32 [ceil(K*b/32), N]  q packed along K, little-endian bit stream
+    qzeros  int32 [G, ceil(N*b/32)]  (zeros - 1) packed along N (the v1 convention)
+    scales  fp16  [G, N]
+    g_idx   int32 [K]
+For b in 2, 4, 8 the bit stream puts value j of a word at bit b*j, as AutoGPTQ does; for b = 3
+AutoGPTQ's word-straddling layout is the same little-endian stream of 32 values per 3 words.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BITS = (2, 3, 4, 8)
+
+
+def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """[K, N] ints in [0, 2^bits) -> int32 [ceil(K*bits/32), N], packed along K."""
+    k, n = q.shape
+    words = -(-k * bits // 32)
+    q = q.to(torch.int64)
+    offset = torch.arange(k, dtype=torch.int64) * bits                     # [K] bit position
+    word, shift = offset // 32, (offset % 32).unsqueeze(1)
+    acc = torch.zeros(words + 1, n, dtype=torch.int64)
+    acc.index_add_(0, word, (q << shift) & 0xFFFFFFFF)
+    acc.index_add_(0, word + 1, q >> (32 - shift))                         # straddling bits (b=3)
+    acc = acc[:words]
+    return torch.where(acc >= 2**31, acc - 2**32, acc).to(torch.int32)
+
+
+def unpack_rows(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """int32 [ceil(K*bits/32), N] -> int32 [K, N]; inverse of pack_rows."""
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    words = torch.cat([words, torch.zeros_like(words[:1])])                # room for straddles
+    offset = torch.arange(k, dtype=torch.int64) * bits
+    word, shift = offset // 32, (offset % 32).unsqueeze(1)
+    both = (words[word] >> shift) | (words[word + 1] << (32 - shift))
+    return (both & ((1 << bits) - 1)).to(torch.int32)
+
+
+def pack_cols(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """[G, N] -> int32 [G, ceil(N*bits/32)], packed along N."""
+    return pack_rows(q.t(), bits).t().contiguous()
+
+
+def unpack_cols(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    return unpack_rows(packed.t(), bits, n).t().contiguous()
+
+
+def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+               g_idx: torch.Tensor) -> torch.Tensor:
+    """q [K, N], scales [G, N], zeros [G, N], g_idx [K] -> float32 weight [N, K]."""
+    g = g_idx.long()
+    w = scales.float()[g] * (q.float() - zeros.float()[g])                  # [K, N]
+    return w.t().contiguous()
+
+
+def to_gptq(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
+            bits: int) -> dict[str, torch.Tensor]:
+    """Grid -> GPTQ v1 tensors (qweight, qzeros, scales, g_idx). Zeros must be >= 1 (v1)."""
+    if int(zeros.min()) < 1:
+        raise ValueError("GPTQ v1 stores zero-1: integer zeros must be >= 1")
+    return {"qweight": pack_rows(q, bits), "qzeros": pack_cols(zeros.to(torch.int64) - 1, bits),
+            "scales": scales.to(torch.float16).contiguous(), "g_idx": g_idx.to(torch.int32).contiguous()}
+
+
+def from_gptq(t: dict[str, torch.Tensor], bits: int, k: int, n: int):
+    """GPTQ v1 tensors -> (q [K, N], scales [G, N] fp16, zeros [G, N], g_idx [K])."""
+    q = unpack_rows(t["qweight"], bits, k)
+    zeros = unpack_cols(t["qzeros"], bits, n) + 1
+    return q, t["scales"], zeros, t["g_idx"]

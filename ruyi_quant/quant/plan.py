@@ -1,0 +1,84 @@
+"""Which linear gets which grid: the quantization plan shared by every method.
+
+Quantizable modules are every linear of every trunk layer and branch layer, and (optionally)
+the heads. Embeddings and norms stay in floating point. Overrides match module names with
+shell-style patterns (`model.layers.*.mlp.down_proj`, `lm_head*`); later overrides win.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass, replace
+
+from .. import names
+from ..errors import UserError
+from .pack import BITS
+
+GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int = 4
+    group_size: int = 128     # -1: one group per output channel
+    sym: bool = True
+
+    def __post_init__(self):
+        if self.bits not in BITS:
+            raise UserError(f"bits {self.bits}: supported bit widths are {', '.join(map(str, BITS))}")
+        if self.group_size not in GROUP_SIZES:
+            raise UserError(f"group_size {self.group_size}: must be -1 or a power of two from 16 "
+                            "to 1024")
+
+    @property
+    def maxq(self) -> int:
+        return 2 ** self.bits - 1
+
+    def groups(self, k: int) -> int:
+        return 1 if self.group_size == -1 else -(-k // self.group_size)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Override:
+    pattern: str
+    bits: int | None = None
+    group_size: int | None = None
+    sym: bool | None = None
+    skip: bool = False
+
+
+def linear_modules(model, heads: bool) -> list[str]:
+    """Names of the quantizable linears in execution order: trunk, branches, heads."""
+    cfg = model.config
+    out = []
+    layer_prefixes = [names.TRUNK_LAYER.format(i=i) for i in range(cfg.num_layers)]
+    layer_prefixes += [names.BRANCH_LAYER.format(j=j) for j in range(len(cfg.exits) - 1)]
+    for p in layer_prefixes:
+        out += [f"{p}.{lin}" for lin in names.LAYER_LINEARS]
+    if heads:
+        out += sorted({names.head_prefix(cfg.shared_heads, j) for j in range(len(cfg.exits))})
+    return out
+
+
+def make_plan(model, default: QuantSpec, heads: bool = False,
+              overrides: list[Override] = ()) -> dict[str, QuantSpec]:
+    """Module name -> its grid, for every module that gets quantized."""
+    candidates = linear_modules(model, heads=True)
+    plan: dict[str, QuantSpec | None] = {m: default for m in linear_modules(model, heads)}
+    for ov in overrides:
+        hits = [m for m in candidates if fnmatch.fnmatchcase(m, ov.pattern)]
+        if not hits:
+            raise UserError(f"override pattern '{ov.pattern}' matches no module (names look like "
+                            f"{candidates[0]}, {candidates[-1]})")
+        for m in hits:
+            if ov.skip:
+                plan[m] = None
+                continue
+            base = plan.get(m) or default
+            changes = {k: v for k, v in (("bits", ov.bits), ("group_size", ov.group_size),
+                                         ("sym", ov.sym)) if v is not None}
+            plan[m] = replace(base, **changes)
+    return {m: s for m, s in plan.items() if s is not None}

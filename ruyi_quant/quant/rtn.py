@@ -1,0 +1,88 @@
+"""Round-to-nearest: the grid of each group from its min/max, the baseline and oracle.
+
+`group_qparams` and `quantize_to_grid` are the primitives every method shares (GPTQ calls them
+per group as it goes; AWQ after scaling). Scales are rounded to fp16 before any weight is
+rounded, so the stored checkpoint dequantizes to exactly the weights the quantizer simulated.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .plan import QuantSpec
+
+FP16_TINY = 2.0 ** -24     # smallest positive fp16 (subnormal); scales never round to zero
+
+
+def group_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid of each row of w [N, k] (one group's columns) -> scale fp16 [N], zero int64 [N].
+
+    Symmetric: zero = 2^(b-1), scale = 2*absmax/maxq (GPTQ's grid; Q4_0's for 4 bits).
+    Asymmetric: the range [min(w,0), max(w,0)] spread over maxq steps, zero = round(-min/scale),
+    kept >= 1 so GPTQ's v1 zero-1 storage never wraps (an all-positive group gets scale
+    max/(maxq-1) instead).
+    """
+    w = w.float()
+    maxq = spec.maxq
+    lo = torch.clamp(w.min(dim=1).values, max=0)
+    hi = torch.clamp(w.max(dim=1).values, min=0)
+    if spec.sym:
+        amax = torch.maximum(-lo, hi)
+        amax = torch.where(amax == 0, torch.ones_like(amax), amax)
+        scale = (2 * amax / maxq).half().clamp(min=FP16_TINY)
+        zero = torch.full_like(amax, (maxq + 1) // 2, dtype=torch.int64)
+        return scale, zero
+    flat = (hi - lo) == 0
+    lo, hi = torch.where(flat, -torch.ones_like(lo), lo), torch.where(flat, torch.ones_like(hi), hi)
+    scale = ((hi - lo) / maxq).half().clamp(min=FP16_TINY)
+    zero = torch.round(-lo / scale.float())
+    low_zero = zero < 1
+    scale = torch.where(low_zero, (hi / (maxq - 1)).half().clamp(min=FP16_TINY), scale)
+    zero = torch.where(low_zero, torch.ones_like(zero), zero).clamp(max=maxq)
+    return scale, zero.to(torch.int64)
+
+
+def quantize_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """w [N, k], scale [N], zero [N] -> q [N, k] int64 in [0, maxq]."""
+    s = scale.float().unsqueeze(1)
+    return torch.clamp(torch.round(w.float() / s) + zero.unsqueeze(1), 0, maxq).to(torch.int64)
+
+
+def grid_value(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The float weights a grid stands for: q [N, k] -> [N, k] float32."""
+    return scale.float().unsqueeze(1) * (q - zero.unsqueeze(1)).float()
+
+
+def group_index(k: int, spec: QuantSpec) -> torch.Tensor:
+    """g_idx [K]: the group of each input column (no act-order)."""
+    if spec.group_size == -1:
+        return torch.zeros(k, dtype=torch.int32)
+    return (torch.arange(k) // spec.group_size).to(torch.int32)
+
+
+def rtn_quantize(w: torch.Tensor, spec: QuantSpec):
+    """w [N, K] -> (q [K, N], scales [G, N] fp16, zeros [G, N], g_idx [K]) by round-to-nearest."""
+    n, k = w.shape
+    g_idx = group_index(k, spec)
+    step = k if spec.group_size == -1 else spec.group_size
+    qs, scales, zeros = [], [], []
+    for start in range(0, k, step):
+        block = w[:, start:start + step]
+        scale, zero = group_qparams(block, spec)
+        qs.append(quantize_to_grid(block, scale, zero, spec.maxq))
+        scales.append(scale)
+        zeros.append(zero)
+    q = torch.cat(qs, dim=1).t().contiguous()
+    return q, torch.stack(scales), torch.stack(zeros), g_idx
+
+
+def rtn_family(model, plan: dict, progress: bool = True):
+    """Quantize every planned linear of a FamilialModel by RTN -> QuantizedFamily."""
+    from tqdm.auto import tqdm
+    from ..checkpoint import QuantizedFamily
+    fam = QuantizedFamily.from_model(model)
+    for name in tqdm(list(plan), desc="rtn", unit="linear", disable=not progress, leave=False):
+        spec = plan[name]
+        fam.set_quantized(name, spec, *rtn_quantize(model.get_submodule(name).weight.detach(), spec))
+    fam.method = "rtn"
+    return fam
