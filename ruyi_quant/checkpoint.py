@@ -86,13 +86,26 @@ class QuantizedFamily:
         model.reset_rotary()
         return model.eval()
 
-    def bytes_by_module(self) -> dict[str, int]:
-        """Stored bytes per module prefix (weight tensors grouped by module)."""
-        out: dict[str, int] = {}
-        for name, t in self.tensors.items():
-            mod = names.module_of(name)
-            out[mod] = out.get(mod, 0) + t.numel() * t.element_size()
-        return out
+    def exit_tensor_names(self, j: int) -> list[str]:
+        """The tensors that exit j runs on (the embedding too when a tied head reuses it)."""
+        cfg = self.config
+        pmap = names.exit_module_map(cfg.exits, cfg.num_layers, cfg.shared_heads, j)
+        return [n for n in self.tensors if names.rename(n, pmap) is not None]
+
+    def size(self, tensor_names: list[str] | None = None) -> tuple[int, int]:
+        """(parameters, stored bytes) of some tensors (all by default); a quantized linear
+        counts its K*N weights as parameters, and its packed tensors as bytes."""
+        params = nbytes = 0
+        for n in (self.tensors if tensor_names is None else tensor_names):
+            t = self.tensors[n]
+            nbytes += t.numel() * t.element_size()
+            mod, suffix = names.module_of(n), n.rsplit(".", 1)[1]
+            if mod in self.modules:
+                if suffix == "g_idx":
+                    params += t.numel() * self.tensors[f"{mod}.scales"].shape[1]
+            else:
+                params += t.numel()
+        return params, nbytes
 
     def quantization_json(self) -> dict:
         specs = {json.dumps(s.to_json(), sort_keys=True) for s in self.modules.values()}

@@ -1,0 +1,249 @@
+"""`ruyi-quant` subcommands. Argument parsing and printing only; the work is in pipeline.py.
+
+A user's mistake is one line on stderr and exit code 2; anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from .errors import UserError
+
+EXAMPLES = """examples:
+  ruyi-quant inspect builtin:tiny
+  ruyi-quant quantize builtin:tiny --bits 4 --group-size 32 --out out/tiny-rtn4
+  ruyi-quant export out/tiny-rtn4 --format hf --out out/tiny-rtn4-hf
+  ruyi-quant eval builtin:tiny out/tiny-rtn4 --samples 8 --seq-len 128
+  ruyi-quant run recipes/demo.yaml
+"""
+
+
+def _console():
+    from rich.console import Console
+    return Console(stderr=False)
+
+
+def _validated(cls, **kw):
+    try:
+        return cls(**kw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise UserError(f"--{str(err['loc'][0]).replace('_', '-')}: "
+                        f"{err['msg'].removeprefix('Value error, ')}") from None
+
+
+def _exits(text: str | None):
+    if text is None or text == "all":
+        return "all"
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise UserError(f"--exits {text}: give layer indices like 2,5 or 'all'") from None
+
+
+def _override(text: str, skip: bool = False):
+    """`PATTERN:bits=8,group_size=-1,sym=false` -> Override fields."""
+    pattern, _, rest = text.partition(":")
+    fields: dict = {"pattern": pattern, "skip": skip}
+    for item in filter(None, rest.split(",")):
+        key, _, val = item.partition("=")
+        if key not in ("bits", "group_size", "sym"):
+            raise UserError(f"--override {text}: unknown setting '{key}' (bits, group_size, sym)")
+        try:
+            fields[key] = val.lower() in ("1", "true", "yes") if key == "sym" else int(val)
+        except ValueError:
+            raise UserError(f"--override {text}: '{val}' is not a number") from None
+    return fields
+
+
+# --- subcommands ---------------------------------------------------------------------------
+def cmd_inspect(a) -> None:
+    from .pipeline import open_family
+    from .report import rich_table
+    fam, _ = open_family(a.model)
+    c = fam.config
+    con = _console()
+    heads = "tied to embeddings" if c.tie_word_embeddings else ("shared" if c.shared_heads else "per exit")
+    con.print(f"{a.model}: {c.source_type}, {c.num_layers} trunk layers, hidden {c.hidden_size}, "
+              f"vocab {c.vocab_size}, heads {heads}, exits {c.exits}, quantization: {fam.method}")
+    rows = []
+    for j, e in enumerate(c.exits):
+        params, nbytes = fam.size(fam.exit_tensor_names(j))
+        rows.append([f"E{j} (layer {e})", str(e + 1), f"{params / 1e6:.2f}", f"{nbytes / 1e6:.2f}"])
+    params, nbytes = fam.size()
+    rows.append(["family", str(c.num_layers + len(c.exits) - 1), f"{params / 1e6:.2f}",
+                 f"{nbytes / 1e6:.2f}"])
+    con.print(rich_table("parameters and bytes per exit",
+                         ["exit", "layers run", "params (M)", "MB"], rows))
+    if a.json:
+        out = {"exits": c.exits, "per_exit": rows, "family": {"params": params, "bytes": nbytes}}
+        Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
+
+
+def cmd_quantize(a) -> None:
+    from .checkpoint import save_family
+    from .fsutil import atomic_dir, check_output_dir
+    from .model.io import load_model
+    from .pipeline import quantize, resolve_model
+    from .recipe import Override, Quantize
+    overrides = [_validated(Override, **_override(t)) for t in a.override or []]
+    overrides += [_validated(Override, **_override(t, skip=True)) for t in a.skip or []]
+    q = _validated(Quantize, method=a.method, bits=a.bits, group_size=a.group_size, sym=not a.asym,
+                   heads=a.heads, overrides=overrides)
+    out = Path(a.out)
+    check_output_dir(out, force=a.force)
+    src = resolve_model(a.model)
+    model = load_model(src)
+    fam = quantize(model, q)
+    fam.recipe = {"model": a.model, "quantize": q.model_dump()}
+    with atomic_dir(out) as tmp:
+        save_family(fam, tmp, src)
+    print(f"wrote {out} ({len(fam.modules)} quantized linears, {fam.size()[1] / 1e6:.2f} MB)")
+
+
+def cmd_export(a) -> None:
+    from .fsutil import MARKER, atomic_dir, check_output_dir
+    from .pipeline import export_hf, open_family
+    from .recipe import HFExport
+    ex = _validated(HFExport, format=a.format, exits=_exits(a.exits), weights=a.weights, dtype=a.dtype)
+    fam, tok_dir = open_family(a.family)
+    out = Path(a.out)
+    check_output_dir(out, force=a.force)
+    with atomic_dir(out) as tmp:
+        dirs = export_hf(fam, tmp, tok_dir, ex.exits, ex.weights, ex.dtype)
+        (tmp / MARKER).write_text(json.dumps({"kind": "export", "format": ex.format,
+                                              "exits": [d.name for d in dirs]}) + "\n")
+    for d in dirs:
+        print(f"wrote {out / d.name}")
+
+
+def cmd_eval(a) -> None:
+    from .fsutil import MARKER, atomic_dir, check_output_dir
+    from .pipeline import eval_report, open_family
+    from .recipe import Eval
+    from .report import eval_cells, rich_table
+    ev = _validated(Eval, source=a.data, samples=a.samples, seq_len=a.seq_len,
+                    exits=_exits(a.exits), batch=a.batch, plot=a.out is not None)
+    ref, tok_dir = open_family(a.reference)
+    fam, _ = open_family(a.quantized)
+    if ref.config.exits != fam.config.exits or ref.config.vocab_size != fam.config.vocab_size:
+        raise UserError(f"{a.quantized} (exits {fam.config.exits}) is not a quantization of "
+                        f"{a.reference} (exits {ref.config.exits})")
+    if a.out:
+        check_output_dir(Path(a.out), force=True)
+        with atomic_dir(Path(a.out)) as tmp:
+            report = eval_report(ref, fam, tok_dir, ev, tmp)
+            (tmp / MARKER).write_text(json.dumps({"kind": "eval"}) + "\n")
+    else:
+        report = eval_report(ref, fam, tok_dir, ev, None)
+    _console().print(rich_table(f"{fam.method} vs reference on {ev.source}", *eval_cells(report)))
+
+
+def cmd_run(a) -> None:
+    from .pipeline import run_job
+    from .recipe import load_recipe
+    from .report import eval_cells, rich_table
+    recipe, base = load_recipe(a.recipe)
+    jobs = [j for j in recipe.jobs if not a.only or j.name in a.only]
+    if a.only and not jobs:
+        raise UserError(f"--only {','.join(a.only)}: no such job (jobs: "
+                        f"{', '.join(j.name for j in recipe.jobs)})")
+    con = _console()
+    results = []
+    for job in jobs:
+        res = run_job(job, base, force=a.force, say=lambda m: con.print(m, markup=False))
+        results.append((job, res))
+        if res.get("eval"):
+            con.print(rich_table(f"{job.name}: {res['method']} vs reference",
+                                 *eval_cells(res["eval"])))
+    rows = [[j.name, r["status"], r["output"], f"{r.get('seconds', 0):.1f}"] for j, r in results]
+    con.print(rich_table("jobs", ["job", "status", "output", "seconds"], rows))
+
+
+# --- parser --------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ruyi-quant", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Quantize and export familial (early-exit) language models. MODEL is a "
+                    "checkpoint directory (ruyi_qwen2, qwen2 or llama safetensors) or builtin:tiny.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("inspect", help="exits, parameters and bytes per exit and for the family",
+                       description="Show a model's exits with the parameters and bytes each exit runs "
+                                   "on, and the whole family's.")
+    s.add_argument("model", metavar="MODEL")
+    s.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("quantize", help="quantize a family (trunk, branches, optionally heads)",
+                       description="Quantize every trunk and branch linear (and the heads with "
+                                   "--heads) and write a quantized family checkpoint.")
+    s.add_argument("model", metavar="MODEL")
+    s.add_argument("--out", required=True, help="output directory (written whole or not at all)")
+    s.add_argument("--method", default="rtn", help="rtn (round to nearest)")
+    s.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
+    s.add_argument("--group-size", type=int, default=128, help="-1 or 16..1024, power of two (default 128)")
+    s.add_argument("--asym", action="store_true", help="asymmetric grid (default symmetric)")
+    s.add_argument("--heads", action="store_true", help="quantize the heads too")
+    s.add_argument("--override", action="append", metavar="PATTERN:KEY=VAL,...",
+                   help="per-module grid, e.g. 'model.layers.*.mlp.down_proj:bits=8'")
+    s.add_argument("--skip", action="append", metavar="PATTERN", help="leave matching modules unquantized")
+    s.add_argument("--force", action="store_true", help="replace an existing output of ours")
+    s.set_defaults(func=cmd_quantize)
+
+    s = sub.add_parser("export", help="per-exit checkpoints (hf: Qwen2ForCausalLM per exit)",
+                       description="Export each exit of a family as a standalone checkpoint.")
+    s.add_argument("family", metavar="FAMILY", help="quantized family directory, or any MODEL")
+    s.add_argument("--format", default="hf", help="hf")
+    s.add_argument("--out", required=True)
+    s.add_argument("--exits", help="comma-separated exit layers, or all (default)")
+    s.add_argument("--weights", default="auto", help="auto (gptq if quantized), float, gptq")
+    s.add_argument("--dtype", default="bfloat16", help="float weights: bfloat16, float16, float32")
+    s.add_argument("--force", action="store_true")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("eval", help="per-exit perplexity, KL and top-1 of a quantized family",
+                       description="Compare a quantized family with its reference, exit by exit: "
+                                   "perplexity of both, mean KL(ref || quant), top-1 agreement, bytes.")
+    s.add_argument("reference", metavar="REFERENCE")
+    s.add_argument("quantized", metavar="QUANTIZED")
+    s.add_argument("--data", default="builtin:pydoc/eval",
+                   help="text: builtin:pydoc/eval, builtin:stdlib/eval, a .txt or .jsonl file")
+    s.add_argument("--samples", type=int, default=16)
+    s.add_argument("--seq-len", type=int, default=256)
+    s.add_argument("--exits")
+    s.add_argument("--batch", type=int, default=4)
+    s.add_argument("--out", help="directory for eval.json, eval.md and eval.png")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("run", help="run the jobs of a recipe YAML", description=(
+        "Run a recipe's jobs in order. A job whose outputs are complete and unchanged (manifest "
+        "with sha256 of every artifact) is skipped. See recipes/README.md for the format."))
+    s.add_argument("recipe", metavar="RECIPE")
+    s.add_argument("--only", action="append", metavar="JOB", help="run only this job (repeatable)")
+    s.add_argument("--force", action="store_true", help="rerun jobs even when complete")
+    s.set_defaults(func=cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"ruyi-quant: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ruyi-quant: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

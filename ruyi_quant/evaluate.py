@@ -1,0 +1,77 @@
+"""Reference vs quantized, per exit: perplexity, KL(ref || quant), top-1 agreement, bytes.
+
+Both models run every exit from one pass of the shared trunk. All maths in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import QuantizedFamily
+from .model.familial import FamilialModel
+
+
+def token_stats(ref_logits: torch.Tensor, q_logits: torch.Tensor, ids: torch.Tensor) -> dict:
+    """Sums over one batch. logits [B, T, V], ids [B, T]: next-token NLL of both models (T-1
+    positions per row), KL(ref || quant) and argmax agreement (all T positions)."""
+    lp = torch.log_softmax(ref_logits.float(), -1)
+    lq = torch.log_softmax(q_logits.float(), -1)
+    target = ids[:, 1:].unsqueeze(-1)
+    return {
+        "nll_ref": -lp[:, :-1].gather(-1, target).sum().item(),
+        "nll_quant": -lq[:, :-1].gather(-1, target).sum().item(),
+        "kl": (lp.exp() * (lp - lq)).sum(-1).sum().item(),
+        "top1": (lp.argmax(-1) == lq.argmax(-1)).sum().item(),
+        "positions": ids.numel(),
+        "targets": ids[:, 1:].numel(),
+    }
+
+
+@torch.no_grad()
+def compare(ref: FamilialModel, quant: FamilialModel, windows: torch.Tensor, exits: list[int],
+            batch: int = 4, progress: bool = True) -> dict[int, dict]:
+    """Per exit: ppl_ref, ppl_quant, delta_ppl_pct, kl, top1 (0..1), tokens."""
+    sums: dict[int, dict] = {e: {} for e in exits}
+    for start in tqdm(range(0, len(windows), batch), desc="eval", unit="batch",
+                      disable=not progress, leave=False):
+        ids = windows[start:start + batch]
+        r, q = ref.forward_exits(ids, exits=exits), quant.forward_exits(ids, exits=exits)
+        for e in exits:
+            for k, v in token_stats(r[e], q[e], ids).items():
+                sums[e][k] = sums[e].get(k, 0) + v
+    out = {}
+    for e, s in sums.items():
+        ppl_ref, ppl_q = math.exp(s["nll_ref"] / s["targets"]), math.exp(s["nll_quant"] / s["targets"])
+        out[e] = {"ppl_ref": ppl_ref, "ppl_quant": ppl_q, "delta_ppl_pct": 100 * (ppl_q / ppl_ref - 1),
+                  "kl": s["kl"] / s["positions"], "top1": s["top1"] / s["positions"],
+                  "tokens": s["positions"]}
+    return out
+
+
+def exit_sizes(fam: QuantizedFamily) -> dict[int, dict]:
+    """Per exit: parameters and stored bytes of the tensors it runs on."""
+    out = {}
+    for j, e in enumerate(fam.config.exits):
+        params, nbytes = fam.size(fam.exit_tensor_names(j))
+        out[e] = {"params": params, "bytes": nbytes}
+    return out
+
+
+def evaluate(ref_fam: QuantizedFamily, quant_fam: QuantizedFamily, windows: torch.Tensor,
+             exits: list[int] | None = None, batch: int = 4, progress: bool = True) -> dict:
+    """The report `ruyi-quant eval` prints and writes: one row per exit plus family totals."""
+    exits = exits or ref_fam.config.exits
+    scores = compare(ref_fam.dequantized_model(), quant_fam.dequantized_model(), windows, exits,
+                     batch, progress)
+    ref_sizes, q_sizes = exit_sizes(ref_fam), exit_sizes(quant_fam)
+    rows = []
+    for e in exits:
+        rows.append({"exit": e, **scores[e], "params": ref_sizes[e]["params"],
+                     "bytes_ref": ref_sizes[e]["bytes"], "bytes_quant": q_sizes[e]["bytes"]})
+    return {"method": quant_fam.method, "rows": rows,
+            "family": {"bytes_ref": ref_fam.size()[1], "bytes_quant": quant_fam.size()[1],
+                       "params": ref_fam.size()[0]},
+            "windows": list(windows.shape)}

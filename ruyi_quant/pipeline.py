@@ -1,0 +1,187 @@
+"""The steps a job is made of (resolve, quantize, export, evaluate), shared by the CLI's
+subcommands and the recipe runner. Every output directory is written whole or not at all.
+
+Job output layout:
+    OUTPUT/ruyi_quant.json     manifest: job digest, sha256 of every artifact, summary
+    OUTPUT/family/             the quantized family (checkpoint.py)
+    OUTPUT/hf-gptq/exit-E/     per-exit Qwen2 checkpoints (hf-bfloat16/ for float weights)
+    OUTPUT/eval.json, eval.md  per-exit quality, eval.png when matplotlib is installed
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoint import QuantizedFamily, load_family, save_family
+from .data import consecutive_windows, load_text, random_windows, tokenize
+from .errors import UserError
+from .evaluate import evaluate
+from .fsutil import MARKER, atomic_dir, check_output_dir, sha256
+from .model.io import load_model
+from .quant.plan import Override, QuantSpec, make_plan
+from .quant.rtn import rtn_family
+from .recipe import Eval, Job, Quantize
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+BUILTIN_MODELS = ("tiny", "tiny-shared")
+
+
+def resolve_model(spec: str, base: Path | None = None) -> Path:
+    """A checkpoint directory, or `builtin:NAME` (built once into the cache)."""
+    if spec.startswith("builtin:"):
+        from .tiny import cached_tiny
+        name = spec.removeprefix("builtin:")
+        if name not in BUILTIN_MODELS:
+            raise UserError(f"{spec}: unknown built-in model (choose "
+                            f"{', '.join('builtin:' + n for n in BUILTIN_MODELS)})")
+        return cached_tiny(name)
+    path = Path(spec)
+    if base is not None and not path.is_absolute():
+        path = base / path
+    if not path.exists():
+        raise UserError(f"{spec}: no such model directory")
+    return path
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import PreTrainedTokenizerFast
+    if not (Path(model_dir) / "tokenizer.json").is_file():
+        raise UserError(f"{model_dir}: no tokenizer.json; put the tokenizer files beside the weights")
+    return PreTrainedTokenizerFast.from_pretrained(str(model_dir))
+
+
+def exit_list(fam: QuantizedFamily, exits) -> list[int]:
+    if exits in (None, "all"):
+        return list(fam.config.exits)
+    for e in exits:
+        fam.config.exit_index(e)          # raises a UserError naming the exits it has
+    return list(exits)
+
+
+def quantize(model, q: Quantize, progress: bool = True) -> QuantizedFamily:
+    """Quantize a float FamilialModel by the recipe's quantize section."""
+    if q.method == "none":
+        return QuantizedFamily.from_model(model)
+    overrides = [Override(**o.model_dump()) for o in q.overrides]
+    plan = make_plan(model, QuantSpec(q.bits, q.group_size, q.sym), q.heads, overrides)
+    t0 = time.perf_counter()
+    fam = rtn_family(model, plan, progress)
+    fam.stats["quantize_seconds"] = time.perf_counter() - t0
+    return fam
+
+
+def eval_windows(model_dir: Path, ev: Eval) -> torch.Tensor:
+    tok = load_tokenizer(model_dir)
+    ids = tokenize(tok, load_text(ev.source, ev.field))
+    return consecutive_windows(ids, ev.samples, ev.seq_len, ev.source)
+
+
+def calib_windows(model_dir: Path, cal) -> torch.Tensor:
+    tok = load_tokenizer(model_dir)
+    ids = tokenize(tok, load_text(cal.source, cal.field))
+    return random_windows(ids, cal.samples, cal.seq_len, cal.seed, cal.source)
+
+
+def export_hf(fam: QuantizedFamily, out_root: Path, tokenizer_dir: Path, exits, weights: str,
+              dtype: str, progress: bool = True) -> list[Path]:
+    """One Qwen2 checkpoint per exit under out_root/exit-E (out_root is a fresh directory)."""
+    from tqdm.auto import tqdm
+    from .exporters.hf import export_exit
+    written = []
+    for e in tqdm(exit_list(fam, exits), desc="export hf", unit="exit", disable=not progress,
+                  leave=False):
+        d = out_root / f"exit-{e}"
+        d.mkdir(parents=True)
+        export_exit(fam, e, d, tokenizer_dir, weights, DTYPES[dtype])
+        written.append(d)
+    return written
+
+
+def export_folder(ex, fam: QuantizedFamily) -> str:
+    """Where an export goes inside a job's output: its `folder`, else e.g. hf-gptq, hf-bfloat16."""
+    if ex.folder:
+        return ex.folder
+    quantized = ex.weights == "gptq" or (ex.weights == "auto" and bool(fam.modules))
+    return f"{ex.format}-{'gptq' if quantized else ex.dtype}"
+
+
+def eval_report(ref: QuantizedFamily, fam: QuantizedFamily, model_dir: Path, ev: Eval,
+                out_dir: Path | None, progress: bool = True) -> dict:
+    windows = eval_windows(model_dir, ev)
+    report = evaluate(ref, fam, windows, exit_list(ref, ev.exits), ev.batch, progress)
+    report["source"] = ev.source
+    if out_dir is not None:
+        from .report import eval_markdown, eval_plot
+        (out_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out_dir / "eval.md").write_text(eval_markdown(report))
+        if ev.plot:
+            eval_plot(report, out_dir / "eval.png")
+    return report
+
+
+def manifest_ok(out: Path, digest: str) -> bool:
+    """True when out holds a finished job with this digest and every artifact is intact."""
+    try:
+        meta = json.loads((out / MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if meta.get("kind") != "job" or meta.get("digest") != digest:
+        return False
+    arts = meta.get("artifacts", {})
+    return bool(arts) and all((out / p).is_file() and sha256(out / p) == h for p, h in arts.items())
+
+
+def write_manifest(out: Path, job: Job, summary: dict) -> None:
+    arts = {p.relative_to(out).as_posix(): sha256(p) for p in sorted(out.rglob("*")) if p.is_file()}
+    meta = {"ruyi_quant_version": __version__, "kind": "job", "name": job.name,
+            "digest": job.digest(), "job": job.model_dump(), "artifacts": arts, "summary": summary}
+    (out / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def run_job(job: Job, base: Path, force: bool = False, progress: bool = True,
+            say=print) -> dict:
+    """Run one job; returns its summary ({'status': 'done'|'skipped', ...})."""
+    out = Path(os.path.normpath(Path(base) / job.output))   # absolute output stays as is
+    check_output_dir(out)
+    if not force and manifest_ok(out, job.digest()):
+        say(f"[{job.name}] outputs complete and unchanged in {out}: skipped")
+        return {"status": "skipped", "output": str(out)}
+    src = resolve_model(job.model, base)
+    t0 = time.perf_counter()
+    with atomic_dir(out) as tmp:
+        say(f"[{job.name}] loading {src}")
+        model = load_model(src)
+        ref = QuantizedFamily.from_model(model)
+        say(f"[{job.name}] quantizing: {job.quantize.method} {job.quantize.bits}-bit "
+            f"g{job.quantize.group_size}")
+        fam = quantize(model, job.quantize, progress)
+        fam.recipe = job.model_dump()
+        (tmp / "family").mkdir()
+        save_family(fam, tmp / "family", src)
+        folders = [export_folder(ex, fam) for ex in job.export]
+        dup = next((f for f in folders if folders.count(f) > 1), None)
+        if dup:
+            raise UserError(f"job {job.name}: two exports write to '{dup}'; give one a 'folder'")
+        for ex, folder in zip(job.export, folders):
+            say(f"[{job.name}] exporting {ex.format} -> {folder}/")
+            export_hf(fam, tmp / folder, src, ex.exits, ex.weights, ex.dtype, progress)
+        summary: dict = {"status": "done", "output": str(out), "method": fam.method,
+                         "family_bytes": fam.size()[1]}
+        if job.eval is not None:
+            say(f"[{job.name}] evaluating on {job.eval.source}")
+            summary["eval"] = eval_report(ref, fam, src, job.eval, tmp, progress)
+        summary["seconds"] = time.perf_counter() - t0
+        write_manifest(tmp, job, summary)
+    return summary
+
+
+def open_family(path: str, base: Path | None = None) -> tuple[QuantizedFamily, Path]:
+    """A family (quantized or not) from a directory or builtin name, and its tokenizer dir."""
+    p = resolve_model(path, base)
+    return load_family(p), p

@@ -1,0 +1,197 @@
+"""Recipe YAML -> validated, typed jobs. Every key is documented in recipes/README.md.
+
+A recipe holds one or more jobs; `defaults` (optional) is merged into every job first:
+
+    defaults:
+      model: builtin:tiny
+    jobs:
+      - name: tiny-rtn4
+        output: out/tiny-rtn4
+        quantize: {method: rtn, bits: 4, group_size: 32}
+        export: [{format: hf, exits: all}]
+        eval: {source: builtin:pydoc/eval, samples: 8, seq_len: 128}
+
+A bad key or value is one line naming the file, the line and the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import UserError
+from .quant.pack import BITS
+from .quant.plan import GROUP_SIZES
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Calibration(Strict):
+    """Text the quantizer calibrates on (GPTQ/AWQ; RTN ignores it)."""
+    source: str = "builtin:pydoc/calib"
+    field: str = "text"            # JSONL field that holds the text
+    samples: int = Field(32, ge=1)
+    seq_len: int = Field(256, ge=8)
+    seed: int = 0
+
+
+class Override(Strict):
+    pattern: str                   # shell-style module pattern, e.g. "lm_head*"
+    bits: int | None = None
+    group_size: int | None = None
+    sym: bool | None = None
+    skip: bool = False
+
+
+class Quantize(Strict):
+    method: Literal["rtn", "none"] = "rtn"
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    heads: bool = False            # quantize the heads too
+    overrides: list[Override] = []
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v):
+        if v not in BITS:
+            raise ValueError(f"bits must be one of {list(BITS)}")
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v):
+        if v not in GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {list(GROUP_SIZES)}")
+        return v
+
+
+Exits = Union[Literal["all"], list[int]]
+
+
+class HFExport(Strict):
+    format: Literal["hf"] = "hf"
+    exits: Exits = "all"
+    weights: Literal["auto", "float", "gptq"] = "auto"
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    folder: str | None = None      # inside the job's output; default hf-gptq / hf-bfloat16 / ...
+
+
+class Eval(Strict):
+    source: str = "builtin:pydoc/eval"
+    field: str = "text"
+    samples: int = Field(16, ge=1)
+    seq_len: int = Field(256, ge=8)
+    exits: Exits = "all"
+    batch: int = Field(4, ge=1)
+    plot: bool = True
+
+
+class Job(Strict):
+    name: str
+    model: str                     # a checkpoint directory or builtin:tiny / builtin:tiny-shared
+    output: str                    # directory; relative paths are relative to the recipe file
+    calibration: Calibration = Calibration()
+    quantize: Quantize = Quantize()
+    export: list[HFExport] = []
+    eval: Eval | None = None
+
+    def digest(self) -> str:
+        """Hash of everything that determines the job's outputs."""
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Recipe(Strict):
+    defaults: dict = {}
+    jobs: list[Job] = Field(min_length=1)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _node_at(node, loc) -> yaml.Node:
+    """The YAML node at a pydantic error location (the key node for a mapping key)."""
+    for i, part in enumerate(loc):
+        if isinstance(node, yaml.MappingNode):
+            hit = next(((k, v) for k, v in node.value if k.value == part), None)
+            if hit is None:
+                return node
+            node = hit[0] if i == len(loc) - 1 else hit[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            return node
+    return node
+
+
+def _known_keys(model_cls, loc) -> list[str]:
+    """Field names of the model that holds the key at loc (for did-you-mean hints)."""
+    cls = model_cls
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", ()) or (ann,)
+        nxt = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if nxt is None:
+            return []
+        cls = nxt
+    return list(cls.model_fields)
+
+
+def load_recipe(path: str | Path) -> tuple[Recipe, Path]:
+    """Parse and validate; returns the recipe and the folder relative paths start from."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such recipe file")
+    text = path.read_text()
+    try:
+        root = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a recipe is a mapping with a 'jobs' list")
+    defaults = raw.get("defaults") or {}
+    jobs = raw.get("jobs")
+    merged = dict(raw)
+    if isinstance(jobs, list) and isinstance(defaults, dict):
+        merged["jobs"] = [_merge(defaults, j) if isinstance(j, dict) else j for j in jobs]
+    try:
+        recipe = Recipe.model_validate(merged)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = err["loc"]
+        node = _node_at(root, loc)
+        where = f"{path}:{node.start_mark.line + 1}" if node is not None else str(path)
+        dotted = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
+        if err["type"] == "extra_forbidden":
+            known = _known_keys(Recipe, loc)
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f" (known keys: {', '.join(known)})"
+            raise UserError(f"{where}: unknown key '{loc[-1]}' in {dotted.rsplit('.', 1)[0]}{hint}") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise UserError(f"{where}: {dotted}: {msg}") from None
+    names = [j.name for j in recipe.jobs]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise UserError(f"{path}: two jobs are named '{dup}'; job names must be unique")
+    return recipe, path.parent

@@ -1,0 +1,82 @@
+"""Tables and plots of reports: one column list, rendered as rich tables, markdown or PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# (header, key, format) of the per-exit evaluation table
+EVAL_COLUMNS = [
+    ("exit", "exit", "{}"),
+    ("ppl ref", "ppl_ref", "{:.3f}"),
+    ("ppl quant", "ppl_quant", "{:.3f}"),
+    ("Δppl %", "delta_ppl_pct", "{:+.2f}"),
+    ("KL(ref‖q)", "kl", "{:.2e}"),
+    ("top-1 %", "top1", "{:.2%}"),
+    ("MB ref", "bytes_ref", "mb"),
+    ("MB quant", "bytes_quant", "mb"),
+]
+
+
+def fmt(value, style: str) -> str:
+    if style == "mb":
+        return f"{value / 1e6:.2f}"
+    if style == "{:.2%}":
+        return f"{100 * value:.2f}"
+    return style.format(value)
+
+
+def eval_cells(report: dict) -> tuple[list[str], list[list[str]]]:
+    headers = [h for h, _, _ in EVAL_COLUMNS]
+    rows = [[fmt(r[k], f) for _, k, f in EVAL_COLUMNS] for r in report["rows"]]
+    fam = report["family"]
+    rows.append(["family", "", "", "", "", "", fmt(fam["bytes_ref"], "mb"), fmt(fam["bytes_quant"], "mb")])
+    return headers, rows
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def eval_markdown(report: dict) -> str:
+    title = f"Method `{report['method']}`, text `{report.get('source', '?')}`, " \
+            f"{report['windows'][0]} x {report['windows'][1]} tokens\n\n"
+    return title + markdown_table(*eval_cells(report))
+
+
+def rich_table(title: str, headers: list[str], rows: list[list[str]]):
+    from rich.table import Table
+    table = Table(title=title)
+    for i, h in enumerate(headers):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*r)
+    return table
+
+
+def eval_plot(report: dict, path: Path) -> bool:
+    """Perplexity per exit, reference vs quantized. False when matplotlib is absent."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    exits = [r["exit"] for r in report["rows"]]
+    x = range(len(exits))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
+    a.plot(x, [r["ppl_ref"] for r in report["rows"]], "o-", label="reference")
+    a.plot(x, [r["ppl_quant"] for r in report["rows"]], "s--", label=report["method"])
+    a.set_yscale("log")
+    a.set_ylabel("perplexity")
+    b.bar(x, [r["kl"] for r in report["rows"]], color="tab:orange")
+    b.set_ylabel("mean KL(ref || quant)")
+    for ax in (a, b):
+        ax.set_xticks(list(x), [f"exit {e}" for e in exits])
+    a.legend()
+    fig.suptitle(f"Quality per exit: {report['method']} vs reference")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
