@@ -116,9 +116,10 @@ class QuantizedFamily:
 
 
 def save_family(fam: QuantizedFamily, out_dir: Path, tokenizer_dir: Path | None,
-                float_dtype: torch.dtype = torch.bfloat16) -> None:
-    """Write into an existing (temporary) directory."""
+                float_dtype: torch.dtype | None = None) -> None:
+    """Write into an existing (temporary) directory; float tensors in the source's dtype."""
     out_dir = Path(out_dir)
+    float_dtype = float_dtype or fam.config.source_dtype
     state = {k: (v.to(float_dtype) if v.is_floating_point() and not k.endswith(".scales") else v)
              for k, v in fam.tensors.items()}
     save_file({k: v.contiguous() for k, v in state.items()}, out_dir / "model.safetensors",

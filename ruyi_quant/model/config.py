@@ -52,6 +52,13 @@ class FamilialConfig:
     def head_dim(self) -> int:
         return int(self.raw.get("head_dim") or self.hidden_size // int(self.raw["num_attention_heads"]))
 
+    @property
+    def source_dtype(self):
+        """The floating dtype the checkpoint was stored in (float32 when it does not say)."""
+        import torch
+        name = self.raw.get("torch_dtype") or self.raw.get("dtype") or "float32"
+        return getattr(torch, str(name).removeprefix("torch."), torch.float32)
+
     def exit_index(self, exit: int | None) -> int:
         """Position j of an exit given by layer index (or -1 / None for the default exit)."""
         if exit is None or exit == -1:

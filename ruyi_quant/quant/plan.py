@@ -2,7 +2,9 @@
 
 Quantizable modules are every linear of every trunk layer and branch layer, and (optionally)
 the heads. Embeddings and norms stay in floating point. Overrides match module names with
-shell-style patterns (`model.layers.*.mlp.down_proj`, `lm_head*`); later overrides win.
+shell-style patterns (`model.layers.*.mlp.down_proj`, `lm_head*`); later overrides win, a
+skipped module stays skipped, and an override that names a head quantizes it even when `heads`
+is off (so "heads at 8 bits, the rest at 4" is one override).
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ def make_plan(model, default: QuantSpec, heads: bool = False,
               overrides: list[Override] = ()) -> dict[str, QuantSpec]:
     """Module name -> its grid, for every module that gets quantized."""
     candidates = linear_modules(model, heads=True)
-    plan: dict[str, QuantSpec | None] = {m: default for m in linear_modules(model, heads)}
+    plan: dict[str, QuantSpec] = {m: default for m in linear_modules(model, heads)}
+    skipped: set[str] = set()
     for ov in overrides:
         hits = [m for m in candidates if fnmatch.fnmatchcase(m, ov.pattern)]
         if not hits:
@@ -75,10 +78,10 @@ def make_plan(model, default: QuantSpec, heads: bool = False,
                             f"{candidates[0]}, {candidates[-1]})")
         for m in hits:
             if ov.skip:
-                plan[m] = None
+                skipped.add(m)
                 continue
-            base = plan.get(m) or default
+            base = plan.get(m, default)
             changes = {k: v for k, v in (("bits", ov.bits), ("group_size", ov.group_size),
                                          ("sym", ov.sym)) if v is not None}
             plan[m] = replace(base, **changes)
-    return {m: s for m, s in plan.items() if s is not None}
+    return {m: s for m, s in plan.items() if m not in skipped}

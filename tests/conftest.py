@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny random familial checkpoints in Ruyi's on-disk format."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ruyi_quant.tiny import build_tiny
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("RUYI_QUANT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """6 layers, exits at 2, 3, 5, GQA (4 heads, 2 KV heads), q/k/v bias, separate heads."""
+    return build_tiny(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_shared_dir(tmp_path_factory):
+    return build_tiny(tmp_path_factory.mktemp("tiny-shared") / "model", seed=1, shared_heads=True)
+
+
+@pytest.fixture(scope="session")
+def eval_ids(tiny_dir):
+    """4 windows of 128 real-text tokens from the held-out split. [4, 128]"""
+    from ruyi_quant.data import consecutive_windows, load_text, tokenize
+    from ruyi_quant.pipeline import load_tokenizer
+    ids = tokenize(load_tokenizer(tiny_dir), load_text("builtin:pydoc/eval"))
+    return consecutive_windows(ids, 4, 128, "eval")
+
+
+def kl_top1(ref: torch.Tensor, q: torch.Tensor) -> tuple[float, float]:
+    lp, lq = ref.float().log_softmax(-1), q.float().log_softmax(-1)
+    kl = (lp.exp() * (lp - lq)).sum(-1).mean().item()
+    return kl, (lp.argmax(-1) == lq.argmax(-1)).float().mean().item()

@@ -1,0 +1,110 @@
+"""GPTQ layout: bit-exact round trips, and the layout AutoGPTQ writes (checked against a
+straightforward re-implementation of its packing loops, written here independently)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ruyi_quant.quant.pack import (dequantize, from_gptq, pack_cols, pack_rows, to_gptq,
+                                   unpack_cols, unpack_rows)
+from ruyi_quant.quant.plan import QuantSpec
+from ruyi_quant.quant.rtn import rtn_quantize
+
+
+def autogptq_pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """AutoGPTQ's loops: 2/4/8 bits put value j of a word at bit bits*j; 3 bits straddle."""
+    k, n = q.shape
+    q = q.astype(np.uint32)
+    out = np.zeros((k * bits // 32, n), dtype=np.uint32)
+    i = row = 0
+    if bits in (2, 4, 8):
+        per = 32 // bits
+        while row < out.shape[0]:
+            for j in range(per):
+                out[row] |= q[i + j] << (bits * j)
+            i += per
+            row += 1
+    else:
+        while row < out.shape[0]:
+            for j in range(10):
+                out[row] |= q[i + j] << (3 * j)
+            i += 10
+            out[row] |= q[i] << 30
+            row += 1
+            out[row] |= (q[i] >> 2) & 1
+            i += 1
+            for j in range(10):
+                out[row] |= q[i + j] << (3 * j + 1)
+            i += 10
+            out[row] |= q[i] << 31
+            row += 1
+            out[row] |= (q[i] >> 1) & 3
+            i += 1
+            for j in range(10):
+                out[row] |= q[i + j] << (3 * j + 2)
+            i += 10
+            row += 1
+    return out.view(np.int32)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_pack_matches_autogptq_layout(bits):
+    g = torch.Generator().manual_seed(bits)
+    q = torch.randint(0, 2 ** bits, (96, 5), generator=g)
+    ours = pack_rows(q, bits)
+    assert ours.dtype == torch.int32 and ours.shape == (96 * bits // 32, 5)
+    assert np.array_equal(ours.numpy(), autogptq_pack(q.numpy(), bits))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("k,n", [(64, 24), (72, 10), (576, 3), (50, 7)])
+def test_pack_roundtrip_bit_exact(bits, k, n):
+    g = torch.Generator().manual_seed(k * n + bits)
+    q = torch.randint(0, 2 ** bits, (k, n), generator=g)
+    packed = pack_rows(q, bits)
+    assert packed.shape == (-(-k * bits // 32), n)
+    assert torch.equal(unpack_rows(packed, bits, k), q.to(torch.int32))
+    z = torch.randint(0, 2 ** bits, (3, n), generator=g)
+    zp = pack_cols(z, bits)
+    assert zp.shape == (3, -(-n * bits // 32))
+    assert torch.equal(unpack_cols(zp, bits, n), z.to(torch.int32))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [-1, 32, 64, 128])
+@pytest.mark.parametrize("sym", [True, False])
+def test_rtn_grid_stored_and_dequantized_exactly(bits, group_size, sym):
+    """K=320 is not a multiple of 128 or 64*... : the last group is partial, as in GPTQ."""
+    spec = QuantSpec(bits, group_size, sym)
+    g = torch.Generator().manual_seed(bits * 1000 + group_size)
+    w = torch.randn(48, 320, generator=g) * 0.05
+    w[:, :16] = w[:, :16].abs()            # an all-positive group region exercises zero >= 1
+    q, scales, zeros, g_idx = rtn_quantize(w, spec)
+    groups = spec.groups(320)
+    assert q.shape == (320, 48) and scales.shape == (groups, 48) and zeros.shape == (groups, 48)
+    assert scales.dtype == torch.float16 and int(q.min()) >= 0 and int(q.max()) <= spec.maxq
+    assert int(zeros.min()) >= 1
+    if sym:
+        assert torch.all(zeros == 2 ** (bits - 1))
+    # the simulated weight, computed here from the grid by the definition
+    gi = g_idx.long()
+    simulated = (scales.float()[gi] * (q.float() - zeros.float()[gi])).t()
+    stored = to_gptq(q, scales, zeros, g_idx, bits)
+    assert stored["qweight"].dtype == torch.int32 and stored["g_idx"].shape == (320,)
+    q2, s2, z2, g2 = from_gptq(stored, bits, 320, 48)
+    assert torch.equal(q2.long(), q) and torch.equal(z2.long(), zeros) and torch.equal(s2, scales)
+    assert torch.equal(dequantize(q2, s2, z2, g2), simulated)
+    # RTN is round to nearest: error at most half a step inside the clipping range
+    step = scales.float()[gi].t()
+    err = (simulated - w).abs()
+    assert (err <= step * 0.5 + 1e-6).float().mean() > 0.99
+
+
+def test_zero_stored_minus_one():
+    """v1 checkpoints store zero-1: a symmetric 4-bit zero of 8 is packed as nibbles of 7."""
+    spec = QuantSpec(4, 32, True)
+    q, s, z, g = rtn_quantize(torch.randn(8, 64), spec)
+    qzeros = to_gptq(q, s, z, g, 4)["qzeros"]
+    assert qzeros.shape == (2, 1) and torch.all(qzeros == 0x77777777)

@@ -1,0 +1,70 @@
+"""RTN on the tiny family: quality per exit, plans and overrides."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import kl_top1
+from ruyi_quant.errors import UserError
+from ruyi_quant.model.io import load_model
+from ruyi_quant.quant.plan import Override, QuantSpec, make_plan
+from ruyi_quant.quant.rtn import rtn_family
+
+
+def run_rtn(model, ids, spec, heads):
+    fam = rtn_family(model, make_plan(model, spec, heads=heads), progress=False)
+    q = fam.dequantized_model()
+    with torch.no_grad():
+        ref, out = model.forward_exits(ids), q.forward_exits(ids)
+    return {e: kl_top1(ref[e], out[e]) for e in ref}
+
+
+@pytest.mark.parametrize("group_size", [128, 32])
+def test_rtn8_close_at_every_exit(tiny_dir, eval_ids, group_size):
+    model = load_model(tiny_dir)
+    scores = run_rtn(model, eval_ids, QuantSpec(8, group_size, True), heads=True)
+    for e, (kl, top1) in scores.items():
+        assert kl < 1e-3, (e, kl)
+        assert top1 >= 0.99, (e, top1)
+
+
+def test_rtn4_reported_and_worse_than_rtn8(tiny_dir, eval_ids):
+    model = load_model(tiny_dir)
+    s8 = run_rtn(model, eval_ids, QuantSpec(8, 32, True), heads=False)
+    s4 = run_rtn(model, eval_ids, QuantSpec(4, 32, True), heads=False)
+    for e in s4:
+        print(f"RTN 4-bit g32 exit {e}: KL {s4[e][0]:.3e} top-1 {s4[e][1]:.4f}")
+        assert s4[e][0] > 10 * s8[e][0]
+
+
+def test_rtn_only_touches_planned_modules(tiny_dir):
+    model = load_model(tiny_dir)
+    plan = make_plan(model, QuantSpec(4, 32, True), heads=False,
+                     overrides=[Override("model.layers.1.*", skip=True),
+                                Override("*.mlp.down_proj", bits=8)])
+    fam = rtn_family(model, plan, progress=False)
+    assert "model.layers.1.self_attn.q_proj" not in fam.modules
+    assert "model.layers.1.self_attn.q_proj.weight" in fam.tensors
+    assert fam.modules["model.eelayers.0.mlp.down_proj"].bits == 8
+    assert fam.modules["model.eelayers.1.mlp.up_proj"].bits == 4
+    assert not any(m.startswith("lm_head") for m in fam.modules)
+    # 6 trunk + 2 branch layers of 7 linears, minus the skipped layer
+    assert len(fam.modules) == 7 * 8 - 7
+    # unquantized tensors are untouched
+    assert torch.equal(fam.tensors["model.norms.1.weight"], model.model.norms[1].weight)
+
+
+def test_plan_heads(tiny_dir, tiny_shared_dir):
+    sep, shared = load_model(tiny_dir), load_model(tiny_shared_dir)
+    assert [m for m in make_plan(sep, QuantSpec(), heads=True) if "head" in m] == \
+        ["lm_head.0", "lm_head.1", "lm_head.2"]
+    assert [m for m in make_plan(shared, QuantSpec(), heads=True) if "head" in m] == ["lm_head"]
+    with pytest.raises(UserError, match="matches no module"):
+        make_plan(sep, QuantSpec(), overrides=[Override("model.layer.*", bits=8)])
+
+
+@pytest.mark.parametrize("bits,group", [(5, 128), (4, 100), (4, 0)])
+def test_bad_grid_refused(bits, group):
+    with pytest.raises(UserError):
+        QuantSpec(bits, group, True)
