@@ -9,6 +9,7 @@ training, calibration and evaluation text never overlap:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sysconfig
@@ -51,24 +52,54 @@ def split_of(doc_name: str) -> str:
     return next(s for s, (lo, hi) in SPLITS.items() if lo <= h < hi)
 
 
+def _paragraphs(text: str) -> list[str]:
+    return [p for p in text.split("\n\n") if p.strip()]
+
+
+@functools.lru_cache(maxsize=8)
 def builtin_text(spec: str) -> str:
-    """`pydoc/eval` -> that part of the corpus as one string."""
+    """`pydoc/eval` -> that part of the corpus as one string.
+
+    Documents go to splits by hash; then a paragraph of calib that also stands in train, or of
+    eval that stands in train or calib (even inside a longer paragraph), is dropped (pydoc repeats grammar snippets across
+    topics), so held-out text is really unseen.
+    """
     corpus, _, split = spec.partition("/")
     if corpus not in CORPORA:
         raise UserError(f"builtin:{spec}: unknown corpus '{corpus}' (choose {', '.join(CORPORA)})")
     if split and split not in SPLITS:
         raise UserError(f"builtin:{spec}: unknown split '{split}' (choose {', '.join(SPLITS)})")
     docs = _pydoc_docs() if corpus == "pydoc" else _stdlib_docs()
-    return "\n\n".join(t for k, t in docs.items() if not split or split_of(k) == split)
+    if not split:
+        return "\n\n".join(docs.values())
+    earlier = ""
+    for s in SPLITS:                                     # train, calib, eval: earlier ones win
+        paras = [p for k, t in docs.items() if split_of(k) == s for p in _paragraphs(t)]
+        if s != "train":
+            paras = [p for p in paras if p not in earlier]
+        text = "\n\n".join(paras)
+        if s == split:
+            return text
+        earlier += "\n\n" + text
+    raise AssertionError(split)
+
+
+def check_source(source: str) -> None:
+    """Fail fast on a text source that cannot be read (before any long work starts)."""
+    if source.startswith("builtin:"):
+        corpus, _, split = source.removeprefix("builtin:").partition("/")
+        if corpus not in CORPORA or (split and split not in SPLITS):
+            builtin_text(source.removeprefix("builtin:"))      # raises the precise error
+    elif not Path(source).is_file():
+        raise UserError(f"{source}: no such text file (or use builtin:pydoc/calib, builtin:stdlib/eval, ...)")
 
 
 def load_text(source: str, field: str = "text") -> str:
     """A text source: `builtin:CORPUS/SPLIT`, a .txt file, or a .jsonl file (one `field` per line)."""
     if source.startswith("builtin:"):
         return builtin_text(source.removeprefix("builtin:"))
+    check_source(source)
     path = Path(source)
-    if not path.is_file():
-        raise UserError(f"{source}: no such text file (or use builtin:pydoc/calib, builtin:stdlib/eval, ...)")
     if path.suffix == ".jsonl":
         parts = []
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):

@@ -19,7 +19,7 @@ import torch
 
 from . import __version__
 from .checkpoint import QuantizedFamily, load_family, save_family
-from .data import consecutive_windows, load_text, random_windows, tokenize
+from .data import check_source, consecutive_windows, load_text, random_windows, tokenize
 from .errors import UserError
 from .evaluate import evaluate
 from .fsutil import MARKER, atomic_dir, check_output_dir, sha256
@@ -144,6 +144,13 @@ def write_manifest(out: Path, job: Job, summary: dict) -> None:
     (out / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def _under(base: Path, source: str) -> str:
+    """A recipe's relative text path is relative to the recipe file."""
+    if source.startswith("builtin:") or Path(source).is_absolute():
+        return source
+    return os.path.normpath(Path(base) / source)
+
+
 def run_job(job: Job, base: Path, force: bool = False, progress: bool = True,
             say=print) -> dict:
     """Run one job; returns its summary ({'status': 'done'|'skipped', ...})."""
@@ -153,6 +160,10 @@ def run_job(job: Job, base: Path, force: bool = False, progress: bool = True,
         say(f"[{job.name}] outputs complete and unchanged in {out}: skipped")
         return {"status": "skipped", "output": str(out)}
     src = resolve_model(job.model, base)
+    calib = job.calibration.model_copy(update={"source": _under(base, job.calibration.source)})
+    ev = job.eval.model_copy(update={"source": _under(base, job.eval.source)}) if job.eval else None
+    for source in [calib.source] + ([ev.source] if ev else []):
+        check_source(source)
     t0 = time.perf_counter()
     with atomic_dir(out) as tmp:
         say(f"[{job.name}] loading {src}")
@@ -173,9 +184,9 @@ def run_job(job: Job, base: Path, force: bool = False, progress: bool = True,
             export_hf(fam, tmp / folder, src, ex.exits, ex.weights, ex.dtype, progress)
         summary: dict = {"status": "done", "output": str(out), "method": fam.method,
                          "family_bytes": fam.size()[1]}
-        if job.eval is not None:
-            say(f"[{job.name}] evaluating on {job.eval.source}")
-            summary["eval"] = eval_report(ref, fam, src, job.eval, tmp, progress)
+        if ev is not None:
+            say(f"[{job.name}] evaluating on {ev.source}")
+            summary["eval"] = eval_report(ref, fam, src, ev, tmp, progress)
         summary["seconds"] = time.perf_counter() - t0
         write_manifest(tmp, job, summary)
     return summary

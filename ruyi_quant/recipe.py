@@ -178,7 +178,8 @@ def load_recipe(path: str | Path) -> tuple[Recipe, Path]:
     try:
         recipe = Recipe.model_validate(merged)
     except ValidationError as e:
-        err = e.errors()[0]
+        # a misspelt key explains the "missing" error of the key it should have been: report it first
+        err = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")[0]
         loc = err["loc"]
         node = _node_at(root, loc)
         where = f"{path}:{node.start_mark.line + 1}" if node is not None else str(path)

@@ -1,0 +1,121 @@
+"""Recipes end to end through the CLI: outputs, manifest, skipping, inspect numbers."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ruyi_quant.cli import main
+from ruyi_quant.data import SPLITS, builtin_text, load_text, split_of
+from ruyi_quant.recipe import load_recipe
+
+RECIPE = """\
+defaults:
+  model: {model}
+  eval: {{source: {eval_source}, samples: 3, seq_len: 64, batch: 2}}
+jobs:
+  - name: rtn8
+    output: out/rtn8
+    quantize: {{method: rtn, bits: 8, group_size: 32, heads: true}}
+    export:
+      - {{format: hf, exits: [2, 5]}}
+  - name: rtn4
+    output: out/rtn4
+    quantize: {{method: rtn, bits: 4, group_size: 64}}
+    eval: {{samples: 2}}
+"""
+
+
+def write_recipe(tmp_path, model, eval_source="builtin:pydoc/eval"):
+    path = tmp_path / "r.yaml"
+    path.write_text(RECIPE.format(model=model, eval_source=eval_source))
+    return path
+
+
+def test_defaults_merge_into_jobs(tmp_path):
+    recipe, base = load_recipe(write_recipe(tmp_path, "builtin:tiny"))
+    a, b = recipe.jobs
+    assert a.model == b.model == "builtin:tiny" and base == tmp_path
+    assert a.eval.samples == 3 and b.eval.samples == 2 and b.eval.seq_len == 64   # deep merge
+    assert a.quantize.heads and not b.quantize.heads
+
+
+def test_run_recipe_then_skip_then_redo(tiny_dir, tmp_path, capsys):
+    jsonl = tmp_path / "eval.jsonl"
+    text = builtin_text("pydoc/eval")
+    jsonl.write_text("\n".join(json.dumps({"text": text[i:i + 2000]}) for i in range(0, 20000, 2000)))
+    recipe = write_recipe(tmp_path, tiny_dir, "eval.jsonl")
+    assert main(["run", str(recipe)]) == 0
+    out = tmp_path / "out" / "rtn8"
+    meta = json.loads((out / "ruyi_quant.json").read_text())
+    assert meta["kind"] == "job" and meta["summary"]["status"] == "done"
+    arts = meta["artifacts"]
+    for f in ["family/model.safetensors", "hf-gptq/exit-2/model.safetensors",
+              "hf-gptq/exit-5/config.json", "eval.json", "eval.md"]:
+        assert f in arts
+    assert not (out / "hf-gptq" / "exit-3").exists()
+    rows = json.loads((out / "eval.json").read_text())["rows"]
+    assert [r["exit"] for r in rows] == [2, 3, 5]
+    for r in rows:   # 8-bit with 8-bit heads is close; the quantized family is smaller
+        assert r["kl"] < 1e-3 and r["top1"] > 0.98 and r["bytes_quant"] < 0.5 * r["bytes_ref"]
+    rows4 = json.loads((tmp_path / "out" / "rtn4" / "eval.json").read_text())["rows"]
+    assert all(r4["kl"] > r8["kl"] for r4, r8 in zip(rows4, rows))
+    capsys.readouterr()
+
+    # second run: both jobs complete and unchanged -> skipped, files untouched
+    mtime = (out / "eval.json").stat().st_mtime_ns
+    assert main(["run", str(recipe)]) == 0
+    assert capsys.readouterr().out.count("skipped") >= 2
+    assert (out / "eval.json").stat().st_mtime_ns == mtime
+
+    # a damaged artifact makes the job run again
+    (out / "eval.md").write_text("tampered")
+    assert main(["run", str(recipe), "--only", "rtn8"]) == 0
+    assert (out / "eval.md").read_text().startswith("Method `rtn`")
+
+
+def test_inspect_counts(tiny_dir, tmp_path, capsys):
+    cfg = json.loads((tiny_dir / "config.json").read_text())
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    kv = cfg["num_key_value_heads"] * h // cfg["num_attention_heads"]
+    layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * i + 2 * h
+    assert main(["inspect", str(tiny_dir), "--json", str(tmp_path / "i.json")]) == 0
+    got = json.loads((tmp_path / "i.json").read_text())
+    for j, e in enumerate(cfg["early_exit_points"]):
+        params = v * h + (e + 1) * layer + h + v * h
+        assert got["per_exit"][j][2] == f"{params / 1e6:.2f}"
+        assert got["per_exit"][j][3] == f"{params * 4 / 1e6:.2f}"        # float32 checkpoint
+    family = v * h + (6 + 2) * layer + 3 * h + 3 * v * h
+    assert got["family"]["params"] == family
+    assert "exits [2, 3, 5]" in capsys.readouterr().out
+
+
+def test_builtin_splits_are_disjoint():
+    for corpus in ("pydoc", "stdlib"):
+        parts = {s: builtin_text(f"{corpus}/{s}") for s in SPLITS}
+        assert all(len(t) > 10_000 for t in parts.values()), {s: len(t) for s, t in parts.items()}
+        # no paragraph of held-out text stands in the text before it
+        for held, earlier in (("calib", ["train"]), ("eval", ["train", "calib"])):
+            paras = [p for p in parts[held].split("\n\n") if len(p) > 80]
+            assert len(paras) > 20
+            for p in paras:
+                assert all(p not in parts[e] for e in earlier), p[:80]
+    assert split_of("x") == split_of("x")
+
+
+def test_cli_eval_and_export(tiny_dir, tmp_path, capsys):
+    q = tmp_path / "q"
+    assert main(["quantize", str(tiny_dir), "--out", str(q), "--bits", "4", "--group-size", "32",
+                 "--override", "lm_head.*:bits=8"]) == 0
+    assert main(["export", str(q), "--out", str(tmp_path / "hf"), "--exits", "3"]) == 0
+    assert json.loads((tmp_path / "hf" / "exit-3" / "config.json").read_text())[
+        "quantization_config"]["dynamic"]["+:^lm_head$"]["bits"] == 8
+    assert main(["eval", str(tiny_dir), str(q), "--samples", "2", "--seq-len", "64",
+                 "--out", str(tmp_path / "ev")]) == 0
+    report = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert [r["exit"] for r in report["rows"]] == [2, 3, 5]
+    assert all(0 < r["kl"] < 1 and r["tokens"] == 128 for r in report["rows"])
+    assert "KL" in capsys.readouterr().out
+    assert load_text(str(tmp_path / "ev" / "eval.md")).startswith("Method `rtn`")
+    assert torch.tensor([r["ppl_quant"] for r in report["rows"]]).isfinite().all()
