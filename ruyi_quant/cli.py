@@ -25,8 +25,9 @@ EXAMPLES = """examples:
 
 
 def _console():
+    """Rich console; wide enough for the tables when output goes to a file or a pipe."""
     from rich.console import Console
-    return Console(stderr=False)
+    return Console(width=None if sys.stdout.isatty() else 120)
 
 
 def _validated(cls, **kw):

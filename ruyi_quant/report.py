@@ -7,8 +7,8 @@ from pathlib import Path
 # (header, key, format) of the per-exit evaluation table
 EVAL_COLUMNS = [
     ("exit", "exit", "{}"),
-    ("ppl ref", "ppl_ref", "{:.3f}"),
-    ("ppl quant", "ppl_quant", "{:.3f}"),
+    ("ppl ref", "ppl_ref", "{:.4g}"),
+    ("ppl quant", "ppl_quant", "{:.4g}"),
     ("Δppl %", "delta_ppl_pct", "{:+.2f}"),
     ("KL(ref‖q)", "kl", "{:.2e}"),
     ("top-1 %", "top1", "{:.2%}"),
