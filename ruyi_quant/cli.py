@@ -72,7 +72,8 @@ def cmd_inspect(a) -> None:
     con = _console()
     heads = "tied to embeddings" if c.tie_word_embeddings else ("shared" if c.shared_heads else "per exit")
     con.print(f"{a.model}: {c.source_type}, {c.num_layers} trunk layers, hidden {c.hidden_size}, "
-              f"vocab {c.vocab_size}, heads {heads}, exits {c.exits}, quantization: {fam.method}")
+              f"vocab {c.vocab_size}, heads {heads}, exits {c.exits}, quantization: {fam.method}",
+              soft_wrap=True, markup=False)
     rows = []
     for j, e in enumerate(c.exits):
         params, nbytes = fam.size(fam.exit_tensor_names(j))
