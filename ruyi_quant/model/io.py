@@ -13,12 +13,14 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from .. import names
 from ..errors import UserError
 from .config import FamilialConfig, read_config
 from .familial import FamilialModel
 
+PROGRESS_BYTES = 200_000_000       # show a progress bar when loading more than this
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt")
 
@@ -99,7 +101,10 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = torch.float32)
                 state[dst] = torch.zeros(shape)  # a Llama layer is a Qwen2 layer with zero q/k/v bias
                 continue
             raise UserError(f"{model_dir}: missing tensor {dst}")
-    for src, t in read_tensors(files, list(src_of.values())):
+    big = sum(f.stat().st_size for f in set(files.values())) > PROGRESS_BYTES
+    tensors = read_tensors(files, list(src_of.values()))
+    for src, t in tqdm(tensors, total=len(src_of), desc="load", unit="tensor", disable=not big,
+                       leave=False):
         dst = names.rename(src, rename) if plain else src
         if tuple(t.shape) != tuple(expected[dst]):
             raise UserError(f"{model_dir}: tensor {src} has shape {list(t.shape)}, "
