@@ -35,6 +35,10 @@ LAYER_LINEARS: dict[str, bool] = {
     "mlp.down_proj": False,
 }
 LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
+# Linears that read the same input, in the order a layer computes them: calibration quantizes
+# one group, then re-captures the next group's inputs through the quantized ones.
+SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                     ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 
 # A quantized linear stores these tensors instead of `.weight` (GPTQ layout, see quant/pack.py).
 QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")

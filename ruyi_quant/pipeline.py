@@ -30,6 +30,7 @@ from .recipe import Eval, Job, Quantize
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 BUILTIN_MODELS = ("tiny", "tiny-shared")
+CALIBRATED = ("gptq", "awq")
 
 
 def resolve_model(spec: str, base: Path | None = None) -> Path:
@@ -64,14 +65,30 @@ def exit_list(fam: QuantizedFamily, exits) -> list[int]:
     return list(exits)
 
 
-def quantize(model, q: Quantize, progress: bool = True) -> QuantizedFamily:
-    """Quantize a float FamilialModel by the recipe's quantize section."""
+def quantize(model, q: Quantize, calib: torch.Tensor | None = None,
+             progress: bool = True) -> QuantizedFamily:
+    """Quantize a float FamilialModel by the recipe's quantize section. GPTQ/AWQ replace the
+    model's linears by their quantized values as they go (new tensors; see calibrate.py)."""
     if q.method == "none":
         return QuantizedFamily.from_model(model)
     overrides = [Override(**o.model_dump()) for o in q.overrides]
     plan = make_plan(model, QuantSpec(q.bits, q.group_size, q.sym), q.heads, overrides)
+    for name, spec in plan.items():
+        k = model.get_submodule(name).in_features
+        if spec.group_size > k:
+            raise UserError(f"group_size {spec.group_size} is larger than {name}'s {k} input "
+                            f"columns; use group_size {1 << (k.bit_length() - 1)} or -1 for it")
     t0 = time.perf_counter()
-    fam = rtn_family(model, plan, progress)
+    if q.method == "rtn":
+        fam = rtn_family(model, plan, progress)
+    else:
+        from .quant.calibrate import calibrate
+        from .quant.gptq import GPTQ
+        o = q.gptq
+        method = GPTQ(o.damp_percent, o.block_size, o.act_order, o.static_groups)
+        fam = calibrate(model, plan, calib, method, batch=q.batch, device=q.device,
+                        progress=progress, desc=q.method)
+    fam.method = q.method
     fam.stats["quantize_seconds"] = time.perf_counter() - t0
     return fam
 
@@ -171,7 +188,8 @@ def run_job(job: Job, base: Path, force: bool = False, progress: bool = True,
         ref = QuantizedFamily.from_model(model)
         say(f"[{job.name}] quantizing: {job.quantize.method} {job.quantize.bits}-bit "
             f"g{job.quantize.group_size}")
-        fam = quantize(model, job.quantize, progress)
+        windows = calib_windows(src, calib) if job.quantize.method in CALIBRATED else None
+        fam = quantize(model, job.quantize, windows, progress)
         fam.recipe = job.model_dump()
         (tmp / "family").mkdir()
         save_family(fam, tmp / "family", src)

@@ -52,13 +52,23 @@ class Override(Strict):
     skip: bool = False
 
 
+class GPTQOptions(Strict):
+    damp_percent: float = Field(0.01, gt=0, le=1)   # dampening, fraction of mean diag(H)
+    block_size: int = Field(128, ge=1)              # columns per lazy batch update
+    act_order: bool = False                          # desc_act: columns by decreasing diag(H)
+    static_groups: bool = False                      # group grids fixed up front (with act_order)
+
+
 class Quantize(Strict):
-    method: Literal["rtn", "none"] = "rtn"
+    method: Literal["rtn", "gptq", "none"] = "rtn"
     bits: int = 4
     group_size: int = 128
     sym: bool = True
     heads: bool = False            # quantize the heads too
     overrides: list[Override] = []
+    gptq: GPTQOptions = GPTQOptions()
+    device: str = "auto"           # auto (cuda when present), cpu, cuda, cuda:1, ...
+    batch: int = Field(8, ge=1)    # calibration windows per forward pass
 
     @field_validator("bits")
     @classmethod

@@ -46,7 +46,7 @@ def exit_tensors(fam: QuantizedFamily, j: int, quantized: bool,
     return out, specs
 
 
-def gptq_config(specs: dict[str, QuantSpec], all_linears: list[str]) -> dict:
+def gptq_config(specs: dict[str, QuantSpec], all_linears: list[str], desc_act: bool = False) -> dict:
     """quantization_config for GPTQModel/transformers/vLLM; mixed grids go in `dynamic`."""
     common, _ = Counter(specs.values()).most_common(1)[0]
     dynamic = {}
@@ -57,7 +57,7 @@ def gptq_config(specs: dict[str, QuantSpec], all_linears: list[str]) -> dict:
         elif s != common:
             dynamic[f"+:^{m.replace('.', '[.]')}$"] = s.to_json()
     cfg = {"quant_method": "gptq", "bits": common.bits, "group_size": common.group_size,
-           "desc_act": False, "sym": common.sym, "checkpoint_format": "gptq", "pack_dtype": "int32",
+           "desc_act": desc_act, "sym": common.sym, "checkpoint_format": "gptq", "pack_dtype": "int32",
            "static_groups": False, "true_sequential": True, "lm_head": names.PLAIN_HEAD in specs,
            "meta": {"quantizer": [f"ruyi-quant:{__version__}"]}}
     if dynamic:
@@ -89,7 +89,10 @@ def export_exit(fam: QuantizedFamily, exit: int, out_dir: Path, tokenizer_dir: P
     if quantized:
         linears = [f"{names.PLAIN_LAYER.format(i=i)}.{lin}" for i in range(e + 1)
                    for lin in names.LAYER_LINEARS]
-        qcfg = gptq_config(specs, linears + ([names.PLAIN_HEAD] if names.PLAIN_HEAD in specs else []))
+        # act-order shows in g_idx: groups no longer ascend with the column index
+        desc_act = any(bool((tensors[f"{m}.g_idx"].diff() < 0).any()) for m in specs)
+        qcfg = gptq_config(specs, linears + ([names.PLAIN_HEAD] if names.PLAIN_HEAD in specs else []),
+                           desc_act)
         hf.quantization_config = qcfg
         (out_dir / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
     hf.save_pretrained(str(out_dir))

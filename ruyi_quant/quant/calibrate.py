@@ -1,0 +1,121 @@
+"""Branch-aware, layer-wise sequential calibration over a family: the only hook code.
+
+The calibration batch is embedded once; then trunk layer by trunk layer, in order:
+  * at an exit e < N-1, the exit's branch layer is calibrated on the *quantized* trunk's
+    activations at e (the input trunk layer e would get), then its head on the branch's normed
+    outputs;
+  * trunk layer e is calibrated on the same activations and its quantized outputs go on.
+The last exit's branch is trunk layer N-1 itself. A shared head accumulates its statistics
+over every exit and is quantized once at the end. Inside a layer, linears that read the same
+input are quantized together, and the next group's inputs are captured through them
+(true-sequential). One layer's weights sit on the compute device at a time.
+
+A method is an object with `layer(layer, prefix, xs, kw, plan, fam)`, `observe_head(name, x)`
+and `finish_head(name, head, plan, fam)` (see gptq/awq).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import names
+from ..checkpoint import QuantizedFamily
+from .pack import dequantize
+
+
+def warn(msg: str) -> None:
+    print(f"ruyi-quant: warning: {msg}", file=sys.stderr)
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@torch.no_grad()
+def capture_inputs(layer, linear, xs: list[torch.Tensor], kw: dict, fn) -> None:
+    """Run the layer over every batch, calling fn(input of `linear`) each time."""
+    handle = linear.register_forward_hook(lambda mod, inp, out: fn(inp[0]))
+    try:
+        for x in xs:
+            layer(x, **kw)
+    finally:
+        handle.remove()
+
+
+def store(fam: QuantizedFamily, linear, name: str, spec, q, scales, zeros, g_idx) -> None:
+    """Record a linear's grid in the family and make the float model compute with it."""
+    q, scales, zeros, g_idx = q.cpu(), scales.cpu(), zeros.cpu(), g_idx.cpu()
+    fam.set_quantized(name, spec, q, scales, zeros, g_idx)
+    # a new tensor, not an in-place copy: tensors shared with a reference family stay intact
+    linear.weight.data = dequantize(q, scales, zeros, g_idx).to(linear.weight.device,
+                                                                linear.weight.dtype)
+
+
+def check_tokens(plan: dict, model, tokens: int) -> None:
+    widest = max((model.get_submodule(m).in_features for m in plan), default=0)
+    if tokens < widest:
+        warn(f"calibration has {tokens} tokens, fewer than the widest layer's {widest} input "
+             f"columns: its Hessian is singular; use at least {widest} tokens (samples x seq_len)")
+
+
+@torch.no_grad()
+def calibrate(model, plan: dict, windows: torch.Tensor, method, *, batch: int = 8,
+              device: str | None = None, progress: bool = True, desc: str = "calibrate") -> QuantizedFamily:
+    """Quantize every module of `plan` with `method`; the model's linears are replaced by their
+    quantized values as it goes (as new tensors). Returns the quantized family."""
+    cfg = model.config
+    dev = pick_device(device)
+    fam = QuantizedFamily.from_model(model)
+    check_tokens(plan, model, windows.numel())
+    ids = windows.to(dev)
+    model.model.embed_tokens.to(dev)
+    model.model.rotary_emb.to(dev)
+    _, kw = model._prepare(ids[:1], None, None, None)      # equal lengths: one mask, one rope
+    xs = [model.model.embed_tokens(b) for b in ids.split(batch)]
+    model.model.embed_tokens.cpu()
+    heads_seen: set[str] = set()
+    if cfg.tie_word_embeddings and names.SHARED_HEAD in plan:   # quantize the head, not the embedding
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+
+    def run_layer(layer, prefix, inputs):
+        layer.to(dev)
+        if any(m.startswith(prefix + ".") for m in plan):
+            method.layer(layer, prefix, inputs, kw, plan, fam)
+        out = [layer(x, **kw) for x in inputs]
+        layer.cpu()
+        return out
+
+    def run_head(j, hidden):
+        head_name = names.head_prefix(cfg.shared_heads, j)
+        if head_name not in plan:
+            return
+        norm = model.model.norms[j].to(dev)
+        for h in hidden:
+            method.observe_head(head_name, norm(h))
+        norm.cpu()
+        heads_seen.add(head_name)
+        if not cfg.shared_heads:
+            finish_head(head_name)
+
+    def finish_head(head_name):
+        head = model.get_submodule(head_name).to(dev)
+        method.finish_head(head_name, head, plan, fam)
+        head.cpu()
+
+    n = cfg.num_layers
+    for i in tqdm(range(n), desc=desc, unit="layer", disable=not progress, leave=False):
+        if i in cfg.exits and i < n - 1:
+            j = cfg.exits.index(i)
+            run_head(j, run_layer(model.branch(j), names.BRANCH_LAYER.format(j=j), xs))
+        xs = run_layer(model.model.layers[i], names.TRUNK_LAYER.format(i=i), xs)
+        if i == n - 1:
+            run_head(len(cfg.exits) - 1, xs)
+    if cfg.shared_heads and heads_seen:
+        finish_head(names.SHARED_HEAD)
+    model.model.rotary_emb.cpu()
+    return fam

@@ -1,0 +1,155 @@
+"""GPTQ as pure functions: accumulate a Hessian, quantize one weight against it.
+
+GPTQ (Frantar et al., 2022) quantizes the columns of W [N, K] one at a time and spreads each
+column's rounding error over the columns not yet quantized, weighted by the inverse Hessian
+H = 2 X^T X / n of the layer's inputs, so that ||W X - Q X|| rather than ||W - Q|| is small.
+Columns go in blocks with lazy batch updates; act-order (desc_act) takes columns by decreasing
+diag(H); static groups fix each group's grid from the unmodified weights up front.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UserError
+from .plan import QuantSpec
+from .rtn import group_qparams, quantize_to_grid
+
+
+@dataclass
+class Hessian:
+    """Running H = 2/n * sum x x^T over n input rows. h [K, K] float32."""
+    h: torch.Tensor
+    n: int = 0
+
+    @classmethod
+    def zeros(cls, k: int, device=None) -> Hessian:
+        return cls(torch.zeros(k, k, dtype=torch.float32, device=device))
+
+
+def accumulate_hessian(hs: Hessian, x: torch.Tensor) -> None:
+    """Add inputs x [..., K] to the running Hessian (in place)."""
+    x = x.reshape(-1, x.shape[-1]).float()                                  # [m, K]
+    m = x.shape[0]
+    hs.h.mul_(hs.n / (hs.n + m))
+    hs.n += m
+    x = x * (2.0 / hs.n) ** 0.5
+    hs.h.addmm_(x.t(), x)
+
+
+def inverse_hessian_factor(h: torch.Tensor, damp: float, what: str) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1; more damping while not positive
+    definite (x10, three times), then a UserError naming the layer. Returns (factor, damp used)."""
+    k = h.shape[0]
+    mean_diag = torch.mean(torch.diag(h)).item() or 1.0
+    for attempt in range(4):
+        d = damp * 10 ** attempt
+        hd = h + d * mean_diag * torch.eye(k, device=h.device)
+        chol, info = torch.linalg.cholesky_ex(hd)
+        if info.item() == 0:
+            inv = torch.cholesky_inverse(chol)
+            factor, info = torch.linalg.cholesky_ex(inv, upper=True)
+            if info.item() == 0:
+                return factor, d
+    raise UserError(f"{what}: Hessian not positive definite even with damping {d:g}; use more or "
+                    "more varied calibration text, or raise damp_percent")
+
+
+def gptq_quantize(w: torch.Tensor, hs: Hessian, spec: QuantSpec, *, damp: float = 0.01,
+                  block: int = 128, act_order: bool = False, static_groups: bool = False,
+                  what: str = "linear"):
+    """w [N, K] -> (q [K, N], scales [G, N] fp16, zeros [G, N], g_idx [K], damp used).
+
+    Groups are runs of group_size columns in processing order (act-order permutes them; with
+    static_groups they are runs of the original order, as GPTQModel does).
+    """
+    n, k = w.shape
+    W = w.detach().float().clone()
+    H = hs.h.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    gs = k if spec.group_size == -1 else spec.group_size
+    static = None
+    if static_groups or spec.group_size == -1:
+        static = [group_qparams(W[:, s:s + gs], spec) for s in range(0, k, gs)]
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k)
+    W, H = W[:, perm], H[perm][:, perm]
+    U, damp_used = inverse_hessian_factor(H, damp, what)                    # [K, K] upper
+
+    q = torch.zeros(n, k, dtype=torch.int64)                                # permuted order
+    group_of = torch.zeros(k, dtype=torch.int64)                            # permuted order
+    scales, zeros = [], []
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        W1, Err = W[:, i1:i2].clone(), torch.zeros(n, i2 - i1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if static is not None:
+                g = int(perm[col]) // gs
+                scale, zero = static[g]
+            else:
+                if col % gs == 0:                 # a new group: its grid from current weights
+                    cur = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :gs]
+                    scales.append(None)
+                    zeros.append(None)
+                    scales[-1], zeros[-1] = group_qparams(cur, spec)
+                g = len(scales) - 1
+                scale, zero = scales[g], zeros[g]
+            wcol = W1[:, i]
+            qcol = quantize_to_grid(wcol.unsqueeze(1), scale, zero, spec.maxq).squeeze(1)
+            q[:, col], group_of[col] = qcol, g
+            deq = scale.float() * (qcol - zero).float()
+            err = (wcol - deq) / U1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            Err[:, i] = err
+        W[:, i2:] -= Err @ U[i1:i2, i2:]
+
+    inv = torch.argsort(perm)
+    q, group_of = q[:, inv], group_of[inv]
+    if static is not None:
+        scales, zeros = [s for s, _ in static], [z for _, z in static]
+    return (q.t().contiguous(), torch.stack(scales), torch.stack(zeros),
+            group_of.to(torch.int32), damp_used)
+
+
+class GPTQ:
+    """The calibration method (see calibrate.py): Hessians from captured inputs, then
+    gptq_quantize per linear."""
+
+    def __init__(self, damp: float = 0.01, block: int = 128, act_order: bool = False,
+                 static_groups: bool = False):
+        self.opts = dict(damp=damp, block=block, act_order=act_order, static_groups=static_groups)
+        self.heads: dict[str, Hessian] = {}
+        self.damp_used: dict[str, float] = {}
+
+    def quantize_linear(self, linear, name: str, hs: Hessian, spec: QuantSpec, fam) -> None:
+        from .calibrate import store
+        q, scales, zeros, g_idx, d = gptq_quantize(linear.weight, hs, spec, what=name, **self.opts)
+        if d != self.opts["damp"]:
+            self.damp_used[name] = d
+        store(fam, linear, name, spec, q, scales, zeros, g_idx)
+
+    def layer(self, layer, prefix: str, xs, kw, plan, fam) -> None:
+        from .. import names
+        from .calibrate import capture_inputs
+        for group in names.SEQUENTIAL_GROUPS:
+            mods = [m for m in group if f"{prefix}.{m}" in plan]
+            if not mods:
+                continue
+            first = layer.get_submodule(mods[0])
+            hs = Hessian.zeros(first.in_features, first.weight.device)
+            capture_inputs(layer, first, xs, kw, lambda x: accumulate_hessian(hs, x))
+            for m in mods:
+                self.quantize_linear(layer.get_submodule(m), f"{prefix}.{m}", hs, plan[f"{prefix}.{m}"], fam)
+
+    def observe_head(self, name: str, x: torch.Tensor) -> None:
+        if name not in self.heads:
+            self.heads[name] = Hessian.zeros(x.shape[-1], x.device)
+        accumulate_hessian(self.heads[name], x)
+
+    def finish_head(self, name: str, head, plan, fam) -> None:
+        self.quantize_linear(head, name, self.heads.pop(name), plan[name], fam)
