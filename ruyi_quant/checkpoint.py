@@ -3,8 +3,9 @@
 Directory layout:
     config.json          ruyi_qwen2 config with `quantization_config` when quantized
     model.safetensors    Ruyi's tensor names; a quantized linear has qweight/qzeros/scales/g_idx
-                         (GPTQ v1 layout, quant/pack.py) instead of weight
-    ruyi_quant.json      method, per-module grids, exits, the recipe that made it
+                         (GPTQ v1 layout) or qweight/qzeros/scales (AWQ gemm layout, for AWQ
+                         results; quant/pack.py) instead of weight
+    ruyi_quant.json      method, layout, per-module grids, exits, the recipe that made it
     tokenizer files
 An unquantized model is the same object with no quantized modules, so every exporter takes one
 kind of input.
@@ -26,8 +27,16 @@ from .model.config import FamilialConfig, read_config
 from .model.familial import FamilialModel
 from .model.io import (check_finite, copy_tokenizer, familial_state, load_model, read_tensors,
                        weight_files)
-from .quant.pack import dequantize, from_gptq, to_gptq
+from .quant.pack import LAYOUTS, dequantize, from_awq, from_gptq, to_awq, to_gptq
 from .quant.plan import QuantSpec
+
+
+def pack_layout(layout: str, q, scales, zeros, g_idx, bits: int) -> dict[str, torch.Tensor]:
+    """A grid in the tensors of a checkpoint layout (gptq v1 or awq gemm)."""
+    try:
+        return (to_awq if layout == "awq" else to_gptq)(q, scales, zeros, g_idx, bits)
+    except ValueError as e:
+        raise UserError(f"{layout} layout: {e}; choose another export format") from None
 
 
 @dataclass
@@ -36,6 +45,7 @@ class QuantizedFamily:
     tensors: dict[str, torch.Tensor]               # Ruyi names; quantized linears in GPTQ layout
     modules: dict[str, QuantSpec] = field(default_factory=dict)
     method: str = "none"
+    layout: str = "gptq"                           # how quantized linears are stored: gptq | awq
     recipe: dict | None = None
     stats: dict = field(default_factory=dict)     # e.g. seconds per stage
 
@@ -49,16 +59,26 @@ class QuantizedFamily:
     def set_quantized(self, module: str, spec: QuantSpec, q, scales, zeros, g_idx, bias=None) -> None:
         """Replace a linear's float weight by its grid (q [K, N], scales/zeros [G, N])."""
         self.tensors.pop(f"{module}.weight", None)
-        for k, v in to_gptq(q, scales, zeros, g_idx, spec.bits).items():
+        for k, v in pack_layout(self.layout, q, scales, zeros, g_idx, spec.bits).items():
             self.tensors[f"{module}.{k}"] = v
         self.modules[module] = spec
+
+    def linear_shape(self, module: str) -> tuple[int, int]:
+        """(N, K) of a linear, quantized or not."""
+        if module not in self.modules:
+            return tuple(self.tensors[f"{module}.weight"].shape)
+        n = self.tensors[f"{module}.scales"].shape[1]
+        if self.layout == "awq":
+            return n, self.tensors[f"{module}.qweight"].shape[0]
+        return n, self.tensors[f"{module}.g_idx"].numel()
 
     def grid(self, module: str):
         """(q [K, N], scales [G, N], zeros [G, N], g_idx [K]) of a quantized linear."""
         spec = self.modules[module]
-        k = self.tensors[f"{module}.g_idx"].numel()
-        n = self.tensors[f"{module}.scales"].shape[1]
-        t = {s: self.tensors[f"{module}.{s}"] for s in names.QUANT_SUFFIXES}
+        t = {s: self.tensors[f"{module}.{s}"] for s in LAYOUTS[self.layout]}
+        if self.layout == "awq":
+            return from_awq(t, spec.group_size)
+        n, k = self.linear_shape(module)
         return from_gptq(t, spec.bits, k, n)
 
     def weight(self, module: str) -> torch.Tensor:
@@ -100,17 +120,17 @@ class QuantizedFamily:
             t = self.tensors[n]
             nbytes += t.numel() * t.element_size()
             mod, suffix = names.module_of(n), n.rsplit(".", 1)[1]
-            if mod in self.modules:
-                if suffix == "g_idx":
-                    params += t.numel() * self.tensors[f"{mod}.scales"].shape[1]
-            else:
+            if mod not in self.modules or suffix == "bias":
                 params += t.numel()
+            elif suffix == "scales":
+                nk = self.linear_shape(mod)
+                params += nk[0] * nk[1]
         return params, nbytes
 
     def quantization_json(self) -> dict:
         specs = {json.dumps(s.to_json(), sort_keys=True) for s in self.modules.values()}
         common = json.loads(specs.pop()) if len(specs) == 1 else None
-        return {"method": self.method, "format": "gptq_v1", "modules": {m: s.to_json() for m, s in
+        return {"method": self.method, "layout": self.layout, "modules": {m: s.to_json() for m, s in
                                                                       self.modules.items()},
                 "common": common}
 
@@ -151,14 +171,15 @@ def load_family(path: Path) -> QuantizedFamily:
     q = meta.get("quantization") or {}
     modules = {m: QuantSpec(**s) for m, s in q.get("modules", {}).items()}
     method, recipe, stats = q.get("method", "none"), meta.get("recipe"), meta.get("stats", {})
+    layout = q.get("layout", "gptq")
     files = weight_files(path)
     tensors = {}
     for name, t in read_tensors(files):
         check_finite(name, t)
         tensors[name] = t
     for m in modules:
-        for s in names.QUANT_SUFFIXES:
+        for s in LAYOUTS[layout]:
             if f"{m}.{s}" not in tensors:
                 raise UserError(f"{path}: quantized module {m} lacks tensor {m}.{s}")
     return QuantizedFamily(config=read_config(path), tensors=tensors, modules=modules, method=method,
-                           recipe=recipe, stats=stats)
+                           layout=layout, recipe=recipe, stats=stats)

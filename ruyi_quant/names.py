@@ -40,9 +40,6 @@ LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
 SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                      ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 
-# A quantized linear stores these tensors instead of `.weight` (GPTQ layout, see quant/pack.py).
-QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
-
 
 def branch_prefix(exits: list[int], num_layers: int, j: int) -> str:
     """Module prefix of exit j's branch layer: its own eelayer, or the last trunk layer."""

@@ -1,7 +1,8 @@
 """Per-exit Hugging Face checkpoints: a plain `Qwen2ForCausalLM` of e+1 layers per exit.
 
-Weights are either floating point (bf16 by default; quantized linears dequantized) or the GPTQ
-v1 layout with a `quantization_config` that transformers (through GPTQModel) and vLLM read.
+Weights are floating point (bf16 by default; quantized linears dequantized), the GPTQ v1
+layout, or AWQ's gemm layout, with the `quantization_config` that transformers (through
+GPTQModel), GPTQModel and vLLM read.
 The contract is exporters/hf.md.
 """
 
@@ -18,14 +19,17 @@ from .. import __version__, names
 from ..checkpoint import QuantizedFamily
 from ..fsutil import MARKER
 from ..model.io import copy_tokenizer
+from ..checkpoint import pack_layout
+from ..errors import UserError
 from ..quant.plan import QuantSpec
 
-WEIGHTS = ("auto", "float", "gptq")
+WEIGHTS = ("auto", "float", "gptq", "awq")
 
 
-def exit_tensors(fam: QuantizedFamily, j: int, quantized: bool,
+def exit_tensors(fam: QuantizedFamily, j: int, layout: str | None,
                  float_dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, QuantSpec]]:
-    """Plain-Qwen2 tensors of exit j and the grids of its quantized linears (plain names)."""
+    """Plain-Qwen2 tensors of exit j and the grids of its quantized linears (plain names).
+    layout None dequantizes; otherwise quantized linears are written in that layout."""
     cfg = fam.config
     pmap = names.exit_module_map(cfg.exits, cfg.num_layers, cfg.shared_heads, j)
     out, specs = {}, {}
@@ -33,16 +37,18 @@ def exit_tensors(fam: QuantizedFamily, j: int, quantized: bool,
         new = names.rename(name, pmap)
         if new is None:
             continue
-        mod = names.module_of(name)
-        if mod in fam.modules and not quantized:
-            if name.endswith(".qweight"):
-                out[names.module_of(new) + ".weight"] = fam.weight(mod).to(float_dtype)
-            continue
-        if mod in fam.modules:
-            specs[names.module_of(new)] = fam.modules[mod]
-            out[new] = t
-        else:
+        mod, new_mod = names.module_of(name), names.module_of(new)
+        if mod not in fam.modules:
             out[new] = t.to(float_dtype) if t.is_floating_point() else t
+        elif name.endswith(".bias"):
+            out[new] = t.to(float_dtype)
+        elif name.endswith(".scales"):          # once per quantized linear
+            if layout is None:
+                out[new_mod + ".weight"] = fam.weight(mod).to(float_dtype)
+                continue
+            specs[new_mod] = spec = fam.modules[mod]
+            packed = pack_layout(layout, *fam.grid(mod), spec.bits)
+            out.update({f"{new_mod}.{k}": v for k, v in packed.items()})
     return out, specs
 
 
@@ -65,18 +71,39 @@ def gptq_config(specs: dict[str, QuantSpec], all_linears: list[str], desc_act: b
     return cfg
 
 
+def check_awq(fam: QuantizedFamily) -> None:
+    """AWQ's format has one grid for every quantized module, 4 bits, no act-order."""
+    specs = set(fam.modules.values())
+    if len(specs) > 1 or next(iter(specs)).bits != 4:
+        raise UserError("weights: awq needs every quantized module at 4 bits with one group size "
+                        "(found " + ", ".join(sorted(f"{s.bits}-bit g{s.group_size}" for s in specs))
+                        + "); drop the overrides or export weights: gptq")
+
+
+def awq_config(specs: dict[str, QuantSpec], all_linears: list[str]) -> dict:
+    """quantization_config of AutoAWQ's gemm checkpoints (transformers/vLLM read it)."""
+    spec = next(iter(specs.values()))
+    skip = [m for m in all_linears if m not in specs]
+    return {"quant_method": "awq", "version": "gemm", "bits": spec.bits,
+            "group_size": spec.group_size, "zero_point": True,
+            "modules_to_not_convert": skip or None}
+
+
 def export_exit(fam: QuantizedFamily, exit: int, out_dir: Path, tokenizer_dir: Path | None,
                 weights: str = "auto", float_dtype: torch.dtype = torch.bfloat16) -> dict:
     """Write exit `exit` (a layer index) into the existing directory out_dir; return its metadata."""
     cfg = fam.config
     j = cfg.exit_index(exit)
     e = cfg.exits[j]
-    quantized = bool(fam.modules) if weights == "auto" else weights == "gptq"
-    if quantized and not fam.modules:
-        from ..errors import UserError
-        raise UserError("weights: gptq needs a quantized family; add a quantize section or use "
-                        "weights: float")
-    tensors, specs = exit_tensors(fam, j, quantized, float_dtype)
+    layout = (fam.layout if fam.modules else None) if weights == "auto" else \
+        (None if weights == "float" else weights)
+    if layout is not None and not fam.modules:
+        raise UserError(f"weights: {weights} needs a quantized family; add a quantize section or "
+                        "use weights: float")
+    if layout == "awq":
+        check_awq(fam)
+    tensors, specs = exit_tensors(fam, j, layout, float_dtype)
+    quantized = layout is not None
     tie = cfg.tie_word_embeddings and names.PLAIN_HEAD + ".weight" not in tensors \
         and names.PLAIN_HEAD not in specs
     out_dir = Path(out_dir)
@@ -86,20 +113,23 @@ def export_exit(fam: QuantizedFamily, exit: int, out_dir: Path, tokenizer_dir: P
     hf.architectures = ["Qwen2ForCausalLM"]
     hf.tie_word_embeddings = tie
     hf.dtype = float_dtype
-    if quantized:
-        linears = [f"{names.PLAIN_LAYER.format(i=i)}.{lin}" for i in range(e + 1)
-                   for lin in names.LAYER_LINEARS]
+    linears = [f"{names.PLAIN_LAYER.format(i=i)}.{lin}" for i in range(e + 1)
+               for lin in names.LAYER_LINEARS] + [names.PLAIN_HEAD]
+    if layout == "gptq":
         # act-order shows in g_idx: groups no longer ascend with the column index
         desc_act = any(bool((tensors[f"{m}.g_idx"].diff() < 0).any()) for m in specs)
-        qcfg = gptq_config(specs, linears + ([names.PLAIN_HEAD] if names.PLAIN_HEAD in specs else []),
+        qcfg = gptq_config(specs, [m for m in linears if m in specs or m != names.PLAIN_HEAD],
                            desc_act)
+    elif layout == "awq":
+        qcfg = awq_config(specs, linears)
+    if quantized:
         hf.quantization_config = qcfg
         (out_dir / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
     hf.save_pretrained(str(out_dir))
     if tokenizer_dir is not None:
         copy_tokenizer(tokenizer_dir, out_dir)
     meta = {"ruyi_quant_version": __version__, "kind": "hf-exit", "exit": e, "exit_index": j,
-            "exits": cfg.exits, "weights": "gptq" if quantized else str(float_dtype),
+            "exits": cfg.exits, "weights": layout or str(float_dtype).removeprefix("torch."),
             "method": fam.method, "num_hidden_layers": e + 1}
     (out_dir / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
     return meta

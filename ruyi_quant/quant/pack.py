@@ -74,3 +74,48 @@ def from_gptq(t: dict[str, torch.Tensor], bits: int, k: int, n: int):
     q = unpack_rows(t["qweight"], bits, k)
     zeros = unpack_cols(t["qzeros"], bits, n) + 1
     return q, t["scales"], zeros, t["g_idx"]
+
+
+# --- AWQ "gemm" layout ----------------------------------------------------------------------
+# qweight int32 [K, N/8]: output channels packed 8 per word, value of channel 8c + AWQ_ORDER[i]
+# at bits 4i; qzeros int32 [G, N/8] the same way (zeros stored as they are); scales fp16 [G, N].
+# Groups are contiguous runs of group_size input columns (no g_idx, no act-order). 4 bits only.
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+AWQ_INVERSE = tuple(AWQ_ORDER.index(i) for i in range(8))
+
+
+def awq_pack(v: torch.Tensor) -> torch.Tensor:
+    """[R, N] ints in [0, 16), N % 8 == 0 -> int32 [R, N/8] in AWQ's interleaved order."""
+    r, n = v.shape
+    v = v.to(torch.int64).reshape(r, n // 8, 8)[:, :, list(AWQ_ORDER)]
+    shifts = torch.arange(8, dtype=torch.int64) * 4
+    words = (v << shifts).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def awq_unpack(words: torch.Tensor) -> torch.Tensor:
+    """int32 [R, N/8] -> int32 [R, N]; inverse of awq_pack."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    v = (w.unsqueeze(-1) >> (torch.arange(8, dtype=torch.int64) * 4)) & 15     # [R, N/8, 8]
+    return v[:, :, list(AWQ_INVERSE)].reshape(words.shape[0], -1).to(torch.int32)
+
+
+def to_awq(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
+           bits: int) -> dict[str, torch.Tensor]:
+    if bits != 4 or q.shape[1] % 8:
+        raise ValueError("AWQ's gemm layout holds 4-bit weights with out_features % 8 == 0")
+    if bool((g_idx.diff() < 0).any()):
+        raise ValueError("AWQ's gemm layout cannot hold act-order (permuted) groups")
+    return {"qweight": awq_pack(q), "qzeros": awq_pack(zeros),
+            "scales": scales.to(torch.float16).contiguous()}
+
+
+def from_awq(t: dict[str, torch.Tensor], group_size: int):
+    """AWQ gemm tensors -> (q [K, N], scales [G, N] fp16, zeros [G, N], g_idx [K])."""
+    q = awq_unpack(t["qweight"])
+    k = q.shape[0]
+    gs = k if group_size == -1 else group_size
+    return q, t["scales"], awq_unpack(t["qzeros"]), (torch.arange(k) // gs).to(torch.int32)
+
+
+LAYOUTS = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "qzeros", "scales")}

@@ -86,3 +86,16 @@ def rtn_family(model, plan: dict, progress: bool = True):
         fam.set_quantized(name, spec, *rtn_quantize(model.get_submodule(name).weight.detach(), spec))
     fam.method = "rtn"
     return fam
+
+
+def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """RTN-quantized-then-dequantized w [N, K], all groups at once (for searches).
+
+    Zero padding of a partial last group changes nothing: grids always span 0."""
+    n, k = w.shape
+    gs = k if spec.group_size == -1 else spec.group_size
+    pad = -k % gs
+    wp = torch.nn.functional.pad(w.float(), (0, pad)).reshape(-1, gs)      # [N*G, gs]
+    scale, zero = group_qparams(wp, spec)
+    deq = grid_value(quantize_to_grid(wp, scale, zero, spec.maxq), scale, zero)
+    return deq.reshape(n, k + pad)[:, :k]
