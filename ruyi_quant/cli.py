@@ -94,13 +94,14 @@ def cmd_quantize(a) -> None:
     from .model.io import load_model
     from .data import check_source
     from .pipeline import CALIBRATED, calib_windows, quantize, resolve_model
-    from .recipe import Calibration, GPTQOptions, Override, Quantize
+    from .recipe import AWQOptions, Calibration, GPTQOptions, Override, Quantize
     overrides = [_validated(Override, **_override(t)) for t in a.override or []]
     overrides += [_validated(Override, **_override(t, skip=True)) for t in a.skip or []]
     q = _validated(Quantize, method=a.method, bits=a.bits, group_size=a.group_size, sym=not a.asym,
                    heads=a.heads, overrides=overrides, device=a.device,
                    gptq=_validated(GPTQOptions, damp_percent=a.damp, act_order=a.act_order,
-                                   static_groups=a.static_groups))
+                                   static_groups=a.static_groups),
+                   awq=_validated(AWQOptions, clip=not a.no_clip))
     cal = _validated(Calibration, source=a.calib, samples=a.samples, seq_len=a.seq_len, seed=a.seed)
     out = Path(a.out)
     check_output_dir(out, force=a.force)
@@ -196,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--heads) and write a quantized family checkpoint.")
     s.add_argument("model", metavar="MODEL")
     s.add_argument("--out", required=True, help="output directory (written whole or not at all)")
-    s.add_argument("--method", default="rtn", help="rtn (round to nearest), gptq")
+    s.add_argument("--method", default="rtn", help="rtn (round to nearest), gptq, awq")
     s.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
     s.add_argument("--group-size", type=int, default=128, help="-1 or 16..1024, power of two (default 128)")
     s.add_argument("--asym", action="store_true", help="asymmetric grid (default symmetric)")
@@ -205,13 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-module grid, e.g. 'model.layers.*.mlp.down_proj:bits=8'")
     s.add_argument("--skip", action="append", metavar="PATTERN", help="leave matching modules unquantized")
     s.add_argument("--calib", default="builtin:pydoc/calib",
-                   help="calibration text for gptq: builtin:pydoc/calib, a .txt or .jsonl file")
+                   help="calibration text for gptq/awq: builtin:pydoc/calib, a .txt or .jsonl file")
     s.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")
     s.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--damp", type=float, default=0.01, help="gptq dampening (default 0.01)")
     s.add_argument("--act-order", action="store_true", help="gptq: columns by decreasing diag(H)")
     s.add_argument("--static-groups", action="store_true", help="gptq: group grids fixed up front")
+    s.add_argument("--no-clip", action="store_true", help="awq: skip the clipping search")
     s.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda")
     s.add_argument("--force", action="store_true", help="replace an existing output of ours")
     s.set_defaults(func=cmd_quantize)
@@ -222,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", default="hf", help="hf")
     s.add_argument("--out", required=True)
     s.add_argument("--exits", help="comma-separated exit layers, or all (default)")
-    s.add_argument("--weights", default="auto", help="auto (gptq if quantized), float, gptq")
+    s.add_argument("--weights", default="auto", help="auto (the family's layout), float, gptq, awq")
     s.add_argument("--dtype", default="bfloat16", help="float weights: bfloat16, float16, float32")
     s.add_argument("--force", action="store_true")
     s.set_defaults(func=cmd_export)

@@ -83,14 +83,35 @@ def quantize(model, q: Quantize, calib: torch.Tensor | None = None,
         fam = rtn_family(model, plan, progress)
     else:
         from .quant.calibrate import calibrate
-        from .quant.gptq import GPTQ
-        o = q.gptq
-        method = GPTQ(o.damp_percent, o.block_size, o.act_order, o.static_groups)
+        if q.method == "gptq":
+            from .quant.gptq import GPTQ
+            o = q.gptq
+            method, layout = GPTQ(o.damp_percent, o.block_size, o.act_order, o.static_groups), "gptq"
+        else:
+            from .quant.awq import AWQ
+            o = q.awq
+            method = AWQ(o.grid, o.max_shrink, o.max_tokens, o.clip)
+            layout = "awq" if awq_layout_fits(model, plan) else "gptq"
         fam = calibrate(model, plan, calib, method, batch=q.batch, device=q.device,
-                        progress=progress, desc=q.method)
+                        progress=progress, desc=q.method, layout=layout)
+        if q.method == "awq":
+            fam.stats["awq_scale_ratios"] = method.ratios   # r per smoothing pair (None: no scaling)
     fam.method = q.method
     fam.stats["quantize_seconds"] = time.perf_counter() - t0
     return fam
+
+
+def awq_layout_fits(model, plan: dict) -> bool:
+    """AWQ's gemm layout holds a family when every quantized linear shares one 4-bit grid whose
+    group size divides its input width (SmolLM2's 576 columns at g128 do not: such AWQ results
+    are stored in GPTQ's layout, which has no such limit)."""
+    from .quant.pack import awq_fits
+    specs = set(plan.values())
+    if len(specs) != 1:
+        return False
+    spec = next(iter(specs))
+    return all(awq_fits(model.get_submodule(m).in_features, model.get_submodule(m).out_features,
+                        spec.bits, spec.group_size) for m in plan)
 
 
 def eval_windows(model_dir: Path, ev: Eval) -> torch.Tensor:
@@ -124,8 +145,9 @@ def export_folder(ex, fam: QuantizedFamily) -> str:
     """Where an export goes inside a job's output: its `folder`, else e.g. hf-gptq, hf-bfloat16."""
     if ex.folder:
         return ex.folder
-    quantized = ex.weights == "gptq" or (ex.weights == "auto" and bool(fam.modules))
-    return f"{ex.format}-{'gptq' if quantized else ex.dtype}"
+    if ex.weights == "auto":
+        return f"{ex.format}-{fam.layout if fam.modules else ex.dtype}"
+    return f"{ex.format}-{ex.dtype if ex.weights == 'float' else ex.weights}"
 
 
 def eval_report(ref: QuantizedFamily, fam: QuantizedFamily, model_dir: Path, ev: Eval,

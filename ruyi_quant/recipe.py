@@ -59,14 +59,22 @@ class GPTQOptions(Strict):
     static_groups: bool = False                      # group grids fixed up front (with act_order)
 
 
+class AWQOptions(Strict):
+    grid: int = Field(20, ge=2)                      # scale exponents r = 0, 1/grid, ... tried
+    max_shrink: float = Field(0.5, ge=0, lt=1)       # clipping search: down to (1 - max_shrink) x max
+    clip: bool = True                                # search clipping ranges (q/k never clipped)
+    max_tokens: int = Field(2048, ge=16)             # activation rows sampled per search
+
+
 class Quantize(Strict):
-    method: Literal["rtn", "gptq", "none"] = "rtn"
+    method: Literal["rtn", "gptq", "awq", "none"] = "rtn"
     bits: int = 4
     group_size: int = 128
     sym: bool = True
     heads: bool = False            # quantize the heads too
     overrides: list[Override] = []
     gptq: GPTQOptions = GPTQOptions()
+    awq: AWQOptions = AWQOptions()
     device: str = "auto"           # auto (cuda when present), cpu, cuda, cuda:1, ...
     batch: int = Field(8, ge=1)    # calibration windows per forward pass
 
@@ -91,9 +99,9 @@ Exits = Union[Literal["all"], list[int]]
 class HFExport(Strict):
     format: Literal["hf"] = "hf"
     exits: Exits = "all"
-    weights: Literal["auto", "float", "gptq"] = "auto"
+    weights: Literal["auto", "float", "gptq", "awq"] = "auto"
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    folder: str | None = None      # inside the job's output; default hf-gptq / hf-bfloat16 / ...
+    folder: str | None = None      # inside the job's output; default hf-gptq / hf-awq / hf-bfloat16
 
 
 class Eval(Strict):

@@ -10,8 +10,8 @@ over every exit and is quantized once at the end. Inside a layer, linears that r
 input are quantized together, and the next group's inputs are captured through them
 (true-sequential). One layer's weights sit on the compute device at a time.
 
-A method is an object with `layer(layer, prefix, xs, kw, plan, fam)`, `observe_head(name, x)`
-and `finish_head(name, head, plan, fam)` (see gptq/awq).
+A method is an object with `layer(layer, prefix, xs, kw, plan, fam)`,
+`observe_head(name, x, norm)` and `finish_head(name, head, plan, fam)` (see gptq/awq).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .. import names
 from ..checkpoint import QuantizedFamily
+from ..model.io import familial_state
 from .pack import dequantize
 
 
@@ -37,14 +38,21 @@ def pick_device(device: str | None) -> torch.device:
 
 
 @torch.no_grad()
-def capture_inputs(layer, linear, xs: list[torch.Tensor], kw: dict, fn) -> None:
-    """Run the layer over every batch, calling fn(input of `linear`) each time."""
-    handle = linear.register_forward_hook(lambda mod, inp, out: fn(inp[0]))
+def capture_many(layer, linears: dict, xs: list[torch.Tensor], kw: dict, fn) -> None:
+    """Run the layer over every batch, calling fn(key, input of linears[key]) each time."""
+    handles = [lin.register_forward_hook(lambda mod, inp, out, key=key: fn(key, inp[0]))
+               for key, lin in linears.items()]
     try:
         for x in xs:
             layer(x, **kw)
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
+
+
+def capture_inputs(layer, linear, xs: list[torch.Tensor], kw: dict, fn) -> None:
+    """Run the layer over every batch, calling fn(input of `linear`) each time."""
+    capture_many(layer, {0: linear}, xs, kw, lambda key, x: fn(x))
 
 
 def store(fam: QuantizedFamily, linear, name: str, spec, q, scales, zeros, g_idx) -> None:
@@ -65,12 +73,15 @@ def check_tokens(plan: dict, model, tokens: int) -> None:
 
 @torch.no_grad()
 def calibrate(model, plan: dict, windows: torch.Tensor, method, *, batch: int = 8,
-              device: str | None = None, progress: bool = True, desc: str = "calibrate") -> QuantizedFamily:
+              device: str | None = None, progress: bool = True, desc: str = "calibrate",
+              layout: str = "gptq") -> QuantizedFamily:
     """Quantize every module of `plan` with `method`; the model's linears are replaced by their
-    quantized values as it goes (as new tensors). Returns the quantized family."""
+    quantized values as it goes (as new tensors). Returns the quantized family, its grids
+    stored in `layout` (gptq | awq)."""
     cfg = model.config
     dev = pick_device(device)
     fam = QuantizedFamily.from_model(model)
+    fam.layout = layout
     check_tokens(plan, model, windows.numel())
     ids = windows.to(dev)
     model.model.embed_tokens.to(dev)
@@ -96,7 +107,7 @@ def calibrate(model, plan: dict, windows: torch.Tensor, method, *, batch: int = 
             return
         norm = model.model.norms[j].to(dev)
         for h in hidden:
-            method.observe_head(head_name, norm(h))
+            method.observe_head(head_name, norm(h), norm)
         norm.cpu()
         heads_seen.add(head_name)
         if not cfg.shared_heads:
@@ -118,4 +129,8 @@ def calibrate(model, plan: dict, windows: torch.Tensor, method, *, batch: int = 
     if cfg.shared_heads and heads_seen:
         finish_head(names.SHARED_HEAD)
     model.model.rotary_emb.cpu()
+    # float tensors a method changed (AWQ folds scales into norms and biases) go in as well
+    for name, t in familial_state(model).items():
+        if names.module_of(name) not in fam.modules and name in fam.tensors:
+            fam.tensors[name] = t
     return fam

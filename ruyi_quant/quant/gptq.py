@@ -146,7 +146,7 @@ class GPTQ:
             for m in mods:
                 self.quantize_linear(layer.get_submodule(m), f"{prefix}.{m}", hs, plan[f"{prefix}.{m}"], fam)
 
-    def observe_head(self, name: str, x: torch.Tensor) -> None:
+    def observe_head(self, name: str, x: torch.Tensor, norm=None) -> None:
         if name not in self.heads:
             self.heads[name] = Hessian.zeros(x.shape[-1], x.device)
         accumulate_hessian(self.heads[name], x)

@@ -104,8 +104,10 @@ def to_awq(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: to
            bits: int) -> dict[str, torch.Tensor]:
     if bits != 4 or q.shape[1] % 8:
         raise ValueError("AWQ's gemm layout holds 4-bit weights with out_features % 8 == 0")
-    if bool((g_idx.diff() < 0).any()):
-        raise ValueError("AWQ's gemm layout cannot hold act-order (permuted) groups")
+    k, groups = q.shape[0], scales.shape[0]
+    if k % groups or not torch.equal(g_idx.long(), torch.arange(k) // (k // groups)):
+        raise ValueError("AWQ's gemm layout needs in_features divisible by the group size and "
+                         "no act-order (permuted) groups")
     return {"qweight": awq_pack(q), "qzeros": awq_pack(zeros),
             "scales": scales.to(torch.float16).contiguous()}
 
@@ -116,6 +118,11 @@ def from_awq(t: dict[str, torch.Tensor], group_size: int):
     k = q.shape[0]
     gs = k if group_size == -1 else group_size
     return q, t["scales"], awq_unpack(t["qzeros"]), (torch.arange(k) // gs).to(torch.int32)
+
+
+def awq_fits(k: int, n: int, bits: int, group_size: int) -> bool:
+    """Whether a [N, K] linear's grid fits AWQ's gemm layout (else it goes in GPTQ's)."""
+    return bits == 4 and n % 8 == 0 and (group_size == -1 or k % group_size == 0)
 
 
 LAYOUTS = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "qzeros", "scales")}

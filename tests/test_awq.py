@@ -1,0 +1,138 @@
+"""AWQ: scale search and clipping on synthetic activations, exact folding, formats, the family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import kl_top1
+from ruyi_quant.checkpoint import load_family, save_family
+from ruyi_quant.model.io import load_model
+from ruyi_quant.quant.awq import AWQ, apply_clip, search_clip, search_scales
+from ruyi_quant.quant.calibrate import calibrate
+from ruyi_quant.quant.pack import dequantize, from_awq, to_awq
+from ruyi_quant.quant.plan import QuantSpec, make_plan
+from ruyi_quant.quant.rtn import fake_quantize, rtn_family, rtn_quantize
+
+
+def salient(k=256, n=96, m=2048, seed=0):
+    """Activations with a few large channels (as LLM activations have), weights without. X [m, K]"""
+    g = torch.Generator().manual_seed(seed)
+    mag = torch.ones(k)
+    mag[torch.randperm(k, generator=g)[: k // 32]] = 20.0
+    x = torch.randn(m, k, generator=g) * mag
+    return x, torch.randn(n, k, generator=g) * 0.05
+
+
+def calib_windows(model_dir, n=16, t=128):
+    from ruyi_quant.data import load_text, random_windows, tokenize
+    from ruyi_quant.pipeline import load_tokenizer
+    ids = tokenize(load_tokenizer(model_dir), load_text("builtin:pydoc/calib"))
+    return random_windows(ids, n, t, 0, "calib")
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 32, True), QuantSpec(4, 64, False),
+                                  QuantSpec(3, 128, False), QuantSpec(4, -1, True)])
+def test_awq_activation_weighted_error_below_rtn(spec):
+    x, w = salient()
+    ref = x @ w.t()
+    e_rtn = (x @ fake_quantize(w, spec).t() - ref).norm()
+    s, r, losses = search_scales(x, [w], spec)
+    assert r is not None and len(losses) == 20           # scaling helps on salient channels
+    ws, xs = w * s, x / s
+    e_scaled = (xs @ fake_quantize(ws, spec).t() - ref).norm()
+    clipped = apply_clip(ws, search_clip(xs, ws, spec), spec)
+    e_awq = (xs @ fake_quantize(clipped, spec).t() - ref).norm()
+    print(f"{spec}: rtn {e_rtn:.4f} scaled {e_scaled:.4f} +clip {e_awq:.4f} (r={r})")
+    assert e_scaled < e_rtn
+    assert e_awq <= e_scaled
+    assert e_awq < 0.9 * e_rtn
+
+
+def test_scale_search_keeps_identity_when_nothing_helps():
+    """Flat activations and weights: no scaling is a candidate, so AWQ never loses to RTN."""
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(512, 64, generator=g), torch.randn(32, 64, generator=g)
+    spec = QuantSpec(4, 32, True)
+    s, r, losses = search_scales(x, [w], spec)
+    e_rtn = (x @ (fake_quantize(w, spec) - w).t()).pow(2).mean().item()
+    assert (r is None and torch.equal(s, torch.ones(64))) or min(losses) < e_rtn
+
+
+class FoldOnly(AWQ):
+    """AWQ's smoothing, then nothing: the float model must compute exactly what it did."""
+
+    def quantize_linear(self, *args, **kwargs):
+        pass
+
+
+@pytest.mark.parametrize("which", ["tiny_dir", "tiny_shared_dir"])
+def test_folding_leaves_float_logits_unchanged(request, eval_ids, which):
+    model_dir = request.getfixturevalue(which)
+    model = load_model(model_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = make_plan(model, QuantSpec(4, 32, True), heads=True)
+    with torch.no_grad():
+        ref = model.forward_exits(eval_ids)
+        method = FoldOnly()
+        calibrate(model, plan, calib_windows(model_dir, 8), method, progress=False)
+        out = model.forward_exits(eval_ids)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    # scales were folded: exit norms and input norms changed (so the check is not vacuous)
+    assert any(".norms." in k for k in changed) and any("input_layernorm" in k for k in changed)
+    assert any(r is not None for r in method.ratios.values())
+    for e in ref:
+        diff = (ref[e] - out[e]).abs().max().item()
+        assert diff < 1e-4, (e, diff)
+
+
+def test_awq_gemm_layout_round_trip():
+    x, w = salient(k=128, n=64)
+    spec = QuantSpec(4, 32, False)
+    q, s, z, g = rtn_quantize(w, spec)
+    t = to_awq(q, s, z, g, 4)
+    assert t["qweight"].shape == (128, 8) and t["qzeros"].shape == (4, 8)
+    q2, s2, z2, g2 = from_awq(t, 32)
+    assert torch.equal(q2, q) and torch.equal(z2, z)
+    assert torch.equal(dequantize(q2, s2, z2, g2), fake_quantize(w, spec))
+    with pytest.raises(ValueError, match="divisible by the group size"):
+        to_awq(*rtn_quantize(torch.randn(16, 96), QuantSpec(4, 64, False)), 4)   # K=96, g64
+
+
+@pytest.fixture(scope="module")
+def awq_run(tiny_dir, eval_ids):
+    """The tiny family, AWQ 4-bit g32 asymmetric on trunk and branches, and RTN at that grid."""
+    model = load_model(tiny_dir)
+    spec = QuantSpec(4, 32, False)
+    plan = make_plan(model, spec)
+    with torch.no_grad():
+        ref = model.forward_exits(eval_ids)
+        rtn = rtn_family(model, plan, progress=False).dequantized_model().forward_exits(eval_ids)
+        fam = calibrate(model, plan, calib_windows(tiny_dir), AWQ(), progress=False, layout="awq")
+        live = model.forward_exits(eval_ids)             # the model computes with its grids now
+    return model, plan, fam, ref, rtn, live
+
+
+def test_awq_beats_rtn_at_every_exit(awq_run, eval_ids):
+    model, plan, fam, ref, rtn, live = awq_run
+    with torch.no_grad():
+        awq = fam.dequantized_model().forward_exits(eval_ids)
+    for e in ref:
+        kl_rtn, kl_awq = kl_top1(ref[e], rtn[e])[0], kl_top1(ref[e], awq[e])[0]
+        print(f"exit {e}: KL rtn {kl_rtn:.3e} awq {kl_awq:.3e}")
+        assert kl_awq < kl_rtn
+        # the family (AWQ layout, folded norms) computes exactly what calibration simulated
+        assert torch.equal(live[e], awq[e])
+
+
+def test_awq_family_stores_simulated_weights(awq_run, tmp_path):
+    model, plan, fam, *_ = awq_run
+    assert fam.layout == "awq" and set(fam.modules) == set(plan)
+    (tmp_path / "fam").mkdir()
+    save_family(fam, tmp_path / "fam", None)
+    back = load_family(tmp_path / "fam")
+    assert back.layout == "awq"
+    for m in plan:
+        n, k = model.get_submodule(m).weight.shape
+        assert back.tensors[f"{m}.qweight"].shape == (k, n // 8)
+        assert torch.equal(back.weight(m), model.get_submodule(m).weight.float()), m
