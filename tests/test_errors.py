@@ -152,3 +152,28 @@ def test_bad_recipe(case, tmp_path, capsys):
 def test_missing_recipe(tmp_path, capsys):
     code, err = run_cli(capsys, "run", tmp_path / "nope.yaml")
     assert_one_line_error(code, err, "nope.yaml: no such recipe file")
+
+
+def test_group_size_larger_than_k(tiny_dir, tmp_path, capsys):
+    code, err = run_cli(capsys, "quantize", tiny_dir, "--out", tmp_path / "out", "--group-size", "256")
+    assert_one_line_error(code, err, "group_size 256 is larger than", "128 input columns")
+    assert nothing_written(tmp_path)
+
+
+def test_act_order_refused_by_awq_export(tiny_dir, tmp_path, capsys):
+    code, _ = run_cli(capsys, "quantize", tiny_dir, "--out", tmp_path / "q", "--method", "gptq",
+                      "--act-order", "--group-size", "32", "--samples", "4", "--seq-len", "64")
+    assert code == 0
+    code, err = run_cli(capsys, "export", tmp_path / "q", "--weights", "awq", "--out", tmp_path / "out")
+    assert_one_line_error(code, err, "weights: awq cannot hold act-order", "export weights: gptq",
+                          "act_order: false")
+    assert nothing_written(tmp_path)
+
+
+def test_too_few_calibration_tokens_warns(tiny_dir, tmp_path, capsys):
+    code = main(["quantize", str(tiny_dir), "--out", str(tmp_path / "q"), "--method", "gptq",
+                 "--samples", "2", "--seq-len", "64", "--group-size", "32"])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert ("ruyi-quant: warning: calibration has 128 tokens, fewer than the widest layer's 320 "
+            "input columns") in err and "use at least 320 tokens" in err

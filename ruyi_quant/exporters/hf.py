@@ -72,12 +72,23 @@ def gptq_config(specs: dict[str, QuantSpec], all_linears: list[str], desc_act: b
 
 
 def check_awq(fam: QuantizedFamily) -> None:
-    """AWQ's format has one grid for every quantized module, 4 bits, no act-order."""
+    """AWQ's format: one 4-bit grid for every quantized module, its group size dividing every
+    input width, no act-order. Says what to change otherwise."""
     specs = set(fam.modules.values())
     if len(specs) > 1 or next(iter(specs)).bits != 4:
         raise UserError("weights: awq needs every quantized module at 4 bits with one group size "
                         "(found " + ", ".join(sorted(f"{s.bits}-bit g{s.group_size}" for s in specs))
                         + "); drop the overrides or export weights: gptq")
+    gs = next(iter(specs)).group_size
+    for m in fam.modules:
+        n, k = fam.linear_shape(m)
+        if gs != -1 and k % gs:
+            raise UserError(f"weights: awq needs the group size to divide every input width ({m} has "
+                            f"{k} columns, group_size {gs}); export weights: gptq, or quantize with a "
+                            "group_size that divides it")
+        if fam.layout == "gptq" and bool((fam.tensors[f"{m}.g_idx"].diff() < 0).any()):
+            raise UserError(f"weights: awq cannot hold act-order groups ({m}); export weights: gptq, "
+                            "or quantize with act_order: false (or static_groups: true)")
 
 
 def awq_config(specs: dict[str, QuantSpec], all_linears: list[str]) -> dict:

@@ -37,14 +37,32 @@ def pick_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
+class _Captured(Exception):
+    """Raised by the last capture hook of a batch: the rest of the layer need not run."""
+
+
 @torch.no_grad()
 def capture_many(layer, linears: dict, xs: list[torch.Tensor], kw: dict, fn) -> None:
-    """Run the layer over every batch, calling fn(key, input of linears[key]) each time."""
-    handles = [lin.register_forward_hook(lambda mod, inp, out, key=key: fn(key, inp[0]))
+    """Run the layer over every batch, calling fn(key, input of linears[key]) each time. Each
+    batch's forward stops as soon as every linear has seen its input (q/k/v's inputs cost a
+    norm, not a layer)."""
+    seen: set = set()
+
+    def hook(key, inp):
+        fn(key, inp[0])
+        seen.add(key)
+        if len(seen) == len(linears):
+            raise _Captured
+
+    handles = [lin.register_forward_pre_hook(lambda mod, inp, key=key: hook(key, inp))
                for key, lin in linears.items()]
     try:
         for x in xs:
-            layer(x, **kw)
+            seen.clear()
+            try:
+                layer(x, **kw)
+            except _Captured:
+                pass
     finally:
         for h in handles:
             h.remove()
