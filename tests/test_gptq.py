@@ -109,3 +109,17 @@ def test_branch_sees_quantized_trunk(tiny_dir, eval_ids):
     qa = fa.tensors["model.eelayers.0.mlp.down_proj.qweight"]
     qb = fb.tensors["model.eelayers.0.mlp.down_proj.qweight"]
     assert not torch.equal(qa, qb)
+
+
+def test_offloaded_activations_give_the_same_family(tiny_dir, eval_ids):
+    """Activations kept in CPU memory between uses (what a GPU too small for them gets) change
+    nothing: the same grids, bit for bit."""
+    plan_spec = QuantSpec(4, 32, True)
+    fams = []
+    for offload in (False, True):
+        model = load_model(tiny_dir)
+        fams.append(calibrate(model, make_plan(model, plan_spec, heads=True), eval_ids[:, :64], GPTQ(),
+                              batch=2, progress=False, offload=offload))
+    assert fams[0].tensors.keys() == fams[1].tensors.keys()
+    for k, v in fams[0].tensors.items():
+        assert torch.equal(v, fams[1].tensors[k]), k

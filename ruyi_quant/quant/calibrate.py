@@ -82,6 +82,34 @@ def store(fam: QuantizedFamily, linear, name: str, spec, q, scales, zeros, g_idx
                                                                 linear.weight.dtype)
 
 
+class Activations:
+    """Calibration activations, batch by batch: on the compute device when they fit, otherwise
+    in CPU memory, each batch moved to the device as it is used."""
+
+    def __init__(self, batches: list[torch.Tensor], dev: torch.device, offload: bool):
+        self.dev, self.offload = dev, offload
+        self.batches = [x.cpu() for x in batches] if offload else list(batches)
+
+    def __iter__(self):
+        for x in self.batches:
+            yield x.to(self.dev, non_blocking=True) if self.offload else x
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def map(self, fn) -> "Activations":
+        return Activations([fn(x) for x in self], self.dev, self.offload)
+
+
+def should_offload(dev: torch.device, n_bytes: int) -> bool:
+    """Offload when one layer's inputs would take over a third of the device's free memory
+    (they exist twice at a time: a layer's inputs and its outputs)."""
+    if dev.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(dev)
+    return n_bytes > free / 3
+
+
 def check_tokens(plan: dict, model, tokens: int) -> None:
     widest = max((model.get_submodule(m).in_features for m in plan), default=0)
     if tokens < widest:
@@ -92,10 +120,11 @@ def check_tokens(plan: dict, model, tokens: int) -> None:
 @torch.no_grad()
 def calibrate(model, plan: dict, windows: torch.Tensor, method, *, batch: int = 8,
               device: str | None = None, progress: bool = True, desc: str = "calibrate",
-              layout: str = "gptq") -> QuantizedFamily:
+              layout: str = "gptq", offload: bool | None = None) -> QuantizedFamily:
     """Quantize every module of `plan` with `method`; the model's linears are replaced by their
     quantized values as it goes (as new tensors). Returns the quantized family, its grids
-    stored in `layout` (gptq | awq)."""
+    stored in `layout` (gptq | awq). `offload` (None: decide by free device memory) keeps the
+    activations in CPU memory between uses."""
     cfg = model.config
     dev = pick_device(device)
     fam = QuantizedFamily.from_model(model)
@@ -105,7 +134,9 @@ def calibrate(model, plan: dict, windows: torch.Tensor, method, *, batch: int = 
     model.model.embed_tokens.to(dev)
     model.model.rotary_emb.to(dev)
     _, kw = model._prepare(ids[:1], None, None, None)      # equal lengths: one mask, one rope
-    xs = [model.model.embed_tokens(b) for b in ids.split(batch)]
+    if offload is None:
+        offload = should_offload(dev, windows.numel() * cfg.hidden_size * 4)
+    xs = Activations([model.model.embed_tokens(b) for b in ids.split(batch)], dev, offload)
     model.model.embed_tokens.cpu()
     heads_seen: set[str] = set()
     if cfg.tie_word_embeddings and names.SHARED_HEAD in plan:   # quantize the head, not the embedding
@@ -115,7 +146,7 @@ def calibrate(model, plan: dict, windows: torch.Tensor, method, *, batch: int = 
         layer.to(dev)
         if any(m.startswith(prefix + ".") for m in plan):
             method.layer(layer, prefix, inputs, kw, plan, fam)
-        out = [layer(x, **kw) for x in inputs]
+        out = inputs.map(lambda x: layer(x, **kw))
         layer.cpu()
         return out
 
