@@ -108,3 +108,22 @@ def test_zero_stored_minus_one():
     q, s, z, g = rtn_quantize(torch.randn(8, 64), spec)
     qzeros = to_gptq(q, s, z, g, 4)["qzeros"]
     assert qzeros.shape == (2, 1) and torch.all(qzeros == 0x77777777)
+
+
+def autoawq_pack(q: np.ndarray) -> np.ndarray:
+    """AutoAWQ's gemm loop: word c holds columns 8c..8c+7, nibble i = column 8c + order[i]."""
+    order = [0, 2, 4, 6, 1, 3, 5, 7]
+    r, n = q.shape
+    out = np.zeros((r, n // 8), dtype=np.uint32)
+    for c in range(n // 8):
+        for i in range(8):
+            out[:, c] |= q[:, c * 8 + order[i]].astype(np.uint32) << (4 * i)
+    return out
+
+
+def test_awq_pack_matches_autoawq_layout():
+    from ruyi_quant.quant.pack import awq_pack, awq_unpack
+    q = torch.randint(0, 16, (48, 64), generator=torch.Generator().manual_seed(3))
+    ours = awq_pack(q).numpy().view(np.uint32)
+    assert np.array_equal(ours, autoawq_pack(q.numpy()))
+    assert torch.equal(awq_unpack(awq_pack(q)), q.to(torch.int32))
