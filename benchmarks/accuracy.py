@@ -28,7 +28,7 @@ from ruyi_quant.pipeline import load_tokenizer, quantize, resolve_model
 from ruyi_quant.recipe import Quantize
 from ruyi_quant.report import markdown_table
 
-HEADERS = ["method", "bits", "group", "exit", "ppl", "Δppl %", "KL(bf16‖q)", "top-1 %", "MB",
+HEADERS = ["method", "bits (a: asym)", "group", "exit", "ppl", "Δppl %", "KL(bf16‖q)", "top-1 %", "MB",
            "quantize s"]
 
 
@@ -36,11 +36,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="builtin:ruyi-mini")
     ap.add_argument("--methods", default="rtn,gptq,awq")
-    ap.add_argument("--settings", default="4:128,8:128", help="bits:group_size, comma-separated")
+    ap.add_argument("--settings", default="4:128,4:128:asym,8:128",
+                    help="bits:group_size[:asym], comma-separated (default symmetric)")
     ap.add_argument("--samples", type=int, default=32, help="calibration windows")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--eval-samples", type=int, default=16)
-    ap.add_argument("--asym", action="store_true", help="asymmetric grids (default symmetric)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy"))
     a = ap.parse_args()
 
@@ -54,22 +54,23 @@ def main() -> None:
     results, rows = [], []
     ref_rows = None
     for setting in a.settings.split(","):
-        bits, group = (int(v) for v in setting.split(":"))
+        bits, group, *kind = setting.split(":")
+        bits, group, sym = int(bits), int(group), kind != ["asym"]
         for method in a.methods.split(","):
-            q = Quantize(method=method, bits=bits, group_size=group, sym=not a.asym)
+            q = Quantize(method=method, bits=bits, group_size=group, sym=sym)
             model = load_model(src)
             t0 = time.perf_counter()
             fam = quantize(model, q, calib if method != "rtn" else None)
             seconds = time.perf_counter() - t0
             report = evaluate(ref, fam, ev, progress=True)
             ref_rows = ref_rows or {r["exit"]: r for r in report["rows"]}
-            results.append({"method": method, "bits": bits, "group_size": group, "sym": not a.asym,
+            results.append({"method": method, "bits": bits, "group_size": group, "sym": sym,
                             "quantize_seconds": seconds, "layout": fam.layout, **report})
             for r in report["rows"]:
-                rows.append([method, str(bits), str(group), str(r["exit"]), f"{r['ppl_quant']:.3f}",
+                rows.append([method, f"{bits}{'' if sym else 'a'}", str(group), str(r["exit"]), f"{r['ppl_quant']:.3f}",
                              f"{r['delta_ppl_pct']:+.2f}", f"{r['kl']:.4f}", f"{100 * r['top1']:.2f}",
                              f"{r['bytes_quant'] / 1e6:.1f}", f"{seconds:.0f}"])
-            print(f"{method} {bits}-bit g{group}: {seconds:.1f} s", flush=True)
+            print(f"{method} {bits}-bit g{group} {'sym' if sym else 'asym'}: {seconds:.1f} s", flush=True)
     ref_table = [["bf16", "16", "-", str(e), f"{r['ppl_ref']:.3f}", "", "", "", f"{r['bytes_ref'] / 1e6:.1f}", ""]
                  for e, r in sorted(ref_rows.items())]
     table = markdown_table(HEADERS, ref_table + rows)

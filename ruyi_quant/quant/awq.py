@@ -28,6 +28,7 @@ MAPPINGS = {
     ),
 }
 NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")   # clipping q/k hurts attention (as AutoAWQ)
+CLIP_TOKENS = 512                                     # activation rows per clipping search (as AutoAWQ)
 
 
 def sample_rows(x: torch.Tensor, max_tokens: int, seed: int = 0) -> torch.Tensor:
@@ -131,7 +132,8 @@ class AWQ:
         from .calibrate import store
         w = linear.weight.detach().float()
         if self.clip and clip:
-            w = apply_clip(w, search_clip(x, w, spec, self.n_grid, self.max_shrink), spec)
+            xc = x[:: max(1, x.shape[0] // CLIP_TOKENS)][:CLIP_TOKENS]
+            w = apply_clip(w, search_clip(xc, w, spec, self.n_grid, self.max_shrink), spec)
         store(fam, linear, name, spec, *rtn_quantize(w, spec))
 
     def layer(self, layer, prefix: str, xs, kw, plan, fam) -> None:
