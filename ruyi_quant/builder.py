@@ -116,12 +116,12 @@ def gguf_to_plain_checkpoint(gguf_path: str | Path, out_dir: str | Path, check: 
 
 def cached_smollm2() -> Path:
     """SmolLM2-135M-Instruct as a plain float32 llama checkpoint, converted once into the cache."""
-    path = cache_dir() / "models" / "smollm2-135m-instruct-v1"
+    path = cache_dir() / "models" / "smollm2-135m-instruct-v2"
     if not (path / "config.json").is_file():
         gguf = smollm2_gguf_path()
         with atomic_dir(path) as tmp:
             info = gguf_to_plain_checkpoint(gguf, tmp)
-            (tmp / MARKER).write_text(json.dumps({"kind": "plain", "source": str(gguf), **info}) + "\n")
+            (tmp / MARKER).write_text(json.dumps({"kind": "source", "name": "smollm2", "gguf": str(gguf), **info}) + "\n")
     return path
 
 
@@ -358,7 +358,7 @@ def build_familial(plain_dir: Path, out_dir: Path, exits: list[int], *, shared_h
     trained = train_branches(fam, train_ids, steps=steps, batch=batch, lr=lr, positions=positions,
                              seed=seed, distill_weight=distill_weight, progress=progress)
     fam.to(torch.bfloat16)
-    report = {"kind": "family", "base": str(plain_dir), "exits": list(fam.config.exits),
+    report = {"kind": "source", "name": "make-familial", "base": str(plain_dir), "exits": list(fam.config.exits),
               "shared_heads": shared_heads,
               "train": dict(sources=list(sources), windows=windows, seq_len=seq_len, steps=steps,
                             batch=batch, lr=lr, positions=positions, distill_weight=distill_weight,
@@ -441,7 +441,7 @@ def assemble_ruyi_mini(out_dir: str | Path, asset: Path = RUYI_MINI_ASSET, progr
         raise UserError(f"{asset}: does not match the family (missing {sorted(missing)[:3]})")
     fam.load_state_dict(trained, strict=False)
     fam.to(torch.bfloat16)
-    report = {"kind": "ruyi-mini", "version": RUYI_MINI_VERSION, "base": "SmolLM2-135M-Instruct",
+    report = {"kind": "source", "name": "ruyi-mini", "version": RUYI_MINI_VERSION, "base": "SmolLM2-135M-Instruct",
               "asset_sha256": sha256(asset), **meta}
     with atomic_dir(Path(out_dir)) as tmp:
         save_model(fam, tmp, torch.bfloat16, tokenizer_dir=plain_dir)
@@ -453,7 +453,9 @@ def cached_ruyi_mini(progress: bool = True) -> Path:
     """builtin:ruyi-mini: assembled once into the cache."""
     path = cache_dir() / "models" / f"ruyi-mini-{RUYI_MINI_VERSION}"
     marker = path / MARKER
-    if marker.is_file() and json.loads(marker.read_text()).get("asset_sha256") == sha256(RUYI_MINI_ASSET):
-        return path
+    if marker.is_file():
+        meta = json.loads(marker.read_text())
+        if meta.get("kind") == "source" and meta.get("asset_sha256") == sha256(RUYI_MINI_ASSET):
+            return path
     assemble_ruyi_mini(path, progress=progress)
     return path

@@ -165,6 +165,8 @@ def load_family(path: Path) -> QuantizedFamily:
     if not meta_path.is_file():   # a source checkpoint: Ruyi's own, or a plain qwen2/llama one
         return QuantizedFamily.from_model(load_model(path, dtype=None))
     meta = json.loads(meta_path.read_text())
+    if meta.get("kind") == "source":   # a float checkpoint we built (ruyi-mini, make-familial)
+        return QuantizedFamily.from_model(load_model(path, dtype=None))
     if meta.get("kind") != "family":
         raise UserError(f"{path}: a ruyi-quant '{meta.get('kind')}' directory, not a family "
                         "checkpoint; point at the quantized family (the job's 'family' folder)")

@@ -64,6 +64,8 @@ def test_make_familial_cli(tiny_dir, tmp_path, eval_ids):
     assert fam.config.exits == [2, 3, 5] and fam.config.shared_heads
     report = json.loads((tmp_path / "fam" / "ruyi_quant.json").read_text())
     assert set(report["ppl_bf16"]) == {"2", "3", "5"}
+    r = cli("inspect", tmp_path / "fam")                 # the family is a model every command takes
+    assert r.returncode == 0 and "exits [2, 3, 5]" in r.stdout, r.stderr
     with torch.no_grad():
         last = fam(eval_ids[:1], exit=5).logits
         ref = src(eval_ids[:1]).logits
