@@ -88,3 +88,52 @@ def plain_to_familial(num_layers: int) -> dict[str, str]:
 def module_of(tensor_name: str) -> str:
     """`model.layers.0.self_attn.q_proj.qweight` -> `model.layers.0.self_attn.q_proj`."""
     return tensor_name.rsplit(".", 1)[0]
+
+
+# --- GGUF (llama.cpp) -----------------------------------------------------------------------
+# Plain-model module -> GGUF tensor prefix (llama.cpp's names for qwen2 and llama).
+GGUF_GLOBAL = {EMBED: "token_embd", PLAIN_NORM: "output_norm", PLAIN_HEAD: "output"}
+GGUF_BLOCK = "blk.{i}"
+GGUF_IN_LAYER = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+# The multi-exit file: trunk layers are blk.{i}, exit j's own parts live under exit.{j}.
+GGUF_EXIT = "exit.{j}"
+
+
+def gguf_name(plain_name: str) -> str:
+    """`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight` (plain model names)."""
+    mod, suffix = plain_name.rsplit(".", 1)
+    if mod in GGUF_GLOBAL:
+        return f"{GGUF_GLOBAL[mod]}.{suffix}"
+    parts = mod.split(".")
+    if parts[:2] == ["model", "layers"] and ".".join(parts[3:]) in GGUF_IN_LAYER:
+        return f"{GGUF_BLOCK.format(i=int(parts[2]))}.{GGUF_IN_LAYER['.'.join(parts[3:])]}.{suffix}"
+    raise KeyError(f"no GGUF name for {plain_name}")
+
+
+def gguf_multi_name(familial_name: str) -> str:
+    """Familial (Ruyi) tensor name -> its name in the multi-exit GGUF file."""
+    mod, suffix = familial_name.rsplit(".", 1)
+    parts = mod.split(".")
+    if mod == EMBED:
+        return f"token_embd.{suffix}"
+    if mod == SHARED_HEAD:
+        return f"output.{suffix}"
+    if parts[:2] == ["model", "layers"]:
+        return gguf_name(familial_name)
+    if parts[:2] == ["model", "eelayers"]:
+        return f"{GGUF_EXIT.format(j=int(parts[2]))}.{GGUF_IN_LAYER['.'.join(parts[3:])]}.{suffix}"
+    if parts[:2] == ["model", "norms"]:
+        return f"{GGUF_EXIT.format(j=int(parts[2]))}.output_norm.{suffix}"
+    if parts[0] == "lm_head" and len(parts) == 2:
+        return f"{GGUF_EXIT.format(j=int(parts[1]))}.output.{suffix}"
+    raise KeyError(f"no GGUF name for {familial_name}")

@@ -39,7 +39,26 @@ def group_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch
     low_zero = zero < 1
     scale = torch.where(low_zero, (hi / (maxq - 1)).half().clamp(min=FP16_TINY), scale)
     zero = torch.where(low_zero, torch.ones_like(zero), zero).clamp(max=maxq)
+    if spec.bits <= 4:
+        scale = exact_min_scale(scale, zero)
     return scale, zero.to(torch.int64)
+
+
+def exact_min_scale(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """fp16 scales rounded (to fewer significant bits where needed) so that every min
+    -scale*zero is an fp16 number too: GGUF's Q4_1 stores w = d*q + m with fp16 d and m, and so
+    holds our asymmetric grids exactly. A 4-bit zero costs the scale at most 4 of its 11 bits
+    (relative change < 2^-7, far below one quantization step)."""
+    s, z = scale.double(), zero.double()
+    out = s.clone()
+    e = torch.floor(torch.log2(s))
+    for keep in range(10, 0, -1):
+        exact = (out * z).half().double() == out * z
+        if bool(exact.all()):
+            break
+        step = torch.exp2(e - keep + 1)
+        out = torch.where(exact, out, torch.round(s / step) * step)
+    return out.half()
 
 
 def quantize_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
