@@ -120,11 +120,40 @@ def cmd_quantize(a) -> None:
 
 def cmd_export(a) -> None:
     from .fsutil import MARKER, atomic_dir, check_output_dir
-    from .pipeline import export_hf, open_family
-    from .recipe import HFExport
-    ex = _validated(HFExport, format=a.format, exits=_exits(a.exits), weights=a.weights, dtype=a.dtype)
-    fam, tok_dir = open_family(a.family)
+    from .pipeline import export_gguf, export_hf, open_family
+    from .recipe import GGUFExport, HFExport
+    source, fmt = a.source or a.family, a.format
+    if a.family in ("hf", "gguf") and a.source and not Path(a.family).exists():
+        fmt = fmt or a.family                  # `export gguf --from X`
+    if a.family and a.source and a.family != fmt:
+        raise UserError(f"give the family once: FAMILY ({a.family}) or --from ({a.source})")
+    if source is None:
+        raise UserError("export: name the family to export (FAMILY or --from)")
+    fmt = fmt or ("gguf" if source.endswith(".gguf") else "hf")
     out = Path(a.out)
+    if fmt == "gguf":
+        ex = _validated(GGUFExport, exits=_exits(a.exits), type=a.type, embed_type=a.embed_type,
+                        head_type=a.head_type, multi=a.multi or a.multi_only,
+                        per_exit=not a.multi_only, name=a.name, license=a.license)
+        if source.endswith(".gguf"):
+            return _extract_gguf(source, ex, out, a.force)
+        fam, tok_dir = open_family(source)
+        check_output_dir(out, force=a.force)
+        with atomic_dir(out) as tmp:
+            info = export_gguf(fam, tmp, tok_dir, ex)
+            (tmp / MARKER).write_text(json.dumps({"kind": "export", "format": "gguf", **info},
+                                                 indent=2) + "\n")
+        for x in info["exits"]:
+            print(f"wrote {out / ('exit-%d' % x['exit']) / x['file']} ({x['bytes'] / 1e6:.2f} MB) + Modelfile")
+        if info["multi"]:
+            m = info["multi"]
+            print(f"wrote {out / m['file']} ({m['bytes'] / 1e6:.2f} MB, every exit; per-exit files "
+                  f"together {sum(x['bytes'] for x in info['exits']) / 1e6:.2f} MB)")
+        return None
+    if fmt != "hf":
+        raise UserError(f"--format {fmt}: supported formats are hf and gguf")
+    ex = _validated(HFExport, format=fmt, exits=_exits(a.exits), weights=a.weights, dtype=a.dtype)
+    fam, tok_dir = open_family(source)
     check_output_dir(out, force=a.force)
     with atomic_dir(out) as tmp:
         dirs = export_hf(fam, tmp, tok_dir, ex.exits, ex.weights, ex.dtype)
@@ -132,6 +161,29 @@ def cmd_export(a) -> None:
                                               "exits": [d.name for d in dirs]}) + "\n")
     for d in dirs:
         print(f"wrote {out / d.name}")
+
+
+def _extract_gguf(source: str, ex, out: Path, force: bool) -> None:
+    """Stock per-exit files copied out of a multi-exit GGUF (no re-quantization)."""
+    from .exporters.gguf import extract_exit
+    from .fsutil import MARKER, atomic_dir, check_output_dir
+    if not Path(source).is_file():
+        raise UserError(f"{source}: no such file")
+    if ex.exits == "all":
+        raise UserError("--from FILE.gguf: name the exit(s) to copy out with --exit E")
+    check_output_dir(out, force=force)
+    stem = Path(source).name.removesuffix(".gguf")
+    with atomic_dir(out) as tmp:
+        infos = []
+        for e in ex.exits:
+            d = tmp / f"exit-{e}"
+            d.mkdir()
+            name = stem.replace("-family-", f"-e{e}-") if "-family-" in stem else f"{stem}-e{e}"
+            infos.append(extract_exit(Path(source), e, d / f"{name}.gguf"))
+        (tmp / MARKER).write_text(json.dumps({"kind": "export", "format": "gguf", "from": source,
+                                              "exits": infos}, indent=2) + "\n")
+    for x in infos:
+        print(f"wrote {out / ('exit-%d' % x['exit']) / x['file']} ({x['bytes'] / 1e6:.2f} MB)")
 
 
 def cmd_eval(a) -> None:
@@ -245,14 +297,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace an existing output of ours")
     s.set_defaults(func=cmd_quantize)
 
-    s = sub.add_parser("export", help="per-exit checkpoints (hf: Qwen2ForCausalLM per exit)",
-                       description="Export each exit of a family as a standalone checkpoint.")
-    s.add_argument("family", metavar="FAMILY", help="quantized family directory, or any MODEL")
-    s.add_argument("--format", default="hf", help="hf")
+    s = sub.add_parser("export", help="per-exit checkpoints (hf: Qwen2 per exit; gguf: llama.cpp)",
+                       description="Export each exit of a family as a standalone checkpoint: "
+                       "hf (Qwen2ForCausalLM, GPTQ/AWQ/float) or gguf (stock qwen2 GGUF + Ollama "
+                       "Modelfile per exit, and/or one multi-exit GGUF). `export gguf --from "
+                       "FAMILY.gguf --exit E` copies one exit out of a multi-exit GGUF.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("family", metavar="FAMILY", nargs="?",
+                   help="quantized family directory, any MODEL, or a multi-exit .gguf")
+    s.add_argument("--from", dest="source", metavar="FAMILY", help="the same as FAMILY")
+    s.add_argument("--format", default=None, help="hf (default) or gguf")
     s.add_argument("--out", required=True)
-    s.add_argument("--exits", help="comma-separated exit layers, or all (default)")
-    s.add_argument("--weights", default="auto", help="auto (the family's layout), float, gptq, awq")
-    s.add_argument("--dtype", default="bfloat16", help="float weights: bfloat16, float16, float32")
+    s.add_argument("--exits", "--exit", help="comma-separated exit layers, or all (default)")
+    s.add_argument("--weights", default="auto", help="hf: auto (the family's layout), float, gptq, awq")
+    s.add_argument("--dtype", default="bfloat16", help="hf float weights: bfloat16, float16, float32")
+    s.add_argument("--type", default="auto", help="gguf: auto (our grids exactly: Q4_0 sym, Q4_1 "
+                   "asym, Q8_0 8-bit; float linears f16), f32, f16, bf16, q8_0, q4_0, q4_1")
+    s.add_argument("--embed-type", default="auto", help="gguf: token embedding type (auto: q8_0 "
+                   "in 4-bit files)")
+    s.add_argument("--head-type", default="auto", help="gguf: float head type (auto: q8_0 in 4-bit "
+                   "files)")
+    s.add_argument("--multi", action="store_true", help="gguf: also write the multi-exit file")
+    s.add_argument("--multi-only", action="store_true", help="gguf: only the multi-exit file")
+    s.add_argument("--name", help="gguf: general.name (default: the model's name)")
+    s.add_argument("--license", help="gguf: general.license (default: the source's, when known)")
     s.add_argument("--force", action="store_true")
     s.set_defaults(func=cmd_export)
 

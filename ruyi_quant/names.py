@@ -7,6 +7,8 @@ the templates and functions here; no other module spells a tensor name.
 
 from __future__ import annotations
 
+import re
+
 # --- familial (Ruyi) checkpoint -------------------------------------------------------------
 EMBED = "model.embed_tokens"
 TRUNK_LAYER = "model.layers.{i}"
@@ -137,3 +139,26 @@ def gguf_multi_name(familial_name: str) -> str:
     if parts[0] == "lm_head" and len(parts) == 2:
         return f"{GGUF_EXIT.format(j=int(parts[1]))}.output.{suffix}"
     raise KeyError(f"no GGUF name for {familial_name}")
+
+
+def gguf_multi_to_exit(name: str, exits: list[int], num_layers: int, shared_heads: bool,
+                       j: int) -> str | None:
+    """A multi-exit GGUF tensor name -> its name in exit j's stock file (None: not in it)."""
+    e = exits[j]
+    m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
+    if m:
+        i = int(m.group(1))
+        if i < e or (i == e == num_layers - 1):
+            return name
+        return None
+    m = re.fullmatch(r"exit\.(\d+)\.(.+)", name)
+    if m:
+        if int(m.group(1)) != j:
+            return None
+        rest = m.group(2)
+        if rest.startswith(("output_norm.", "output.")):
+            return rest if (rest.startswith("output_norm.") or not shared_heads) else None
+        return f"{GGUF_BLOCK.format(i=e)}.{rest}"
+    if name.startswith("output.") and not shared_heads:
+        return None
+    return name

@@ -5,6 +5,7 @@ Job output layout:
     OUTPUT/ruyi_quant.json     manifest: job digest, sha256 of every artifact, summary
     OUTPUT/family/             the quantized family (checkpoint.py)
     OUTPUT/hf-gptq/exit-E/     per-exit Qwen2 checkpoints (hf-bfloat16/ for float weights)
+    OUTPUT/gguf-q4_0/          per-exit GGUF files and Modelfiles, the multi-exit file
     OUTPUT/eval.json, eval.md  per-exit quality, eval.png when matplotlib is installed
 """
 
@@ -151,10 +152,48 @@ def export_hf(fam: QuantizedFamily, out_root: Path, tokenizer_dir: Path, exits, 
     return written
 
 
+def gguf_label(fam: QuantizedFamily, type_: str) -> str:
+    """What a GGUF export holds, for folder and file names: q4_0, q4_1, q8_0, f16, ..."""
+    if type_ != "auto":
+        return type_
+    from .exporters.ggml import grid_type
+    kinds = {grid_type(s.bits, s.sym) for s in fam.modules.values()}
+    return "f16" if not kinds else "-".join(sorted(k.name.lower() if k else "mixed" for k in kinds))
+
+
+def export_gguf(fam: QuantizedFamily, out_root: Path, tokenizer_dir: Path, ex,
+                progress: bool = True) -> dict:
+    """Per-exit GGUF files (each with an Ollama Modelfile) and/or the multi-exit file under
+    out_root (a fresh directory). Returns what was written."""
+    from tqdm.auto import tqdm
+    from .exporters import gguf as G
+    opt = G.GGUFOptions(type=ex.type, embed_type=ex.embed_type, head_type=ex.head_type,
+                        name=ex.name, license=ex.license)
+    base, label = G._base_name(fam, opt), gguf_label(fam, ex.type)
+    out_root.mkdir(parents=True, exist_ok=True)
+    written: dict = {"exits": [], "multi": None}
+    exits = exit_list(fam, ex.exits) if ex.per_exit else []
+    G.check_gguf(fam, opt)     # refuse a grid GGUF cannot hold before any file or progress bar
+    for e in tqdm(exits, desc="export gguf", unit="exit", disable=not progress, leave=False):
+        d = out_root / f"exit-{e}"
+        d.mkdir()
+        fname = f"{base}-e{e}-{label}.gguf"
+        written["exits"].append(G.write_exit(fam, e, d / fname, tokenizer_dir, opt))
+    if ex.multi:
+        if progress:
+            print(f"  writing the multi-exit file {base}-family-{label}.gguf", flush=True)
+        written["multi"] = G.write_multi(fam, out_root / f"{base}-family-{label}.gguf",
+                                         tokenizer_dir, opt)
+    return written
+
+
 def export_folder(ex, fam: QuantizedFamily) -> str:
-    """Where an export goes inside a job's output: its `folder`, else e.g. hf-gptq, hf-bfloat16."""
+    """Where an export goes inside a job's output: its `folder`, else e.g. hf-gptq, hf-bfloat16,
+    gguf-q4_0."""
     if ex.folder:
         return ex.folder
+    if ex.format == "gguf":
+        return f"gguf-{gguf_label(fam, ex.type)}"
     if ex.weights == "auto":
         return f"{ex.format}-{fam.layout if fam.modules else ex.dtype}"
     return f"{ex.format}-{ex.dtype if ex.weights == 'float' else ex.weights}"
@@ -231,7 +270,10 @@ def run_job(job: Job, base: Path, force: bool = False, progress: bool = True,
             raise UserError(f"job {job.name}: two exports write to '{dup}'; give one a 'folder'")
         for ex, folder in zip(job.export, folders):
             say(f"[{job.name}] exporting {ex.format} -> {folder}/")
-            export_hf(fam, tmp / folder, src, ex.exits, ex.weights, ex.dtype, progress)
+            if ex.format == "gguf":
+                export_gguf(fam, tmp / folder, src, ex, progress)
+            else:
+                export_hf(fam, tmp / folder, src, ex.exits, ex.weights, ex.dtype, progress)
         summary: dict = {"status": "done", "output": str(out), "method": fam.method,
                          "family_bytes": fam.size()[1]}
         if ev is not None:

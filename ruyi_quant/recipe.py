@@ -21,10 +21,10 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
 
 from .errors import UserError
 from .quant.pack import BITS
@@ -104,6 +104,30 @@ class HFExport(Strict):
     folder: str | None = None      # inside the job's output; default hf-gptq / hf-awq / hf-bfloat16
 
 
+GGUFType = Literal["auto", "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"]
+
+
+class GGUFExport(Strict):
+    format: Literal["gguf"] = "gguf"
+    exits: Exits = "all"
+    type: GGUFType = "auto"        # auto: our grids exactly (Q4_0/Q4_1/Q8_0), float linears f16
+    embed_type: GGUFType = "auto"  # auto: q8_0 in 4-bit files, else as type
+    head_type: GGUFType = "auto"   # a float head's type (a quantized head keeps its grid)
+    per_exit: bool = True          # one stock qwen2 file per exit (+ Ollama Modelfile)
+    multi: bool = False            # one multi-exit file with the trunk stored once
+    name: str | None = None        # general.name (default: the model's name)
+    license: str | None = None     # general.license (default: the source's, when known)
+    folder: str | None = None      # inside the job's output; default gguf-<type>
+
+
+def _export_kind(v) -> str:
+    return (v.get("format", "hf") if isinstance(v, dict) else getattr(v, "format", "hf"))
+
+
+Export = Annotated[Union[Annotated[HFExport, Tag("hf")], Annotated[GGUFExport, Tag("gguf")]],
+                   Discriminator(_export_kind)]
+
+
 class Eval(Strict):
     source: str = "builtin:pydoc/eval"
     field: str = "text"
@@ -120,7 +144,7 @@ class Job(Strict):
     output: str                    # directory; relative paths are relative to the recipe file
     calibration: Calibration = Calibration()
     quantize: Quantize = Quantize()
-    export: list[HFExport] = []
+    export: list[Export] = []
     eval: Eval | None = None
 
     def digest(self) -> str:

@@ -33,15 +33,20 @@ def grid_type(bits: int, sym: bool) -> T | None:
     return None
 
 
-def block_params(scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, k: int):
-    """Per-block (scale [N, K/32], zero [N, K/32]); NotExact when a block spans two groups."""
+def block_groups(g_idx: torch.Tensor, k: int) -> torch.Tensor:
+    """The group of each 32-column block [K/32]; NotExact when a block spans two groups."""
     if k % BLOCK:
         raise NotExact(f"{k} input columns is not a multiple of {BLOCK}")
     blocks = g_idx.long().reshape(-1, BLOCK)
     if bool((blocks != blocks[:, :1]).any()):
         raise NotExact("its groups do not cover whole 32-column blocks (group size 16, or "
                        "act-order)")
-    g = blocks[:, 0]
+    return blocks[:, 0]
+
+
+def block_params(scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, k: int):
+    """Per-block (scale [N, K/32], zero [N, K/32])."""
+    g = block_groups(g_idx, k)
     return scales[g].t().contiguous(), zeros[g].t().contiguous()
 
 

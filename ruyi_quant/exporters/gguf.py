@@ -1,0 +1,424 @@
+"""GGUF files for llama.cpp and Ollama: one stock `qwen2` file per exit, one multi-exit file.
+
+Per-exit file of exit e: the plain model of e+1 blocks (trunk layers 0..e-1, the branch layer as
+block e, the exit's norm and head as output_norm / output). Our int4/int8 grids go in exactly
+(exporters/ggml.py); norms and biases are F32; embeddings and float heads get their own type.
+The multi-exit file (architecture `ruyi`) holds the trunk once, every branch layer, norm and
+head, and the family's config; `extract_exit` copies a stock per-exit file out of it, tensor
+bytes untouched. The contract is exporters/gguf.md.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFValueType as V
+
+from .. import __version__, names
+from ..checkpoint import QuantizedFamily
+from ..errors import UserError
+from ..model.config import parse_config
+from ..quant.rtn import group_index
+from .ggml import NotExact, block_groups, encode_grid, grid_type
+
+ARCH = "qwen2"
+MULTI_ARCH = "ruyi"
+FLOAT_TYPES = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16}
+TYPES = {**FLOAT_TYPES, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_1": T.Q4_1}
+FILE_TYPES = {T.F32: gguf.LlamaFileType.ALL_F32, T.F16: gguf.LlamaFileType.MOSTLY_F16,
+              T.BF16: gguf.LlamaFileType.MOSTLY_BF16, T.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+              T.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, T.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1}
+# tokenizer.json pre-tokenizer -> llama.cpp's pre-tokenizer name (tokenizer.ggml.pre)
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
+               r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
+                r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER, TOKEN_UNUSED = 1, 3, 4, 5
+LICENSES = {"builtin:ruyi-mini": "apache-2.0", "builtin:smollm2": "apache-2.0"}
+
+
+@dataclass(frozen=True)
+class GGUFOptions:
+    type: str = "auto"            # auto: grids exactly, float linears f16; or one of TYPES
+    embed_type: str = "auto"      # auto: q8_0 in files with <= 4-bit grids, else as `type`
+    head_type: str = "auto"       # a float head; a quantized head keeps its grid
+    name: str | None = None
+    license: str | None = None
+
+
+def _role(fam: QuantizedFamily, module: str) -> str:
+    if module == names.EMBED:
+        return "embed"
+    if module == names.SHARED_HEAD or re.fullmatch(r"lm_head\.\d+", module):
+        return "head"
+    return "linear" if module.endswith(tuple("." + n for n in names.LAYER_LINEARS)) else "other"
+
+
+def _auto_types(fam: QuantizedFamily, opt: GGUFOptions) -> dict[str, T]:
+    """The ggml type of each role: linear (float linears), embed, head."""
+    low_bits = any(s.bits <= 4 for s in fam.modules.values())
+    base = T.F16 if opt.type == "auto" else TYPES[opt.type]
+    small = T.Q8_0 if low_bits or base in (T.Q4_0, T.Q4_1) else base
+    pick = {"auto": small}
+    return {"linear": base,
+            "embed": pick.get(opt.embed_type) or TYPES[opt.embed_type],
+            "head": pick.get(opt.head_type) or TYPES[opt.head_type]}
+
+
+def _float_array(t: torch.Tensor, qtype: T, what: str) -> tuple[np.ndarray, T]:
+    x = t.detach().float().numpy()
+    if qtype == T.F32:
+        return x, T.F32
+    if qtype == T.F16:
+        return x.astype(np.float16), T.F16
+    if qtype in (T.Q8_0, T.Q4_0, T.Q4_1) and x.shape[-1] % 32:
+        raise UserError(f"{what}: {x.shape[-1]} columns is not a multiple of 32, which "
+                        f"{qtype.name} needs; choose type f16")
+    return gguf.quants.quantize(x, qtype), qtype
+
+
+def check_gguf(fam: QuantizedFamily, opt: GGUFOptions) -> None:
+    """Raise the one-line UserError that encode_module would, without encoding anything."""
+    for module, spec in fam.modules.items():
+        n, k = fam.linear_shape(module)
+        g_idx = fam.tensors[f"{module}.g_idx"] if fam.layout == "gptq" else group_index(k, spec)
+        _check_grid(module, spec, TYPES.get(opt.type), lambda: block_groups(g_idx, k))
+
+
+def _check_grid(module, spec, want, blocks) -> None:
+    if want in FLOAT_TYPES.values():
+        return
+    exact = grid_type(spec.bits, spec.sym)
+    if want is not None and want != exact:
+        raise UserError(f"type {want.name.lower()}: {module} holds a {spec.bits}-bit "
+                        f"{'symmetric' if spec.sym else 'asymmetric'} grid, which "
+                        f"{want.name} cannot hold exactly; use type auto"
+                        + (f" ({exact.name})" if exact else "") + " or a float type")
+    try:
+        if exact is None:
+            raise NotExact(f"no ggml type holds a {spec.bits}-bit "
+                           f"{'symmetric' if spec.sym else 'asymmetric'} grid exactly")
+        blocks()
+    except NotExact as e:
+        raise UserError(f"gguf: {module} cannot go into GGUF exactly: {e}; quantize with "
+                        "group_size a multiple of 32, act_order: false and 4 bits (sym or asym) "
+                        "or 8 bits sym, or export type f16") from None
+
+
+def encode_module(fam: QuantizedFamily, module: str, opt: GGUFOptions,
+                  types: dict[str, T]) -> tuple[np.ndarray, T]:
+    """The weight of one familial module as GGUF data (identical wherever it is written)."""
+    role = _role(fam, module)
+    if module in fam.modules:
+        spec = fam.modules[module]
+        want = TYPES.get(opt.type)
+        if want in FLOAT_TYPES.values():
+            return _float_array(fam.weight(module), want, module)
+        grid = fam.grid(module)
+        _check_grid(module, spec, want, lambda: block_groups(grid[3], grid[0].shape[0]))
+        try:
+            return encode_grid(*grid, spec.bits, spec.sym)
+        except NotExact as e:
+            raise UserError(f"gguf: {module} cannot go into GGUF exactly: {e}") from None
+    w = fam.tensors[f"{module}.weight"]
+    return _float_array(w, types.get(role, types["linear"]), module)
+
+
+def family_arrays(fam: QuantizedFamily, modules_and_names, opt: GGUFOptions):
+    """[(gguf name, data, type)] for familial tensors, named by `modules_and_names`:
+    a list of (familial tensor name, gguf name); quantized linears appear once as `.weight`."""
+    types = _auto_types(fam, opt)
+    out = []
+    for fname, gname in modules_and_names:
+        mod, suffix = fname.rsplit(".", 1)
+        if suffix == "weight" and _role(fam, mod) != "other":
+            data, qtype = encode_module(fam, mod, opt, types)
+        else:                                   # norms, biases
+            data, qtype = fam.tensors[fname].detach().float().numpy(), T.F32
+        out.append((gname, data, qtype))
+    return out
+
+
+def _familial_weight_names(fam: QuantizedFamily, subset: list[str] | None = None) -> list[str]:
+    """Tensor names with each quantized linear as one `.weight` entry."""
+    out = []
+    for n in (fam.tensors if subset is None else subset):
+        mod, suffix = n.rsplit(".", 1)
+        if mod in fam.modules:
+            if suffix == "scales":
+                out.append(f"{mod}.weight")
+            elif suffix == "bias":
+                out.append(n)
+        else:
+            out.append(n)
+    return out
+
+
+# --- metadata -------------------------------------------------------------------------------
+
+def pre_tokenizer_name(tokenizer_json: dict) -> str:
+    """llama.cpp's name for the pre-tokenizer a tokenizer.json describes."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in parts]
+    regexes = [p.get("pattern", {}).get("Regex") for p in parts if p.get("type") == "Split"]
+    if regexes == [QWEN2_REGEX]:
+        return "qwen2"
+    if regexes == [LLAMA3_REGEX]:
+        return "llama-bpe"
+    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
+        return "smollm"
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt2"
+    raise UserError(f"gguf: unknown pre-tokenizer {json.dumps(pre)[:120]}; llama.cpp would "
+                    "tokenize differently from transformers")
+
+
+def tokenizer_kv(tok_dir: Path, n_vocab: int) -> list[tuple[str, object, V, V | None]]:
+    """tokenizer.* key/values of a byte-level BPE tokenizer directory (tokenizer.json)."""
+    path = Path(tok_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"{tok_dir}: no tokenizer.json; GGUF needs the tokenizer")
+    tj = json.loads(path.read_text())
+    model = tj.get("model", {})
+    if model.get("type") != "BPE":
+        raise UserError(f"{path}: a {model.get('type')} tokenizer; GGUF export handles byte-level BPE")
+    tokens = {i: t for t, i in model["vocab"].items()}
+    types = {i: TOKEN_NORMAL for i in tokens}
+    for a in tj.get("added_tokens", []):
+        tokens[a["id"]] = a["content"]
+        types[a["id"]] = TOKEN_CONTROL if a.get("special") else TOKEN_USER
+    if max(tokens) >= n_vocab:
+        raise UserError(f"{path}: token id {max(tokens)} beyond the model's {n_vocab} embeddings")
+    toks = [tokens.get(i, f"[PAD{i}]") for i in range(n_vocab)]
+    ttypes = [types.get(i, TOKEN_UNUSED) for i in range(n_vocab)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    kv = [("tokenizer.ggml.model", "gpt2", V.STRING, None),
+          ("tokenizer.ggml.pre", pre_tokenizer_name(tj), V.STRING, None),
+          ("tokenizer.ggml.tokens", toks, V.ARRAY, V.STRING),
+          ("tokenizer.ggml.token_type", ttypes, V.ARRAY, V.INT32),
+          ("tokenizer.ggml.merges", merges, V.ARRAY, V.STRING)]
+    special = gguf.SpecialVocab(tok_dir, load_merges=False, n_vocab=n_vocab)
+    for typ, tid in sorted(special.special_token_ids.items()):
+        kv.append((f"tokenizer.ggml.{typ}_token_id", int(tid), V.UINT32, None))
+    kv.append(("tokenizer.ggml.add_bos_token", False, V.BOOL, None))
+    template = special.chat_template
+    if not template and (Path(tok_dir) / "chat_template.jinja").is_file():
+        template = (Path(tok_dir) / "chat_template.jinja").read_text()
+    if template:
+        kv.append(("tokenizer.chat_template", template, V.STRING, None))
+    return kv
+
+
+def size_label(params: int) -> str:
+    return f"{params / 1e9:.1f}B" if params >= 1e9 else f"{round(params / 1e6)}M"
+
+
+def common_kv(fam: QuantizedFamily, tok_dir: Path, opt: GGUFOptions) -> list[tuple]:
+    """Key/values shared by every file of a family: general.*, tokenizer.*, ruyi.* provenance."""
+    rec = fam.recipe or {}
+    source = rec.get("model")
+    lic = opt.license or LICENSES.get(source or "")
+    q = rec.get("quantize") or {}
+    cal = rec.get("calibration") or {}
+    common = fam.quantization_json()["common"] or {}
+    kv = [("general.quantized_by", f"ruyi-quant {__version__}", V.STRING, None),
+          ("general.quantization_version", gguf.GGML_QUANT_VERSION, V.UINT32, None)]
+    if lic:
+        kv.append(("general.license", lic, V.STRING, None))
+    kv += [("ruyi.source_model", str(source or "unknown"), V.STRING, None),
+           ("ruyi.exits", list(fam.config.exits), V.ARRAY, V.INT32),
+           ("ruyi.method", fam.method, V.STRING, None)]
+    if fam.modules:
+        kv += [("ruyi.bits", int(common.get("bits", q.get("bits", 0))), V.INT32, None),
+               ("ruyi.group_size", int(common.get("group_size", q.get("group_size", 0))), V.INT32, None),
+               ("ruyi.sym", bool(common.get("sym", q.get("sym", True))), V.BOOL, None)]
+    if cal.get("source") and fam.method in ("gptq", "awq"):
+        kv.append(("ruyi.calibration", f"{cal['source']} {cal.get('samples')}x{cal.get('seq_len')} "
+                   f"seed {cal.get('seed')}", V.STRING, None))
+    return kv + tokenizer_kv(tok_dir, fam.config.vocab_size)
+
+
+def exit_kv(cfg, j: int, params: int, base_name: str) -> list[tuple]:
+    """The per-exit keys: qwen2 hyperparameters of e+1 blocks, name, size, which exit."""
+    e, raw = cfg.exits[j], cfg.raw
+    a = ARCH
+    kv = [("general.name", f"{base_name} exit {e}", V.STRING, None),
+          ("general.size_label", size_label(params), V.STRING, None),
+          (f"{a}.context_length", int(raw.get("max_position_embeddings", 32768)), V.UINT32, None),
+          (f"{a}.embedding_length", cfg.hidden_size, V.UINT32, None),
+          (f"{a}.block_count", e + 1, V.UINT32, None),
+          (f"{a}.feed_forward_length", int(raw["intermediate_size"]), V.UINT32, None),
+          (f"{a}.attention.head_count", int(raw["num_attention_heads"]), V.UINT32, None),
+          (f"{a}.attention.head_count_kv", int(raw.get("num_key_value_heads",
+                                                        raw["num_attention_heads"])), V.UINT32, None),
+          (f"{a}.attention.layer_norm_rms_epsilon", float(raw.get("rms_norm_eps", 1e-6)), V.FLOAT32, None),
+          (f"{a}.rope.freq_base", float(raw.get("rope_theta", 10000.0)), V.FLOAT32, None),
+          (f"{a}.rope.dimension_count", cfg.head_dim, V.UINT32, None),
+          ("ruyi.exit", e, V.INT32, None)]
+    if raw.get("rope_scaling"):
+        raise UserError("gguf: rope_scaling is not exported yet; the model uses "
+                        f"{raw['rope_scaling']}")
+    return kv
+
+
+def _file_type(arrays) -> gguf.LlamaFileType:
+    """general.file_type: the type of most linear weights."""
+    kinds = [t for n, _, t in arrays if re.search(r"\.(attn_[qkvo]\w*|ffn_\w+)\.weight$", n)]
+    return FILE_TYPES[max(set(kinds), key=kinds.count)] if kinds else gguf.LlamaFileType.ALL_F32
+
+
+def _write(path: Path, arch: str, kv: list[tuple], arrays) -> int:
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, val, vtype, sub in kv:
+        w.add_key_value(key, val, vtype, sub_type=sub)
+    w.add_file_type(_file_type(arrays))
+    for name, data, qtype in arrays:
+        if qtype in (T.F32, T.F16):
+            w.add_tensor(name, data)
+        else:
+            w.add_tensor(name, data, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file(progress=False)
+    w.close()
+    return path.stat().st_size
+
+
+def _base_name(fam: QuantizedFamily, opt: GGUFOptions) -> str:
+    if opt.name:
+        return opt.name
+    src = str((fam.recipe or {}).get("model") or "model")
+    return Path(src.removeprefix("builtin:")).name
+
+
+# --- writers --------------------------------------------------------------------------------
+
+def exit_arrays(fam: QuantizedFamily, j: int, opt: GGUFOptions):
+    cfg = fam.config
+    pmap = names.exit_module_map(cfg.exits, cfg.num_layers, cfg.shared_heads, j)
+    pairs = [(f, names.gguf_name(names.rename(f, pmap)))
+             for f in _familial_weight_names(fam, fam.exit_tensor_names(j))]
+    return family_arrays(fam, pairs, opt)
+
+
+def write_exit(fam: QuantizedFamily, exit: int, path: Path, tok_dir: Path,
+               opt: GGUFOptions = GGUFOptions()) -> dict:
+    """A stock qwen2 GGUF of one exit."""
+    cfg = fam.config
+    j = cfg.exit_index(exit)
+    arrays = exit_arrays(fam, j, opt)
+    params = fam.size(fam.exit_tensor_names(j))[0]
+    kv = exit_kv(cfg, j, params, _base_name(fam, opt)) + common_kv(fam, tok_dir, opt)
+    size = _write(Path(path), ARCH, kv, arrays)
+    write_modelfile(Path(path), kv)
+    return {"exit": cfg.exits[j], "file": Path(path).name, "bytes": size,
+            "tensor_bytes": sum(int(a.nbytes) for _, a, _ in arrays),
+            "types": sorted({t.name for _, _, t in arrays})}
+
+
+def write_multi(fam: QuantizedFamily, path: Path, tok_dir: Path,
+                opt: GGUFOptions = GGUFOptions()) -> dict:
+    """One file: every tensor of the family once, the family's config, the exit list."""
+    pairs = [(f, names.gguf_multi_name(f)) for f in _familial_weight_names(fam)]
+    arrays = family_arrays(fam, pairs, opt)
+    kv = [("general.name", _base_name(fam, opt), V.STRING, None),
+          ("general.size_label", size_label(fam.size()[0]), V.STRING, None),
+          ("ruyi.config", json.dumps(fam.config.to_json(), sort_keys=True), V.STRING, None)]
+    size = _write(Path(path), MULTI_ARCH, kv + common_kv(fam, tok_dir, opt), arrays)
+    return {"file": Path(path).name, "bytes": size,
+            "tensor_bytes": sum(int(a.nbytes) for _, a, _ in arrays)}
+
+
+def _field_value(field):
+    """(value, value type, sub type) of a GGUFReader field, ready for GGUFWriter."""
+    vtype = field.types[0]
+    return field.contents(), vtype, (field.types[1] if vtype == V.ARRAY else None)
+
+
+def extract_exit(multi_path: Path, exit: int, path: Path) -> dict:
+    """A stock per-exit file copied out of a multi-exit file: tensor bytes untouched."""
+    multi_path = Path(multi_path)
+    try:
+        r = gguf.GGUFReader(str(multi_path))
+    except Exception as e:   # noqa: BLE001 - any parse failure is a bad input file
+        raise UserError(f"{multi_path}: not a GGUF file ({e})") from None
+    arch = r.fields.get("general.architecture")
+    if arch is None or arch.contents() != MULTI_ARCH or "ruyi.config" not in r.fields:
+        raise UserError(f"{multi_path}: not a ruyi-quant multi-exit GGUF (architecture "
+                        f"'{arch.contents() if arch else None}'); export one with --multi")
+    cfg = parse_config(json.loads(r.fields["ruyi.config"].contents()), where=str(multi_path))
+    j = cfg.exit_index(exit)
+    arrays, params = [], 0
+    for t in r.tensors:
+        new = names.gguf_multi_to_exit(t.name, cfg.exits, cfg.num_layers, cfg.shared_heads, j)
+        if new is None:
+            continue
+        qtype = T(t.tensor_type)
+        arrays.append((new, np.asarray(t.data), qtype))
+        params += int(t.n_elements)
+    arrays.sort(key=lambda a: _exit_order(a[0]))
+    skip = {"general.architecture", "general.name", "general.size_label", "general.file_type",
+            "ruyi.config"}
+    kv = [(k, *_field_value(f)) for k, f in r.fields.items()
+          if not k.startswith("GGUF.") and k not in skip]
+    base = r.fields["general.name"].contents()
+    kv = exit_kv(cfg, j, params, base) + kv
+    size = _write(Path(path), ARCH, kv, arrays)
+    write_modelfile(Path(path), kv)
+    return {"exit": cfg.exits[j], "file": Path(path).name, "bytes": size}
+
+
+def _exit_order(name: str):
+    m = re.match(r"blk\.(\d+)\.", name)
+    return (1, int(m.group(1)), name) if m else (0 if name.startswith("token_embd") else 2, 0, name)
+
+
+# --- Ollama ---------------------------------------------------------------------------------
+
+CHATML_TEMPLATE = (
+    "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
+    "<|im_start|>assistant\n")
+
+
+STOP_TOKENS = ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
+
+
+def write_modelfile(gguf_path: Path, kv: list[tuple]) -> None:
+    """The Ollama Modelfile next to a per-exit file, from the file's own tokenizer keys."""
+    values = {k: v for k, v, _, _ in kv}
+    template = values.get("tokenizer.chat_template")
+    tokens = set(values.get("tokenizer.ggml.tokens", []))
+    stops = [t for t in STOP_TOKENS if t in tokens] if template else []
+    (gguf_path.parent / "Modelfile").write_text(
+        modelfile(gguf_path.name, template, stops, default_system(template)))
+
+
+def modelfile(gguf_file: str, chat_template: str | None, stops: list[str],
+              system: str | None = None) -> str:
+    """An Ollama Modelfile next to a per-exit file (ChatML templates are translated)."""
+    lines = [f"FROM ./{gguf_file}"]
+    if chat_template and "<|im_start|>" in chat_template:
+        lines.append(f'TEMPLATE """{CHATML_TEMPLATE}"""')
+        if system:
+            lines.append(f'SYSTEM """{system}"""')
+    else:
+        lines.append("# no TEMPLATE: the chat template is not ChatML; write one by hand")
+    lines += [f'PARAMETER stop "{s}"' for s in stops]
+    lines += ["PARAMETER temperature 0.2", "PARAMETER num_ctx 2048"]
+    return "\n".join(lines) + "\n"
+
+
+def default_system(chat_template: str | None) -> str | None:
+    """The system prompt a ChatML template inserts when none is given (SmolLM2 has one)."""
+    if not chat_template:
+        return None
+    m = re.search(r"<\|im_start\|>system\\n([^<{]+?)<\|im_end\|>", chat_template)
+    return m.group(1) if m else None
