@@ -66,10 +66,9 @@ def _auto_types(fam: QuantizedFamily, opt: GGUFOptions) -> dict[str, T]:
     low_bits = any(s.bits <= 4 for s in fam.modules.values())
     base = T.F16 if opt.type == "auto" else TYPES[opt.type]
     small = T.Q8_0 if low_bits or base in (T.Q4_0, T.Q4_1) else base
-    pick = {"auto": small}
     return {"linear": base,
-            "embed": pick.get(opt.embed_type) or TYPES[opt.embed_type],
-            "head": pick.get(opt.head_type) or TYPES[opt.head_type]}
+            "embed": small if opt.embed_type == "auto" else TYPES[opt.embed_type],
+            "head": small if opt.head_type == "auto" else TYPES[opt.head_type]}
 
 
 def _float_array(t: torch.Tensor, qtype: T, what: str) -> tuple[np.ndarray, T]:

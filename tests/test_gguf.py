@@ -1,0 +1,284 @@
+"""GGUF export: exact block encodings, stock llama.cpp loading and logits, the multi-exit file,
+Ollama Modelfiles, refusals. llama.cpp checks skip (with the reason) when llama-cpp-python is
+not installed; .ci/run installs it."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+from conftest import kl_top1
+from ruyi_quant import names
+from ruyi_quant.checkpoint import QuantizedFamily, load_family
+from ruyi_quant.errors import UserError
+from ruyi_quant.exporters import gguf as G
+from ruyi_quant.exporters.ggml import NotExact, decode_blocks, encode_grid
+from ruyi_quant.model.io import load_model
+from ruyi_quant.quant.pack import dequantize
+from ruyi_quant.quant.plan import QuantSpec
+from ruyi_quant.quant.rtn import group_qparams, rtn_family, rtn_quantize
+
+try:
+    import llama_cpp
+except ImportError:                      # pragma: no cover - CI installs it
+    llama_cpp = None
+needs_llama = pytest.mark.skipif(llama_cpp is None, reason="llama-cpp-python is not installed "
+                                 "(pip install llama-cpp-python; about 7 min to build)")
+MIXED_TEXT = ("The quick brown fox jumps over 13 lazy dogs. 人工智能正在改变世界，模型越来越小。\n"
+              "def f(x):\n    return {'a': [1, 2, 3], \"b\": x ** 2}  # 注释\n\t  end   \n")
+
+
+def linears(model, heads=False):
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+            and (heads or not n.startswith("lm_head"))]
+
+
+def rtn_fam(model, bits=4, gs=32, sym=True, heads=False, source="builtin:tiny"):
+    fam = rtn_family(model, {n: QuantSpec(bits, gs, sym) for n in linears(model, heads)},
+                     progress=False)
+    fam.recipe = {"model": source, "quantize": {"method": "rtn"}}
+    return fam
+
+
+# --- pure encodings ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits,sym,qtype", [(4, True, T.Q4_0), (4, False, T.Q4_1), (3, True, T.Q4_0),
+                                            (2, False, T.Q4_1), (8, True, T.Q8_0)])
+@pytest.mark.parametrize("gs", [32, 128, -1])
+def test_grid_blocks_decode_to_our_weights_bit_for_bit(bits, sym, qtype, gs):
+    g = torch.Generator().manual_seed(bits * 10 + gs)
+    w = torch.randn(48, 256, generator=g) * torch.logspace(-3, 0, 48).unsqueeze(1) + 0.02
+    spec = QuantSpec(bits, gs, sym)
+    grid = rtn_quantize(w, spec)
+    data, got = encode_grid(*grid, bits, sym)
+    assert got == qtype and data.dtype == np.uint8
+    assert data.shape == (48, 256 // 32 * gguf.GGML_QUANT_SIZES[qtype][1])
+    ours = dequantize(*grid).numpy()
+    # the gguf package's own decoder (llama.cpp's layout) and ours both give our weights exactly
+    np.testing.assert_array_equal(gguf.quants.dequantize(data, qtype), ours)
+    np.testing.assert_array_equal(decode_blocks(data, qtype, 256), ours)
+
+
+def test_asymmetric_mins_are_fp16_numbers():
+    g = torch.Generator().manual_seed(0)
+    for mag in (1e-4, 1e-2, 1.0, 30.0):
+        w = torch.randn(512, 128, generator=g) * mag + mag * torch.rand(512, 1, generator=g)
+        scale, zero = group_qparams(w, QuantSpec(4, 128, sym=False))
+        m = -(scale.double() * zero.double())
+        assert torch.equal(m.half().double(), m)
+        # the scale moved by less than 1% of itself from the plain fp16 range/15
+        plain = ((w.max(1).values.clamp(min=0) - w.min(1).values.clamp(max=0)) / 15).half().double()
+        big = plain > 2.0 ** -14                      # normal fp16 scales
+        assert mag < 1e-3 or float(((scale.double() - plain).abs() / plain)[big].max()) < 0.01
+
+
+def test_grids_ggml_cannot_hold_are_refused():
+    w = torch.randn(16, 64)
+    with pytest.raises(NotExact, match="32-column blocks"):
+        encode_grid(*rtn_quantize(w, QuantSpec(4, 16, True)), 4, True)
+    with pytest.raises(NotExact, match="8-bit asymmetric"):
+        encode_grid(*rtn_quantize(w, QuantSpec(8, 32, False)), 8, False)
+    q, s, z, g_idx = rtn_quantize(w, QuantSpec(4, 32, True))
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(NotExact, match="act-order"):
+        encode_grid(q[perm], s, z, g_idx[perm], 4, True)
+
+
+# --- names ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("which", ["tiny_dir", "tiny_shared_dir"])
+def test_multi_exit_names_map_to_the_per_exit_names(which, request):
+    fam = QuantizedFamily.from_model(load_model(request.getfixturevalue(which)))
+    cfg = fam.config
+    for j, e in enumerate(cfg.exits):
+        pmap = names.exit_module_map(cfg.exits, cfg.num_layers, cfg.shared_heads, j)
+        direct = {names.gguf_name(names.rename(f, pmap)) for f in fam.exit_tensor_names(j)}
+        via_multi = {names.gguf_multi_to_exit(names.gguf_multi_name(f), cfg.exits, cfg.num_layers,
+                                              cfg.shared_heads, j) for f in fam.tensors} - {None}
+        assert direct == via_multi
+        assert f"blk.{e}.attn_q.weight" in direct and f"blk.{e + 1}.attn_q.weight" not in direct
+
+
+# --- files ------------------------------------------------------------------------------------
+
+def tensors_of(path):
+    r = gguf.GGUFReader(str(path))
+    return {t.name: (T(t.tensor_type), np.asarray(t.data).tobytes()) for t in r.tensors}, \
+        {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+
+
+def test_per_exit_file_metadata(tiny_dir, tmp_path):
+    model = load_model(tiny_dir)
+    fam = rtn_fam(model, sym=False)
+    cfg = fam.config
+    for e in cfg.exits:
+        info = G.write_exit(fam, e, tmp_path / f"e{e}.gguf", tiny_dir)
+        tensors, kv = tensors_of(tmp_path / f"e{e}.gguf")
+        assert kv["general.architecture"] == "qwen2" and kv["qwen2.block_count"] == e + 1
+        assert kv["tokenizer.ggml.pre"] == "qwen2" and kv["tokenizer.ggml.model"] == "gpt2"
+        assert len(kv["tokenizer.ggml.tokens"]) == cfg.vocab_size
+        assert kv["ruyi.exit"] == e and kv["ruyi.exits"] == cfg.exits and kv["ruyi.method"] == "rtn"
+        assert (kv["ruyi.bits"], kv["ruyi.group_size"], kv["ruyi.sym"]) == (4, 32, False)
+        assert "<|im_start|>" in kv["tokenizer.chat_template"]
+        assert tensors[f"blk.{e}.ffn_down.weight"][0] == T.Q4_1
+        assert tensors["token_embd.weight"][0] == T.Q8_0 and tensors["output.weight"][0] == T.Q8_0
+        assert tensors["blk.0.attn_norm.weight"][0] == T.F32 and tensors["blk.0.attn_q.bias"][0] == T.F32
+        assert len([n for n in tensors if n.startswith("blk.")]) == (e + 1) * 12
+        assert info["types"] == ["F32", "Q4_1", "Q8_0"]
+        # the branch layer is block e, not trunk layer e
+        j = cfg.exit_index(e)
+        if e != cfg.num_layers - 1:
+            branch = encode_grid(*fam.grid(f"model.eelayers.{j}.mlp.down_proj"), 4, False)[0]
+            assert tensors[f"blk.{e}.ffn_down.weight"][1] == branch.tobytes()
+
+
+@pytest.mark.parametrize("which", ["tiny_dir", "tiny_shared_dir"])
+def test_multi_exit_file_stores_each_tensor_once_and_extracts_byte_identical(which, request, tmp_path):
+    src = request.getfixturevalue(which)
+    model = load_model(src)
+    fam = rtn_fam(model, sym=True, heads=True)
+    cfg = fam.config
+    info = G.write_multi(fam, tmp_path / "family.gguf", src)
+    multi, kv = tensors_of(tmp_path / "family.gguf")
+    assert kv["general.architecture"] == "ruyi" and json.loads(kv["ruyi.config"])["early_exit_points"] == cfg.exits
+    distinct = {names.gguf_multi_name(n) for n in G._familial_weight_names(fam)}
+    assert set(multi) == distinct                           # every tensor once
+    assert info["bytes"] - info["tensor_bytes"] < 64 * 1024 + 64 * len(multi)   # metadata + padding
+    for e in cfg.exits:
+        G.write_exit(fam, e, tmp_path / f"direct-{e}.gguf", src)
+        G.extract_exit(tmp_path / "family.gguf", e, tmp_path / f"x{e}" / f"x-{e}.gguf") \
+            if (tmp_path / f"x{e}").mkdir() is None else None
+        direct, kv_d = tensors_of(tmp_path / f"direct-{e}.gguf")
+        copied, kv_x = tensors_of(tmp_path / f"x{e}" / f"x-{e}.gguf")
+        assert direct.keys() == copied.keys()
+        assert all(direct[n] == copied[n] for n in direct)      # type and bytes
+        assert kv_d == kv_x
+        assert (tmp_path / f"x{e}" / "Modelfile").is_file()
+
+
+def test_extract_refuses_a_stock_file(tiny_dir, tmp_path):
+    fam = QuantizedFamily.from_model(load_model(tiny_dir))
+    G.write_exit(fam, 3, tmp_path / "e3.gguf", tiny_dir)
+    with pytest.raises(UserError, match="not a ruyi-quant multi-exit GGUF"):
+        G.extract_exit(tmp_path / "e3.gguf", 3, tmp_path / "x.gguf")
+    G.write_multi(fam, tmp_path / "m.gguf", tiny_dir)
+    with pytest.raises(UserError, match="exits at layers"):
+        G.extract_exit(tmp_path / "m.gguf", 4, tmp_path / "x.gguf")
+
+
+def test_modelfile_template_renders_the_chat_template(tiny_dir, tmp_path):
+    from transformers import AutoTokenizer
+    fam = QuantizedFamily.from_model(load_model(tiny_dir))
+    G.write_exit(fam, 5, tmp_path / "e5.gguf", tiny_dir)
+    text = (tmp_path / "Modelfile").read_text()
+    assert text.startswith("FROM ./e5.gguf\n")
+    assert 'PARAMETER stop "<|im_end|>"' in text
+    template = re.search(r'TEMPLATE """(.*?)"""', text, re.S).group(1)
+    # expand Ollama's `range .Messages` by hand and compare with transformers' rendering
+    head, body, tail = re.fullmatch(r"\{\{- range \.Messages \}\}(.*?)\{\{ end \}\}(.*)", template,
+                                    re.S).group(0, 1, 2)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    ours = "".join(body.replace("{{ .Role }}", m["role"]).replace("{{ .Content }}", m["content"])
+                   for m in msgs) + tail
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    assert ours == tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    del head
+
+
+def test_export_refusals_write_nothing(tiny_dir, tmp_path):
+    from ruyi_quant.checkpoint import save_family
+    model = load_model(tiny_dir)
+    for spec, opts, msg in [(QuantSpec(4, 16, True), [], "group_size a multiple of 32"),
+                            (QuantSpec(8, 32, False), [], "8-bit asymmetric"),
+                            (QuantSpec(4, 32, False), ["--type", "q4_0"], "Q4_0 cannot hold")]:
+        fam = rtn_family(model, {n: spec for n in linears(model)}, progress=False)
+        d = tmp_path / f"fam-{spec.bits}-{spec.group_size}-{spec.sym}-{len(opts)}"
+        d.mkdir()
+        save_family(fam, d, tiny_dir)
+        out = tmp_path / f"out-{d.name}"
+        r = subprocess.run([sys.executable, "-m", "ruyi_quant.cli", "export", str(d), "--format",
+                            "gguf", "--out", str(out), *opts], capture_output=True, text=True)
+        assert r.returncode == 2, r.stderr
+        assert msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert not out.exists()
+
+
+def test_pre_tokenizer_names():
+    qwen2 = {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": G.QWEN2_REGEX}, "behavior": "Isolated"},
+        {"type": "ByteLevel", "use_regex": False}]}}
+    smol = {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "use_regex": True}]}}
+    gpt2 = {"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}
+    assert [G.pre_tokenizer_name(x) for x in (qwen2, smol, gpt2)] == ["qwen2", "smollm", "gpt2"]
+    with pytest.raises(UserError, match="unknown pre-tokenizer"):
+        G.pre_tokenizer_name({"pre_tokenizer": {"type": "Metaspace"}})
+
+
+# --- llama.cpp --------------------------------------------------------------------------------
+
+def llama_logits(path, ids: torch.Tensor) -> torch.Tensor:
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(64, ids.numel()), logits_all=True,
+                          verbose=False, n_threads=2, n_batch=ids.numel())
+    llm.eval(ids.tolist())
+    out = torch.tensor(np.array(llm.scores[:ids.numel()]), dtype=torch.float32)
+    llm.close()
+    return out
+
+
+@needs_llama
+@pytest.mark.parametrize("which", ["tiny_dir", "tiny_shared_dir"])
+@pytest.mark.parametrize("ftype", ["f32", "f16"])
+def test_llama_cpp_runs_float_exits_like_our_model(which, ftype, request, tmp_path, eval_ids):
+    src = request.getfixturevalue(which)
+    model = load_model(src)
+    fam = QuantizedFamily.from_model(model)
+    ids = eval_ids[0, :96]
+    for e in fam.config.exits:
+        path = tmp_path / f"e{e}.gguf"
+        G.write_exit(fam, e, path, src, G.GGUFOptions(type=ftype))
+        with torch.no_grad():
+            ref = model(ids[None], exit=e).logits[0]
+        kl, top1 = kl_top1(ref, llama_logits(path, ids))
+        assert kl < 1e-3 and top1 >= 0.99, (e, kl, top1)
+
+
+@needs_llama
+@pytest.mark.parametrize("sym", [True, False])
+def test_llama_cpp_runs_int4_exits_like_our_dequantized_model(sym, tiny_dir, tmp_path, eval_ids):
+    from ruyi_quant.pipeline import quantize
+    from ruyi_quant.recipe import Quantize
+    model = load_model(tiny_dir)
+    calib = eval_ids[:, :64]
+    fam = quantize(model, Quantize(method="gptq", bits=4, group_size=32, sym=sym), calib,
+                   progress=False)
+    fam.recipe = {"model": "builtin:tiny"}
+    deq = fam.dequantized_model()
+    ids = eval_ids[1, :96]
+    for e in fam.config.exits:
+        path = tmp_path / f"e{e}.gguf"
+        info = G.write_exit(fam, e, path, tiny_dir, G.GGUFOptions(embed_type="f32", head_type="f32"))
+        assert ("Q4_0" if sym else "Q4_1") in info["types"]
+        with torch.no_grad():
+            ref = deq(ids[None], exit=e).logits[0]
+        kl, top1 = kl_top1(ref, llama_logits(path, ids))
+        assert kl < 0.02 and top1 >= 0.97, (e, kl, top1)
+
+
+@needs_llama
+def test_llama_cpp_tokenizes_like_transformers(tiny_dir, tmp_path):
+    from transformers import AutoTokenizer
+    fam = QuantizedFamily.from_model(load_model(tiny_dir))
+    G.write_exit(fam, 2, tmp_path / "e2.gguf", tiny_dir)
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "e2.gguf"), vocab_only=True, verbose=False)
+    ours = AutoTokenizer.from_pretrained(tiny_dir)(MIXED_TEXT, add_special_tokens=False)["input_ids"]
+    assert llm.tokenize(MIXED_TEXT.encode(), add_bos=False, special=False) == ours
+    assert llm.detokenize(ours).decode() == MIXED_TEXT
