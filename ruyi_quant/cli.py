@@ -138,6 +138,7 @@ def cmd_export(a) -> None:
         if source.endswith(".gguf"):
             return _extract_gguf(source, ex, out, a.force)
         fam, tok_dir = open_family(source)
+        fam.recipe = fam.recipe or {"model": source}      # a source model: name it after itself
         check_output_dir(out, force=a.force)
         with atomic_dir(out) as tmp:
             info = export_gguf(fam, tmp, tok_dir, ex)

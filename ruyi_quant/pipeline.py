@@ -153,12 +153,16 @@ def export_hf(fam: QuantizedFamily, out_root: Path, tokenizer_dir: Path, exits, 
 
 
 def gguf_label(fam: QuantizedFamily, type_: str) -> str:
-    """What a GGUF export holds, for folder and file names: q4_0, q4_1, q8_0, f16, ..."""
+    """What a GGUF export mostly holds, for folder and file names: q4_0, q4_1, q8_0, f16, ..."""
     if type_ != "auto":
         return type_
+    from collections import Counter
     from .exporters.ggml import grid_type
-    kinds = {grid_type(s.bits, s.sym) for s in fam.modules.values()}
-    return "f16" if not kinds else "-".join(sorted(k.name.lower() if k else "mixed" for k in kinds))
+    kinds = Counter(grid_type(s.bits, s.sym) for s in fam.modules.values())
+    if not kinds:
+        return "f16"
+    kind = kinds.most_common(1)[0][0]
+    return kind.name.lower() if kind is not None else "mixed"
 
 
 def export_gguf(fam: QuantizedFamily, out_root: Path, tokenizer_dir: Path, ex,

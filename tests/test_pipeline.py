@@ -20,6 +20,7 @@ jobs:
     quantize: {{method: rtn, bits: 8, group_size: 32, heads: true}}
     export:
       - {{format: hf, exits: [2, 5]}}
+      - {{format: gguf, exits: [2, 5], multi: true}}
   - name: rtn4
     output: out/rtn4
     quantize: {{method: rtn, bits: 4, group_size: 64}}
@@ -52,8 +53,10 @@ def test_run_recipe_then_skip_then_redo(tiny_dir, tmp_path, capsys):
     assert meta["kind"] == "job" and meta["summary"]["status"] == "done"
     arts = meta["artifacts"]
     for f in ["family/model.safetensors", "hf-gptq/exit-2/model.safetensors",
-              "hf-gptq/exit-5/config.json", "eval.json", "eval.md"]:
+              "hf-gptq/exit-5/config.json", "eval.json", "eval.md", "gguf-q8_0/exit-2/Modelfile",
+              "gguf-q8_0/exit-5/model-e5-q8_0.gguf", "gguf-q8_0/model-family-q8_0.gguf"]:
         assert f in arts
+    assert not (out / "gguf-q8_0" / "exit-3").exists()
     assert not (out / "hf-gptq" / "exit-3").exists()
     rows = json.loads((out / "eval.json").read_text())["rows"]
     assert [r["exit"] for r in rows] == [2, 3, 5]

@@ -175,7 +175,7 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
     if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
         return "smollm"
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     raise UserError(f"gguf: unknown pre-tokenizer {json.dumps(pre)[:120]}; llama.cpp would "
                     "tokenize differently from transformers")
 
@@ -259,12 +259,12 @@ def exit_kv(cfg, j: int, params: int, base_name: str) -> list[tuple]:
           (f"{a}.attention.head_count_kv", int(raw.get("num_key_value_heads",
                                                         raw["num_attention_heads"])), V.UINT32, None),
           (f"{a}.attention.layer_norm_rms_epsilon", float(raw.get("rms_norm_eps", 1e-6)), V.FLOAT32, None),
-          (f"{a}.rope.freq_base", float(raw.get("rope_theta", 10000.0)), V.FLOAT32, None),
+          (f"{a}.rope.freq_base", cfg.rope_theta, V.FLOAT32, None),
           (f"{a}.rope.dimension_count", cfg.head_dim, V.UINT32, None),
           ("ruyi.exit", e, V.INT32, None)]
-    if raw.get("rope_scaling"):
-        raise UserError("gguf: rope_scaling is not exported yet; the model uses "
-                        f"{raw['rope_scaling']}")
+    if cfg.rope_scaled:
+        raise UserError("gguf: scaled RoPE is not exported yet; the model uses "
+                        f"{raw.get('rope_parameters') or raw.get('rope_scaling')}")
     return kv
 
 
@@ -421,3 +421,30 @@ def default_system(chat_template: str | None) -> str | None:
         return None
     m = re.search(r"<\|im_start\|>system\\n([^<{]+?)<\|im_end\|>", chat_template)
     return m.group(1) if m else None
+
+
+# --- llama.cpp's own quantizer (optional: needs llama-cpp-python) ---------------------------
+
+LLAMA_FTYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
+                "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+                "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
+
+
+def llama_quantize(src: Path, dst: Path, ftype: str, threads: int = 2) -> int:
+    """Re-quantize a float GGUF with llama.cpp's own quantizer (K-quants, or its RTN Q4_0...).
+    Returns the new file's size. llama.cpp's importance-matrix input is a C++ map its C API
+    cannot be given from Python, so these files are made without one."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise UserError(f"type {ftype}: llama.cpp's quantizer needs llama-cpp-python "
+                        "(pip install 'ruyi-quant[llama]')") from None
+    if ftype not in LLAMA_FTYPES:
+        raise UserError(f"type {ftype}: llama.cpp types are {', '.join(LLAMA_FTYPES)}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, LLAMA_FTYPES[ftype])
+    params.nthread = threads
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0:
+        raise UserError(f"llama.cpp could not quantize {src} to {ftype} (code {rc})")
+    return Path(dst).stat().st_size

@@ -53,6 +53,18 @@ class FamilialConfig:
         return int(self.raw.get("head_dim") or self.hidden_size // int(self.raw["num_attention_heads"]))
 
     @property
+    def rope_theta(self) -> float:
+        """RoPE base, from `rope_parameters` (transformers 5) or `rope_theta` (older configs)."""
+        params = self.raw.get("rope_parameters") or {}
+        return float(params.get("rope_theta") or self.raw.get("rope_theta") or 10000.0)
+
+    @property
+    def rope_scaled(self) -> bool:
+        """True when RoPE is scaled (yarn, linear, ...) rather than plain."""
+        params = self.raw.get("rope_parameters") or self.raw.get("rope_scaling") or {}
+        return params.get("rope_type", params.get("type", "default")) not in ("default", None)
+
+    @property
     def source_dtype(self):
         """The floating dtype the checkpoint was stored in (float32 when it does not say)."""
         import torch
