@@ -313,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weights", default="auto", help="hf: auto (the family's layout), float, gptq, awq")
     s.add_argument("--dtype", default="bfloat16", help="hf float weights: bfloat16, float16, float32")
     s.add_argument("--type", default="auto", help="gguf: auto (our grids exactly: Q4_0 sym, Q4_1 "
-                   "asym, Q8_0 8-bit; float linears f16), f32, f16, bf16, q8_0, q4_0, q4_1")
+                   "asym, Q8_0 8-bit; float linears f16), f32, f16, bf16, q8_0, q4_0, q4_1; from a "
+                   "float model also llama.cpp's q4_k_m, q5_k_m, q6_k")
     s.add_argument("--embed-type", default="auto", help="gguf: token embedding type (auto: q8_0 "
                    "in 4-bit files)")
     s.add_argument("--head-type", default="auto", help="gguf: float head type (auto: q8_0 in 4-bit "

@@ -171,8 +171,14 @@ def export_gguf(fam: QuantizedFamily, out_root: Path, tokenizer_dir: Path, ex,
     out_root (a fresh directory). Returns what was written."""
     from tqdm.auto import tqdm
     from .exporters import gguf as G
-    opt = G.GGUFOptions(type=ex.type, embed_type=ex.embed_type, head_type=ex.head_type,
-                        name=ex.name, license=ex.license)
+    kquant = ex.type if ex.type in G.K_QUANTS else None
+    if kquant and fam.modules:
+        raise UserError(f"type {kquant}: llama.cpp's K-quants start from float weights, and this "
+                        "family is already quantized; export the unquantized model (or use type auto)")
+    if kquant and ex.multi:
+        raise UserError(f"type {kquant}: the multi-exit file holds our own grids; drop multi")
+    opt = G.GGUFOptions(type="f16" if kquant else ex.type, embed_type=ex.embed_type,
+                        head_type=ex.head_type, name=ex.name, license=ex.license)
     base, label = G._base_name(fam, opt), gguf_label(fam, ex.type)
     out_root.mkdir(parents=True, exist_ok=True)
     written: dict = {"exits": [], "multi": None}
@@ -182,7 +188,15 @@ def export_gguf(fam: QuantizedFamily, out_root: Path, tokenizer_dir: Path, ex,
         d = out_root / f"exit-{e}"
         d.mkdir()
         fname = f"{base}-e{e}-{label}.gguf"
-        written["exits"].append(G.write_exit(fam, e, d / fname, tokenizer_dir, opt))
+        if kquant:
+            info = G.write_exit(fam, e, d / "f16.tmp.gguf", tokenizer_dir, opt)
+            info.update(bytes=G.llama_quantize(d / "f16.tmp.gguf", d / fname, kquant), file=fname,
+                        types=[kquant.upper()])
+            (d / "f16.tmp.gguf").unlink()
+            G.write_modelfile_for(d / fname)
+        else:
+            info = G.write_exit(fam, e, d / fname, tokenizer_dir, opt)
+        written["exits"].append(info)
     if ex.multi:
         if progress:
             print(f"  writing the multi-exit file {base}-family-{label}.gguf", flush=True)

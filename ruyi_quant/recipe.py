@@ -105,12 +105,14 @@ class HFExport(Strict):
 
 
 GGUFType = Literal["auto", "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"]
+# made by llama.cpp's own quantizer from an F16 file (needs llama-cpp-python; float families)
+KQuantType = Literal["q4_k_m", "q5_k_m", "q6_k"]
 
 
 class GGUFExport(Strict):
     format: Literal["gguf"] = "gguf"
     exits: Exits = "all"
-    type: GGUFType = "auto"        # auto: our grids exactly (Q4_0/Q4_1/Q8_0), float linears f16
+    type: Union[GGUFType, KQuantType] = "auto"   # auto: our grids exactly, float linears f16
     embed_type: GGUFType = "auto"  # auto: q8_0 in 4-bit files, else as type
     head_type: GGUFType = "auto"   # a float head's type (a quantized head keeps its grid)
     per_exit: bool = True          # one stock qwen2 file per exit (+ Ollama Modelfile)

@@ -335,3 +335,23 @@ def test_ruyi_mini_gguf_every_exit_in_llama_cpp(tmp_path):
     llm = llama_cpp.Llama(model_path=str(tmp_path / "f16.gguf"), vocab_only=True, verbose=False)
     hf = AutoTokenizer.from_pretrained(src)(MIXED_TEXT, add_special_tokens=False)["input_ids"]
     assert llm.tokenize(MIXED_TEXT.encode(), add_bos=False, special=False) == hf
+
+
+@needs_llama
+def test_k_quants_through_llama_cpp(tiny_dir, tmp_path, eval_ids):
+    from ruyi_quant.pipeline import export_gguf
+    from ruyi_quant.recipe import GGUFExport
+    model = load_model(tiny_dir)
+    fam = QuantizedFamily.from_model(model)
+    info = export_gguf(fam, tmp_path / "k", tiny_dir, GGUFExport(type="q6_k", exits=[5]),
+                       progress=False)
+    path = tmp_path / "k" / "exit-5" / info["exits"][0]["file"]
+    assert path.name.endswith("-q6_k.gguf") and not list(path.parent.glob("*.tmp.gguf"))
+    assert (path.parent / "Modelfile").read_text().startswith(f"FROM ./{path.name}\n")
+    ids = eval_ids[0, :96]
+    with torch.no_grad():
+        ref = model(ids[None], exit=5).logits[0]
+    kl, top1 = kl_top1(ref, llama_logits(path, ids))
+    assert kl < 0.01 and top1 >= 0.95, (kl, top1)
+    with pytest.raises(UserError, match="already quantized"):
+        export_gguf(rtn_fam(model), tmp_path / "k2", tiny_dir, GGUFExport(type="q6_k"), progress=False)

@@ -400,6 +400,13 @@ def write_modelfile(gguf_path: Path, kv: list[tuple]) -> None:
         modelfile(gguf_path.name, template, stops, default_system(template)))
 
 
+def write_modelfile_for(gguf_path: Path) -> None:
+    """The Modelfile of a GGUF file that exists (e.g. one llama.cpp's quantizer wrote)."""
+    r = gguf.GGUFReader(str(gguf_path))
+    kv = [(k, f.contents(), None, None) for k, f in r.fields.items() if k.startswith("tokenizer.")]
+    write_modelfile(Path(gguf_path), kv)
+
+
 def modelfile(gguf_file: str, chat_template: str | None, stops: list[str],
               system: str | None = None) -> str:
     """An Ollama Modelfile next to a per-exit file (ChatML templates are translated)."""
@@ -425,6 +432,7 @@ def default_system(chat_template: str | None) -> str | None:
 
 # --- llama.cpp's own quantizer (optional: needs llama-cpp-python) ---------------------------
 
+K_QUANTS = ("q4_k_m", "q5_k_m", "q6_k")
 LLAMA_FTYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
                 "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
                 "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
