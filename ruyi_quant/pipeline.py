@@ -179,7 +179,7 @@ def export_gguf(fam: QuantizedFamily, out_root: Path, tokenizer_dir: Path, ex,
         raise UserError(f"type {kquant}: the multi-exit file holds our own grids; drop multi")
     opt = G.GGUFOptions(type="f16" if kquant else ex.type, embed_type=ex.embed_type,
                         head_type=ex.head_type, name=ex.name, license=ex.license)
-    base, label = G._base_name(fam, opt), gguf_label(fam, ex.type)
+    base, label = G.base_name(fam, opt), gguf_label(fam, ex.type)
     out_root.mkdir(parents=True, exist_ok=True)
     written: dict = {"exits": [], "multi": None}
     exits = exit_list(fam, ex.exits) if ex.per_exit else []

@@ -291,7 +291,7 @@ def _write(path: Path, arch: str, kv: list[tuple], arrays) -> int:
     return path.stat().st_size
 
 
-def _base_name(fam: QuantizedFamily, opt: GGUFOptions) -> str:
+def base_name(fam: QuantizedFamily, opt: GGUFOptions) -> str:
     if opt.name:
         return opt.name
     src = str((fam.recipe or {}).get("model") or "model")
@@ -315,7 +315,7 @@ def write_exit(fam: QuantizedFamily, exit: int, path: Path, tok_dir: Path,
     j = cfg.exit_index(exit)
     arrays = exit_arrays(fam, j, opt)
     params = fam.size(fam.exit_tensor_names(j))[0]
-    kv = exit_kv(cfg, j, params, _base_name(fam, opt)) + common_kv(fam, tok_dir, opt)
+    kv = exit_kv(cfg, j, params, base_name(fam, opt)) + common_kv(fam, tok_dir, opt)
     size = _write(Path(path), ARCH, kv, arrays)
     write_modelfile(Path(path), kv)
     return {"exit": cfg.exits[j], "file": Path(path).name, "bytes": size,
@@ -328,7 +328,7 @@ def write_multi(fam: QuantizedFamily, path: Path, tok_dir: Path,
     """One file: every tensor of the family once, the family's config, the exit list."""
     pairs = [(f, names.gguf_multi_name(f)) for f in _familial_weight_names(fam)]
     arrays = family_arrays(fam, pairs, opt)
-    kv = [("general.name", _base_name(fam, opt), V.STRING, None),
+    kv = [("general.name", base_name(fam, opt), V.STRING, None),
           ("general.size_label", size_label(fam.size()[0]), V.STRING, None),
           ("ruyi.config", json.dumps(fam.config.to_json(), sort_keys=True), V.STRING, None)]
     size = _write(Path(path), MULTI_ARCH, kv + common_kv(fam, tok_dir, opt), arrays)
