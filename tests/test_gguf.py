@@ -301,7 +301,7 @@ def test_ruyi_mini_gguf_every_exit_in_llama_cpp(tmp_path):
     model = load_model(src)
     fam = rtn_fam(model, bits=4, gs=128, sym=False, source="builtin:ruyi-mini")
     info = export_gguf(fam, tmp_path / "g", src, GGUFExport(multi=True), progress=False)
-    ids = consecutive_windows(tokenize(load_tokenizer(src), load_text("builtin:pydoc/eval")), 1, 128,
+    ids = consecutive_windows(tokenize(load_tokenizer(src), load_text("builtin:pydoc/eval")), 1, 256,
                               "eval")[0]
     deq = fam.dequantized_model()
     with torch.no_grad():
@@ -314,11 +314,12 @@ def test_ruyi_mini_gguf_every_exit_in_llama_cpp(tmp_path):
         # against our dequantized int4 model: the same Q4_1 weights, the tied head kept in f16.
         # ruyi-mini's early exits are flat (mean top probability 0.25-0.45) and llama.cpp
         # multiplies Q4 weights with 8-bit-quantized activations, so near-ties flip: measured
-        # over 512 tokens, KL 0.002-0.003 and top-1 95.1-97.7% per exit (F16 files: 100%)
+        # over 512 tokens, KL 0.002-0.003 and top-1 95.1-97.7% per exit (F16 files: 100%);
+        # on 128 tokens one exit read 93.0%, so top-1 only guards against gross errors here
         path = tmp_path / f"e{e}-f16-head.gguf"
         G.write_exit(fam, e, path, src, G.GGUFOptions(embed_type="f16"))
         kl, top1 = kl_top1(ref_q[e][0], llama_logits(path, ids))
-        assert kl < 0.02 and top1 >= 0.93, (e, kl, top1)
+        assert kl < 0.02 and top1 >= 0.90, (e, kl, top1)
     # the multi-exit file: each tensor once, no bigger than 1.15x the largest exit's file
     m = info["multi"]
     assert m["bytes"] <= 1.01 * m["tensor_bytes"]
