@@ -30,6 +30,7 @@ Steps (scratch files under --work, default /tmp/gptqmodel_compare):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -54,6 +55,7 @@ from ruyi_quant.report import markdown_table  # noqa: E402
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 LOG: dict = {"steps": {}}
+STEPS_FILE: Path | None = None          # step records, kept in --work so --reuse keeps the timings
 
 
 def loadavg() -> list[float]:
@@ -81,6 +83,8 @@ def step(name: str):
                 self.rec["traceback_tail"] = traceback.format_exception(et, ev, tb)[-3:]
                 print(f"   FAILED: {self.rec['error']}", flush=True)
             print(f"   {self.rec['wall_s']} s", flush=True)
+            if STEPS_FILE is not None:
+                STEPS_FILE.write_text(json.dumps(LOG["steps"], indent=2, default=str) + "\n")
             return ev is not None and not isinstance(ev, KeyboardInterrupt)
     return _Step()
 
@@ -179,17 +183,30 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--eval-samples", type=int, default=16)
     ap.add_argument("--check-windows", type=int, default=2)
-    ap.add_argument("--kernel-dtype", default="float16", choices=["float16", "bfloat16"],
-                    help="activations of GPTQModel's torch kernel (it has no float32)")
+    ap.add_argument("--kernel-dtype", default="bfloat16", choices=["float16", "bfloat16"],
+                    help="activations of GPTQModel's torch kernel for the 16-window scores (it has no "
+                         "float32; float16 matmuls are ~30x slower than float32 on a CPU without "
+                         "AVX512-FP16, so the float16 runs are limited to the --check-windows)")
     ap.add_argument("--gptqmodel-configs", default="default,matched",
                     help="default: GPTQModel's own defaults; matched: damp 0.01, act_group_aware off")
-    ap.add_argument("--reuse", action="store_true", help="keep quantized outputs already in --work")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep quantized outputs (and their timings) already in --work")
+    ap.add_argument("--compile", action="store_true",
+                    help="let GPTQModel's TorchLinear torch.compile its dequantization when loading a "
+                         "quantized checkpoint (on a 2-core CPU inductor then compiles for minutes per "
+                         "model and hits dynamo's recompile limit; off by default: eager kernels)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/gptqmodel_compare"))
     a = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     kdtype = DTYPES[a.kernel_dtype]
     work, e = a.work, a.exit
     work.mkdir(parents=True, exist_ok=True)
+    global STEPS_FILE
+    STEPS_FILE = work / "steps.json"
+    if a.reuse and STEPS_FILE.is_file():
+        LOG["steps"] = json.loads(STEPS_FILE.read_text())
+        for k in [k for k in LOG["steps"] if not ("quantize" in k or k.startswith("export") or "export gptq" in k)]:
+            del LOG["steps"][k]
 
     import gptqmodel
     import transformers
@@ -224,7 +241,7 @@ def main() -> None:
                 "--samples", str(a.samples), "--seq-len", str(a.seq_len), "--out", str(rq_family),
                 "--force")
     meta = json.loads((rq_family / "ruyi_quant.json").read_text())
-    LOG["steps"]["ruyi-quant quantize"]["quantize_seconds_internal"] = round(meta["stats"]["quantize_seconds"], 2)
+    LOG["steps"].setdefault("ruyi-quant quantize", {})["quantize_seconds_internal"] = round(meta["stats"]["quantize_seconds"], 2)
     LOG["steps"]["ruyi-quant quantize"]["what"] = "whole family: 30 trunk + 4 branch layers (exits 12..29)"
     if not (a.reuse and rq_dir.is_dir()):
         with step("ruyi-quant export gptq exit"):
@@ -253,7 +270,8 @@ def main() -> None:
             data = [{"input_ids": w.tolist(), "attention_mask": [1] * len(w)} for w in calib]
             r["loadavg_before_quantize"] = loadavg()
             t1 = time.perf_counter()
-            gm.quantize(data, batch_size=1)
+            with contextlib.chdir(work):         # GPTQModel writes logs/gptq_log_*.log in the cwd
+                gm.quantize(data, batch_size=1)
             r["quantize_s"] = round(time.perf_counter() - t1, 2)
             t2 = time.perf_counter()
             gm.save(str(out))
@@ -262,6 +280,10 @@ def main() -> None:
             gc.collect()
 
     # 4. quality of exit e against the float reference
+    LOG["gptqmodel_kernel_compile"] = a.compile
+    if not a.compile:
+        import torch._dynamo as dynamo
+        dynamo.config.disable = True     # torch.compile(...) then returns the eager function
     print("== reference and quantized models", flush=True)
     ref = Cached(load_family(src).dequantized_model(), e)
     rq_fam = load_family(rq_family)
@@ -278,13 +300,13 @@ def main() -> None:
         s = compare(ref, rq_model, windows, [e], batch=4, progress=False)[e]
         rows.append({"model": "ruyi-quant GPTQ (family)", "quantizer": "ruyi-quant",
                      "runs_as": "dequantized fp32 (ruyi_quant.evaluate)",
-                     "quantize_s": LOG["steps"]["ruyi-quant quantize"].get("wall_s"), **s})
+                     "quantize_s": LOG["steps"]["ruyi-quant quantize"].get("quantize_seconds_internal"), **s})
         r.update(s)
 
     with step("load ruyi-quant export in GPTQModel (torch kernel)") as r:
         gm, kern = gptqmodel_load(rq_dir, "gptq_torch", kdtype)
         r["kernels"] = kern
-        score("ruyi-quant GPTQ export (exit dir)", "ruyi-quant", f"GPTQModel {kern} {a.kernel_dtype}",
+        score("ruyi-quant GPTQ export (exit dir)", "ruyi-quant", f"GPTQModel {','.join(kern)} {a.kernel_dtype}",
               hf_logits(gm.model))
         del gm
 
@@ -302,7 +324,7 @@ def main() -> None:
         with step(f"load gptqmodel-{name} in GPTQModel (torch kernel)") as r:
             gm, kern = gptqmodel_load(out, "gptq_torch", kdtype)
             r["kernels"] = kern
-            score(f"GPTQModel GPTQ ({name})", "GPTQModel", f"GPTQModel {kern} {a.kernel_dtype}",
+            score(f"GPTQModel GPTQ ({name})", "GPTQModel", f"GPTQModel {','.join(kern)} {a.kernel_dtype}",
                   hf_logits(gm.model), timing)
             del gm
         gc.collect()
@@ -335,34 +357,53 @@ def main() -> None:
                 raise
 
     for backend, dt in (("auto", None), ("gptq_torch", torch.float16), ("gptq_torch", torch.bfloat16),
-                        ("gptq_torch_fused", torch.float32)):
+                        ("gptq_torch", torch.float32), ("gptq_torch_fused", torch.float32)):
         def load(backend=backend, dt=dt):
             gm, kern = gptqmodel_load(rq_dir, backend, dt)
             return gm.model, kern, str(next(gm.model.parameters()).dtype)
-        model = check(f"GPTQModel.load backend={backend} dtype={dt}", load)
+        model = check(f"GPTQModel.load backend={backend} dtype={str(dt).removeprefix('torch.')}", load)
         if model is not None and backend == "gptq_torch" and dt == torch.float16:
-            # per-weight: GPTQModel's dequantized weight vs ruyi-quant's grid
-            with step("check weights (GPTQModel dequantize_weight fp16 vs ruyi-quant fp32)") as r:
-                worst, worst_rel, nmods = 0.0, 0.0, 0
+            # per weight: GPTQModel's unpacking of our tensors vs ruyi-quant's grid. In fp16 it
+            # computes fp16(scale * (q - zero)): compare with our fp32 weight rounded to fp16; then
+            # with its scales in fp32, against our fp32 weight.
+            with step("check weights (GPTQModel TorchLinear.dequantize_weight vs ruyi-quant)") as r:
+                d16 = d32 = 0.0
+                nmods = 0
                 for mname, mod in model.named_modules():
                     if hasattr(mod, "dequantize_weight") and hasattr(mod, "qweight"):
-                        w_gm = mod.dequantize_weight().float().t()
                         w_rq = rq_fam.weight(mname)
-                        d = (w_gm - w_rq).abs().max().item()
-                        worst, nmods = max(worst, d), nmods + 1
-                        worst_rel = max(worst_rel, d / w_rq.abs().max().item())
-                r.update(modules=nmods, max_abs_weight_diff=worst, max_rel_weight_diff=worst_rel)
+                        d16 = max(d16, (mod.dequantize_weight().float().t() - w_rq.half().float()).abs().max().item())
+                        mod.scales = mod.scales.float()
+                        mod.clear_weight_cache()
+                        mod._stream_reset_cache()
+                        d32 = max(d32, (mod.dequantize_weight().float().t() - w_rq).abs().max().item())
+                        nmods += 1
+                r.update(modules=nmods, fp16_max_abs_diff_vs_ours_rounded_to_fp16=d16,
+                         fp32_scales_max_abs_diff_vs_ours_fp32=d32)
                 checks["weights"] = dict(r)
         del model
         gc.collect()
 
-    for dt in (torch.float16, torch.float32):
-        def load_tf(dt=dt):
-            from transformers import AutoModelForCausalLM
-            m = AutoModelForCausalLM.from_pretrained(str(rq_dir), dtype=dt, device_map="cpu").eval()
-            kern = sorted({type(x).__name__ for x in m.modules() if hasattr(x, "qweight")})
-            return m, kern, str(next(m.parameters()).dtype)
-        check(f"transformers AutoModelForCausalLM dtype={dt}", load_tf)
+    # transformers (-> optimum -> GPTQModel): its default kernel choice, then backend="torch"
+    # (TorchLinear dequantizes in its scales' dtype, fp16 as stored, even in an fp32 model; the
+    # last row casts the scales to fp32 to show the format itself round-trips exactly)
+    for backend, dt, scales32 in (("auto", torch.float16, False), ("torch", torch.float16, False),
+                                  ("torch", torch.float32, False), ("torch", torch.float32, True)):
+        def load_tf(backend=backend, dt=dt, scales32=scales32):
+            from transformers import AutoModelForCausalLM, GPTQConfig
+            kw = {} if backend == "auto" else {"quantization_config": GPTQConfig(bits=4, backend=backend)}
+            m = AutoModelForCausalLM.from_pretrained(str(rq_dir), dtype=dt, device_map="cpu", **kw).eval()
+            qmods = [x for x in m.modules() if hasattr(x, "qweight")]
+            if scales32:
+                for x in qmods:
+                    x.scales = x.scales.float()
+                    x.clear_weight_cache()
+                    x._stream_reset_cache()
+            kern = sorted({type(x).__name__ for x in qmods})
+            return m, kern, str(next(m.parameters()).dtype) + (", scales fp32" if scales32 else "")
+        check(f"transformers AutoModelForCausalLM backend={backend} dtype={str(dt).removeprefix('torch.')}"
+              + (" (TorchLinear scales cast to fp32)" if scales32 else ""), load_tf)
+        gc.collect()
 
     # the floor a dtype alone sets: the float exit (no quantization) in transformers vs fp32
     floor = checks["float_dtype_floor"] = {}
@@ -392,9 +433,10 @@ def main() -> None:
     ctable = markdown_table(ch, crow)
     st = LOG["steps"]
     timing = [[k, f"{v.get('wall_s', 0):.1f}", str(v.get("quantize_s", v.get("quantize_seconds_internal", ""))),
-               str(v.get("loadavg_before")), v.get("error", "")[:120]]
-              for k, v in st.items() if "quantize" in k]
-    ttable = markdown_table(["step", "wall s", "quantize call s", "loadavg before", "error"], timing)
+               str(v.get("loadavg_before_quantize", v.get("loadavg_before"))), v.get("error", "")[:120]]
+              for k, v in st.items() if k.startswith(("ruyi-quant quantize", "gptqmodel quantize"))]
+    ttable = markdown_table(["step", "wall s (process/step)", "quantize call s", "loadavg (1/5/15 min) before",
+                             "error"], timing)
     floor_txt = ", ".join(f"{k}: {v:.4g}" for k, v in floor.items())
     md = (f"# ruyi-quant vs GPTQModel, {a.model} exit {e}, GPTQ 4-bit g128 sym\n\n"
           f"torch {torch.__version__}, gptqmodel {gptqmodel.__version__}, transformers "
@@ -408,8 +450,10 @@ def main() -> None:
           f"Dtype floor (unquantized float exit in transformers vs the fp32 reference): {floor_txt}.\n")
     if "weights" in checks:
         w = checks["weights"]
-        md += (f"GPTQModel's dequantize_weight (fp16) vs ruyi-quant's fp32 grid over {w['modules']} linears: "
-               f"max abs {w['max_abs_weight_diff']:.3g}, max relative {w['max_rel_weight_diff']:.3g}.\n")
+        md += (f"GPTQModel's TorchLinear.dequantize_weight on ruyi-quant's export, {w['modules']} linears: "
+               f"fp16 vs our weights rounded to fp16, max abs diff "
+               f"{w['fp16_max_abs_diff_vs_ours_rounded_to_fp16']:.3g}; with its scales in fp32 vs our fp32 "
+               f"weights, max abs diff {w['fp32_scales_max_abs_diff_vs_ours_fp32']:.3g}.\n")
     print(md)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.with_suffix(".json").write_text(json.dumps(LOG, indent=2, default=str) + "\n")
