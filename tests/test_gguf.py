@@ -322,7 +322,10 @@ def test_ruyi_mini_gguf_every_exit_in_llama_cpp(tmp_path):
         assert kl < 0.02 and top1 >= 0.90, (e, kl, top1)
     # the multi-exit file: each tensor once, no bigger than 1.15x the largest exit's file
     m = info["multi"]
-    assert m["bytes"] <= 1.01 * m["tensor_bytes"]
+    # beyond its tensors it holds what a per-exit file holds (the 1.7 MB tokenizer), not more:
+    # ruyi-mini's 49k-token vocabulary alone keeps it ~1.8% above its tensors' bytes
+    overhead = max(x["bytes"] - x["tensor_bytes"] for x in info["exits"])
+    assert m["bytes"] - m["tensor_bytes"] <= overhead + 64 * 1024
     assert m["bytes"] <= 1.15 * max(x["bytes"] for x in info["exits"])
     assert sum(x["bytes"] for x in info["exits"]) > 3 * m["bytes"]
     # the float last exit
