@@ -359,3 +359,23 @@ def test_k_quants_through_llama_cpp(tiny_dir, tmp_path, eval_ids):
     assert kl < 0.01 and top1 >= 0.95, (kl, top1)
     with pytest.raises(UserError, match="already quantized"):
         export_gguf(rtn_fam(model), tmp_path / "k2", tiny_dir, GGUFExport(type="q6_k"), progress=False)
+
+
+def test_act_order_needs_static_groups_for_gguf(tiny_dir, eval_ids, tmp_path):
+    from ruyi_quant.pipeline import quantize
+    from ruyi_quant.recipe import GPTQOptions, Quantize
+    for static in (True, False):
+        q = Quantize(method="gptq", bits=4, group_size=32,
+                     gptq=GPTQOptions(act_order=True, static_groups=static))
+        fam = quantize(load_model(tiny_dir), q, eval_ids[:, :64], progress=False)
+        if not static:
+            with pytest.raises(UserError, match="static_groups: true"):
+                G.check_gguf(fam, G.GGUFOptions())
+            continue
+        G.check_gguf(fam, G.GGUFOptions())
+        G.write_exit(fam, 5, tmp_path / "x.gguf", tiny_dir)
+        tensors, _ = tensors_of(tmp_path / "x.gguf")
+        data = np.frombuffer(tensors["blk.1.ffn_up.weight"][1], np.uint8).reshape(
+            fam.linear_shape("model.layers.1.mlp.up_proj")[0], -1)
+        np.testing.assert_array_equal(decode_blocks(data, T.Q4_0, 128),
+                                      fam.weight("model.layers.1.mlp.up_proj").numpy())

@@ -107,8 +107,8 @@ def _check_grid(module, spec, want, blocks) -> None:
         blocks()
     except NotExact as e:
         raise UserError(f"gguf: {module} cannot go into GGUF exactly: {e}; quantize with "
-                        "group_size a multiple of 32, act_order: false and 4 bits (sym or asym) "
-                        "or 8 bits sym, or export type f16") from None
+                        "group_size a multiple of 32, act_order: false (or static_groups: true), "
+                        "and 4 bits (sym or asym) or 8 bits sym; or export type f16") from None
 
 
 def encode_module(fam: QuantizedFamily, module: str, opt: GGUFOptions,
