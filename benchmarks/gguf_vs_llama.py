@@ -27,11 +27,10 @@ import numpy as np
 import torch
 
 from ruyi_quant.checkpoint import QuantizedFamily
-from ruyi_quant.data import consecutive_windows, load_text, random_windows, tokenize
 from ruyi_quant.exporters import gguf as G
 from ruyi_quant.model.io import load_model
-from ruyi_quant.pipeline import load_tokenizer, quantize, resolve_model
-from ruyi_quant.recipe import Quantize
+from ruyi_quant.pipeline import calib_windows, eval_windows, quantize, resolve_model
+from ruyi_quant.recipe import Calibration, Eval, Quantize
 from ruyi_quant.report import markdown_table
 
 HEADERS = ["exit", "file", "made by", "bpw", "MB", "KL(bf16‖file)", "top-1 %", "ppl", "ppl bf16"]
@@ -82,11 +81,8 @@ def main() -> None:
     a = ap.parse_args()
 
     src = resolve_model(a.model)
-    tok = load_tokenizer(src)
-    calib = random_windows(tokenize(tok, load_text("builtin:pydoc/calib")), a.samples, a.seq_len, 0,
-                           "builtin:pydoc/calib")
-    ev = consecutive_windows(tokenize(tok, load_text("builtin:pydoc/eval")), a.eval_samples,
-                             a.seq_len, "builtin:pydoc/eval")
+    calib = calib_windows(src, Calibration(samples=a.samples, seq_len=a.seq_len))
+    ev = eval_windows(src, Eval(samples=a.eval_samples, seq_len=a.seq_len))
     model = load_model(src)
     cfg = model.config
     exits = [cfg.exits[0] if x == "first" else cfg.exits[-1] if x == "last" else int(x)

