@@ -5,8 +5,10 @@
 
 For each exit: our F16 file; our GPTQ and AWQ grids written exactly as Q4_0 (symmetric) and
 Q4_1 (asymmetric) at group size 32 (the block size the file pays for anyway); llama.cpp's own
-Q4_0, Q4_1 and Q4_K_M made by llama.cpp's quantizer from our F16 file (without an importance
-matrix: its C API takes one only as a C++ map). Every file is run by llama.cpp
+Q4_0, Q4_1 and Q4_K_M made by llama.cpp's quantizer from our F16 file, and Q4_K_M again with an
+importance matrix that we compute from the same calibration windows (exporters/imatrix.py:
+llama.cpp's mix, each tensor re-encoded by ggml's quantizer with the matrix, as
+`llama-quantize --imatrix` does). Every file is run by llama.cpp
 (llama-cpp-python) on held-out text and compared with our bf16 model: bits per weight (all
 tensor bytes x 8 / parameters), KL(bf16 ‖ file), top-1 agreement, perplexity. Embeddings and
 heads: Q8_0 in our 4-bit files; llama.cpp picks its own per type.
@@ -28,6 +30,7 @@ import torch
 
 from ruyi_quant.checkpoint import QuantizedFamily
 from ruyi_quant.exporters import gguf as G
+from ruyi_quant.exporters import imatrix as IM
 from ruyi_quant.model.io import load_model
 from ruyi_quant.pipeline import calib_windows, eval_windows, quantize, resolve_model
 from ruyi_quant.recipe import Calibration, Eval, Quantize
@@ -101,6 +104,7 @@ def main() -> None:
                                       "seq_len": a.seq_len, "seed": 0}}
         ours[label] = (fam, time.perf_counter() - t0)
         print(f"{label}: quantized in {ours[label][1]:.0f} s", flush=True)
+    imat = IM.collect(model, calib)
     results, rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -117,6 +121,10 @@ def main() -> None:
                 p = tmp / f"e{e}-llama-{ftype}.gguf"
                 G.llama_quantize(f16, p, ftype)
                 files.append((ftype.upper(), "llama.cpp", p))
+            p = tmp / f"e{e}-llama-q4_k_m-imatrix.gguf"
+            G.llama_quantize(f16, p, "q4_k_m")
+            IM.requantize(f16, p, IM.for_exit(imat, cfg, cfg.exit_index(e)))
+            files.append(("Q4_K_M", "llama.cpp + our imatrix", p))
             for kind, who, p in files:
                 bits, size = bpw(p)
                 s = score(ref[e], llama_logits(p, ev), ev)

@@ -121,7 +121,7 @@ def cmd_quantize(a) -> None:
 def cmd_export(a) -> None:
     from .fsutil import MARKER, atomic_dir, check_output_dir
     from .pipeline import export_gguf, export_hf, open_family
-    from .recipe import GGUFExport, HFExport
+    from .recipe import Calibration, GGUFExport, HFExport
     source, fmt = a.source or a.family, a.format
     if a.family in ("hf", "gguf") and a.source and not Path(a.family).exists():
         fmt = fmt or a.family                  # `export gguf --from X`
@@ -134,14 +134,16 @@ def cmd_export(a) -> None:
     if fmt == "gguf":
         ex = _validated(GGUFExport, exits=_exits(a.exits), type=a.type, embed_type=a.embed_type,
                         head_type=a.head_type, multi=a.multi or a.multi_only,
-                        per_exit=not a.multi_only, name=a.name, license=a.license)
+                        per_exit=not a.multi_only, name=a.name, license=a.license,
+                        imatrix=not a.no_imatrix)
         if source.endswith(".gguf"):
             return _extract_gguf(source, ex, out, a.force)
         fam, tok_dir = open_family(source)
         fam.recipe = fam.recipe or {"model": source}      # a source model: name it after itself
         check_output_dir(out, force=a.force)
         with atomic_dir(out) as tmp:
-            info = export_gguf(fam, tmp, tok_dir, ex)
+            info = export_gguf(fam, tmp, tok_dir, ex,
+                               calib=_validated(Calibration, source=a.calib))
             (tmp / MARKER).write_text(json.dumps({"kind": "export", "format": "gguf", **info},
                                                  indent=2) + "\n")
         for x in info["exits"]:
@@ -323,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--multi-only", action="store_true", help="gguf: only the multi-exit file")
     s.add_argument("--name", help="gguf: general.name (default: the model's name)")
     s.add_argument("--license", help="gguf: general.license (default: the source's, when known)")
+    s.add_argument("--calib", default="builtin:pydoc/calib",
+                   help="gguf K-quants: text of the importance matrix (32 x 256 tokens)")
+    s.add_argument("--no-imatrix", action="store_true",
+                   help="gguf K-quants: llama.cpp's plain rounding, no importance matrix")
     s.add_argument("--force", action="store_true")
     s.set_defaults(func=cmd_export)
 

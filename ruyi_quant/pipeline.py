@@ -166,9 +166,10 @@ def gguf_label(fam: QuantizedFamily, type_: str) -> str:
 
 
 def export_gguf(fam: QuantizedFamily, out_root: Path, tokenizer_dir: Path, ex,
-                progress: bool = True) -> dict:
+                progress: bool = True, calib=None) -> dict:
     """Per-exit GGUF files (each with an Ollama Modelfile) and/or the multi-exit file under
-    out_root (a fresh directory). Returns what was written."""
+    out_root (a fresh directory). Returns what was written. `calib`: the Calibration section
+    that K-quants' importance matrix is computed from (default: the recipe default)."""
     from tqdm.auto import tqdm
     from .exporters import gguf as G
     kquant = ex.type if ex.type in G.K_QUANTS else None
@@ -185,6 +186,14 @@ def export_gguf(fam: QuantizedFamily, out_root: Path, tokenizer_dir: Path, ex,
     exits = exit_list(fam, ex.exits) if ex.per_exit else []
     G.check_gguf(fam, opt)     # refuse a grid GGUF cannot hold before any file or progress bar
     common = G.common_kv(fam, tokenizer_dir, opt)      # the tokenizer, read once for every file
+    imat, imat_kv = None, []
+    if kquant and ex.imatrix and exits:
+        from .exporters import imatrix as IM
+        from .recipe import Calibration
+        cal = calib or Calibration()
+        windows = calib_windows(tokenizer_dir, cal)
+        imat = IM.collect(fam.dequantized_model(), windows, progress)
+        imat_kv = IM.provenance_kv(cal, len(windows))
     for e in tqdm(exits, desc="export gguf", unit="exit", disable=not progress, leave=False):
         d = out_root / f"exit-{e}"
         d.mkdir()
@@ -193,6 +202,11 @@ def export_gguf(fam: QuantizedFamily, out_root: Path, tokenizer_dir: Path, ex,
             info = G.write_exit(fam, e, d / "f16.tmp.gguf", tokenizer_dir, opt, common)
             info.update(bytes=G.llama_quantize(d / "f16.tmp.gguf", d / fname, kquant), file=fname,
                         types=[kquant.upper()])
+            if imat is not None:
+                matrices = IM.for_exit(imat, fam.config, fam.config.exit_index(e))
+                info["imatrix_tensors"] = IM.requantize(d / "f16.tmp.gguf", d / fname, matrices,
+                                                        imat_kv)
+                info["bytes"] = (d / fname).stat().st_size
             (d / "f16.tmp.gguf").unlink()
             G.write_modelfile_for(d / fname)
         else:
@@ -290,7 +304,7 @@ def run_job(job: Job, base: Path, force: bool = False, progress: bool = True,
         for ex, folder in zip(job.export, folders):
             say(f"[{job.name}] exporting {ex.format} -> {folder}/")
             if ex.format == "gguf":
-                export_gguf(fam, tmp / folder, src, ex, progress)
+                export_gguf(fam, tmp / folder, src, ex, progress, calib)
             else:
                 export_hf(fam, tmp / folder, src, ex.exits, ex.weights, ex.dtype, progress)
         summary: dict = {"status": "done", "output": str(out), "method": fam.method,

@@ -117,6 +117,8 @@ class GGUFExport(Strict):
     head_type: GGUFType = "auto"   # a float head's type (a quantized head keeps its grid)
     per_exit: bool = True          # one stock qwen2 file per exit (+ Ollama Modelfile)
     multi: bool = False            # one multi-exit file with the trunk stored once
+    imatrix: bool = True           # K-quants: weigh rounding by an importance matrix that we
+                                   # compute from the job's calibration set
     name: str | None = None        # general.name (default: the model's name)
     license: str | None = None     # general.license (default: the source's, when known)
     folder: str | None = None      # inside the job's output; default gguf-<type>

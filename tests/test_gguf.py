@@ -374,3 +374,60 @@ def test_act_order_needs_static_groups_for_gguf(tiny_dir, eval_ids, tmp_path):
             fam.linear_shape("model.layers.1.mlp.up_proj")[0], -1)
         np.testing.assert_array_equal(decode_blocks(data, T.Q4_0, 128),
                                       fam.weight("model.layers.1.mlp.up_proj").numpy())
+
+
+@needs_llama
+def test_k_quants_with_our_importance_matrix(tmp_path):
+    """Q4_K_M with and without our importance matrix: the same tensor types (llama.cpp's mix);
+    ggml's quantizer called by us without a matrix gives llama.cpp's bytes exactly; with the
+    matrix every re-encoded tensor has a lower matrix-weighted rounding error."""
+    from ruyi_quant.exporters import imatrix as IM
+    from ruyi_quant.pipeline import calib_windows, export_gguf
+    from ruyi_quant.recipe import Calibration, GGUFExport
+    from ruyi_quant.tiny import build_tiny
+    src = build_tiny(tmp_path / "m", hidden=256, intermediate=512, layers=4, exits=(1, 3))
+    model = load_model(src)
+    fam = QuantizedFamily.from_model(model)
+    fam.recipe = {"model": str(src)}
+    cal = Calibration(samples=8, seq_len=64)
+    plain = export_gguf(fam, tmp_path / "p", src, GGUFExport(type="q4_k_m", imatrix=False),
+                        progress=False, calib=cal)
+    weighted = export_gguf(fam, tmp_path / "w", src, GGUFExport(type="q4_k_m"), progress=False,
+                           calib=cal)
+    matrices = IM.collect(model, calib_windows(src, cal), progress=False)
+    for j, e in enumerate(fam.config.exits):
+        G.write_exit(fam, e, tmp_path / "f16.gguf", src, G.GGUFOptions(type="f16"))
+        f16 = tensors_of(tmp_path / "f16.gguf")[0]
+        p, _ = tensors_of(tmp_path / "p" / f"exit-{e}" / plain["exits"][j]["file"])
+        w, kv = tensors_of(tmp_path / "w" / f"exit-{e}" / weighted["exits"][j]["file"])
+        m = IM.for_exit(matrices, fam.config, j)
+        assert kv["quantize.imatrix.dataset"].startswith("builtin:pydoc/calib 8x64")
+        assert {n: t for n, (t, _) in p.items()} == {n: t for n, (t, _) in w.items()}
+        kinds = {p[n][0] for n in p}
+        assert {T.Q4_K, T.Q6_K} <= kinds                      # real K-quant blocks in this test
+        n_changed = 0
+        for name, (qtype, data) in p.items():
+            if qtype in (T.F32, T.F16):
+                continue
+            cols = 512 if "ffn_down" in name else 256           # intermediate / hidden width
+            x = np.frombuffer(f16[name][1], np.float16).astype(np.float32).reshape(-1, cols)
+            np.testing.assert_array_equal(IM.quantize_rows(qtype, x, None).reshape(-1),
+                                          np.frombuffer(data, np.uint8))
+            if name not in m:
+                assert name == "token_embd.weight" and w[name][1] == data   # a lookup: no matrix
+                continue
+            deq = [gguf.quants.dequantize(np.frombuffer(d, np.uint8).reshape(len(x), -1), qtype)
+                   for d in (data, w[name][1])]
+            err = [float((m[name] * (x - d) ** 2).sum()) for d in deq]
+            assert err[1] < err[0], (name, err)
+            n_changed += 1
+        assert n_changed == 7 * (e + 1) + 1 == kv["quantize.imatrix.entries_count"]
+
+
+def test_k_quant_export_with_missing_calibration_text_writes_nothing(tiny_dir, tmp_path, capsys):
+    from ruyi_quant.cli import main
+    code = main(["export", str(tiny_dir), "--format", "gguf", "--type", "q4_k_m", "--calib",
+                 str(tmp_path / "missing.txt"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "missing.txt" in err[0], err
+    assert not (tmp_path / "out").exists()

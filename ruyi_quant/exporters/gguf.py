@@ -274,11 +274,13 @@ def _file_type(arrays) -> gguf.LlamaFileType:
     return FILE_TYPES[max(set(kinds), key=kinds.count)] if kinds else gguf.LlamaFileType.ALL_F32
 
 
-def _write(path: Path, arch: str, kv: list[tuple], arrays) -> int:
+def write_gguf(path: Path, arch: str, kv: list[tuple], arrays, file_type=None) -> int:
+    """Write a GGUF file: key/values [(key, value, type, sub type)], tensors [(name, data,
+    ggml type)], general.file_type (default: the type of most linear weights). Returns its size."""
     w = gguf.GGUFWriter(str(path), arch)
     for key, val, vtype, sub in kv:
         w.add_key_value(key, val, vtype, sub_type=sub)
-    w.add_file_type(_file_type(arrays))
+    w.add_file_type(_file_type(arrays) if file_type is None else file_type)
     for name, data, qtype in arrays:
         if qtype in (T.F32, T.F16):
             w.add_tensor(name, data)
@@ -317,7 +319,7 @@ def write_exit(fam: QuantizedFamily, exit: int, path: Path, tok_dir: Path,
     arrays = exit_arrays(fam, j, opt)
     params = fam.size(fam.exit_tensor_names(j))[0]
     kv = exit_kv(cfg, j, params, base_name(fam, opt)) + (common or common_kv(fam, tok_dir, opt))
-    size = _write(Path(path), ARCH, kv, arrays)
+    size = write_gguf(Path(path), ARCH, kv, arrays)
     write_modelfile(Path(path), kv)
     return {"exit": cfg.exits[j], "file": Path(path).name, "bytes": size,
             "tensor_bytes": sum(int(a.nbytes) for _, a, _ in arrays),
@@ -332,7 +334,7 @@ def write_multi(fam: QuantizedFamily, path: Path, tok_dir: Path,
     kv = [("general.name", base_name(fam, opt), V.STRING, None),
           ("general.size_label", size_label(fam.size()[0]), V.STRING, None),
           ("ruyi.config", json.dumps(fam.config.to_json(), sort_keys=True), V.STRING, None)]
-    size = _write(Path(path), MULTI_ARCH, kv + (common or common_kv(fam, tok_dir, opt)), arrays)
+    size = write_gguf(Path(path), MULTI_ARCH, kv + (common or common_kv(fam, tok_dir, opt)), arrays)
     return {"file": Path(path).name, "bytes": size,
             "tensor_bytes": sum(int(a.nbytes) for _, a, _ in arrays)}
 
@@ -341,6 +343,15 @@ def _field_value(field):
     """(value, value type, sub type) of a GGUFReader field, ready for GGUFWriter."""
     vtype = field.types[0]
     return field.contents(), vtype, (field.types[1] if vtype == V.ARRAY else None)
+
+
+def read_kv(r: gguf.GGUFReader, skip: tuple[str, ...] = ()) -> tuple[list[tuple], str, int]:
+    """A file's key/values ready for write_gguf (less `skip`), its architecture, its file type."""
+    own = ("general.architecture", "general.file_type") + tuple(skip)
+    kv = [(k, *_field_value(f)) for k, f in r.fields.items()
+          if not k.startswith("GGUF.") and k not in own]
+    ft = r.fields.get("general.file_type")
+    return kv, r.fields["general.architecture"].contents(), (ft.contents() if ft else None)
 
 
 def extract_exit(multi_path: Path, exit: int, path: Path) -> dict:
@@ -365,13 +376,10 @@ def extract_exit(multi_path: Path, exit: int, path: Path) -> dict:
         arrays.append((new, np.asarray(t.data), qtype))
         params += int(t.n_elements)
     arrays.sort(key=lambda a: _exit_order(a[0]))
-    skip = {"general.architecture", "general.name", "general.size_label", "general.file_type",
-            "ruyi.config"}
-    kv = [(k, *_field_value(f)) for k, f in r.fields.items()
-          if not k.startswith("GGUF.") and k not in skip]
+    kv = read_kv(r, skip=("general.name", "general.size_label", "ruyi.config"))[0]
     base = r.fields["general.name"].contents()
     kv = exit_kv(cfg, j, params, base) + kv
-    size = _write(Path(path), ARCH, kv, arrays)
+    size = write_gguf(Path(path), ARCH, kv, arrays)
     write_modelfile(Path(path), kv)
     return {"exit": cfg.exits[j], "file": Path(path).name, "bytes": size}
 
@@ -441,8 +449,8 @@ LLAMA_FTYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_1": "LLAMA_FTYPE_MOSTLY_Q
 
 def llama_quantize(src: Path, dst: Path, ftype: str, threads: int = 2) -> int:
     """Re-quantize a float GGUF with llama.cpp's own quantizer (K-quants, or its RTN Q4_0...).
-    Returns the new file's size. llama.cpp's importance-matrix input is a C++ map its C API
-    cannot be given from Python, so these files are made without one."""
+    Returns the new file's size. Its importance-matrix input is a C++ map that Python cannot
+    pass; imatrix.requantize applies ours afterwards."""
     try:
         import llama_cpp
     except ImportError:

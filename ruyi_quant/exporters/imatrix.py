@@ -1,0 +1,142 @@
+"""Importance matrices for llama.cpp's K-quants, computed by us from the calibration set.
+
+llama.cpp's `llama-imatrix` records, for every weight matrix a model multiplies, the mean
+square of each input column over calibration tokens; `llama-quantize --imatrix` then weighs
+each tensor's rounding error by it. Both are command-line programs that llama-cpp-python does
+not ship, and its quantize API takes the matrix only as a C++ map. So:
+
+- `collect` runs our float family over calibration windows once and records the same
+  statistic for every trunk and branch linear and every exit's head (a shared head sees a
+  different input at each exit, so it gets one matrix per exit);
+- `for_exit` names them as exit e's stock GGUF file does;
+- `requantize` takes the file llama.cpp's quantizer wrote (its tensor types, its mix) and
+  re-encodes each tensor that has a matrix with ggml's own `ggml_quantize_chunk` and that
+  matrix, from the same F16 data: the call `llama-quantize --imatrix` makes per tensor.
+  Without a matrix the call reproduces llama.cpp's bytes exactly (tests/test_gguf.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+from torch import nn
+
+from .. import names
+from ..errors import UserError
+
+HEAD_KEY = "head@{j}"          # the input of exit j's head (its norm's output)
+
+
+@torch.no_grad()
+def collect(model, windows: torch.Tensor, progress: bool = True) -> dict[str, torch.Tensor]:
+    """{familial linear module or head@j: mean x^2 per input column} over every window."""
+    from tqdm.auto import tqdm
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def add(key: str, x: torch.Tensor) -> None:
+        x = x.detach().float().reshape(-1, x.shape[-1])
+        sums[key] = sums.get(key, 0) + (x * x).sum(0)
+        counts[key] = counts.get(key, 0) + x.shape[0]
+
+    cfg = model.config
+    heads = {names.head_prefix(cfg.shared_heads, j) for j in range(len(cfg.exits))}
+    hooks = [m.register_forward_pre_hook(lambda _m, args, name=name: add(name, args[0]))
+             for name, m in model.named_modules()
+             if isinstance(m, nn.Linear) and name not in heads]
+    hooks += [norm.register_forward_hook(lambda _m, _a, out, j=j: add(HEAD_KEY.format(j=j), out))
+              for j, norm in enumerate(model.model.norms)]
+    try:
+        for w in tqdm(windows, desc="imatrix", unit="window", disable=not progress, leave=False):
+            model.forward_exits(w[None])
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: sums[k] / counts[k] for k in sums}
+
+
+def for_exit(imatrix: dict[str, torch.Tensor], cfg, j: int) -> dict[str, np.ndarray]:
+    """The matrices of exit j's stock file, by GGUF tensor name (blk.N.attn_q.weight, output.weight)."""
+    pmap = names.exit_module_map(cfg.exits, cfg.num_layers, cfg.shared_heads, j)
+    out = {}
+    for key, v in imatrix.items():
+        if key.startswith("head@"):
+            if key == HEAD_KEY.format(j=j):
+                out[names.gguf_name(f"{names.PLAIN_HEAD}.weight")] = v.numpy().astype(np.float32)
+            continue
+        plain = names.rename(f"{key}.weight", pmap)
+        if plain is not None:
+            out[names.gguf_name(plain)] = v.numpy().astype(np.float32)
+    return out
+
+
+# --- ggml's quantizer -----------------------------------------------------------------------
+
+def _ggml_quantize_chunk():
+    try:
+        from llama_cpp._ggml import libggml
+    except ImportError:
+        raise UserError("an importance matrix needs llama-cpp-python (pip install "
+                        "'ruyi-quant[llama]')") from None
+    f = libggml.ggml_quantize_chunk
+    f.restype = ctypes.c_size_t
+    f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                  ctypes.c_int64, ctypes.c_void_p]
+    return f
+
+
+def quantize_rows(qtype: T, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
+    """ggml_quantize_chunk over every row of a 2-D float matrix: uint8 [rows, row bytes]."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows, cols = x.shape
+    block, type_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    out = np.zeros((rows, cols // block * type_bytes), dtype=np.uint8)
+    qw = None
+    if imatrix is not None:
+        qw = np.ascontiguousarray(imatrix, dtype=np.float32)
+        if qw.shape != (cols,):
+            raise ValueError(f"imatrix of {qw.shape} for a matrix of {cols} columns")
+    n = _ggml_quantize_chunk()(int(qtype), x.ctypes.data, out.ctypes.data, 0, rows, cols,
+                               None if qw is None else qw.ctypes.data)
+    if n != out.nbytes:
+        raise RuntimeError(f"ggml_quantize_chunk wrote {n} bytes, expected {out.nbytes}")
+    return out
+
+
+def provenance_kv(cal, n_windows: int) -> list[tuple]:
+    """llama.cpp's own quantize.imatrix.* keys, naming our calibration set."""
+    from gguf import GGUFValueType as V
+    return [("quantize.imatrix.file", "ruyi-quant (computed in memory)", V.STRING, None),
+            ("quantize.imatrix.dataset", f"{cal.source} {n_windows}x{cal.seq_len} seed {cal.seed}",
+             V.STRING, None),
+            ("quantize.imatrix.chunks_count", n_windows, V.INT32, None)]
+
+
+def requantize(f16_path: Path, quantized_path: Path, imatrix: dict[str, np.ndarray],
+               extra_kv: list[tuple] = ()) -> int:
+    """Re-encode, in place, each quantized tensor of llama.cpp's output that has a matrix, from
+    the F16 file it was made from, with the same type; add `extra_kv` (provenance). Returns how
+    many tensors changed."""
+    from .gguf import read_kv, write_gguf
+    src = {t.name: t for t in gguf.GGUFReader(str(f16_path)).tensors}
+    r = gguf.GGUFReader(str(quantized_path))
+    arrays, changed = [], 0
+    for t in r.tensors:
+        qtype, data = T(t.tensor_type), np.asarray(t.data)
+        if t.name in imatrix and qtype not in (T.F32, T.F16, T.BF16):
+            w = np.asarray(src[t.name].data)
+            data = quantize_rows(qtype, w.reshape(-1, w.shape[-1]), imatrix[t.name]).reshape(data.shape)
+            changed += 1
+        arrays.append((t.name, data, qtype))
+    kv, arch, file_type = read_kv(r)
+    kv += list(extra_kv) + [("quantize.imatrix.entries_count", changed, gguf.GGUFValueType.INT32, None)]
+    tmp = Path(quantized_path).with_suffix(".imatrix.tmp")
+    write_gguf(tmp, arch, kv, arrays, file_type)
+    del r
+    tmp.replace(quantized_path)
+    return changed
