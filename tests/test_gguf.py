@@ -431,3 +431,73 @@ def test_k_quant_export_with_missing_calibration_text_writes_nothing(tiny_dir, t
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "missing.txt" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+# --- Llama sources ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory, tiny_dir):
+    """A plain Llama checkpoint (no biases, HF's rotate-half RoPE) with the tiny tokenizer and
+    a peaked head (the head is a scaled copy of the embeddings)."""
+    import shutil
+    from transformers import LlamaConfig, LlamaForCausalLM
+    d = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=320,
+                                      num_hidden_layers=3, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=256,
+                                      initializer_range=0.08, tie_word_embeddings=False))
+    with torch.no_grad():
+        hf.lm_head.weight.copy_(hf.model.embed_tokens.weight * 40)
+    hf.save_pretrained(d)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_dir / f, d / f)
+    return d
+
+
+@needs_llama
+def test_llama_source_exports_llama_architecture(llama_dir, tmp_path, eval_ids):
+    """A plain Llama checkpoint becomes a stock `llama` file (q/k rows in llama.cpp's RoPE order,
+    no biases) that llama.cpp runs like our model, in F32 and, through a saved int4 family and
+    the multi-exit file, in Q4_0."""
+    from ruyi_quant.checkpoint import save_family
+    model = load_model(llama_dir)
+    ids = eval_ids[0, :96]
+    with torch.no_grad():
+        ref = model(ids[None]).logits[0]
+    G.write_exit(QuantizedFamily.from_model(model), 2, tmp_path / "f32.gguf", llama_dir,
+                 G.GGUFOptions(type="f32"))
+    tensors, kv = tensors_of(tmp_path / "f32.gguf")
+    assert kv["general.architecture"] == "llama" and kv["llama.block_count"] == 3
+    assert not [n for n in tensors if n.endswith(".bias")]
+    kl, top1 = kl_top1(ref, llama_logits(tmp_path / "f32.gguf", ids))
+    assert kl < 1e-3 and top1 >= 0.99, (kl, top1)
+
+    fam = rtn_fam(model, source=str(llama_dir))
+    (tmp_path / "fam").mkdir()
+    save_family(fam, tmp_path / "fam", llama_dir)
+    fam = load_family(tmp_path / "fam")                 # the source architecture survives saving
+    opt = G.GGUFOptions(embed_type="f32", head_type="f32")   # the reference's float head
+    G.write_exit(fam, 2, tmp_path / "q.gguf", llama_dir, opt)
+    G.write_multi(fam, tmp_path / "family.gguf", llama_dir, opt)
+    G.extract_exit(tmp_path / "family.gguf", 2, tmp_path / "x.gguf")
+    direct, kv = tensors_of(tmp_path / "q.gguf")
+    copied, kv_x = tensors_of(tmp_path / "x.gguf")
+    assert direct == copied and kv_x["general.architecture"] == kv["general.architecture"] == "llama"
+    assert direct["blk.0.attn_q.weight"][0] == T.Q4_0
+    with torch.no_grad():
+        ref_q = fam.dequantized_model()(ids[None]).logits[0]
+    kl, top1 = kl_top1(ref_q, llama_logits(tmp_path / "x.gguf", ids))
+    assert kl < 0.02 and top1 >= 0.97, (kl, top1)
+
+
+def test_llama_rope_rows_and_when_llama_is_chosen(llama_dir, tiny_dir):
+    # rows of one head [a0 a1 b0 b1] (rotate-half pairs a_i, b_i) become [a0 b0 a1 b1]
+    x = np.arange(8)[:, None] * np.ones((1, 3))
+    got = G.llama_rope_rows(x, n_head=2)[:, 0]
+    np.testing.assert_array_equal(got, [0, 2, 1, 3, 4, 6, 5, 7])
+    fam = QuantizedFamily.from_model(load_model(llama_dir))
+    assert G.exit_arch(fam) == "llama"
+    fam.tensors["model.layers.1.self_attn.k_proj.bias"][3] = 0.5     # a bias llama cannot hold
+    assert G.exit_arch(fam) == "qwen2"
+    assert G.exit_arch(QuantizedFamily.from_model(load_model(tiny_dir))) == "qwen2"

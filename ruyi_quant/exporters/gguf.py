@@ -1,4 +1,5 @@
-"""GGUF files for llama.cpp and Ollama: one stock `qwen2` file per exit, one multi-exit file.
+"""GGUF files for llama.cpp and Ollama: one stock `qwen2` (or `llama`) file per exit, one
+multi-exit file.
 
 Per-exit file of exit e: the plain model of e+1 blocks (trunk layers 0..e-1, the branch layer as
 block e, the exit's norm and head as output_norm / output). Our int4/int8 grids go in exactly
@@ -29,6 +30,7 @@ from ..quant.rtn import group_index
 from .ggml import NotExact, block_groups, encode_grid, grid_type
 
 ARCH = "qwen2"
+LLAMA_ARCH = "llama"    # plain Llama sources: no q/k/v biases, q/k rows in llama.cpp's rope order
 MULTI_ARCH = "ruyi"
 FLOAT_TYPES = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16}
 TYPES = {**FLOAT_TYPES, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_1": T.Q4_1}
@@ -130,17 +132,44 @@ def encode_module(fam: QuantizedFamily, module: str, opt: GGUFOptions,
     return _float_array(w, types.get(role, types["linear"]), module)
 
 
+def exit_arch(fam: QuantizedFamily) -> str:
+    """`llama` for a plain Llama source whose q/k/v biases are all zero (as loading made them),
+    else `qwen2` (Qwen2 sources, Ruyi families, trained branches with biases)."""
+    if fam.config.source_arch != "llama":
+        return ARCH
+    biases = [t for n, t in fam.tensors.items() if re.search(r"\.[qkv]_proj\.bias$", n)]
+    return LLAMA_ARCH if all(not t.any() for t in biases) else ARCH
+
+
+def llama_rope_rows(data: np.ndarray, n_head: int) -> np.ndarray:
+    """Reorder the output rows of a q or k projection from HF's rotate-half RoPE layout to
+    llama.cpp's interleaved one (what convert_hf_to_gguf does for llama). Whole rows move, so
+    encoded int4/int8 blocks move unchanged."""
+    rows = data.shape[0]
+    return data.reshape(n_head, 2, rows // n_head // 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
+
+
 def family_arrays(fam: QuantizedFamily, modules_and_names, opt: GGUFOptions):
     """[(gguf name, data, type)] for familial tensors, named by `modules_and_names`:
-    a list of (familial tensor name, gguf name); quantized linears appear once as `.weight`."""
+    a list of (familial tensor name, gguf name); quantized linears appear once as `.weight`.
+    For the llama architecture q/k rows are reordered and the (zero) q/k/v biases left out."""
     types = _auto_types(fam, opt)
+    llama = exit_arch(fam) == LLAMA_ARCH
+    raw = fam.config.raw
+    heads = {"attn_q": int(raw["num_attention_heads"]),
+             "attn_k": int(raw.get("num_key_value_heads", raw["num_attention_heads"]))}
     out = []
     for fname, gname in modules_and_names:
         mod, suffix = fname.rsplit(".", 1)
+        if llama and suffix == "bias" and re.search(r"attn_[qkv]\.bias$", gname):
+            continue
         if suffix == "weight" and _role(fam, mod) != "other":
             data, qtype = encode_module(fam, mod, opt, types)
         else:                                   # norms, biases
             data, qtype = fam.tensors[fname].detach().float().numpy(), T.F32
+        kind = gname.rsplit(".", 2)[-2]
+        if llama and kind in heads:
+            data = llama_rope_rows(data, heads[kind])
         out.append((gname, data, qtype))
     return out
 
@@ -245,10 +274,9 @@ def common_kv(fam: QuantizedFamily, tok_dir: Path, opt: GGUFOptions) -> list[tup
     return kv + tokenizer_kv(tok_dir, fam.config.vocab_size)
 
 
-def exit_kv(cfg, j: int, params: int, base_name: str) -> list[tuple]:
-    """The per-exit keys: qwen2 hyperparameters of e+1 blocks, name, size, which exit."""
+def exit_kv(cfg, j: int, params: int, base_name: str, a: str = ARCH) -> list[tuple]:
+    """The per-exit keys: hyperparameters of e+1 blocks for architecture `a`, name, size, exit."""
     e, raw = cfg.exits[j], cfg.raw
-    a = ARCH
     kv = [("general.name", f"{base_name} exit {e}", V.STRING, None),
           ("general.size_label", size_label(params), V.STRING, None),
           (f"{a}.context_length", int(raw.get("max_position_embeddings", 32768)), V.UINT32, None),
@@ -312,14 +340,15 @@ def exit_arrays(fam: QuantizedFamily, j: int, opt: GGUFOptions):
 
 def write_exit(fam: QuantizedFamily, exit: int, path: Path, tok_dir: Path,
                opt: GGUFOptions = GGUFOptions(), common: list[tuple] | None = None) -> dict:
-    """A stock qwen2 GGUF of one exit. `common`: common_kv(fam, tok_dir, opt) when the caller
+    """A stock qwen2 (or llama) GGUF of one exit. `common`: common_kv(fam, tok_dir, opt) when the caller
     writes several files (it reads the tokenizer)."""
     cfg = fam.config
     j = cfg.exit_index(exit)
     arrays = exit_arrays(fam, j, opt)
     params = fam.size(fam.exit_tensor_names(j))[0]
-    kv = exit_kv(cfg, j, params, base_name(fam, opt)) + (common or common_kv(fam, tok_dir, opt))
-    size = write_gguf(Path(path), ARCH, kv, arrays)
+    arch = exit_arch(fam)
+    kv = exit_kv(cfg, j, params, base_name(fam, opt), arch) + (common or common_kv(fam, tok_dir, opt))
+    size = write_gguf(Path(path), arch, kv, arrays)
     write_modelfile(Path(path), kv)
     return {"exit": cfg.exits[j], "file": Path(path).name, "bytes": size,
             "tensor_bytes": sum(int(a.nbytes) for _, a, _ in arrays),
@@ -333,7 +362,8 @@ def write_multi(fam: QuantizedFamily, path: Path, tok_dir: Path,
     arrays = family_arrays(fam, pairs, opt)
     kv = [("general.name", base_name(fam, opt), V.STRING, None),
           ("general.size_label", size_label(fam.size()[0]), V.STRING, None),
-          ("ruyi.config", json.dumps(fam.config.to_json(), sort_keys=True), V.STRING, None)]
+          ("ruyi.config", json.dumps(fam.config.to_json(), sort_keys=True), V.STRING, None),
+          ("ruyi.exit_architecture", exit_arch(fam), V.STRING, None)]
     size = write_gguf(Path(path), MULTI_ARCH, kv + (common or common_kv(fam, tok_dir, opt)), arrays)
     return {"file": Path(path).name, "bytes": size,
             "tensor_bytes": sum(int(a.nbytes) for _, a, _ in arrays)}
@@ -376,10 +406,12 @@ def extract_exit(multi_path: Path, exit: int, path: Path) -> dict:
         arrays.append((new, np.asarray(t.data), qtype))
         params += int(t.n_elements)
     arrays.sort(key=lambda a: _exit_order(a[0]))
-    kv = read_kv(r, skip=("general.name", "general.size_label", "ruyi.config"))[0]
+    kv = read_kv(r, skip=("general.name", "general.size_label", "ruyi.config",
+                          "ruyi.exit_architecture"))[0]
     base = r.fields["general.name"].contents()
-    kv = exit_kv(cfg, j, params, base) + kv
-    size = write_gguf(Path(path), ARCH, kv, arrays)
+    arch = r.fields["ruyi.exit_architecture"].contents() if "ruyi.exit_architecture" in r.fields else ARCH
+    kv = exit_kv(cfg, j, params, base, arch) + kv
+    size = write_gguf(Path(path), arch, kv, arrays)
     write_modelfile(Path(path), kv)
     return {"exit": cfg.exits[j], "file": Path(path).name, "bytes": size}
 

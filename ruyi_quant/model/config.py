@@ -65,6 +65,12 @@ class FamilialConfig:
         return params.get("rope_type", params.get("type", "default")) not in ("default", None)
 
     @property
+    def source_arch(self) -> str:
+        """The plain architecture the trunk came from when it was a plain checkpoint (qwen2 or
+        llama, kept through our saved families), else ruyi_qwen2."""
+        return self.raw.get("source_model_type") or self.source_type
+
+    @property
     def source_dtype(self):
         """The floating dtype the checkpoint was stored in (float32 when it does not say)."""
         import torch
@@ -101,6 +107,8 @@ class FamilialConfig:
                    early_exit_points=list(self.exits), default_early_exit_point=self.default_exit,
                    shared_heads=self.shared_heads, tie_word_embeddings=self.tie_word_embeddings)
         out.update(self.extra)
+        if self.source_type in PLAIN_TYPES:      # a plain checkpoint as a family of one exit
+            out["source_model_type"] = self.source_type
         for k in ("attention_bias", "mlp_bias"):  # llama flags; we always have q/k/v biases now
             out.pop(k, None)
         return out
