@@ -307,10 +307,11 @@ def test_ruyi_mini_gguf_every_exit_in_llama_cpp(tmp_path):
         assert kv["tokenizer.ggml.pre"] == "gpt-2" and kv["general.license"] == "apache-2.0"
         assert kv["qwen2.rope.freq_base"] == 100000.0 and kv["qwen2.block_count"] == e + 1
         # against our dequantized int4 model: the same Q4_1 weights, the tied head kept in f16.
-        # ruyi-mini's early exits are flat (mean top probability 0.25-0.45) and llama.cpp
-        # multiplies Q4 weights with 8-bit-quantized activations, so near-ties flip: measured
-        # over 512 tokens, KL 0.002-0.003 and top-1 95.1-97.7% per exit (F16 files: 100%);
-        # on 128 tokens one exit read 93.0%, so top-1 only guards against gross errors here
+        # llama.cpp multiplies Q4 weights with 8-bit-quantized activations, and that rounding
+        # alone flips ruyi-mini's near-ties: over 512 tokens llama.cpp reads KL 0.002-0.004,
+        # top-1 94-98% per exit, and our own model with the same 8-bit activation rounding
+        # reads the same against itself (benchmarks/llama_cpp_agreement.py; F16 files: 100%),
+        # so top-1 only guards against gross errors here
         path = tmp_path / f"e{e}-f16-head.gguf"
         G.write_exit(fam, e, path, src, G.GGUFOptions(embed_type="f16"))
         kl, top1 = kl_top1(ref_q[e][0], llama_logits(path, ids))
@@ -323,14 +324,14 @@ def test_ruyi_mini_gguf_every_exit_in_llama_cpp(tmp_path):
     assert m["bytes"] - m["tensor_bytes"] <= overhead + 64 * 1024
     assert m["bytes"] <= 1.15 * max(x["bytes"] for x in info["exits"])
     assert sum(x["bytes"] for x in info["exits"]) > 3 * m["bytes"]
-    # the float last exit
-    e = fam.config.exits[-1]
-    G.write_exit(QuantizedFamily.from_model(model), e, tmp_path / "f16.gguf", src,
-                 G.GGUFOptions(type="f16"))
+    # every float exit
     with torch.no_grad():
-        ref = model(ids[None], exit=e).logits[0]
-    kl, top1 = kl_top1(ref, llama_logits(tmp_path / "f16.gguf", ids))
-    assert kl < 1e-3 and top1 >= 0.99, (kl, top1)
+        ref = model.forward_exits(ids[None])
+    for e in fam.config.exits:
+        G.write_exit(QuantizedFamily.from_model(model), e, tmp_path / "f16.gguf", src,
+                     G.GGUFOptions(type="f16"))
+        kl, top1 = kl_top1(ref[e][0], llama_logits(tmp_path / "f16.gguf", ids))
+        assert kl < 1e-3 and top1 >= 0.99, (e, kl, top1)
     llm = llama_cpp.Llama(model_path=str(tmp_path / "f16.gguf"), vocab_only=True, verbose=False)
     hf = AutoTokenizer.from_pretrained(src)(MIXED_TEXT, add_special_tokens=False)["input_ids"]
     assert llm.tokenize(MIXED_TEXT.encode(), add_bos=False, special=False) == hf
