@@ -502,3 +502,21 @@ def test_llama_rope_rows_and_when_llama_is_chosen(llama_dir, tiny_dir):
     fam.tensors["model.layers.1.self_attn.k_proj.bias"][3] = 0.5     # a bias llama cannot hold
     assert G.exit_arch(fam) == "qwen2"
     assert G.exit_arch(QuantizedFamily.from_model(load_model(tiny_dir))) == "qwen2"
+
+
+def test_imatrix_names_follow_the_exit_file():
+    """Trunk layers keep their block, the branch becomes block e, the head input is `output`'s
+    matrix, or `token_embd`'s when the head is tied to the embedding (llama-imatrix's names)."""
+    from ruyi_quant.exporters import imatrix as IM
+    from ruyi_quant.model.config import parse_config
+    from ruyi_quant.tiny import tiny_config
+    imat = {"model.layers.1.mlp.up_proj": torch.ones(4),
+            "model.eelayers.0.mlp.up_proj": 2 * torch.ones(4), "model.layers.5.mlp.up_proj": 3 * torch.ones(4),
+            "head@0": 4 * torch.ones(4), "head@2": 5 * torch.ones(4)}     # exits 2, 3, 5
+    for tied in (False, True):
+        cfg = parse_config({**tiny_config(shared_heads=True), "tie_word_embeddings": tied})
+        got = {k: float(v[0]) for k, v in IM.for_exit(imat, cfg, 0).items()}
+        head = "token_embd.weight" if tied else "output.weight"
+        assert got == {"blk.1.ffn_up.weight": 1.0, "blk.2.ffn_up.weight": 2.0, head: 4.0}, got
+        got = {k: float(v[0]) for k, v in IM.for_exit(imat, cfg, 2).items()}
+        assert got == {"blk.1.ffn_up.weight": 1.0, "blk.5.ffn_up.weight": 3.0, head: 5.0}, got

@@ -412,7 +412,8 @@ def extract_exit(multi_path: Path, exit: int, path: Path) -> dict:
     kv = read_kv(r, skip=("general.name", "general.size_label", "ruyi.config",
                           "ruyi.exit_architecture"))[0]
     base = r.fields["general.name"].contents()
-    arch = r.fields["ruyi.exit_architecture"].contents() if "ruyi.exit_architecture" in r.fields else ARCH
+    arch = r.fields.get("ruyi.exit_architecture")
+    arch = arch.contents() if arch is not None else ARCH
     kv = exit_kv(cfg, j, params, base, arch) + kv
     size = write_gguf(Path(path), arch, kv, arrays)
     write_modelfile(Path(path), kv)

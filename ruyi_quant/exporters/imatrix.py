@@ -66,8 +66,9 @@ def for_exit(imatrix: dict[str, torch.Tensor], cfg, j: int) -> dict[str, np.ndar
     out = {}
     for key, v in imatrix.items():
         if key.startswith("head@"):
-            if key == HEAD_KEY.format(j=j):
-                out[names.gguf_name(f"{names.PLAIN_HEAD}.weight")] = v.numpy().astype(np.float32)
+            if key == HEAD_KEY.format(j=j):       # a tied head multiplies by token_embd itself,
+                head = names.EMBED if cfg.tie_word_embeddings else names.PLAIN_HEAD  # as there
+                out[names.gguf_name(f"{head}.weight")] = v.numpy().astype(np.float32)
             continue
         plain = names.rename(f"{key}.weight", pmap)
         if plain is not None:
