@@ -520,3 +520,29 @@ def test_imatrix_names_follow_the_exit_file():
         assert got == {"blk.1.ffn_up.weight": 1.0, "blk.2.ffn_up.weight": 2.0, head: 4.0}, got
         got = {k: float(v[0]) for k, v in IM.for_exit(imat, cfg, 2).items()}
         assert got == {"blk.1.ffn_up.weight": 1.0, "blk.5.ffn_up.weight": 3.0, head: 5.0}, got
+
+
+@pytest.mark.slow
+@needs_llama
+@needs_smollm2
+def test_smollm2_as_a_llama_file(tmp_path):
+    """The real plain Llama source (SmolLM2-135M: 9 heads, 3 KV heads) as a stock `llama` F16
+    file: llama.cpp's logits match our model's, and greedy chat answers the capital question."""
+    from ruyi_quant.pipeline import eval_windows, resolve_model
+    from ruyi_quant.recipe import Eval
+    src = resolve_model("builtin:smollm2")
+    model = load_model(src)
+    fam = QuantizedFamily.from_model(model)
+    fam.recipe = {"model": "builtin:smollm2"}
+    G.write_exit(fam, 29, tmp_path / "s.gguf", src, G.GGUFOptions(type="f16"))
+    assert tensors_of(tmp_path / "s.gguf")[1]["general.architecture"] == "llama"
+    ids = eval_windows(src, Eval(samples=1, seq_len=256))[0]
+    with torch.no_grad():
+        ref = model(ids[None]).logits[0]
+    kl, top1 = kl_top1(ref, llama_logits(tmp_path / "s.gguf", ids))
+    assert kl < 1e-3 and top1 >= 0.99, (kl, top1)
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "s.gguf"), n_ctx=512, verbose=False, n_threads=2)
+    reply = llm.create_chat_completion([{"role": "user", "content": "What is the capital of France?"}],
+                                       max_tokens=30, temperature=0)["choices"][0]["message"]["content"]
+    llm.close()
+    assert "Paris" in reply, reply
