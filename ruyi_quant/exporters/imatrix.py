@@ -78,13 +78,26 @@ def for_exit(imatrix: dict[str, torch.Tensor], cfg, j: int) -> dict[str, np.ndar
 
 # --- ggml's quantizer -----------------------------------------------------------------------
 
-def _ggml_quantize_chunk():
+def _libggml():
+    """The ggml library inside llama-cpp-python (its loader where it has one, else by file)."""
     try:
-        from llama_cpp._ggml import libggml
+        import llama_cpp
     except ImportError:
         raise UserError("an importance matrix needs llama-cpp-python (pip install "
                         "'ruyi-quant[llama]')") from None
-    f = libggml.ggml_quantize_chunk
+    try:
+        from llama_cpp._ggml import libggml
+        return libggml
+    except (ImportError, AttributeError):
+        libs = sorted(Path(llama_cpp.__file__).parent.glob("lib/*ggml-base*"))
+        if not libs:
+            raise UserError("llama-cpp-python without its ggml library: cannot apply an "
+                            "importance matrix (use imatrix: false)") from None
+        return ctypes.CDLL(str(libs[0]))
+
+
+def _ggml_quantize_chunk():
+    f = _libggml().ggml_quantize_chunk
     f.restype = ctypes.c_size_t
     f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                   ctypes.c_int64, ctypes.c_void_p]
