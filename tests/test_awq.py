@@ -156,7 +156,8 @@ def test_awq_beats_rtn_at_every_exit(awq_run, eval_ids):
     for e in ref:
         kl_rtn, kl_awq = kl_top1(ref[e], rtn[e])[0], kl_top1(ref[e], awq[e])[0]
         print(f"exit {e}: KL rtn {kl_rtn:.3e} awq {kl_awq:.3e}")
-        assert kl_awq < kl_rtn
+        # measured KL ratio AWQ/RTN: 0.92, 0.83, 0.93 (a random model has few salient channels)
+        assert kl_awq < 0.97 * kl_rtn
         # the family (AWQ layout, folded norms) computes exactly what calibration simulated
         assert torch.equal(live[e], awq[e])
 

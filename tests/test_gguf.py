@@ -245,7 +245,8 @@ def test_llama_cpp_runs_float_exits_like_our_model(which, ftype, request, tmp_pa
         with torch.no_grad():
             ref = model(ids[None], exit=e).logits[0]
         kl, top1 = kl_top1(ref, llama_logits(path, ids))
-        assert kl < 1e-3 and top1 >= 0.99, (e, kl, top1)
+        # measured KL 3e-9 to 8.8e-7 (f32 and f16), top-1 100%
+        assert kl < 1e-5 and top1 >= 0.99, (e, kl, top1)
 
 
 @needs_llama
@@ -267,7 +268,8 @@ def test_llama_cpp_runs_int4_exits_like_our_dequantized_model(sym, tiny_dir, tmp
         with torch.no_grad():
             ref = deq(ids[None], exit=e).logits[0]
         kl, top1 = kl_top1(ref, llama_logits(path, ids))
-        assert kl < 0.02 and top1 >= 0.97, (e, kl, top1)
+        # measured KL 4.9e-5 to 2.2e-4, top-1 97.9-100%
+        assert kl < 1e-3 and top1 >= 0.97, (e, kl, top1)
 
 
 @needs_llama
@@ -353,7 +355,8 @@ def test_k_quants_through_llama_cpp(tiny_dir, tmp_path, eval_ids):
     with torch.no_grad():
         ref = model(ids[None], exit=5).logits[0]
     kl, top1 = kl_top1(ref, llama_logits(path, ids))
-    assert kl < 0.01 and top1 >= 0.95, (kl, top1)
+    # measured KL 5.9e-4, top-1 100% (llama.cpp's own Q6_K of the float exit)
+    assert kl < 3e-3 and top1 >= 0.95, (kl, top1)
     with pytest.raises(UserError, match="already quantized"):
         export_gguf(rtn_fam(model), tmp_path / "k2", tiny_dir, GGUFExport(type="q6_k"), progress=False)
 
@@ -473,7 +476,8 @@ def test_llama_source_exports_llama_architecture(llama_dir, tmp_path, eval_ids):
     assert kv["general.architecture"] == "llama" and kv["llama.block_count"] == 3
     assert not [n for n in tensors if n.endswith(".bias")]
     kl, top1 = kl_top1(ref, llama_logits(tmp_path / "f32.gguf", ids))
-    assert kl < 1e-3 and top1 >= 0.99, (kl, top1)
+    # measured KL 6.2e-6, top-1 100%
+    assert kl < 5e-5 and top1 >= 0.99, (kl, top1)
 
     fam = rtn_fam(model, source=str(llama_dir))
     (tmp_path / "fam").mkdir()
@@ -490,6 +494,8 @@ def test_llama_source_exports_llama_architecture(llama_dir, tmp_path, eval_ids):
     with torch.no_grad():
         ref_q = fam.dequantized_model()(ids[None]).logits[0]
     kl, top1 = kl_top1(ref_q, llama_logits(tmp_path / "x.gguf", ids))
+    # measured KL 0.0104, top-1 97.9% (this llama source's RTN grid is coarser than the tiny
+    # qwen2's GPTQ one above, and llama.cpp rounds activations to 8 bits before Q4_0 products)
     assert kl < 0.02 and top1 >= 0.97, (kl, top1)
 
 

@@ -1,0 +1,90 @@
+"""Put each bug that issue 10 names into a copy of the project, one at a time, and run the fast
+quantization tests against it: every bug must fail at least one test.
+
+    python scripts/hand_mutations.py            # all bugs (~6 min on two cores)
+    python scripts/hand_mutations.py M3 M6      # some of them
+
+Prints one row per bug with the tests that failed (a bug no test catches is a gap). The copy
+lives in a temporary directory; the working tree is never changed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = ["tests/test_calibration_oracle.py", "tests/test_gptq.py", "tests/test_awq.py",
+         "tests/test_rtn.py", "tests/test_pack.py"]
+
+CAL = "ruyi_quant/quant/calibrate.py"
+EXIT = ("        if i in cfg.exits and i < n - 1:\n            j = cfg.exits.index(i)\n"
+        "            run_head(j, run_layer(model.branch(j), names.BRANCH_LAYER.format(j=j), xs))\n")
+TRUNK = "        xs = run_layer(model.model.layers[i], names.TRUNK_LAYER.format(i=i), xs)\n"
+
+# name: (what the bug is, file, [(text to find, text to put instead), ...])
+BUGS = {
+    "M1": ("branches calibrated on the float trunk's activations", CAL, [
+        ("    n = cfg.num_layers\n",
+         "    n = cfg.num_layers\n    import copy\n    fmodel, xs_f = copy.deepcopy(model), xs\n"),
+        (EXIT + TRUNK, EXIT.replace(", xs))", ", xs_f))") + TRUNK
+         + "        xs_f = xs_f.map(lambda x, i=i: fmodel.model.layers[i].to(dev)(x, **kw))\n")]),
+    "M2": ("a branch calibrated on trunk layer e's output, not its input", CAL,
+           [(EXIT + TRUNK, TRUNK + EXIT)]),
+    "M3": ("AWQ's activation statistic replaced by ones", "ruyi_quant/quant/awq.py",
+           [("    x_mean = x.abs().mean(0)\n", "    x_mean = torch.ones_like(x.abs().mean(0))\n")]),
+    "M4": ("AWQ never keeps the identity", "ruyi_quant/quant/awq.py",
+           [("    if identity <= losses[best]:\n", "    if False:\n")]),
+    "M5": ("GPTQ without the cross-block error update", "ruyi_quant/quant/gptq.py",
+           [("        W[:, i2:] -= Err @ U[i1:i2, i2:]\n", "        pass\n")]),
+    "M6": ("GPTQ without dead-column handling", "ruyi_quant/quant/gptq.py",
+           [("    H[dead, dead] = 1\n    W[:, dead] = 0\n", "")]),
+    "M7": ("GPTQ never escalates damping", "ruyi_quant/quant/gptq.py",
+           [("    for attempt in range(4):\n", "    for attempt in range(1):\n")]),
+    "M8": ("asymmetric zero point floored instead of rounded", "ruyi_quant/quant/rtn.py",
+           [("    zero = torch.round(-lo / scale.float())\n", "    zero = torch.floor(-lo / scale.float())\n")]),
+}
+
+
+def apply(tree: Path, bug: str) -> None:
+    _, rel, edits = BUGS[bug]
+    path = tree / rel
+    text = path.read_text()
+    for old, new in edits:
+        if text.count(old) != 1:
+            raise SystemExit(f"{bug}: the code it mutates has changed ({rel}); update this script")
+        text = text.replace(old, new)
+    path.write_text(text)
+
+
+def failing_tests(tree: Path) -> list[str]:
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m",
+                          "not slow", "-rf", *TESTS], cwd=tree, capture_output=True, text=True)
+    return sorted({line.split()[1].split("::", 1)[1] for line in out.stdout.splitlines()
+                   if line.startswith("FAILED ")})
+
+
+def main(argv: list[str]) -> int:
+    bugs = argv or list(BUGS)
+    rows = []
+    for bug in bugs:
+        with tempfile.TemporaryDirectory() as tmp:
+            tree = Path(tmp) / "p"
+            shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", ".venv", "out",
+                                                                      "mutants", "__pycache__"))
+            apply(tree, bug)
+            failed = failing_tests(tree)
+        rows.append((bug, BUGS[bug][0], failed))
+        print(f"{bug} {BUGS[bug][0]}: {len(failed)} failing: {', '.join(failed) or 'NONE'}",
+              flush=True)
+    print("\n| bug | what | tests that fail |\n|---|---|---|")
+    for bug, what, failed in rows:
+        print(f"| {bug} | {what} | {len(failed)}: {', '.join(failed) or '**none**'} |")
+    return 1 if any(not f for *_, f in rows) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
