@@ -119,22 +119,23 @@ def gptq_run(request):
 
 def test_gptq_hessians_are_the_quantized_familys_inputs(gptq_run):
     """Each linear's Hessian is 2/n X^T X of its inputs in the finished quantized family.
-    Measured: largest relative difference 1.3e-7 (float summation order, batches of 3);
-    a branch fed the float trunk differs by ~1e-1, one fed trunk layer e's output by ~1."""
+    Measured: largest relative difference 4.7e-7 (float summation order, batches of 3).
+    scripts/hand_mutations.py M1/M2 (a branch fed the float trunk, or trunk layer e's output)
+    fail here."""
     plan, ids, method, deq, _, _ = gptq_run
     oracle = oracle_inputs(deq, ids)
     assert set(method.seen) == set(plan)
     for name in plan:
         x = oracle[name].double()
         h = 2 * x.t() @ x / x.shape[0]
-        assert rel_diff(method.seen[name], h) < 1e-5, name
+        assert rel_diff(method.seen[name], h) < 5e-6, name
 
 
 def test_gptq_grids_are_gptq_on_the_oracle_inputs(gptq_run):
     """gptq_quantize run directly on the oracle's Hessian and the float weight gives the stored
-    grid. Measured: 23 of 25 linears equal code for code; in the others 0.10-0.18% of codes
-    differ (0.53% of the weights: a rounding tie flipped by float summation order, then carried along by GPTQ's error
-    feedback) and their output errors agree to 0.1%."""
+    grid. Measured: 26 of 36 linears (both tiny families) equal weight for weight; in the
+    others at most 0.53% of the weights differ (a rounding tie flipped by float summation
+    order, then carried along by GPTQ's error feedback) and output errors agree within 0.15%."""
     from ruyi_quant.quant.gptq import Hessian
     plan, ids, method, deq, float_weights, fam = gptq_run
     oracle = oracle_inputs(deq, ids)
@@ -152,7 +153,7 @@ def test_gptq_grids_are_gptq_on_the_oracle_inputs(gptq_run):
 @pytest.mark.parametrize("which", ["tiny_dir", "tiny_shared_dir"])
 def test_awq_rounds_against_the_quantized_familys_inputs(which, request):
     """Each linear is clipped and rounded against its inputs in the finished family (folded
-    norms and scaled columns included). Measured: largest relative difference 4e-7."""
+    norms and scaled columns included). Measured: largest relative difference 1.1e-7."""
     model_dir = request.getfixturevalue(which)
     model = load_model(model_dir)
     plan = make_plan(model, QuantSpec(4, 32, False), heads=True)
@@ -163,4 +164,4 @@ def test_awq_rounds_against_the_quantized_familys_inputs(which, request):
     assert set(method.seen) == set(plan)
     for name in plan:
         assert method.seen[name].shape == oracle[name].shape, name
-        assert rel_diff(method.seen[name], oracle[name]) < 1e-5, name
+        assert rel_diff(method.seen[name], oracle[name]) < 2e-6, name

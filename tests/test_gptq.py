@@ -88,15 +88,15 @@ def reference_gptq(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: floa
 def test_lazy_blocks_equal_the_column_by_column_algorithm(spec, block):
     """Without act-order, blocks smaller than K (the cross-block update carries each block's
     errors into every later block) give the column-by-column result. Measured: every weight
-    equal to 1e-6 (fp32 vs fp64 summation); allowed: 0.5% of weights off by one grid step (a
-    rounding tie can go either way), none by more."""
+    equal (fp32 here, fp64 there); allowed: 0.1% of weights off by one grid step (a rounding tie
+    can go either way), none by more."""
     x, w = synthetic()
     hs = hessian_of(x)
     q, s, z, g, _ = gptq_quantize(w, hs, spec, block=block)
     ours, ref = dequantize(q, s, z, g), reference_gptq(w, hs.h, spec)
     step = s.float()[g.long()].t()                                          # [N, K]
     off = (ours - ref).abs() > 1e-5
-    assert off.float().mean() <= 0.005, off.float().mean()
+    assert off.float().mean() <= 0.001, off.float().mean()
     assert ((ours - ref).abs() <= step * 1.001 + 1e-6).all()
 
 
@@ -113,20 +113,20 @@ def test_gptq_dead_inputs_get_zero_weight():
         assert torch.equal(deq[:, dead], torch.zeros(w.shape[0], len(dead))), spec
         assert damp == 0.01
         e_rtn = ((w - dequantize(*rtn_quantize(w, spec))) @ x.t()).norm()
-        assert ((w - deq) @ x.t()).norm() < 0.9 * e_rtn
+        assert ((w - deq) @ x.t()).norm() < 0.9 * e_rtn      # measured 0.83x, 0.85x
 
 
 def test_gptq_singular_hessian_from_duplicated_inputs():
     """Duplicated input columns and fewer rows than columns (rank 64 of 192): H is singular, the
     default damping makes it positive definite without escalation, and GPTQ still beats RTN by
-    its usual margin (measured 0.86x RTN's output error)."""
+    by a margin (measured 0.61x RTN's output error)."""
     x, w = synthetic(m=64)
     x[:, 100:110] = x[:, 10:20]
     spec = QuantSpec(4, 32, True)
     q, s, z, g, damp = gptq_quantize(w, hessian_of(x), spec)
     assert damp == 0.01
     e_rtn = ((w - dequantize(*rtn_quantize(w, spec))) @ x.t()).norm()
-    assert ((w - dequantize(q, s, z, g)) @ x.t()).norm() < 0.92 * e_rtn
+    assert ((w - dequantize(q, s, z, g)) @ x.t()).norm() < 0.7 * e_rtn
 
 
 def test_gptq_damping_escalates_until_positive_definite():

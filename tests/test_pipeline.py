@@ -136,7 +136,7 @@ def test_cli_eval_and_export(tiny_dir, tmp_path, capsys):
     assert [r["exit"] for r in report["rows"]] == [2, 3, 5]
     assert all(r["tokens"] == 128 for r in report["rows"])
     # the reported KL is the mean per-token KL of the saved family against its source, computed
-    # here independently on the same windows (measured agreement 1e-7 relative)
+    # here independently on the same windows (measured: identical; allowed 1e-5 relative)
     from conftest import kl_top1
     from ruyi_quant.checkpoint import load_family
     from ruyi_quant.model.io import load_model
