@@ -210,3 +210,49 @@ def test_awq_heads_beat_rtn(which, request, eval_ids):
         kl_rtn, kl_awq = kl_top1(ref[e], rtn[e])[0], kl_top1(ref[e], awq[e])[0]
         print(f"{which} exit {e}: KL rtn {kl_rtn:.3e} awq {kl_awq:.3e} ratio {kl_awq / kl_rtn:.2f}")
         assert kl_awq < 0.5 * kl_rtn, (e, kl_awq, kl_rtn)
+
+
+@pytest.mark.parametrize("k,gs", [(256, 32), (96, 64)])
+def test_clip_search_stays_within_each_groups_own_range(k, gs):
+    """Clipping bounds are per (row, group): between half and all of that group's own max |w|
+    (AutoAWQ's max_shrink 0.5), found on a partial last group too; some groups get clipped."""
+    x, w = salient(k=k, n=16)
+    w[3, 5] = 0.5                                           # row 3, group 0: ten times the rest
+    spec = QuantSpec(4, gs, True)
+    best = search_clip(x, w, spec)                          # [N, G]
+    groups = -(-k // gs)
+    assert best.shape == (16, groups)
+    pad = -k % gs
+    own = torch.nn.functional.pad(w.abs(), (0, pad)).reshape(16, groups, gs).amax(-1)
+    assert (best <= own * (1 + 1e-6)).all() and (best >= 0.5 * own * (1 - 1e-6)).all()
+    assert (best < own * (1 - 1e-6)).any()
+
+
+class RecordingAWQ(AWQ):
+    """AWQ that keeps each linear's (scaled) float weight as it goes into clip-and-round."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.before: dict = {}
+
+    def quantize_linear(self, linear, name, x, spec, fam, clip=True):
+        self.before[name] = linear.weight.detach().float().clone()
+        super().quantize_linear(linear, name, x, spec, fam, clip)
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_clipping_applies_where_awq_clips(clip, tiny_dir):
+    """With clipping off, every linear is plain RTN of its scaled weight; with it on, q/k stay
+    plain RTN (clipping them hurts attention, as AutoAWQ) and the other linears and the heads
+    are clipped (their grids differ from RTN's)."""
+    model = load_model(tiny_dir)
+    spec = QuantSpec(4, 32, False)
+    plan = make_plan(model, spec, heads=True)
+    method = RecordingAWQ(clip=clip)
+    fam = calibrate(model, plan, calib_windows(tiny_dir, 4, 64), method, progress=False)
+    plain = {m: torch.equal(fam.weight(m), fake_quantize(method.before[m], spec)) for m in plan}
+    if not clip:
+        assert all(plain.values())
+        return
+    assert all(plain[m] for m in plan if m.endswith(("q_proj", "k_proj")))
+    assert not any(plain[m] for m in plan if not m.endswith(("q_proj", "k_proj")))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ruyi_quant.quant.pack import (dequantize, from_gptq, pack_cols, pack_rows, to_gptq,
+from ruyi_quant.quant.pack import (dequantize, from_awq, from_gptq, pack_cols, pack_rows, to_gptq,
                                    unpack_cols, unpack_rows)
 from ruyi_quant.quant.plan import QuantSpec
 from ruyi_quant.quant.rtn import rtn_quantize
@@ -131,3 +131,37 @@ def test_awq_pack_matches_autoawq_layout():
     ours = awq_pack(q).numpy().view(np.uint32)
     assert np.array_equal(ours, autoawq_pack(q.numpy()))
     assert torch.equal(awq_unpack(awq_pack(q)), q.to(torch.int32))
+
+
+@pytest.mark.parametrize("bits,n,k,gs,fits", [(4, 16, 64, 32, True), (4, 16, 64, -1, True),
+                                              (3, 16, 64, 32, False), (4, 12, 64, 32, False),
+                                              (4, 16, 96, 64, False), (8, 16, 64, 32, False)])
+def test_awq_layout_takes_exactly_what_fits(bits, n, k, gs, fits):
+    """AWQ's gemm layout: 4 bits, out_features a multiple of 8, K a multiple of the group size
+    (or one group); awq_fits says so and to_awq refuses the rest with the reason."""
+    from ruyi_quant.quant.pack import awq_fits, to_awq
+    assert awq_fits(k, n, bits, gs) is fits
+    spec = QuantSpec(bits, gs, False)
+    grid = rtn_quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)), spec)
+    if fits:
+        t = to_awq(*grid, bits)
+        q, s, z, g = from_awq(t, gs)
+        assert torch.equal(q.long(), grid[0]) and torch.equal(z.long(), grid[2])
+        assert torch.equal(g.long(), grid[3].long()) and torch.equal(s, grid[1])
+    else:
+        why = "4-bit weights with out_features % 8" if bits != 4 or n % 8 else "divisible by the group"
+        with pytest.raises(ValueError, match=why):
+            to_awq(*grid, bits)
+
+
+def test_awq_refuses_act_order_groups():
+    from ruyi_quant.quant.pack import to_awq
+    q, s, z, g = rtn_quantize(torch.randn(16, 64), QuantSpec(4, 32, False))
+    with pytest.raises(ValueError, match="no act-order"):
+        to_awq(q, s, z, g.flip(0), 4)
+
+
+def test_gptq_v1_refuses_zero_below_one():
+    q, s, z, g = rtn_quantize(torch.randn(8, 64), QuantSpec(4, 32, False))
+    with pytest.raises(ValueError, match="zeros must be >= 1"):
+        to_gptq(q, s, z * 0, g, 4)
