@@ -251,8 +251,22 @@ def test_clipping_applies_where_awq_clips(clip, tiny_dir):
     method = RecordingAWQ(clip=clip)
     fam = calibrate(model, plan, calib_windows(tiny_dir, 4, 64), method, progress=False)
     plain = {m: torch.equal(fam.weight(m), fake_quantize(method.before[m], spec)) for m in plan}
+    assert any(r is not None for k, r in method.ratios.items() if k.startswith("model."))
     if not clip:
         assert all(plain.values())
         return
     assert all(plain[m] for m in plan if m.endswith(("q_proj", "k_proj")))
     assert not any(plain[m] for m in plan if not m.endswith(("q_proj", "k_proj")))
+
+
+def test_skipped_linears_leave_the_rest_of_the_layer_to_awq(tiny_dir):
+    """Layer 1's attention skipped (kept float): its pairs are not smoothed, but the MLP pairs
+    after them are, and every planned linear is still quantized."""
+    from ruyi_quant.quant.plan import Override
+    model = load_model(tiny_dir)
+    plan = make_plan(model, QuantSpec(4, 32, False), overrides=[Override("model.layers.1.self_attn.*", skip=True)])
+    method = AWQ()
+    fam = calibrate(model, plan, calib_windows(tiny_dir, 4, 64), method, progress=False)
+    assert set(fam.modules) == set(plan)
+    assert "model.layers.1.input_layernorm" not in method.ratios
+    assert {"model.layers.1.post_attention_layernorm", "model.layers.1.mlp.up_proj"} <= set(method.ratios)
