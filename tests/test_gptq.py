@@ -204,3 +204,33 @@ def test_offloaded_activations_give_the_same_family(tiny_dir, eval_ids):
     assert fams[0].tensors.keys() == fams[1].tensors.keys()
     for k, v in fams[0].tensors.items():
         assert torch.equal(v, fams[1].tensors[k]), k
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_static_groups_are_the_unmodified_weights_grids(act_order):
+    """static_groups fixes each group's grid from the weights before any error feedback: the
+    scales and zeros are exactly RTN's, group for group, and g_idx is the plain column order."""
+    x, w = synthetic()
+    spec = QuantSpec(4, 32, False)
+    q, s, z, g, _ = gptq_quantize(w, hessian_of(x), spec, act_order=act_order, static_groups=True)
+    _, s_rtn, z_rtn, g_rtn = rtn_quantize(w, spec)
+    assert torch.equal(s, s_rtn) and torch.equal(z, z_rtn) and torch.equal(g, g_rtn)
+
+
+def test_gptq_method_records_escalated_damping():
+    """The calibration method reports which linears needed more damping than asked for."""
+    class Fam:
+        def set_quantized(self, *args):
+            self.args = args
+    k = 64
+    g = torch.Generator().manual_seed(3)
+    basis, _ = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64))
+    eig = torch.linspace(0.5, 1.5, k, dtype=torch.float64)
+    eig[0] = -0.05 * eig[1:].sum() / (k + 0.05)
+    bad = Hessian(h=((basis * eig) @ basis.t()).float(), n=1000)
+    good = hessian_of(torch.randn(256, k, generator=g))
+    method, fam = GPTQ(), Fam()
+    for name, hs in (("a", good), ("b", bad)):
+        method.quantize_linear(torch.nn.Linear(k, 16, bias=False), name, hs, QuantSpec(4, 32, True), fam)
+    assert method.damp_used == {"b": pytest.approx(0.1)}
+    assert fam.args[0] == "b"

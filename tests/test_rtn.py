@@ -68,3 +68,15 @@ def test_plan_heads(tiny_dir, tiny_shared_dir):
 def test_bad_grid_refused(bits, group):
     with pytest.raises(UserError):
         QuantSpec(bits, group, True)
+
+
+@pytest.mark.parametrize("k,gs", [(96, 64), (320, 128), (64, -1)])
+def test_fake_quantize_is_rtn_dequantized(k, gs):
+    """The all-groups-at-once RTN used by AWQ's searches equals quantize-then-dequantize,
+    including a partial last group (K not a multiple of the group size)."""
+    from ruyi_quant.quant.pack import dequantize
+    from ruyi_quant.quant.rtn import fake_quantize, rtn_quantize
+    for sym in (True, False):
+        spec = QuantSpec(4, gs, sym)
+        w = torch.randn(24, k, generator=torch.Generator().manual_seed(k)) * 0.05
+        assert torch.equal(fake_quantize(w, spec), dequantize(*rtn_quantize(w, spec)))
