@@ -270,3 +270,14 @@ def test_skipped_linears_leave_the_rest_of_the_layer_to_awq(tiny_dir):
     assert set(fam.modules) == set(plan)
     assert "model.layers.1.input_layernorm" not in method.ratios
     assert {"model.layers.1.post_attention_layernorm", "model.layers.1.mlp.up_proj"} <= set(method.ratios)
+
+
+def test_sample_rows_is_deterministic_and_keeps_small_inputs_whole():
+    from ruyi_quant.quant.awq import sample_rows
+    x = torch.randn(4, 50, 3)                                          # 200 rows of K = 3
+    assert torch.equal(sample_rows(x, 200), x.reshape(200, 3))         # at the limit: all, in order
+    a, b = sample_rows(x, 64), sample_rows(x, 64)
+    assert a.shape == (64, 3) and torch.equal(a, b)                    # the same rows every time
+    rows = {tuple(r.tolist()) for r in x.reshape(200, 3)}
+    assert len({tuple(r.tolist()) for r in a}) == 64 and all(tuple(r.tolist()) in rows for r in a)
+    assert not torch.equal(sample_rows(x, 64, seed=1), a)

@@ -78,6 +78,17 @@ def test_asymmetric_mins_are_fp16_numbers():
         assert mag < 1e-3 or float(((scale.double() - plain).abs() / plain)[big].max()) < 0.01
 
 
+def test_asymmetric_grid_whose_mins_are_not_fp16_is_refused():
+    """Q4_1 stores m = -scale*zero in fp16: a grid whose mins are not fp16 numbers (an fp16
+    scale not rounded by exact_min_scale) cannot be written exactly, and is refused."""
+    q = torch.randint(0, 16, (64, 4), generator=torch.Generator().manual_seed(0))
+    scales = torch.full((2, 4), 0.0123, dtype=torch.float16)            # 11 significant bits
+    zeros = torch.full((2, 4), 7)
+    assert ((-(scales.double() * 7)).half().double() != -(scales.double() * 7)).all()
+    with pytest.raises(NotExact, match="not fp16 numbers"):
+        encode_grid(q, scales, zeros, torch.arange(64) // 32, 4, False)
+
+
 def test_grids_ggml_cannot_hold_are_refused():
     w = torch.randn(16, 64)
     with pytest.raises(NotExact, match="32-column blocks"):
