@@ -234,3 +234,17 @@ def test_gptq_method_records_escalated_damping():
         method.quantize_linear(torch.nn.Linear(k, 16, bias=False), name, hs, QuantSpec(4, 32, True), fam)
     assert method.damp_used == {"b": pytest.approx(0.1)}
     assert fam.args[0] == "b"
+
+
+def test_too_few_calibration_tokens_warn_on_stderr(tiny_dir, capsys):
+    """Fewer tokens than the widest layer's inputs (320 here) make its Hessian singular: one
+    warning line on stderr says how many tokens to use; enough tokens, no warning."""
+    from ruyi_quant.quant.calibrate import check_tokens
+    model = load_model(tiny_dir)
+    plan = make_plan(model, QuantSpec(4, 32, True))
+    check_tokens(plan, model, 256)
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("ruyi-quant: warning: calibration has 256 tokens")
+    assert "use at least 320 tokens" in err and err.count("\n") == 1
+    check_tokens(plan, model, 320)
+    assert capsys.readouterr() == ("", "")
