@@ -63,7 +63,7 @@ def test_awq_scales_follow_the_activations(spec):
     ref = x @ w.t()
     e_rtn = (x @ fake_quantize(w, spec).t() - ref).norm()
     s, r, _ = search_scales(x, [w], spec)
-    assert r is not None and r > 0
+    assert r is not None and 0 < r < 1
     others = torch.ones_like(s, dtype=torch.bool)
     others[idx] = False
     assert set(torch.topk(s, len(idx)).indices.tolist()) == set(idx.tolist())
@@ -281,3 +281,16 @@ def test_sample_rows_is_deterministic_and_keeps_small_inputs_whole():
     rows = {tuple(r.tolist()) for r in x.reshape(200, 3)}
     assert len({tuple(r.tolist()) for r in a}) == 64 and all(tuple(r.tolist()) in rows for r in a)
     assert not torch.equal(sample_rows(x, 64, seed=1), a)
+
+
+def test_fold_divides_the_feeding_ops_outputs():
+    """Folding s into the op that feeds a pair divides that op's outputs by s: an RMSNorm's
+    weight, or a linear's rows and bias (v_proj -> o_proj when the shapes fit)."""
+    from ruyi_quant.quant.awq import fold
+    g = torch.Generator().manual_seed(5)
+    lin = torch.nn.Linear(6, 4, bias=True)
+    x, s = torch.randn(3, 6, generator=g), torch.rand(4, generator=g) + 0.5
+    with torch.no_grad():
+        y = lin(x)
+        fold(lin, s)
+        assert torch.allclose(lin(x), y / s, atol=1e-6)
