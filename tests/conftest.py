@@ -47,3 +47,26 @@ def kl_top1(ref: torch.Tensor, q: torch.Tensor) -> tuple[float, float]:
     lp, lq = ref.float().log_softmax(-1), q.float().log_softmax(-1)
     kl = (lp.exp() * (lp - lq)).sum(-1).mean().item()
     return kl, (lp.argmax(-1) == lq.argmax(-1)).float().mean().item()
+
+
+def calib_ids(model_dir, n: int, t: int) -> torch.Tensor:
+    """n random windows of t tokens of builtin:pydoc/calib, as a job's calibration takes them."""
+    from ruyi_quant.pipeline import calib_windows
+    from ruyi_quant.recipe import Calibration
+    return calib_windows(model_dir, Calibration(samples=n, seq_len=t))
+
+
+def recording(method_cls):
+    """A calibration method that also keeps, per linear, the statistic it quantized against
+    (`seen`: GPTQ's Hessian or AWQ's activation rows) and the float weight it started from
+    (`before`: AWQ's scaled weight)."""
+    class Recording(method_cls):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.seen, self.before = {}, {}
+
+        def quantize_linear(self, linear, name, stat, spec, fam, **kw):
+            self.seen[name] = (stat.h if hasattr(stat, "h") else stat).clone()
+            self.before[name] = linear.weight.detach().float().clone()
+            super().quantize_linear(linear, name, stat, spec, fam, **kw)
+    return Recording

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import kl_top1
+from conftest import calib_ids, kl_top1, recording
 from ruyi_quant.checkpoint import load_family, save_family
 from ruyi_quant.model.io import load_model
 from ruyi_quant.quant.awq import AWQ, apply_clip, search_clip, search_scales
@@ -28,10 +28,7 @@ def salient(k=256, n=96, m=2048, seed=0, with_index=False):
 
 
 def calib_windows(model_dir, n=16, t=128):
-    from ruyi_quant.data import load_text, random_windows, tokenize
-    from ruyi_quant.pipeline import load_tokenizer
-    ids = tokenize(load_tokenizer(model_dir), load_text("builtin:pydoc/calib"))
-    return random_windows(ids, n, t, 0, "calib")
+    return calib_ids(model_dir, n, t)
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(4, 32, True), QuantSpec(4, 64, False),
@@ -228,16 +225,7 @@ def test_clip_search_stays_within_each_groups_own_range(k, gs):
     assert (best < own * (1 - 1e-6)).any()
 
 
-class RecordingAWQ(AWQ):
-    """AWQ that keeps each linear's (scaled) float weight as it goes into clip-and-round."""
-
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.before: dict = {}
-
-    def quantize_linear(self, linear, name, x, spec, fam, clip=True):
-        self.before[name] = linear.weight.detach().float().clone()
-        super().quantize_linear(linear, name, x, spec, fam, clip)
+RecordingAWQ = recording(AWQ)
 
 
 @pytest.mark.parametrize("clip", [True, False])

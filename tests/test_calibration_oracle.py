@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import calib_ids, recording
 from ruyi_quant import names
 from ruyi_quant.model.io import load_model
 from ruyi_quant.quant.awq import AWQ
@@ -28,28 +29,7 @@ from ruyi_quant.quant.pack import dequantize
 from ruyi_quant.quant.plan import QuantSpec, make_plan
 
 
-class RecordingGPTQ(GPTQ):
-    """GPTQ that keeps the Hessian each linear was quantized against."""
-
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.seen: dict[str, torch.Tensor] = {}
-
-    def quantize_linear(self, linear, name, hs, spec, fam):
-        self.seen[name] = hs.h.clone()
-        super().quantize_linear(linear, name, hs, spec, fam)
-
-
-class RecordingAWQ(AWQ):
-    """AWQ that keeps the activation rows each linear was clipped and rounded against."""
-
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.seen: dict[str, torch.Tensor] = {}
-
-    def quantize_linear(self, linear, name, x, spec, fam, clip=True):
-        self.seen[name] = x.clone()
-        super().quantize_linear(linear, name, x, spec, fam, clip)
+RecordingGPTQ, RecordingAWQ = recording(GPTQ), recording(AWQ)
 
 
 def oracle_inputs(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -92,13 +72,6 @@ def oracle_inputs(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     return out
 
 
-def calib_windows(model_dir, n: int = 8, t: int = 64) -> torch.Tensor:
-    from ruyi_quant.data import load_text, random_windows, tokenize
-    from ruyi_quant.pipeline import load_tokenizer
-    ids = tokenize(load_tokenizer(model_dir), load_text("builtin:pydoc/calib"))
-    return random_windows(ids, n, t, 0, "calib")                                # [8, 64]
-
-
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
@@ -111,7 +84,7 @@ def gptq_run(request):
     float_weights = {n: m.weight.detach().clone() for n, m in model.named_modules()
                      if isinstance(m, nn.Linear)}
     plan = make_plan(model, QuantSpec(4, 32, True), heads=True)
-    ids = calib_windows(model_dir)
+    ids = calib_ids(model_dir, 8, 64)
     method = RecordingGPTQ()
     fam = calibrate(model, plan, ids, method, batch=3, progress=False)
     return plan, ids, method, fam.dequantized_model(), float_weights, fam
@@ -157,7 +130,7 @@ def test_awq_rounds_against_the_quantized_familys_inputs(which, request):
     model_dir = request.getfixturevalue(which)
     model = load_model(model_dir)
     plan = make_plan(model, QuantSpec(4, 32, False), heads=True)
-    ids = calib_windows(model_dir)
+    ids = calib_ids(model_dir, 8, 64)
     method = RecordingAWQ(max_tokens=10**9)          # no row sampling: rows compare one to one
     fam = calibrate(model, plan, ids, method, batch=3, progress=False, layout="gptq")
     oracle = oracle_inputs(fam.dequantized_model(), ids)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import kl_top1
+from conftest import calib_ids, kl_top1
 from ruyi_quant.errors import UserError
 from ruyi_quant.model.io import load_model
 from ruyi_quant.quant.calibrate import calibrate
@@ -129,18 +129,22 @@ def test_gptq_singular_hessian_from_duplicated_inputs():
     assert ((w - dequantize(q, s, z, g)) @ x.t()).norm() < 0.7 * e_rtn
 
 
+def indefinite_hessian(k: int) -> Hessian:
+    """A Hessian with one eigenvalue at -5% of its mean diagonal, the rest in [0.5, 1.5]."""
+    g = torch.Generator().manual_seed(3)
+    basis, _ = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64))
+    eig = torch.linspace(0.5, 1.5, k, dtype=torch.float64)
+    eig[0] = -0.05 * eig[1:].sum() / (k + 0.05)             # -5% of the mean eigenvalue
+    return Hessian(h=((basis * eig) @ basis.t()).float(), n=1000)
+
+
 def test_gptq_damping_escalates_until_positive_definite():
     """A Hessian with one eigenvalue at -5% of its mean diagonal: 1% damping leaves it
     indefinite, 10% (one escalation) is the first that works, and the result is exactly that of
     asking for 10% in the first place."""
     k = 64
-    g = torch.Generator().manual_seed(3)
-    basis, _ = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64))
-    eig = torch.linspace(0.5, 1.5, k, dtype=torch.float64)
-    eig[0] = -0.05 * eig[1:].sum() / (k + 0.05)             # -5% of the mean eigenvalue
-    h = (basis * eig) @ basis.t()
-    hs = Hessian(h=h.float(), n=1000)
-    w = torch.randn(16, k, generator=g)
+    hs = indefinite_hessian(k)
+    w = torch.randn(16, k, generator=torch.Generator().manual_seed(4))
     spec = QuantSpec(4, 32, True)
     *grid, damp = gptq_quantize(w, hs, spec, damp=0.01)
     assert damp == pytest.approx(0.1)
@@ -157,10 +161,7 @@ def test_gptq_not_positive_definite_names_layer():
 
 @pytest.mark.parametrize("heads", [False, True])
 def test_gptq_beats_rtn_at_every_exit(tiny_dir, eval_ids, heads):
-    from ruyi_quant.data import load_text, random_windows, tokenize
-    from ruyi_quant.pipeline import load_tokenizer
-    calib = random_windows(tokenize(load_tokenizer(tiny_dir), load_text("builtin:pydoc/calib")),
-                           16, 128, 0, "calib")
+    calib = calib_ids(tiny_dir, 16, 128)
     model = load_model(tiny_dir)
     spec = QuantSpec(4, 32, True)
     plan = make_plan(model, spec, heads=heads)
@@ -223,12 +224,8 @@ def test_gptq_method_records_escalated_damping():
         def set_quantized(self, *args):
             self.args = args
     k = 64
-    g = torch.Generator().manual_seed(3)
-    basis, _ = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64))
-    eig = torch.linspace(0.5, 1.5, k, dtype=torch.float64)
-    eig[0] = -0.05 * eig[1:].sum() / (k + 0.05)
-    bad = Hessian(h=((basis * eig) @ basis.t()).float(), n=1000)
-    good = hessian_of(torch.randn(256, k, generator=g))
+    bad = indefinite_hessian(k)
+    good = hessian_of(torch.randn(256, k, generator=torch.Generator().manual_seed(4)))
     method, fam = GPTQ(), Fam()
     for name, hs in (("a", good), ("b", bad)):
         method.quantize_linear(torch.nn.Linear(k, 16, bias=False), name, hs, QuantSpec(4, 32, True), fam)
