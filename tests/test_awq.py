@@ -282,3 +282,126 @@ def test_fold_divides_the_feeding_ops_outputs():
         y = lin(x)
         fold(lin, s)
         assert torch.allclose(lin(x), y / s, atol=1e-6)
+
+
+def awq_scales_by_hand(x, w, spec, r):
+    """AWQ's scales for one ratio r, written out group by group from the paper's formula:
+    s = mean|x|^r / mean|w~|^(1-r), w~ = |w| divided by its own (row, group) max, normalised
+    so that max(s) * min(s) = 1 (as AutoAWQ)."""
+    n, k = w.shape
+    gs = k if spec.group_size == -1 else spec.group_size
+    rel = torch.empty(n, k)
+    for j in range(0, k, gs):                               # the last group may be partial
+        block = w[:, j:j + gs].abs()
+        rel[:, j:j + gs] = block / block.amax(1, keepdim=True).clamp(min=1e-8)
+    s = (x.abs().mean(0) ** r / (rel.mean(0) ** (1 - r)).clamp(min=1e-4)).clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+@pytest.mark.parametrize("k,spec,x_scale", [(80, QuantSpec(4, 64, False), 1.0),
+                                            (96, QuantSpec(4, 32, True), 0.01),
+                                            (128, QuantSpec(4, -1, True), 1.0)])
+def test_scale_search_matches_the_formula_per_group(k, spec, x_scale):
+    """Every candidate's loss and the chosen scales equal the formula computed by hand with the
+    weight statistic taken per (row, group) (a partial last group at K = 80 / group 64; groups
+    of very different size, so a per-row statistic would differ), small activations (the
+    1e-4 floor on s matters) and large ones."""
+    x, w = salient(k=k, n=24)
+    x = x * x_scale
+    w[:, : k // 2] *= 8                                     # groups of different magnitude
+    ref = x @ w.t()
+    s, r, losses = search_scales(x, [w], spec, n_grid=10)
+    assert len(losses) == 10
+    for i, loss in enumerate(losses):
+        sh = awq_scales_by_hand(x, w, spec, i / 10)
+        by_hand = (x @ (fake_quantize(w * sh, spec) / sh).t() - ref).pow(2).mean().item()
+        assert loss == pytest.approx(by_hand, rel=1e-5)
+    assert r is not None and losses[round(r * 10)] == min(losses)
+    torch.testing.assert_close(s, awq_scales_by_hand(x, w, spec, r), rtol=1e-6, atol=0)
+
+
+def test_scale_search_reports_no_scaling_when_every_candidate_is_the_identity():
+    """Activations and weights of one magnitude on every channel: every candidate s is all
+    ones, its loss ties the identity's exactly, and the search says "no scaling" (r None),
+    not a ratio."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(0, 2, (256, 64), generator=g).float() * 2 - 1
+    w = (torch.randint(0, 2, (16, 64), generator=g).float() * 2 - 1) * 0.1
+    s, r, losses = search_scales(x, [w], QuantSpec(4, 32, False), n_grid=5)
+    assert r is None and torch.equal(s, torch.ones(64))
+    identity = (x @ fake_quantize(w, QuantSpec(4, 32, False)).t() - x @ w.t()).pow(2).mean().item()
+    assert losses == [identity] * 5
+
+
+@pytest.mark.parametrize("k,spec,dead", [(80, QuantSpec(4, 64, False), True),
+                                         (96, QuantSpec(4, 32, True), False)])
+def test_clip_search_equals_a_group_by_group_search(k, spec, dead):
+    """search_clip against the search written out for one (row, group) at a time: shrink
+    factors 1, 0.95, ... 0.55, the first (least) shrink with the smallest output error wins, so
+    a group whose inputs are all zero keeps its whole range."""
+    x, w = salient(k=k, n=6, m=256)
+    if dead:
+        x[:, 64:] = 0                                       # the partial last group sees nothing
+    gs = spec.group_size
+    best = search_clip(x, w, spec, n_grid=20, max_shrink=0.5)
+    for row in range(w.shape[0]):
+        for gi, j in enumerate(range(0, k, gs)):
+            wg, xg = w[row, j:j + gs], x[:, j:j + gs]
+            org = wg.abs().max()
+            errs = []
+            for i in range(10):
+                mx = org * (1 - i / 20)
+                qg = fake_quantize(wg.clamp(-mx, mx).unsqueeze(0), spec)[0]
+                errs.append((xg @ (qg - wg)).pow(2).mean().item())
+            i_best = min(range(10), key=lambda i: (errs[i], i))
+            assert best[row, gi].item() == pytest.approx((org * (1 - i_best / 20)).item(), rel=1e-6)
+    if dead:
+        assert torch.equal(best[:, 1], w[:, 64:].abs().amax(1))
+
+
+@pytest.mark.parametrize("m,rows", [(100, "all"), (700, "first 512"), (2048, "every 4th")])
+def test_clipping_searches_at_most_512_evenly_strided_rows(monkeypatch, m, rows):
+    """The clipping search sees at most CLIP_TOKENS (512) activation rows: all of them when there
+    are fewer, otherwise every (m // 512)-th row, the first 512 of those (as AutoAWQ)."""
+    import ruyi_quant.quant.awq as awq_mod
+    seen = []
+    monkeypatch.setattr(awq_mod, "search_clip", lambda xc, w, *a: seen.append(xc) or w.abs().amax(1, keepdim=True))
+
+    class Fam:
+        def set_quantized(self, *a):
+            pass
+
+    x = torch.randn(m, 32)
+    AWQ().quantize_linear(torch.nn.Linear(32, 8, bias=False), "l", x, QuantSpec(4, -1, True), Fam())
+    want = {"all": x, "first 512": x[:512], "every 4th": x[0::4]}[rows]
+    assert torch.equal(seen[0], want)
+
+
+def test_awq_options_reach_every_search(monkeypatch, tiny_dir):
+    """AWQ(n_grid, max_shrink) are the grids every scale and clip search runs on, layers and
+    heads alike (not the functions' defaults)."""
+    import inspect
+    import ruyi_quant.quant.awq as awq_mod
+    calls = []
+
+    def spy(fn):
+        sig = inspect.signature(fn)
+
+        def wrapped(*a, **kw):
+            bound = sig.bind(*a, **kw)
+            bound.apply_defaults()
+            calls.append((fn.__name__, dict(bound.arguments)))
+            return fn(*a, **kw)
+        return wrapped
+
+    monkeypatch.setattr(awq_mod, "search_scales", spy(awq_mod.search_scales))
+    monkeypatch.setattr(awq_mod, "search_clip", spy(awq_mod.search_clip))
+    model = load_model(tiny_dir)
+    plan = make_plan(model, QuantSpec(4, 32, True), heads=True)
+    calibrate(model, plan, calib_windows(tiny_dir, n=4, t=64), AWQ(n_grid=4, max_shrink=0.25),
+              progress=False)
+    scale_calls = [a for f, a in calls if f == "search_scales"]
+    clip_calls = [a for f, a in calls if f == "search_clip"]
+    assert any(a["ws"][0].shape[0] == model.config.vocab_size for a in scale_calls)   # heads too
+    assert scale_calls and all(a["n_grid"] == 4 for a in scale_calls)
+    assert clip_calls and all(a["n_grid"] == 4 and a["max_shrink"] == 0.25 for a in clip_calls)

@@ -80,3 +80,40 @@ def test_fake_quantize_is_rtn_dequantized(k, gs):
         spec = QuantSpec(4, gs, sym)
         w = torch.randn(24, k, generator=torch.Generator().manual_seed(k)) * 0.05
         assert torch.equal(fake_quantize(w, spec), dequantize(*rtn_quantize(w, spec)))
+
+
+def test_plan_override_reaches_a_head_when_heads_are_off(tiny_dir):
+    """An override that names a head quantizes it even with heads off ("heads at 8 bits, the
+    rest at 4" is one override); the other heads stay float."""
+    plan = make_plan(load_model(tiny_dir), QuantSpec(4, 32, True), heads=False,
+                     overrides=[Override("lm_head.1", bits=8)])
+    assert [m for m in plan if "head" in m] == ["lm_head.1"] and plan["lm_head.1"].bits == 8
+
+
+
+def fp16_exact(v: float) -> bool:
+    return torch.tensor(v, dtype=torch.float64).half().double().item() == v
+
+
+def test_exact_min_scale_keeps_as_many_bits_as_the_min_allows():
+    """Q4_1 stores w = d*q + m with fp16 d and m, so a scale must make -scale*zero an fp16
+    number. Each scale becomes the nearest number with the most significant bits (11, fp16's,
+    down to 1) for which scale*zero is an fp16 number; a 4-bit zero costs at most 4 bits."""
+    import math
+    from ruyi_quant.quant.rtn import exact_min_scale
+    g = torch.Generator().manual_seed(15)
+    scale = (torch.rand(4000, generator=g) * 0.02 + 1e-4).half()
+    zero = torch.randint(0, 16, (4000,), generator=g)
+    out = exact_min_scale(scale, zero)
+    assert out.dtype == torch.float16
+    lost = []
+    for s, z, o in zip(scale.double().tolist(), zero.tolist(), out.double().tolist()):
+        e = math.floor(math.log2(s))
+        for keep in range(11, 0, -1):
+            step = 2.0 ** (e - keep + 1)
+            want = round(s / step) * step
+            if fp16_exact(want * z):
+                break
+        assert o == want and fp16_exact(o * z)
+        lost.append(11 - keep)
+    assert max(lost) == 4 and min(lost) == 0 and sum(x > 0 for x in lost) > 1000
