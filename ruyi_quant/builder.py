@@ -202,7 +202,7 @@ def cache_exit_inputs(model: FamilialModel, ids: torch.Tensor, batch: int = 8,
     ins = {e: torch.empty(n, T, cfg.hidden_size, dtype=dtype) for e in want}
     final = torch.empty(n, T, cfg.hidden_size, dtype=dtype)
     for s in tqdm(range(0, n, batch), desc="trunk", unit="batch", disable=not progress, leave=False):
-        x, kw = model._prepare(ids[s:s + batch], None, None, None)
+        x, kw = model.prepare(ids[s:s + batch])
         for i, layer in enumerate(model.model.layers):
             if i in ins:
                 ins[i][s:s + batch] = x.to(dtype)

@@ -8,6 +8,7 @@ the templates and functions here; no other module spells a tensor name.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 # --- familial (Ruyi) checkpoint -------------------------------------------------------------
 EMBED = "model.embed_tokens"
@@ -44,7 +45,7 @@ SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"
 
 
 def branch_prefix(exits: list[int], num_layers: int, j: int) -> str:
-    """Module prefix of exit j's branch layer: its own eelayer, or the last trunk layer."""
+    """Module prefix of exit j's branch layer: its own eelayer, or (the last exit) trunk layer N-1."""
     return TRUNK_LAYER.format(i=num_layers - 1) if exits[j] == num_layers - 1 else BRANCH_LAYER.format(j=j)
 
 
@@ -52,20 +53,56 @@ def head_prefix(shared_heads: bool, j: int) -> str:
     return SHARED_HEAD if shared_heads else HEAD.format(j=j)
 
 
-def exit_module_map(exits: list[int], num_layers: int, shared_heads: bool, j: int) -> dict[str, str]:
-    """Familial module prefix -> plain Qwen2 module prefix for the per-exit model of exit j.
+# --- the family's structure: one walk, one map per exit ----------------------------------------
+# Exits are addressed two ways, one per layer of the API: users and files name an exit by its
+# trunk layer `e` (config `early_exit_points`, `--exits 12,29`, `exit-29/`); code that indexes
+# the family's lists (branch layers, norms, heads) uses its position `j` (`exits[j] == e`).
 
-    Exit e = exits[j] is a plain model of e+1 layers: trunk layers 0..e-1, then the branch layer
-    as layer e, the exit's norm as the final norm, its head as lm_head.
-    """
+@dataclass(frozen=True)
+class Step:
+    """One layer of the family's walk: a trunk layer, or an exit's branch layer."""
+    kind: str                  # "trunk" | "exit"
+    layer: int                 # trunk layer i; for an exit, its layer e (it reads layer e's input)
+    prefix: str                # module prefix of the layer that runs
+    j: int = -1                # exit position (exits only)
+
+
+def walk(exits: list[int], num_layers: int):
+    """The layers in the order one pass computes them. At exit e < N-1: the exit's branch layer
+    (on the input trunk layer e gets), then trunk layer e. The last exit's branch is trunk layer
+    N-1 itself, so that layer appears once, as the exit."""
+    for i in range(num_layers):
+        if i in exits:
+            j = exits.index(i)
+            yield Step("exit", i, branch_prefix(exits, num_layers, j), j)
+        if i != exits[-1]:
+            yield Step("trunk", i, TRUNK_LAYER.format(i=i))
+
+
+@dataclass(frozen=True)
+class ExitMap:
+    """Exit j as a plain Qwen2 model of e+1 layers: trunk layers 0..e-1, then the branch layer as
+    layer e, the exit's norm as the final norm, its head as lm_head."""
+    j: int
+    layer: int                 # e
+    branch: str                # module prefixes in the family
+    norm: str
+    head: str
+    modules: dict              # familial module prefix -> plain module prefix
+
+    def rename(self, name: str) -> str | None:
+        """A familial tensor name -> its name in this exit's plain model (None: not in it)."""
+        return rename(name, self.modules)
+
+
+def exit_map(exits: list[int], num_layers: int, shared_heads: bool, j: int) -> ExitMap:
     e = exits[j]
-    out = {EMBED: EMBED}
+    branch, norm, head = branch_prefix(exits, num_layers, j), EXIT_NORM.format(j=j), head_prefix(shared_heads, j)
+    modules = {EMBED: EMBED}
     for i in range(e):
-        out[TRUNK_LAYER.format(i=i)] = PLAIN_LAYER.format(i=i)
-    out[branch_prefix(exits, num_layers, j)] = PLAIN_LAYER.format(i=e)
-    out[EXIT_NORM.format(j=j)] = PLAIN_NORM
-    out[head_prefix(shared_heads, j)] = PLAIN_HEAD
-    return out
+        modules[TRUNK_LAYER.format(i=i)] = PLAIN_LAYER.format(i=i)
+    modules.update({branch: PLAIN_LAYER.format(i=e), norm: PLAIN_NORM, head: PLAIN_HEAD})
+    return ExitMap(j, e, branch, norm, head, modules)
 
 
 def rename(name: str, prefix_map: dict[str, str]) -> str | None:

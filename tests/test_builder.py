@@ -24,7 +24,7 @@ def test_branch_at_equals_full_layer(tiny_dir, eval_ids):
     model = load_model(tiny_dir)
     ids = eval_ids[:2, :64]
     with torch.no_grad():
-        x, kw = model._prepare(ids, None, None, None)
+        x, kw = model.prepare(ids)
         for layer in model.model.layers[:2]:
             x = layer(x, **kw)
         full = model.branch(0)(x, **kw)

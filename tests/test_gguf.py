@@ -108,8 +108,7 @@ def test_multi_exit_names_map_to_the_per_exit_names(which, request):
     fam = QuantizedFamily.from_model(load_model(request.getfixturevalue(which)))
     cfg = fam.config
     for j, e in enumerate(cfg.exits):
-        pmap = names.exit_module_map(cfg.exits, cfg.num_layers, cfg.shared_heads, j)
-        direct = {names.gguf_name(names.rename(f, pmap)) for f in fam.exit_tensor_names(j)}
+        direct = {names.gguf_name(cfg.exit_map(j).rename(f)) for f in fam.exit_tensor_names(j)}
         via_multi = {names.gguf_multi_to_exit(names.gguf_multi_name(f), cfg.exits, cfg.num_layers,
                                               cfg.shared_heads, j) for f in fam.tensors} - {None}
         assert direct == via_multi
@@ -158,7 +157,7 @@ def test_multi_exit_file_stores_each_tensor_once_and_extracts_byte_identical(whi
     info = G.write_multi(fam, tmp_path / "family.gguf", src)
     multi, kv = tensors_of(tmp_path / "family.gguf")
     assert kv["general.architecture"] == "ruyi" and json.loads(kv["ruyi.config"])["early_exit_points"] == cfg.exits
-    distinct = {names.gguf_multi_name(n) for n in G._familial_weight_names(fam)}
+    distinct = {names.gguf_multi_name(n) for n in fam.weight_names()}
     assert set(multi) == distinct                           # every tensor once
     assert info["bytes"] - info["tensor_bytes"] < 64 * 1024 + 64 * len(multi)   # metadata + padding
     for e in cfg.exits:

@@ -188,8 +188,8 @@ def test_branch_sees_quantized_trunk(tiny_dir, eval_ids):
     with_trunk = dict(make_plan(model_b, spec), **only_branch)
     fa = calibrate(model_a, only_branch, calib, GPTQ(), progress=False)
     fb = calibrate(model_b, with_trunk, calib, GPTQ(), progress=False)
-    qa = fa.tensors["model.eelayers.0.mlp.down_proj.qweight"]
-    qb = fb.tensors["model.eelayers.0.mlp.down_proj.qweight"]
+    qa = fa.grids["model.eelayers.0.mlp.down_proj"].q
+    qb = fb.grids["model.eelayers.0.mlp.down_proj"].q
     assert not torch.equal(qa, qb)
 
 
@@ -202,9 +202,11 @@ def test_offloaded_activations_give_the_same_family(tiny_dir, eval_ids):
         model = load_model(tiny_dir)
         fams.append(calibrate(model, make_plan(model, plan_spec, heads=True), eval_ids[:, :64], GPTQ(),
                               batch=2, progress=False, offload=offload))
-    assert fams[0].tensors.keys() == fams[1].tensors.keys()
+    assert fams[0].weight_names() == fams[1].weight_names()
     for k, v in fams[0].tensors.items():
         assert torch.equal(v, fams[1].tensors[k]), k
+    for m, g in fams[0].grids.items():
+        assert all(torch.equal(a, b) for a, b in zip(g.ints(), fams[1].grids[m].ints())), m
 
 
 @pytest.mark.parametrize("act_order", [False, True])

@@ -29,7 +29,6 @@ from .. import __version__, names
 from ..checkpoint import QuantizedFamily
 from ..errors import UserError
 from ..model.config import parse_config
-from ..quant.rtn import group_index
 from .ggml import NotExact, block_groups, encode_grid, grid_type
 
 ARCH = "qwen2"
@@ -90,10 +89,8 @@ def _float_array(t: torch.Tensor, qtype: T, what: str) -> tuple[np.ndarray, T]:
 
 def check_gguf(fam: QuantizedFamily, opt: GGUFOptions) -> None:
     """Raise the one-line UserError that encode_module would, without encoding anything."""
-    for module, spec in fam.modules.items():
-        n, k = fam.linear_shape(module)
-        g_idx = fam.tensors[f"{module}.g_idx"] if fam.layout == "gptq" else group_index(k, spec)
-        _check_grid(module, spec, TYPES.get(opt.type), lambda: block_groups(g_idx, k))
+    for module, grid in fam.grids.items():
+        _check_grid(module, grid.spec, TYPES.get(opt.type), lambda: block_groups(grid.g_idx, grid.shape[1]))
 
 
 def _check_grid(module, spec, want, blocks) -> None:
@@ -174,21 +171,6 @@ def family_arrays(fam: QuantizedFamily, modules_and_names, opt: GGUFOptions):
         if llama and kind in heads:
             data = llama_rope_rows(data, heads[kind])
         out.append((gname, data, qtype))
-    return out
-
-
-def _familial_weight_names(fam: QuantizedFamily, subset: list[str] | None = None) -> list[str]:
-    """Tensor names with each quantized linear as one `.weight` entry."""
-    out = []
-    for n in (fam.tensors if subset is None else subset):
-        mod, suffix = n.rsplit(".", 1)
-        if mod in fam.modules:
-            if suffix == "scales":
-                out.append(f"{mod}.weight")
-            elif suffix == "bias":
-                out.append(n)
-        else:
-            out.append(n)
     return out
 
 
@@ -334,10 +316,8 @@ def base_name(fam: QuantizedFamily, opt: GGUFOptions) -> str:
 # --- writers --------------------------------------------------------------------------------
 
 def exit_arrays(fam: QuantizedFamily, j: int, opt: GGUFOptions):
-    cfg = fam.config
-    pmap = names.exit_module_map(cfg.exits, cfg.num_layers, cfg.shared_heads, j)
-    pairs = [(f, names.gguf_name(names.rename(f, pmap)))
-             for f in _familial_weight_names(fam, fam.exit_tensor_names(j))]
+    exit_map = fam.config.exit_map(j)
+    pairs = [(f, names.gguf_name(exit_map.rename(f))) for f in fam.exit_tensor_names(j)]
     return family_arrays(fam, pairs, opt)
 
 
@@ -361,7 +341,7 @@ def write_exit(fam: QuantizedFamily, exit: int, path: Path, tok_dir: Path,
 def write_multi(fam: QuantizedFamily, path: Path, tok_dir: Path,
                 opt: GGUFOptions = GGUFOptions(), common: list[tuple] | None = None) -> dict:
     """One file: every tensor of the family once, the family's config, the exit list."""
-    pairs = [(f, names.gguf_multi_name(f)) for f in _familial_weight_names(fam)]
+    pairs = [(f, names.gguf_multi_name(f)) for f in fam.weight_names()]
     arrays = family_arrays(fam, pairs, opt)
     kv = [("general.name", base_name(fam, opt), V.STRING, None),
           ("general.size_label", size_label(fam.size()[0]), V.STRING, None),

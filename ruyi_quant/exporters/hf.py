@@ -16,11 +16,10 @@ import torch
 from safetensors.torch import save_file
 
 from .. import __version__, names
-from ..checkpoint import QuantizedFamily
+from ..checkpoint import QuantizedFamily, pack_grid
+from ..errors import UserError
 from ..fsutil import MARKER
 from ..model.io import copy_tokenizer
-from ..checkpoint import pack_layout
-from ..errors import UserError
 from ..quant.plan import QuantSpec
 
 WEIGHTS = ("auto", "float", "gptq", "awq")
@@ -30,25 +29,21 @@ def exit_tensors(fam: QuantizedFamily, j: int, layout: str | None,
                  float_dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, QuantSpec]]:
     """Plain-Qwen2 tensors of exit j and the grids of its quantized linears (plain names).
     layout None dequantizes; otherwise quantized linears are written in that layout."""
-    cfg = fam.config
-    pmap = names.exit_module_map(cfg.exits, cfg.num_layers, cfg.shared_heads, j)
+    exit_map = fam.config.exit_map(j)
     out, specs = {}, {}
     for name, t in fam.tensors.items():
-        new = names.rename(name, pmap)
-        if new is None:
-            continue
-        mod, new_mod = names.module_of(name), names.module_of(new)
-        if mod not in fam.modules:
+        new = exit_map.rename(name)
+        if new is not None:
             out[new] = t.to(float_dtype) if t.is_floating_point() else t
-        elif name.endswith(".bias"):
-            out[new] = t.to(float_dtype)
-        elif name.endswith(".scales"):          # once per quantized linear
-            if layout is None:
-                out[new_mod + ".weight"] = fam.weight(mod).to(float_dtype)
-                continue
-            specs[new_mod] = spec = fam.modules[mod]
-            packed = pack_layout(layout, *fam.grid(mod), spec.bits)
-            out.update({f"{new_mod}.{k}": v for k, v in packed.items()})
+    for mod, grid in fam.grids.items():
+        new_mod = exit_map.rename(mod)
+        if new_mod is None:
+            continue
+        if layout is None:
+            out[new_mod + ".weight"] = grid.dequantize().to(float_dtype)
+            continue
+        specs[new_mod] = grid.spec
+        out.update({f"{new_mod}.{k}": v for k, v in pack_grid(layout, grid).items()})
     return out, specs
 
 
@@ -86,7 +81,7 @@ def check_awq(fam: QuantizedFamily) -> None:
             raise UserError(f"weights: awq needs the group size to divide every input width ({m} has "
                             f"{k} columns, group_size {gs}); export weights: gptq, or quantize with a "
                             "group_size that divides it")
-        if fam.layout == "gptq" and bool((fam.tensors[f"{m}.g_idx"].diff() < 0).any()):
+        if fam.grids[m].act_order:
             raise UserError(f"weights: awq cannot hold act-order groups ({m}); export weights: gptq, "
                             "or quantize with act_order: false (or static_groups: true)")
 
@@ -114,6 +109,7 @@ def export_exit(fam: QuantizedFamily, exit: int, out_dir: Path, tokenizer_dir: P
     if layout == "awq":
         check_awq(fam)
     tensors, specs = exit_tensors(fam, j, layout, float_dtype)
+    exit_map = cfg.exit_map(j)
     quantized = layout is not None
     tie = cfg.tie_word_embeddings and names.PLAIN_HEAD + ".weight" not in tensors \
         and names.PLAIN_HEAD not in specs
@@ -127,8 +123,7 @@ def export_exit(fam: QuantizedFamily, exit: int, out_dir: Path, tokenizer_dir: P
     linears = [f"{names.PLAIN_LAYER.format(i=i)}.{lin}" for i in range(e + 1)
                for lin in names.LAYER_LINEARS] + [names.PLAIN_HEAD]
     if layout == "gptq":
-        # act-order shows in g_idx: groups no longer ascend with the column index
-        desc_act = any(bool((tensors[f"{m}.g_idx"].diff() < 0).any()) for m in specs)
+        desc_act = any(g.act_order for m, g in fam.grids.items() if exit_map.rename(m) in specs)
         qcfg = gptq_config(specs, [m for m in linears if m in specs or m != names.PLAIN_HEAD],
                            desc_act)
     elif layout == "awq":

@@ -62,7 +62,7 @@ def collect(model, windows: torch.Tensor, progress: bool = True) -> dict[str, to
 
 def for_exit(imatrix: dict[str, torch.Tensor], cfg, j: int) -> dict[str, np.ndarray]:
     """The matrices of exit j's stock file, by GGUF tensor name (blk.N.attn_q.weight, output.weight)."""
-    pmap = names.exit_module_map(cfg.exits, cfg.num_layers, cfg.shared_heads, j)
+    exit_map = cfg.exit_map(j)
     out = {}
     for key, v in imatrix.items():
         if key.startswith("head@"):
@@ -70,7 +70,7 @@ def for_exit(imatrix: dict[str, torch.Tensor], cfg, j: int) -> dict[str, np.ndar
                 head = names.EMBED if cfg.tie_word_embeddings else names.PLAIN_HEAD  # as there
                 out[names.gguf_name(f"{head}.weight")] = v.numpy().astype(np.float32)
             continue
-        plain = names.rename(f"{key}.weight", pmap)
+        plain = exit_map.rename(f"{key}.weight")
         if plain is not None:
             out[names.gguf_name(plain)] = v.numpy().astype(np.float32)
     return out

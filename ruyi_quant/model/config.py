@@ -11,6 +11,7 @@ from pathlib import Path
 
 from transformers import Qwen2Config
 
+from .. import names
 from ..errors import UserError
 
 FAMILIAL_TYPE = "ruyi_qwen2"
@@ -84,6 +85,14 @@ class FamilialConfig:
         if exit not in self.exits:
             raise UserError(f"exit {exit}: the model has exits at layers {self.exits}; pick one of those")
         return self.exits.index(exit)
+
+    def walk(self):
+        """Trunk layers and exits in the order one pass computes them (names.walk)."""
+        return names.walk(self.exits, self.num_layers)
+
+    def exit_map(self, j: int) -> names.ExitMap:
+        """Exit j (a position in `exits`) as a plain model: its layers, branch, norm and head."""
+        return names.exit_map(self.exits, self.num_layers, self.shared_heads, j)
 
     def qwen2(self, num_layers: int | None = None) -> Qwen2Config:
         """A transformers Qwen2Config for the trunk (or for a plain model of `num_layers`)."""

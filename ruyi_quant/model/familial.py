@@ -67,7 +67,8 @@ class FamilialModel(nn.Module):
         self.model.rotary_emb = Qwen2RotaryEmbedding(config=self.hf_config).to(device)
 
     # --- forward -------------------------------------------------------------------------
-    def _prepare(self, input_ids, attention_mask, position_ids, cache):
+    def prepare(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+        """Embeddings [B, T, H] and what every layer takes besides them (mask, positions, rope)."""
         x = self.model.embed_tokens(input_ids)                                   # [B, T, H]
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
@@ -90,7 +91,7 @@ class FamilialModel(nn.Module):
             if owner != e:
                 raise UserError(f"this KV cache belongs to exit {owner}; start a new cache for exit {e}")
             cache.ruyi_exit = e
-        x, kw = self._prepare(input_ids, attention_mask, position_ids, cache)
+        x, kw = self.prepare(input_ids, attention_mask, position_ids, cache)
         for layer in self.model.layers[:e]:
             x = layer(x, cache=cache, use_cache=cache is not None, **kw)
         x = self.branch(j)(x, cache=cache, use_cache=cache is not None, **kw)
@@ -104,13 +105,16 @@ class FamilialModel(nn.Module):
         want = set(self.config.exits if exits is None else exits)
         for e in want:
             self.config.exit_index(e)
-        x, kw = self._prepare(input_ids, attention_mask, None, None)
+        x, kw = self.prepare(input_ids, attention_mask)
         out = {}
         last = max(want)
-        for i in range(last + 1):
-            if i in want:
-                j = self.config.exits.index(i)
-                out[i] = self.head(j)(self.model.norms[j](self.branch(j)(x, **kw)))
-            if i < last:
-                x = self.model.layers[i](x, **kw)
+        for step in self.config.walk():
+            if step.layer > last:
+                break
+            if step.kind == "exit":
+                if step.layer in want:
+                    h = self.get_submodule(step.prefix)(x, **kw)
+                    out[step.layer] = self.head(step.j)(self.model.norms[step.j](h))
+            elif step.layer < last:
+                x = self.model.layers[step.layer](x, **kw)
         return out

@@ -47,7 +47,7 @@ def search_scales(x: torch.Tensor, ws: list[torch.Tensor], spec: QuantSpec, n_gr
     candidate too, so the search never does worse than plain rounding on x."""
     w = torch.cat([w.float() for w in ws])                                   # [N, K]
     k = w.shape[1]
-    gs = k if spec.group_size == -1 else spec.group_size
+    gs = spec.width(k)
     pad = -k % gs
     wg = torch.nn.functional.pad(w.abs(), (0, pad)).reshape(w.shape[0], -1, gs)
     w_mean = (wg / wg.amax(-1, keepdim=True).clamp(min=1e-8)).reshape(w.shape[0], -1)[:, :k].mean(0)
@@ -74,7 +74,7 @@ def search_clip(x: torch.Tensor, w: torch.Tensor, spec: QuantSpec, n_grid: int =
     """Best symmetric clipping range per (output row, group): max|w| times a shrink factor in
     [1 - max_shrink, 1] that minimises the group's share of the output error. -> [N, G]"""
     n, k = w.shape
-    gs = k if spec.group_size == -1 else spec.group_size
+    gs = spec.width(k)
     pad = -k % gs
     xg = torch.nn.functional.pad(x, (0, pad)).reshape(x.shape[0], -1, gs)     # [m, G, gs]
     best_max = []
@@ -99,7 +99,7 @@ def search_clip(x: torch.Tensor, w: torch.Tensor, spec: QuantSpec, n_grid: int =
 
 def apply_clip(w: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     n, k = w.shape
-    gs = k if spec.group_size == -1 else spec.group_size
+    gs = spec.width(k)
     bound = max_val.repeat_interleave(gs, dim=1)[:, :k]
     return torch.maximum(torch.minimum(w.float(), bound), -bound)
 

@@ -22,9 +22,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import names
-from ..checkpoint import QuantizedFamily
 from ..model.io import familial_state
-from .pack import dequantize
+from .family import QuantizedFamily
+from .grid import Grid
 
 
 def warn(msg: str) -> None:
@@ -75,11 +75,10 @@ def capture_inputs(layer, linear, xs: list[torch.Tensor], kw: dict, fn) -> None:
 
 def store(fam: QuantizedFamily, linear, name: str, spec, q, scales, zeros, g_idx) -> None:
     """Record a linear's grid in the family and make the float model compute with it."""
-    q, scales, zeros, g_idx = q.cpu(), scales.cpu(), zeros.cpu(), g_idx.cpu()
-    fam.set_quantized(name, spec, q, scales, zeros, g_idx)
+    grid = Grid.make(q, scales, zeros, g_idx, spec)
+    fam.set_quantized(name, grid)
     # a new tensor, not an in-place copy: tensors shared with a reference family stay intact
-    linear.weight.data = dequantize(q, scales, zeros, g_idx).to(linear.weight.device,
-                                                                linear.weight.dtype)
+    linear.weight.data = grid.dequantize().to(linear.weight.device, linear.weight.dtype)
 
 
 class Activations:
@@ -133,7 +132,7 @@ def calibrate(model, plan: dict, windows: torch.Tensor, method, *, batch: int = 
     ids = windows.to(dev)
     model.model.embed_tokens.to(dev)
     model.model.rotary_emb.to(dev)
-    _, kw = model._prepare(ids[:1], None, None, None)      # equal lengths: one mask, one rope
+    _, kw = model.prepare(ids[:1])      # equal lengths: one mask, one rope
     if offload is None:
         offload = should_offload(dev, windows.numel() * cfg.hidden_size * 4)
     xs = Activations([model.model.embed_tokens(b) for b in ids.split(batch)], dev, offload)
@@ -167,14 +166,13 @@ def calibrate(model, plan: dict, windows: torch.Tensor, method, *, batch: int = 
         method.finish_head(head_name, head, plan, fam)
         head.cpu()
 
-    n = cfg.num_layers
-    for i in tqdm(range(n), desc=desc, unit="layer", disable=not progress, leave=False):
-        if i in cfg.exits and i < n - 1:
-            j = cfg.exits.index(i)
-            run_head(j, run_layer(model.branch(j), names.BRANCH_LAYER.format(j=j), xs))
-        xs = run_layer(model.model.layers[i], names.TRUNK_LAYER.format(i=i), xs)
-        if i == n - 1:
-            run_head(len(cfg.exits) - 1, xs)
+    steps = list(cfg.walk())
+    for step in tqdm(steps, desc=desc, unit="layer", disable=not progress, leave=False):
+        out = run_layer(model.get_submodule(step.prefix), step.prefix, xs)
+        if step.kind == "exit":
+            run_head(step.j, out)                 # the trunk goes on from its own layer's output
+        else:
+            xs = out
     if cfg.shared_heads and heads_seen:
         finish_head(names.SHARED_HEAD)
     model.model.rotary_emb.cpu()

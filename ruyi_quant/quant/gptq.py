@@ -71,7 +71,7 @@ def gptq_quantize(w: torch.Tensor, hs: Hessian, spec: QuantSpec, *, damp: float 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    gs = k if spec.group_size == -1 else spec.group_size
+    gs = spec.width(k)
     static = None
     if static_groups or spec.group_size == -1:
         static = [group_qparams(W[:, s:s + gs], spec) for s in range(0, k, gs)]

@@ -116,7 +116,7 @@ def from_awq(t: dict[str, torch.Tensor], group_size: int):
     """AWQ gemm tensors -> (q [K, N], scales [G, N] fp16, zeros [G, N], g_idx [K])."""
     q = awq_unpack(t["qweight"])
     k = q.shape[0]
-    gs = k if group_size == -1 else group_size
+    gs = k if group_size == -1 else group_size       # (QuantSpec.width; pack.py knows no spec)
     return q, t["scales"], awq_unpack(t["qzeros"]), (torch.arange(k) // gs).to(torch.int32)
 
 

@@ -36,8 +36,12 @@ class QuantSpec:
     def maxq(self) -> int:
         return 2 ** self.bits - 1
 
+    def width(self, k: int) -> int:
+        """Columns per group for a linear of k input columns (-1: all of them)."""
+        return k if self.group_size == -1 else self.group_size
+
     def groups(self, k: int) -> int:
-        return 1 if self.group_size == -1 else -(-k // self.group_size)
+        return -(-k // self.width(k))
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -74,16 +74,14 @@ def grid_value(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
 
 def group_index(k: int, spec: QuantSpec) -> torch.Tensor:
     """g_idx [K]: the group of each input column (no act-order)."""
-    if spec.group_size == -1:
-        return torch.zeros(k, dtype=torch.int32)
-    return (torch.arange(k) // spec.group_size).to(torch.int32)
+    return (torch.arange(k) // spec.width(k)).to(torch.int32)
 
 
 def rtn_quantize(w: torch.Tensor, spec: QuantSpec):
     """w [N, K] -> (q [K, N], scales [G, N] fp16, zeros [G, N], g_idx [K]) by round-to-nearest."""
     n, k = w.shape
     g_idx = group_index(k, spec)
-    step = k if spec.group_size == -1 else spec.group_size
+    step = spec.width(k)
     qs, scales, zeros = [], [], []
     for start in range(0, k, step):
         block = w[:, start:start + step]
@@ -98,11 +96,13 @@ def rtn_quantize(w: torch.Tensor, spec: QuantSpec):
 def rtn_family(model, plan: dict, progress: bool = True):
     """Quantize every planned linear of a FamilialModel by RTN -> QuantizedFamily."""
     from tqdm.auto import tqdm
-    from ..checkpoint import QuantizedFamily
+    from .family import QuantizedFamily
+    from .grid import Grid
     fam = QuantizedFamily.from_model(model)
     for name in tqdm(list(plan), desc="rtn", unit="linear", disable=not progress, leave=False):
         spec = plan[name]
-        fam.set_quantized(name, spec, *rtn_quantize(model.get_submodule(name).weight.detach(), spec))
+        fam.set_quantized(name, Grid.make(*rtn_quantize(model.get_submodule(name).weight.detach(), spec),
+                                          spec))
     fam.method = "rtn"
     return fam
 
@@ -112,7 +112,7 @@ def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
     Zero padding of a partial last group changes nothing: grids always span 0."""
     n, k = w.shape
-    gs = k if spec.group_size == -1 else spec.group_size
+    gs = spec.width(k)
     pad = -k % gs
     wp = torch.nn.functional.pad(w.float(), (0, pad)).reshape(-1, gs)      # [N*G, gs]
     scale, zero = group_qparams(wp, spec)

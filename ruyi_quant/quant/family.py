@@ -1,0 +1,116 @@
+"""A (possibly quantized) family in memory: float tensors by Ruyi's names, and a Grid for each
+quantized linear. What quantizers produce and every exporter reads; checkpoint.py writes and
+reads it. An unquantized model is the same object with no grids.
+
+Weight names (`weight_names`) list each quantized linear once, as `MODULE.weight`, after the
+float tensors, in the order the linears were quantized: the order GGUF files list them in.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import names
+from ..model.config import FamilialConfig
+from ..model.familial import FamilialModel
+from ..model.io import familial_state
+from .grid import Grid
+from .plan import QuantSpec
+
+
+@dataclass
+class QuantizedFamily:
+    config: FamilialConfig
+    tensors: dict[str, torch.Tensor]               # float tensors (Ruyi names); biases included
+    grids: dict[str, Grid] = field(default_factory=dict)   # module -> grid, in quantization order
+    method: str = "none"
+    layout: str = "gptq"                           # how a checkpoint stores the grids: gptq | awq
+    recipe: dict | None = None
+    stats: dict = field(default_factory=dict)     # e.g. seconds per stage
+
+    @classmethod
+    def from_model(cls, model: FamilialModel, dtype: torch.dtype | None = None) -> QuantizedFamily:
+        state = familial_state(model)
+        if dtype is not None:
+            state = {k: v.to(dtype) for k, v in state.items()}
+        return cls(config=model.config, tensors=state)
+
+    @property
+    def modules(self) -> dict[str, QuantSpec]:
+        """Quantized module -> its spec."""
+        return {m: g.spec for m, g in self.grids.items()}
+
+    def set_quantized(self, module: str, grid: Grid) -> None:
+        """Replace a linear's float weight by its grid."""
+        self.tensors.pop(f"{module}.weight", None)
+        self.grids[module] = grid
+
+    def linear_shape(self, module: str) -> tuple[int, int]:
+        """(N, K) of a linear, quantized or not."""
+        if module in self.grids:
+            return self.grids[module].shape
+        return tuple(self.tensors[f"{module}.weight"].shape)
+
+    def grid(self, module: str):
+        """(q [K, N], scales [G, N], zeros [G, N], g_idx [K]) of a quantized linear."""
+        return self.grids[module].ints()
+
+    def weight(self, module: str) -> torch.Tensor:
+        """Float32 weight [N, K] of any linear: dequantized if quantized."""
+        if module in self.grids:
+            return self.grids[module].dequantize()
+        return self.tensors[f"{module}.weight"].float()
+
+    def dequantized_model(self, dtype: torch.dtype = torch.float32) -> FamilialModel:
+        """The float model these tensors stand for (quantized linears dequantized)."""
+        with torch.device("meta"):
+            model = FamilialModel(self.config)
+        state = {}
+        for name in model.state_dict():
+            mod = names.module_of(name)
+            if name.endswith(".weight") and mod in self.grids:
+                state[name] = self.weight(mod).to(dtype)
+            elif name == names.SHARED_HEAD + ".weight" and self.config.tie_word_embeddings:
+                state[name] = self.tensors[names.EMBED + ".weight"].to(dtype)
+            else:
+                state[name] = self.tensors[name].to(dtype)
+        model.load_state_dict(state, strict=True, assign=True)
+        if self.config.tie_word_embeddings and names.SHARED_HEAD not in self.grids:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model.reset_rotary()
+        return model.eval()
+
+    def weight_names(self) -> list[str]:
+        """Float tensor names, then `MODULE.weight` of each quantized linear."""
+        return list(self.tensors) + [f"{m}.weight" for m in self.grids]
+
+    def exit_tensor_names(self, j: int) -> list[str]:
+        """The weight names exit j runs on (the embedding too when a tied head reuses it)."""
+        exit_map = self.config.exit_map(j)
+        return [n for n in self.weight_names() if exit_map.rename(n) is not None]
+
+    def size(self, weight_names: list[str] | None = None) -> tuple[int, int]:
+        """(parameters, stored bytes) of some weights (all by default); a quantized linear
+        counts its K*N weights as parameters, and its packed tensors as bytes."""
+        params = nbytes = 0
+        for n in (self.weight_names() if weight_names is None else weight_names):
+            mod = names.module_of(n)
+            if n.endswith(".weight") and mod in self.grids:
+                nk = self.grids[mod].shape
+                params += nk[0] * nk[1]
+                nbytes += self.grids[mod].nbytes(self.layout)
+            else:
+                t = self.tensors[n]
+                params += t.numel()
+                nbytes += t.numel() * t.element_size()
+        return params, nbytes
+
+    def quantization_json(self) -> dict:
+        specs = {json.dumps(s.to_json(), sort_keys=True) for s in self.modules.values()}
+        common = json.loads(specs.pop()) if len(specs) == 1 else None
+        return {"method": self.method, "layout": self.layout, "modules": {m: s.to_json() for m, s in
+                                                                      self.modules.items()},
+                "common": common}

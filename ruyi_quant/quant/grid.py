@@ -1,0 +1,80 @@
+"""A quantized linear in memory: integer codes, scales, zeros, g_idx and its spec.
+
+    W[n, k] ~= scales[g_idx[k], n] * (q[k, n] - zeros[g_idx[k], n])
+
+Every quantizer makes one (`Grid.make`), every consumer reads one (the GGUF encoder, the HF
+exporter, the dequantized model; later ONNX's MatMulNBits and the int4 runtime). Checkpoint
+layouts (GPTQ v1, AWQ gemm: pack.py) are produced only where a file is written (`pack`) and read
+back only where one is loaded (`unpack`). Codes and zeros are kept as uint8 (bits <= 8).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .pack import LAYOUTS, awq_fits, dequantize, from_awq, from_gptq, to_awq, to_gptq
+from .plan import QuantSpec
+
+
+@dataclass(frozen=True)
+class Grid:
+    q: torch.Tensor          # [K, N] uint8 codes in [0, 2^bits)
+    scales: torch.Tensor     # [G, N] fp16
+    zeros: torch.Tensor      # [G, N] uint8
+    g_idx: torch.Tensor      # [K] int32, the group of each input column
+    spec: QuantSpec
+
+    @classmethod
+    def make(cls, q, scales, zeros, g_idx, spec: QuantSpec) -> Grid:
+        """From a quantizer's (q [K, N], scales [G, N], zeros [G, N], g_idx [K])."""
+        return cls(q.cpu().to(torch.uint8).contiguous(), scales.cpu().to(torch.float16).contiguous(),
+                   zeros.cpu().to(torch.uint8).contiguous(), g_idx.cpu().to(torch.int32).contiguous(),
+                   spec)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(N, K) as the float weight's."""
+        return self.q.shape[1], self.q.shape[0]
+
+    @property
+    def act_order(self) -> bool:
+        """Groups that do not ascend with the column index (GPTQ's desc_act without static groups)."""
+        return bool((self.g_idx.diff() < 0).any())
+
+    @property
+    def fits_awq(self) -> bool:
+        """Whether AWQ's gemm layout holds this grid (4 bits, N % 8, whole groups, in order)."""
+        n, k = self.shape
+        return awq_fits(k, n, self.spec.bits, self.spec.group_size) and not self.act_order
+
+    def ints(self):
+        """(q int32 [K, N], scales fp16 [G, N], zeros int32 [G, N], g_idx int32 [K])."""
+        return self.q.to(torch.int32), self.scales, self.zeros.to(torch.int32), self.g_idx
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 weight [N, K]."""
+        return dequantize(self.q, self.scales, self.zeros, self.g_idx)
+
+    def pack(self, layout: str) -> dict[str, torch.Tensor]:
+        """The tensors of a checkpoint layout (gptq v1 or awq gemm); ValueError if it does not fit."""
+        q, scales, zeros, g_idx = self.ints()
+        return (to_awq if layout == "awq" else to_gptq)(q, scales, zeros, g_idx, self.spec.bits)
+
+    def nbytes(self, layout: str) -> int:
+        """Bytes of the packed tensors, without packing."""
+        n, k = self.shape
+        groups, bits = self.scales.shape[0], self.spec.bits
+        if layout == "awq":
+            return k * n // 8 * 4 + groups * n // 8 * 4 + groups * n * 2
+        return -(-k * bits // 32) * n * 4 + groups * -(-n * bits // 32) * 4 + groups * n * 2 + k * 4
+
+    @classmethod
+    def unpack(cls, layout: str, tensors: dict[str, torch.Tensor], spec: QuantSpec) -> Grid:
+        """From the tensors of a checkpoint layout (names without the module prefix)."""
+        t = {s: tensors[s] for s in LAYOUTS[layout]}
+        if layout == "awq":
+            return cls.make(*from_awq(t, spec.group_size), spec)
+        n, k = t["scales"].shape[1], t["g_idx"].numel()
+        return cls.make(*from_gptq(t, spec.bits, k, n), spec)
