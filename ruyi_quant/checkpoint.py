@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .errors import UserError
-from .fsutil import MARKER
+from .fsutil import MARKER, write_marker
 from .model.config import read_config
 from .model.familial import FamilialModel
 from .model.io import check_finite, copy_tokenizer, load_model, read_tensors, weight_files
@@ -57,7 +57,7 @@ def save_family(fam: QuantizedFamily, out_dir: Path, tokenizer_dir: Path | None,
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     meta = {"ruyi_quant_version": __version__, "kind": "family", "exits": fam.config.exits,
             "quantization": fam.quantization_json(), "recipe": fam.recipe, "stats": fam.stats}
-    (out_dir / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+    write_marker(out_dir, meta)
     if tokenizer_dir is not None:
         copy_tokenizer(tokenizer_dir, out_dir)
 

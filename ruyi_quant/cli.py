@@ -93,7 +93,8 @@ def cmd_quantize(a) -> None:
     from .fsutil import atomic_dir, check_output_dir
     from .model.io import load_model
     from .data import check_source
-    from .pipeline import CALIBRATED, calib_windows, quantize, resolve_model
+    from .pipeline import CALIBRATED, calib_windows, quantize
+    from .sources import resolve_model
     from .recipe import AWQOptions, Calibration, GPTQOptions, Override, Quantize
     overrides = [_validated(Override, **_override(t)) for t in a.override or []]
     overrides += [_validated(Override, **_override(t, skip=True)) for t in a.skip or []]
@@ -119,7 +120,7 @@ def cmd_quantize(a) -> None:
 
 
 def cmd_export(a) -> None:
-    from .fsutil import MARKER, atomic_dir, check_output_dir
+    from .fsutil import atomic_dir, check_output_dir, write_marker
     from .pipeline import export_gguf, export_hf, open_family
     from .recipe import Calibration, GGUFExport, HFExport
     source, fmt = a.source or a.family, a.format
@@ -144,8 +145,7 @@ def cmd_export(a) -> None:
         with atomic_dir(out) as tmp:
             info = export_gguf(fam, tmp, tok_dir, ex,
                                calib=_validated(Calibration, source=a.calib))
-            (tmp / MARKER).write_text(json.dumps({"kind": "export", "format": "gguf", **info},
-                                                 indent=2) + "\n")
+            write_marker(tmp, {"kind": "export", "format": "gguf", **info})
         for x in info["exits"]:
             print(f"wrote {out / ('exit-%d' % x['exit']) / x['file']} ({x['bytes'] / 1e6:.2f} MB) + Modelfile")
         if info["multi"]:
@@ -160,8 +160,7 @@ def cmd_export(a) -> None:
     check_output_dir(out, force=a.force)
     with atomic_dir(out) as tmp:
         dirs = export_hf(fam, tmp, tok_dir, ex.exits, ex.weights, ex.dtype)
-        (tmp / MARKER).write_text(json.dumps({"kind": "export", "format": ex.format,
-                                              "exits": [d.name for d in dirs]}) + "\n")
+        write_marker(tmp, {"kind": "export", "format": ex.format, "exits": [d.name for d in dirs]})
     for d in dirs:
         print(f"wrote {out / d.name}")
 
@@ -169,7 +168,7 @@ def cmd_export(a) -> None:
 def _extract_gguf(source: str, ex, out: Path, force: bool) -> None:
     """Stock per-exit files copied out of a multi-exit GGUF (no re-quantization)."""
     from .exporters.gguf import extract_exit
-    from .fsutil import MARKER, atomic_dir, check_output_dir
+    from .fsutil import atomic_dir, check_output_dir, write_marker
     if not Path(source).is_file():
         raise UserError(f"{source}: no such file")
     if ex.exits == "all":
@@ -183,14 +182,13 @@ def _extract_gguf(source: str, ex, out: Path, force: bool) -> None:
             d.mkdir()
             name = stem.replace("-family-", f"-e{e}-") if "-family-" in stem else f"{stem}-e{e}"
             infos.append(extract_exit(Path(source), e, d / f"{name}.gguf"))
-        (tmp / MARKER).write_text(json.dumps({"kind": "export", "format": "gguf", "from": source,
-                                              "exits": infos}, indent=2) + "\n")
+        write_marker(tmp, {"kind": "export", "format": "gguf", "from": source, "exits": infos})
     for x in infos:
         print(f"wrote {out / ('exit-%d' % x['exit']) / x['file']} ({x['bytes'] / 1e6:.2f} MB)")
 
 
 def cmd_eval(a) -> None:
-    from .fsutil import MARKER, atomic_dir, check_output_dir
+    from .fsutil import atomic_dir, check_output_dir, write_marker
     from .pipeline import eval_report, open_family
     from .recipe import Eval
     from .report import eval_cells, rich_table
@@ -205,17 +203,17 @@ def cmd_eval(a) -> None:
         check_output_dir(Path(a.out), force=True)
         with atomic_dir(Path(a.out)) as tmp:
             report = eval_report(ref, fam, tok_dir, ev, tmp)
-            (tmp / MARKER).write_text(json.dumps({"kind": "eval"}) + "\n")
+            write_marker(tmp, {"kind": "eval"})
     else:
         report = eval_report(ref, fam, tok_dir, ev, None)
     _console().print(rich_table(f"{fam.method} vs reference on {ev.source}", *eval_cells(report)))
 
 
 def cmd_make_familial(a) -> None:
-    from .builder import build_familial
+    from .sources.branches import build_familial
     from .fsutil import check_output_dir
     from .model.config import read_config
-    from .pipeline import resolve_model
+    from .sources import resolve_model
     src = resolve_model(a.model)
     cfg = read_config(src)
     if len(cfg.exits) != 1:

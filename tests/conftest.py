@@ -38,7 +38,7 @@ def tiny_shared_dir(tmp_path_factory):
 def eval_ids(tiny_dir):
     """4 windows of 128 real-text tokens from the held-out split. [4, 128]"""
     from ruyi_quant.data import consecutive_windows, load_text, tokenize
-    from ruyi_quant.pipeline import load_tokenizer
+    from ruyi_quant.data import load_tokenizer
     ids = tokenize(load_tokenizer(tiny_dir), load_text("builtin:pydoc/eval"))
     return consecutive_windows(ids, 4, 128, "eval")
 

