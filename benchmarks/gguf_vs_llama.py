@@ -30,7 +30,7 @@ import torch
 
 from ruyi_quant.checkpoint import QuantizedFamily
 from ruyi_quant.exporters import gguf as G
-from ruyi_quant.exporters import imatrix as IM
+from ruyi_quant.exporters.gguf import imatrix as IM
 from ruyi_quant.model.io import load_model
 from ruyi_quant.pipeline import calib_windows, eval_windows, quantize
 from ruyi_quant.sources import resolve_model

@@ -47,7 +47,6 @@ import torch  # noqa: E402
 
 from ruyi_quant.checkpoint import load_family  # noqa: E402
 from ruyi_quant.evaluate import compare  # noqa: E402
-from ruyi_quant.model.io import load_model  # noqa: E402
 from ruyi_quant.pipeline import calib_windows, eval_windows  # noqa: E402
 from ruyi_quant.sources import resolve_model  # noqa: E402
 from ruyi_quant.quant.pack import dequantize, from_gptq  # noqa: E402

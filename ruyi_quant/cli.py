@@ -167,21 +167,15 @@ def cmd_export(a) -> None:
 
 def _extract_gguf(source: str, ex, out: Path, force: bool) -> None:
     """Stock per-exit files copied out of a multi-exit GGUF (no re-quantization)."""
-    from .exporters.gguf import extract_exit
+    from .exporters.gguf import extract
     from .fsutil import atomic_dir, check_output_dir, write_marker
     if not Path(source).is_file():
         raise UserError(f"{source}: no such file")
     if ex.exits == "all":
         raise UserError("--from FILE.gguf: name the exit(s) to copy out with --exit E")
     check_output_dir(out, force=force)
-    stem = Path(source).name.removesuffix(".gguf")
     with atomic_dir(out) as tmp:
-        infos = []
-        for e in ex.exits:
-            d = tmp / f"exit-{e}"
-            d.mkdir()
-            name = stem.replace("-family-", f"-e{e}-") if "-family-" in stem else f"{stem}-e{e}"
-            infos.append(extract_exit(Path(source), e, d / f"{name}.gguf"))
+        infos = extract(Path(source), ex.exits, tmp)
         write_marker(tmp, {"kind": "export", "format": "gguf", "from": source, "exits": infos})
     for x in infos:
         print(f"wrote {out / ('exit-%d' % x['exit']) / x['file']} ({x['bytes'] / 1e6:.2f} MB)")

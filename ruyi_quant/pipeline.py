@@ -34,14 +34,6 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 CALIBRATED = ("gptq", "awq")
 
 
-def exit_list(fam: QuantizedFamily, exits) -> list[int]:
-    if exits in (None, "all"):
-        return list(fam.config.exits)
-    for e in exits:
-        fam.config.exit_index(e)          # raises a UserError naming the exits it has
-    return list(exits)
-
-
 def quantize(model, q: Quantize, calib: torch.Tensor | None = None,
              progress: bool = True) -> QuantizedFamily:
     """Quantize a float FamilialModel by the recipe's quantize section. GPTQ/AWQ replace the
@@ -108,7 +100,7 @@ def export_hf(fam: QuantizedFamily, out_root: Path, tokenizer_dir: Path, exits, 
     if weights == "awq" and fam.modules:
         check_awq(fam)                 # before any progress bar: one clean line if refused
     written = []
-    for e in tqdm(exit_list(fam, exits), desc="export hf", unit="exit", disable=not progress,
+    for e in tqdm(fam.config.exit_list(exits), desc="export hf", unit="exit", disable=not progress,
                   leave=False):
         d = out_root / f"exit-{e}"
         d.mkdir(parents=True)
@@ -117,72 +109,19 @@ def export_hf(fam: QuantizedFamily, out_root: Path, tokenizer_dir: Path, exits, 
     return written
 
 
-def gguf_label(fam: QuantizedFamily, type_: str) -> str:
-    """What a GGUF export mostly holds, for folder and file names: q4_0, q4_1, q8_0, f16, ..."""
-    if type_ != "auto":
-        return type_
-    from collections import Counter
-    from .exporters.ggml import grid_type
-    kinds = Counter(grid_type(s.bits, s.sym) for s in fam.modules.values())
-    if not kinds:
-        return "f16"
-    kind = kinds.most_common(1)[0][0]
-    return kind.name.lower() if kind is not None else "mixed"
-
-
 def export_gguf(fam: QuantizedFamily, out_root: Path, tokenizer_dir: Path, ex,
                 progress: bool = True, calib=None) -> dict:
-    """Per-exit GGUF files (each with an Ollama Modelfile) and/or the multi-exit file under
-    out_root (a fresh directory). Returns what was written. `calib`: the Calibration section
+    """The GGUF files of one export (exporters/gguf/export.py). `calib`: the Calibration section
     that K-quants' importance matrix is computed from (default: the recipe default)."""
-    from tqdm.auto import tqdm
-    from .exporters import gguf as G
-    kquant = ex.type if ex.type in G.K_QUANTS else None
-    if kquant and fam.modules:
-        raise UserError(f"type {kquant}: llama.cpp's K-quants start from float weights, and this "
-                        "family is already quantized; export the unquantized model (or use type auto)")
-    if kquant and ex.multi:
-        raise UserError(f"type {kquant}: the multi-exit file holds our own grids; drop multi")
-    opt = G.GGUFOptions(type="f16" if kquant else ex.type, embed_type=ex.embed_type,
-                        head_type=ex.head_type, name=ex.name, license=ex.license)
-    base, label = G.base_name(fam, opt), gguf_label(fam, ex.type)
-    out_root.mkdir(parents=True, exist_ok=True)
-    written: dict = {"exits": [], "multi": None}
-    exits = exit_list(fam, ex.exits) if ex.per_exit else []
-    G.check_gguf(fam, opt)     # refuse a grid GGUF cannot hold before any file or progress bar
-    common = G.common_kv(fam, tokenizer_dir, opt)      # the tokenizer, read once for every file
-    imat, imat_kv = None, []
-    if kquant and ex.imatrix and exits:
-        from .exporters import imatrix as IM
-        from .recipe import Calibration
+    from .exporters import gguf
+    from .exporters.gguf import imatrix
+    from .recipe import Calibration
+
+    def windows():
         cal = calib or Calibration()
-        windows = calib_windows(tokenizer_dir, cal)
-        imat = IM.collect(fam.dequantized_model(), windows, progress)
-        imat_kv = IM.provenance_kv(cal, len(windows))
-    for e in tqdm(exits, desc="export gguf", unit="exit", disable=not progress, leave=False):
-        d = out_root / f"exit-{e}"
-        d.mkdir()
-        fname = f"{base}-e{e}-{label}.gguf"
-        if kquant:
-            info = G.write_exit(fam, e, d / "f16.tmp.gguf", tokenizer_dir, opt, common)
-            info.update(bytes=G.llama_quantize(d / "f16.tmp.gguf", d / fname, kquant), file=fname,
-                        types=[kquant.upper()])
-            if imat is not None:
-                matrices = IM.for_exit(imat, fam.config, fam.config.exit_index(e))
-                info["imatrix_tensors"] = IM.requantize(d / "f16.tmp.gguf", d / fname, matrices,
-                                                        imat_kv)
-                info["bytes"] = (d / fname).stat().st_size
-            (d / "f16.tmp.gguf").unlink()
-            G.write_modelfile_for(d / fname)
-        else:
-            info = G.write_exit(fam, e, d / fname, tokenizer_dir, opt, common)
-        written["exits"].append(info)
-    if ex.multi:
-        if progress:
-            print(f"  writing the multi-exit file {base}-family-{label}.gguf", flush=True)
-        written["multi"] = G.write_multi(fam, out_root / f"{base}-family-{label}.gguf",
-                                         tokenizer_dir, opt, common)
-    return written
+        w = calib_windows(tokenizer_dir, cal)
+        return w, imatrix.provenance_kv(cal, len(w))
+    return gguf.export(fam, out_root, tokenizer_dir, ex, progress, windows)
 
 
 def export_folder(ex, fam: QuantizedFamily) -> str:
@@ -191,7 +130,8 @@ def export_folder(ex, fam: QuantizedFamily) -> str:
     if ex.folder:
         return ex.folder
     if ex.format == "gguf":
-        return f"gguf-{gguf_label(fam, ex.type)}"
+        from .exporters.gguf import label
+        return f"gguf-{label(fam, ex.type)}"
     if ex.weights == "auto":
         return f"{ex.format}-{fam.layout if fam.modules else ex.dtype}"
     return f"{ex.format}-{ex.dtype if ex.weights == 'float' else ex.weights}"
@@ -200,7 +140,7 @@ def export_folder(ex, fam: QuantizedFamily) -> str:
 def eval_report(ref: QuantizedFamily, fam: QuantizedFamily, model_dir: Path, ev: Eval,
                 out_dir: Path | None, progress: bool = True) -> dict:
     windows = eval_windows(model_dir, ev)
-    report = evaluate(ref, fam, windows, exit_list(ref, ev.exits), ev.batch, progress)
+    report = evaluate(ref, fam, windows, ref.config.exit_list(ev.exits), ev.batch, progress)
     report["source"] = ev.source
     if out_dir is not None:
         from .report import eval_markdown, eval_plot

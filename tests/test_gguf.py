@@ -20,7 +20,7 @@ from ruyi_quant import names
 from ruyi_quant.checkpoint import QuantizedFamily, load_family
 from ruyi_quant.errors import UserError
 from ruyi_quant.exporters import gguf as G
-from ruyi_quant.exporters.ggml import NotExact, decode_blocks, encode_grid
+from ruyi_quant.exporters.gguf.ggml import NotExact, encode_grid
 from ruyi_quant.model.io import load_model
 from ruyi_quant.quant.pack import dequantize
 from ruyi_quant.quant.plan import QuantSpec
@@ -60,9 +60,8 @@ def test_grid_blocks_decode_to_our_weights_bit_for_bit(bits, sym, qtype, gs):
     assert got == qtype and data.dtype == np.uint8
     assert data.shape == (48, 256 // 32 * gguf.GGML_QUANT_SIZES[qtype][1])
     ours = dequantize(*grid).numpy()
-    # the gguf package's own decoder (llama.cpp's layout) and ours both give our weights exactly
+    # the gguf package's own decoder (llama.cpp's layout) gives our weights exactly
     np.testing.assert_array_equal(gguf.quants.dequantize(data, qtype), ours)
-    np.testing.assert_array_equal(decode_blocks(data, qtype, 256), ours)
 
 
 def test_asymmetric_mins_are_fp16_numbers():
@@ -389,7 +388,7 @@ def test_act_order_needs_static_groups_for_gguf(tiny_dir, eval_ids, tmp_path):
         tensors, _ = tensors_of(tmp_path / "x.gguf")
         data = np.frombuffer(tensors["blk.1.ffn_up.weight"][1], np.uint8).reshape(
             fam.linear_shape("model.layers.1.mlp.up_proj")[0], -1)
-        np.testing.assert_array_equal(decode_blocks(data, T.Q4_0, 128),
+        np.testing.assert_array_equal(gguf.quants.dequantize(data, T.Q4_0),
                                       fam.weight("model.layers.1.mlp.up_proj").numpy())
 
 
@@ -398,7 +397,7 @@ def test_k_quants_with_our_importance_matrix(tmp_path):
     """Q4_K_M with and without our importance matrix: the same tensor types (llama.cpp's mix);
     ggml's quantizer called by us without a matrix gives llama.cpp's bytes exactly; with the
     matrix every re-encoded tensor has a lower matrix-weighted rounding error."""
-    from ruyi_quant.exporters import imatrix as IM
+    from ruyi_quant.exporters.gguf import imatrix as IM
     from ruyi_quant.pipeline import calib_windows, export_gguf
     from ruyi_quant.recipe import Calibration, GGUFExport
     from ruyi_quant.tiny import build_tiny
@@ -526,7 +525,7 @@ def test_llama_rope_rows_and_when_llama_is_chosen(llama_dir, tiny_dir):
 def test_imatrix_names_follow_the_exit_file():
     """Trunk layers keep their block, the branch becomes block e, the head input is `output`'s
     matrix, or `token_embd`'s when the head is tied to the embedding (llama-imatrix's names)."""
-    from ruyi_quant.exporters import imatrix as IM
+    from ruyi_quant.exporters.gguf import imatrix as IM
     from ruyi_quant.model.config import parse_config
     from ruyi_quant.tiny import tiny_config
     imat = {"model.layers.1.mlp.up_proj": torch.ones(4),

@@ -86,6 +86,14 @@ class FamilialConfig:
             raise UserError(f"exit {exit}: the model has exits at layers {self.exits}; pick one of those")
         return self.exits.index(exit)
 
+    def exit_list(self, exits=None) -> list[int]:
+        """The exits a user named (layer indices; None or "all": every exit), each checked."""
+        if exits in (None, "all"):
+            return list(self.exits)
+        for e in exits:
+            self.exit_index(e)            # raises a UserError naming the exits it has
+        return list(exits)
+
     def walk(self):
         """Trunk layers and exits in the order one pass computes them (names.walk)."""
         return names.walk(self.exits, self.num_layers)

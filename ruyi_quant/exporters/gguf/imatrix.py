@@ -26,8 +26,8 @@ import torch
 from gguf import GGMLQuantizationType as T
 from torch import nn
 
-from .. import names
-from ..errors import UserError
+from ... import names
+from ...errors import UserError
 
 HEAD_KEY = "head@{j}"          # the input of exit j's head (its norm's output)
 
@@ -136,7 +136,7 @@ def requantize(f16_path: Path, quantized_path: Path, imatrix: dict[str, np.ndarr
     """Re-encode, in place, each quantized tensor of llama.cpp's output that has a matrix, from
     the F16 file it was made from, with the same type; add `extra_kv` (provenance). Returns how
     many tensors changed."""
-    from .gguf import read_kv, write_gguf
+    from .metadata import read_kv, write_gguf
     src = {t.name: t for t in gguf.GGUFReader(str(f16_path)).tensors}
     r = gguf.GGUFReader(str(quantized_path))
     arrays, changed = [], 0

@@ -85,20 +85,3 @@ def encode_grid(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_id
         parts = [_fp16_bytes(d), c.view(np.uint8)]
     return np.concatenate(parts, axis=-1).reshape(n, -1), qtype
 
-
-def decode_blocks(data: np.ndarray, qtype: T, k: int) -> np.ndarray:
-    """uint8 [N, bytes] -> float32 [N, K], written from the block layout above (for tests and
-    for reading a file back)."""
-    n = data.shape[0]
-    b = data.reshape(n, k // BLOCK, -1)
-    d = b[..., 0:2].copy().view("<f2").astype(np.float32)         # [N, B, 1]
-    if qtype == T.Q8_0:
-        c = b[..., 2:].copy().view(np.int8).astype(np.float32)
-        return (d * c).reshape(n, k)
-    off = 4 if qtype == T.Q4_1 else 2
-    qs = b[..., off:]
-    c = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.float32)
-    if qtype == T.Q4_1:
-        m = b[..., 2:4].copy().view("<f2").astype(np.float32)
-        return (d * c + m).reshape(n, k)
-    return (d * (c - 8)).reshape(n, k)

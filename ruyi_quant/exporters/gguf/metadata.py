@@ -1,0 +1,123 @@
+"""Key/values of GGUF files (general.*, the architecture's hyperparameters, ruyi.* provenance)
+and the file writer itself (gguf-py's GGUFWriter)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import gguf
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFValueType as V
+from gguf import Keys
+
+from ... import __version__
+from ...errors import UserError
+from ...quant.family import QuantizedFamily
+from .tensors import ARCH, GGUFOptions
+from .tokenizer import tokenizer_kv
+
+FILE_TYPES = {T.F32: gguf.LlamaFileType.ALL_F32, T.F16: gguf.LlamaFileType.MOSTLY_F16,
+              T.BF16: gguf.LlamaFileType.MOSTLY_BF16, T.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+              T.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, T.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1}
+LICENSES = {"builtin:ruyi-mini": "apache-2.0", "builtin:smollm2": "apache-2.0"}
+
+
+class RuyiKeys:
+    """Our own keys (gguf-py's `Keys` has the rest): provenance, and the multi-exit file's config."""
+    SOURCE_MODEL, EXITS, METHOD = "ruyi.source_model", "ruyi.exits", "ruyi.method"
+    BITS, GROUP_SIZE, SYM, CALIBRATION = "ruyi.bits", "ruyi.group_size", "ruyi.sym", "ruyi.calibration"
+    EXIT = "ruyi.exit"                                 # per-exit files: which exit this is
+    CONFIG = "ruyi.config"                             # multi-exit file: the family's config.json
+    EXIT_ARCHITECTURE = "ruyi.exit_architecture"       # multi-exit file: qwen2 or llama per exit
+
+
+def size_label(params: int) -> str:
+    return f"{params / 1e9:.1f}B" if params >= 1e9 else f"{round(params / 1e6)}M"
+
+
+def common_kv(fam: QuantizedFamily, tok_dir: Path, opt: GGUFOptions) -> list[tuple]:
+    """Key/values shared by every file of a family: general.*, tokenizer.*, ruyi.* provenance."""
+    rec = fam.recipe or {}
+    source = rec.get("model")
+    lic = opt.license or LICENSES.get(source or "")
+    q = rec.get("quantize") or {}
+    cal = rec.get("calibration") or {}
+    common = fam.quantization_json()["common"] or {}
+    kv = [(Keys.General.QUANTIZED_BY, f"ruyi-quant {__version__}", V.STRING, None),
+          (Keys.General.QUANTIZATION_VERSION, gguf.GGML_QUANT_VERSION, V.UINT32, None)]
+    if lic:
+        kv.append((Keys.General.LICENSE, lic, V.STRING, None))
+    kv += [(RuyiKeys.SOURCE_MODEL, str(source or "unknown"), V.STRING, None),
+           (RuyiKeys.EXITS, list(fam.config.exits), V.ARRAY, V.INT32),
+           (RuyiKeys.METHOD, fam.method, V.STRING, None)]
+    if fam.grids:
+        kv += [(RuyiKeys.BITS, int(common.get("bits", q.get("bits", 0))), V.INT32, None),
+               (RuyiKeys.GROUP_SIZE, int(common.get("group_size", q.get("group_size", 0))), V.INT32, None),
+               (RuyiKeys.SYM, bool(common.get("sym", q.get("sym", True))), V.BOOL, None)]
+    if cal.get("source") and fam.method in ("gptq", "awq"):
+        kv.append((RuyiKeys.CALIBRATION, f"{cal['source']} {cal.get('samples')}x{cal.get('seq_len')} "
+                   f"seed {cal.get('seed')}", V.STRING, None))
+    return kv + tokenizer_kv(tok_dir, fam.config.vocab_size)
+
+
+def exit_kv(cfg, j: int, params: int, base_name: str, a: str = ARCH) -> list[tuple]:
+    """The per-exit keys: hyperparameters of e+1 blocks for architecture `a`, name, size, exit."""
+    e, raw = cfg.exits[j], cfg.raw
+    kv = [(Keys.General.NAME, f"{base_name} exit {e}", V.STRING, None),
+          (Keys.General.SIZE_LABEL, size_label(params), V.STRING, None),
+          (Keys.LLM.CONTEXT_LENGTH.format(arch=a), int(raw.get("max_position_embeddings", 32768)), V.UINT32, None),
+          (Keys.LLM.EMBEDDING_LENGTH.format(arch=a), cfg.hidden_size, V.UINT32, None),
+          (Keys.LLM.BLOCK_COUNT.format(arch=a), e + 1, V.UINT32, None),
+          (Keys.LLM.FEED_FORWARD_LENGTH.format(arch=a), int(raw["intermediate_size"]), V.UINT32, None),
+          (Keys.Attention.HEAD_COUNT.format(arch=a), int(raw["num_attention_heads"]), V.UINT32, None),
+          (Keys.Attention.HEAD_COUNT_KV.format(arch=a), int(raw.get("num_key_value_heads",
+                                                                     raw["num_attention_heads"])), V.UINT32, None),
+          (Keys.Attention.LAYERNORM_RMS_EPS.format(arch=a), float(raw.get("rms_norm_eps", 1e-6)), V.FLOAT32, None),
+          (Keys.Rope.FREQ_BASE.format(arch=a), cfg.rope_theta, V.FLOAT32, None),
+          (Keys.Rope.DIMENSION_COUNT.format(arch=a), cfg.head_dim, V.UINT32, None),
+          (RuyiKeys.EXIT, e, V.INT32, None)]
+    if cfg.rope_scaled:
+        raise UserError("gguf: scaled RoPE is not exported yet; the model uses "
+                        f"{raw.get('rope_parameters') or raw.get('rope_scaling')}")
+    return kv
+
+
+def _file_type(arrays) -> gguf.LlamaFileType:
+    """general.file_type: the type of most linear weights."""
+    kinds = [t for n, _, t in arrays if re.search(r"\.(attn_[qkvo]\w*|ffn_\w+)\.weight$", n)]
+    return FILE_TYPES[max(set(kinds), key=kinds.count)] if kinds else gguf.LlamaFileType.ALL_F32
+
+
+def write_gguf(path: Path, arch: str, kv: list[tuple], arrays, file_type=None) -> int:
+    """Write a GGUF file: key/values [(key, value, type, sub type)], tensors [(name, data,
+    ggml type)], general.file_type (default: the type of most linear weights). Returns its size."""
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, val, vtype, sub in kv:
+        w.add_key_value(key, val, vtype, sub_type=sub)
+    w.add_file_type(_file_type(arrays) if file_type is None else file_type)
+    for name, data, qtype in arrays:
+        if qtype in (T.F32, T.F16):
+            w.add_tensor(name, data)
+        else:
+            w.add_tensor(name, data, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file(progress=False)
+    w.close()
+    return path.stat().st_size
+
+
+def _field_value(field):
+    """(value, value type, sub type) of a GGUFReader field, ready for GGUFWriter."""
+    vtype = field.types[0]
+    return field.contents(), vtype, (field.types[1] if vtype == V.ARRAY else None)
+
+
+def read_kv(r: gguf.GGUFReader, skip: tuple[str, ...] = ()) -> tuple[list[tuple], str, int]:
+    """A file's key/values ready for write_gguf (less `skip`), its architecture, its file type."""
+    own = (Keys.General.ARCHITECTURE, Keys.General.FILE_TYPE) + tuple(skip)
+    kv = [(k, *_field_value(f)) for k, f in r.fields.items()
+          if not k.startswith("GGUF.") and k not in own]
+    ft = r.fields.get(Keys.General.FILE_TYPE)
+    return kv, r.fields[Keys.General.ARCHITECTURE].contents(), (ft.contents() if ft else None)

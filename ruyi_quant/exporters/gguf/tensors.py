@@ -1,0 +1,156 @@
+"""Tensor data for GGUF files: each familial weight as the ggml type it goes in.
+
+Our int4/int8 grids go in exactly (ggml.py); norms and biases are F32; float linears, the
+embedding and float heads get the type the options name (`auto`: f16, and q8_0 for the
+embedding and heads of files with 4-bit grids). Plain Llama sources get llama.cpp's row order
+for q/k (`llama_rope_rows`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+
+from ... import names
+from ...errors import UserError
+from ...quant.family import QuantizedFamily
+from .ggml import NotExact, block_groups, encode_grid, grid_type
+
+ARCH = "qwen2"
+LLAMA_ARCH = "llama"    # plain Llama sources: no q/k/v biases, q/k rows in llama.cpp's rope order
+MULTI_ARCH = "ruyi"
+FLOAT_TYPES = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16}
+TYPES = {**FLOAT_TYPES, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_1": T.Q4_1}
+FILE_TYPES = {T.F32: gguf.LlamaFileType.ALL_F32, T.F16: gguf.LlamaFileType.MOSTLY_F16,
+              T.BF16: gguf.LlamaFileType.MOSTLY_BF16, T.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+              T.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, T.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1}
+
+@dataclass(frozen=True)
+class GGUFOptions:
+    type: str = "auto"            # auto: grids exactly, float linears f16; or one of TYPES
+    embed_type: str = "auto"      # auto: q8_0 in files with <= 4-bit grids, else as `type`
+    head_type: str = "auto"       # a float head; a quantized head keeps its grid
+    name: str | None = None
+    license: str | None = None
+
+
+def _role(fam: QuantizedFamily, module: str) -> str:
+    if module == names.EMBED:
+        return "embed"
+    if module == names.SHARED_HEAD or re.fullmatch(r"lm_head\.\d+", module):
+        return "head"
+    return "linear" if module.endswith(tuple("." + n for n in names.LAYER_LINEARS)) else "other"
+
+
+def _auto_types(fam: QuantizedFamily, opt: GGUFOptions) -> dict[str, T]:
+    """The ggml type of each role: linear (float linears), embed, head."""
+    low_bits = any(s.bits <= 4 for s in fam.modules.values())
+    base = T.F16 if opt.type == "auto" else TYPES[opt.type]
+    small = T.Q8_0 if low_bits or base in (T.Q4_0, T.Q4_1) else base
+    return {"linear": base,
+            "embed": small if opt.embed_type == "auto" else TYPES[opt.embed_type],
+            "head": small if opt.head_type == "auto" else TYPES[opt.head_type]}
+
+
+def _float_array(t: torch.Tensor, qtype: T, what: str) -> tuple[np.ndarray, T]:
+    x = t.detach().float().numpy()
+    if qtype == T.F32:
+        return x, T.F32
+    if qtype == T.F16:
+        return x.astype(np.float16), T.F16
+    if qtype in (T.Q8_0, T.Q4_0, T.Q4_1) and x.shape[-1] % 32:
+        raise UserError(f"{what}: {x.shape[-1]} columns is not a multiple of 32, which "
+                        f"{qtype.name} needs; choose type f16")
+    return gguf.quants.quantize(x, qtype), qtype
+
+
+def check_gguf(fam: QuantizedFamily, opt: GGUFOptions) -> None:
+    """Raise the one-line UserError that encode_module would, without encoding anything."""
+    for module, grid in fam.grids.items():
+        _check_grid(module, grid.spec, TYPES.get(opt.type), lambda: block_groups(grid.g_idx, grid.shape[1]))
+
+
+def _check_grid(module, spec, want, blocks) -> None:
+    if want in FLOAT_TYPES.values():
+        return
+    exact = grid_type(spec.bits, spec.sym)
+    if want is not None and want != exact:
+        raise UserError(f"type {want.name.lower()}: {module} holds a {spec.bits}-bit "
+                        f"{'symmetric' if spec.sym else 'asymmetric'} grid, which "
+                        f"{want.name} cannot hold exactly; use type auto"
+                        + (f" ({exact.name})" if exact else "") + " or a float type")
+    try:
+        if exact is None:
+            raise NotExact(f"no ggml type holds a {spec.bits}-bit "
+                           f"{'symmetric' if spec.sym else 'asymmetric'} grid exactly")
+        blocks()
+    except NotExact as e:
+        raise UserError(f"gguf: {module} cannot go into GGUF exactly: {e}; quantize with "
+                        "group_size a multiple of 32, act_order: false (or static_groups: true), "
+                        "and 4 bits (sym or asym) or 8 bits sym; or export type f16") from None
+
+
+def encode_module(fam: QuantizedFamily, module: str, opt: GGUFOptions,
+                  types: dict[str, T]) -> tuple[np.ndarray, T]:
+    """The weight of one familial module as GGUF data (identical wherever it is written)."""
+    role = _role(fam, module)
+    if module in fam.modules:
+        spec = fam.modules[module]
+        want = TYPES.get(opt.type)
+        if want in FLOAT_TYPES.values():
+            return _float_array(fam.weight(module), want, module)
+        grid = fam.grid(module)
+        _check_grid(module, spec, want, lambda: block_groups(grid[3], grid[0].shape[0]))
+        try:
+            return encode_grid(*grid, spec.bits, spec.sym)
+        except NotExact as e:
+            raise UserError(f"gguf: {module} cannot go into GGUF exactly: {e}") from None
+    w = fam.tensors[f"{module}.weight"]
+    return _float_array(w, types.get(role, types["linear"]), module)
+
+
+def exit_arch(fam: QuantizedFamily) -> str:
+    """`llama` for a plain Llama source whose q/k/v biases are all zero (as loading made them),
+    else `qwen2` (Qwen2 sources, Ruyi families, trained branches with biases)."""
+    if fam.config.source_arch != "llama":
+        return ARCH
+    biases = [t for n, t in fam.tensors.items() if re.search(r"\.[qkv]_proj\.bias$", n)]
+    return LLAMA_ARCH if all(not t.any() for t in biases) else ARCH
+
+
+def llama_rope_rows(data: np.ndarray, n_head: int) -> np.ndarray:
+    """Reorder the output rows of a q or k projection from HF's rotate-half RoPE layout to
+    llama.cpp's interleaved one (what convert_hf_to_gguf does for llama). Whole rows move, so
+    encoded int4/int8 blocks move unchanged."""
+    rows = data.shape[0]
+    return data.reshape(n_head, 2, rows // n_head // 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
+
+
+def family_arrays(fam: QuantizedFamily, modules_and_names, opt: GGUFOptions):
+    """[(gguf name, data, type)] for familial tensors, named by `modules_and_names`:
+    a list of (familial tensor name, gguf name); quantized linears appear once as `.weight`.
+    For the llama architecture q/k rows are reordered and the (zero) q/k/v biases left out."""
+    types = _auto_types(fam, opt)
+    llama = exit_arch(fam) == LLAMA_ARCH
+    raw = fam.config.raw
+    heads = {"attn_q": int(raw["num_attention_heads"]),
+             "attn_k": int(raw.get("num_key_value_heads", raw["num_attention_heads"]))}
+    out = []
+    for fname, gname in modules_and_names:
+        mod, suffix = fname.rsplit(".", 1)
+        if llama and suffix == "bias" and re.search(r"attn_[qkv]\.bias$", gname):
+            continue
+        if suffix == "weight" and _role(fam, mod) != "other":
+            data, qtype = encode_module(fam, mod, opt, types)
+        else:                                   # norms, biases
+            data, qtype = fam.tensors[fname].detach().float().numpy(), T.F32
+        kind = gname.rsplit(".", 2)[-2]
+        if llama and kind in heads:
+            data = llama_rope_rows(data, heads[kind])
+        out.append((gname, data, qtype))
+    return out
