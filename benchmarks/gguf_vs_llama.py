@@ -34,7 +34,7 @@ from ruyi_quant.exporters.gguf import imatrix as IM
 from ruyi_quant.model.io import load_model
 from ruyi_quant.pipeline import calib_windows, eval_windows, quantize
 from ruyi_quant.sources import resolve_model
-from ruyi_quant.recipe import Calibration, Eval, Quantize
+from ruyi_quant.recipe import Calibration, Eval, Provenance, Quantize
 from ruyi_quant.report import markdown_table
 
 HEADERS = ["exit", "file", "made by", "bpw", "MB", "KL(bf16‖file)", "top-1 %", "ppl", "ppl bf16"]
@@ -92,7 +92,7 @@ def main() -> None:
     exits = [cfg.exits[0] if x == "first" else cfg.exits[-1] if x == "last" else int(x)
              for x in a.exits.split(",")]
     ref_fam = QuantizedFamily.from_model(model)
-    ref_fam.recipe = {"model": a.model}
+    ref_fam.provenance = Provenance(model=a.model)
     with torch.no_grad():
         ref = {e: [model(w[None], exit=e).logits[0].float() for w in ev] for e in exits}
     ours = {}
@@ -100,9 +100,8 @@ def main() -> None:
                                ("awq-q4_1", "awq", False)]:
         t0 = time.perf_counter()
         fam = quantize(load_model(src), Quantize(method=method, bits=4, group_size=32, sym=sym), calib)
-        fam.recipe = {"model": a.model, "quantize": {"method": method},
-                      "calibration": {"source": "builtin:pydoc/calib", "samples": a.samples,
-                                      "seq_len": a.seq_len, "seed": 0}}
+        fam.provenance = Provenance(model=a.model, quantize=Quantize(method=method),
+                                    calibration=Calibration(samples=a.samples, seq_len=a.seq_len))
         ours[label] = (fam, time.perf_counter() - t0)
         print(f"{label}: quantized in {ours[label][1]:.0f} s", flush=True)
     imat = IM.collect(model, calib)

@@ -27,7 +27,7 @@ from ruyi_quant.exporters import gguf as G
 from ruyi_quant.model.io import load_model
 from ruyi_quant.pipeline import eval_windows, quantize
 from ruyi_quant.sources import resolve_model
-from ruyi_quant.recipe import Eval, Quantize
+from ruyi_quant.recipe import Eval, Provenance, Quantize
 from ruyi_quant.report import markdown_table
 
 from gguf_vs_llama import llama_logits     # the same llama.cpp run as the GGUF benchmark
@@ -65,7 +65,7 @@ def main() -> None:
         for sym in (True, False):
             fam = quantize(model, Quantize(method="rtn", bits=4, group_size=128, sym=sym),
                            progress=False)
-            fam.recipe = {"model": a.model}
+            fam.provenance = Provenance(model=a.model)
             deq = fam.dequantized_model()
             grid = "Q4_0" if sym else "Q4_1"
             for e in fam.config.exits:

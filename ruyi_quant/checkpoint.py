@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 from safetensors.torch import save_file
 
 from . import __version__
@@ -28,6 +29,7 @@ from .quant.family import QuantizedFamily
 from .quant.grid import Grid
 from .quant.pack import LAYOUTS
 from .quant.plan import QuantSpec
+from .recipe import Provenance
 
 __all__ = ["QuantizedFamily", "load_family", "pack_grid", "save_family"]
 
@@ -56,7 +58,7 @@ def save_family(fam: QuantizedFamily, out_dir: Path, tokenizer_dir: Path | None,
         cfg["quantization_config"] = {"quant_method": "ruyi_quant", **fam.quantization_json()}
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     meta = {"ruyi_quant_version": __version__, "kind": "family", "exits": fam.config.exits,
-            "quantization": fam.quantization_json(), "recipe": fam.recipe, "stats": fam.stats}
+            "quantization": fam.quantization_json(), "recipe": fam.provenance.model_dump() if fam.provenance else None, "stats": fam.stats}
     write_marker(out_dir, meta)
     if tokenizer_dir is not None:
         copy_tokenizer(tokenizer_dir, out_dir)
@@ -78,7 +80,11 @@ def load_family(path: Path) -> QuantizedFamily:
                         "checkpoint; point at the quantized family (the job's 'family' folder)")
     q = meta.get("quantization") or {}
     modules = {m: QuantSpec(**s) for m, s in q.get("modules", {}).items()}
-    method, recipe, stats = q.get("method", "none"), meta.get("recipe"), meta.get("stats", {})
+    method, stats = q.get("method", "none"), meta.get("stats", {})
+    try:
+        provenance = Provenance.model_validate(meta["recipe"]) if meta.get("recipe") else None
+    except ValidationError as e:
+        raise UserError(f"{meta_path}: its recipe does not validate ({e.errors()[0]['msg']})") from None
     layout = q.get("layout", "gptq")
     files = weight_files(path)
     tensors = {}
@@ -96,4 +102,4 @@ def load_family(path: Path) -> QuantizedFamily:
         order = {n: i for i, n in enumerate(FamilialModel(config).state_dict())}
     tensors = dict(sorted(tensors.items(), key=lambda kv: order.get(kv[0], len(order))))
     return QuantizedFamily(config=config, tensors=tensors, grids=grids, method=method,
-                           layout=layout, recipe=recipe, stats=stats)
+                           layout=layout, provenance=provenance, stats=stats)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -30,7 +31,18 @@ def _console():
     return Console(width=None if sys.stdout.isatty() else 120)
 
 
+def _given(**kw) -> dict:
+    """The options a user gave; the rest take the settings' own defaults (recipe.py)."""
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def _default(cls, field: str):
+    """A setting's default, for --help (declared once, in recipe.py)."""
+    return cls.model_fields[field].default
+
+
 def _validated(cls, **kw):
+    kw = _given(**kw)
     try:
         return cls(**kw)
     except ValidationError as e:
@@ -64,14 +76,14 @@ def _override(text: str, skip: bool = False):
 
 
 # --- subcommands ---------------------------------------------------------------------------
-def cmd_inspect(a) -> None:
+def cmd_inspect(args) -> None:
     from .pipeline import open_family
     from .report import rich_table
-    fam, _ = open_family(a.model)
+    fam, _ = open_family(args.model)
     c = fam.config
     con = _console()
     heads = "tied to embeddings" if c.tie_word_embeddings else ("shared" if c.shared_heads else "per exit")
-    con.print(f"{a.model}: {c.source_type}, {c.num_layers} trunk layers, hidden {c.hidden_size}, "
+    con.print(f"{args.model}: {c.source_type}, {c.num_layers} trunk layers, hidden {c.hidden_size}, "
               f"vocab {c.vocab_size}, heads {heads}, exits {c.exits}, quantization: {fam.method}",
               soft_wrap=True, markup=False)
     rows = []
@@ -83,68 +95,66 @@ def cmd_inspect(a) -> None:
                  f"{nbytes / 1e6:.2f}"])
     con.print(rich_table("parameters and bytes per exit",
                          ["exit", "layers run", "params (M)", "MB"], rows))
-    if a.json:
+    if args.json:
         out = {"exits": c.exits, "per_exit": rows, "family": {"params": params, "bytes": nbytes}}
-        Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
 
 
-def cmd_quantize(a) -> None:
+def cmd_quantize(args) -> None:
     from .checkpoint import save_family
-    from .fsutil import atomic_dir, check_output_dir
-    from .model.io import load_model
     from .data import check_source
-    from .pipeline import CALIBRATED, calib_windows, quantize
+    from .fsutil import atomic_dir, check_output_dir
+    from .pipeline import CALIBRATED, quantize_source
+    from .recipe import AWQOptions, Calibration, GPTQOptions, Override, Provenance, Quantize
     from .sources import resolve_model
-    from .recipe import AWQOptions, Calibration, GPTQOptions, Override, Quantize
-    overrides = [_validated(Override, **_override(t)) for t in a.override or []]
-    overrides += [_validated(Override, **_override(t, skip=True)) for t in a.skip or []]
-    q = _validated(Quantize, method=a.method, bits=a.bits, group_size=a.group_size, sym=not a.asym,
-                   heads=a.heads, overrides=overrides, device=a.device,
-                   gptq=_validated(GPTQOptions, damp_percent=a.damp, act_order=a.act_order,
-                                   static_groups=a.static_groups),
-                   awq=_validated(AWQOptions, clip=not a.no_clip))
-    cal = _validated(Calibration, source=a.calib, samples=a.samples, seq_len=a.seq_len, seed=a.seed)
-    out = Path(a.out)
-    check_output_dir(out, force=a.force)
-    src = resolve_model(a.model)
-    windows = None
+    overrides = [_validated(Override, **_override(t)) for t in args.override or []]
+    overrides += [_validated(Override, **_override(t, skip=True)) for t in args.skip or []]
+    q = _validated(Quantize, method=args.method, bits=args.bits, group_size=args.group_size,
+                   sym=False if args.asym else None, heads=args.heads, overrides=overrides,
+                   device=args.device,
+                   gptq=_validated(GPTQOptions, damp_percent=args.damp, act_order=args.act_order,
+                                   static_groups=args.static_groups),
+                   awq=_validated(AWQOptions, clip=False if args.no_clip else None))
+    cal = _validated(Calibration, source=args.calib, samples=args.samples, seq_len=args.seq_len,
+                     seed=args.seed)
+    out = Path(args.out)
+    check_output_dir(out, force=args.force)
+    src = resolve_model(args.model)
     if q.method in CALIBRATED:
         check_source(cal.source)
-        windows = calib_windows(src, cal)
-    model = load_model(src)
-    fam = quantize(model, q, windows)
-    fam.recipe = {"model": a.model, "quantize": q.model_dump(), "calibration": cal.model_dump()}
+    _, fam = quantize_source(src, q, cal)
+    fam.provenance = Provenance(model=args.model, quantize=q, calibration=cal)
     with atomic_dir(out) as tmp:
         save_family(fam, tmp, src)
-    print(f"wrote {out} ({len(fam.modules)} quantized linears, {fam.size()[1] / 1e6:.2f} MB)")
+    print(f"wrote {out} ({len(fam.grids)} quantized linears, {fam.size()[1] / 1e6:.2f} MB)")
 
 
-def cmd_export(a) -> None:
+def cmd_export(args) -> None:
     from .fsutil import atomic_dir, check_output_dir, write_marker
     from .pipeline import export_gguf, export_hf, open_family
-    from .recipe import Calibration, GGUFExport, HFExport
-    source, fmt = a.source or a.family, a.format
-    if a.family in ("hf", "gguf") and a.source and not Path(a.family).exists():
-        fmt = fmt or a.family                  # `export gguf --from X`
-    if a.family and a.source and a.family != fmt:
-        raise UserError(f"give the family once: FAMILY ({a.family}) or --from ({a.source})")
+    from .recipe import Calibration, GGUFExport, HFExport, Provenance
+    source, fmt = args.source or args.family, args.format
+    if args.family in ("hf", "gguf") and args.source and not Path(args.family).exists():
+        fmt = fmt or args.family                  # `export gguf --from X`
+    if args.family and args.source and args.family != fmt:
+        raise UserError(f"give the family once: FAMILY ({args.family}) or --from ({args.source})")
     if source is None:
         raise UserError("export: name the family to export (FAMILY or --from)")
     fmt = fmt or ("gguf" if source.endswith(".gguf") else "hf")
-    out = Path(a.out)
+    out = Path(args.out)
     if fmt == "gguf":
-        ex = _validated(GGUFExport, exits=_exits(a.exits), type=a.type, embed_type=a.embed_type,
-                        head_type=a.head_type, multi=a.multi or a.multi_only,
-                        per_exit=not a.multi_only, name=a.name, license=a.license,
-                        imatrix=not a.no_imatrix)
+        ex = _validated(GGUFExport, exits=_exits(args.exits), type=args.type, embed_type=args.embed_type,
+                        head_type=args.head_type, multi=args.multi or args.multi_only,
+                        per_exit=not args.multi_only, name=args.name, license=args.license,
+                        imatrix=not args.no_imatrix)
         if source.endswith(".gguf"):
-            return _extract_gguf(source, ex, out, a.force)
+            return _extract_gguf(source, ex, out, args.force)
         fam, tok_dir = open_family(source)
-        fam.recipe = fam.recipe or {"model": source}      # a source model: name it after itself
-        check_output_dir(out, force=a.force)
+        fam.provenance = fam.provenance or Provenance(model=source)   # a source model: its own name
+        check_output_dir(out, force=args.force)
         with atomic_dir(out) as tmp:
             info = export_gguf(fam, tmp, tok_dir, ex,
-                               calib=_validated(Calibration, source=a.calib))
+                               calib=_validated(Calibration, source=args.calib))
             write_marker(tmp, {"kind": "export", "format": "gguf", **info})
         for x in info["exits"]:
             print(f"wrote {out / ('exit-%d' % x['exit']) / x['file']} ({x['bytes'] / 1e6:.2f} MB) + Modelfile")
@@ -155,9 +165,9 @@ def cmd_export(a) -> None:
         return None
     if fmt != "hf":
         raise UserError(f"--format {fmt}: supported formats are hf and gguf")
-    ex = _validated(HFExport, format=fmt, exits=_exits(a.exits), weights=a.weights, dtype=a.dtype)
+    ex = _validated(HFExport, format=fmt, exits=_exits(args.exits), weights=args.weights, dtype=args.dtype)
     fam, tok_dir = open_family(source)
-    check_output_dir(out, force=a.force)
+    check_output_dir(out, force=args.force)
     with atomic_dir(out) as tmp:
         dirs = export_hf(fam, tmp, tok_dir, ex.exits, ex.weights, ex.dtype)
         write_marker(tmp, {"kind": "export", "format": ex.format, "exits": [d.name for d in dirs]})
@@ -181,21 +191,21 @@ def _extract_gguf(source: str, ex, out: Path, force: bool) -> None:
         print(f"wrote {out / ('exit-%d' % x['exit']) / x['file']} ({x['bytes'] / 1e6:.2f} MB)")
 
 
-def cmd_eval(a) -> None:
+def cmd_eval(args) -> None:
     from .fsutil import atomic_dir, check_output_dir, write_marker
     from .pipeline import eval_report, open_family
     from .recipe import Eval
     from .report import eval_cells, rich_table
-    ev = _validated(Eval, source=a.data, samples=a.samples, seq_len=a.seq_len,
-                    exits=_exits(a.exits), batch=a.batch, plot=a.out is not None)
-    ref, tok_dir = open_family(a.reference)
-    fam, _ = open_family(a.quantized)
+    ev = _validated(Eval, source=args.data, samples=args.samples, seq_len=args.seq_len,
+                    exits=_exits(args.exits), batch=args.batch, plot=args.out is not None)
+    ref, tok_dir = open_family(args.reference)
+    fam, _ = open_family(args.quantized)
     if ref.config.exits != fam.config.exits or ref.config.vocab_size != fam.config.vocab_size:
-        raise UserError(f"{a.quantized} (exits {fam.config.exits}) is not a quantization of "
-                        f"{a.reference} (exits {ref.config.exits})")
-    if a.out:
-        check_output_dir(Path(a.out), force=True)
-        with atomic_dir(Path(a.out)) as tmp:
+        raise UserError(f"{args.quantized} (exits {fam.config.exits}) is not a quantization of "
+                        f"{args.reference} (exits {ref.config.exits})")
+    if args.out:
+        check_output_dir(Path(args.out), force=True)
+        with atomic_dir(Path(args.out)) as tmp:
             report = eval_report(ref, fam, tok_dir, ev, tmp)
             write_marker(tmp, {"kind": "eval"})
     else:
@@ -203,16 +213,17 @@ def cmd_eval(a) -> None:
     _console().print(rich_table(f"{fam.method} vs reference on {ev.source}", *eval_cells(report)))
 
 
-def cmd_make_familial(a) -> None:
-    from .sources.branches import build_familial
+def cmd_make_familial(args) -> None:
     from .fsutil import check_output_dir
     from .model.config import read_config
+    from .recipe import Training
     from .sources import resolve_model
-    src = resolve_model(a.model)
+    from .sources.branches import build_familial
+    src = resolve_model(args.model)
     cfg = read_config(src)
     if len(cfg.exits) != 1:
-        raise UserError(f"{a.model}: already a family (exits {cfg.exits}); give a plain Qwen2/Llama model")
-    exits = _exits(a.exits)
+        raise UserError(f"{args.model}: already a family (exits {cfg.exits}); give a plain Qwen2/Llama model")
+    exits = _exits(args.exits)
     if exits == "all" or not exits:
         raise UserError("--exits: give the exit layers, e.g. 12,16,20,25,29")
     last = cfg.num_layers - 1
@@ -220,29 +231,29 @@ def cmd_make_familial(a) -> None:
     bad = [e for e in exits if not 0 <= e <= last]
     if bad:
         raise UserError(f"--exits: {bad} outside the model's layers 0..{last}")
-    check_output_dir(Path(a.out), force=a.force)
-    report = build_familial(src, Path(a.out), exits, shared_heads=not a.separate_heads,
-                            sources=tuple(a.train or ("builtin:pydoc/train", "builtin:stdlib/train")),
-                            windows=a.windows, seq_len=a.seq_len, steps=a.steps, lr=a.lr,
-                            positions=a.positions, distill_weight=a.distill, seed=a.seed)
+    train = _validated(Training, sources=args.train, windows=args.windows, seq_len=args.seq_len,
+                       steps=args.steps, lr=args.lr, positions=args.positions, distill_weight=args.distill,
+                       seed=args.seed)
+    check_output_dir(Path(args.out), force=args.force)
+    report = build_familial(src, Path(args.out), exits, shared_heads=not args.separate_heads, train=train)
     ppl = report.get("ppl_bf16", {})
-    print(f"wrote {a.out}: exits {report['exits']}" +
+    print(f"wrote {args.out}: exits {report['exits']}" +
           (", bf16 perplexity " + ", ".join(f"{e}: {p:.1f}" for e, p in ppl.items()) if ppl else ""))
 
 
-def cmd_run(a) -> None:
+def cmd_run(args) -> None:
     from .pipeline import run_job
     from .recipe import load_recipe
     from .report import eval_cells, rich_table
-    recipe, base = load_recipe(a.recipe)
-    jobs = [j for j in recipe.jobs if not a.only or j.name in a.only]
-    if a.only and not jobs:
-        raise UserError(f"--only {','.join(a.only)}: no such job (jobs: "
+    recipe, base = load_recipe(args.recipe)
+    jobs = [j for j in recipe.jobs if not args.only or j.name in args.only]
+    if args.only and not jobs:
+        raise UserError(f"--only {','.join(args.only)}: no such job (jobs: "
                         f"{', '.join(j.name for j in recipe.jobs)})")
     con = _console()
     results = []
     for job in jobs:
-        res = run_job(job, base, force=a.force, say=lambda m: con.print(m, markup=False))
+        res = run_job(job, base, force=args.force, say=lambda m: con.print(m, markup=False))
         results.append((job, res))
         if res.get("eval"):
             con.print(rich_table(f"{job.name}: {res['method']} vs reference",
@@ -253,6 +264,9 @@ def cmd_run(a) -> None:
 
 # --- parser --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from .recipe import Calibration, Eval, GGUFExport, GPTQOptions, HFExport, Quantize, Training
+    Q, C, E, T = (lambda f: _default(Quantize, f)), (lambda f: _default(Calibration, f)), \
+        (lambda f: _default(Eval, f)), (lambda f: _default(Training, f))
     p = argparse.ArgumentParser(
         prog="ruyi-quant", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Quantize and export familial (early-exit) language models. MODEL is a "
@@ -271,24 +285,26 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--heads) and write a quantized family checkpoint.")
     s.add_argument("model", metavar="MODEL")
     s.add_argument("--out", required=True, help="output directory (written whole or not at all)")
-    s.add_argument("--method", default="rtn", help="rtn (round to nearest), gptq, awq")
-    s.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
-    s.add_argument("--group-size", type=int, default=128, help="-1 or 16..1024, power of two (default 128)")
+    s.add_argument("--method", help=f"rtn (round to nearest), gptq, awq (default {Q('method')})")
+    s.add_argument("--bits", type=int, help=f"2, 3, 4 or 8 (default {Q('bits')})")
+    s.add_argument("--group-size", type=int,
+                   help=f"-1 or 16..1024, power of two (default {Q('group_size')})")
     s.add_argument("--asym", action="store_true", help="asymmetric grid (default symmetric)")
     s.add_argument("--heads", action="store_true", help="quantize the heads too")
     s.add_argument("--override", action="append", metavar="PATTERN:KEY=VAL,...",
                    help="per-module grid, e.g. 'model.layers.*.mlp.down_proj:bits=8'")
     s.add_argument("--skip", action="append", metavar="PATTERN", help="leave matching modules unquantized")
-    s.add_argument("--calib", default="builtin:pydoc/calib",
-                   help="calibration text for gptq/awq: builtin:pydoc/calib, a .txt or .jsonl file")
-    s.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")
-    s.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--damp", type=float, default=0.01, help="gptq dampening (default 0.01)")
+    s.add_argument("--calib", help=f"calibration text for gptq/awq: {C('source')} (default), a .txt "
+                   "or .jsonl file")
+    s.add_argument("--samples", type=int, help=f"calibration windows (default {C('samples')})")
+    s.add_argument("--seq-len", type=int, help=f"tokens per window (default {C('seq_len')})")
+    s.add_argument("--seed", type=int, help=f"calibration window seed (default {C('seed')})")
+    s.add_argument("--damp", type=float,
+                   help=f"gptq dampening (default {_default(GPTQOptions, 'damp_percent')})")
     s.add_argument("--act-order", action="store_true", help="gptq: columns by decreasing diag(H)")
     s.add_argument("--static-groups", action="store_true", help="gptq: group grids fixed up front")
     s.add_argument("--no-clip", action="store_true", help="awq: skip the clipping search")
-    s.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda")
+    s.add_argument("--device", help=f"auto (cuda when present), cpu, cuda (default {Q('device')})")
     s.add_argument("--force", action="store_true", help="replace an existing output of ours")
     s.set_defaults(func=cmd_quantize)
 
@@ -304,21 +320,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", default=None, help="hf (default) or gguf")
     s.add_argument("--out", required=True)
     s.add_argument("--exits", "--exit", help="comma-separated exit layers, or all (default)")
-    s.add_argument("--weights", default="auto", help="hf: auto (the family's layout), float, gptq, awq")
-    s.add_argument("--dtype", default="bfloat16", help="hf float weights: bfloat16, float16, float32")
-    s.add_argument("--type", default="auto", help="gguf: auto (our grids exactly: Q4_0 sym, Q4_1 "
+    s.add_argument("--weights", help=f"hf: auto (the family's layout), float, gptq, awq (default "
+                   f"{_default(HFExport, 'weights')})")
+    s.add_argument("--dtype", help=f"hf float weights: bfloat16, float16, float32 (default "
+                   f"{_default(HFExport, 'dtype')})")
+    s.add_argument("--type", help="gguf: auto (default; our grids exactly: Q4_0 sym, Q4_1 "
                    "asym, Q8_0 8-bit; float linears f16), f32, f16, bf16, q8_0, q4_0, q4_1; from a "
                    "float model also llama.cpp's q4_k_m, q5_k_m, q6_k")
-    s.add_argument("--embed-type", default="auto", help="gguf: token embedding type (auto: q8_0 "
-                   "in 4-bit files)")
-    s.add_argument("--head-type", default="auto", help="gguf: float head type (auto: q8_0 in 4-bit "
-                   "files)")
+    s.add_argument("--embed-type", help=f"gguf: token embedding type (default "
+                   f"{_default(GGUFExport, 'embed_type')}: q8_0 in 4-bit files)")
+    s.add_argument("--head-type", help=f"gguf: float head type (default "
+                   f"{_default(GGUFExport, 'head_type')}: q8_0 in 4-bit files)")
     s.add_argument("--multi", action="store_true", help="gguf: also write the multi-exit file")
     s.add_argument("--multi-only", action="store_true", help="gguf: only the multi-exit file")
     s.add_argument("--name", help="gguf: general.name (default: the model's name)")
     s.add_argument("--license", help="gguf: general.license (default: the source's, when known)")
-    s.add_argument("--calib", default="builtin:pydoc/calib",
-                   help="gguf K-quants: text of the importance matrix (32 x 256 tokens)")
+    s.add_argument("--calib", help=f"gguf K-quants: text of the importance matrix (default "
+                   f"{C('source')}, {C('samples')} x {C('seq_len')} tokens)")
     s.add_argument("--no-imatrix", action="store_true",
                    help="gguf K-quants: llama.cpp's plain rounding, no importance matrix")
     s.add_argument("--force", action="store_true")
@@ -329,12 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "perplexity of both, mean KL(ref || quant), top-1 agreement, bytes.")
     s.add_argument("reference", metavar="REFERENCE")
     s.add_argument("quantized", metavar="QUANTIZED")
-    s.add_argument("--data", default="builtin:pydoc/eval",
-                   help="text: builtin:pydoc/eval, builtin:stdlib/eval, a .txt or .jsonl file")
-    s.add_argument("--samples", type=int, default=16)
-    s.add_argument("--seq-len", type=int, default=256)
-    s.add_argument("--exits")
-    s.add_argument("--batch", type=int, default=4)
+    s.add_argument("--data", help=f"text: {E('source')} (default), builtin:stdlib/eval, a .txt or "
+                   ".jsonl file")
+    s.add_argument("--samples", type=int, help=f"windows (default {E('samples')})")
+    s.add_argument("--seq-len", type=int, help=f"tokens per window (default {E('seq_len')})")
+    s.add_argument("--exits", help="comma-separated exit layers, or all (default)")
+    s.add_argument("--batch", type=int, help=f"windows per forward pass (default {E('batch')})")
     s.add_argument("--out", help="directory for eval.json, eval.md and eval.png")
     s.set_defaults(func=cmd_eval)
 
@@ -349,14 +367,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--separate-heads", action="store_true", help="one head per exit (default shared)")
     s.add_argument("--train", action="append", metavar="SOURCE",
-                   help="training text, repeatable (default builtin:pydoc/train and builtin:stdlib/train)")
-    s.add_argument("--windows", type=int, default=192, help="training windows (default 192)")
-    s.add_argument("--seq-len", type=int, default=256)
-    s.add_argument("--steps", type=int, default=400, help="optimizer steps per exit (default 400)")
-    s.add_argument("--lr", type=float, default=1e-3)
-    s.add_argument("--positions", type=int, default=48, help="loss positions per window and step")
-    s.add_argument("--distill", type=float, default=0.5, help="weight of KL(last exit || exit)")
-    s.add_argument("--seed", type=int, default=0)
+                   help=f"training text, repeatable (default {' and '.join(T('sources'))})")
+    s.add_argument("--windows", type=int, help=f"training windows (default {T('windows')})")
+    s.add_argument("--seq-len", type=int, help=f"tokens per window (default {T('seq_len')})")
+    s.add_argument("--steps", type=int, help=f"optimizer steps per exit (default {T('steps')})")
+    s.add_argument("--lr", type=float, help=f"peak learning rate (default {T('lr')})")
+    s.add_argument("--positions", type=int,
+                   help=f"loss positions per window and step (default {T('positions')})")
+    s.add_argument("--distill", type=float,
+                   help=f"weight of KL(last exit || exit) (default {T('distill_weight')})")
+    s.add_argument("--seed", type=int, help=f"(default {T('seed')})")
     s.add_argument("--force", action="store_true")
     s.set_defaults(func=cmd_make_familial)
 
@@ -372,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # warnings of the library (logging) as one line each: "ruyi-quant: warning: ..."
+    logging.addLevelName(logging.WARNING, "warning")
+    logging.basicConfig(format="ruyi-quant: %(levelname)s: %(message)s", level=logging.WARNING)
     try:
         args.func(args)
     except UserError as e:

@@ -25,10 +25,10 @@ from .errors import UserError
 from .evaluate import evaluate
 from .fsutil import MARKER, atomic_dir, check_output_dir, sha256, write_marker
 from .model.io import load_model
-from .quant.plan import Override, QuantSpec, make_plan
+from .quant.plan import QuantSpec, make_plan
 from .quant.rtn import rtn_family
 from .sources import resolve_model
-from .recipe import Eval, Job, Quantize
+from .recipe import Eval, Job, Provenance, Quantize
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 CALIBRATED = ("gptq", "awq")
@@ -40,8 +40,7 @@ def quantize(model, q: Quantize, calib: torch.Tensor | None = None,
     model's linears by their quantized values as they go (new tensors; see calibrate.py)."""
     if q.method == "none":
         return QuantizedFamily.from_model(model)
-    overrides = [Override(**o.model_dump()) for o in q.overrides]
-    plan = make_plan(model, QuantSpec(q.bits, q.group_size, q.sym), q.heads, overrides)
+    plan = make_plan(model, QuantSpec(q.bits, q.group_size, q.sym), q.heads, q.overrides)
     for name, spec in plan.items():
         k = model.get_submodule(name).in_features
         if spec.group_size > k:
@@ -68,6 +67,15 @@ def quantize(model, q: Quantize, calib: torch.Tensor | None = None,
     fam.method = q.method
     fam.stats["quantize_seconds"] = time.perf_counter() - t0
     return fam
+
+
+def quantize_source(src: Path, q: Quantize, cal, progress: bool = True):
+    """Load a source checkpoint and quantize it by `q`, calibrating on `cal`'s text (GPTQ/AWQ).
+    Returns (the float family, the quantized family); the CLI and recipe jobs both run this."""
+    model = load_model(src)
+    ref = QuantizedFamily.from_model(model)     # before the quantizer replaces the linears
+    windows = calib_windows(src, cal) if q.method in CALIBRATED else None
+    return ref, quantize(model, q, windows, progress)
 
 
 def awq_layout_fits(model, plan: dict) -> bool:
@@ -192,14 +200,10 @@ def run_job(job: Job, base: Path, force: bool = False, progress: bool = True,
         check_source(source)
     t0 = time.perf_counter()
     with atomic_dir(out) as tmp:
-        say(f"[{job.name}] loading {src}")
-        model = load_model(src)
-        ref = QuantizedFamily.from_model(model)
-        say(f"[{job.name}] quantizing: {job.quantize.method} {job.quantize.bits}-bit "
-            f"g{job.quantize.group_size}")
-        windows = calib_windows(src, calib) if job.quantize.method in CALIBRATED else None
-        fam = quantize(model, job.quantize, windows, progress)
-        fam.recipe = job.model_dump()
+        say(f"[{job.name}] loading {src} and quantizing: {job.quantize.method} "
+            f"{job.quantize.bits}-bit g{job.quantize.group_size}")
+        ref, fam = quantize_source(src, job.quantize, calib, progress)
+        fam.provenance = Provenance.model_validate(job.model_dump())
         (tmp / "family").mkdir()
         save_family(fam, tmp / "family", src)
         folders = [export_folder(ex, fam) for ex in job.export]

@@ -24,11 +24,14 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from .errors import UserError
-from .quant.pack import BITS
-from .quant.plan import GROUP_SIZES
+from .quant.plan import check_bits, check_group_size
+
+
+Bits = Annotated[int, AfterValidator(check_bits)]
+GroupSize = Annotated[int, AfterValidator(check_group_size)]
 
 
 class Strict(BaseModel):
@@ -45,9 +48,10 @@ class Calibration(Strict):
 
 
 class Override(Strict):
+    """A grid for the modules a pattern matches (quant/plan.py: make_plan)."""
     pattern: str                   # shell-style module pattern, e.g. "lm_head*"
-    bits: int | None = None
-    group_size: int | None = None
+    bits: Bits | None = None
+    group_size: GroupSize | None = None
     sym: bool | None = None
     skip: bool = False
 
@@ -68,8 +72,8 @@ class AWQOptions(Strict):
 
 class Quantize(Strict):
     method: Literal["rtn", "gptq", "awq", "none"] = "rtn"
-    bits: int = 4
-    group_size: int = 128
+    bits: Bits = 4
+    group_size: GroupSize = 128
     sym: bool = True
     heads: bool = False            # quantize the heads too
     overrides: list[Override] = []
@@ -77,20 +81,6 @@ class Quantize(Strict):
     awq: AWQOptions = AWQOptions()
     device: str = "auto"           # auto (cuda when present), cpu, cuda, cuda:1, ...
     batch: int = Field(8, ge=1)    # calibration windows per forward pass
-
-    @field_validator("bits")
-    @classmethod
-    def _bits(cls, v):
-        if v not in BITS:
-            raise ValueError(f"bits must be one of {list(BITS)}")
-        return v
-
-    @field_validator("group_size")
-    @classmethod
-    def _group(cls, v):
-        if v not in GROUP_SIZES:
-            raise ValueError(f"group_size must be one of {list(GROUP_SIZES)}")
-        return v
 
 
 Exits = Union[Literal["all"], list[int]]
@@ -154,6 +144,28 @@ class Job(Strict):
     def digest(self) -> str:
         """Hash of everything that determines the job's outputs."""
         return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Training(Strict):
+    """make-familial: how the branch layers and exit norms are trained (sources/branches.py)."""
+    sources: list[str] = ["builtin:pydoc/train", "builtin:stdlib/train"]
+    windows: int = Field(192, ge=1)            # training windows of seq_len tokens
+    seq_len: int = Field(256, ge=8)
+    steps: int = Field(400, ge=1)              # optimizer steps per exit
+    batch: int = Field(8, ge=1)
+    lr: float = Field(1e-3, gt=0)              # one-cycle peak
+    positions: int = Field(48, ge=1)           # loss positions per window and step
+    distill_weight: float = Field(0.5, ge=0, le=1)   # weight of KL(last exit || exit)
+    seed: int = 0
+
+
+class Provenance(BaseModel):
+    """What made a family, kept in its ruyi_quant.json (as `recipe`): the source model and the
+    quantize and calibration settings; a recipe job's other keys ride along."""
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    calibration: Calibration | None = None
+    quantize: Quantize | None = None
 
 
 class Recipe(Strict):

@@ -24,6 +24,7 @@ from ruyi_quant.evaluate import exit_perplexities
 from ruyi_quant.model.generate import greedy_chat
 from ruyi_quant.sources import branches, ruyi_mini, smollm2
 from ruyi_quant.model.io import load_model
+from ruyi_quant.recipe import Training
 from ruyi_quant.data import load_tokenizer
 
 
@@ -44,14 +45,15 @@ def measure(asset: Path, eval_windows: int, seq_len: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--windows", type=int, default=192, help="training windows of --seq-len tokens")
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--positions", type=int, default=48, help="loss positions per window and step")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--distill", type=float, default=0.5, help="weight of KL(last exit || exit)")
-    ap.add_argument("--seed", type=int, default=0)
+    d = Training()                       # the defaults `ruyi-quant make-familial` uses too
+    ap.add_argument("--steps", type=int, default=d.steps)
+    ap.add_argument("--windows", type=int, default=d.windows, help="training windows of --seq-len tokens")
+    ap.add_argument("--seq-len", type=int, default=d.seq_len)
+    ap.add_argument("--positions", type=int, default=d.positions, help="loss positions per window and step")
+    ap.add_argument("--batch", type=int, default=d.batch)
+    ap.add_argument("--lr", type=float, default=d.lr)
+    ap.add_argument("--distill", type=float, default=d.distill_weight, help="weight of KL(last exit || exit)")
+    ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--asset", type=Path, default=ruyi_mini.RUYI_MINI_ASSET)
     ap.add_argument("--measure", action="store_true", help="no training: measure the asset as it is")

@@ -253,9 +253,9 @@ def test_clipping_applies_where_awq_clips(clip, tiny_dir):
 def test_skipped_linears_leave_the_rest_of_the_layer_to_awq(tiny_dir):
     """Layer 1's attention skipped (kept float): its pairs are not smoothed, but the MLP pairs
     after them are, and every planned linear is still quantized."""
-    from ruyi_quant.quant.plan import Override
+    from ruyi_quant.recipe import Override
     model = load_model(tiny_dir)
-    plan = make_plan(model, QuantSpec(4, 32, False), overrides=[Override("model.layers.1.self_attn.*", skip=True)])
+    plan = make_plan(model, QuantSpec(4, 32, False), overrides=[Override(pattern="model.layers.1.self_attn.*", skip=True)])
     method = AWQ()
     fam = calibrate(model, plan, calib_windows(tiny_dir, 4, 64), method, progress=False)
     assert set(fam.modules) == set(plan)

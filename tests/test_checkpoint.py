@@ -12,7 +12,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from ruyi_quant.checkpoint import load_family, save_family
 from ruyi_quant.exporters.hf import export_exit
 from ruyi_quant.model.io import load_model
-from ruyi_quant.quant.plan import Override, QuantSpec, make_plan
+from ruyi_quant.quant.plan import QuantSpec, make_plan
+from ruyi_quant.recipe import Override
 from ruyi_quant.quant.rtn import rtn_family
 
 
@@ -78,7 +79,7 @@ def test_gptq_export_reads_back_independently(tiny_dir, tmp_path, eval_ids):
 def test_mixed_grids_go_in_dynamic(tiny_dir, tmp_path):
     model = load_model(tiny_dir)
     plan = make_plan(model, QuantSpec(4, 32, True), overrides=[
-        Override("lm_head.*", bits=8), Override("model.layers.0.mlp.*", skip=True)])
+        Override(pattern="lm_head.*", bits=8), Override(pattern="model.layers.0.mlp.*", skip=True)])
     fam = rtn_family(model, plan, progress=False)
     export_exit(fam, 2, tmp_path, tiny_dir)
     qc = json.loads((tmp_path / "quantize_config.json").read_text())

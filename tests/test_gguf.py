@@ -25,6 +25,7 @@ from ruyi_quant.model.io import load_model
 from ruyi_quant.quant.pack import dequantize
 from ruyi_quant.quant.plan import QuantSpec
 from ruyi_quant.quant.rtn import group_qparams, rtn_family, rtn_quantize
+from ruyi_quant.recipe import Provenance, Quantize
 
 try:
     import llama_cpp
@@ -42,7 +43,7 @@ def linears(model, heads=False):
 def rtn_fam(model, bits=4, gs=32, sym=True, heads=False, source="builtin:tiny"):
     fam = rtn_family(model, {n: QuantSpec(bits, gs, sym) for n in linears(model, heads)},
                      progress=False)
-    fam.recipe = {"model": source, "quantize": {"method": "rtn"}}
+    fam.provenance = Provenance(model=source, quantize=Quantize(method="rtn"))
     return fam
 
 
@@ -267,7 +268,7 @@ def test_llama_cpp_runs_int4_exits_like_our_dequantized_model(sym, tiny_dir, tmp
     calib = eval_ids[:, :64]
     fam = quantize(model, Quantize(method="gptq", bits=4, group_size=32, sym=sym), calib,
                    progress=False)
-    fam.recipe = {"model": "builtin:tiny"}
+    fam.provenance = Provenance(model="builtin:tiny")
     deq = fam.dequantized_model()
     ids = eval_ids[1, :96]
     for e in fam.config.exits:
@@ -404,7 +405,7 @@ def test_k_quants_with_our_importance_matrix(tmp_path):
     src = build_tiny(tmp_path / "m", hidden=256, intermediate=512, layers=4, exits=(1, 3))
     model = load_model(src)
     fam = QuantizedFamily.from_model(model)
-    fam.recipe = {"model": str(src)}
+    fam.provenance = Provenance(model=str(src))
     cal = Calibration(samples=8, seq_len=64)
     plain = export_gguf(fam, tmp_path / "p", src, GGUFExport(type="q4_k_m", imatrix=False),
                         progress=False, calib=cal)
@@ -552,7 +553,7 @@ def test_smollm2_as_a_llama_file(tmp_path):
     src = resolve_model("builtin:smollm2")
     model = load_model(src)
     fam = QuantizedFamily.from_model(model)
-    fam.recipe = {"model": "builtin:smollm2"}
+    fam.provenance = Provenance(model="builtin:smollm2")
     G.write_exit(fam, 29, tmp_path / "s.gguf", src, G.GGUFOptions(type="f16"))
     assert tensors_of(tmp_path / "s.gguf")[1]["general.architecture"] == "llama"
     ids = eval_windows(src, Eval(samples=1, seq_len=256))[0]

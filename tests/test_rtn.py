@@ -8,7 +8,8 @@ import torch
 from conftest import kl_top1
 from ruyi_quant.errors import UserError
 from ruyi_quant.model.io import load_model
-from ruyi_quant.quant.plan import Override, QuantSpec, make_plan
+from ruyi_quant.quant.plan import QuantSpec, make_plan
+from ruyi_quant.recipe import Override
 from ruyi_quant.quant.rtn import rtn_family
 
 
@@ -41,8 +42,8 @@ def test_rtn4_reported_and_worse_than_rtn8(tiny_dir, eval_ids):
 def test_rtn_only_touches_planned_modules(tiny_dir):
     model = load_model(tiny_dir)
     plan = make_plan(model, QuantSpec(4, 32, True), heads=False,
-                     overrides=[Override("model.layers.1.*", skip=True),
-                                Override("*.mlp.down_proj", bits=8)])
+                     overrides=[Override(pattern="model.layers.1.*", skip=True),
+                                Override(pattern="*.mlp.down_proj", bits=8)])
     fam = rtn_family(model, plan, progress=False)
     assert "model.layers.1.self_attn.q_proj" not in fam.modules
     assert "model.layers.1.self_attn.q_proj.weight" in fam.tensors
@@ -61,7 +62,7 @@ def test_plan_heads(tiny_dir, tiny_shared_dir):
         ["lm_head.0", "lm_head.1", "lm_head.2"]
     assert [m for m in make_plan(shared, QuantSpec(), heads=True) if "head" in m] == ["lm_head"]
     with pytest.raises(UserError, match="matches no module"):
-        make_plan(sep, QuantSpec(), overrides=[Override("model.layer.*", bits=8)])
+        make_plan(sep, QuantSpec(), overrides=[Override(pattern="model.layer.*", bits=8)])
 
 
 @pytest.mark.parametrize("bits,group", [(5, 128), (4, 100), (4, 0)])
@@ -86,7 +87,7 @@ def test_plan_override_reaches_a_head_when_heads_are_off(tiny_dir):
     """An override that names a head quantizes it even with heads off ("heads at 8 bits, the
     rest at 4" is one override); the other heads stay float."""
     plan = make_plan(load_model(tiny_dir), QuantSpec(4, 32, True), heads=False,
-                     overrides=[Override("lm_head.1", bits=8)])
+                     overrides=[Override(pattern="lm_head.1", bits=8)])
     assert [m for m in plan if "head" in m] == ["lm_head.1"] and plan["lm_head.1"].bits == 8
 
 

@@ -16,7 +16,7 @@ A method is an object with `layer(layer, prefix, xs, kw, plan, fam)`,
 
 from __future__ import annotations
 
-import sys
+import logging
 
 import torch
 from tqdm.auto import tqdm
@@ -27,8 +27,7 @@ from .family import QuantizedFamily
 from .grid import Grid
 
 
-def warn(msg: str) -> None:
-    print(f"ruyi-quant: warning: {msg}", file=sys.stderr)
+log = logging.getLogger(__name__)
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -112,7 +111,7 @@ def should_offload(dev: torch.device, n_bytes: int) -> bool:
 def check_tokens(plan: dict, model, tokens: int) -> None:
     widest = max((model.get_submodule(m).in_features for m in plan), default=0)
     if tokens < widest:
-        warn(f"calibration has {tokens} tokens, fewer than the widest layer's {widest} input "
+        log.warning(f"calibration has {tokens} tokens, fewer than the widest layer's {widest} input "
              f"columns: its Hessian is singular; use at least {widest} tokens (samples x seq_len)")
 
 

@@ -28,7 +28,7 @@ class QuantizedFamily:
     grids: dict[str, Grid] = field(default_factory=dict)   # module -> grid, in quantization order
     method: str = "none"
     layout: str = "gptq"                           # how a checkpoint stores the grids: gptq | awq
-    recipe: dict | None = None
+    provenance: object = None                      # recipe.Provenance: what made it
     stats: dict = field(default_factory=dict)     # e.g. seconds per stage
 
     @classmethod

@@ -4,7 +4,9 @@ Quantizable modules are every linear of every trunk layer and branch layer, and 
 the heads. Embeddings and norms stay in floating point. Overrides match module names with
 shell-style patterns (`model.layers.*.mlp.down_proj`, `lm_head*`); later overrides win, a
 skipped module stays skipped, and an override that names a head quantizes it even when `heads`
-is off (so "heads at 8 bits, the rest at 4" is one override).
+is off (so "heads at 8 bits, the rest at 4" is one override). Overrides are recipe.Override
+objects (pattern, bits, group_size, sym, skip); the bit-width and group-size rules live here,
+and recipe validation calls them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,18 @@ from .pack import BITS
 GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
 
 
+def check_bits(bits: int) -> int:
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {list(BITS)}")
+    return bits
+
+
+def check_group_size(group_size: int) -> int:
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {list(GROUP_SIZES)}")
+    return group_size
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     bits: int = 4
@@ -26,11 +40,11 @@ class QuantSpec:
     sym: bool = True
 
     def __post_init__(self):
-        if self.bits not in BITS:
-            raise UserError(f"bits {self.bits}: supported bit widths are {', '.join(map(str, BITS))}")
-        if self.group_size not in GROUP_SIZES:
-            raise UserError(f"group_size {self.group_size}: must be -1 or a power of two from 16 "
-                            "to 1024")
+        try:
+            check_bits(self.bits)
+            check_group_size(self.group_size)
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
     @property
     def maxq(self) -> int:
@@ -47,15 +61,6 @@ class QuantSpec:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class Override:
-    pattern: str
-    bits: int | None = None
-    group_size: int | None = None
-    sym: bool | None = None
-    skip: bool = False
-
-
 def linear_modules(model, heads: bool) -> list[str]:
     """Names of the quantizable linears in execution order: trunk, branches, heads."""
     cfg = model.config
@@ -69,8 +74,7 @@ def linear_modules(model, heads: bool) -> list[str]:
     return out
 
 
-def make_plan(model, default: QuantSpec, heads: bool = False,
-              overrides: list[Override] = ()) -> dict[str, QuantSpec]:
+def make_plan(model, default: QuantSpec, heads: bool = False, overrides=()) -> dict[str, QuantSpec]:
     """Module name -> its grid, for every module that gets quantized."""
     candidates = linear_modules(model, heads=True)
     plan: dict[str, QuantSpec] = {m: default for m in linear_modules(model, heads)}

@@ -28,8 +28,9 @@ from ..fsutil import atomic_dir, write_marker
 from ..model.config import FAMILIAL_TYPE, parse_config
 from ..model.familial import FamilialModel
 from ..model.io import load_model, save_model
+from ..recipe import Training
 
-TRAIN_SOURCES = ("builtin:pydoc/train", "builtin:stdlib/train")
+TRAIN_SOURCES = tuple(Training().sources)
 
 
 @contextlib.contextmanager
@@ -215,31 +216,27 @@ def training_windows(tokenizer, n: int, seq_len: int, seed: int,
 
 
 def build_familial(plain_dir: Path, out_dir: Path, exits: list[int], *, shared_heads: bool = True,
-                   sources: tuple[str, ...] = TRAIN_SOURCES,
-                   windows: int = 192, seq_len: int = 256, steps: int = 400, batch: int = 8,
-                   lr: float = 1e-3, positions: int = 48, distill_weight: float = 0.5, seed: int = 0,
-                   eval_source: str | None = "builtin:pydoc/eval", progress: bool = True) -> dict:
+                   train: Training = Training(), eval_source: str | None = "builtin:pydoc/eval",
+                   progress: bool = True) -> dict:
     """A plain Qwen2/Llama checkpoint -> a trained bf16 ruyi_qwen2 family in out_dir (written whole
     or not at all). Returns the report, also written to out_dir/ruyi_quant.json."""
     t0 = time.time()
     tokenizer = data.load_tokenizer(plain_dir)
-    for source in sources:
+    for source in train.sources:
         data.check_source(source)
-    torch.manual_seed(seed)
+    torch.manual_seed(train.seed)
     fam = make_familial(load_model(plain_dir), list(exits), shared_heads)
-    train_ids = training_windows(tokenizer, windows, seq_len, seed, tuple(sources))
-    trained = train_branches(fam, train_ids, steps=steps, batch=batch, lr=lr, positions=positions,
-                             seed=seed, distill_weight=distill_weight, progress=progress)
+    train_ids = training_windows(tokenizer, train.windows, train.seq_len, train.seed, tuple(train.sources))
+    trained = train_branches(fam, train_ids, steps=train.steps, batch=train.batch, lr=train.lr,
+                             positions=train.positions, seed=train.seed,
+                             distill_weight=train.distill_weight, progress=progress)
     fam.to(torch.bfloat16)
     report = {"kind": "source", "name": "make-familial", "base": str(plain_dir), "exits": list(fam.config.exits),
-              "shared_heads": shared_heads,
-              "train": dict(sources=list(sources), windows=windows, seq_len=seq_len, steps=steps,
-                            batch=batch, lr=lr, positions=positions, distill_weight=distill_weight,
-                            seed=seed),
+              "shared_heads": shared_heads, "train": train.model_dump(),
               "final_ce": {str(e): sum(r["loss"][-20:]) / len(r["loss"][-20:])
                            for e, r in trained["exits"].items()}}
     if eval_source:
-        ev = data.text_windows(tokenizer, eval_source, 16, seq_len)
+        ev = data.text_windows(tokenizer, eval_source, 16, train.seq_len)
         report["ppl_bf16"] = {str(e): p for e, p in exit_perplexities(fam, ev, progress=progress).items()}
         report["eval_source"] = eval_source
     report["seconds"] = time.time() - t0

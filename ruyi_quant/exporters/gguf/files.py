@@ -28,7 +28,7 @@ from .tensors import ARCH, MULTI_ARCH, GGUFOptions, exit_arch, family_arrays
 def base_name(fam: QuantizedFamily, opt: GGUFOptions) -> str:
     if opt.name:
         return opt.name
-    src = str((fam.recipe or {}).get("model") or "model")
+    src = str((fam.provenance.model if fam.provenance else None) or "model")
     return Path(src.removeprefix("builtin:")).name
 
 

@@ -38,12 +38,11 @@ def size_label(params: int) -> str:
 
 def common_kv(fam: QuantizedFamily, tok_dir: Path, opt: GGUFOptions) -> list[tuple]:
     """Key/values shared by every file of a family: general.*, tokenizer.*, ruyi.* provenance."""
-    rec = fam.recipe or {}
-    source = rec.get("model")
+    prov = fam.provenance
+    source = prov.model if prov else None
     lic = opt.license or LICENSES.get(source or "")
-    q = rec.get("quantize") or {}
-    cal = rec.get("calibration") or {}
-    common = fam.quantization_json()["common"] or {}
+    q, cal = (prov.quantize, prov.calibration) if prov else (None, None)
+    common = fam.quantization_json()["common"] or (q.model_dump() if q else {})
     kv = [(Keys.General.QUANTIZED_BY, f"ruyi-quant {__version__}", V.STRING, None),
           (Keys.General.QUANTIZATION_VERSION, gguf.GGML_QUANT_VERSION, V.UINT32, None)]
     if lic:
@@ -52,12 +51,12 @@ def common_kv(fam: QuantizedFamily, tok_dir: Path, opt: GGUFOptions) -> list[tup
            (RuyiKeys.EXITS, list(fam.config.exits), V.ARRAY, V.INT32),
            (RuyiKeys.METHOD, fam.method, V.STRING, None)]
     if fam.grids:
-        kv += [(RuyiKeys.BITS, int(common.get("bits", q.get("bits", 0))), V.INT32, None),
-               (RuyiKeys.GROUP_SIZE, int(common.get("group_size", q.get("group_size", 0))), V.INT32, None),
-               (RuyiKeys.SYM, bool(common.get("sym", q.get("sym", True))), V.BOOL, None)]
-    if cal.get("source") and fam.method in ("gptq", "awq"):
-        kv.append((RuyiKeys.CALIBRATION, f"{cal['source']} {cal.get('samples')}x{cal.get('seq_len')} "
-                   f"seed {cal.get('seed')}", V.STRING, None))
+        kv += [(RuyiKeys.BITS, int(common.get("bits", 0)), V.INT32, None),
+               (RuyiKeys.GROUP_SIZE, int(common.get("group_size", 0)), V.INT32, None),
+               (RuyiKeys.SYM, bool(common.get("sym", True)), V.BOOL, None)]
+    if cal is not None and fam.method in ("gptq", "awq"):
+        kv.append((RuyiKeys.CALIBRATION, f"{cal.source} {cal.samples}x{cal.seq_len} seed {cal.seed}",
+                   V.STRING, None))
     return kv + tokenizer_kv(tok_dir, fam.config.vocab_size)
 
 
