@@ -178,24 +178,20 @@ def gguf_multi_name(familial_name: str) -> str:
     raise KeyError(f"no GGUF name for {familial_name}")
 
 
-def gguf_multi_to_exit(name: str, exits: list[int], num_layers: int, shared_heads: bool,
-                       j: int) -> str | None:
-    """A multi-exit GGUF tensor name -> its name in exit j's stock file (None: not in it)."""
-    e = exits[j]
+def gguf_multi_to_exit(name: str, exit_map: ExitMap) -> str | None:
+    """A multi-exit GGUF tensor name -> its name in the exit's stock file (None: not in it)."""
+    shared_heads = exit_map.head == SHARED_HEAD
     m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
     if m:
-        i = int(m.group(1))
-        if i < e or (i == e == num_layers - 1):
-            return name
-        return None
+        return name if TRUNK_LAYER.format(i=int(m.group(1))) in exit_map.modules else None
     m = re.fullmatch(r"exit\.(\d+)\.(.+)", name)
     if m:
-        if int(m.group(1)) != j:
+        if int(m.group(1)) != exit_map.j:
             return None
         rest = m.group(2)
         if rest.startswith(("output_norm.", "output.")):
             return rest if (rest.startswith("output_norm.") or not shared_heads) else None
-        return f"{GGUF_BLOCK.format(i=e)}.{rest}"
+        return f"{GGUF_BLOCK.format(i=exit_map.layer)}.{rest}"
     if name.startswith("output.") and not shared_heads:
         return None
     return name

@@ -34,48 +34,48 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 CALIBRATED = ("gptq", "awq")
 
 
-def quantize(model, q: Quantize, calib: torch.Tensor | None = None,
+def quantize(model, settings: Quantize, calib: torch.Tensor | None = None,
              progress: bool = True) -> QuantizedFamily:
     """Quantize a float FamilialModel by the recipe's quantize section. GPTQ/AWQ replace the
     model's linears by their quantized values as they go (new tensors; see calibrate.py)."""
-    if q.method == "none":
+    if settings.method == "none":
         return QuantizedFamily.from_model(model)
-    plan = make_plan(model, QuantSpec(q.bits, q.group_size, q.sym), q.heads, q.overrides)
+    plan = make_plan(model, QuantSpec(settings.bits, settings.group_size, settings.sym), settings.heads, settings.overrides)
     for name, spec in plan.items():
         k = model.get_submodule(name).in_features
         if spec.group_size > k:
             raise UserError(f"group_size {spec.group_size} is larger than {name}'s {k} input "
                             f"columns; use group_size {1 << (k.bit_length() - 1)} or -1 for it")
     t0 = time.perf_counter()
-    if q.method == "rtn":
+    if settings.method == "rtn":
         fam = rtn_family(model, plan, progress)
     else:
         from .quant.calibrate import calibrate
-        if q.method == "gptq":
+        if settings.method == "gptq":
             from .quant.gptq import GPTQ
-            o = q.gptq
-            method, layout = GPTQ(o.damp_percent, o.block_size, o.act_order, o.static_groups), "gptq"
+            g = settings.gptq
+            method, layout = GPTQ(g.damp_percent, g.block_size, g.act_order, g.static_groups), "gptq"
         else:
             from .quant.awq import AWQ
-            o = q.awq
-            method = AWQ(o.grid, o.max_shrink, o.max_tokens, o.clip)
+            a = settings.awq
+            method = AWQ(a.grid, a.max_shrink, a.max_tokens, a.clip)
             layout = "awq" if awq_layout_fits(model, plan) else "gptq"
-        fam = calibrate(model, plan, calib, method, batch=q.batch, device=q.device,
-                        progress=progress, desc=q.method, layout=layout)
-        if q.method == "awq":
+        fam = calibrate(model, plan, calib, method, batch=settings.batch, device=settings.device,
+                        progress=progress, desc=settings.method, layout=layout)
+        if settings.method == "awq":
             fam.stats["awq_scale_ratios"] = method.ratios   # r per smoothing pair (None: no scaling)
-    fam.method = q.method
+    fam.method = settings.method
     fam.stats["quantize_seconds"] = time.perf_counter() - t0
     return fam
 
 
-def quantize_source(src: Path, q: Quantize, cal, progress: bool = True):
-    """Load a source checkpoint and quantize it by `q`, calibrating on `cal`'s text (GPTQ/AWQ).
+def quantize_source(src: Path, settings: Quantize, cal, progress: bool = True):
+    """Load a source checkpoint and quantize it by `settings`, calibrating on `cal`'s text (GPTQ/AWQ).
     Returns (the float family, the quantized family); the CLI and recipe jobs both run this."""
     model = load_model(src)
     ref = QuantizedFamily.from_model(model)     # before the quantizer replaces the linears
-    windows = calib_windows(src, cal) if q.method in CALIBRATED else None
-    return ref, quantize(model, q, windows, progress)
+    windows = calib_windows(src, cal) if settings.method in CALIBRATED else None
+    return ref, quantize(model, settings, windows, progress)
 
 
 def awq_layout_fits(model, plan: dict) -> bool:

@@ -109,8 +109,8 @@ def test_multi_exit_names_map_to_the_per_exit_names(which, request):
     cfg = fam.config
     for j, e in enumerate(cfg.exits):
         direct = {names.gguf_name(cfg.exit_map(j).rename(f)) for f in fam.exit_tensor_names(j)}
-        via_multi = {names.gguf_multi_to_exit(names.gguf_multi_name(f), cfg.exits, cfg.num_layers,
-                                              cfg.shared_heads, j) for f in fam.tensors} - {None}
+        via_multi = {names.gguf_multi_to_exit(names.gguf_multi_name(f), cfg.exit_map(j))
+                     for f in fam.tensors} - {None}
         assert direct == via_multi
         assert f"blk.{e}.attn_q.weight" in direct and f"blk.{e + 1}.attn_q.weight" not in direct
 

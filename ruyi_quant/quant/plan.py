@@ -65,9 +65,9 @@ def linear_modules(model, heads: bool) -> list[str]:
     """Names of the quantizable linears in execution order: trunk, branches, heads."""
     cfg = model.config
     out = []
-    layer_prefixes = [names.TRUNK_LAYER.format(i=i) for i in range(cfg.num_layers)]
-    layer_prefixes += [names.BRANCH_LAYER.format(j=j) for j in range(len(cfg.exits) - 1)]
-    for p in layer_prefixes:
+    trunk = [names.TRUNK_LAYER.format(i=i) for i in range(cfg.num_layers)]
+    branches = [cfg.exit_map(j).branch for j in range(len(cfg.exits))]
+    for p in trunk + [b for b in branches if b not in trunk]:
         out += [f"{p}.{lin}" for lin in names.LAYER_LINEARS]
     if heads:
         out += sorted({names.head_prefix(cfg.shared_heads, j) for j in range(len(cfg.exits))})

@@ -84,7 +84,7 @@ def extract_exit(multi_path: Path, exit: int, path: Path) -> dict:
     j = cfg.exit_index(exit)
     arrays, params = [], 0
     for t in r.tensors:
-        new = names.gguf_multi_to_exit(t.name, cfg.exits, cfg.num_layers, cfg.shared_heads, j)
+        new = names.gguf_multi_to_exit(t.name, cfg.exit_map(j))
         if new is None:
             continue
         qtype = T(t.tensor_type)
