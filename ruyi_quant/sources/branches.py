@@ -240,7 +240,12 @@ def build_familial(plain_dir: Path, out_dir: Path, exits: list[int], *, shared_h
         report["ppl_bf16"] = {str(e): p for e, p in exit_perplexities(fam, ev, progress=progress).items()}
         report["eval_source"] = eval_source
     report["seconds"] = time.time() - t0
+    return write_source(fam, out_dir, plain_dir, report)
+
+
+def write_source(fam: FamilialModel, out_dir: Path, tokenizer_dir: Path, report: dict) -> dict:
+    """A built family as a bf16 ruyi_qwen2 checkpoint with its report (whole or not at all)."""
     with atomic_dir(Path(out_dir)) as tmp:
-        save_model(fam, tmp, torch.bfloat16, tokenizer_dir=plain_dir)
+        save_model(fam, tmp, torch.bfloat16, tokenizer_dir=tokenizer_dir)
         write_marker(tmp, report)
     return report

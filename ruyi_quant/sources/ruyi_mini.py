@@ -16,10 +16,10 @@ import torch
 
 from .. import names
 from ..errors import UserError
-from ..fsutil import MARKER, atomic_dir, cache_dir, sha256, write_marker
+from ..fsutil import MARKER, cache_dir, sha256
 from ..model.familial import FamilialModel
-from ..model.io import load_model, save_model
-from .branches import make_familial
+from ..model.io import load_model
+from .branches import make_familial, write_source
 from .smollm2 import cached_smollm2
 
 RUYI_MINI_EXITS = (12, 16, 20, 25, 29)
@@ -84,10 +84,7 @@ def assemble_ruyi_mini(out_dir: str | Path, asset: Path = RUYI_MINI_ASSET, progr
     fam.to(torch.bfloat16)
     report = {"kind": "source", "name": "ruyi-mini", "version": RUYI_MINI_VERSION, "base": "SmolLM2-135M-Instruct",
               "asset_sha256": sha256(asset), **meta}
-    with atomic_dir(Path(out_dir)) as tmp:
-        save_model(fam, tmp, torch.bfloat16, tokenizer_dir=plain_dir)
-        write_marker(tmp, report)
-    return report
+    return write_source(fam, out_dir, plain_dir, report)
 
 
 def cached_ruyi_mini(progress: bool = True) -> Path:
