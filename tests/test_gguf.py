@@ -293,6 +293,30 @@ def test_llama_cpp_tokenizes_like_transformers(tiny_dir, tmp_path):
     assert llm.detokenize(ours).decode() == MIXED_TEXT
 
 
+def test_special_token_ids_are_under_the_keys_llama_cpp_reads(tiny_dir, tmp_path):
+    """bos/eos/pad ids go under gguf-py's Keys.Tokenizer names, which mirror llama.cpp's: the pad
+    id is `tokenizer.ggml.padding_token_id` (a hand-spelled `pad_token_id` was silently ignored
+    by llama.cpp until the restructure of issue 11). No tokenizer key outside that table."""
+    fam = QuantizedFamily.from_model(load_model(tiny_dir))
+    G.write_exit(fam, 2, tmp_path / "e2.gguf", tiny_dir)
+    _, kv = tensors_of(tmp_path / "e2.gguf")
+    special = gguf.SpecialVocab(tiny_dir, load_merges=False).special_token_ids
+    assert {"eos", "pad"} <= set(special)
+    for typ, tid in special.items():
+        assert kv[getattr(gguf.Keys.Tokenizer, f"{typ.upper()}_ID")] == tid, typ
+    known = {v for k, v in vars(gguf.Keys.Tokenizer).items() if k.isupper()}
+    assert {k for k in kv if k.startswith("tokenizer.")} <= known
+
+
+@needs_llama
+def test_llama_cpp_reads_the_pad_token(tiny_dir, tmp_path):
+    fam = QuantizedFamily.from_model(load_model(tiny_dir))
+    G.write_exit(fam, 2, tmp_path / "e2.gguf", tiny_dir)
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "e2.gguf"), vocab_only=True, verbose=False)
+    pad = gguf.SpecialVocab(tiny_dir, load_merges=False).special_token_ids["pad"]
+    assert llama_cpp.llama_vocab_pad(llama_cpp.llama_model_get_vocab(llm.model)) == pad
+
+
 @pytest.mark.slow
 @needs_llama
 @needs_smollm2
