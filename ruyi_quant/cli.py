@@ -390,11 +390,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _OneLine(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"ruyi-quant: {record.levelname.lower()}: {record.getMessage()}"
+
+
+_STDERR = logging.StreamHandler()
+_STDERR.setFormatter(_OneLine())
+
+
+def _log_to_stderr() -> None:
+    """The library's warnings (logging, logger `ruyi_quant`) as one stderr line each."""
+    log = logging.getLogger("ruyi_quant")
+    _STDERR.setStream(sys.stderr)
+    if _STDERR not in log.handlers:
+        log.addHandler(_STDERR)
+    log.setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # warnings of the library (logging) as one line each: "ruyi-quant: warning: ..."
-    logging.addLevelName(logging.WARNING, "warning")
-    logging.basicConfig(format="ruyi-quant: %(levelname)s: %(message)s", level=logging.WARNING)
+    _log_to_stderr()
     try:
         args.func(args)
     except UserError as e:
