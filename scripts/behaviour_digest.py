@@ -7,7 +7,8 @@ unchanged digest, not by passing tests alone.
 
 Files that hold timings (the JSON manifests) are digested with their volatile keys removed
 (`seconds`, `*_seconds`, `cache_s`, and a manifest's `artifacts` hashes, which cover those
-same files); every other file is digested byte for byte.
+same files) and the temporary work folder's path replaced by `<work>`; every other file is
+digested byte for byte. `--keep DIR` keeps the outputs for a closer look.
 """
 
 from __future__ import annotations
@@ -81,18 +82,19 @@ def _strip(obj):
     return obj
 
 
-def digest_file(path: Path) -> str:
+def digest_file(path: Path, root: Path) -> str:
     data = path.read_bytes()
     if path.suffix == ".json":
         try:
-            data = json.dumps(_strip(json.loads(data)), sort_keys=True).encode()
+            text = data.decode().replace(str(root), "<work>")
+            data = json.dumps(_strip(json.loads(text)), sort_keys=True).encode()
         except ValueError:
             pass
     return hashlib.sha256(data).hexdigest()
 
 
 def digest_tree(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): digest_file(p)
+    return {p.relative_to(root).as_posix(): digest_file(p, root)
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
@@ -116,9 +118,14 @@ def main() -> int:
     ap.add_argument("out", help="JSON file for {artifact: sha256}")
     ap.add_argument("--demo", action="store_true", help="also run recipes/demo.yaml (ruyi-mini)")
     ap.add_argument("--compare", metavar="JSON", help="a digest to compare with")
+    ap.add_argument("--keep", metavar="DIR", type=Path, help="run in DIR (new) and keep the outputs")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        digest = run_all(Path(tmp), args.demo)
+    if args.keep:
+        args.keep.mkdir(parents=True)
+        digest = run_all(args.keep.resolve(), args.demo)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            digest = run_all(Path(tmp), args.demo)
     Path(args.out).write_text(json.dumps(digest, indent=1, sort_keys=True) + "\n")
     print(f"{len(digest)} artifacts -> {args.out}")
     if args.compare:

@@ -293,6 +293,27 @@ def test_llama_cpp_tokenizes_like_transformers(tiny_dir, tmp_path):
     assert llm.detokenize(ours).decode() == MIXED_TEXT
 
 
+@pytest.mark.parametrize("which", ["tiny_dir", "tiny_shared_dir"])
+def test_a_saved_family_exports_the_same_bytes_as_in_memory(which, request, tmp_path):
+    """Saving a family and loading it back changes nothing a per-exit GGUF file holds, not even
+    the tensor order (before issue 11 a loaded family listed its tensors in safetensors file
+    order)."""
+    from ruyi_quant.checkpoint import save_family
+    src = request.getfixturevalue(which)
+    fam = rtn_fam(load_model(src), sym=False, heads=True)
+    (tmp_path / "fam").mkdir()
+    save_family(fam, tmp_path / "fam", src)
+    back = load_family(tmp_path / "fam")
+    for f, name in ((fam, "a"), (back, "b")):
+        G.write_exit(f, 3, tmp_path / f"{name}.gguf", src)
+        G.write_multi(f, tmp_path / f"{name}-multi.gguf", src)
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+    # the multi-exit file's tensors too (its ruyi.config carries the saved config.json's extras)
+    ta, tb = (gguf.GGUFReader(str(tmp_path / f"{n}-multi.gguf")).tensors for n in "ab")
+    assert [(t.name, np.asarray(t.data).tobytes()) for t in ta] == \
+        [(t.name, np.asarray(t.data).tobytes()) for t in tb]
+
+
 def test_special_token_ids_are_under_the_keys_llama_cpp_reads(tiny_dir, tmp_path):
     """bos/eos/pad ids go under gguf-py's Keys.Tokenizer names, which mirror llama.cpp's: the pad
     id is `tokenizer.ggml.padding_token_id` (a hand-spelled `pad_token_id` was silently ignored
