@@ -250,3 +250,13 @@ def test_too_few_calibration_tokens_warn(tiny_dir, caplog):
         caplog.clear()
         check_tokens(plan, model, 320)
         assert caplog.records == []
+
+
+def test_a_plan_that_skips_everything_quantizes_nothing(tiny_dir, eval_ids):
+    """Every module skipped (an empty plan): calibration runs, warns about nothing and changes
+    no tensor."""
+    model = load_model(tiny_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fam = calibrate(model, {}, eval_ids[:, :64], GPTQ(), progress=False)
+    assert fam.grids == {} and fam.weight_names() == list(before)
+    assert all(torch.equal(fam.tensors[k], before[k]) for k in fam.tensors)
