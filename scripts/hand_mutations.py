@@ -1,7 +1,7 @@
 """Put each bug that issue 10 names into a copy of the project, one at a time, and run the fast
 quantization tests against it: every bug must fail at least one test.
 
-    python scripts/hand_mutations.py            # all bugs (~6 min on two cores)
+    python scripts/hand_mutations.py            # all bugs (about 50 min on two cores)
     python scripts/hand_mutations.py M3 M6      # some of them
 
 Prints one row per bug with the tests that failed (a bug no test catches is a gap). The copy
@@ -21,19 +21,20 @@ TESTS = ["tests/test_calibration_oracle.py", "tests/test_gptq.py", "tests/test_a
          "tests/test_rtn.py", "tests/test_pack.py"]
 
 CAL = "ruyi_quant/quant/calibrate.py"
-EXIT = ("        if i in cfg.exits and i < n - 1:\n            j = cfg.exits.index(i)\n"
-        "            run_head(j, run_layer(model.branch(j), names.BRANCH_LAYER.format(j=j), xs))\n")
-TRUNK = "        xs = run_layer(model.model.layers[i], names.TRUNK_LAYER.format(i=i), xs)\n"
+WALK = "    steps = list(cfg.walk())\n"
+RUN = "        out = run_layer(model.get_submodule(step.prefix), step.prefix, xs)\n"
+ON = "            xs = out\n"
 
 # name: (what the bug is, file, [(text to find, text to put instead), ...])
 BUGS = {
     "M1": ("branches calibrated on the float trunk's activations", CAL, [
-        ("    n = cfg.num_layers\n",
-         "    n = cfg.num_layers\n    import copy\n    fmodel, xs_f = copy.deepcopy(model), xs\n"),
-        (EXIT + TRUNK, EXIT.replace(", xs))", ", xs_f))") + TRUNK
-         + "        xs_f = xs_f.map(lambda x, i=i: fmodel.model.layers[i].to(dev)(x, **kw))\n")]),
+        (WALK, WALK + "    import copy\n    fmodel, xs_f = copy.deepcopy(model), xs\n"),
+        (RUN, RUN.replace(", xs)", ", xs_f if step.kind == 'exit' and step.j < len(cfg.exits) - 1 "
+                                   "else xs)")),
+        (ON, ON + "            xs_f = xs_f.map(lambda x, p=step.prefix: "
+                  "fmodel.get_submodule(p).to(dev)(x, **kw))\n")]),
     "M2": ("a branch calibrated on trunk layer e's output, not its input", CAL,
-           [(EXIT + TRUNK, TRUNK + EXIT)]),
+           [(WALK, "    steps = sorted(cfg.walk(), key=lambda s: (s.layer, s.kind == 'exit'))\n")]),
     "M3": ("AWQ's activation statistic replaced by ones", "ruyi_quant/quant/awq.py",
            [("    x_mean = x.abs().mean(0)\n", "    x_mean = torch.ones_like(x.abs().mean(0))\n")]),
     "M4": ("AWQ never keeps the identity", "ruyi_quant/quant/awq.py",
