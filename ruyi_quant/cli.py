@@ -395,14 +395,25 @@ class _OneLine(logging.Formatter):
         return f"ruyi-quant: {record.levelname.lower()}: {record.getMessage()}"
 
 
-_STDERR = logging.StreamHandler()
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (main() may run more than once, as in tests)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
+_STDERR = _Stderr()
 _STDERR.setFormatter(_OneLine())
 
 
 def _log_to_stderr() -> None:
     """The library's warnings (logging, logger `ruyi_quant`) as one stderr line each."""
     log = logging.getLogger("ruyi_quant")
-    _STDERR.setStream(sys.stderr)
     if _STDERR not in log.handlers:
         log.addHandler(_STDERR)
     log.setLevel(logging.WARNING)
