@@ -88,3 +88,12 @@ def test_mixed_grids_go_in_dynamic(tiny_dir, tmp_path):
     assert qc["dynamic"]["-:^model[.]layers[.]0[.]mlp[.]gate_proj$"] == {}
     t = load_file(tmp_path / "model.safetensors")
     assert "model.layers.0.mlp.gate_proj.weight" in t and t["lm_head.qweight"].shape == (128 // 4, 512)
+
+
+def test_linear_shapes_of_float_and_quantized_linears(tiny_dir):
+    from ruyi_quant.quant.rtn import rtn_family
+    model = load_model(tiny_dir)
+    plan = {"model.layers.0.mlp.down_proj": QuantSpec(4, 32, True)}
+    fam = rtn_family(model, plan, progress=False)
+    for m in ("model.layers.0.mlp.down_proj", "model.layers.0.mlp.up_proj", "lm_head.1"):
+        assert fam.linear_shape(m) == tuple(model.get_submodule(m).weight.shape), m

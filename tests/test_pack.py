@@ -165,3 +165,25 @@ def test_gptq_v1_refuses_zero_below_one():
     q, s, z, g = rtn_quantize(torch.randn(8, 64), QuantSpec(4, 32, False))
     with pytest.raises(ValueError, match="zeros must be >= 1"):
         to_gptq(q, s, z * 0, g, 4)
+
+
+GRID_CASES = [(2, 32, True, 16, 96, False), (3, 64, False, 24, 128, False), (4, -1, True, 8, 80, True),
+              (4, 32, False, 16, 128, True), (4, 64, True, 16, 80, False), (8, 16, False, 40, 64, False)]
+
+
+@pytest.mark.parametrize("bits,gs,sym,n,k,awq", GRID_CASES)
+def test_grid_nbytes_are_the_packed_sizes_and_unpack_inverts_pack(bits, gs, sym, n, k, awq):
+    """Grid.nbytes (sizes without packing) equals the packed tensors' bytes in each layout that
+    holds the grid, and unpacking gives the same grid and spec back."""
+    from ruyi_quant.quant.grid import Grid
+    spec = QuantSpec(bits, gs, sym)
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(bits * k + n)) * 0.05
+    grid = Grid.make(*rtn_quantize(w, spec), spec)
+    layouts = ["gptq"] + (["awq"] if grid.fits_awq else [])
+    assert grid.fits_awq == awq          # 4 bits, N % 8 == 0, whole groups (K = 80 at g64 is not)
+    for layout in layouts:
+        packed = grid.pack(layout)
+        assert grid.nbytes(layout) == sum(t.numel() * t.element_size() for t in packed.values())
+        back = Grid.unpack(layout, packed, spec)
+        assert back.spec == spec and back.shape == (n, k)
+        assert all(torch.equal(a, b) for a, b in zip(back.ints(), grid.ints()))
