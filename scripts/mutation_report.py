@@ -48,6 +48,14 @@ EXPLAINED = [
     ("unpack_rows", "words[:2]", "one more all-zero padding row, never read"),
     ("awq_pack", "torch.where(words", "the final .to(torch.int32) wraps int64 to int32 two's "
      "complement anyway: the where() is redundant, any variant gives the same words"),
+    ("pack_rows", "torch.where(acc", "as awq_pack: .to(torch.int32) wraps int64 words anyway"),
+    ("pack_rows", "words + 2, n", "one more all-zero row, cut off by acc[:words]"),
+    ("search_scales", ".reshape(-1, gs)", "the per-group maximum is the same whether rows and groups "
+     "are one axis or two; the next reshape restores [N, K]"),
+    ("quantization_json", "sort_keys", "to_json() always lists the same keys in the same order: "
+     "sorting changes no string that the set compares"),
+    ("exact_min_scale", "e - keep - 1", "the same candidates, two rounds later: only the 2- and "
+     "1-bit ones are lost, never needed for 4-bit zeros (keep >= 7)"),
     ("awq_unpack", "torch.arange(9", "a ninth nibble of a 32-bit word is always 0 and is dropped "
      "by the AWQ_INVERSE indexing"),
     ("to_awq", "(k / groups)", "k % groups == 0 was checked just before: the division is exact"),
