@@ -1,20 +1,21 @@
 """`ruyi-quant` subcommands. Argument parsing and printing only; the work is in pipeline.py.
 
 A user's mistake is one line on stderr and exit code 2; anything else is a bug and keeps its
-traceback.
+traceback. Over 400 lines because of the argparse tables (build_parser, about half of it), which
+read best in one place.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from .errors import UserError
+from .log import log_to_stderr
 
 EXAMPLES = """examples:
   ruyi-quant inspect builtin:tiny
@@ -390,38 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class _OneLine(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return f"ruyi-quant: {record.levelname.lower()}: {record.getMessage()}"
-
-
-class _Stderr(logging.StreamHandler):
-    """Writes to whatever sys.stderr is at the time (main() may run more than once, as in tests)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _):
-        pass
-
-
-_STDERR = _Stderr()
-_STDERR.setFormatter(_OneLine())
-
-
-def _log_to_stderr() -> None:
-    """The library's warnings (logging, logger `ruyi_quant`) as one stderr line each."""
-    log = logging.getLogger("ruyi_quant")
-    if _STDERR not in log.handlers:
-        log.addHandler(_STDERR)
-    log.setLevel(logging.WARNING)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _log_to_stderr()
+    log_to_stderr()
     try:
         args.func(args)
     except UserError as e:

@@ -75,7 +75,7 @@ def check_awq(fam: QuantizedFamily) -> None:
                         "(found " + ", ".join(sorted(f"{s.bits}-bit g{s.group_size}" for s in specs))
                         + "); drop the overrides or export weights: gptq")
     gs = next(iter(specs)).group_size
-    for m in fam.modules:
+    for m in fam.grids:
         n, k = fam.linear_shape(m)
         if gs != -1 and k % gs:
             raise UserError(f"weights: awq needs the group size to divide every input width ({m} has "

@@ -177,6 +177,6 @@ def calibrate(model, plan: dict, windows: torch.Tensor, method, *, batch: int = 
     model.model.rotary_emb.cpu()
     # float tensors a method changed (AWQ folds scales into norms and biases) go in as well
     for name, t in familial_state(model).items():
-        if names.module_of(name) not in fam.modules and name in fam.tensors:
+        if names.module_of(name) not in fam.grids and name in fam.tensors:
             fam.tensors[name] = t
     return fam

@@ -99,8 +99,8 @@ def encode_module(fam: QuantizedFamily, module: str, opt: GGUFOptions,
                   types: dict[str, T]) -> tuple[np.ndarray, T]:
     """The weight of one familial module as GGUF data (identical wherever it is written)."""
     role = _role(fam, module)
-    if module in fam.modules:
-        spec = fam.modules[module]
+    if module in fam.grids:
+        spec = fam.grids[module].spec
         want = TYPES.get(opt.type)
         if want in FLOAT_TYPES.values():
             return _float_array(fam.weight(module), want, module)
