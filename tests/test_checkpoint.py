@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -97,3 +98,74 @@ def test_linear_shapes_of_float_and_quantized_linears(tiny_dir):
     fam = rtn_family(model, plan, progress=False)
     for m in ("model.layers.0.mlp.down_proj", "model.layers.0.mlp.up_proj", "lm_head.1"):
         assert fam.linear_shape(m) == tuple(model.get_submodule(m).weight.shape), m
+
+
+def tied_model(seed: int = 3):
+    """A tiny family with one head tied to the embedding (as SmolLM2 and ruyi-mini have)."""
+    from ruyi_quant.tiny import random_model, tiny_config
+    raw = {**tiny_config(shared_heads=True), "tie_word_embeddings": True}
+    model = random_model(raw, seed=seed)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+@pytest.mark.parametrize("heads", [False, True])
+def test_a_tied_family_dequantizes_with_its_head_where_it_belongs(heads, eval_ids):
+    """Float head: the dequantized model's head IS its embedding (one tensor, as in the source).
+    Quantized head: the head is the grid's weight and the embedding stays the float one."""
+    model = tied_model()
+    emb = model.model.embed_tokens.weight.detach().clone()
+    plan = make_plan(model, QuantSpec(4, 32, True), heads=heads)
+    assert ("lm_head" in plan) == heads
+    fam = rtn_family(model, plan, progress=False)
+    deq = fam.dequantized_model()
+    assert torch.equal(deq.model.embed_tokens.weight, emb)
+    if heads:
+        assert deq.lm_head.weight is not deq.model.embed_tokens.weight
+        assert torch.equal(deq.lm_head.weight, fam.weight("lm_head"))
+        assert not torch.equal(deq.lm_head.weight, emb)
+    else:
+        assert deq.lm_head.weight is deq.model.embed_tokens.weight
+    # every planned linear carries its grid, everything else the source's tensor
+    for name, p in deq.named_parameters():
+        mod = name.rsplit(".", 1)[0]
+        want = fam.weight(mod) if (name.endswith(".weight") and mod in plan) else \
+            model.get_parameter(name).detach()
+        assert torch.equal(p, want), name
+    with torch.no_grad():
+        out = deq.forward_exits(eval_ids[:1, :32])
+    assert all(torch.isfinite(v).all() for v in out.values())
+
+
+@pytest.mark.parametrize("layout", ["gptq", "awq"])
+def test_family_size_is_parameters_and_stored_bytes(tiny_dir, layout):
+    """size() counts K*N parameters per quantized linear and the bytes its packed tensors take,
+    and numel / numel*element_size for float tensors: checked against the packed tensors and the
+    model's own parameters, for the whole family and for one exit's weights."""
+    from ruyi_quant.checkpoint import pack_grid
+    model = load_model(tiny_dir)
+    plan = make_plan(model, QuantSpec(4, 32, False), heads=True)
+    plan.pop("lm_head.2")                                     # one head stays float
+    fam = rtn_family(model, plan, progress=False)
+    fam.layout = layout
+    fam.tensors["model.norms.1.weight"] = fam.tensors["model.norms.1.weight"].half()  # a 2-byte tensor
+
+    def by_hand(weights):
+        params = nbytes = 0
+        for n in weights:
+            mod = n.rsplit(".", 1)[0]
+            if n.endswith(".weight") and mod in plan:
+                params += model.get_submodule(mod).weight.numel()
+                nbytes += sum(t.numel() * t.element_size() for t in pack_grid(layout, fam.grids[mod]).values())
+            else:
+                t = fam.tensors[n]
+                params += t.numel()
+                nbytes += t.numel() * (2 if n == "model.norms.1.weight" else 4)
+        return params, nbytes
+
+    total = fam.size()
+    assert total[0] == sum(p.numel() for p in model.parameters())
+    assert total == by_hand(fam.weight_names())
+    assert total[1] < 4 * total[0]          # int4 linears
+    exit0 = fam.exit_tensor_names(0)
+    assert fam.size(exit0) == by_hand(exit0) and fam.size(exit0)[1] < total[1]

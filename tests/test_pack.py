@@ -168,7 +168,9 @@ def test_gptq_v1_refuses_zero_below_one():
 
 
 GRID_CASES = [(2, 32, True, 16, 96, False), (3, 64, False, 24, 128, False), (4, -1, True, 8, 80, True),
-              (4, 32, False, 16, 128, True), (4, 64, True, 16, 80, False), (8, 16, False, 40, 64, False)]
+              (4, 32, False, 16, 128, True), (4, 64, True, 16, 80, False), (8, 16, False, 40, 64, False),
+              # K*bits and N*bits past 32*33, so that a ceiling over a wrong word size differs
+              (4, 128, False, 320, 576, False), (3, 32, True, 360, 352, False)]
 
 
 @pytest.mark.parametrize("bits,gs,sym,n,k,awq", GRID_CASES)
@@ -183,7 +185,9 @@ def test_grid_nbytes_are_the_packed_sizes_and_unpack_inverts_pack(bits, gs, sym,
     assert grid.fits_awq == awq          # 4 bits, N % 8 == 0, whole groups (K = 80 at g64 is not)
     for layout in layouts:
         packed = grid.pack(layout)
-        assert grid.nbytes(layout) == sum(t.numel() * t.element_size() for t in packed.values())
+        nbytes = grid.nbytes(layout)
+        assert type(nbytes) is int
+        assert nbytes == sum(t.numel() * t.element_size() for t in packed.values())
         back = Grid.unpack(layout, packed, spec)
         assert back.spec == spec and back.shape == (n, k)
         assert all(torch.equal(a, b) for a, b in zip(back.ints(), grid.ints()))

@@ -91,6 +91,17 @@ def test_plan_override_reaches_a_head_when_heads_are_off(tiny_dir):
     assert [m for m in plan if "head" in m] == ["lm_head.1"] and plan["lm_head.1"].bits == 8
 
 
+def test_later_overrides_change_only_what_they_name(tiny_dir):
+    """Two overrides on one module compose: the second starts from the first's grid, not from
+    the default (bits 8 from the first, group 64 from the second, sym from the default)."""
+    plan = make_plan(load_model(tiny_dir), QuantSpec(4, 32, True), overrides=[
+        Override(pattern="*.mlp.down_proj", bits=8), Override(pattern="model.layers.0.*", group_size=64)])
+    assert plan["model.layers.0.mlp.down_proj"] == QuantSpec(8, 64, True)
+    assert plan["model.layers.1.mlp.down_proj"] == QuantSpec(8, 32, True)
+    assert plan["model.layers.0.mlp.up_proj"] == QuantSpec(4, 64, True)
+    assert plan["model.layers.1.mlp.up_proj"] == QuantSpec(4, 32, True)
+
+
 
 def fp16_exact(v: float) -> bool:
     return torch.tensor(v, dtype=torch.float64).half().double().item() == v
