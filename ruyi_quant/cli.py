@@ -80,7 +80,7 @@ def _override(text: str, skip: bool = False):
 def cmd_inspect(args) -> None:
     from .pipeline import open_family
     from .report import rich_table
-    fam, _ = open_family(args.model)
+    fam, where = open_family(args.model)
     c = fam.config
     con = _console()
     heads = "tied to embeddings" if c.tie_word_embeddings else ("shared" if c.shared_heads else "per exit")
@@ -89,15 +89,19 @@ def cmd_inspect(args) -> None:
               soft_wrap=True, markup=False)
     rows = []
     for j, e in enumerate(c.exits):
-        params, nbytes = fam.size(fam.exit_tensor_names(j))
+        params, nbytes = fam.stored_size(fam.exit_tensor_names(j))
         rows.append([f"E{j} (layer {e})", str(e + 1), f"{params / 1e6:.2f}", f"{nbytes / 1e6:.2f}"])
-    params, nbytes = fam.size()
+    params, nbytes = fam.stored_size()
     rows.append(["family", str(c.num_layers + len(c.exits) - 1), f"{params / 1e6:.2f}",
                  f"{nbytes / 1e6:.2f}"])
     con.print(rich_table("parameters and bytes per exit",
-                         ["exit", "layers run", "params (M)", "MB"], rows))
+                         ["exit", "layers run", "params (M)", "weights MB (as stored)"], rows))
+    from .fsutil import disk_bytes
+    on_disk = disk_bytes(where)
+    con.print(f"on disk: {on_disk / 1e6:.2f} MB (every file under {where})", markup=False, soft_wrap=True)
     if args.json:
-        out = {"exits": c.exits, "per_exit": rows, "family": {"params": params, "bytes": nbytes}}
+        out = {"exits": c.exits, "per_exit": rows, "family": {"params": params, "bytes": nbytes},
+               "disk_bytes": on_disk}
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
 
 
@@ -127,7 +131,8 @@ def cmd_quantize(args) -> None:
     fam.provenance = Provenance(model=args.model, quantize=q, calibration=cal)
     with atomic_dir(out) as tmp:
         save_family(fam, tmp, src)
-    print(f"wrote {out} ({len(fam.grids)} quantized linears, {fam.size()[1] / 1e6:.2f} MB)")
+    from .fsutil import disk_bytes
+    print(f"wrote {out} ({len(fam.grids)} quantized linears, {disk_bytes(out) / 1e6:.2f} MB on disk)")
 
 
 def cmd_export(args) -> None:
@@ -172,8 +177,13 @@ def cmd_export(args) -> None:
     with atomic_dir(out) as tmp:
         dirs = export_hf(fam, tmp, tok_dir, ex.exits, ex.weights, ex.dtype)
         write_marker(tmp, {"kind": "export", "format": ex.format, "exits": [d.name for d in dirs]})
+    from .exporters.hf import load_note
+    from .fsutil import MARKER, disk_bytes
     for d in dirs:
-        print(f"wrote {out / d.name}")
+        print(f"wrote {out / d.name} ({disk_bytes(out / d.name) / 1e6:.2f} MB on disk)")
+    note = load_note(json.loads((out / dirs[0].name / MARKER).read_text())["weights"]) if dirs else None
+    if note:
+        print(f"note: {note}")
 
 
 def _extract_gguf(source: str, ex, out: Path, force: bool) -> None:
@@ -182,11 +192,9 @@ def _extract_gguf(source: str, ex, out: Path, force: bool) -> None:
     from .fsutil import atomic_dir, check_output_dir, write_marker
     if not Path(source).is_file():
         raise UserError(f"{source}: no such file")
-    if ex.exits == "all":
-        raise UserError("--from FILE.gguf: name the exit(s) to copy out with --exit E")
     check_output_dir(out, force=force)
     with atomic_dir(out) as tmp:
-        infos = extract(Path(source), ex.exits, tmp)
+        infos = extract(Path(source), None if ex.exits == "all" else ex.exits, tmp)
         write_marker(tmp, {"kind": "export", "format": "gguf", "from": source, "exits": infos})
     for x in infos:
         print(f"wrote {out / ('exit-%d' % x['exit']) / x['file']} ({x['bytes'] / 1e6:.2f} MB)")
@@ -286,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--heads) and write a quantized family checkpoint.")
     s.add_argument("model", metavar="MODEL")
     s.add_argument("--out", required=True, help="output directory (written whole or not at all)")
-    s.add_argument("--method", help=f"rtn (round to nearest), gptq, awq (default {Q('method')})")
+    s.add_argument("--method", help=f"rtn (round to nearest), gptq, awq, or none (no quantization: the "
+                   f"family as it is, e.g. to export it in float) (default {Q('method')})")
     s.add_argument("--bits", type=int, help=f"2, 3, 4 or 8 (default {Q('bits')})")
     s.add_argument("--group-size", type=int,
                    help=f"-1 or 16..1024, power of two (default {Q('group_size')})")
@@ -313,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export each exit of a family as a standalone checkpoint: "
                        "hf (Qwen2ForCausalLM, GPTQ/AWQ/float) or gguf (stock qwen2 GGUF + Ollama "
                        "Modelfile per exit, and/or one multi-exit GGUF). `export gguf --from "
-                       "FAMILY.gguf --exit E` copies one exit out of a multi-exit GGUF.",
+                       "FAMILY.gguf [--exit E]` copies exits (all by default) out of a multi-exit GGUF.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("family", metavar="FAMILY", nargs="?",
                    help="quantized family directory, any MODEL, or a multi-exit .gguf")

@@ -76,10 +76,11 @@ def exit_perplexities(model: FamilialModel, windows: torch.Tensor, batch: int = 
 
 
 def exit_sizes(fam: QuantizedFamily) -> dict[int, dict]:
-    """Per exit: parameters and stored bytes of the tensors it runs on."""
+    """Per exit: parameters and stored bytes of the tensors it runs on (floats in the
+    checkpoint's dtype, quantized linears packed: QuantizedFamily.stored_size)."""
     out = {}
     for j, e in enumerate(fam.config.exits):
-        params, nbytes = fam.size(fam.exit_tensor_names(j))
+        params, nbytes = fam.stored_size(fam.exit_tensor_names(j))
         out[e] = {"params": params, "bytes": nbytes}
     return out
 
@@ -96,6 +97,6 @@ def evaluate(ref_fam: QuantizedFamily, quant_fam: QuantizedFamily, windows: torc
         rows.append({"exit": e, **scores[e], "params": ref_sizes[e]["params"],
                      "bytes_ref": ref_sizes[e]["bytes"], "bytes_quant": q_sizes[e]["bytes"]})
     return {"method": quant_fam.method, "rows": rows,
-            "family": {"bytes_ref": ref_fam.size()[1], "bytes_quant": quant_fam.size()[1],
+            "family": {"bytes_ref": ref_fam.stored_size()[1], "bytes_quant": quant_fam.stored_size()[1],
                        "params": ref_fam.size()[0]},
             "windows": list(windows.shape)}

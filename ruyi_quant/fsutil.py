@@ -63,3 +63,11 @@ def sha256(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def disk_bytes(path: Path) -> int:
+    """Bytes of a file, or of every file under a directory (what `du --apparent-size` adds up)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

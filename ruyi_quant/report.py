@@ -12,8 +12,8 @@ EVAL_COLUMNS = [
     ("Δppl %", "delta_ppl_pct", "{:+.2f}"),
     ("KL(ref‖q)", "kl", "{:.2e}"),
     ("top-1 %", "top1", "{:.2%}"),
-    ("MB ref", "bytes_ref", "mb"),
-    ("MB quant", "bytes_quant", "mb"),
+    ("MB ref (stored)", "bytes_ref", "mb"),        # weights as the checkpoint stores them
+    ("MB quant (stored)", "bytes_quant", "mb"),    # and as an exit runs on them
 ]
 
 

@@ -20,9 +20,8 @@ from . import data
 from .model.config import parse_config
 from .model.familial import FamilialModel
 from .model.io import save_model
+from .pretokenizers import QWEN2_REGEX
 
-QWEN2_PRETOKENIZE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
                  "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
@@ -30,13 +29,15 @@ CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'
 
 
 def build_tokenizer(out_dir: Path, vocab_size: int = 512) -> None:
-    """A byte-level BPE with Qwen2's pre-tokenizer, trained on pydoc text (deterministic)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A byte-level BPE with Qwen2's normalizer and pre-tokenizer (so transformers'
+    Qwen2Tokenizer reproduces it), trained on pydoc text (deterministic)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE), behavior="isolated"),
+        pre_tokenizers.Split(Regex(QWEN2_REGEX), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
@@ -107,7 +108,7 @@ def cached_tiny(name: str = "tiny") -> Path:
     if name not in variants:
         from .errors import UserError
         raise UserError(f"builtin:{name}: unknown built-in model (choose {', '.join(variants)})")
-    path = cache_dir() / "models" / f"{name}-v1"
+    path = cache_dir() / "models" / f"{name}-v2"     # v2: NFC normalizer
     if not (path / "config.json").is_file():
         with atomic_dir(path) as tmp:
             build_tiny(tmp, **variants[name])

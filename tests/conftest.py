@@ -35,12 +35,34 @@ def tiny_shared_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_smollm_dir(tiny_dir, tmp_path_factory):
+    """The tiny family with a SmolLM2-style tokenizer: digits split one by one, GPT-2's regex, no
+    normalizer (what transformers' Qwen2Tokenizer does NOT reproduce)."""
+    import json
+    import shutil
+    from ruyi_quant.sources.smollm2 import set_pre_tokenizer
+    d = tmp_path_factory.mktemp("tiny-smollm") / "model"
+    shutil.copytree(tiny_dir, d)
+    set_pre_tokenizer(d, "smollm")
+    tj = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))
+    tj["normalizer"] = None
+    (d / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+    return d
+
+
+@pytest.fixture(scope="session")
 def eval_ids(tiny_dir):
     """4 windows of 128 real-text tokens from the held-out split. [4, 128]"""
     from ruyi_quant.data import consecutive_windows, load_text, tokenize
     from ruyi_quant.data import load_tokenizer
     ids = tokenize(load_tokenizer(tiny_dir), load_text("builtin:pydoc/eval"))
     return consecutive_windows(ids, 4, 128, "eval")
+
+
+# English, Chinese, code, runs of digits and of whitespace and newlines: where pre-tokenizers differ
+MIXED_TEXT = ("The quick brown fox jumps over 13 lazy dogs in 2024: 3.14159 x 1000000.\n\n"
+              "人工智能正在改变世界，模型越来越小。第12章\n"
+              "def f(x):\n    return {'a': [1, 2, 3], \"b\": x ** 2}  # 注释\n\t  end   \n\n\n  a\n\nb")
 
 
 def kl_top1(ref: torch.Tensor, q: torch.Tensor) -> tuple[float, float]:

@@ -55,6 +55,53 @@ def test_exported_exit_matches_transformers(which, request, tmp_path, eval_ids):
             assert (a - ours[:, :48]).abs().max().item() < 1e-4      # cache == no cache
 
 
+@pytest.mark.parametrize("which,arch", [("tiny_dir", "Qwen2ForCausalLM"),
+                                        ("tiny_smollm_dir", "LlamaForCausalLM")])
+def test_autotokenizer_and_automodel_load_every_export_as_the_source(which, arch, request, tmp_path,
+                                                                      eval_ids):
+    """As a user loads our outputs (transformers' quick-start: AutoTokenizer, AutoModelForCausalLM):
+    the saved family and every exit's export, float and GPTQ, give the source tokenizer's ids, and
+    the float exports our logits. A tokenizer that transformers' Qwen2Tokenizer would override
+    (SmolLM2's digits-first pre-tokenizer) makes the export a Llama with attention biases."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+    from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
+    from conftest import MIXED_TEXT
+    from ruyi_quant.checkpoint import save_family
+    from ruyi_quant.quant.plan import QuantSpec, make_plan
+    from ruyi_quant.quant.rtn import rtn_family
+    src = request.getfixturevalue(which)
+
+    def ids_of(d):
+        return AutoTokenizer.from_pretrained(d)(MIXED_TEXT, add_special_tokens=False)["input_ids"]
+
+    want = PreTrainedTokenizerFast.from_pretrained(src)(MIXED_TEXT, add_special_tokens=False)["input_ids"]
+    qwen2_ids = Qwen2Tokenizer.from_pretrained(src)(MIXED_TEXT, add_special_tokens=False)["input_ids"]
+    assert (qwen2_ids == want) == (arch == "Qwen2ForCausalLM")   # the case is real: they differ
+    model = bf16_roundtrip(load_model(src))
+    fam = rtn_family(model, make_plan(model, QuantSpec(4, 32, True)), progress=False)
+    (tmp_path / "fam").mkdir()
+    save_family(fam, tmp_path / "fam", src)
+    assert ids_of(tmp_path / "fam") == want
+    ids = eval_ids[:1, :48]
+    for e in model.config.exits:
+        for weights, f in (("float", QuantizedFamily.from_model(model)), ("gptq", fam)):
+            out = tmp_path / f"{weights}-{e}"
+            out.mkdir()
+            export_exit(f, e, out, src, weights=weights)
+            cfg = json.loads((out / "config.json").read_text())
+            assert cfg["architectures"] == [arch] and ids_of(out) == want, (weights, e)
+            assert ("gptqmodel" in (out / "README.md").read_text()) == (weights == "gptq")
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / f"float-{e}", dtype=torch.float32).eval()
+        assert type(hf).__name__ == arch
+        with torch.no_grad():
+            # measured max |diff| 1.4e-6 (both archs)
+            assert (model(ids, exit=e).logits - hf(ids).logits).abs().max().item() < 1e-4
+    if arch == "LlamaForCausalLM":      # q/k/v biases kept, o_proj's zero
+        t = load_file(tmp_path / "float-3" / "model.safetensors")
+        assert t["model.layers.0.self_attn.q_proj.bias"].abs().max() > 0
+        assert not t["model.layers.0.self_attn.o_proj.bias"].any()
+
+
 def test_forward_exits_equals_single_exit(tiny_dir, eval_ids):
     model = load_model(tiny_dir)
     ids = eval_ids[:2, :32]

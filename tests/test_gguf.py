@@ -15,7 +15,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 
-from conftest import kl_top1, needs_llama, needs_smollm2
+from conftest import MIXED_TEXT, kl_top1, needs_llama, needs_smollm2
 from ruyi_quant import names
 from ruyi_quant.checkpoint import QuantizedFamily, load_family
 from ruyi_quant.errors import UserError
@@ -31,8 +31,7 @@ try:
     import llama_cpp
 except ImportError:                      # pragma: no cover - CI installs it
     llama_cpp = None
-MIXED_TEXT = ("The quick brown fox jumps over 13 lazy dogs. 人工智能正在改变世界，模型越来越小。\n"
-              "def f(x):\n    return {'a': [1, 2, 3], \"b\": x ** 2}  # 注释\n\t  end   \n")
+
 
 
 def linears(model, heads=False):
@@ -182,6 +181,17 @@ def test_extract_refuses_a_stock_file(tiny_dir, tmp_path):
         G.extract_exit(tmp_path / "m.gguf", 4, tmp_path / "x.gguf")
 
 
+def test_cli_extracts_every_exit_when_none_is_named(tiny_dir, tmp_path):
+    """`export gguf --from FAMILY.gguf` without --exit copies every exit out, as --exits says."""
+    from ruyi_quant.cli import main
+    fam = QuantizedFamily.from_model(load_model(tiny_dir))
+    G.write_multi(fam, tmp_path / "m-family-f16.gguf", tiny_dir)
+    assert main(["export", "gguf", "--from", str(tmp_path / "m-family-f16.gguf"),
+                 "--out", str(tmp_path / "x")]) == 0
+    got = sorted(p.relative_to(tmp_path / "x").as_posix() for p in (tmp_path / "x").rglob("*.gguf"))
+    assert got == [f"exit-{e}/m-e{e}-f16.gguf" for e in fam.config.exits]
+
+
 def test_modelfile_template_renders_the_chat_template(tiny_dir, tmp_path):
     from transformers import AutoTokenizer
     fam = QuantizedFamily.from_model(load_model(tiny_dir))
@@ -219,15 +229,23 @@ def test_export_refusals_write_nothing(tiny_dir, tmp_path):
 
 
 def test_pre_tokenizer_names():
+    from ruyi_quant import pretokenizers as P
     qwen2 = {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": G.QWEN2_REGEX}, "behavior": "Isolated"},
+        {"type": "Split", "pattern": {"Regex": P.QWEN2_REGEX}, "behavior": "Isolated"},
         {"type": "ByteLevel", "use_regex": False}]}}
     smol = {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
         {"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "use_regex": True}]}}
     gpt2 = {"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}
-    assert [G.pre_tokenizer_name(x) for x in (qwen2, smol, gpt2)] == ["qwen2", "smollm", "gpt-2"]
+    assert [P.pre_tokenizer_name(x) for x in (qwen2, smol, gpt2)] == ["qwen2", "smollm", "gpt-2"]
+    # the tokenizer.json fragments we write name themselves
+    assert all(P.pre_tokenizer_name({"pre_tokenizer": j}) == n for n, j in P.PRE_TOKENIZER_JSON.items())
     with pytest.raises(UserError, match="unknown pre-tokenizer"):
-        G.pre_tokenizer_name({"pre_tokenizer": {"type": "Metaspace"}})
+        P.pre_tokenizer_name({"pre_tokenizer": {"type": "Metaspace"}})
+    # Qwen2Tokenizer (transformers 5) reproduces only NFC + Qwen2's regex
+    assert P.reproduced_by_qwen2_tokenizer({**qwen2, "normalizer": {"type": "NFC"}})
+    assert not P.reproduced_by_qwen2_tokenizer(qwen2)
+    assert not P.reproduced_by_qwen2_tokenizer({**smol, "normalizer": {"type": "NFC"}})
+    assert not P.reproduced_by_qwen2_tokenizer({"pre_tokenizer": {"type": "Metaspace"}})
 
 
 # --- llama.cpp --------------------------------------------------------------------------------
@@ -283,13 +301,22 @@ def test_llama_cpp_runs_int4_exits_like_our_dequantized_model(sym, tiny_dir, tmp
 
 
 @needs_llama
-def test_llama_cpp_tokenizes_like_transformers(tiny_dir, tmp_path):
-    from transformers import AutoTokenizer
-    fam = QuantizedFamily.from_model(load_model(tiny_dir))
-    G.write_exit(fam, 2, tmp_path / "e2.gguf", tiny_dir)
+@pytest.mark.parametrize("which,pre", [("tiny_dir", "qwen2"), ("tiny_smollm_dir", "smollm")])
+def test_llama_cpp_tokenizes_like_transformers(which, pre, request, tmp_path):
+    """The GGUF of an exit tokenizes as the source tokenizer does and as AutoTokenizer reads the
+    HF export of the same exit (Qwen2's pre-tokenizer, and SmolLM2's)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from ruyi_quant.exporters.hf import export_exit
+    src = request.getfixturevalue(which)
+    fam = QuantizedFamily.from_model(load_model(src))
+    G.write_exit(fam, 2, tmp_path / "e2.gguf", src)
+    assert tensors_of(tmp_path / "e2.gguf")[1]["tokenizer.ggml.pre"] == pre
+    (tmp_path / "hf").mkdir()
+    export_exit(fam, 2, tmp_path / "hf", src, weights="float")
     llm = llama_cpp.Llama(model_path=str(tmp_path / "e2.gguf"), vocab_only=True, verbose=False)
-    ours = AutoTokenizer.from_pretrained(tiny_dir)(MIXED_TEXT, add_special_tokens=False)["input_ids"]
-    assert llm.tokenize(MIXED_TEXT.encode(), add_bos=False, special=False) == ours
+    ours = PreTrainedTokenizerFast.from_pretrained(src)(MIXED_TEXT, add_special_tokens=False)["input_ids"]
+    auto = AutoTokenizer.from_pretrained(tmp_path / "hf")(MIXED_TEXT, add_special_tokens=False)["input_ids"]
+    assert llm.tokenize(MIXED_TEXT.encode(), add_bos=False, special=False) == ours == auto
     assert llm.detokenize(ours).decode() == MIXED_TEXT
 
 
@@ -363,7 +390,7 @@ def test_ruyi_mini_gguf_every_exit_in_llama_cpp(tmp_path):
     for x in info["exits"]:
         e = x["exit"]
         kv = tensors_of(tmp_path / "g" / f"exit-{e}" / x["file"])[1]
-        assert kv["tokenizer.ggml.pre"] == "gpt-2" and kv["general.license"] == "apache-2.0"
+        assert kv["tokenizer.ggml.pre"] == "smollm" and kv["general.license"] == "apache-2.0"
         assert kv["qwen2.rope.freq_base"] == 100000.0 and kv["qwen2.block_count"] == e + 1
         # against our dequantized int4 model: the same Q4_1 weights, the tied head kept in f16.
         # llama.cpp multiplies Q4 weights with 8-bit-quantized activations, and that rounding

@@ -152,3 +152,28 @@ def test_cli_eval_and_export(tiny_dir, tmp_path, capsys):
     assert "KL" in capsys.readouterr().out
     assert load_text(str(tmp_path / "ev" / "eval.md")).startswith("Method `rtn`")
     assert torch.tensor([r["ppl_quant"] for r in report["rows"]]).isfinite().all()
+
+
+def test_sizes_are_what_the_files_hold(tiny_dir, tmp_path, capsys):
+    """quantize prints the bytes on disk of what it wrote; inspect's "as stored" bytes are the
+    tensor bytes of the family's safetensors file (its size minus the 8-byte length and the JSON
+    header) and its "on disk" bytes the files' sizes. A bf16 source: the family in memory holds
+    fp32 floats, the file bf16 ones, and the figures follow the file."""
+    import os
+    from ruyi_quant.model.io import load_model, save_model
+    src = tmp_path / "bf16"
+    src.mkdir()
+    save_model(load_model(tiny_dir), src, dtype=torch.bfloat16, tokenizer_dir=tiny_dir)
+    q = tmp_path / "q"
+    capsys.readouterr()
+    assert main(["quantize", str(src), "--out", str(q), "--method", "rtn", "--bits", "4",
+                 "--group-size", "32"]) == 0
+    disk = sum(os.path.getsize(p) for p in q.rglob("*") if p.is_file())
+    assert f"{disk / 1e6:.2f} MB on disk" in capsys.readouterr().out
+    st = q / "model.safetensors"
+    header = int.from_bytes(st.read_bytes()[:8], "little")
+    tensor_bytes = os.path.getsize(st) - 8 - header
+    assert main(["inspect", str(q), "--json", str(tmp_path / "i.json")]) == 0
+    got = json.loads((tmp_path / "i.json").read_text())
+    assert got["family"]["bytes"] == tensor_bytes and got["disk_bytes"] == disk
+    assert "weights MB (as stored)" in capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""Per-exit Hugging Face checkpoints: a plain `Qwen2ForCausalLM` of e+1 layers per exit.
+"""Per-exit Hugging Face checkpoints: a plain `Qwen2ForCausalLM` (or `LlamaForCausalLM`, see
+`architecture`) of e+1 layers per exit.
 
 Weights are floating point (bf16 by default; quantized linears dequantized), the GPTQ v1
 layout, or AWQ's gemm layout, with the `quantization_config` that transformers (through
@@ -20,9 +21,12 @@ from ..checkpoint import QuantizedFamily, pack_grid
 from ..errors import UserError
 from ..fsutil import write_marker
 from ..model.io import copy_tokenizer
+from ..pretokenizers import reproduced_by_qwen2_tokenizer
 from ..quant.plan import QuantSpec
 
 WEIGHTS = ("auto", "float", "gptq", "awq")
+QKV_BIAS = (".q_proj.bias", ".k_proj.bias", ".v_proj.bias")
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 
 
 def exit_tensors(fam: QuantizedFamily, j: int, layout: str | None,
@@ -45,6 +49,22 @@ def exit_tensors(fam: QuantizedFamily, j: int, layout: str | None,
         specs[new_mod] = grid.spec
         out.update({f"{new_mod}.{k}": v for k, v in pack_grid(layout, grid).items()})
     return out, specs
+
+
+def architecture(fam: QuantizedFamily, tensors: dict[str, torch.Tensor],
+                 tokenizer_dir: Path | None) -> tuple[str, bool]:
+    """(model type, attention_bias) of an exit's export. `qwen2` when transformers' Qwen2Tokenizer,
+    which AutoTokenizer picks for that type whatever tokenizer_config.json says, reproduces the
+    tokenizer (pretokenizers.py); otherwise `llama`, whose AutoTokenizer reads tokenizer.json as
+    written: with attention_bias when some q/k/v bias is not zero (o_proj then gets zero biases)."""
+    qwen2_tok = True
+    if tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer.json").is_file():
+        tj = json.loads((Path(tokenizer_dir) / "tokenizer.json").read_text(encoding="utf-8"))
+        qwen2_tok = reproduced_by_qwen2_tokenizer(tj)
+    if qwen2_tok and fam.config.source_arch != "llama":
+        return "qwen2", True
+    bias = any(t.any() for n, t in tensors.items() if n.endswith(QKV_BIAS))
+    return "llama", bias
 
 
 def gptq_config(specs: dict[str, QuantSpec], all_linears: list[str], desc_act: bool = False) -> dict:
@@ -114,10 +134,17 @@ def export_exit(fam: QuantizedFamily, exit: int, out_dir: Path, tokenizer_dir: P
     tie = cfg.tie_word_embeddings and names.PLAIN_HEAD + ".weight" not in tensors \
         and names.PLAIN_HEAD not in specs
     out_dir = Path(out_dir)
+    arch, bias = architecture(fam, tensors, tokenizer_dir)
+    if arch == "llama" and not bias:          # zero q/k/v biases: a plain Llama has none
+        tensors = {k: v for k, v in tensors.items() if not k.endswith(QKV_BIAS)}
+    elif arch == "llama":                     # Llama's attention_bias gives o_proj one too
+        for i in range(e + 1):
+            o = f"{names.PLAIN_LAYER.format(i=i)}.self_attn.o_proj"
+            tensors[f"{o}.bias"] = torch.zeros(cfg.hidden_size, dtype=float_dtype)
     save_file({k: v.contiguous() for k, v in tensors.items()}, out_dir / "model.safetensors",
               metadata={"format": "pt"})
-    hf = cfg.qwen2(num_layers=e + 1)
-    hf.architectures = ["Qwen2ForCausalLM"]
+    hf = cfg.qwen2(num_layers=e + 1) if arch == "qwen2" else cfg.llama(e + 1, attention_bias=bias)
+    hf.architectures = [ARCHITECTURES[arch]]
     hf.tie_word_embeddings = tie
     hf.dtype = float_dtype
     linears = [f"{names.PLAIN_LAYER.format(i=i)}.{lin}" for i in range(e + 1)
@@ -136,6 +163,40 @@ def export_exit(fam: QuantizedFamily, exit: int, out_dir: Path, tokenizer_dir: P
         copy_tokenizer(tokenizer_dir, out_dir)
     meta = {"ruyi_quant_version": __version__, "kind": "hf-exit", "exit": e, "exit_index": j,
             "exits": cfg.exits, "weights": layout or str(float_dtype).removeprefix("torch."),
-            "method": fam.method, "num_hidden_layers": e + 1}
+            "method": fam.method, "num_hidden_layers": e + 1, "architecture": ARCHITECTURES[arch]}
     write_marker(out_dir, meta)
+    (out_dir / "README.md").write_text(model_card(meta, tokenizer_dir is not None), encoding="utf-8")
     return meta
+
+
+# what transformers 5 needs installed to load each layout (its GPTQ/AWQ quantizers' checks)
+LOAD_NEEDS = {"gptq": "pip install gptqmodel optimum", "awq": "pip install gptqmodel accelerate"}
+
+
+def load_note(layout: str | None) -> str | None:
+    """One line on what loading a quantized export in transformers needs, or None."""
+    if layout not in LOAD_NEEDS:
+        return None
+    return (f"transformers loads {layout.upper()} weights only with GPTQModel installed "
+            f"({LOAD_NEEDS[layout]}); for weights it loads as they are, export with --weights float")
+
+
+def model_card(meta: dict, tokenizer: bool) -> str:
+    """README.md of an exit's export: what it is and how to load it."""
+    e, arch, weights = meta["exit"], meta["architecture"], meta["weights"]
+    lines = [f"# Exit {e} of a familial model ({weights} weights)", "",
+             f"Layers 0..{e} of the shared trunk plus exit {e}'s own branch layer, norm and head, as "
+             f"a plain `{arch}` ({meta['num_hidden_layers']} layers), written by ruyi-quant "
+             f"{meta['ruyi_quant_version']} (method: {meta['method']}).", "",
+             "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+             'model = AutoModelForCausalLM.from_pretrained("THIS_DIR")']
+    if tokenizer:
+        lines.append('tokenizer = AutoTokenizer.from_pretrained("THIS_DIR")')
+    lines += ["```", ""]
+    note = load_note(weights)
+    if note:
+        lines += [note[0].upper() + note[1:] + ".", ""]
+    if arch == "LlamaForCausalLM":
+        lines += ["Written as Llama rather than Qwen2 because transformers' Qwen2 tokenizer class would "
+                  "replace this tokenizer's own pre-tokenizer; the layers compute the same.", ""]
+    return "\n".join(lines)

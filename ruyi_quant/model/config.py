@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import Qwen2Config
+from transformers import LlamaConfig, Qwen2Config
 
 from .. import names
 from ..errors import UserError
@@ -114,6 +114,15 @@ class FamilialConfig:
         kw["tie_word_embeddings"] = False
         kw["use_sliding_window"] = False
         cfg = Qwen2Config(**kw)
+        cfg._attn_implementation = "sdpa"
+        return cfg
+
+    def llama(self, num_layers: int | None = None, attention_bias: bool = False) -> LlamaConfig:
+        """The same plain model as a transformers LlamaConfig (attention_bias: q/k/v AND o_proj
+        biases, the o_proj ones then zero), for exports whose tokenizer Qwen2's would override."""
+        q = self.qwen2(num_layers).to_dict()
+        kw = {k: q[k] for k in QWEN2_KEYS + ("head_dim", "tie_word_embeddings") if q.get(k) is not None}
+        cfg = LlamaConfig(**kw, attention_bias=attention_bias, mlp_bias=False)
         cfg._attn_implementation = "sdpa"
         return cfg
 

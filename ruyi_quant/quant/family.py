@@ -92,9 +92,11 @@ class QuantizedFamily:
         exit_map = self.config.exit_map(j)
         return [n for n in self.weight_names() if exit_map.rename(n) is not None]
 
-    def size(self, weight_names: list[str] | None = None) -> tuple[int, int]:
-        """(parameters, stored bytes) of some weights (all by default); a quantized linear
-        counts its K*N weights as parameters, and its packed tensors as bytes."""
+    def size(self, weight_names: list[str] | None = None,
+             float_dtype: torch.dtype | None = None) -> tuple[int, int]:
+        """(parameters, bytes) of some weights (all by default); a quantized linear counts its
+        K*N weights as parameters, and its packed tensors as bytes; a float tensor its numel, and
+        bytes at float_dtype (its own dtype when None). `stored_size` is what a checkpoint holds."""
         params = nbytes = 0
         for n in (self.weight_names() if weight_names is None else weight_names):
             mod = names.module_of(n)
@@ -105,8 +107,16 @@ class QuantizedFamily:
             else:
                 t = self.tensors[n]
                 params += t.numel()
-                nbytes += t.numel() * t.element_size()
+                size = t.element_size()
+                if float_dtype is not None and t.is_floating_point():
+                    size = torch.empty((), dtype=float_dtype).element_size()
+                nbytes += t.numel() * size
         return params, nbytes
+
+    def stored_size(self, weight_names: list[str] | None = None) -> tuple[int, int]:
+        """(parameters, bytes) as save_family stores them and an exit runs on them: floats in
+        the checkpoint's dtype (config.source_dtype), quantized linears packed."""
+        return self.size(weight_names, self.config.source_dtype)
 
     def quantization_json(self) -> dict:
         specs = {json.dumps(s.to_json(), sort_keys=True) for s in self.modules.values()}

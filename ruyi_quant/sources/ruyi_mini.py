@@ -25,7 +25,7 @@ from .smollm2 import cached_smollm2
 RUYI_MINI_EXITS = (12, 16, 20, 25, 29)
 ASSET_DIR = Path(__file__).parents[1] / "assets"
 RUYI_MINI_ASSET = ASSET_DIR / "ruyi-mini-branches.safetensors"
-RUYI_MINI_VERSION = "v1"
+RUYI_MINI_VERSION = "v2"     # v2: SmolLM2's own (smollm) pre-tokenizer
 SCALE_SUFFIX = ".row_scale"
 
 

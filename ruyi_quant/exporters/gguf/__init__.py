@@ -17,9 +17,8 @@ from .llamacpp import K_QUANTS, llama_quantize
 from .metadata import common_kv
 from .ollama import write_modelfile_for
 from .tensors import GGUFOptions, check_gguf, exit_arch, llama_rope_rows
-from .tokenizer import QWEN2_REGEX, pre_tokenizer_name
 
-__all__ = ["GGUFOptions", "K_QUANTS", "QWEN2_REGEX", "base_name", "check_gguf", "common_kv",
+__all__ = ["GGUFOptions", "K_QUANTS", "base_name", "check_gguf", "common_kv",
            "exit_arch", "export", "extract", "extract_exit", "label", "llama_quantize",
-           "llama_rope_rows", "pre_tokenizer_name", "write_exit", "write_modelfile_for",
+           "llama_rope_rows", "write_exit", "write_modelfile_for",
            "write_multi"]

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from ...errors import UserError
 from ...quant.family import QuantizedFamily
-from .files import base_name, extract_exit, write_exit, write_multi
+from .files import base_name, extract_exit, multi_exits, write_exit, write_multi
 from .ggml import grid_type
 from .imatrix import collect, for_exit, requantize
 from .llamacpp import K_QUANTS, llama_quantize
@@ -79,12 +79,12 @@ def export(fam: QuantizedFamily, out_root: Path, tokenizer_dir: Path, ex, progre
     return written
 
 
-def extract(source: Path, exits: list[int], out_root: Path) -> list[dict]:
+def extract(source: Path, exits: list[int] | None, out_root: Path) -> list[dict]:
     """Stock per-exit files copied out of a multi-exit GGUF into out_root/exit-E/ (no
-    re-quantization): `NAME-family-TYPE.gguf` -> `NAME-eE-TYPE.gguf`."""
+    re-quantization): `NAME-family-TYPE.gguf` -> `NAME-eE-TYPE.gguf`; every exit when None."""
     stem = Path(source).name.removesuffix(".gguf")
     infos = []
-    for e in exits:
+    for e in (multi_exits(Path(source)) if exits is None else exits):
         d = out_root / f"exit-{e}"
         d.mkdir()
         name = stem.replace("-family-", f"-e{e}-") if "-family-" in stem else f"{stem}-e{e}"

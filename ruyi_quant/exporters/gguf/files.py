@@ -69,9 +69,8 @@ def write_multi(fam: QuantizedFamily, path: Path, tok_dir: Path,
             "tensor_bytes": sum(int(a.nbytes) for _, a, _ in arrays)}
 
 
-def extract_exit(multi_path: Path, exit: int, path: Path) -> dict:
-    """A stock per-exit file copied out of a multi-exit file: tensor bytes untouched."""
-    multi_path = Path(multi_path)
+def _read_multi(multi_path: Path):
+    """(reader, family config) of a multi-exit file, or a one-line error."""
     try:
         r = gguf.GGUFReader(str(multi_path))
     except Exception as e:   # noqa: BLE001 - any parse failure is a bad input file
@@ -80,7 +79,18 @@ def extract_exit(multi_path: Path, exit: int, path: Path) -> dict:
     if arch is None or arch.contents() != MULTI_ARCH or RuyiKeys.CONFIG not in r.fields:
         raise UserError(f"{multi_path}: not a ruyi-quant multi-exit GGUF (architecture "
                         f"'{arch.contents() if arch else None}'); export one with --multi")
-    cfg = parse_config(json.loads(r.fields[RuyiKeys.CONFIG].contents()), where=str(multi_path))
+    return r, parse_config(json.loads(r.fields[RuyiKeys.CONFIG].contents()), where=str(multi_path))
+
+
+def multi_exits(multi_path: Path) -> list[int]:
+    """The exits a multi-exit file holds."""
+    return list(_read_multi(Path(multi_path))[1].exits)
+
+
+def extract_exit(multi_path: Path, exit: int, path: Path) -> dict:
+    """A stock per-exit file copied out of a multi-exit file: tensor bytes untouched."""
+    multi_path = Path(multi_path)
+    r, cfg = _read_multi(multi_path)
     j = cfg.exit_index(exit)
     arrays, params = [], 0
     for t in r.tensors:

@@ -11,31 +11,7 @@ from gguf import GGUFValueType as V
 from gguf import Keys
 
 from ...errors import UserError
-
-# tokenizer.json pre-tokenizer -> llama.cpp's pre-tokenizer name (tokenizer.ggml.pre)
-QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
-               r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
-                r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-def pre_tokenizer_name(tokenizer_json: dict) -> str:
-    """llama.cpp's name for the pre-tokenizer a tokenizer.json describes."""
-    pre = tokenizer_json.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    kinds = [p.get("type") for p in parts]
-    regexes = [p.get("pattern", {}).get("Regex") for p in parts if p.get("type") == "Split"]
-    if regexes == [QWEN2_REGEX]:
-        return "qwen2"
-    if regexes == [LLAMA3_REGEX]:
-        return "llama-bpe"
-    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
-        return "smollm"
-    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "gpt-2"
-    raise UserError(f"gguf: unknown pre-tokenizer {json.dumps(pre)[:120]}; llama.cpp would "
-                    "tokenize differently from transformers")
-
+from ...pretokenizers import pre_tokenizer_name
 
 def tokenizer_kv(tok_dir: Path, n_vocab: int) -> list[tuple[str, object, V, V | None]]:
     """tokenizer.* key/values of a byte-level BPE tokenizer directory (tokenizer.json)."""
