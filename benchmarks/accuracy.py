@@ -28,7 +28,7 @@ from ruyi_quant.sources import resolve_model
 from ruyi_quant.recipe import Calibration, Eval, Quantize
 from ruyi_quant.report import markdown_table
 
-HEADERS = ["method", "bits (a: asym)", "group", "exit", "ppl", "Δppl %", "KL(bf16‖q)", "top-1 %", "MB",
+HEADERS = ["method", "bits (a: asym)", "group", "exit", "ppl", "Δppl %", "KL(bf16‖q)", "top-1 %", "weights MB (as stored)",
            "quantize s"]
 
 

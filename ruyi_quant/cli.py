@@ -318,9 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace an existing output of ours")
     s.set_defaults(func=cmd_quantize)
 
-    s = sub.add_parser("export", help="per-exit checkpoints (hf: Qwen2 per exit; gguf: llama.cpp)",
+    s = sub.add_parser("export", help="per-exit checkpoints (hf: transformers; gguf: llama.cpp)",
                        description="Export each exit of a family as a standalone checkpoint: "
-                       "hf (Qwen2ForCausalLM, GPTQ/AWQ/float) or gguf (stock qwen2 GGUF + Ollama "
+                       "hf (Qwen2ForCausalLM, or LlamaForCausalLM for a non-Qwen2 tokenizer; GPTQ/AWQ/float) or gguf (stock qwen2 GGUF + Ollama "
                        "Modelfile per exit, and/or one multi-exit GGUF). `export gguf --from "
                        "FAMILY.gguf [--exit E]` copies exits (all by default) out of a multi-exit GGUF.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -54,6 +54,12 @@ EXPLAINED = [
      "are one axis or two; the next reshape restores [N, K]"),
     ("quantization_json", "sort_keys", "to_json() always lists the same keys in the same order: "
      "sorting changes no string that the set compares"),
+    ("quantization_json", "to_json(), )", "as above: to_json() lists the same keys in the same "
+     "order, so the set compares the same strings"),
+    ("dequantized_model", "strict=None", "state is built from every key of the model's own "
+     "state_dict: strict loading can find nothing missing or unexpected"),
+    ("dequantized_model", "strict=False", "as above: state has exactly the model's keys"),
+    ("dequantized_model", "load_state_dict(state, assign=True)", "strict defaults to True"),
     ("exact_min_scale", "e - keep - 1", "the same candidates, two rounds later: only the 2- and "
      "1-bit ones are lost, never needed for 4-bit zeros (keep >= 7)"),
     ("awq_unpack", "torch.arange(9", "a ninth nibble of a 32-bit word is always 0 and is dropped "

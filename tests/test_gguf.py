@@ -368,6 +368,39 @@ def test_llama_cpp_reads_the_pad_token(tiny_dir, tmp_path):
 @pytest.mark.slow
 @needs_llama
 @needs_smollm2
+def test_ruyi_mini_tokenizes_as_smollm2(tmp_path):
+    """ruyi-mini's tokenizer is SmolLM2's own: llama.cpp on the GGUF SmolLM2 ships in (its
+    `smollm` pre-tokenizer), transformers on ruyi-mini, AutoTokenizer on an exit's HF export and on
+    the saved family, and llama.cpp on that exit's GGUF give the same ids on mixed text."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from ruyi_quant.checkpoint import save_family
+    from ruyi_quant.exporters.hf import export_exit
+    from ruyi_quant.sources import resolve_model
+    from ruyi_quant.sources.smollm2 import smollm2_gguf_path
+
+    def cpp(path):
+        llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+        return llm.tokenize(MIXED_TEXT.encode(), add_bos=False, special=False)
+
+    def auto(d):
+        return AutoTokenizer.from_pretrained(d)(MIXED_TEXT, add_special_tokens=False)["input_ids"]
+
+    want = cpp(smollm2_gguf_path())
+    src = resolve_model("builtin:ruyi-mini")
+    assert PreTrainedTokenizerFast.from_pretrained(src)(MIXED_TEXT, add_special_tokens=False)["input_ids"] == want
+    fam = QuantizedFamily.from_model(load_model(src, dtype=None))
+    (tmp_path / "hf").mkdir()
+    export_exit(fam, 12, tmp_path / "hf", src, weights="float")
+    G.write_exit(fam, 12, tmp_path / "e12.gguf", src)
+    (tmp_path / "fam").mkdir()
+    save_family(fam, tmp_path / "fam", src)
+    assert auto(tmp_path / "hf") == want and auto(tmp_path / "fam") == want
+    assert cpp(tmp_path / "e12.gguf") == want
+
+
+@pytest.mark.slow
+@needs_llama
+@needs_smollm2
 def test_ruyi_mini_gguf_every_exit_in_llama_cpp(tmp_path):
     """ruyi-mini, RTN 4-bit g128 asym (Q4_1): every exit's stock file runs in llama.cpp like our
     dequantized model; the last exit's F16 file like the float model; the multi-exit file stores
