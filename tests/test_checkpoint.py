@@ -169,3 +169,22 @@ def test_family_size_is_parameters_and_stored_bytes(tiny_dir, layout):
     assert total[1] < 4 * total[0]          # int4 linears
     exit0 = fam.exit_tensor_names(0)
     assert fam.size(exit0) == by_hand(exit0) and fam.size(exit0)[1] < total[1]
+
+
+def test_stored_size_is_the_bytes_of_the_saved_tensors(tiny_dir, tmp_path):
+    """stored_size counts floats in the checkpoint's dtype (bf16 here, fp32 in memory) and grids
+    packed: the family file's size less its 8-byte length and JSON header, for the whole family;
+    and an exit's share is that of its own tensors."""
+    import os
+    model = load_model(tiny_dir)
+    fam = rtn_family(model, make_plan(model, QuantSpec(4, 32, True)), progress=False)
+    fam.config.raw["torch_dtype"] = "bfloat16"
+    save_family(fam, tmp_path, None)
+    st = tmp_path / "model.safetensors"
+    header = int.from_bytes(st.read_bytes()[:8], "little")
+    assert fam.stored_size()[1] == os.path.getsize(st) - 8 - header
+    assert fam.stored_size()[0] == fam.size()[0] and fam.stored_size()[1] < fam.size()[1]
+    back = load_family(tmp_path)                     # floats as the file holds them: bf16
+    for j in range(len(fam.config.exits)):
+        names_j = fam.exit_tensor_names(j)
+        assert fam.stored_size(names_j) == back.size(names_j) == back.stored_size(names_j)
