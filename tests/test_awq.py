@@ -408,3 +408,18 @@ def test_awq_options_reach_every_search(monkeypatch, tiny_dir):
     assert any(a["ws"][0].shape[0] == model.config.vocab_size for a in scale_calls)   # heads too
     assert scale_calls and all(a["n_grid"] == 4 for a in scale_calls)
     assert clip_calls and all(a["n_grid"] == 4 and a["max_shrink"] == 0.25 for a in clip_calls)
+
+
+def test_quantize_linear_records_the_spec_it_quantized_with():
+    """The grid AWQ stores for a linear carries the spec it was quantized with (exports and
+    checkpoints read bits, group size and symmetry from it), and the linear computes with it."""
+    from ruyi_quant.quant.family import QuantizedFamily
+    g = torch.Generator().manual_seed(5)
+    lin = torch.nn.Linear(64, 16, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(16, 64, generator=g) * 0.1)
+    fam = QuantizedFamily(config=None, tensors={"l.weight": lin.weight.detach().clone()})
+    spec = QuantSpec(4, 32, False)
+    AWQ().quantize_linear(lin, "l", torch.randn(100, 64, generator=g), spec, fam)
+    assert fam.modules == {"l": spec} and "l.weight" not in fam.tensors
+    assert torch.equal(lin.weight, fam.weight("l"))
