@@ -60,6 +60,15 @@ EXPLAINED = [
      "state_dict: strict loading can find nothing missing or unexpected"),
     ("dequantized_model", "strict=False", "as above: state has exactly the model's keys"),
     ("dequantized_model", "load_state_dict(state, assign=True)", "strict defaults to True"),
+    ("group_qparams", "amax == 1, torch.ones_like", "an absmax of exactly 1 is replaced by 1"),
+    ("group_qparams", "(maxq + 1) / 2, dtype=torch.int64", "maxq + 1 is even: the division is "
+     "exact and the int64 fill holds the same value"),
+    ("group_qparams", "(maxq + 2) // 2", "maxq = 2^b - 1 is odd: (maxq + 2) // 2 == (maxq + 1) // 2"),
+    ("group_qparams", "bits <= 5", "no 5-bit grid exists (plan.BITS is 2, 3, 4, 8)"),
+    ("group_index", "torch.arange(k) / spec.width(k)", "non-negative: truncation by .to(int32) is "
+     "the floor"),
+    ("size", "torch.empty(dtype=float_dtype)", "an empty tensor of that dtype has the same element "
+     "size as a 0-d one"),
     ("exact_min_scale", "e - keep - 1", "the same candidates, two rounds later: only the 2- and "
      "1-bit ones are lost, never needed for 4-bit zeros (keep >= 7)"),
     ("awq_unpack", "torch.arange(9", "a ninth nibble of a 32-bit word is always 0 and is dropped "

@@ -65,10 +65,42 @@ def test_plan_heads(tiny_dir, tiny_shared_dir):
         make_plan(sep, QuantSpec(), overrides=[Override(pattern="model.layer.*", bits=8)])
 
 
-@pytest.mark.parametrize("bits,group", [(5, 128), (4, 100), (4, 0)])
-def test_bad_grid_refused(bits, group):
-    with pytest.raises(UserError):
+@pytest.mark.parametrize("bits,group,msg", [(5, 128, r"bits must be one of \[2, 3, 4, 8\]"),
+                                           (4, 100, r"group_size must be one of \[-1, 16, 32"),
+                                           (4, 0, r"group_size must be one of \[-1, 16, 32")])
+def test_bad_grid_refused(bits, group, msg):
+    with pytest.raises(UserError, match=msg):
         QuantSpec(bits, group, True)
+
+
+def test_asymmetric_grids_of_special_groups():
+    """group_qparams' documented cases, at 8 bits (no Q4_1 rounding of the scale): a mixed-sign
+    group spreads [min, max] over maxq steps (a range of exactly 1 included); an all-positive
+    group gets max/(maxq-1) and zero 1, so its maximum is on the grid; an all-zero group the grid
+    of [-1, 1]. Every group dequantizes within half a step, and exactly for the all-zero one."""
+    from ruyi_quant.quant.rtn import group_qparams, grid_value, quantize_to_grid
+    spec = QuantSpec(8, 32, False)
+    rows = torch.stack([torch.linspace(-0.25, 0.75, 32), torch.linspace(-0.3, 0.4, 32),
+                        torch.linspace(0.2, 0.9, 32), torch.zeros(32)])
+    scale, zero = group_qparams(rows, spec)
+    assert scale[0] == torch.tensor(1.0 / 255).half() and scale[1] == torch.tensor(0.7 / 255).half()
+    assert zero[0] == round(0.25 / scale[0].item()) and zero[1] == round(0.3 / scale[1].item())
+    assert scale[2] == torch.tensor(0.9 / 254).half() and zero[2] == 1
+    assert scale[3] == torch.tensor(2.0 / 255).half() and zero[3] == 128
+    deq = grid_value(quantize_to_grid(rows, scale, zero, spec.maxq), scale, zero)
+    assert ((deq - rows).abs() <= scale.float().unsqueeze(1) / 2 + 1e-7).all()
+    assert not deq[3].any()
+
+
+def test_a_constant_positive_group_is_on_the_4_bit_grid():
+    """All-positive groups keep their maximum on the grid: a constant group comes back within fp16
+    rounding of the scale (at 4 bits, with the Q4_1-exact scale)."""
+    from ruyi_quant.quant.rtn import rtn_quantize
+    from ruyi_quant.quant.pack import dequantize
+    w = torch.full((2, 32), 0.3)
+    w[1] = 0.01
+    deq = dequantize(*rtn_quantize(w, QuantSpec(4, 32, False)))
+    assert ((deq - w).abs() <= 2 ** -9 * w).all(), deq[:, 0]
 
 
 @pytest.mark.parametrize("k,gs", [(80, 64), (96, 64), (64, -1)])

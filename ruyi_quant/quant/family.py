@@ -32,11 +32,8 @@ class QuantizedFamily:
     stats: dict = field(default_factory=dict)     # e.g. seconds per stage
 
     @classmethod
-    def from_model(cls, model: FamilialModel, dtype: torch.dtype | None = None) -> QuantizedFamily:
-        state = familial_state(model)
-        if dtype is not None:
-            state = {k: v.to(dtype) for k, v in state.items()}
-        return cls(config=model.config, tensors=state)
+    def from_model(cls, model: FamilialModel) -> QuantizedFamily:
+        return cls(config=model.config, tensors=familial_state(model))
 
     @property
     def modules(self) -> dict[str, QuantSpec]:
