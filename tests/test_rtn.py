@@ -74,7 +74,8 @@ def test_bad_grid_refused(bits, group, msg):
 
 
 def test_asymmetric_grids_of_special_groups():
-    """group_qparams' documented cases, at 8 bits (no Q4_1 rounding of the scale): a mixed-sign
+    """group_qparams' special cases (its docstring; the all-zero group's [-1, 1] is its `flat`
+    branch, which keeps the scale an ordinary fp16 number rather than the FP16_TINY floor), at 8 bits (no Q4_1 rounding of the scale): a mixed-sign
     group spreads [min, max] over maxq steps (a range of exactly 1 included); an all-positive
     group gets max/(maxq-1) and zero 1, so its maximum is on the grid; an all-zero group the grid
     of [-1, 1]. Every group dequantizes within half a step, and exactly for the all-zero one."""

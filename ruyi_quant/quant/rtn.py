@@ -20,7 +20,7 @@ def group_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch
     Symmetric: zero = 2^(b-1), scale = 2*absmax/maxq (GPTQ's grid; Q4_0's for 4 bits).
     Asymmetric: the range [min(w,0), max(w,0)] spread over maxq steps, zero = round(-min/scale),
     kept >= 1 so GPTQ's v1 zero-1 storage never wraps (an all-positive group gets scale
-    max/(maxq-1) instead); an all-zero group gets the grid of [-1, 1].
+    max/(maxq-1) instead).
     """
     w = w.float()
     maxq = spec.maxq
