@@ -69,6 +69,9 @@ EXPLAINED = [
      "the floor"),
     ("size", "torch.empty(dtype=float_dtype)", "an empty tensor of that dtype has the same element "
      "size as a 0-d one"),
+    ("exact_min_scale", "e - keep + 2", "skips the 10-bit candidate, which never decides: a scale "
+     "that must lose exactly one bit has an odd 11-bit mantissa, and rounding it half-to-even to "
+     "10 bits gives the 9-bit candidate's value; later candidates are the same steps"),
     ("exact_min_scale", "e - keep - 1", "the same candidates, two rounds later: only the 2- and "
      "1-bit ones are lost, never needed for 4-bit zeros (keep >= 7)"),
     ("awq_unpack", "torch.arange(9", "a ninth nibble of a 32-bit word is always 0 and is dropped "
