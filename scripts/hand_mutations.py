@@ -1,7 +1,8 @@
 """Put each bug that issue 10 names into a copy of the project, one at a time, and run the fast
 quantization tests against it: every bug must fail at least one test.
 
-    python scripts/hand_mutations.py            # all bugs (about 50 min on two cores)
+    python scripts/hand_mutations.py            # all bugs, every failing test (about 50 min)
+    python scripts/hand_mutations.py --first    # all bugs, up to the first failing test each
     python scripts/hand_mutations.py M3 M6      # some of them
 
 Prints one row per bug with the tests that failed (a bug no test catches is a gap). The copy
@@ -61,15 +62,17 @@ def apply(tree: Path, bug: str) -> None:
     path.write_text(text)
 
 
-def failing_tests(tree: Path) -> list[str]:
+def failing_tests(tree: Path, first: bool = False) -> list[str]:
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m",
-                          "not slow", "-rf", *TESTS], cwd=tree, capture_output=True, text=True)
+                          "not slow", "-rf", *(["-x"] if first else []), *TESTS], cwd=tree,
+                         capture_output=True, text=True)
     return sorted({line.split()[1].split("::", 1)[1] for line in out.stdout.splitlines()
                    if line.startswith("FAILED ")})
 
 
 def main(argv: list[str]) -> int:
-    bugs = argv or list(BUGS)
+    first = "--first" in argv
+    bugs = [a for a in argv if a != "--first"] or list(BUGS)
     rows = []
     for bug in bugs:
         with tempfile.TemporaryDirectory() as tmp:
@@ -77,7 +80,7 @@ def main(argv: list[str]) -> int:
             shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", ".venv", "out",
                                                                       "mutants", "__pycache__"))
             apply(tree, bug)
-            failed = failing_tests(tree)
+            failed = failing_tests(tree, first)
         rows.append((bug, BUGS[bug][0], failed))
         print(f"{bug} {BUGS[bug][0]}: {len(failed)} failing: {', '.join(failed) or 'NONE'}",
               flush=True)
