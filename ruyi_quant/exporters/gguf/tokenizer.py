@@ -13,6 +13,7 @@ from gguf import Keys
 from ...errors import UserError
 from ...pretokenizers import pre_tokenizer_name
 
+
 def tokenizer_kv(tok_dir: Path, n_vocab: int) -> list[tuple[str, object, V, V | None]]:
     """tokenizer.* key/values of a byte-level BPE tokenizer directory (tokenizer.json)."""
     path = Path(tok_dir) / "tokenizer.json"
