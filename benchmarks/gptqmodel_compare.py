@@ -13,7 +13,7 @@ Steps (scratch files under --work, default /tmp/gptqmodel_compare):
      builtin:pydoc/eval) through ruyi_quant.pipeline.calib_windows / eval_windows, as a recipe
      job makes them;
   2. `ruyi-quant export builtin:ruyi-mini --format hf --weights float --exits 29`: exit 29 as a
-     plain bf16 Qwen2 checkpoint; GPTQModel quantizes it (4-bit, g128, sym, desc_act False) on
+     plain bf16 checkpoint (Llama for ruyi-mini: its tokenizer is not Qwen2's); GPTQModel quantizes it (4-bit, g128, sym, desc_act False) on
      the same calibration tokens, once with its defaults and once with ruyi-quant's settings
      (damp 0.01, no act_group_aware);
   3. `ruyi-quant quantize builtin:ruyi-mini --method gptq ...` (the whole family: 30 trunk layers
