@@ -123,7 +123,7 @@ def cmd_quantize(args) -> None:
     cal = _validated(Calibration, source=args.calib, samples=args.samples, seq_len=args.seq_len,
                      seed=args.seed)
     out = Path(args.out)
-    check_output_dir(out, force=args.force)
+    check_output_dir(out, force=args.force, inputs=[args.model] if Path(args.model).exists() else [])
     src = resolve_model(args.model)
     if q.method in CALIBRATED:
         check_source(cal.source)
@@ -157,7 +157,7 @@ def cmd_export(args) -> None:
             return _extract_gguf(source, ex, out, args.force)
         fam, tok_dir = open_family(source)
         fam.provenance = fam.provenance or Provenance(model=source)   # a source model: its own name
-        check_output_dir(out, force=args.force)
+        check_output_dir(out, force=args.force, inputs=[tok_dir])
         with atomic_dir(out) as tmp:
             info = export_gguf(fam, tmp, tok_dir, ex,
                                calib=_validated(Calibration, source=args.calib))
@@ -173,7 +173,7 @@ def cmd_export(args) -> None:
         raise UserError(f"--format {fmt}: supported formats are hf and gguf")
     ex = _validated(HFExport, format=fmt, exits=_exits(args.exits), weights=args.weights, dtype=args.dtype)
     fam, tok_dir = open_family(source)
-    check_output_dir(out, force=args.force)
+    check_output_dir(out, force=args.force, inputs=[tok_dir])
     with atomic_dir(out) as tmp:
         dirs = export_hf(fam, tmp, tok_dir, ex.exits, ex.weights, ex.dtype)
         write_marker(tmp, {"kind": "export", "format": ex.format, "exits": [d.name for d in dirs]})
@@ -192,7 +192,7 @@ def _extract_gguf(source: str, ex, out: Path, force: bool) -> None:
     from .fsutil import atomic_dir, check_output_dir, write_marker
     if not Path(source).is_file():
         raise UserError(f"{source}: no such file")
-    check_output_dir(out, force=force)
+    check_output_dir(out, force=force, inputs=[source])
     with atomic_dir(out) as tmp:
         infos = extract(Path(source), None if ex.exits == "all" else ex.exits, tmp)
         write_marker(tmp, {"kind": "export", "format": "gguf", "from": source, "exits": infos})
@@ -207,13 +207,15 @@ def cmd_eval(args) -> None:
     from .report import eval_cells, rich_table
     ev = _validated(Eval, source=args.data, samples=args.samples, seq_len=args.seq_len,
                     exits=_exits(args.exits), batch=args.batch, plot=args.out is not None)
+    if args.out:                  # before any work: never replace a family or a job with eval files
+        check_output_dir(Path(args.out), force=args.force,
+                         inputs=[p for p in (args.reference, args.quantized) if Path(p).exists()])
     ref, tok_dir = open_family(args.reference)
     fam, _ = open_family(args.quantized)
     if ref.config.exits != fam.config.exits or ref.config.vocab_size != fam.config.vocab_size:
         raise UserError(f"{args.quantized} (exits {fam.config.exits}) is not a quantization of "
                         f"{args.reference} (exits {ref.config.exits})")
     if args.out:
-        check_output_dir(Path(args.out), force=True)
         with atomic_dir(Path(args.out)) as tmp:
             report = eval_report(ref, fam, tok_dir, ev, tmp)
             write_marker(tmp, {"kind": "eval"})
@@ -364,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--exits", help="comma-separated exit layers, or all (default)")
     s.add_argument("--batch", type=int, help=f"windows per forward pass (default {E('batch')})")
     s.add_argument("--out", help="directory for eval.json, eval.md and eval.png")
+    s.add_argument("--force", action="store_true", help="replace an existing --out of ours")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("make-familial", help="turn a plain Qwen2/Llama model into a trained family",

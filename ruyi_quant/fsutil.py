@@ -24,13 +24,31 @@ def write_marker(directory: Path, meta: dict) -> None:
     (Path(directory) / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def check_output_dir(path: Path, force: bool = True) -> None:
-    """Refuse to overwrite a directory that is not ours (or, without force, any existing one)."""
+def is_ours(directory: Path) -> bool:
+    """Whether a directory carries our marker: a JSON object with a `kind` (every writer sets one;
+    an empty or foreign ruyi_quant.json does not make a directory ours)."""
+    path = Path(directory) / MARKER
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and isinstance(meta.get("kind"), str)
+
+
+def check_output_dir(path: Path, force: bool = True, inputs: tuple = ()) -> None:
+    """Refuse to overwrite a directory that is not ours (or, without force, any existing one),
+    and an output that is, holds or lies inside one of the command's inputs."""
     path = Path(path)
+    out = path.resolve()
+    for src in inputs:
+        s = Path(src).resolve()
+        if out == s or s.is_relative_to(out) or out.is_relative_to(s):
+            raise UserError(f"{path}: is, holds or lies inside the input {src}; choose another "
+                            "output path")
     if path.exists():
         if not path.is_dir():
             raise UserError(f"{path}: exists and is not a directory; choose another output path")
-        if any(path.iterdir()) and not (path / MARKER).is_file():
+        if any(path.iterdir()) and not is_ours(path):
             raise UserError(f"{path}: exists and was not written by ruyi-quant; choose another "
                             "output path or remove it")
         if not force:

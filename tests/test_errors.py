@@ -124,6 +124,38 @@ def test_existing_output_of_ours_needs_force(tiny_dir, tmp_path, capsys):
     assert json.loads((out / "ruyi_quant.json").read_text())["quantization"]["common"]["bits"] == 4
 
 
+def test_eval_does_not_replace_an_output_without_force(tiny_dir, tmp_path, capsys):
+    """Issue 13: `eval --out DIR` replaced an existing quantized family with eval files."""
+    q = tmp_path / "q"
+    assert run_cli(capsys, "quantize", tiny_dir, "--out", q, "--bits", "8")[0] == 0
+    before = sorted(p.name for p in q.iterdir())
+    code, err = run_cli(capsys, "eval", tiny_dir, q, "--samples", "1", "--seq-len", "32", "--out", q)
+    assert_one_line_error(code, err, str(q))
+    assert sorted(p.name for p in q.iterdir()) == before
+
+
+def test_an_empty_marker_is_not_ours(tiny_dir, tmp_path, capsys):
+    """Issue 13: a directory whose ruyi_quant.json is just {} was taken for ours, and --force
+    deleted the user's other files in it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "ruyi_quant.json").write_text("{}")
+    (out / "precious.txt").write_text("keep me")
+    code, err = run_cli(capsys, "quantize", tiny_dir, "--out", out, "--bits", "8", "--force")
+    assert_one_line_error(code, err, "not written by ruyi-quant")
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_export_refuses_to_replace_its_own_input(tiny_dir, tmp_path, capsys):
+    """Issue 13: `export FAM --out FAM --force` replaced its own input."""
+    q = tmp_path / "q"
+    assert run_cli(capsys, "quantize", tiny_dir, "--out", q, "--bits", "8")[0] == 0
+    before = (q / "model.safetensors").read_bytes()
+    code, err = run_cli(capsys, "export", q, "--out", q, "--force")
+    assert_one_line_error(code, err, "input")
+    assert (q / "model.safetensors").read_bytes() == before
+
+
 RECIPE_ERRORS = {
     "misspelt key": ("jobs:\n  - name: a\n    model: builtin:tiny\n    output: o\n"
                      "    quantize:\n      bits: 4\n      groupsize: 32\n",
