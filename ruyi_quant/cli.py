@@ -123,7 +123,7 @@ def cmd_quantize(args) -> None:
     cal = _validated(Calibration, source=args.calib, samples=args.samples, seq_len=args.seq_len,
                      seed=args.seed)
     out = Path(args.out)
-    check_output_dir(out, force=args.force, inputs=[args.model] if Path(args.model).exists() else [])
+    check_output_dir(out, force=args.force, inputs=[args.model])
     src = resolve_model(args.model)
     if q.method in CALIBRATED:
         check_source(cal.source)
@@ -208,8 +208,7 @@ def cmd_eval(args) -> None:
     ev = _validated(Eval, source=args.data, samples=args.samples, seq_len=args.seq_len,
                     exits=_exits(args.exits), batch=args.batch, plot=args.out is not None)
     if args.out:                  # before any work: never replace a family or a job with eval files
-        check_output_dir(Path(args.out), force=args.force,
-                         inputs=[p for p in (args.reference, args.quantized) if Path(p).exists()])
+        check_output_dir(Path(args.out), force=args.force, inputs=[args.reference, args.quantized])
     ref, tok_dir = open_family(args.reference)
     fam, _ = open_family(args.quantized)
     if ref.config.exits != fam.config.exits or ref.config.vocab_size != fam.config.vocab_size:

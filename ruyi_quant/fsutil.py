@@ -40,7 +40,7 @@ def check_output_dir(path: Path, force: bool = True, inputs: tuple = ()) -> None
     and an output that is, holds or lies inside one of the command's inputs."""
     path = Path(path)
     out = path.resolve()
-    for src in inputs:
+    for src in (p for p in inputs if Path(p).exists()):   # builtin names are not paths
         s = Path(src).resolve()
         if out == s or s.is_relative_to(out) or out.is_relative_to(s):
             raise UserError(f"{path}: is, holds or lies inside the input {src}; choose another "

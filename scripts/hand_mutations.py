@@ -2,7 +2,7 @@
 quantization tests against it: every bug must fail at least one test.
 
     python scripts/hand_mutations.py            # all bugs, every failing test (about 50 min)
-    python scripts/hand_mutations.py --first    # all bugs, up to the first failing test each
+    python scripts/hand_mutations.py --first    # all bugs, up to the first failing test each (3 min)
     python scripts/hand_mutations.py M3 M6      # some of them
 
 Prints one row per bug with the tests that failed (a bug no test catches is a gap). The copy

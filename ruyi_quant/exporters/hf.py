@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -57,14 +58,20 @@ def architecture(fam: QuantizedFamily, tensors: dict[str, torch.Tensor],
     which AutoTokenizer picks for that type whatever tokenizer_config.json says, reproduces the
     tokenizer (pretokenizers.py); otherwise `llama`, whose AutoTokenizer reads tokenizer.json as
     written: with attention_bias when some q/k/v bias is not zero (o_proj then gets zero biases)."""
-    qwen2_tok = True
-    if tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer.json").is_file():
-        tj = json.loads((Path(tokenizer_dir) / "tokenizer.json").read_text(encoding="utf-8"))
-        qwen2_tok = reproduced_by_qwen2_tokenizer(tj)
+    path = Path(tokenizer_dir) / "tokenizer.json" if tokenizer_dir is not None else None
+    qwen2_tok = path is None or not path.is_file() or \
+        _qwen2_tokenizer(str(path), path.stat().st_mtime_ns)
     if qwen2_tok and fam.config.source_arch != "llama":
         return "qwen2", True
     bias = any(t.any() for n, t in tensors.items() if n.endswith(QKV_BIAS))
     return "llama", bias
+
+
+@lru_cache(maxsize=8)
+def _qwen2_tokenizer(path: str, mtime_ns: int) -> bool:
+    """reproduced_by_qwen2_tokenizer of a tokenizer.json, parsed once per file version (an export
+    asks once per exit, and Qwen2's tokenizer.json is 7 MB)."""
+    return reproduced_by_qwen2_tokenizer(json.loads(Path(path).read_text(encoding="utf-8")))
 
 
 def gptq_config(specs: dict[str, QuantSpec], all_linears: list[str], desc_act: bool = False) -> dict:

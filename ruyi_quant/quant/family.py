@@ -104,10 +104,8 @@ class QuantizedFamily:
             else:
                 t = self.tensors[n]
                 params += t.numel()
-                size = t.element_size()
-                if float_dtype is not None and t.is_floating_point():
-                    size = torch.empty((), dtype=float_dtype).element_size()
-                nbytes += t.numel() * size
+                floats_at = float_dtype if float_dtype is not None and t.is_floating_point() else t.dtype
+                nbytes += t.numel() * floats_at.itemsize
         return params, nbytes
 
     def stored_size(self, weight_names: list[str] | None = None) -> tuple[int, int]:
