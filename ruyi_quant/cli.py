@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .errors import UserError
+from .errors import Terminated, UserError
 from .log import log_to_stderr
 
 EXAMPLES = """examples:
@@ -42,14 +42,21 @@ def _default(cls, field: str):
     return cls.model_fields[field].default
 
 
-def _validated(cls, **kw):
+# settings whose flag is not `--` + the field's name
+FLAGS = {"distill_weight": "--distill", "damp_percent": "--damp", "sources": "--train",
+         "clip": "--no-clip", "weights": "--weights"}
+
+
+def _validated(cls, flags: dict | None = None, **kw):
+    """A settings object from the options given; a bad value is one line naming its flag."""
     kw = _given(**kw)
     try:
         return cls(**kw)
     except ValidationError as e:
         err = e.errors()[0]
-        raise UserError(f"--{str(err['loc'][0]).replace('_', '-')}: "
-                        f"{err['msg'].removeprefix('Value error, ')}") from None
+        field = str(err["loc"][0])
+        flag = {**FLAGS, **(flags or {})}.get(field, "--" + field.replace("_", "-"))
+        raise UserError(f"{flag}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
 def _exits(text: str | None):
@@ -78,8 +85,11 @@ def _override(text: str, skip: bool = False):
 
 # --- subcommands ---------------------------------------------------------------------------
 def cmd_inspect(args) -> None:
+    from .fsutil import atomic_file, check_writable
     from .pipeline import open_family
     from .report import rich_table
+    if args.json:
+        check_writable(Path(args.json), "--json", directory=False)
     fam, where = open_family(args.model)
     c = fam.config
     con = _console()
@@ -102,14 +112,14 @@ def cmd_inspect(args) -> None:
     if args.json:
         out = {"exits": c.exits, "per_exit": rows, "family": {"params": params, "bytes": nbytes},
                "disk_bytes": on_disk}
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        atomic_file(Path(args.json), json.dumps(out, indent=2) + "\n")
 
 
 def cmd_quantize(args) -> None:
     from .checkpoint import save_family
-    from .data import check_source
     from .fsutil import atomic_dir, check_output_dir
-    from .pipeline import CALIBRATED, quantize_source
+    from .pipeline import preflight, quantize_source
     from .recipe import AWQOptions, Calibration, GPTQOptions, Override, Provenance, Quantize
     from .sources import resolve_model
     overrides = [_validated(Override, **_override(t)) for t in args.override or []]
@@ -120,16 +130,15 @@ def cmd_quantize(args) -> None:
                    gptq=_validated(GPTQOptions, damp_percent=args.damp, act_order=args.act_order,
                                    static_groups=args.static_groups),
                    awq=_validated(AWQOptions, clip=False if args.no_clip else None))
-    cal = _validated(Calibration, source=args.calib, samples=args.samples, seq_len=args.seq_len,
-                     seed=args.seed)
+    cal = _validated(Calibration, {"source": "--calib"}, source=args.calib, samples=args.samples,
+                     seq_len=args.seq_len, seed=args.seed)
     out = Path(args.out)
     check_output_dir(out, force=args.force, inputs=[args.model])
     src = resolve_model(args.model)
-    if q.method in CALIBRATED:
-        check_source(cal.source)
-    _, fam = quantize_source(src, q, cal)
-    fam.provenance = Provenance(model=args.model, quantize=q, calibration=cal)
-    with atomic_dir(out) as tmp:
+    preflight(src, q, cal)
+    with atomic_dir(out, force=args.force, inputs=[src]) as tmp:      # locked while it works
+        _, fam = quantize_source(src, q, cal)
+        fam.provenance = Provenance(model=args.model, quantize=q, calibration=cal)
         save_family(fam, tmp, src)
     from .fsutil import disk_bytes
     print(f"wrote {out} ({len(fam.grids)} quantized linears, {disk_bytes(out) / 1e6:.2f} MB on disk)")
@@ -155,10 +164,11 @@ def cmd_export(args) -> None:
                         imatrix=not args.no_imatrix)
         if source.endswith(".gguf"):
             return _extract_gguf(source, ex, out, args.force)
+        check_output_dir(out, force=args.force, inputs=[source])
         fam, tok_dir = open_family(source)
         fam.provenance = fam.provenance or Provenance(model=source)   # a source model: its own name
-        check_output_dir(out, force=args.force, inputs=[tok_dir])
-        with atomic_dir(out) as tmp:
+        fam.config.exit_list(ex.exits)
+        with atomic_dir(out, force=args.force, inputs=[tok_dir]) as tmp:
             info = export_gguf(fam, tmp, tok_dir, ex,
                                calib=_validated(Calibration, source=args.calib))
             write_marker(tmp, {"kind": "export", "format": "gguf", **info})
@@ -172,9 +182,10 @@ def cmd_export(args) -> None:
     if fmt != "hf":
         raise UserError(f"--format {fmt}: supported formats are hf and gguf")
     ex = _validated(HFExport, format=fmt, exits=_exits(args.exits), weights=args.weights, dtype=args.dtype)
+    check_output_dir(out, force=args.force, inputs=[source])
     fam, tok_dir = open_family(source)
-    check_output_dir(out, force=args.force, inputs=[tok_dir])
-    with atomic_dir(out) as tmp:
+    fam.config.exit_list(ex.exits)
+    with atomic_dir(out, force=args.force, inputs=[tok_dir]) as tmp:
         dirs = export_hf(fam, tmp, tok_dir, ex.exits, ex.weights, ex.dtype)
         write_marker(tmp, {"kind": "export", "format": ex.format, "exits": [d.name for d in dirs]})
     from .exporters.hf import load_note
@@ -193,7 +204,7 @@ def _extract_gguf(source: str, ex, out: Path, force: bool) -> None:
     if not Path(source).is_file():
         raise UserError(f"{source}: no such file")
     check_output_dir(out, force=force, inputs=[source])
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, force=force, inputs=[source]) as tmp:
         infos = extract(Path(source), None if ex.exits == "all" else ex.exits, tmp)
         write_marker(tmp, {"kind": "export", "format": "gguf", "from": source, "exits": infos})
     for x in infos:
@@ -202,20 +213,24 @@ def _extract_gguf(source: str, ex, out: Path, force: bool) -> None:
 
 def cmd_eval(args) -> None:
     from .fsutil import atomic_dir, check_output_dir, write_marker
-    from .pipeline import eval_report, open_family
+    from .pipeline import check_reference, eval_report, open_family, preflight
     from .recipe import Eval
+    from .sources import resolve_model
     from .report import eval_cells, rich_table
-    ev = _validated(Eval, source=args.data, samples=args.samples, seq_len=args.seq_len,
-                    exits=_exits(args.exits), batch=args.batch, plot=args.out is not None)
+    ev = _validated(Eval, {"source": "--data"}, source=args.data, samples=args.samples,
+                    seq_len=args.seq_len, exits=_exits(args.exits), batch=args.batch,
+                    plot=args.out is not None)
+    inputs = [args.reference, args.quantized]
     if args.out:                  # before any work: never replace a family or a job with eval files
-        check_output_dir(Path(args.out), force=args.force, inputs=[args.reference, args.quantized])
+        check_output_dir(Path(args.out), force=args.force, inputs=inputs)
+    ref_dir = resolve_model(args.reference)
+    preflight(ref_dir, ev=ev)
     ref, tok_dir = open_family(args.reference)
     fam, _ = open_family(args.quantized)
-    if ref.config.exits != fam.config.exits or ref.config.vocab_size != fam.config.vocab_size:
-        raise UserError(f"{args.quantized} (exits {fam.config.exits}) is not a quantization of "
-                        f"{args.reference} (exits {ref.config.exits})")
+    check_reference(ref, fam, args.reference, args.quantized)
+    ref.config.exit_list(ev.exits)
     if args.out:
-        with atomic_dir(Path(args.out)) as tmp:
+        with atomic_dir(Path(args.out), force=args.force, inputs=inputs) as tmp:
             report = eval_report(ref, fam, tok_dir, ev, tmp)
             write_marker(tmp, {"kind": "eval"})
     else:
@@ -224,11 +239,16 @@ def cmd_eval(args) -> None:
 
 
 def cmd_make_familial(args) -> None:
+    from .data import check_source, check_tokenizer
     from .fsutil import check_output_dir
     from .model.config import read_config
     from .recipe import Training
     from .sources import resolve_model
     from .sources.branches import build_familial
+    train = _validated(Training, sources=args.train, windows=args.windows, seq_len=args.seq_len,
+                       steps=args.steps, lr=args.lr, positions=args.positions, distill_weight=args.distill,
+                       seed=args.seed)
+    check_output_dir(Path(args.out), force=args.force, inputs=[args.model])
     src = resolve_model(args.model)
     cfg = read_config(src)
     if len(cfg.exits) != 1:
@@ -241,11 +261,14 @@ def cmd_make_familial(args) -> None:
     bad = [e for e in exits if not 0 <= e <= last]
     if bad:
         raise UserError(f"--exits: {bad} outside the model's layers 0..{last}")
-    train = _validated(Training, sources=args.train, windows=args.windows, seq_len=args.seq_len,
-                       steps=args.steps, lr=args.lr, positions=args.positions, distill_weight=args.distill,
-                       seed=args.seed)
-    check_output_dir(Path(args.out), force=args.force)
-    report = build_familial(src, Path(args.out), exits, shared_heads=not args.separate_heads, train=train)
+    limit = cfg.raw.get("max_position_embeddings")
+    if isinstance(limit, int) and train.seq_len > limit:
+        raise UserError(f"--seq-len {train.seq_len}: longer than the model's max_position_embeddings ({limit})")
+    check_tokenizer(src)
+    for source in train.sources:
+        check_source(source)
+    report = build_familial(src, Path(args.out), exits, shared_heads=not args.separate_heads,
+                            train=train, force=args.force)
     ppl = report.get("ppl_bf16", {})
     print(f"wrote {args.out}: exits {report['exits']}" +
           (", bf16 perplexity " + ", ".join(f"{e}: {p:.1f}" for e, p in ppl.items()) if ppl else ""))
@@ -260,10 +283,15 @@ def cmd_run(args) -> None:
     if args.only and not jobs:
         raise UserError(f"--only {','.join(args.only)}: no such job (jobs: "
                         f"{', '.join(j.name for j in recipe.jobs)})")
+    from .pipeline import check_job
+    index = {id(j): i for i, j in enumerate(recipe.jobs)}
+    for job in jobs:                                 # every job checked before the first runs
+        check_job(job, base, index[id(job)])
     con = _console()
     results = []
     for job in jobs:
-        res = run_job(job, base, force=args.force, say=lambda m: con.print(m, markup=False))
+        res = run_job(job, base, force=args.force, say=lambda m: con.print(m, markup=False),
+                      index=index[id(job)])
         results.append((job, res))
         if res.get("eval"):
             con.print(rich_table(f"{job.name}: {res['method']} vs reference",
@@ -402,17 +430,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 2 a user's mistake or an OS error (disk full, permissions: one line),
+    130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Interrupted or terminated work leaves nothing
+    behind: the temporary output is removed on the way out."""
+    import signal
+    from .fsutil import OS_ERRORS
     args = build_parser().parse_args(argv)
     log_to_stderr()
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         args.func(args)
     except UserError as e:
         print(f"ruyi-quant: error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("ruyi-quant: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("ruyi-quant: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in OS_ERRORS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"ruyi-quant: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

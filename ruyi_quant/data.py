@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .fsutil import read_json, read_text
 
 SPLITS = {"train": (0, 80), "calib": (80, 90), "eval": (90, 100)}   # hash % 100 ranges
 CORPORA = ("pydoc", "stdlib")
@@ -84,25 +85,31 @@ def builtin_text(spec: str) -> str:
     raise AssertionError(split)
 
 
-def check_source(source: str) -> None:
-    """Fail fast on a text source that cannot be read (before any long work starts)."""
+def check_source(source: str, field: str = "text") -> None:
+    """Fail fast on a text source that cannot be used (before any long work starts): a missing
+    file, binary data, invalid UTF-8, a JSONL line without the text field."""
     if source.startswith("builtin:"):
         corpus, _, split = source.removeprefix("builtin:").partition("/")
         if corpus not in CORPORA or (split and split not in SPLITS):
             builtin_text(source.removeprefix("builtin:"))      # raises the precise error
-    elif not Path(source).is_file():
+        return
+    if not Path(source).is_file():
         raise UserError(f"{source}: no such text file (or use builtin:pydoc/calib, builtin:stdlib/eval, ...)")
+    if not load_text(source, field).strip():
+        raise UserError(f"{source}: no text in it")
 
 
 def load_text(source: str, field: str = "text") -> str:
     """A text source: `builtin:CORPUS/SPLIT`, a .txt file, or a .jsonl file (one `field` per line)."""
     if source.startswith("builtin:"):
         return builtin_text(source.removeprefix("builtin:"))
-    check_source(source)
     path = Path(source)
+    if not path.is_file():
+        raise UserError(f"{source}: no such text file (or use builtin:pydoc/calib, builtin:stdlib/eval, ...)")
+    text = read_text(path, "text file")
     if path.suffix == ".jsonl":
         parts = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -113,15 +120,30 @@ def load_text(source: str, field: str = "text") -> str:
                 raise UserError(f"{source}:{n}: no string field '{field}' (set the text field name)")
             parts.append(rec[field])
         return "\n\n".join(parts)
-    return path.read_text(encoding="utf-8", errors="replace")
+    return text
+
+
+def check_tokenizer(model_dir: Path) -> None:
+    """Before the work: the tokenizer beside the weights loads."""
+    load_tokenizer(model_dir)
 
 
 def load_tokenizer(model_dir: Path):
-    """The tokenizer beside a checkpoint's weights (tokenizer.json)."""
+    """The tokenizer beside a checkpoint's weights (tokenizer.json); one that the tokenizers library
+    cannot read is a UserError naming the file."""
     from transformers import PreTrainedTokenizerFast
-    if not (Path(model_dir) / "tokenizer.json").is_file():
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
         raise UserError(f"{model_dir}: no tokenizer.json; put the tokenizer files beside the weights")
-    return PreTrainedTokenizerFast.from_pretrained(str(model_dir))
+    read_json(path, "tokenizer")                       # UTF-8 and JSON, or one line naming the file
+    for extra in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(model_dir) / extra).is_file():
+            read_json(Path(model_dir) / extra)
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(str(model_dir))
+    except Exception as e:          # tokenizers raises plain Exception subclasses on a bad file
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise UserError(f"{path}: the tokenizers library cannot load it ({reason})") from None
 
 
 def text_windows(tokenizer, source: str, n: int, seq_len: int, seed: int | None = None,

@@ -6,3 +6,7 @@ class UserError(Exception):
 
     The message must name the input and say what to do; it is shown without a traceback.
     """
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that cleanup runs as for Ctrl-C (exit code 143)."""

@@ -1,8 +1,23 @@
-"""Files: the cache directory, all-or-nothing output directories, checksums."""
+"""Files: the cache directory, output checks, locks, all-or-nothing output directories, manifests,
+and reading JSON/text so that a bad file is one line naming it.
+
+Every directory we write carries `ruyi_quant.json`: a manifest with the tool, its version, the
+directory's `kind` and the sha256 of every other file in it (`files`). A directory is ours only
+when that manifest is valid and lists every file in the directory; `--force` replaces only such a
+directory, so it never removes a file we did not write (a listed file that changed is ours,
+damaged, and is rewritten).
+
+An output is written under a lock (`.NAME.lock` beside it, flock: released by the kernel when a
+run dies) into a temporary sibling `.NAME.tmp-*` that replaces NAME when the work succeeds; a
+run that holds the lock removes the temporary siblings that dead runs left behind.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -13,68 +28,39 @@ from pathlib import Path
 from .errors import UserError
 
 MARKER = "ruyi_quant.json"          # every directory we write carries this file
+TOOL = "ruyi-quant"
+TMP_SUFFIX = ".tmp-XXXXXXXX"        # what mkdtemp adds to ".NAME" (8 random characters)
+DEEPEST = 96                        # longest path we write inside an output (hf-gptq/exit-NN/...)
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("RUYI_QUANT_CACHE", Path.home() / ".cache" / "ruyi-quant"))
 
 
-def write_marker(directory: Path, meta: dict) -> None:
-    """The marker file that says a directory is ours, with what it holds (`kind`, ...)."""
-    (Path(directory) / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
-
-
-def is_ours(directory: Path) -> bool:
-    """Whether a directory carries our marker: a JSON object with a `kind` (every writer sets one;
-    an empty or foreign ruyi_quant.json does not make a directory ours)."""
-    path = Path(directory) / MARKER
+# --- reading -------------------------------------------------------------------------------
+def read_text(path: Path, what: str = "file") -> str:
+    """A UTF-8 text file; a missing, unreadable or non-UTF-8 file is one UserError naming it."""
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and isinstance(meta.get("kind"), str)
-
-
-def check_output_dir(path: Path, force: bool = True, inputs: tuple = ()) -> None:
-    """Refuse to overwrite a directory that is not ours (or, without force, any existing one),
-    and an output that is, holds or lies inside one of the command's inputs."""
-    path = Path(path)
-    out = path.resolve()
-    for src in (p for p in inputs if Path(p).exists()):   # builtin names are not paths
-        s = Path(src).resolve()
-        if out == s or s.is_relative_to(out) or out.is_relative_to(s):
-            raise UserError(f"{path}: is, holds or lies inside the input {src}; choose another "
-                            "output path")
-    if path.exists():
-        if not path.is_dir():
-            raise UserError(f"{path}: exists and is not a directory; choose another output path")
-        if any(path.iterdir()) and not is_ours(path):
-            raise UserError(f"{path}: exists and was not written by ruyi-quant; choose another "
-                            "output path or remove it")
-        if not force:
-            raise UserError(f"{path}: exists; pass --force to replace it")
-
-
-@contextlib.contextmanager
-def atomic_dir(path: Path):
-    """Yield a temporary directory beside `path`; on success it replaces `path`, else vanishes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read this {what} ({e.strerror})") from None
+    if b"\x00" in data:
+        raise UserError(f"{path}: binary data (NUL bytes), not a UTF-8 text {what}")
     try:
-        yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
 
 
+def read_json(path: Path, what: str = "JSON file"):
+    text = read_text(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+# --- manifests and ownership ---------------------------------------------------------------
 def sha256(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -83,9 +69,224 @@ def sha256(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _listing(directory: Path) -> list[str]:
+    """Every file under a directory but its top-level marker, as sorted posix paths."""
+    directory = Path(directory)
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                  if (p.is_file() or p.is_symlink()) and p != directory / MARKER)
+
+
+def write_marker(directory: Path, meta: dict) -> dict:
+    """Write the manifest: `meta` (which must have a `kind`) with the tool, its version and the
+    sha256 of every file now in the directory. Returns the file list."""
+    from . import __version__
+    directory = Path(directory)
+    files = {p: sha256(directory / p) for p in _listing(directory)}
+    manifest = {"tool": TOOL, "ruyi_quant_version": __version__, **meta, "files": files}
+    (directory / MARKER).write_text(json.dumps(manifest, indent=2) + "\n")
+    return files
+
+
+def read_manifest(directory: Path) -> dict | None:
+    """The manifest of a directory of ours, or None when its marker is missing or not ours."""
+    try:
+        meta = json.loads((Path(directory) / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(meta, dict) and meta.get("tool") == TOOL and isinstance(meta.get("kind"), str)
+            and isinstance(meta.get("files"), dict)):
+        return None
+    return meta
+
+
+def foreign_files(directory: Path) -> list[str] | None:
+    """Files in a directory that its manifest does not list (someone else's); None when the
+    directory has no valid manifest at all. A listed file that changed is ours, damaged: a rerun
+    replaces it."""
+    meta = read_manifest(directory)
+    if meta is None:
+        return None
+    return [p for p in _listing(directory) if p not in meta["files"]]
+
+
+def intact(directory: Path) -> bool:
+    """Ours, and every listed file present with its sha256."""
+    meta = read_manifest(directory)
+    return (meta is not None and foreign_files(directory) == []
+            and all((Path(directory) / p).is_file() and sha256(Path(directory) / p) == h
+                    for p, h in meta["files"].items()))
+
+
+def is_ours(directory: Path) -> bool:
+    """A valid manifest that lists every file in the directory."""
+    return foreign_files(directory) == []
+
+
+# --- output checks -------------------------------------------------------------------------
+def check_writable(path: Path, flag: str = "--out", directory: bool = True) -> None:
+    """Fail now, not after the work, when `path` could not be written: a name too long (for it or
+    its temporary sibling), a path over the system's limit, a parent that is a file, a location
+    where nothing can be created (read-only, permissions)."""
+    path = Path(os.path.abspath(path))
+    name_max = 255
+    for part in path.parts[1:]:
+        if len(part.encode()) > name_max:
+            raise UserError(f"{flag} {path}: the name '{part[:40]}...' is longer than {name_max} bytes")
+    if len(f".{path.name}{TMP_SUFFIX}".encode()) > name_max:
+        raise UserError(f"{flag} {path}: the name is too long for its temporary sibling "
+                        f"(at most {name_max - len(TMP_SUFFIX) - 1} bytes)")
+    limit = 4096 - (DEEPEST if directory else 0)
+    if len(str(path).encode()) + len(TMP_SUFFIX) + 1 > limit:
+        raise UserError(f"{flag} {path}: the path is too long (at most {limit - len(TMP_SUFFIX) - 1} "
+                        "bytes, for the files written inside it)")
+    if path.is_dir() and not directory:
+        raise UserError(f"{flag} {path}: is a directory; give a file name")
+    parent = path.parent
+    while not parent.exists() and not parent.is_symlink():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: {parent} is a file, not a directory")
+    try:                                   # os.access says yes to root even on a read-only mount
+        os.rmdir(tempfile.mkdtemp(prefix=".ruyi-quant-probe-", dir=parent))
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write in {parent} ({e.strerror})") from None
+
+
+def check_output_dir(path: Path, force: bool = True, inputs: tuple = (), flag: str = "--out") -> None:
+    """Refuse an output that cannot be written, that is not ours (or, without force, any existing
+    one), or that is, holds or lies inside one of the command's inputs."""
+    path = Path(path)
+    out = path.resolve()
+    for src in (p for p in inputs if p is not None and Path(p).exists()):   # builtin names are not paths
+        s = Path(src).resolve()
+        if out == s or s.is_relative_to(out) or out.is_relative_to(s):
+            raise UserError(f"{flag} {path}: is, holds or lies inside the input {src}; choose "
+                            "another output path")
+    check_writable(path, flag)
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{flag} {path}: exists and is not a directory; choose another output path")
+        if any(path.iterdir()):
+            bad = foreign_files(path)
+            if bad is None:
+                raise UserError(f"{flag} {path}: exists and was not written by ruyi-quant; choose "
+                                "another output path or remove it")
+            if bad:
+                raise UserError(f"{flag} {path}: holds {bad[0]}, which ruyi-quant did not write "
+                                f"({len(bad)} such file(s)); move it away or choose another output path")
+        if not force:
+            raise UserError(f"{flag} {path}: exists; pass --force to replace it")
+
+
+# --- locks and all-or-nothing outputs ------------------------------------------------------
+@contextlib.contextmanager
+def output_lock(path: Path, flag: str = "--out"):
+    """Hold `.NAME.lock` beside `path` for the duration; a second writer gets a UserError. The lock
+    file is removed on release (the inode check makes that safe against a racing opener)."""
+    path = Path(path)
+    lock = path.with_name(f".{path.name}.lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"{flag} {path}: another ruyi-quant run is writing it (holds {lock.name}); "
+                            "wait for it or choose another output path") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)                      # the holder removed it as we opened it: try again
+    try:
+        for kind in ("tmp", "old"):                       # temporary dirs of dead runs
+            for stale in path.parent.glob(f".{glob.escape(path.name)}.{kind}-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path, force: bool = True, inputs: tuple = (), flag: str = "--out",
+               check: bool = True):
+    """Yield a temporary directory beside `path`; on success it replaces `path`, else vanishes
+    (with any parent directories it had to create). Holds `path`'s lock throughout and checks the
+    output again under it (check=False: a cache entry, ours by where it is)."""
+    path = Path(path)
+    missing = []
+    parent = path.parent
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ok = False
+    try:
+        with output_lock(path, flag):
+            if check:
+                check_output_dir(path, force=force, inputs=inputs, flag=flag)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+            os.chmod(tmp, 0o777 & ~_umask())          # mkdtemp makes 0700: respect the umask
+            try:
+                yield tmp
+                if path.exists():
+                    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                    path.rename(old)
+                    tmp.rename(path)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    tmp.rename(path)
+                ok = True
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if not ok:
+            for d in missing:                          # innermost first
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+
+
+def atomic_file(path: Path, text: str) -> None:
+    """Write a text file whole or not at all (a temporary sibling renamed over it)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def check_cache(path: Path) -> None:
+    """Before building into the cache: the cache directory must be writable."""
+    try:
+        check_writable(path, "RUYI_QUANT_CACHE")
+    except UserError as e:
+        raise UserError(f"{e} (the cache for built-in models; set RUYI_QUANT_CACHE to a writable "
+                        "directory)") from None
+
+
 def disk_bytes(path: Path) -> int:
     """Bytes of a file, or of every file under a directory (what `du --apparent-size` adds up)."""
     path = Path(path)
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+OS_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG,
+             errno.ENOTDIR, errno.EISDIR, errno.EFBIG, errno.EMFILE, errno.EIO)

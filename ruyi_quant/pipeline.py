@@ -18,12 +18,11 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
 from .checkpoint import QuantizedFamily, load_family, save_family
 from .data import check_source, load_tokenizer, text_windows
 from .errors import UserError
 from .evaluate import evaluate
-from .fsutil import MARKER, atomic_dir, check_output_dir, sha256, write_marker
+from .fsutil import atomic_dir, check_output_dir, intact, read_manifest, write_marker
 from .model.io import load_model
 from .quant.plan import QuantSpec, make_plan
 from .quant.rtn import rtn_family
@@ -72,10 +71,60 @@ def quantize(model, settings: Quantize, calib: torch.Tensor | None = None,
 def quantize_source(src: Path, settings: Quantize, cal, progress: bool = True):
     """Load a source checkpoint and quantize it by `settings`, calibrating on `cal`'s text (GPTQ/AWQ).
     Returns (the float family, the quantized family); the CLI and recipe jobs both run this."""
+    windows = calib_windows(src, cal) if settings.method in CALIBRATED else None   # text first: fails fast
     model = load_model(src)
     ref = QuantizedFamily.from_model(model)     # before the quantizer replaces the linears
-    windows = calib_windows(src, cal) if settings.method in CALIBRATED else None
     return ref, quantize(model, settings, windows, progress)
+
+
+def cli_flag(section: str, key: str) -> str:
+    """The CLI flag of a recipe setting (what preflight's errors name on the command line)."""
+    special = {("calibration", "source"): "--calib", ("eval", "source"): "--data",
+               ("quantize", "gptq.damp_percent"): "--damp"}
+    return special.get((section, key), "--" + key.replace("_", "-"))
+
+
+def preflight(src: Path, q: Quantize | None = None, cal=None, ev: Eval | None = None,
+              label=cli_flag) -> None:
+    """Everything about a run that can be checked before the work, from the model's config alone:
+    the device, text sources (readable UTF-8 text), sequence lengths against the model, the
+    tokenizer. `label(section, key)` names the flag or recipe key in errors."""
+    from .data import check_tokenizer
+    from .model.config import read_config
+    from .quant.calibrate import pick_device
+    cfg = read_config(src)
+    texts = []
+    if q is not None:
+        pick_device(q.device, label("quantize", "device"))
+        if q.method in CALIBRATED and cal is not None:
+            texts.append(("calibration", cal))
+    if ev is not None:
+        texts.append(("eval", ev))
+    if texts:
+        check_tokenizer(src)
+    for section, s in texts:
+        limit = cfg.raw.get("max_position_embeddings")
+        if isinstance(limit, int) and s.seq_len > limit:
+            raise UserError(f"{label(section, 'seq_len')} {s.seq_len}: longer than the model's "
+                            f"max_position_embeddings ({limit})")
+        check_source(s.source, s.field)
+
+
+def check_reference(ref: QuantizedFamily, fam: QuantizedFamily, ref_name: str, fam_name: str) -> None:
+    """`fam` must be a quantization of `ref`: the same shapes, exits and vocabulary, and the same
+    token embeddings (which no method changes)."""
+    from . import names
+    a, b = ref.config, fam.config
+    for what in ("exits", "num_layers", "hidden_size", "vocab_size"):
+        if getattr(a, what) != getattr(b, what):
+            raise UserError(f"{fam_name} is not a quantization of {ref_name}: {what} "
+                            f"{getattr(b, what)} vs {getattr(a, what)}")
+    key = f"{names.EMBED}.weight"
+    ea, eb = ref.tensors[key].float(), fam.tensors[key].float()
+    rel = ((ea - eb).norm() / ea.norm().clamp_min(1e-30)).item()
+    if rel > 1e-2:                # bf16 storage of an fp32 source differs by ~4e-3
+        raise UserError(f"{fam_name} is not a quantization of {ref_name}: their token embeddings "
+                        f"differ (relative difference {rel:.3g}); give the model it was made from")
 
 
 def awq_layout_fits(model, plan: dict) -> bool:
@@ -160,22 +209,16 @@ def eval_report(ref: QuantizedFamily, fam: QuantizedFamily, model_dir: Path, ev:
 
 
 def manifest_ok(out: Path, digest: str) -> bool:
-    """True when out holds a finished job with this digest and every artifact is intact."""
-    try:
-        meta = json.loads((out / MARKER).read_text())
-    except (OSError, json.JSONDecodeError):
+    """True when out holds a finished job with this digest and every file is as its manifest says."""
+    meta = read_manifest(out)
+    if meta is None or meta.get("kind") != "job" or meta.get("digest") != digest:
         return False
-    if meta.get("kind") != "job" or meta.get("digest") != digest:
-        return False
-    arts = meta.get("artifacts", {})
-    return bool(arts) and all((out / p).is_file() and sha256(out / p) == h for p, h in arts.items())
+    return bool(meta["files"]) and intact(out)
 
 
 def write_manifest(out: Path, job: Job, summary: dict) -> None:
-    arts = {p.relative_to(out).as_posix(): sha256(p) for p in sorted(out.rglob("*")) if p.is_file()}
-    meta = {"ruyi_quant_version": __version__, "kind": "job", "name": job.name,
-            "digest": job.digest(), "job": job.model_dump(), "artifacts": arts, "summary": summary}
-    write_marker(out, meta)
+    write_marker(out, {"kind": "job", "name": job.name, "digest": job.digest(),
+                       "job": job.model_dump(), "summary": summary})
 
 
 def _under(base: Path, source: str) -> str:
@@ -185,21 +228,42 @@ def _under(base: Path, source: str) -> str:
     return os.path.normpath(Path(base) / source)
 
 
-def run_job(job: Job, base: Path, force: bool = False, progress: bool = True,
-            say=print) -> dict:
-    """Run one job; returns its summary ({'status': 'done'|'skipped', ...})."""
+def check_job(job: Job, base: Path, index: int = 0) -> tuple[Path, Path, object, Eval | None]:
+    """Everything about a job that can be checked before any job of the recipe runs: its output
+    (writable, not an input, ours), model, device, texts, sequence lengths, export exits. Returns
+    (output, model dir, calibration, eval) with paths resolved against the recipe's folder."""
+    from .model.config import read_config
     out = Path(os.path.normpath(Path(base) / job.output))   # absolute output stays as is
-    check_output_dir(out)
-    if not force and manifest_ok(out, job.digest()):
-        say(f"[{job.name}] outputs complete and unchanged in {out}: skipped")
-        return {"status": "skipped", "output": str(out)}
+    key = f"jobs[{index}]"
+    model_path = None if job.model.startswith("builtin:") else Path(base) / job.model
+    check_output_dir(out, inputs=[model_path], flag=f"{key}.output")
     src = resolve_model(job.model, base)
     calib = job.calibration.model_copy(update={"source": _under(base, job.calibration.source)})
     ev = job.eval.model_copy(update={"source": _under(base, job.eval.source)}) if job.eval else None
-    for source in [calib.source] + ([ev.source] if ev else []):
-        check_source(source)
+    preflight(src, job.quantize, calib, ev, label=lambda sec, k: f"{key}.{sec}.{k}")
+    cfg = read_config(src)
+    for n, ex in enumerate(job.export):
+        try:
+            cfg.exit_list(ex.exits)
+        except UserError as e:
+            raise UserError(f"{key}.export[{n}].exits: {e}") from None
+    if ev is not None:
+        try:
+            cfg.exit_list(ev.exits)
+        except UserError as e:
+            raise UserError(f"{key}.eval.exits: {e}") from None
+    return out, src, calib, ev
+
+
+def run_job(job: Job, base: Path, force: bool = False, progress: bool = True,
+            say=print, index: int = 0) -> dict:
+    """Run one job; returns its summary ({'status': 'done'|'skipped', ...})."""
+    out, src, calib, ev = check_job(job, base, index)
+    if not force and manifest_ok(out, job.digest()):
+        say(f"[{job.name}] outputs complete and unchanged in {out}: skipped")
+        return {"status": "skipped", "output": str(out)}
     t0 = time.perf_counter()
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, inputs=[src], flag=f"jobs[{index}].output") as tmp:
         say(f"[{job.name}] loading {src} and quantizing: {job.quantize.method} "
             f"{job.quantize.bits}-bit g{job.quantize.group_size}")
         ref, fam = quantize_source(src, job.quantize, calib, progress)

@@ -20,6 +20,7 @@ import copy
 import difflib
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
@@ -31,7 +32,16 @@ from .quant.plan import check_bits, check_group_size
 
 
 Bits = Annotated[int, AfterValidator(check_bits)]
+SEED_LIMIT = 1 << 63                # torch's generators take a 64-bit seed
 GroupSize = Annotated[int, AfterValidator(check_group_size)]
+
+
+def check_device_name(device: str) -> str:
+    """auto, cpu, cuda or cuda:N (whether that device exists is checked when a run starts)."""
+    import re
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ValueError(f"'{device}' is not a device: give auto, cpu, cuda or cuda:N")
+    return device
 
 
 class Strict(BaseModel):
@@ -44,7 +54,7 @@ class Calibration(Strict):
     field: str = "text"            # JSONL field that holds the text
     samples: int = Field(32, ge=1)
     seq_len: int = Field(256, ge=8)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT)
 
 
 class Override(Strict):
@@ -57,7 +67,7 @@ class Override(Strict):
 
 
 class GPTQOptions(Strict):
-    damp_percent: float = Field(0.01, gt=0, le=1)   # dampening, fraction of mean diag(H)
+    damp_percent: float = Field(0.01, gt=0, le=1, allow_inf_nan=False)   # dampening, fraction of mean diag(H)
     block_size: int = Field(128, ge=1)              # columns per lazy batch update
     act_order: bool = False                          # desc_act: columns by decreasing diag(H)
     static_groups: bool = False                      # group grids fixed up front (with act_order)
@@ -65,7 +75,7 @@ class GPTQOptions(Strict):
 
 class AWQOptions(Strict):
     grid: int = Field(20, ge=2)                      # scale exponents r = 0, 1/grid, ... tried
-    max_shrink: float = Field(0.5, ge=0, lt=1)       # clipping search: down to (1 - max_shrink) x max
+    max_shrink: float = Field(0.5, ge=0, lt=1, allow_inf_nan=False)       # clipping search: down to (1 - max_shrink) x max
     clip: bool = True                                # search clipping ranges (q/k never clipped)
     max_tokens: int = Field(2048, ge=16)             # activation rows sampled per search
 
@@ -79,7 +89,8 @@ class Quantize(Strict):
     overrides: list[Override] = []
     gptq: GPTQOptions = GPTQOptions()
     awq: AWQOptions = AWQOptions()
-    device: str = "auto"           # auto (cuda when present), cpu, cuda, cuda:1, ...
+    device: Annotated[str, AfterValidator(check_device_name)] = "auto"   # auto (cuda when
+                                   # present), cpu, cuda, cuda:1, ... (availability: pick_device)
     batch: int = Field(8, ge=1)    # calibration windows per forward pass
 
 
@@ -151,12 +162,12 @@ class Training(Strict):
     sources: list[str] = ["builtin:pydoc/train", "builtin:stdlib/train"]
     windows: int = Field(192, ge=1)            # training windows of seq_len tokens
     seq_len: int = Field(256, ge=8)
-    steps: int = Field(400, ge=1)              # optimizer steps per exit
+    steps: int = Field(400, ge=3)              # optimizer steps per exit (one-cycle needs 3)
     batch: int = Field(8, ge=1)
-    lr: float = Field(1e-3, gt=0)              # one-cycle peak
+    lr: float = Field(1e-3, gt=0, le=1, allow_inf_nan=False)   # one-cycle peak
     positions: int = Field(48, ge=1)           # loss positions per window and step
-    distill_weight: float = Field(0.5, ge=0, le=1)   # weight of KL(last exit || exit)
-    seed: int = 0
+    distill_weight: float = Field(0.5, ge=0, le=1, allow_inf_nan=False)   # weight of KL(last exit || exit)
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT)
 
 
 class Provenance(BaseModel):
@@ -218,7 +229,8 @@ def load_recipe(path: str | Path) -> tuple[Recipe, Path]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such recipe file")
-    text = path.read_text()
+    from .fsutil import read_text
+    text = read_text(path, "recipe")
     try:
         root = yaml.compose(text)
         raw = yaml.safe_load(text)
@@ -253,4 +265,13 @@ def load_recipe(path: str | Path) -> tuple[Recipe, Path]:
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup:
         raise UserError(f"{path}: two jobs are named '{dup}'; job names must be unique")
+    outs = [Path(os.path.normpath(path.parent / j.output)).resolve() for j in recipe.jobs]
+    for i, a in enumerate(outs):
+        for k, b in enumerate(outs[:i]):
+            if a == b or a.is_relative_to(b) or b.is_relative_to(a):
+                same = "is also" if a == b else "overlaps"
+                node = _node_at(root, ("jobs", i, "output"))
+                raise UserError(f"{path}:{node.start_mark.line + 1}: jobs[{i}].output "
+                                f"'{recipe.jobs[i].output}' {same} jobs[{k}].output "
+                                f"'{recipe.jobs[k].output}'; give every job its own output")
     return recipe, path.parent

@@ -103,14 +103,15 @@ def build_tiny(out_dir: str | Path, seed: int = 0, **config_overrides) -> Path:
 
 def cached_tiny(name: str = "tiny") -> Path:
     """`builtin:tiny` (separate heads) or `builtin:tiny-shared`, built once into the cache dir."""
-    from .fsutil import atomic_dir, cache_dir
+    from .fsutil import atomic_dir, cache_dir, check_cache
     variants = {"tiny": {}, "tiny-shared": {"shared_heads": True}}
     if name not in variants:
         from .errors import UserError
         raise UserError(f"builtin:{name}: unknown built-in model (choose {', '.join(variants)})")
     path = cache_dir() / "models" / f"{name}-v2"     # v2: NFC normalizer
     if not (path / "config.json").is_file():
-        with atomic_dir(path) as tmp:
+        check_cache(path)
+        with atomic_dir(path, check=False) as tmp:
             build_tiny(tmp, **variants[name])
     return path
 

@@ -51,7 +51,7 @@ def test_run_recipe_then_skip_then_redo(tiny_dir, tmp_path, capsys):
     out = tmp_path / "out" / "rtn8"
     meta = json.loads((out / "ruyi_quant.json").read_text())
     assert meta["kind"] == "job" and meta["summary"]["status"] == "done"
-    arts = meta["artifacts"]
+    arts = meta["files"]
     for f in ["family/model.safetensors", "hf-gptq/exit-2/model.safetensors",
               "hf-gptq/exit-5/config.json", "eval.json", "eval.md", "gguf-q8_0/exit-2/Modelfile",
               "gguf-q8_0/exit-5/model-e5-q8_0.gguf", "gguf-q8_0/model-family-q8_0.gguf"]:

@@ -171,8 +171,8 @@ def export_exit(fam: QuantizedFamily, exit: int, out_dir: Path, tokenizer_dir: P
     meta = {"ruyi_quant_version": __version__, "kind": "hf-exit", "exit": e, "exit_index": j,
             "exits": cfg.exits, "weights": layout or str(float_dtype).removeprefix("torch."),
             "method": fam.method, "num_hidden_layers": e + 1, "architecture": ARCHITECTURES[arch]}
-    write_marker(out_dir, meta)
     (out_dir / "README.md").write_text(model_card(meta, tokenizer_dir is not None), encoding="utf-8")
+    write_marker(out_dir, meta)              # last: it lists every file written
     return meta
 
 

@@ -5,7 +5,6 @@ A plain model is a family of one exit (its last layer) with a shared head.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,11 +12,16 @@ from transformers import LlamaConfig, Qwen2Config
 
 from .. import names
 from ..errors import UserError
+from ..fsutil import read_json
 
 FAMILIAL_TYPE = "ruyi_qwen2"
 PLAIN_TYPES = ("qwen2", "llama")
 REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                  "num_attention_heads")
+# Sizes past these are a corrupt config, not a model (Ruyi-7B: hidden 3584, intermediate 18944,
+# vocab 151936, 28 layers, 28 heads); the default bound for the rest is 2^20.
+LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "num_hidden_layers": 1 << 10,
+          "num_attention_heads": 1 << 10}
 # Keys of config.json that we pass through to Qwen2Config unchanged when present.
 QWEN2_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
               "num_attention_heads", "num_key_value_heads", "hidden_act", "max_position_embeddings",
@@ -152,8 +156,11 @@ def parse_config(raw: dict, where: str = "config.json") -> FamilialConfig:
     for k in REQUIRED_KEYS:
         if k not in raw:
             raise UserError(f"{where}: missing required key '{k}'")
-        if not isinstance(raw[k], int) or raw[k] <= 0:
+        if not isinstance(raw[k], int) or isinstance(raw[k], bool) or raw[k] <= 0:
             raise UserError(f"{where}: '{k}' must be a positive integer, got {raw[k]!r}")
+        if raw[k] > LIMITS.get(k, 1 << 20):
+            raise UserError(f"{where}: '{k}' is {raw[k]}, implausibly large (at most "
+                            f"{LIMITS.get(k, 1 << 20)}); the config is corrupt")
     if raw["hidden_size"] % raw["num_attention_heads"] and "head_dim" not in raw:
         raise UserError(f"{where}: hidden_size {raw['hidden_size']} is not divisible by "
                         f"num_attention_heads {raw['num_attention_heads']} and no head_dim is given")
@@ -184,10 +191,7 @@ def read_config(model_dir: Path) -> FamilialConfig:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise UserError(f"{model_dir}: no config.json here; point at a model directory")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    raw = read_json(path, "config")
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a JSON object")
     return parse_config(raw, str(path))

@@ -6,17 +6,19 @@ that names the tensor.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .. import names
 from ..errors import UserError
+from ..fsutil import read_json
 from .config import read_config
 from .familial import FamilialModel
 
@@ -31,22 +33,33 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
     index = model_dir / "model.safetensors.index.json"
     single = model_dir / "model.safetensors"
     if index.is_file():
-        try:
-            wmap = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError):
-            raise UserError(f"{index}: not a safetensors index (needs a 'weight_map' object)") from None
+        wmap = read_json(index, "safetensors index")
+        wmap = wmap.get("weight_map") if isinstance(wmap, dict) else None
+        if not isinstance(wmap, dict) or not all(isinstance(f, str) for f in wmap.values()):
+            raise UserError(f"{index}: not a safetensors index (needs a 'weight_map' object)")
         files = {name: model_dir / f for name, f in wmap.items()}
         for f in set(files.values()):
             if not f.is_file():
                 raise UserError(f"{index}: shard {f.name} is listed but missing")
         return files
     if single.is_file():
-        with safe_open(single, "pt") as f:
+        with open_safetensors(single) as f:
             return {k: single for k in f.keys()}
     if list(model_dir.glob("*.bin")) or list(model_dir.glob("*.pt")):
         raise UserError(f"{model_dir}: only pickle weights (.bin/.pt) found; ruyi-quant never loads "
                         "pickles: convert them to safetensors first")
     raise UserError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+
+
+@contextlib.contextmanager
+def open_safetensors(path: Path):
+    """safe_open, with a corrupt or unreadable file as one UserError naming it."""
+    try:
+        with safe_open(path, "pt") as f:
+            yield f
+    except (SafetensorError, OSError) as e:
+        reason = str(e).removeprefix("Error while deserializing header: ")
+        raise UserError(f"{path}: not a readable safetensors file ({reason})") from None
 
 
 def read_tensors(files: dict[str, Path], wanted: list[str] | None = None):
@@ -55,13 +68,21 @@ def read_tensors(files: dict[str, Path], wanted: list[str] | None = None):
     for name in (wanted if wanted is not None else files):
         by_file.setdefault(files[name], []).append(name)
     for path, tensor_names in by_file.items():
-        with safe_open(path, "pt") as f:
+        with open_safetensors(path) as f:
+            present = set(f.keys())
             for name in tensor_names:
-                yield name, f.get_tensor(name)
+                if name not in present:
+                    raise UserError(f"{path}: the index lists {name} in this file, but it is not there")
+                t = f.get_tensor(name)
+                yield name, t
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
-    if t.is_floating_point() and not torch.isfinite(t).all():
+    """A float tensor must hold finite numbers (and be float: an integer weight is corrupt too)."""
+    if not t.is_floating_point():
+        raise UserError(f"tensor {name} is {str(t.dtype).removeprefix('torch.')}, not a floating-point "
+                        "weight; the checkpoint is corrupt")
+    if not torch.isfinite(t).all():
         bad = "NaN" if torch.isnan(t).any() else "Inf"
         raise UserError(f"tensor {name} contains {bad} values; the checkpoint is corrupt")
 

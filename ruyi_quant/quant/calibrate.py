@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import names
+from ..errors import UserError
 from ..model.io import familial_state
 from .family import QuantizedFamily
 from .grid import Grid
@@ -30,10 +31,26 @@ from .grid import Grid
 log = logging.getLogger(__name__)
 
 
-def pick_device(device: str | None) -> torch.device:
+def pick_device(device: str | None, flag: str = "--device") -> torch.device:
+    """The compute device; a named one that this machine's torch cannot use is a UserError (the
+    CLI and the recipe runner call this before any work)."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"{flag} {device}: not a device (auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else "no GPU visible"
+            raise UserError(f"{flag} {device}: CUDA is not available here (torch {torch.__version__}, "
+                            f"{build}); use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA "
+                            f"device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type != "cpu":
+        raise UserError(f"{flag} {device}: ruyi-quant computes on cpu or cuda")
+    return dev
 
 
 class _Captured(Exception):

@@ -217,9 +217,17 @@ def training_windows(tokenizer, n: int, seq_len: int, seed: int,
 
 def build_familial(plain_dir: Path, out_dir: Path, exits: list[int], *, shared_heads: bool = True,
                    train: Training = Training(), eval_source: str | None = "builtin:pydoc/eval",
-                   progress: bool = True) -> dict:
+                   progress: bool = True, force: bool = True) -> dict:
     """A plain Qwen2/Llama checkpoint -> a trained bf16 ruyi_qwen2 family in out_dir (written whole
-    or not at all). Returns the report, also written to out_dir/ruyi_quant.json."""
+    or not at all, locked while it trains). Returns the report, also written to out_dir/ruyi_quant.json."""
+    with atomic_dir(Path(out_dir), force=force, inputs=[plain_dir]) as tmp:
+        fam, report = _train_family(plain_dir, exits, shared_heads, train, eval_source, progress)
+        save_model(fam, tmp, torch.bfloat16, tokenizer_dir=plain_dir)
+        write_marker(tmp, report)
+    return report
+
+
+def _train_family(plain_dir, exits, shared_heads, train, eval_source, progress):
     t0 = time.time()
     tokenizer = data.load_tokenizer(plain_dir)
     for source in train.sources:
@@ -240,12 +248,14 @@ def build_familial(plain_dir: Path, out_dir: Path, exits: list[int], *, shared_h
         report["ppl_bf16"] = {str(e): p for e, p in exit_perplexities(fam, ev, progress=progress).items()}
         report["eval_source"] = eval_source
     report["seconds"] = time.time() - t0
-    return write_source(fam, out_dir, plain_dir, report)
+    return fam, report
 
 
-def write_source(fam: FamilialModel, out_dir: Path, tokenizer_dir: Path, report: dict) -> dict:
-    """A built family as a bf16 ruyi_qwen2 checkpoint with its report (whole or not at all)."""
-    with atomic_dir(Path(out_dir)) as tmp:
+def write_source(fam: FamilialModel, out_dir: Path, tokenizer_dir: Path, report: dict,
+                 **atomic) -> dict:
+    """A built family as a bf16 ruyi_qwen2 checkpoint with its report (whole or not at all;
+    `atomic`: atomic_dir's checks)."""
+    with atomic_dir(Path(out_dir), **atomic) as tmp:
         save_model(fam, tmp, torch.bfloat16, tokenizer_dir=tokenizer_dir)
         write_marker(tmp, report)
     return report

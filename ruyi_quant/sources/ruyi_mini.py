@@ -16,7 +16,7 @@ import torch
 
 from .. import names
 from ..errors import UserError
-from ..fsutil import MARKER, cache_dir, sha256
+from ..fsutil import MARKER, cache_dir, check_cache, sha256
 from ..model.familial import FamilialModel
 from ..model.io import load_model
 from .branches import make_familial, write_source
@@ -84,7 +84,7 @@ def assemble_ruyi_mini(out_dir: str | Path, asset: Path = RUYI_MINI_ASSET, progr
     fam.to(torch.bfloat16)
     report = {"kind": "source", "name": "ruyi-mini", "version": RUYI_MINI_VERSION, "base": "SmolLM2-135M-Instruct",
               "asset_sha256": sha256(asset), **meta}
-    return write_source(fam, out_dir, plain_dir, report)
+    return write_source(fam, out_dir, plain_dir, report, check=False)
 
 
 def cached_ruyi_mini(progress: bool = True) -> Path:
@@ -92,8 +92,12 @@ def cached_ruyi_mini(progress: bool = True) -> Path:
     path = cache_dir() / "models" / f"ruyi-mini-{RUYI_MINI_VERSION}"
     marker = path / MARKER
     if marker.is_file():
-        meta = json.loads(marker.read_text())
-        if meta.get("kind") == "source" and meta.get("asset_sha256") == sha256(RUYI_MINI_ASSET):
+        try:
+            meta = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            meta = {}                                   # a damaged cache entry is rebuilt
+        if isinstance(meta, dict) and meta.get("kind") == "source" and meta.get("asset_sha256") == sha256(RUYI_MINI_ASSET):
             return path
+    check_cache(path)
     assemble_ruyi_mini(path, progress=progress)
     return path

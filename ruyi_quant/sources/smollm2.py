@@ -12,7 +12,7 @@ import torch
 
 from .. import names
 from ..errors import UserError
-from ..fsutil import atomic_dir, cache_dir, write_marker
+from ..fsutil import atomic_dir, cache_dir, check_cache, write_marker
 from ..model.io import load_model
 from ..pretokenizers import PRE_TOKENIZER_JSON
 
@@ -105,7 +105,8 @@ def cached_smollm2() -> Path:
     path = cache_dir() / "models" / "smollm2-135m-instruct-v3"   # v3: smollm pre-tokenizer
     if not (path / "config.json").is_file():
         gguf = smollm2_gguf_path()
-        with atomic_dir(path) as tmp:
+        check_cache(path)
+        with atomic_dir(path, check=False) as tmp:
             info = gguf_to_plain_checkpoint(gguf, tmp)
             write_marker(tmp, {"kind": "source", "name": "smollm2", "gguf": str(gguf), **info})
     return path
