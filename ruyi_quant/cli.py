@@ -122,8 +122,10 @@ def cmd_quantize(args) -> None:
     from .pipeline import preflight, quantize_source
     from .recipe import AWQOptions, Calibration, GPTQOptions, Override, Provenance, Quantize
     from .sources import resolve_model
-    overrides = [_validated(Override, **_override(t)) for t in args.override or []]
-    overrides += [_validated(Override, **_override(t, skip=True)) for t in args.skip or []]
+    flag = dict.fromkeys(("pattern", "bits", "group_size", "sym"), "--override")
+    overrides = [_validated(Override, flag, **_override(t)) for t in args.override or []]
+    overrides += [_validated(Override, {"pattern": "--skip"}, **_override(t, skip=True))
+                  for t in args.skip or []]
     q = _validated(Quantize, method=args.method, bits=args.bits, group_size=args.group_size,
                    sym=False if args.asym else None, heads=args.heads, overrides=overrides,
                    device=args.device,
@@ -145,6 +147,7 @@ def cmd_quantize(args) -> None:
 
 
 def cmd_export(args) -> None:
+    from .data import check_tokenizer
     from .fsutil import atomic_dir, check_output_dir, write_marker
     from .pipeline import export_gguf, export_hf, open_family
     from .recipe import Calibration, GGUFExport, HFExport, Provenance
@@ -168,6 +171,7 @@ def cmd_export(args) -> None:
         fam, tok_dir = open_family(source)
         fam.provenance = fam.provenance or Provenance(model=source)   # a source model: its own name
         fam.config.exit_list(ex.exits)
+        check_tokenizer(tok_dir)
         with atomic_dir(out, force=args.force, inputs=[tok_dir]) as tmp:
             info = export_gguf(fam, tmp, tok_dir, ex,
                                calib=_validated(Calibration, source=args.calib))
@@ -185,6 +189,7 @@ def cmd_export(args) -> None:
     check_output_dir(out, force=args.force, inputs=[source])
     fam, tok_dir = open_family(source)
     fam.config.exit_list(ex.exits)
+    check_tokenizer(tok_dir)
     with atomic_dir(out, force=args.force, inputs=[tok_dir]) as tmp:
         dirs = export_hf(fam, tmp, tok_dir, ex.exits, ex.weights, ex.dtype)
         write_marker(tmp, {"kind": "export", "format": ex.format, "exits": [d.name for d in dirs]})
@@ -249,6 +254,8 @@ def cmd_make_familial(args) -> None:
                        steps=args.steps, lr=args.lr, positions=args.positions, distill_weight=args.distill,
                        seed=args.seed)
     check_output_dir(Path(args.out), force=args.force, inputs=[args.model])
+    for source in train.sources:
+        check_source(source)
     src = resolve_model(args.model)
     cfg = read_config(src)
     if len(cfg.exits) != 1:
@@ -265,8 +272,6 @@ def cmd_make_familial(args) -> None:
     if isinstance(limit, int) and train.seq_len > limit:
         raise UserError(f"--seq-len {train.seq_len}: longer than the model's max_position_embeddings ({limit})")
     check_tokenizer(src)
-    for source in train.sources:
-        check_source(source)
     report = build_familial(src, Path(args.out), exits, shared_heads=not args.separate_heads,
                             train=train, force=args.force)
     ppl = report.get("ppl_bf16", {})
@@ -439,11 +444,10 @@ def main(argv: list[str] | None = None) -> int:
     130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Interrupted or terminated work leaves nothing
     behind: the temporary output is removed on the way out."""
     import signal
-    from .fsutil import OS_ERRORS
-    args = build_parser().parse_args(argv)
-    log_to_stderr()
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
+        args = build_parser().parse_args(argv)
+        log_to_stderr()
         args.func(args)
     except UserError as e:
         print(f"ruyi-quant: error: {e}", file=sys.stderr)
@@ -455,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         print("ruyi-quant: interrupted", file=sys.stderr)
         return 130
     except OSError as e:
+        from .fsutil import OS_ERRORS
         if e.errno not in OS_ERRORS:
             raise
         where = f"{e.filename}: " if e.filename else ""

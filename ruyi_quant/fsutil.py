@@ -236,9 +236,9 @@ def atomic_dir(path: Path, force: bool = True, inputs: tuple = (), flag: str = "
             if check:
                 check_output_dir(path, force=force, inputs=inputs, flag=flag)
             tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-            os.chmod(tmp, 0o777 & ~_umask())          # mkdtemp makes 0700: respect the umask
             try:
                 yield tmp
+                normal_modes(tmp)
                 if path.exists():
                     old = path.with_name(f".{path.name}.old-{os.getpid()}")
                     path.rename(old)
@@ -255,6 +255,16 @@ def atomic_dir(path: Path, force: bool = True, inputs: tuple = (), flag: str = "
             for d in missing:                          # innermost first
                 with contextlib.suppress(OSError):
                     d.rmdir()
+
+
+def normal_modes(root: Path) -> None:
+    """Files 0666 and directories 0777 less the umask, as a plain `open`/`mkdir` would make them
+    (mkdtemp makes 0700 and safetensors writes 0600, which other users of a machine cannot read)."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for p in Path(root).rglob("*"):
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def atomic_file(path: Path, text: str) -> None:

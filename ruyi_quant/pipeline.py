@@ -115,10 +115,11 @@ def check_reference(ref: QuantizedFamily, fam: QuantizedFamily, ref_name: str, f
     token embeddings (which no method changes)."""
     from . import names
     a, b = ref.config, fam.config
-    for what in ("exits", "num_layers", "hidden_size", "vocab_size"):
+    for what in ("exits", "num_layers", "hidden_size", "vocab_size", "shared_heads",
+                 "tie_word_embeddings"):
         if getattr(a, what) != getattr(b, what):
-            raise UserError(f"{fam_name} is not a quantization of {ref_name}: {what} "
-                            f"{getattr(b, what)} vs {getattr(a, what)}")
+            raise UserError(f"{fam_name} is not a quantization of {ref_name}: its {what} is "
+                            f"{getattr(b, what)}, the reference's {getattr(a, what)}")
     key = f"{names.EMBED}.weight"
     ea, eb = ref.tensors[key].float(), fam.tensors[key].float()
     rel = ((ea - eb).norm() / ea.norm().clamp_min(1e-30)).item()

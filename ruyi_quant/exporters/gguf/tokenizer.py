@@ -3,7 +3,6 @@ to tokenize exactly as transformers does)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import gguf
@@ -11,6 +10,7 @@ from gguf import GGUFValueType as V
 from gguf import Keys
 
 from ...errors import UserError
+from ...fsutil import read_json
 from ...pretokenizers import pre_tokenizer_name
 
 
@@ -19,7 +19,7 @@ def tokenizer_kv(tok_dir: Path, n_vocab: int) -> list[tuple[str, object, V, V | 
     path = Path(tok_dir) / "tokenizer.json"
     if not path.is_file():
         raise UserError(f"{tok_dir}: no tokenizer.json; GGUF needs the tokenizer")
-    tj = json.loads(path.read_text())
+    tj = read_json(path, "tokenizer")
     model = tj.get("model", {})
     if model.get("type") != "BPE":
         raise UserError(f"{path}: a {model.get('type')} tokenizer; GGUF export handles byte-level BPE")
