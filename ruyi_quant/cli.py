@@ -119,7 +119,8 @@ def cmd_inspect(args) -> None:
 def cmd_quantize(args) -> None:
     from .checkpoint import save_family
     from .fsutil import atomic_dir, check_output_dir
-    from .pipeline import preflight, quantize_source
+    from .pipeline import quantize_source
+    from .preflight import preflight
     from .recipe import AWQOptions, Calibration, GPTQOptions, Override, Provenance, Quantize
     from .sources import resolve_model
     flag = dict.fromkeys(("pattern", "bits", "group_size", "sym"), "--override")
@@ -218,7 +219,8 @@ def _extract_gguf(source: str, ex, out: Path, force: bool) -> None:
 
 def cmd_eval(args) -> None:
     from .fsutil import atomic_dir, check_output_dir, write_marker
-    from .pipeline import check_reference, eval_report, open_family, preflight
+    from .pipeline import eval_report, open_family
+    from .preflight import check_reference, preflight
     from .recipe import Eval
     from .sources import resolve_model
     from .report import eval_cells, rich_table
@@ -288,7 +290,7 @@ def cmd_run(args) -> None:
     if args.only and not jobs:
         raise UserError(f"--only {','.join(args.only)}: no such job (jobs: "
                         f"{', '.join(j.name for j in recipe.jobs)})")
-    from .pipeline import check_job
+    from .preflight import check_job
     index = {id(j): i for i, j in enumerate(recipe.jobs)}
     for job in jobs:                                 # every job checked before the first runs
         check_job(job, base, index[id(job)])

@@ -12,25 +12,24 @@ Job output layout:
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
 from .checkpoint import QuantizedFamily, load_family, save_family
-from .data import check_source, load_tokenizer, text_windows
+from .data import load_tokenizer, text_windows
 from .errors import UserError
 from .evaluate import evaluate
-from .fsutil import atomic_dir, check_output_dir, intact, read_manifest, write_marker
+from .fsutil import atomic_dir, intact, read_manifest, write_marker
 from .model.io import load_model
 from .quant.plan import QuantSpec, make_plan
 from .quant.rtn import rtn_family
+from .preflight import CALIBRATED, check_job
 from .sources import resolve_model
 from .recipe import Eval, Job, Provenance, Quantize
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-CALIBRATED = ("gptq", "awq")
 
 
 def quantize(model, settings: Quantize, calib: torch.Tensor | None = None,
@@ -75,57 +74,6 @@ def quantize_source(src: Path, settings: Quantize, cal, progress: bool = True):
     model = load_model(src)
     ref = QuantizedFamily.from_model(model)     # before the quantizer replaces the linears
     return ref, quantize(model, settings, windows, progress)
-
-
-def cli_flag(section: str, key: str) -> str:
-    """The CLI flag of a recipe setting (what preflight's errors name on the command line)."""
-    special = {("calibration", "source"): "--calib", ("eval", "source"): "--data",
-               ("quantize", "gptq.damp_percent"): "--damp"}
-    return special.get((section, key), "--" + key.replace("_", "-"))
-
-
-def preflight(src: Path, q: Quantize | None = None, cal=None, ev: Eval | None = None,
-              label=cli_flag) -> None:
-    """Everything about a run that can be checked before the work, from the model's config alone:
-    the device, text sources (readable UTF-8 text), sequence lengths against the model, the
-    tokenizer. `label(section, key)` names the flag or recipe key in errors."""
-    from .data import check_tokenizer
-    from .model.config import read_config
-    from .quant.calibrate import pick_device
-    cfg = read_config(src)
-    texts = []
-    if q is not None:
-        pick_device(q.device, label("quantize", "device"))
-        if q.method in CALIBRATED and cal is not None:
-            texts.append(("calibration", cal))
-    if ev is not None:
-        texts.append(("eval", ev))
-    if texts:
-        check_tokenizer(src)
-    for section, s in texts:
-        limit = cfg.raw.get("max_position_embeddings")
-        if isinstance(limit, int) and s.seq_len > limit:
-            raise UserError(f"{label(section, 'seq_len')} {s.seq_len}: longer than the model's "
-                            f"max_position_embeddings ({limit})")
-        check_source(s.source, s.field)
-
-
-def check_reference(ref: QuantizedFamily, fam: QuantizedFamily, ref_name: str, fam_name: str) -> None:
-    """`fam` must be a quantization of `ref`: the same shapes, exits and vocabulary, and the same
-    token embeddings (which no method changes)."""
-    from . import names
-    a, b = ref.config, fam.config
-    for what in ("exits", "num_layers", "hidden_size", "vocab_size", "shared_heads",
-                 "tie_word_embeddings"):
-        if getattr(a, what) != getattr(b, what):
-            raise UserError(f"{fam_name} is not a quantization of {ref_name}: its {what} is "
-                            f"{getattr(b, what)}, the reference's {getattr(a, what)}")
-    key = f"{names.EMBED}.weight"
-    ea, eb = ref.tensors[key].float(), fam.tensors[key].float()
-    rel = ((ea - eb).norm() / ea.norm().clamp_min(1e-30)).item()
-    if rel > 1e-2:                # bf16 storage of an fp32 source differs by ~4e-3
-        raise UserError(f"{fam_name} is not a quantization of {ref_name}: their token embeddings "
-                        f"differ (relative difference {rel:.3g}); give the model it was made from")
 
 
 def awq_layout_fits(model, plan: dict) -> bool:
@@ -220,40 +168,6 @@ def manifest_ok(out: Path, digest: str) -> bool:
 def write_manifest(out: Path, job: Job, summary: dict) -> None:
     write_marker(out, {"kind": "job", "name": job.name, "digest": job.digest(),
                        "job": job.model_dump(), "summary": summary})
-
-
-def _under(base: Path, source: str) -> str:
-    """A recipe's relative text path is relative to the recipe file."""
-    if source.startswith("builtin:") or Path(source).is_absolute():
-        return source
-    return os.path.normpath(Path(base) / source)
-
-
-def check_job(job: Job, base: Path, index: int = 0) -> tuple[Path, Path, object, Eval | None]:
-    """Everything about a job that can be checked before any job of the recipe runs: its output
-    (writable, not an input, ours), model, device, texts, sequence lengths, export exits. Returns
-    (output, model dir, calibration, eval) with paths resolved against the recipe's folder."""
-    from .model.config import read_config
-    out = Path(os.path.normpath(Path(base) / job.output))   # absolute output stays as is
-    key = f"jobs[{index}]"
-    model_path = None if job.model.startswith("builtin:") else Path(base) / job.model
-    check_output_dir(out, inputs=[model_path], flag=f"{key}.output")
-    src = resolve_model(job.model, base)
-    calib = job.calibration.model_copy(update={"source": _under(base, job.calibration.source)})
-    ev = job.eval.model_copy(update={"source": _under(base, job.eval.source)}) if job.eval else None
-    preflight(src, job.quantize, calib, ev, label=lambda sec, k: f"{key}.{sec}.{k}")
-    cfg = read_config(src)
-    for n, ex in enumerate(job.export):
-        try:
-            cfg.exit_list(ex.exits)
-        except UserError as e:
-            raise UserError(f"{key}.export[{n}].exits: {e}") from None
-    if ev is not None:
-        try:
-            cfg.exit_list(ev.exits)
-        except UserError as e:
-            raise UserError(f"{key}.eval.exits: {e}") from None
-    return out, src, calib, ev
 
 
 def run_job(job: Job, base: Path, force: bool = False, progress: bool = True,

@@ -44,6 +44,16 @@ def check_device_name(device: str) -> str:
     return device
 
 
+def check_folder(folder: str | None) -> str | None:
+    """An export's folder: a relative path that stays inside the job's output."""
+    if folder is not None and (not folder or Path(folder).is_absolute() or ".." in Path(folder).parts):
+        raise ValueError(f"'{folder}' must be a relative path inside the job's output (no '..')")
+    return folder
+
+
+Folder = Annotated[str | None, AfterValidator(check_folder)]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -102,7 +112,7 @@ class HFExport(Strict):
     exits: Exits = "all"
     weights: Literal["auto", "float", "gptq", "awq"] = "auto"
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    folder: str | None = None      # inside the job's output; default hf-gptq / hf-awq / hf-bfloat16
+    folder: Folder = None          # inside the job's output; default hf-gptq / hf-awq / hf-bfloat16
 
 
 GGUFType = Literal["auto", "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"]
@@ -122,7 +132,7 @@ class GGUFExport(Strict):
                                    # compute from the job's calibration set
     name: str | None = None        # general.name (default: the model's name)
     license: str | None = None     # general.license (default: the source's, when known)
-    folder: str | None = None      # inside the job's output; default gguf-<type>
+    folder: Folder = None          # inside the job's output; default gguf-<type>
 
 
 def _export_kind(v) -> str:

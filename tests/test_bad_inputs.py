@@ -296,6 +296,17 @@ case("inspect --json: parent is a file", "inspect {ws}/model --json {ws}/afile/i
 case("inspect --json: unwritable", "inspect {ws}/model --json /sys/i.json", ["--json", "cannot write in /sys"])
 case("cache is a file", "inspect builtin:tiny-shared", ["RUYI_QUANT_CACHE", "afile is a file"],
      env={"RUYI_QUANT_CACHE": "{ws}/afile/cache"})
+def corrupt_cache(ws):
+    """A copy of the built-in cache whose tiny model's weights are truncated."""
+    import os
+    shutil.copytree(os.environ["RUYI_QUANT_CACHE"], ws / "cache")
+    st_truncate(next((ws / "cache" / "models").glob("tiny-v*")) / "model.safetensors")
+
+
+for cname, argv in {"inspect": "inspect builtin:tiny", "quantize": "quantize builtin:tiny --out {ws}/out",
+                    "eval": "eval builtin:tiny {ws}/fam --samples 1 --seq-len 32"}.items():
+    case(f"{cname}: corrupt built-in cache", argv, ["cache/models/tiny-v", "not a readable safetensors"],
+         corrupt_cache, env={"RUYI_QUANT_CACHE": "{ws}/cache"})
 case("cache unwritable", "inspect builtin:tiny-shared", ["RUYI_QUANT_CACHE", "cannot write in /sys"],
      env={"RUYI_QUANT_CACHE": "/sys/ruyi-cache"})
 
@@ -456,6 +467,22 @@ for name, body, needles in [
     ("second job device", JOB + JOB.replace("name: a", "name: b").replace("out/a", "out/b")
      + "    quantize: {device: cuda}\n", ["jobs[1].quantize.device cuda"]),
     ("model missing", JOB.replace("{ws}/model", "{ws}/nowhere"), ["nowhere", "no such model directory"]),
+    ("quantize.group_size past K", JOB + "    quantize: {group_size: 256}\n", ["jobs[0].quantize.group_size: 256"]),
+    ("export awq of act-order", JOB + "    quantize: {method: gptq, group_size: 32, gptq: {act_order: true}}\n"
+     "    export: [{format: hf, weights: awq}]\n", ["jobs[0].export[0]: weights: awq cannot hold act-order"]),
+    ("export awq of 8 bits", JOB + "    quantize: {bits: 8}\n    export: [{format: hf, weights: awq}]\n",
+     ["jobs[0].export[0]: weights: awq needs every quantized module at 4 bits"]),
+    ("gguf K-quant of a quantized job", JOB + "    export: [{format: gguf, type: q4_k_m}]\n",
+     ["jobs[0].export[0]: type q4_k_m"]),
+    ("gguf q4_0 of an asymmetric grid", JOB + "    quantize: {sym: false, group_size: 32}\n"
+     "    export: [{format: gguf, type: q4_0}]\n", ["jobs[0].export[0]: type q4_0", "asymmetric"]),
+    ("gguf of 8-bit asymmetric", JOB + "    quantize: {bits: 8, sym: false, group_size: 32}\n    export: [{format: gguf}]\n",
+     ["jobs[0].export[0]: gguf", "cannot go into GGUF exactly"]),
+    ("gguf of act-order", JOB + "    quantize: {method: gptq, group_size: 32, gptq: {act_order: true}}\n"
+     "    export: [{format: gguf}]\n", ["jobs[0].export[0]", "act-order"]),
+    ("two exports one folder", JOB + "    export: [{format: hf}, {format: hf}]\n",
+     ["jobs[0].export[1]: writes to the same folder as jobs[0].export[0]"]),
+    ("export folder escapes", JOB + "    export: [{format: hf, folder: ../x}]\n", ["jobs[0].export[0].hf.folder"]),
 ]:
     case(f"run: {name}", "run {ws}/recipe.yaml", needles, text_files,
          recipe=None if body is None else "jobs:\n" + body)

@@ -96,21 +96,27 @@ def gptq_config(specs: dict[str, QuantSpec], all_linears: list[str], desc_act: b
 def check_awq(fam: QuantizedFamily) -> None:
     """AWQ's format: one 4-bit grid for every quantized module, its group size dividing every
     input width, no act-order. Says what to change otherwise."""
-    specs = set(fam.modules.values())
+    check_awq_plan(fam.modules, {m: fam.linear_shape(m)[1] for m in fam.grids},
+                   [m for m, g in fam.grids.items() if g.act_order])
+
+
+def check_awq_plan(modules: dict[str, QuantSpec], widths: dict[str, int], act_order: list[str]) -> None:
+    """check_awq from what a quantization will make (module -> spec, input widths, the modules with
+    act-order groups): also run before a recipe job quantizes."""
+    specs = set(modules.values())
     if len(specs) > 1 or next(iter(specs)).bits != 4:
         raise UserError("weights: awq needs every quantized module at 4 bits with one group size "
                         "(found " + ", ".join(sorted(f"{s.bits}-bit g{s.group_size}" for s in specs))
                         + "); drop the overrides or export weights: gptq")
     gs = next(iter(specs)).group_size
-    for m in fam.grids:
-        n, k = fam.linear_shape(m)
+    for m, k in widths.items():
         if gs != -1 and k % gs:
             raise UserError(f"weights: awq needs the group size to divide every input width ({m} has "
                             f"{k} columns, group_size {gs}); export weights: gptq, or quantize with a "
                             "group_size that divides it")
-        if fam.grids[m].act_order:
-            raise UserError(f"weights: awq cannot hold act-order groups ({m}); export weights: gptq, "
-                            "or quantize with act_order: false (or static_groups: true)")
+    if act_order:
+        raise UserError(f"weights: awq cannot hold act-order groups ({act_order[0]}); export weights: "
+                        "gptq, or quantize with act_order: false (or static_groups: true)")
 
 
 def awq_config(specs: dict[str, QuantSpec], all_linears: list[str]) -> dict:

@@ -72,10 +72,10 @@ def _float_array(t: torch.Tensor, qtype: T, what: str) -> tuple[np.ndarray, T]:
 def check_gguf(fam: QuantizedFamily, opt: GGUFOptions) -> None:
     """Raise the one-line UserError that encode_module would, without encoding anything."""
     for module, grid in fam.grids.items():
-        _check_grid(module, grid.spec, TYPES.get(opt.type), lambda: block_groups(grid.g_idx, grid.shape[1]))
+        check_grid(module, grid.spec, TYPES.get(opt.type), lambda: block_groups(grid.g_idx, grid.shape[1]))
 
 
-def _check_grid(module, spec, want, blocks) -> None:
+def check_grid(module, spec, want, blocks) -> None:
     if want in FLOAT_TYPES.values():
         return
     exact = grid_type(spec.bits, spec.sym)
@@ -105,7 +105,7 @@ def encode_module(fam: QuantizedFamily, module: str, opt: GGUFOptions,
         if want in FLOAT_TYPES.values():
             return _float_array(fam.weight(module), want, module)
         grid = fam.grid(module)
-        _check_grid(module, spec, want, lambda: block_groups(grid[3], grid[0].shape[0]))
+        check_grid(module, spec, want, lambda: block_groups(grid[3], grid[0].shape[0]))
         try:
             return encode_grid(*grid, spec.bits, spec.sym)
         except NotExact as e:
