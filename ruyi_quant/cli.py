@@ -44,7 +44,7 @@ def _default(cls, field: str):
 
 # settings whose flag is not `--` + the field's name
 FLAGS = {"distill_weight": "--distill", "damp_percent": "--damp", "sources": "--train",
-         "clip": "--no-clip", "weights": "--weights"}
+         "clip": "--no-clip"}
 
 
 def _validated(cls, flags: dict | None = None, **kw):
@@ -249,6 +249,7 @@ def cmd_make_familial(args) -> None:
     from .data import check_source, check_tokenizer
     from .fsutil import check_output_dir
     from .model.config import read_config
+    from .preflight import check_seq_len
     from .recipe import Training
     from .sources import resolve_model
     from .sources.branches import build_familial
@@ -270,9 +271,7 @@ def cmd_make_familial(args) -> None:
     bad = [e for e in exits if not 0 <= e <= last]
     if bad:
         raise UserError(f"--exits: {bad} outside the model's layers 0..{last}")
-    limit = cfg.raw.get("max_position_embeddings")
-    if isinstance(limit, int) and train.seq_len > limit:
-        raise UserError(f"--seq-len {train.seq_len}: longer than the model's max_position_embeddings ({limit})")
+    check_seq_len(cfg, train.seq_len, "--seq-len")
     check_tokenizer(src)
     report = build_familial(src, Path(args.out), exits, shared_heads=not args.separate_heads,
                             train=train, force=args.force)

@@ -50,11 +50,14 @@ def preflight(src: Path, q: Quantize | None = None, cal=None, ev: Eval | None = 
     if texts:
         check_tokenizer(src)
     for section, s in texts:
-        limit = cfg.raw.get("max_position_embeddings")
-        if isinstance(limit, int) and s.seq_len > limit:
-            raise UserError(f"{label(section, 'seq_len')} {s.seq_len}: longer than the model's "
-                            f"max_position_embeddings ({limit})")
+        check_seq_len(cfg, s.seq_len, label(section, "seq_len"))
         check_source(s.source, s.field)
+
+
+def check_seq_len(cfg, seq_len: int, flag: str) -> None:
+    limit = cfg.raw.get("max_position_embeddings")
+    if isinstance(limit, int) and seq_len > limit:
+        raise UserError(f"{flag} {seq_len}: longer than the model's max_position_embeddings ({limit})")
 
 
 def check_reference(ref: QuantizedFamily, fam: QuantizedFamily, ref_name: str, fam_name: str) -> None:
