@@ -13,23 +13,24 @@ Grids are packed into the layout here, when the file is written, and unpacked wh
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
 from pydantic import ValidationError
-from safetensors.torch import save_file
 
 from . import __version__, names
 from .errors import UserError
 from .fsutil import MARKER, read_json, write_marker
 from .model.config import read_config
 from .model.familial import FamilialModel
-from .model.io import check_finite, copy_tokenizer, load_model, read_tensors, weight_files
+from .model.io import check_finite, copy_tokenizer, load_model, weight_files
 from .quant.family import QuantizedFamily
-from .quant.grid import Grid
-from .quant.pack import LAYOUTS
+from .quant.grid import Grid, LazyGrid
+from .quant.pack import LAYOUTS, packed_shapes
 from .quant.plan import QuantSpec
 from .recipe import Provenance
+from .stream import Entry, LazyTensors, write_safetensors
 
 __all__ = ["QuantizedFamily", "load_family", "pack_grid", "save_family"]
 
@@ -44,14 +45,13 @@ def pack_grid(layout: str, grid: Grid) -> dict[str, torch.Tensor]:
 
 def save_family(fam: QuantizedFamily, out_dir: Path, tokenizer_dir: Path | None,
                 float_dtype: torch.dtype | None = None) -> None:
-    """Write into an existing (temporary) directory; float tensors in the source's dtype."""
+    """Write into an existing (temporary) directory; float tensors in the source's dtype. Streamed:
+    one tensor (one quantized module's packed tensors) in memory at a time, whatever the family's
+    size; the file is byte for byte what safetensors' save_file would write."""
     out_dir = Path(out_dir)
     float_dtype = float_dtype or fam.config.source_dtype
-    state = {k: (v.to(float_dtype) if v.is_floating_point() else v) for k, v in fam.tensors.items()}
-    for module, grid in fam.grids.items():
-        state.update({f"{module}.{k}": v for k, v in pack_grid(fam.layout, grid).items()})
-    save_file({k: v.contiguous() for k, v in state.items()}, out_dir / "model.safetensors",
-              metadata={"format": "pt"})
+    write_safetensors(out_dir / "model.safetensors", family_entries(fam, float_dtype),
+                      metadata={"format": "pt"})
     cfg = fam.config.to_json()
     cfg["torch_dtype"] = str(float_dtype).removeprefix("torch.")
     if fam.modules:
@@ -64,25 +64,62 @@ def save_family(fam: QuantizedFamily, out_dir: Path, tokenizer_dir: Path | None,
     write_marker(out_dir, meta)              # last: it lists every file written
 
 
-def load_family(path: Path) -> QuantizedFamily:
-    """Load a directory written by save_family, or any source checkpoint load_model reads.
+def family_entries(fam: QuantizedFamily, float_dtype: torch.dtype) -> list[Entry]:
+    """The tensors of a family checkpoint, each produced when written: floats at float_dtype,
+    each quantized module packed in the family's layout once (its parts kept until written)."""
+    entries = []
+    for n in list(fam.tensors):
+        shape, dtype = fam.tensor_info(n)
+        d = float_dtype if dtype.is_floating_point else dtype
+        entries.append(Entry(n, shape, d, lambda n=n, d=d: fam.tensors[n].to(d)))
+    return entries + grid_entries(fam, fam.layout, {m: m for m in fam.grids})
 
-    Everything is checked against the manifest and the config before use: every tensor the family
-    needs is there (no more), float tensors have their shapes and finite values, and each quantized
-    module's packed tensors unpack to its shape and pack back to the same bytes (so the grid in
-    ruyi_quant.json is the one they hold). A problem is one UserError naming the file.
+
+def grid_entries(fam: QuantizedFamily, layout: str, modules: dict[str, str]) -> list[Entry]:
+    """The packed tensors of some quantized modules (module -> the name to write it under), each
+    module packed once, when its first tensor is written, and its parts kept until written."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+
+    def part(m: str, s: str) -> torch.Tensor:
+        if m not in parts:
+            parts[m] = dict(pack_grid(layout, fam.grids[m]))
+        t = parts[m].pop(s)
+        if not parts[m]:
+            del parts[m]
+        return t
+    entries = []
+    for m, new in modules.items():
+        grid = fam.grids[m]
+        n, k = grid.shape
+        for s, (shape, dtype) in packed_shapes(layout, n, k, grid.spec.groups(k), grid.spec.bits).items():
+            entries.append(Entry(f"{new}.{s}", shape, dtype, lambda m=m, s=s: part(m, s)))
+    return entries
+
+
+def load_family(path: Path) -> QuantizedFamily:
+    """Open a directory written by save_family, or any source checkpoint load_model reads.
+
+    Lazily: tensors are read from the (memory-mapped) safetensors files when a step needs them, in
+    the file's dtype, and quantized modules are unpacked when used (quant.grid.LazyGrid), so a
+    family of any size opens in seconds and in little memory. What can be checked from the file
+    headers is checked here, before anything is read: every tensor the family needs is there (no
+    more), float tensors have their shapes and a float dtype, packed tensors have the shapes their
+    grid in ruyi_quant.json implies. What needs the values is checked as each tensor is read:
+    finiteness, and that packed tensors unpack and pack back to themselves. A problem is one
+    UserError naming the file. (A plain qwen2/llama checkpoint is loaded whole, by load_model.)
     """
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such directory")
     meta_path = path / MARKER
-    if not meta_path.is_file():   # a source checkpoint: Ruyi's own, or a plain qwen2/llama one
-        return QuantizedFamily.from_model(load_model(path, dtype=None))
-    meta = read_json(meta_path, "ruyi-quant manifest")
+    meta = read_json(meta_path, "ruyi-quant manifest") if meta_path.is_file() else {"kind": "source"}
     if not isinstance(meta, dict):
         raise UserError(f"{meta_path}: not a ruyi-quant manifest (expected a JSON object)")
-    if meta.get("kind") == "source":   # a float checkpoint we built (ruyi-mini, make-familial)
-        return QuantizedFamily.from_model(load_model(path, dtype=None))
+    if meta.get("kind") == "source":   # a source checkpoint: Ruyi's own, or a plain qwen2/llama one
+        config = read_config(path)
+        if config.source_type != "ruyi_qwen2":
+            return QuantizedFamily.from_model(load_model(path, dtype=None))
+        return _open_lazily(path, config, {}, "gptq")
     if meta.get("kind") != "family":
         raise UserError(f"{path}: a ruyi-quant '{meta.get('kind')}' directory, not a family "
                         "checkpoint; point at the quantized family (the job's 'family' folder)")
@@ -97,46 +134,73 @@ def load_family(path: Path) -> QuantizedFamily:
     except (TypeError, ValueError) as e:
         msg = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
         raise UserError(f"{meta_path}: malformed ({msg})") from None
-    method, stats = q.get("method", "none"), meta.get("stats", {})
-    config = read_config(path)
+    fam = _open_lazily(path, read_config(path), modules, layout)
+    fam.method, fam.provenance, fam.stats = q.get("method", "none"), provenance, meta.get("stats", {})
+    return fam
+
+
+def _open_lazily(path: Path, config, modules: dict[str, QuantSpec], layout: str) -> QuantizedFamily:
+    meta_path = path / MARKER
     with torch.device("meta"):                   # float tensors in the model's own order
         shapes = {n: tuple(t.shape) for n, t in FamilialModel(config).state_dict().items()}
     unknown = [m for m in modules if f"{m}.weight" not in shapes]
     if unknown:
         raise UserError(f"{meta_path}: quantizes {unknown[0]}, which this model does not have")
-    wanted = {n for n in shapes if not (n.endswith(".weight") and n[:-7] in modules)}
+    floats = [n for n in shapes if not (n.endswith(".weight") and n[:-7] in modules)]
     if config.tie_word_embeddings:
-        wanted.discard(f"{names.SHARED_HEAD}.weight")
-    wanted |= {f"{m}.{s}" for m in modules for s in LAYOUTS[layout]}
-    files = weight_files(path)
-    missing, extra = sorted(wanted - set(files)), sorted(set(files) - wanted)
+        floats.remove(f"{names.SHARED_HEAD}.weight")
+    packed = [f"{m}.{s}" for m in modules for s in LAYOUTS[layout]]
+    files = {n: f for n, f in weight_files(path).items() if not n.endswith(names.IGNORED_SUFFIXES)}
+    wanted = set(floats) | set(packed)
+    missing, extra = [n for n in floats + packed if n not in files], sorted(set(files) - wanted)
+    what = "the family is incomplete: quantize it again" if modules else "the checkpoint is incomplete"
     if missing:
-        raise UserError(f"{path}: missing tensor {missing[0]} ({len(missing)} missing); the family is "
-                        "incomplete: quantize it again")
+        raise UserError(f"{path}: missing tensor {missing[0]} ({len(missing)} missing); {what}")
     if extra:
-        raise UserError(f"{path}: unexpected tensor {extra[0]} for a family with these modules "
-                        f"quantized ({len(extra)} unexpected)")
-    tensors = {}
-    for name, t in read_tensors(files):
-        if name in shapes:
-            if tuple(t.shape) != shapes[name]:
-                raise UserError(f"{path}: tensor {name} has shape {list(t.shape)}, expected "
-                                f"{list(shapes[name])}")
-            check_finite(name, t)
-        tensors[name] = t
-    grids = {m: _unpack_checked(path, layout, m, spec, shapes[f"{m}.weight"], tensors)
-             for m, spec in modules.items()}
-    order = {n: i for i, n in enumerate(shapes)}
-    tensors = dict(sorted(tensors.items(), key=lambda kv: order.get(kv[0], len(order))))
-    return QuantizedFamily(config=config, tensors=tensors, grids=grids, method=method,
-                           layout=layout, provenance=provenance, stats=stats)
+        raise UserError(f"{path}: unexpected tensor {extra[0]} for a {config.source_type} model with "
+                        f"{config.num_layers} layers and exits {config.exits}"
+                        + (" and these modules quantized" if modules else ""))
+    tensors = LazyTensors({n: files[n] for n in floats}, check=check_finite)
+    reader = LazyTensors({n: files[n] for n in packed})
+    for n in floats:
+        shape, dtype = tensors.info(n)
+        if shape != shapes[n]:
+            raise UserError(f"{path}: tensor {n} has shape {list(shape)}, expected {list(shapes[n])}")
+        if not dtype.is_floating_point:
+            raise UserError(f"{path}: tensor {n} is {str(dtype).removeprefix('torch.')}, not a "
+                            "floating-point weight; the checkpoint is corrupt")
+    grids = {}
+    for m, spec in modules.items():
+        n, k = shapes[f"{m}.weight"]
+        for s, want in packed_shapes(layout, n, k, spec.groups(k), spec.bits).items():
+            got = reader.info(f"{m}.{s}")
+            if got != (tuple(want[0]), want[1]):
+                raise UserError(f"{path}: the packed tensors of {m} disagree with ruyi_quant.json "
+                                f"({s} is {list(got[0])} {str(got[1]).removeprefix('torch.')}, a "
+                                f"{spec.bits}-bit group-{spec.group_size} grid has {list(want[0])} "
+                                f"{str(want[1]).removeprefix('torch.')})")
+        gptq = layout == "gptq"
+        grids[m] = LazyGrid(spec, (n, k), partial(_unpack_checked, path, layout, m, spec, (n, k), reader),
+                            partial(_stored, reader, m, layout),
+                            act_order=partial(_g_idx_descends, reader, f"{m}.g_idx") if gptq else False,
+                            g_idx=reader.loader(f"{m}.g_idx") if gptq else None)
+    return QuantizedFamily(config=config, tensors=tensors, grids=grids, layout=layout)
+
+
+def _g_idx_descends(reader, name: str) -> bool:
+    return bool((reader[name].diff() < 0).any())
+
+
+def _stored(reader, module: str, layout: str, want: str):
+    """A module's packed tensors as stored, when the layout asked for is the stored one."""
+    return {s: reader[f"{module}.{s}"] for s in LAYOUTS[layout]} if want == layout else None
 
 
 def _unpack_checked(path: Path, layout: str, module: str, spec: QuantSpec, shape: tuple,
-                    tensors: dict) -> Grid:
-    """A module's grid from its packed tensors (popped from `tensors`), which must unpack to the
-    linear's shape and pack back to themselves."""
-    packed = {s: tensors.pop(f"{module}.{s}") for s in LAYOUTS[layout]}
+                    reader) -> Grid:
+    """A module's grid from its packed tensors, which must unpack to the linear's shape and pack
+    back to themselves."""
+    packed = {s: reader[f"{module}.{s}"] for s in LAYOUTS[layout]}
     problem = None
     try:
         grid = Grid.unpack(layout, packed, spec)

@@ -280,6 +280,38 @@ def cmd_make_familial(args) -> None:
           (", bf16 perplexity " + ", ".join(f"{e}: {p:.1f}" for e, p in ppl.items()) if ppl else ""))
 
 
+def cmd_make_synthetic(args) -> None:
+    import shutil
+    from .fsutil import atomic_dir, check_output_dir
+    from .synthetic import numel, synthetic_config, tensor_shapes, write_synthetic
+    depth = 28 if args.depth is None else args.depth
+    if not 1 <= depth <= 28:
+        raise UserError(f"--depth {depth}: give 1..28 trunk layers")
+    exits = None if args.exits is None else _exits(args.exits)
+    if exits == "all":
+        raise UserError("--exits: give the exit layers, e.g. 1,2")
+    if exits is not None and (sorted(set(exits)) != exits or exits[0] < 0 or exits[-1] != depth - 1):
+        raise UserError(f"--exits {args.exits}: ascending layer indices ending with depth - 1 = {depth - 1}")
+    if args.shard_gb is not None and not 0.001 <= args.shard_gb <= 1000:
+        raise UserError(f"--shard-gb {args.shard_gb}: give a size between 0.001 and 1000 GB")
+    out = Path(args.out)
+    check_output_dir(out, force=args.force)
+    cfg = synthetic_config(depth, exits)
+    need = 2 * sum(numel(s) for s in tensor_shapes(cfg).values())
+    parent = out.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if need > free:
+        raise UserError(f"--out {out}: needs {need / 1e9:.1f} GB, {parent} has {free / 1e9:.1f} GB free")
+    shard = int((args.shard_gb or 5.0) * 1e9)
+    with atomic_dir(out, force=args.force) as tmp:
+        report = write_synthetic(tmp, depth, exits, seed=args.seed or 0, shard_bytes=shard)
+    print(f"wrote {out}: synthetic Ruyi-7B-shaped family (random weights: for memory and speed "
+          f"measurements only), {report['parameters'] / 1e9:.2f}B parameters, exits {report['exits']}, "
+          f"{need / 1e9:.2f} GB of bf16 tensors")
+
+
 def cmd_run(args) -> None:
     from .pipeline import run_job
     from .recipe import load_recipe
@@ -425,6 +457,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, help=f"(default {T('seed')})")
     s.add_argument("--force", action="store_true")
     s.set_defaults(func=cmd_make_familial)
+
+    s = sub.add_parser("make-synthetic", help="a Ruyi-7B-shaped family with random weights (for "
+                       "memory and speed measurements)", description="Write AI-Flow-Ruyi-7B's "
+                       "exact config with random bf16 weights, shard by shard (never in memory): "
+                       "28 layers, exits 11,15,19,23,27, separate heads, 21.5 GB. Random weights: "
+                       "for memory and speed measurements only.")
+    s.add_argument("--out", required=True)
+    s.add_argument("--depth", type=int, help="trunk layers (default 28); same widths")
+    s.add_argument("--exits", help="exit layers, ascending, the last = depth - 1 (default: Ruyi's "
+                   "below the depth, then depth - 1)")
+    s.add_argument("--seed", type=int, help="(default 0)")
+    s.add_argument("--shard-gb", type=float, help="maximum shard size in GB (default 5)")
+    s.add_argument("--force", action="store_true")
+    s.set_defaults(func=cmd_make_synthetic)
 
     s = sub.add_parser("run", help="run the jobs of a recipe YAML", description=(
         "Run a recipe's jobs in order. A job whose outputs are complete and unchanged (manifest "

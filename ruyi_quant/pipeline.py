@@ -38,12 +38,7 @@ def quantize(model, settings: Quantize, calib: torch.Tensor | None = None,
     model's linears by their quantized values as they go (new tensors; see calibrate.py)."""
     if settings.method == "none":
         return QuantizedFamily.from_model(model)
-    plan = make_plan(model, QuantSpec(settings.bits, settings.group_size, settings.sym), settings.heads, settings.overrides)
-    for name, spec in plan.items():
-        k = model.get_submodule(name).in_features
-        if spec.group_size > k:
-            raise UserError(f"group_size {spec.group_size} is larger than {name}'s {k} input "
-                            f"columns; use group_size {1 << (k.bit_length() - 1)} or -1 for it")
+    plan = checked_plan(model, settings)
     t0 = time.perf_counter()
     if settings.method == "rtn":
         fam = rtn_family(model, plan, progress)
@@ -67,9 +62,33 @@ def quantize(model, settings: Quantize, calib: torch.Tensor | None = None,
     return fam
 
 
+def checked_plan(model, settings: Quantize) -> dict[str, QuantSpec]:
+    """The grid of every linear the settings quantize (a meta model will do)."""
+    plan = make_plan(model, QuantSpec(settings.bits, settings.group_size, settings.sym),
+                     settings.heads, settings.overrides)
+    for name, spec in plan.items():
+        k = model.get_submodule(name).in_features
+        if spec.group_size > k:
+            raise UserError(f"group_size {spec.group_size} is larger than {name}'s {k} input "
+                            f"columns; use group_size {1 << (k.bit_length() - 1)} or -1 for it")
+    return plan
+
+
 def quantize_source(src: Path, settings: Quantize, cal, progress: bool = True):
     """Load a source checkpoint and quantize it by `settings`, calibrating on `cal`'s text (GPTQ/AWQ).
-    Returns (the float family, the quantized family); the CLI and recipe jobs both run this."""
+    Returns (the float family, the quantized family); the CLI and recipe jobs both run this.
+    RTN and `none` stay lazy (nothing is read until the family is written: rtn_lazy); GPTQ and AWQ
+    load the model in float32."""
+    if settings.method in ("rtn", "none"):
+        from .model.familial import FamilialModel
+        from .quant.rtn import rtn_lazy
+        fam = load_family(src)
+        if settings.method == "rtn":
+            with torch.device("meta"):
+                plan = checked_plan(FamilialModel(fam.config), settings)
+            fam = rtn_lazy(fam, plan)
+        fam.stats["quantize_seconds"] = 0.0       # the rounding happens as the family is written
+        return load_family(src), fam
     windows = calib_windows(src, cal) if settings.method in CALIBRATED else None   # text first: fails fast
     model = load_model(src)
     ref = QuantizedFamily.from_model(model)     # before the quantizer replaces the linears
@@ -185,6 +204,7 @@ def run_job(job: Job, base: Path, force: bool = False, progress: bool = True,
         fam.provenance = Provenance.model_validate(job.model_dump())
         (tmp / "family").mkdir()
         save_family(fam, tmp / "family", src)
+        fam = load_family(tmp / "family")         # exports read the family as written, lazily
         folders = [export_folder(ex, fam) for ex in job.export]
         dup = next((f for f in folders if folders.count(f) > 1), None)
         if dup:

@@ -195,6 +195,8 @@ MODEL_COMMANDS = {
 }
 for bname, (setup, needles) in MODEL_BREAKS.items():
     for cname, argv in MODEL_COMMANDS.items():
+        if cname == "inspect" and "NaN" in bname:
+            continue              # inspect reads headers only (lazy loading): values are not read
         case(f"{cname}: {bname}", argv, needles, setup)
 
 # broken tokenizers: every command that reads one
@@ -506,7 +508,8 @@ def test_bad_input(name, ws, capsys, monkeypatch):
     capsys.readouterr()
     code = main([fill(a) for a in c.argv])
     err = capsys.readouterr().err
-    lines = err.strip().splitlines()
+    # progress bars a failing step had started are erased (tqdm, leave=False): not lines
+    lines = [x for x in err.replace("\r", "\n").splitlines() if x.strip() and "%|" not in x]
     assert code == 2, (code, err)
     assert len(lines) == 1, err
     assert lines[0].startswith("ruyi-quant: error: ") and "Traceback" not in err

@@ -671,3 +671,19 @@ def test_smollm2_as_a_llama_file(tmp_path):
                                        max_tokens=30, temperature=0)["choices"][0]["message"]["content"]
     llm.close()
     assert "Paris" in reply, reply
+
+
+def test_multi_exit_config_is_the_models_not_the_checkpoints(tiny_dir, tmp_path):
+    """Found while making loading lazy: a multi-exit GGUF exported from a saved family carried the
+    family checkpoint's quantization_config in ruyi.config (the tensors' description, not the
+    model's), so the same family gave different files from memory and from disk."""
+    import gguf as gg
+    from ruyi_quant.cli import main
+    q = tmp_path / "q"
+    assert main(["quantize", str(tiny_dir), "--bits", "8", "--group-size", "32", "--out", str(q)]) == 0
+    assert main(["export", str(q), "--format", "gguf", "--multi-only", "--out", str(tmp_path / "g")]) == 0
+    r = gg.GGUFReader(str(next((tmp_path / "g").glob("*.gguf"))))
+    cfg = json.loads(r.fields["ruyi.config"].contents())
+    src = json.loads((tiny_dir / "config.json").read_text())
+    assert "quantization_config" not in cfg
+    assert cfg["early_exit_points"] == src["early_exit_points"] and cfg["hidden_size"] == src["hidden_size"]

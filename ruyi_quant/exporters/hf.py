@@ -15,13 +15,12 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-
 from .. import __version__, names
-from ..checkpoint import QuantizedFamily, pack_grid
+from ..checkpoint import QuantizedFamily, grid_entries
 from ..errors import UserError
 from ..fsutil import write_marker
 from ..model.io import copy_tokenizer
+from ..stream import Entry, entry_of, write_sharded
 from ..pretokenizers import reproduced_by_qwen2_tokenizer
 from ..quant.plan import QuantSpec
 
@@ -30,30 +29,33 @@ QKV_BIAS = (".q_proj.bias", ".k_proj.bias", ".v_proj.bias")
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 
 
-def exit_tensors(fam: QuantizedFamily, j: int, layout: str | None,
-                 float_dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, QuantSpec]]:
-    """Plain-Qwen2 tensors of exit j and the grids of its quantized linears (plain names).
-    layout None dequantizes; otherwise quantized linears are written in that layout."""
+def exit_entries(fam: QuantizedFamily, j: int, layout: str | None,
+                 float_dtype: torch.dtype) -> tuple[list[Entry], dict[str, QuantSpec]]:
+    """Plain-Qwen2 tensors of exit j, each produced when it is written (stream.Entry), and the
+    grids of its quantized linears (plain names). layout None dequantizes; otherwise quantized
+    linears are written in that layout."""
     exit_map = fam.config.exit_map(j)
-    out, specs = {}, {}
-    for name, t in fam.tensors.items():
+    entries, specs, packed = [], {}, {}
+    for name in list(fam.tensors):
         new = exit_map.rename(name)
         if new is not None:
-            out[new] = t.to(float_dtype) if t.is_floating_point() else t
+            shape, dtype = fam.tensor_info(name)
+            d = float_dtype if dtype.is_floating_point else dtype
+            entries.append(Entry(new, shape, d, lambda name=name, d=d: fam.tensors[name].to(d)))
     for mod, grid in fam.grids.items():
         new_mod = exit_map.rename(mod)
         if new_mod is None:
             continue
         if layout is None:
-            out[new_mod + ".weight"] = grid.dequantize().to(float_dtype)
+            entries.append(Entry(new_mod + ".weight", grid.shape, float_dtype,
+                                 lambda mod=mod: fam.grids[mod].dequantize().to(float_dtype)))
             continue
         specs[new_mod] = grid.spec
-        out.update({f"{new_mod}.{k}": v for k, v in pack_grid(layout, grid).items()})
-    return out, specs
+        packed[mod] = new_mod
+    return entries + grid_entries(fam, layout, packed), specs
 
 
-def architecture(fam: QuantizedFamily, tensors: dict[str, torch.Tensor],
-                 tokenizer_dir: Path | None) -> tuple[str, bool]:
+def architecture(fam: QuantizedFamily, exit_map, tokenizer_dir: Path | None) -> tuple[str, bool]:
     """(model type, attention_bias) of an exit's export. `qwen2` when transformers' Qwen2Tokenizer,
     which AutoTokenizer picks for that type whatever tokenizer_config.json says, reproduces the
     tokenizer (pretokenizers.py); otherwise `llama`, whose AutoTokenizer reads tokenizer.json as
@@ -63,7 +65,8 @@ def architecture(fam: QuantizedFamily, tensors: dict[str, torch.Tensor],
         _qwen2_tokenizer(str(path), path.stat().st_mtime_ns)
     if qwen2_tok and fam.config.source_arch != "llama":
         return "qwen2", True
-    bias = any(t.any() for n, t in tensors.items() if n.endswith(QKV_BIAS))
+    bias = any(fam.tensors[n].any() for n in fam.tensors
+               if n.endswith(QKV_BIAS) and exit_map.rename(n) is not None)
     return "llama", bias
 
 
@@ -141,21 +144,20 @@ def export_exit(fam: QuantizedFamily, exit: int, out_dir: Path, tokenizer_dir: P
                         "use weights: float")
     if layout == "awq":
         check_awq(fam)
-    tensors, specs = exit_tensors(fam, j, layout, float_dtype)
+    entries, specs = exit_entries(fam, j, layout, float_dtype)
     exit_map = cfg.exit_map(j)
     quantized = layout is not None
-    tie = cfg.tie_word_embeddings and names.PLAIN_HEAD + ".weight" not in tensors \
+    tie = cfg.tie_word_embeddings and names.PLAIN_HEAD + ".weight" not in {x.name for x in entries} \
         and names.PLAIN_HEAD not in specs
     out_dir = Path(out_dir)
-    arch, bias = architecture(fam, tensors, tokenizer_dir)
+    arch, bias = architecture(fam, exit_map, tokenizer_dir)
     if arch == "llama" and not bias:          # zero q/k/v biases: a plain Llama has none
-        tensors = {k: v for k, v in tensors.items() if not k.endswith(QKV_BIAS)}
+        entries = [x for x in entries if not x.name.endswith(QKV_BIAS)]
     elif arch == "llama":                     # Llama's attention_bias gives o_proj one too
         for i in range(e + 1):
             o = f"{names.PLAIN_LAYER.format(i=i)}.self_attn.o_proj"
-            tensors[f"{o}.bias"] = torch.zeros(cfg.hidden_size, dtype=float_dtype)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, out_dir / "model.safetensors",
-              metadata={"format": "pt"})
+            entries.append(entry_of(f"{o}.bias", torch.zeros(cfg.hidden_size, dtype=float_dtype)))
+    write_sharded(out_dir, entries, metadata={"format": "pt"})     # sharded past 5 GB, as HF does
     hf = cfg.qwen2(num_layers=e + 1) if arch == "qwen2" else cfg.llama(e + 1, attention_bias=bias)
     hf.architectures = [ARCHITECTURES[arch]]
     hf.tie_word_embeddings = tie

@@ -132,7 +132,10 @@ class FamilialConfig:
 
     def to_json(self) -> dict:
         """The `ruyi_qwen2` config.json that describes this family."""
-        out = {k: v for k, v in self.raw.items() if k not in ("architectures", "auto_map")}
+        # a quantized family's quantization_config describes its tensors, not the model: whoever
+        # writes tensors writes their own (save_family)
+        out = {k: v for k, v in self.raw.items()
+               if k not in ("architectures", "auto_map", "quantization_config")}
         out.update(model_type=FAMILIAL_TYPE, architectures=["RuyiQwen2ForCausalLM"],
                    early_exit_points=list(self.exits), default_early_exit_point=self.default_exit,
                    shared_heads=self.shared_heads, tie_word_embeddings=self.tie_word_embeddings)

@@ -41,15 +41,25 @@ class QuantizedFamily:
         return {m: g.spec for m, g in self.grids.items()}
 
     def set_quantized(self, module: str, grid: Grid) -> None:
-        """Replace a linear's float weight by its grid."""
-        self.tensors.pop(f"{module}.weight", None)
+        """Replace a linear's float weight by its grid (a LazyGrid too)."""
+        if hasattr(self.tensors, "discard"):
+            self.tensors.discard(f"{module}.weight")      # lazy tensors: without reading it
+        else:
+            self.tensors.pop(f"{module}.weight", None)
         self.grids[module] = grid
+
+    def tensor_info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """(shape, dtype) of a float tensor, without reading a lazy one."""
+        if hasattr(self.tensors, "info"):
+            return self.tensors.info(name)
+        t = self.tensors[name]
+        return tuple(t.shape), t.dtype
 
     def linear_shape(self, module: str) -> tuple[int, int]:
         """(N, K) of a linear, quantized or not."""
         if module in self.grids:
             return self.grids[module].shape
-        return tuple(self.tensors[f"{module}.weight"].shape)
+        return self.tensor_info(f"{module}.weight")[0]
 
     def grid(self, module: str):
         """(q [K, N], scales [G, N], zeros [G, N], g_idx [K]) of a quantized linear."""
@@ -102,10 +112,13 @@ class QuantizedFamily:
                 params += nk[0] * nk[1]
                 nbytes += self.grids[mod].nbytes(self.layout)
             else:
-                t = self.tensors[n]
-                params += t.numel()
-                floats_at = float_dtype if float_dtype is not None and t.is_floating_point() else t.dtype
-                nbytes += t.numel() * floats_at.itemsize
+                shape, dtype = self.tensor_info(n)
+                numel = 1
+                for d in shape:
+                    numel *= d
+                params += numel
+                floats_at = float_dtype if float_dtype is not None and dtype.is_floating_point else dtype
+                nbytes += numel * floats_at.itemsize
         return params, nbytes
 
     def stored_size(self, weight_names: list[str] | None = None) -> tuple[int, int]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .pack import LAYOUTS, awq_fits, dequantize, from_awq, from_gptq, to_awq, to_gptq
+from .pack import LAYOUTS, awq_fits, dequantize, from_awq, from_gptq, packed_shapes, to_awq, to_gptq
 from .plan import QuantSpec
 
 
@@ -64,11 +64,7 @@ class Grid:
 
     def nbytes(self, layout: str) -> int:
         """Bytes of the packed tensors, without packing."""
-        n, k = self.shape
-        groups, bits = self.scales.shape[0], self.spec.bits
-        if layout == "awq":
-            return k * n // 8 * 4 + groups * n // 8 * 4 + groups * n * 2
-        return -(-k * bits // 32) * n * 4 + groups * -(-n * bits // 32) * 4 + groups * n * 2 + k * 4
+        return packed_nbytes(layout, *self.shape, self.scales.shape[0], self.spec.bits)
 
     @classmethod
     def unpack(cls, layout: str, tensors: dict[str, torch.Tensor], spec: QuantSpec) -> Grid:
@@ -78,3 +74,66 @@ class Grid:
             return cls.make(*from_awq(t, spec.group_size), spec)
         n, k = t["scales"].shape[1], t["g_idx"].numel()
         return cls.make(*from_gptq(t, spec.bits, k, n), spec)
+
+
+def packed_nbytes(layout: str, n: int, k: int, groups: int, bits: int) -> int:
+    total = 0
+    for shape, dtype in packed_shapes(layout, n, k, groups, bits).values():
+        size = dtype.itemsize
+        for d in shape:
+            size *= d
+        total += size
+    return total
+
+
+class LazyGrid:
+    """A Grid known by its spec and shape, made only when its values are needed (`load()`: read
+    from a checkpoint and unpacked, or computed, e.g. by RTN from a weight read then). Nothing is
+    kept: each use loads again. `packed(layout)` may hand back stored tensors as they are."""
+
+    def __init__(self, spec: QuantSpec, shape: tuple[int, int], load, packed=None, act_order=None,
+                 g_idx=None):
+        self.spec, self.shape = spec, tuple(shape)
+        self._load, self._packed, self._act_order, self._g_idx = load, packed, act_order, g_idx
+
+    def get(self) -> Grid:
+        return self._load()
+
+    def __getattr__(self, name: str):
+        """q, scales, zeros of the loaded grid; g_idx without loading when groups are in order."""
+        if name == "g_idx" and self.__dict__.get("_g_idx") is not None:
+            return self._g_idx()
+        if name == "g_idx" and self.__dict__.get("_act_order") is False:
+            k = self.shape[1]
+            return (torch.arange(k) // self.spec.width(k)).to(torch.int32)
+        if name in ("q", "scales", "zeros", "g_idx"):
+            return getattr(self.get(), name)
+        raise AttributeError(name)
+
+    @property
+    def groups(self) -> int:
+        return self.spec.groups(self.shape[1])
+
+    @property
+    def act_order(self) -> bool:
+        if callable(self._act_order):
+            return self._act_order()
+        return self.get().act_order if self._act_order is None else self._act_order
+
+    @property
+    def fits_awq(self) -> bool:
+        n, k = self.shape
+        return awq_fits(k, n, self.spec.bits, self.spec.group_size) and not self.act_order
+
+    def ints(self):
+        return self.get().ints()
+
+    def dequantize(self) -> torch.Tensor:
+        return self.get().dequantize()
+
+    def pack(self, layout: str) -> dict[str, torch.Tensor]:
+        stored = self._packed(layout) if self._packed is not None else None
+        return stored if stored is not None else self.get().pack(layout)
+
+    def nbytes(self, layout: str) -> int:
+        return packed_nbytes(layout, *self.shape, self.groups, self.spec.bits)

@@ -126,3 +126,13 @@ def awq_fits(k: int, n: int, bits: int, group_size: int) -> bool:
 
 
 LAYOUTS = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "qzeros", "scales")}
+
+
+def packed_shapes(layout: str, n: int, k: int, groups: int, bits: int) -> dict[str, tuple]:
+    """name -> (shape, dtype) of a [N, K] linear's packed tensors, without packing anything."""
+    if layout == "awq":
+        return {"qweight": ((k, n // 8), torch.int32), "qzeros": ((groups, n // 8), torch.int32),
+                "scales": ((groups, n), torch.float16)}
+    return {"qweight": ((-(-k * bits // 32), n), torch.int32),
+            "qzeros": ((groups, -(-n * bits // 32)), torch.int32),
+            "scales": ((groups, n), torch.float16), "g_idx": ((k,), torch.int32)}

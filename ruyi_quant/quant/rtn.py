@@ -107,6 +107,26 @@ def rtn_family(model, plan: dict, progress: bool = True):
     return fam
 
 
+def rtn_lazy(fam, plan: dict):
+    """RTN as LazyGrids: each planned weight is read and rounded when its grid is first used (as
+    the family is written, one linear at a time), so no step holds the model. The same grids as
+    rtn_family (weights rounded in float32)."""
+    from functools import partial
+    from .grid import LazyGrid
+    for name, spec in plan.items():
+        w = f"{name}.weight"
+        load = fam.tensors.loader(w) if hasattr(fam.tensors, "loader") else (lambda t=fam.tensors[w]: t)
+        fam.set_quantized(name, LazyGrid(spec, fam.tensor_info(w)[0], partial(_rtn_grid, load, spec),
+                                         act_order=False))
+    fam.method = "rtn"
+    return fam
+
+
+def _rtn_grid(load, spec: QuantSpec):
+    from .grid import Grid
+    return Grid.make(*rtn_quantize(load().float(), spec), spec)
+
+
 def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """RTN-quantized-then-dequantized w [N, K], all groups at once (for searches).
 

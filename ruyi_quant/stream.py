@@ -1,0 +1,195 @@
+"""Safetensors written tensor by tensor, and read tensor by tensor.
+
+`write_safetensors` takes entries whose name, shape and dtype are known up front (the header comes
+first in the file) and whose data is produced only when its turn comes, so a checkpoint of any
+size is written with one tensor (or one chunk of one) in memory. `write_sharded` splits entries
+into shards with an index, as transformers does. `LazyTensors` is the reading side: a mapping
+from names to tensors that reads each from its (memory-mapped) file when it is asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32",
+             torch.int64: "I64", torch.uint8: "U8", torch.int8: "I8", torch.bool: "BOOL"}
+TORCH_DTYPES = {v: k for k, v in ST_DTYPES.items()}
+SHARD_BYTES = 5_000_000_000          # transformers' default max_shard_size ("5GB")
+# safetensors' own writer orders tensors by dtype (this rank, descending), then by name; so do we,
+# and the header is its compact JSON: a file we stream is byte for byte the one save_file writes
+RANK = {torch.bool: 0, torch.uint8: 4, torch.int8: 5, torch.float16: 11, torch.bfloat16: 12,
+        torch.int32: 13, torch.float32: 15, torch.int64: 17}
+
+
+@dataclass
+class Entry:
+    """One tensor to write: its data comes from produce(), a tensor or an iterable of row chunks."""
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    produce: Callable[[], torch.Tensor | Iterable[torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * self.dtype.itemsize
+
+
+def entry_of(name: str, t: torch.Tensor) -> Entry:
+    """An entry for a tensor already in memory."""
+    return Entry(name, tuple(t.shape), t.dtype, lambda: t)
+
+
+def write_safetensors(path: Path, entries: list[Entry], metadata: dict | None = None) -> int:
+    """Write entries in safetensors' order (dtype, then name); returns the file's size. Each produced
+    tensor must have the entry's dtype and, together, its bytes (a RuntimeError otherwise: the
+    header would lie)."""
+    entries = sorted(entries, key=lambda e: (-RANK[e.dtype], e.name))
+    header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}} if metadata else {}
+    offset = 0
+    for e in entries:
+        if e.dtype not in RANK:
+            raise ValueError(f"{e.name}: dtype {e.dtype} has no safetensors code")
+        header[e.name] = {"dtype": ST_DTYPES[e.dtype], "shape": list(e.shape),
+                          "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)                   # data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for e in entries:
+            done = 0
+            for chunk in _chunks(e.produce()):
+                if chunk.dtype != e.dtype:
+                    raise RuntimeError(f"{e.name}: produced {chunk.dtype}, header says {e.dtype}")
+                data = chunk.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+                f.write(memoryview(data))
+                done += data.nbytes
+            if done != e.nbytes:
+                raise RuntimeError(f"{e.name}: produced {done} bytes, header says {e.nbytes}")
+    return 8 + len(raw) + offset
+
+
+def _chunks(x) -> Iterator[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        yield x
+    else:
+        yield from x
+
+
+def write_sharded(out_dir: Path, entries: list[Entry], max_bytes: int = SHARD_BYTES,
+                  metadata: dict | None = None) -> list[Path]:
+    """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json when
+    the entries exceed max_bytes (a tensor larger than that gets a shard of its own)."""
+    shards: list[list[Entry]] = [[]]
+    size = 0
+    for e in entries:
+        if shards[-1] and size + e.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += e.nbytes
+    out_dir = Path(out_dir)
+    if len(shards) == 1:
+        write_safetensors(out_dir / "model.safetensors", shards[0], metadata)
+        return [out_dir / "model.safetensors"]
+    paths, wmap = [], {}
+    for i, shard in enumerate(shards, 1):
+        p = out_dir / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(p, shard, metadata)
+        paths.append(p)
+        wmap.update({e.name: p.name for e in shard})
+    index = {"metadata": {"total_size": sum(e.nbytes for e in entries)}, "weight_map": wmap}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return paths
+
+
+class LazyTensors(Mapping):
+    """name -> tensor, read from its safetensors file on access (nothing is kept: a second access
+    reads again). `check(name, tensor)` runs on every read (shape, dtype, finiteness). Tensors set
+    with `[]=` live in memory and shadow the files; `info(name)` is (shape, dtype) without reading."""
+
+    def __init__(self, files: dict[str, Path], check: Callable | None = None):
+        from .model.io import open_safetensors
+        self._files = dict(files)
+        self._mem: dict[str, torch.Tensor] = {}
+        self._check = check
+        self._info: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for path in sorted(set(self._files.values())):
+            with open_safetensors(path) as f:
+                for name in f.keys():
+                    if self._files.get(name) == path:
+                        s = f.get_slice(name)
+                        self._info[name] = (tuple(s.get_shape()), TORCH_DTYPES[s.get_dtype()])
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self._mem:
+            return self._mem[name]
+        if name not in self._files:
+            raise KeyError(name)
+        from .model.io import open_safetensors
+        with open_safetensors(self._files[name]) as f:
+            t = f.get_tensor(name)
+        if self._check is not None:
+            self._check(name, t)
+        return t
+
+    def __setitem__(self, name: str, t: torch.Tensor) -> None:
+        self._mem[name] = t
+        self._files.pop(name, None)
+
+    def pop(self, name: str, *default):
+        if name in self._mem:
+            return self._mem.pop(name)
+        if name in self._files:
+            t = self[name]
+            del self._files[name]
+            return t
+        if default:
+            return default[0]
+        raise KeyError(name)
+
+    def loader(self, name: str) -> Callable[[], torch.Tensor]:
+        """A function that reads this tensor (checked) when called, even after discard(name)."""
+        if name in self._mem:
+            t = self._mem[name]
+            return lambda: t
+        path, check = self._files[name], self._check
+
+        def load():
+            from .model.io import open_safetensors
+            with open_safetensors(path) as f:
+                t = f.get_tensor(name)
+            if check is not None:
+                check(name, t)
+            return t
+        return load
+
+    def discard(self, name: str) -> None:
+        """Forget a tensor without reading it."""
+        self._mem.pop(name, None)
+        self._files.pop(name, None)
+
+    def __iter__(self):
+        yield from self._files
+        yield from self._mem
+
+    def __len__(self) -> int:
+        return len(self._files) + len(self._mem)
+
+    def __contains__(self, name) -> bool:
+        return name in self._files or name in self._mem
+
+    def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        if name in self._mem:
+            return tuple(self._mem[name].shape), self._mem[name].dtype
+        return self._info[name]
