@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import gguf
+import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType as V
 from gguf import Keys
@@ -14,7 +15,7 @@ from gguf import Keys
 from ... import __version__
 from ...errors import UserError
 from ...quant.family import QuantizedFamily
-from .tensors import ARCH, GGUFOptions
+from .tensors import ARCH, GGUFOptions, LazyArray
 from .tokenizer import tokenizer_kv
 
 FILE_TYPES = {T.F32: gguf.LlamaFileType.ALL_F32, T.F16: gguf.LlamaFileType.MOSTLY_F16,
@@ -90,21 +91,25 @@ def _file_type(arrays) -> gguf.LlamaFileType:
 
 def write_gguf(path: Path, arch: str, kv: list[tuple], arrays, file_type=None) -> int:
     """Write a GGUF file: key/values [(key, value, type, sub type)], tensors [(name, data,
-    ggml type)], general.file_type (default: the type of most linear weights). Returns its size."""
+    ggml type)], general.file_type (default: the type of most linear weights). Returns its size.
+    Tensors may be LazyArrays: each is produced when its turn comes, so a file of any size is
+    written with one tensor in memory."""
     w = gguf.GGUFWriter(str(path), arch)
     for key, val, vtype, sub in kv:
         w.add_key_value(key, val, vtype, sub_type=sub)
     w.add_file_type(_file_type(arrays) if file_type is None else file_type)
     for name, data, qtype in arrays:
-        if qtype in (T.F32, T.F16):
-            w.add_tensor(name, data)
-        else:
-            w.add_tensor(name, data, raw_dtype=qtype)
+        w.add_tensor_info(name, data.shape, data.dtype, data.nbytes,
+                          raw_dtype=None if qtype in (T.F32, T.F16) else qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
-    w.write_tensors_to_file(progress=False)
+    w.write_ti_data_to_file()
+    for name, data, qtype in arrays:
+        w.write_tensor_data(np.ascontiguousarray(data() if isinstance(data, LazyArray) else data))
     w.close()
     return path.stat().st_size
+
+
 
 
 def _field_value(field):

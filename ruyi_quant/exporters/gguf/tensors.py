@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import partial
 
 import gguf
 import numpy as np
@@ -57,6 +58,21 @@ def _auto_types(fam: QuantizedFamily, opt: GGUFOptions) -> dict[str, T]:
             "head": small if opt.head_type == "auto" else TYPES[opt.head_type]}
 
 
+class LazyArray:
+    """A tensor's data for write_gguf, made by produce() when written: shape, dtype and nbytes
+    are known before (the file's tensor table comes first)."""
+
+    def __init__(self, shape: tuple, dtype, produce):
+        self.shape, self.dtype, self._produce = tuple(shape), np.dtype(dtype), produce
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def __call__(self) -> np.ndarray:
+        data = self._produce()
+        if data.shape != self.shape or data.dtype != self.dtype:
+            raise RuntimeError(f"produced {data.dtype} {data.shape}, expected {self.dtype} {self.shape}")
+        return data
+
+
 def _float_array(t: torch.Tensor, qtype: T, what: str) -> tuple[np.ndarray, T]:
     x = t.detach().float().numpy()
     if qtype == T.F32:
@@ -66,7 +82,14 @@ def _float_array(t: torch.Tensor, qtype: T, what: str) -> tuple[np.ndarray, T]:
     if qtype in (T.Q8_0, T.Q4_0, T.Q4_1) and x.shape[-1] % 32:
         raise UserError(f"{what}: {x.shape[-1]} columns is not a multiple of 32, which "
                         f"{qtype.name} needs; choose type f16")
-    return gguf.quants.quantize(x, qtype), qtype
+    out = np.empty(gguf.quants.quant_shape_to_byte_shape(x.shape, qtype), dtype=np.uint8)
+    step = max(1, QUANTIZE_ROWS_ELEMENTS // x.shape[-1])
+    for r in range(0, x.shape[0], step):        # rows at a time: gguf's quantizer makes several
+        out[r:r + step] = gguf.quants.quantize(x[r:r + step], qtype)   # full-size temporaries
+    return out, qtype
+
+
+QUANTIZE_ROWS_ELEMENTS = 1 << 24
 
 
 def check_gguf(fam: QuantizedFamily, opt: GGUFOptions) -> None:
@@ -119,8 +142,8 @@ def exit_arch(fam: QuantizedFamily) -> str:
     else `qwen2` (Qwen2 sources, Ruyi families, trained branches with biases)."""
     if fam.config.source_arch != "llama":
         return ARCH
-    biases = [t for n, t in fam.tensors.items() if re.search(r"\.[qkv]_proj\.bias$", n)]
-    return LLAMA_ARCH if all(not t.any() for t in biases) else ARCH
+    biases = [n for n in fam.tensors if re.search(r"\.[qkv]_proj\.bias$", n)]
+    return LLAMA_ARCH if all(not fam.tensors[n].any() for n in biases) else ARCH
 
 
 def llama_rope_rows(data: np.ndarray, n_head: int) -> np.ndarray:
@@ -132,9 +155,10 @@ def llama_rope_rows(data: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def family_arrays(fam: QuantizedFamily, modules_and_names, opt: GGUFOptions):
-    """[(gguf name, data, type)] for familial tensors, named by `modules_and_names`:
-    a list of (familial tensor name, gguf name); quantized linears appear once as `.weight`.
-    For the llama architecture q/k rows are reordered and the (zero) q/k/v biases left out."""
+    """[(gguf name, LazyArray, type)] for familial tensors, named by `modules_and_names`: a list of
+    (familial tensor name, gguf name); quantized linears appear once as `.weight`. Types and
+    shapes are decided (and every refusal raised) now; the data is encoded when written. For the
+    llama architecture q/k rows are reordered and the (zero) q/k/v biases left out."""
     types = _auto_types(fam, opt)
     llama = exit_arch(fam) == LLAMA_ARCH
     raw = fam.config.raw
@@ -146,11 +170,49 @@ def family_arrays(fam: QuantizedFamily, modules_and_names, opt: GGUFOptions):
         if llama and suffix == "bias" and re.search(r"attn_[qkv]\.bias$", gname):
             continue
         if suffix == "weight" and _role(fam, mod) != "other":
-            data, qtype = encode_module(fam, mod, opt, types)
+            qtype = module_type(fam, mod, opt, types)
+            shape, dtype = _data_shape(fam.linear_shape(mod), qtype, mod)
+            produce = partial(_encoded, fam, mod, opt, types)
         else:                                   # norms, biases
-            data, qtype = fam.tensors[fname].detach().float().numpy(), T.F32
+            qtype, (shape, dtype) = T.F32, (fam.tensor_info(fname)[0], np.float32)
+            produce = partial(_as_f32, fam, fname)
         kind = gname.rsplit(".", 2)[-2]
         if llama and kind in heads:
-            data = llama_rope_rows(data, heads[kind])
-        out.append((gname, data, qtype))
+            produce = partial(_rope_rows, produce, heads[kind])
+        out.append((gname, LazyArray(shape, dtype, produce), qtype))
     return out
+
+
+def module_type(fam: QuantizedFamily, module: str, opt: GGUFOptions, types: dict[str, T]) -> T:
+    """The ggml type encode_module gives a module's weight; its refusals raised now."""
+    if module in fam.grids:
+        grid, want = fam.grids[module], TYPES.get(opt.type)
+        if want in FLOAT_TYPES.values():
+            return want
+        check_grid(module, grid.spec, want, lambda: block_groups(grid.g_idx, grid.shape[1]))
+        return grid_type(grid.spec.bits, grid.spec.sym)
+    return types.get(_role(fam, module), types["linear"])
+
+
+def _data_shape(shape: tuple, qtype: T, what: str):
+    """(shape, numpy dtype) of a [N, K] weight's data as `qtype` (bytes per row when quantized)."""
+    if qtype == T.F32:
+        return tuple(shape), np.float32
+    if qtype == T.F16:
+        return tuple(shape), np.float16
+    if qtype in (T.Q8_0, T.Q4_0, T.Q4_1) and shape[-1] % 32:
+        raise UserError(f"{what}: {shape[-1]} columns is not a multiple of 32, which "
+                        f"{qtype.name} needs; choose type f16")
+    return tuple(gguf.quants.quant_shape_to_byte_shape(tuple(shape), qtype)), np.uint8
+
+
+def _encoded(fam, module, opt, types) -> np.ndarray:
+    return encode_module(fam, module, opt, types)[0]
+
+
+def _as_f32(fam, name: str) -> np.ndarray:
+    return fam.tensors[name].detach().float().numpy()
+
+
+def _rope_rows(produce, n_head: int) -> np.ndarray:
+    return llama_rope_rows(produce(), n_head)
