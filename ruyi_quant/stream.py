@@ -74,6 +74,7 @@ def write_safetensors(path: Path, entries: list[Entry], metadata: dict | None = 
                 data = chunk.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
                 f.write(memoryview(data))
                 done += data.nbytes
+            chunk = data = None                     # before the next tensor is made
             if done != e.nbytes:
                 raise RuntimeError(f"{e.name}: produced {done} bytes, header says {e.nbytes}")
     return 8 + len(raw) + offset
@@ -115,33 +116,27 @@ def write_sharded(out_dir: Path, entries: list[Entry], max_bytes: int = SHARD_BY
 
 class LazyTensors(Mapping):
     """name -> tensor, read from its safetensors file on access (nothing is kept: a second access
-    reads again). `check(name, tensor)` runs on every read (shape, dtype, finiteness). Tensors set
-    with `[]=` live in memory and shadow the files; `info(name)` is (shape, dtype) without reading."""
+    reads again). Reads are plain file reads into a fresh buffer, not memory maps: a tensor's
+    memory is its own and goes with it, and pages of the file never count against the process.
+    `check(name, tensor)` runs on every read (finiteness). Tensors set with `[]=` live in memory
+    and shadow the files; `info(name)` is (shape, dtype) without reading."""
 
     def __init__(self, files: dict[str, Path], check: Callable | None = None):
-        from .model.io import open_safetensors
         self._files = dict(files)
         self._mem: dict[str, torch.Tensor] = {}
         self._check = check
-        self._info: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._where: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for path in sorted(set(self._files.values())):
-            with open_safetensors(path) as f:
-                for name in f.keys():
-                    if self._files.get(name) == path:
-                        s = f.get_slice(name)
-                        self._info[name] = (tuple(s.get_shape()), TORCH_DTYPES[s.get_dtype()])
+            for name, where in _header(path).items():
+                if self._files.get(name) == path:
+                    self._where[name] = where
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name in self._mem:
             return self._mem[name]
         if name not in self._files:
             raise KeyError(name)
-        from .model.io import open_safetensors
-        with open_safetensors(self._files[name]) as f:
-            t = f.get_tensor(name)
-        if self._check is not None:
-            self._check(name, t)
-        return t
+        return self.loader(name)()
 
     def __setitem__(self, name: str, t: torch.Tensor) -> None:
         self._mem[name] = t
@@ -163,12 +158,10 @@ class LazyTensors(Mapping):
         if name in self._mem:
             t = self._mem[name]
             return lambda: t
-        path, check = self._files[name], self._check
+        path, check, where = self._files[name], self._check, self._where[name]
 
         def load():
-            from .model.io import open_safetensors
-            with open_safetensors(path) as f:
-                t = f.get_tensor(name)
+            t = _read(path, *where)
             if check is not None:
                 check(name, t)
             return t
@@ -192,4 +185,32 @@ class LazyTensors(Mapping):
     def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         if name in self._mem:
             return tuple(self._mem[name].shape), self._mem[name].dtype
-        return self._info[name]
+        dtype, shape, _, _ = self._where[name]
+        return shape, dtype
+
+
+def _header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+    """name -> (dtype, shape, first byte, end byte) of a safetensors file's tensors, after
+    safetensors itself has validated the file (a corrupt one is a UserError naming it)."""
+    from .model.io import open_safetensors
+    with open_safetensors(path) as f:
+        f.keys()
+    with open(path, "rb") as fh:
+        n = struct.unpack("<Q", fh.read(8))[0]
+        header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    return {k: (TORCH_DTYPES[v["dtype"]], tuple(v["shape"]), 8 + n + v["data_offsets"][0],
+                8 + n + v["data_offsets"][1]) for k, v in header.items()}
+
+
+def _read(path: Path, dtype: torch.dtype, shape: tuple[int, ...], start: int, end: int) -> torch.Tensor:
+    from .errors import UserError
+    buf = bytearray(end - start)
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        got = fh.readinto(buf)
+    if got != end - start:
+        raise UserError(f"{path}: truncated (a tensor ends at byte {end}, the file before it)")
+    if not buf:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape)

@@ -29,8 +29,9 @@ RUYI_7B = {
 CHUNK_ELEMENTS = 1 << 25            # rows generated per chunk: about 32M values (128 MB in fp32)
 
 
-def synthetic_config(depth: int = 28, exits: list[int] | None = None) -> dict:
-    cfg = dict(RUYI_7B, num_hidden_layers=depth)
+def synthetic_config(depth: int = 28, exits: list[int] | None = None, **overrides) -> dict:
+    """Ruyi-7B's config at `depth` (overrides: other widths, for tests)."""
+    cfg = dict(RUYI_7B, num_hidden_layers=depth, **overrides)
     cfg["early_exit_points"] = list(exits) if exits else \
         [e for e in RUYI_7B["early_exit_points"] if e < depth - 1] + [depth - 1]
     return cfg
@@ -92,14 +93,14 @@ def _scale(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
 
 
 def write_synthetic(out_dir: Path, depth: int = 28, exits: list[int] | None = None, seed: int = 0,
-                    shard_bytes: int = SHARD_BYTES, progress: bool = True) -> dict:
+                    shard_bytes: int = SHARD_BYTES, progress: bool = True, **overrides) -> dict:
     """Write the synthetic family (config, shards + index, a tiny tokenizer, the marker) into the
     existing directory out_dir. Returns its report."""
     from tqdm.auto import tqdm
 
     from .fsutil import write_marker
     from .tiny import build_tokenizer
-    cfg = synthetic_config(depth, exits)
+    cfg = synthetic_config(depth, exits, **overrides)
     shapes = tensor_shapes(cfg)
     gen = torch.Generator().manual_seed(seed)
     total = sum(numel(s) for s in shapes.values())

@@ -19,8 +19,24 @@ import torch
 BITS = (2, 3, 4, 8)
 
 
+COLUMNS_AT_ONCE = 1 << 22        # elements per column block (the int64 temporaries are 8 bytes each)
+
+
+def _by_columns(fn, x: torch.Tensor, *args) -> torch.Tensor:
+    """fn applied to blocks of x's columns (fn works column by column): the same result, with
+    temporaries the size of a block instead of x's."""
+    step = max(1, COLUMNS_AT_ONCE // max(1, x.shape[0]))
+    if x.shape[1] <= step:
+        return fn(x, *args)
+    return torch.cat([fn(x[:, c:c + step], *args) for c in range(0, x.shape[1], step)], dim=1)
+
+
 def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
     """[K, N] ints in [0, 2^bits) -> int32 [ceil(K*bits/32), N], packed along K."""
+    return _by_columns(_pack_rows, q, bits)
+
+
+def _pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
     k, n = q.shape
     words = -(-k * bits // 32)
     q = q.to(torch.int64)
@@ -35,6 +51,10 @@ def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_rows(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     """int32 [ceil(K*bits/32), N] -> int32 [K, N]; inverse of pack_rows."""
+    return _by_columns(_unpack_rows, packed, bits, k)
+
+
+def _unpack_rows(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     words = packed.to(torch.int64) & 0xFFFFFFFF
     words = torch.cat([words, torch.zeros_like(words[:1])])                # room for straddles
     offset = torch.arange(k, dtype=torch.int64) * bits

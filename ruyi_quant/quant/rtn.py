@@ -78,7 +78,7 @@ def group_index(k: int, spec: QuantSpec) -> torch.Tensor:
 
 
 def rtn_quantize(w: torch.Tensor, spec: QuantSpec):
-    """w [N, K] -> (q [K, N], scales [G, N] fp16, zeros [G, N], g_idx [K]) by round-to-nearest."""
+    """w [N, K] -> (q [K, N] uint8, scales [G, N] fp16, zeros [G, N], g_idx [K]) by round-to-nearest."""
     n, k = w.shape
     g_idx = group_index(k, spec)
     step = spec.width(k)
@@ -86,7 +86,7 @@ def rtn_quantize(w: torch.Tensor, spec: QuantSpec):
     for start in range(0, k, step):
         block = w[:, start:start + step]
         scale, zero = group_qparams(block, spec)
-        qs.append(quantize_to_grid(block, scale, zero, spec.maxq))
+        qs.append(quantize_to_grid(block, scale, zero, spec.maxq).to(torch.uint8))   # maxq <= 255
         scales.append(scale)
         zeros.append(zero)
     q = torch.cat(qs, dim=1).t().contiguous()

@@ -74,18 +74,18 @@ class LazyArray:
 
 
 def _float_array(t: torch.Tensor, qtype: T, what: str) -> tuple[np.ndarray, T]:
-    x = t.detach().float().numpy()
     if qtype == T.F32:
-        return x, T.F32
+        return t.detach().float().numpy(), T.F32
     if qtype == T.F16:
-        return x.astype(np.float16), T.F16
-    if qtype in (T.Q8_0, T.Q4_0, T.Q4_1) and x.shape[-1] % 32:
-        raise UserError(f"{what}: {x.shape[-1]} columns is not a multiple of 32, which "
+        return t.detach().float().numpy().astype(np.float16), T.F16
+    if qtype in (T.Q8_0, T.Q4_0, T.Q4_1) and t.shape[-1] % 32:
+        raise UserError(f"{what}: {t.shape[-1]} columns is not a multiple of 32, which "
                         f"{qtype.name} needs; choose type f16")
-    out = np.empty(gguf.quants.quant_shape_to_byte_shape(x.shape, qtype), dtype=np.uint8)
-    step = max(1, QUANTIZE_ROWS_ELEMENTS // x.shape[-1])
-    for r in range(0, x.shape[0], step):        # rows at a time: gguf's quantizer makes several
-        out[r:r + step] = gguf.quants.quantize(x[r:r + step], qtype)   # full-size temporaries
+    out = np.empty(gguf.quants.quant_shape_to_byte_shape(tuple(t.shape), qtype), dtype=np.uint8)
+    step = max(1, QUANTIZE_ROWS_ELEMENTS // t.shape[-1])
+    for r in range(0, t.shape[0], step):        # rows at a time, from the stored dtype: gguf's
+        x = t[r:r + step].detach().float().numpy()          # quantizer makes several full-size
+        out[r:r + step] = gguf.quants.quantize(x, qtype)    # float temporaries
     return out, qtype
 
 
