@@ -144,7 +144,9 @@ def cmd_quantize(args) -> None:
         fam.provenance = Provenance(model=args.model, quantize=q, calibration=cal)
         save_family(fam, tmp, src)
     from .fsutil import disk_bytes
-    print(f"wrote {out} ({len(fam.grids)} quantized linears, {disk_bytes(out) / 1e6:.2f} MB on disk)")
+    from .resources import peak_rss_bytes
+    print(f"wrote {out} ({len(fam.grids)} quantized linears, {disk_bytes(out) / 1e6:.2f} MB on disk; "
+          f"peak RSS {peak_rss_bytes() / 1e9:.2f} GB)")
 
 
 def cmd_export(args) -> None:

@@ -28,6 +28,7 @@ from .quant.rtn import rtn_family
 from .preflight import CALIBRATED, check_job
 from .sources import resolve_model
 from .recipe import Eval, Job, Provenance, Quantize
+from .resources import Stages
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -197,13 +198,19 @@ def run_job(job: Job, base: Path, force: bool = False, progress: bool = True,
         say(f"[{job.name}] outputs complete and unchanged in {out}: skipped")
         return {"status": "skipped", "output": str(out)}
     t0 = time.perf_counter()
+    stages = Stages()
+
+    def done(_):
+        say(f"[{job.name}] {stages.line(stages.rows[-1])}")
     with atomic_dir(out, inputs=[src], flag=f"jobs[{index}].output") as tmp:
         say(f"[{job.name}] loading {src} and quantizing: {job.quantize.method} "
             f"{job.quantize.bits}-bit g{job.quantize.group_size}")
-        ref, fam = quantize_source(src, job.quantize, calib, progress)
-        fam.provenance = Provenance.model_validate(job.model_dump())
-        (tmp / "family").mkdir()
-        save_family(fam, tmp / "family", src)
+        with stages.stage("quantize and write the family"):
+            ref, fam = quantize_source(src, job.quantize, calib, progress)
+            fam.provenance = Provenance.model_validate(job.model_dump())
+            (tmp / "family").mkdir()
+            save_family(fam, tmp / "family", src)
+        done("quantize")
         fam = load_family(tmp / "family")         # exports read the family as written, lazily
         folders = [export_folder(ex, fam) for ex in job.export]
         dup = next((f for f in folders if folders.count(f) > 1), None)
@@ -211,16 +218,21 @@ def run_job(job: Job, base: Path, force: bool = False, progress: bool = True,
             raise UserError(f"job {job.name}: two exports write to '{dup}'; give one a 'folder'")
         for ex, folder in zip(job.export, folders):
             say(f"[{job.name}] exporting {ex.format} -> {folder}/")
-            if ex.format == "gguf":
-                export_gguf(fam, tmp / folder, src, ex, progress, calib)
-            else:
-                export_hf(fam, tmp / folder, src, ex.exits, ex.weights, ex.dtype, progress)
+            with stages.stage(f"export {folder}"):
+                if ex.format == "gguf":
+                    export_gguf(fam, tmp / folder, src, ex, progress, calib)
+                else:
+                    export_hf(fam, tmp / folder, src, ex.exits, ex.weights, ex.dtype, progress)
+            done(folder)
         summary: dict = {"status": "done", "output": str(out), "method": fam.method,
                          "family_bytes": fam.size()[1]}
         if ev is not None:
             say(f"[{job.name}] evaluating on {ev.source}")
-            summary["eval"] = eval_report(ref, fam, src, ev, tmp, progress)
+            with stages.stage("evaluate"):
+                summary["eval"] = eval_report(ref, fam, src, ev, tmp, progress)
+            done("eval")
         summary["seconds"] = time.perf_counter() - t0
+        summary["stages"] = stages.rows
         write_manifest(tmp, job, summary)
     return summary
 
