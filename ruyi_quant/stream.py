@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32",
+ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32",
              torch.int64: "I64", torch.uint8: "U8", torch.int8: "I8", torch.bool: "BOOL"}
 TORCH_DTYPES = {v: k for k, v in ST_DTYPES.items()}
 SHARD_BYTES = 5_000_000_000          # transformers' default max_shard_size ("5GB")
 # safetensors' own writer orders tensors by dtype (this rank, descending), then by name; so do we,
 # and the header is its compact JSON: a file we stream is byte for byte the one save_file writes
 RANK = {torch.bool: 0, torch.uint8: 4, torch.int8: 5, torch.float16: 11, torch.bfloat16: 12,
-        torch.int32: 13, torch.float32: 15, torch.int64: 17}
+        torch.int32: 13, torch.float32: 15, torch.float64: 16, torch.int64: 17}
 
 
 @dataclass
@@ -199,6 +199,11 @@ def _header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, in
         n = struct.unpack("<Q", fh.read(8))[0]
         header = json.loads(fh.read(n))
     header.pop("__metadata__", None)
+    odd = next((k for k, v in header.items() if v["dtype"] not in TORCH_DTYPES), None)
+    if odd is not None:
+        from .errors import UserError
+        raise UserError(f"{path}: tensor {odd} is {header[odd]['dtype']}, a dtype ruyi-quant does "
+                        f"not read ({', '.join(TORCH_DTYPES)})")
     return {k: (TORCH_DTYPES[v["dtype"]], tuple(v["shape"]), 8 + n + v["data_offsets"][0],
                 8 + n + v["data_offsets"][1]) for k, v in header.items()}
 

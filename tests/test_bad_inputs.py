@@ -171,6 +171,9 @@ MODEL_BREAKS = {
     "huge safetensors header": (on("model/model.safetensors", st_huge_header), ["model.safetensors", "header too large"]),
     "int32 weight": (on("model/model.safetensors", lambda p: edit_state(p, int32_weight)),
                      ["model.layers.1.mlp.up_proj.weight", "int32"]),
+    "float8 weight": (on("model/model.safetensors", lambda p: edit_state(
+        p, put("model.layers.1.mlp.up_proj.weight", torch.zeros(320, 128, dtype=torch.float8_e4m3fn)))),
+        ["model.layers.1.mlp.up_proj.weight", "F8_E4M3"]),
     "absurd hidden_size": (on("model/config.json", lambda p: edit_json(p, set_key(hidden_size=10 ** 12))),
                            ["config.json", "'hidden_size'", "implausibly large"]),
     "config not UTF-8": (on("model/config.json", lambda p: p.write_bytes(b'{"model_type": "\xff\xfe"}')),

@@ -119,7 +119,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(where, family, tmp_path, cap
     def full(*a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "out" / "x"))
     target = {"quantize": (ruyi_quant.checkpoint, "write_safetensors"),
-              "export": (ruyi_quant.exporters.gguf.files.gguf.GGUFWriter, "write_tensors_to_file"),
+              "export": (ruyi_quant.exporters.gguf.files.gguf.GGUFWriter, "write_tensor_data"),
               "eval": (ruyi_quant.report, "eval_markdown")}[where]
     monkeypatch.setattr(*target, full)
     argv = {"quantize": ["quantize", "builtin:tiny", "--bits", "8"],
