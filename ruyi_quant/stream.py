@@ -130,6 +130,11 @@ class LazyTensors(Mapping):
             for name, where in _header(path).items():
                 if self._files.get(name) == path:
                     self._where[name] = where
+        absent = next((n for n in self._files if n not in self._where), None)
+        if absent is not None:
+            from .errors import UserError
+            raise UserError(f"{self._files[absent]}: the index lists {absent} in this file, but it "
+                            "is not there")
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name in self._mem:

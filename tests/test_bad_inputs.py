@@ -134,6 +134,15 @@ def shard_missing(d):
     (d / "model-00002-of-00002.safetensors").unlink()
 
 
+def index_wrong_shard(d):
+    shard(d)
+    p = d / "model.safetensors.index.json"
+    index = json.loads(p.read_text())
+    first = min(index["weight_map"])                 # in shard 1; the index says shard 2
+    index["weight_map"][first] = "model-00002-of-00002.safetensors"
+    p.write_text(json.dumps(index))
+
+
 def shard_bad_index(d):
     shard(d)
     (d / "model.safetensors.index.json").write_text('{"weight_map": ')
@@ -184,6 +193,8 @@ MODEL_BREAKS = {
     "config binary": (on("model/config.json", lambda p: p.write_bytes(b"\x00\x01\x02" * 10)),
                       ["config.json", "binary data"]),
     "missing shard": (on("model", shard_missing), ["model-00002-of-00002.safetensors", "missing"]),
+    "index points at the wrong shard": (on("model", index_wrong_shard),
+                                        ["model-00002-of-00002.safetensors", "the index lists"]),
     "bad index": (on("model", shard_bad_index), ["model.safetensors.index.json", "not valid JSON"]),
     "index not a map": (on("model", lambda d: (shard(d), (d / "model.safetensors.index.json").write_text('{"weight_map": 3}'))),
                         ["model.safetensors.index.json", "weight_map"]),
