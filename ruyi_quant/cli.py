@@ -1,7 +1,8 @@
 """`ruyi-quant` subcommands. Argument parsing and printing only; the work is in pipeline.py.
 
 A user's mistake is one line on stderr and exit code 2; anything else is a bug and keeps its
-traceback. Over 400 lines because of the argparse tables (build_parser, about half of it), which
+traceback. The builders (make-familial, make-synthetic) are in cli_make.py, option helpers in
+cli_options.py; over 400 lines because of the argparse tables (build_parser, about half), which
 read best in one place.
 """
 
@@ -12,8 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-from pydantic import ValidationError
-
+from .cli_make import cmd_make_familial, cmd_make_synthetic
+from .cli_options import _default, _exits, _override, _validated
 from .errors import Terminated, UserError
 from .log import log_to_stderr
 
@@ -30,57 +31,6 @@ def _console():
     """Rich console; wide enough for the tables when output goes to a file or a pipe."""
     from rich.console import Console
     return Console(width=None if sys.stdout.isatty() else 120)
-
-
-def _given(**kw) -> dict:
-    """The options a user gave; the rest take the settings' own defaults (recipe.py)."""
-    return {k: v for k, v in kw.items() if v is not None}
-
-
-def _default(cls, field: str):
-    """A setting's default, for --help (declared once, in recipe.py)."""
-    return cls.model_fields[field].default
-
-
-# settings whose flag is not `--` + the field's name
-FLAGS = {"distill_weight": "--distill", "damp_percent": "--damp", "sources": "--train",
-         "clip": "--no-clip"}
-
-
-def _validated(cls, flags: dict | None = None, **kw):
-    """A settings object from the options given; a bad value is one line naming its flag."""
-    kw = _given(**kw)
-    try:
-        return cls(**kw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        field = str(err["loc"][0])
-        flag = {**FLAGS, **(flags or {})}.get(field, "--" + field.replace("_", "-"))
-        raise UserError(f"{flag}: {err['msg'].removeprefix('Value error, ')}") from None
-
-
-def _exits(text: str | None):
-    if text is None or text == "all":
-        return "all"
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise UserError(f"--exits {text}: give layer indices like 2,5 or 'all'") from None
-
-
-def _override(text: str, skip: bool = False):
-    """`PATTERN:bits=8,group_size=-1,sym=false` -> Override fields."""
-    pattern, _, rest = text.partition(":")
-    fields: dict = {"pattern": pattern, "skip": skip}
-    for item in filter(None, rest.split(",")):
-        key, _, val = item.partition("=")
-        if key not in ("bits", "group_size", "sym"):
-            raise UserError(f"--override {text}: unknown setting '{key}' (bits, group_size, sym)")
-        try:
-            fields[key] = val.lower() in ("1", "true", "yes") if key == "sym" else int(val)
-        except ValueError:
-            raise UserError(f"--override {text}: '{val}' is not a number") from None
-    return fields
 
 
 # --- subcommands ---------------------------------------------------------------------------
@@ -245,73 +195,6 @@ def cmd_eval(args) -> None:
     else:
         report = eval_report(ref, fam, tok_dir, ev, None)
     _console().print(rich_table(f"{fam.method} vs reference on {ev.source}", *eval_cells(report)))
-
-
-def cmd_make_familial(args) -> None:
-    from .data import check_source, check_tokenizer
-    from .fsutil import check_output_dir
-    from .model.config import read_config
-    from .preflight import check_seq_len
-    from .recipe import Training
-    from .sources import resolve_model
-    from .sources.branches import build_familial
-    train = _validated(Training, sources=args.train, windows=args.windows, seq_len=args.seq_len,
-                       steps=args.steps, lr=args.lr, positions=args.positions, distill_weight=args.distill,
-                       seed=args.seed)
-    check_output_dir(Path(args.out), force=args.force, inputs=[args.model])
-    for source in train.sources:
-        check_source(source)
-    src = resolve_model(args.model)
-    cfg = read_config(src)
-    if len(cfg.exits) != 1:
-        raise UserError(f"{args.model}: already a family (exits {cfg.exits}); give a plain Qwen2/Llama model")
-    exits = _exits(args.exits)
-    if exits == "all" or not exits:
-        raise UserError("--exits: give the exit layers, e.g. 12,16,20,25,29")
-    last = cfg.num_layers - 1
-    exits = sorted(set(exits) | {last})
-    bad = [e for e in exits if not 0 <= e <= last]
-    if bad:
-        raise UserError(f"--exits: {bad} outside the model's layers 0..{last}")
-    check_seq_len(cfg, train.seq_len, "--seq-len")
-    check_tokenizer(src)
-    report = build_familial(src, Path(args.out), exits, shared_heads=not args.separate_heads,
-                            train=train, force=args.force)
-    ppl = report.get("ppl_bf16", {})
-    print(f"wrote {args.out}: exits {report['exits']}" +
-          (", bf16 perplexity " + ", ".join(f"{e}: {p:.1f}" for e, p in ppl.items()) if ppl else ""))
-
-
-def cmd_make_synthetic(args) -> None:
-    import shutil
-    from .fsutil import atomic_dir, check_output_dir
-    from .synthetic import numel, synthetic_config, tensor_shapes, write_synthetic
-    depth = 28 if args.depth is None else args.depth
-    if not 1 <= depth <= 28:
-        raise UserError(f"--depth {depth}: give 1..28 trunk layers")
-    exits = None if args.exits is None else _exits(args.exits)
-    if exits == "all":
-        raise UserError("--exits: give the exit layers, e.g. 1,2")
-    if exits is not None and (sorted(set(exits)) != exits or exits[0] < 0 or exits[-1] != depth - 1):
-        raise UserError(f"--exits {args.exits}: ascending layer indices ending with depth - 1 = {depth - 1}")
-    if args.shard_gb is not None and not 0.001 <= args.shard_gb <= 1000:
-        raise UserError(f"--shard-gb {args.shard_gb}: give a size between 0.001 and 1000 GB")
-    out = Path(args.out)
-    check_output_dir(out, force=args.force)
-    cfg = synthetic_config(depth, exits)
-    need = 2 * sum(numel(s) for s in tensor_shapes(cfg).values())
-    parent = out.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    free = shutil.disk_usage(parent).free
-    if need > free:
-        raise UserError(f"--out {out}: needs {need / 1e9:.1f} GB, {parent} has {free / 1e9:.1f} GB free")
-    shard = int((args.shard_gb or 5.0) * 1e9)
-    with atomic_dir(out, force=args.force) as tmp:
-        report = write_synthetic(tmp, depth, exits, seed=args.seed or 0, shard_bytes=shard)
-    print(f"wrote {out}: synthetic Ruyi-7B-shaped family (random weights: for memory and speed "
-          f"measurements only), {report['parameters'] / 1e9:.2f}B parameters, exits {report['exits']}, "
-          f"{need / 1e9:.2f} GB of bf16 tensors")
 
 
 def cmd_run(args) -> None:
