@@ -32,7 +32,7 @@ from .quant.plan import QuantSpec
 from .recipe import Provenance
 from .stream import Entry, LazyTensors, write_safetensors
 
-__all__ = ["QuantizedFamily", "load_family", "pack_grid", "save_family"]
+__all__ = ["QuantizedFamily", "Spill", "load_family", "pack_grid", "save_family"]
 
 
 def pack_grid(layout: str, grid: Grid) -> dict[str, torch.Tensor]:
@@ -214,3 +214,32 @@ def _unpack_checked(path: Path, layout: str, module: str, spec: QuantSpec, shape
         raise UserError(f"{path}: the packed tensors of {module} disagree with ruyi_quant.json "
                         f"({problem})")
     return grid
+
+
+class Spill:
+    """Grids moved to disk as soon as a layer is quantized, so that calibrating a family holds one
+    layer's grids, not the family's: each layer's packed in GPTQ's layout (lossless for any grid)
+    into a safetensors file of its own in `folder`, then read back as LazyGrids when used."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.files = Path(folder), 0
+
+    def move(self, fam: QuantizedFamily, prefix: str) -> None:
+        mods = [m for m, g in fam.grids.items()
+                if isinstance(g, Grid) and (m == prefix or m.startswith(prefix + "."))]
+        if not mods:
+            return
+        path = self.folder / f"{self.files:05d}.safetensors"
+        self.files += 1
+        layer = QuantizedFamily(config=fam.config, tensors={}, grids={m: fam.grids[m] for m in mods})
+        write_safetensors(path, grid_entries(layer, "gptq", {m: m for m in mods}))
+        reader = LazyTensors({f"{m}.{s}": path for m in mods for s in LAYOUTS["gptq"]})
+        for m in mods:
+            g = fam.grids[m]
+            fam.grids[m] = LazyGrid(g.spec, g.shape, partial(_unpack, reader, m, g.spec),
+                                    partial(_stored, reader, m, "gptq"), act_order=g.act_order,
+                                    g_idx=reader.loader(f"{m}.g_idx"))
+
+
+def _unpack(reader, module: str, spec: QuantSpec) -> Grid:
+    return Grid.unpack("gptq", {s: reader[f"{module}.{s}"] for s in LAYOUTS["gptq"]}, spec)

@@ -69,7 +69,7 @@ def cmd_inspect(args) -> None:
 def cmd_quantize(args) -> None:
     from .checkpoint import save_family
     from .fsutil import atomic_dir, check_output_dir
-    from .pipeline import quantize_source
+    from .pipeline import quantize_source, spilling
     from .preflight import preflight
     from .recipe import AWQOptions, Calibration, GPTQOptions, Override, Provenance, Quantize
     from .sources import resolve_model
@@ -89,8 +89,8 @@ def cmd_quantize(args) -> None:
     check_output_dir(out, force=args.force, inputs=[args.model])
     src = resolve_model(args.model)
     preflight(src, q, cal)
-    with atomic_dir(out, force=args.force, inputs=[src]) as tmp:      # locked while it works
-        _, fam = quantize_source(src, q, cal)
+    with atomic_dir(out, force=args.force, inputs=[src]) as tmp, spilling(out) as spill:
+        _, fam = quantize_source(src, q, cal, spill=spill)
         fam.provenance = Provenance(model=args.model, quantize=q, calibration=cal)
         save_family(fam, tmp, src)
     from .fsutil import disk_bytes

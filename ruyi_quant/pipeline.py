@@ -12,19 +12,20 @@ Job output layout:
 from __future__ import annotations
 
 import json
+import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from .checkpoint import QuantizedFamily, load_family, save_family
+from .checkpoint import QuantizedFamily, Spill, load_family, save_family
 from .data import load_tokenizer, text_windows
 from .errors import UserError
 from .evaluate import evaluate
 from .fsutil import atomic_dir, intact, read_manifest, write_marker
-from .model.io import load_model
 from .quant.plan import QuantSpec, make_plan
-from .quant.rtn import rtn_family
+from .quant.rtn import rtn_family, rtn_lazy
 from .preflight import CALIBRATED, check_job
 from .sources import resolve_model
 from .recipe import Eval, Job, Provenance, Quantize
@@ -33,16 +34,21 @@ from .resources import Stages
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def quantize(model, settings: Quantize, calib: torch.Tensor | None = None,
-             progress: bool = True) -> QuantizedFamily:
-    """Quantize a float FamilialModel by the recipe's quantize section. GPTQ/AWQ replace the
-    model's linears by their quantized values as they go (new tensors; see calibrate.py)."""
+def quantize(source, settings: Quantize, calib: torch.Tensor | None = None,
+             progress: bool = True, spill=None) -> QuantizedFamily:
+    """Quantize a float family (a lazy one is read layer by layer) or a FamilialModel (left
+    unchanged) by the recipe's quantize section. `spill`: a checkpoint.Spill that GPTQ/AWQ move
+    each layer's grids to as they go (a family of any size then fits in memory)."""
+    from .model.familial import FamilialModel
+    src = source if isinstance(source, QuantizedFamily) else QuantizedFamily.from_model(source)
     if settings.method == "none":
-        return QuantizedFamily.from_model(model)
-    plan = checked_plan(model, settings)
+        return src
+    with torch.device("meta"):
+        skeleton = FamilialModel(src.config)
+    plan = checked_plan(skeleton, settings)
     t0 = time.perf_counter()
     if settings.method == "rtn":
-        fam = rtn_family(model, plan, progress)
+        fam = rtn_family(source, plan, progress) if isinstance(source, FamilialModel) else rtn_lazy(src, plan)
     else:
         from .quant.calibrate import calibrate
         if settings.method == "gptq":
@@ -53,9 +59,9 @@ def quantize(model, settings: Quantize, calib: torch.Tensor | None = None,
             from .quant.awq import AWQ
             a = settings.awq
             method = AWQ(a.grid, a.max_shrink, a.max_tokens, a.clip)
-            layout = "awq" if awq_layout_fits(model, plan) else "gptq"
-        fam = calibrate(model, plan, calib, method, batch=settings.batch, device=settings.device,
-                        progress=progress, desc=settings.method, layout=layout)
+            layout = "awq" if awq_layout_fits(skeleton, plan) else "gptq"
+        fam = calibrate(src, plan, calib, method, batch=settings.batch, device=settings.device,
+                        progress=progress, desc=settings.method, layout=layout, spill=spill)
         if settings.method == "awq":
             fam.stats["awq_scale_ratios"] = method.ratios   # r per smoothing pair (None: no scaling)
     fam.method = settings.method
@@ -75,25 +81,28 @@ def checked_plan(model, settings: Quantize) -> dict[str, QuantSpec]:
     return plan
 
 
-def quantize_source(src: Path, settings: Quantize, cal, progress: bool = True):
-    """Load a source checkpoint and quantize it by `settings`, calibrating on `cal`'s text (GPTQ/AWQ).
-    Returns (the float family, the quantized family); the CLI and recipe jobs both run this.
-    RTN and `none` stay lazy (nothing is read until the family is written: rtn_lazy); GPTQ and AWQ
-    load the model in float32."""
-    if settings.method in ("rtn", "none"):
-        from .model.familial import FamilialModel
-        from .quant.rtn import rtn_lazy
-        fam = load_family(src)
-        if settings.method == "rtn":
-            with torch.device("meta"):
-                plan = checked_plan(FamilialModel(fam.config), settings)
-            fam = rtn_lazy(fam, plan)
-        fam.stats["quantize_seconds"] = 0.0       # the rounding happens as the family is written
-        return load_family(src), fam
+def quantize_source(src: Path, settings: Quantize, cal, progress: bool = True, spill=None):
+    """Open a source checkpoint lazily and quantize it by `settings`, calibrating on `cal`'s text
+    (GPTQ/AWQ). Returns (the float family, the quantized family); the CLI and recipe jobs both
+    run this. RTN and `none` read nothing until the family is written (rtn_lazy); GPTQ and AWQ
+    read one layer at a time (calibrate.py), their grids moved to `spill` as they go."""
     windows = calib_windows(src, cal) if settings.method in CALIBRATED else None   # text first: fails fast
-    model = load_model(src)
-    ref = QuantizedFamily.from_model(model)     # before the quantizer replaces the linears
-    return ref, quantize(model, settings, windows, progress)
+    fam = quantize(load_family(src), settings, windows, progress, spill)
+    if settings.method in ("rtn", "none"):
+        fam.stats["quantize_seconds"] = 0.0       # the rounding happens as the family is written
+    return load_family(src), fam
+
+
+@contextmanager
+def spilling(out: Path):
+    """A Spill in a temporary sibling of the output `out` (named as atomic_dir names its own, so
+    that a run killed on the way leaves nothing the next run does not remove), removed on leaving."""
+    import tempfile
+    folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield Spill(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def awq_layout_fits(model, plan: dict) -> bool:
@@ -205,8 +214,8 @@ def run_job(job: Job, base: Path, force: bool = False, progress: bool = True,
     with atomic_dir(out, inputs=[src], flag=f"jobs[{index}].output") as tmp:
         say(f"[{job.name}] loading {src} and quantizing: {job.quantize.method} "
             f"{job.quantize.bits}-bit g{job.quantize.group_size}")
-        with stages.stage("quantize and write the family"):
-            ref, fam = quantize_source(src, job.quantize, calib, progress)
+        with stages.stage("quantize and write the family"), spilling(out) as spill:
+            ref, fam = quantize_source(src, job.quantize, calib, progress, spill)
             fam.provenance = Provenance.model_validate(job.model_dump())
             (tmp / "family").mkdir()
             save_family(fam, tmp / "family", src)

@@ -172,6 +172,13 @@ class LazyTensors(Mapping):
             return t
         return load
 
+    def copy(self) -> "LazyTensors":
+        """Another view of the same files (and the same in-memory tensors), set and discarded
+        independently of this one."""
+        new = LazyTensors.__new__(LazyTensors)
+        new._files, new._mem, new._check, new._where = dict(self._files), dict(self._mem), self._check, self._where
+        return new
+
     def discard(self, name: str) -> None:
         """Forget a tensor without reading it."""
         self._mem.pop(name, None)

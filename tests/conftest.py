@@ -87,8 +87,14 @@ def recording(method_cls):
             super().__init__(**kw)
             self.seen, self.before = {}, {}
 
+        def quantize_group(self, linears, hs, plan, fam):        # GPTQ: one Hessian per group
+            for name in linears:
+                self.seen[name] = hs.h.clone()
+            super().quantize_group(linears, hs, plan, fam)
+
         def quantize_linear(self, linear, name, stat, spec, fam, **kw):
-            self.seen[name] = (stat.h if hasattr(stat, "h") else stat).clone()
+            if isinstance(stat, torch.Tensor):                  # AWQ: its activation rows
+                self.seen[name] = stat.clone()
             self.before[name] = linear.weight.detach().float().clone()
             super().quantize_linear(linear, name, stat, spec, fam, **kw)
     return Recording

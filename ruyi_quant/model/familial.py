@@ -70,13 +70,17 @@ class FamilialModel(nn.Module):
     def prepare(self, input_ids, attention_mask=None, position_ids=None, cache=None):
         """Embeddings [B, T, H] and what every layer takes besides them (mask, positions, rope)."""
         x = self.model.embed_tokens(input_ids)                                   # [B, T, H]
+        return x, self.layer_kwargs(x, attention_mask, position_ids, cache)
+
+    def layer_kwargs(self, x, attention_mask=None, position_ids=None, cache=None) -> dict:
+        """What every layer takes besides its input x [B, T, H]: mask, positions, rope."""
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(x.shape[1], device=x.device) + past).unsqueeze(0)
         mask = create_causal_mask(config=self.hf_config, inputs_embeds=x, attention_mask=attention_mask,
                                   cache=cache, position_ids=position_ids)
         rope = self.model.rotary_emb(x, position_ids)
-        return x, dict(attention_mask=mask, position_ids=position_ids, position_embeddings=rope)
+        return dict(attention_mask=mask, position_ids=position_ids, position_embeddings=rope)
 
     def forward(self, input_ids: torch.Tensor, exit: int | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,

@@ -40,29 +40,52 @@ def sample_rows(x: torch.Tensor, max_tokens: int, seed: int = 0) -> torch.Tensor
     return x[torch.randperm(x.shape[0], generator=g)[:max_tokens].to(x.device)]
 
 
-def search_scales(x: torch.Tensor, ws: list[torch.Tensor], spec: QuantSpec, n_grid: int = 20):
+def search_scales(x: torch.Tensor, ws: list[torch.Tensor], spec: QuantSpec, n_grid: int = 20,
+                  chunk: int = 1 << 27):
     """x [m, K], ws: weights [N_i, K] sharing that input -> (s [K], best r, loss per r).
 
     loss(r) = sum_i ||x W_i^T - (x/s) Q(W_i s)^T||^2 / numel. No scaling (s = 1, r = None) is a
-    candidate too, so the search never does worse than plain rounding on x."""
-    w = torch.cat([w.float() for w in ws])                                   # [N, K]
-    k = w.shape[1]
+    candidate too, so the search never does worse than plain rounding on x. Weights of more than
+    `chunk` elements (Ruyi's heads, 545M) are taken `chunk` elements of rows at a time, so no
+    float copy of them nor [m, vocab] products are made whole."""
+    k = ws[0].shape[1]
+    n = sum(w.shape[0] for w in ws)
+    rows = max(1, chunk // k)
+    parts = [w[r:r + rows] for w in ws for r in range(0, w.shape[0], rows)]
+    one = n * k <= chunk                   # small enough: the whole weight at once
     gs = spec.width(k)
     pad = -k % gs
-    wg = torch.nn.functional.pad(w.abs(), (0, pad)).reshape(w.shape[0], -1, gs)
-    w_mean = (wg / wg.amax(-1, keepdim=True).clamp(min=1e-8)).reshape(w.shape[0], -1)[:, :k].mean(0)
+
+    def norm_mean(w):                      # sum over rows of |w| / its group's max
+        wg = torch.nn.functional.pad(w.float().abs(), (0, pad)).reshape(w.shape[0], -1, gs)
+        return (wg / wg.amax(-1, keepdim=True).clamp(min=1e-8)).reshape(w.shape[0], -1)[:, :k]
+    if one:
+        w = torch.cat([w.float() for w in ws])
+        w_mean = norm_mean(w).mean(0)
+    else:
+        w_mean = sum(norm_mean(w).sum(0) for w in parts) / n
     x_mean = x.abs().mean(0)
-    ref = x @ w.t()
+
+    ref = x @ w.t() if one else None
+
+    def loss_of(s):                        # s None: plain rounding
+        if one:
+            q = fake_quantize(w, spec) if s is None else fake_quantize(w * s, spec) / s
+            return (x @ q.t() - ref).pow(2).mean().item()
+        total = 0.0
+        for part in parts:
+            wf = part.float()
+            q = fake_quantize(wf, spec) if s is None else fake_quantize(wf * s, spec) / s
+            total += (x @ (q - wf).t()).pow(2).sum().item()
+        return total / (x.shape[0] * n)
     losses, best, best_s = [], None, torch.ones(k, device=x.device)
-    identity = (x @ fake_quantize(w, spec).t() - ref).pow(2).mean().item()
+    identity = loss_of(None)
     for i in range(n_grid):
         r = i / n_grid
         s = (x_mean.pow(r) / w_mean.pow(1 - r).clamp(min=1e-4)).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        q = fake_quantize(w * s, spec) / s
-        loss = (x @ q.t() - ref).pow(2).mean().item()
-        losses.append(loss)
-        if best is None or loss < losses[best]:
+        losses.append(loss_of(s))
+        if best is None or losses[-1] < losses[best]:
             best, best_s = i, s
     if identity <= losses[best]:
         return torch.ones(k, device=x.device), None, losses

@@ -17,13 +17,15 @@ A method is an object with `layer(layer, prefix, xs, kw, plan, fam)`,
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from tqdm.auto import tqdm
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 
 from .. import names
 from ..errors import UserError
-from ..model.io import familial_state
+from ..model.familial import FamilialModel
 from .family import QuantizedFamily
 from .grid import Grid
 
@@ -132,68 +134,119 @@ def check_tokens(plan: dict, model, tokens: int) -> None:
              f"columns: its Hessian is singular; use at least {widest} tokens (samples x seq_len)")
 
 
+class Weights:
+    """Modules of a meta-device skeleton of the family, materialised in float32 on the compute
+    device from a family's tensors (lazy ones are read from disk then) when a step needs them, and
+    dropped after: one layer (or head) at a time, whatever the family's size."""
+
+    def __init__(self, src: QuantizedFamily, dev: torch.device):
+        self.src, self.dev = src, dev
+        with torch.device("meta"):
+            self.model = FamilialModel(src.config)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if name == names.SHARED_HEAD + ".weight" and self.src.config.tie_word_embeddings:
+            name = names.EMBED + ".weight"
+        return self.src.tensors[name].to(self.dev, torch.float32)
+
+    def load(self, prefix: str):
+        mod = self.model.get_submodule(prefix)
+        mod.load_state_dict({k: self.tensor(f"{prefix}.{k}") for k in mod.state_dict()},
+                            assign=True)
+        return mod
+
+    def floats(self, prefix: str, grids) -> dict[str, torch.Tensor]:
+        """A loaded module's float tensors that were not quantized (AWQ may have folded scales
+        into them), on the CPU. A head tied to the embedding has none of its own."""
+        mod = self.model.get_submodule(prefix)
+        tied = prefix == names.SHARED_HEAD and self.src.config.tie_word_embeddings
+        return {f"{prefix}.{k}": t.detach().cpu() for k, t in mod.state_dict().items()
+                if names.module_of(f"{prefix}.{k}") not in grids and not tied}
+
+    def drop(self, prefix: str) -> None:
+        self.model.get_submodule(prefix).to("meta")
+
+
+def embed(src: QuantizedFamily, ids: torch.Tensor, batch: int) -> list[torch.Tensor]:
+    """Float32 embeddings of the calibration windows, batch by batch (one read of the table)."""
+    table = src.tensors[names.EMBED + ".weight"]
+    return [torch.nn.functional.embedding(b, table).float() for b in ids.split(batch)]
+
+
 @torch.no_grad()
-def calibrate(model, plan: dict, windows: torch.Tensor, method, *, batch: int = 8,
+def calibrate(source, plan: dict, windows: torch.Tensor, method, *, batch: int = 8,
               device: str | None = None, progress: bool = True, desc: str = "calibrate",
-              layout: str = "gptq", offload: bool | None = None) -> QuantizedFamily:
-    """Quantize every module of `plan` with `method`; the model's linears are replaced by their
-    quantized values as it goes (as new tensors). Returns the quantized family, its grids
-    stored in `layout` (gptq | awq). `offload` (None: decide by free device memory) keeps the
-    activations in CPU memory between uses."""
-    cfg = model.config
+              layout: str = "gptq", offload: bool | None = None, spill=None) -> QuantizedFamily:
+    """Quantize every module of `plan` with `method`. `source` is a float family (a lazy one is
+    read layer by layer) or a FamilialModel (left unchanged). Returns the quantized family, its
+    grids stored in `layout` (gptq | awq), seconds per layer in stats["layer_seconds"].
+    `offload` (None: decide by free device memory) keeps the activations in CPU memory between
+    uses; `spill` (a Spill) moves each layer's grids to disk as soon as they are made."""
+    src = source if isinstance(source, QuantizedFamily) else QuantizedFamily.from_model(source)
+    cfg = src.config
     dev = pick_device(device)
-    fam = QuantizedFamily.from_model(model)
-    fam.layout = layout
+    w = Weights(src, dev)
+    model = w.model
+    tensors = src.tensors.copy() if hasattr(src.tensors, "copy") else dict(src.tensors)
+    fam = QuantizedFamily(config=cfg, tensors=tensors, layout=layout)
     check_tokens(plan, model, windows.numel())
-    ids = windows.to(dev)
-    model.model.embed_tokens.to(dev)
-    model.model.rotary_emb.to(dev)
-    _, kw = model.prepare(ids[:1])      # equal lengths: one mask, one rope
+    model.model.rotary_emb = Qwen2RotaryEmbedding(config=model.hf_config).to(dev)
     if offload is None:
         offload = should_offload(dev, windows.numel() * cfg.hidden_size * 4)
-    xs = Activations([model.model.embed_tokens(b) for b in ids.split(batch)], dev, offload)
-    model.model.embed_tokens.cpu()
+    xs = Activations([x.to(dev) for x in embed(src, windows, batch)], dev, offload)
+    kw = model.layer_kwargs(next(iter(xs))[:1])     # equal lengths: one mask, one rope
     heads_seen: set[str] = set()
-    if cfg.tie_word_embeddings and names.SHARED_HEAD in plan:   # quantize the head, not the embedding
-        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    norms = [w.load(names.EXIT_NORM.format(j=j)) for j in range(len(cfg.exits))]
+    seconds: dict[str, float] = {}
 
-    def run_layer(layer, prefix, inputs):
-        layer.to(dev)
+    def timed(prefix, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        seconds[prefix] = round(time.perf_counter() - t0, 3)
+        return out
+
+    def keep(prefix):
+        for name, t in w.floats(prefix, fam.grids).items():
+            fam.tensors[name] = t
+        w.drop(prefix)
+        if spill is not None:
+            spill.move(fam, prefix)
+
+    def run_layer(prefix, inputs):
+        layer = w.load(prefix)
         if any(m.startswith(prefix + ".") for m in plan):
             method.layer(layer, prefix, inputs, kw, plan, fam)
         out = inputs.map(lambda x: layer(x, **kw))
-        layer.cpu()
+        keep(prefix)
         return out
 
     def run_head(j, hidden):
         head_name = names.head_prefix(cfg.shared_heads, j)
         if head_name not in plan:
             return
-        norm = model.model.norms[j].to(dev)
         for h in hidden:
-            method.observe_head(head_name, norm(h), norm)
-        norm.cpu()
+            method.observe_head(head_name, norms[j](h), norms[j])
         heads_seen.add(head_name)
         if not cfg.shared_heads:
-            finish_head(head_name)
+            timed(head_name, lambda: finish_head(head_name))
 
     def finish_head(head_name):
-        head = model.get_submodule(head_name).to(dev)
-        method.finish_head(head_name, head, plan, fam)
-        head.cpu()
+        method.finish_head(head_name, w.load(head_name), plan, fam)
+        keep(head_name)
 
-    steps = list(cfg.walk())
-    for step in tqdm(steps, desc=desc, unit="layer", disable=not progress, leave=False):
-        out = run_layer(model.get_submodule(step.prefix), step.prefix, xs)
+    for step in tqdm(list(cfg.walk()), desc=desc, unit="layer", disable=not progress, leave=False):
+        out = timed(step.prefix, lambda: run_layer(step.prefix, xs))
         if step.kind == "exit":
             run_head(step.j, out)                 # the trunk goes on from its own layer's output
         else:
             xs = out
     if cfg.shared_heads and heads_seen:
-        finish_head(names.SHARED_HEAD)
-    model.model.rotary_emb.cpu()
-    # float tensors a method changed (AWQ folds scales into norms and biases) go in as well
-    for name, t in familial_state(model).items():
-        if names.module_of(name) not in fam.grids and name in fam.tensors:
-            fam.tensors[name] = t
+        timed(names.SHARED_HEAD, lambda: finish_head(names.SHARED_HEAD))
+    for j in range(len(cfg.exits)):          # exit norms: AWQ folds head scales into them
+        keep(names.EXIT_NORM.format(j=j))
+    fam.stats["layer_seconds"] = seconds
+    if dev.type == "cuda":
+        fam.stats["peak_device_gb"] = torch.cuda.max_memory_allocated(dev) / 1e9
     return fam

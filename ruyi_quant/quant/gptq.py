@@ -41,50 +41,78 @@ def accumulate_hessian(hs: Hessian, x: torch.Tensor) -> None:
 
 def inverse_hessian_factor(h: torch.Tensor, damp: float, what: str) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1; more damping while not positive
-    definite (x10, three times), then a UserError naming the layer. Returns (factor, damp used)."""
-    k = h.shape[0]
+    definite (x10, three times), then a UserError naming the layer. Returns (factor, damp used).
+    At most three [K, K] matrices live at once (Ruyi's down_proj: 1.4 GB each)."""
     mean_diag = torch.mean(torch.diag(h)).item() or 1.0
     for attempt in range(4):
         d = damp * 10 ** attempt
-        hd = h + d * mean_diag * torch.eye(k, device=h.device)
+        hd = h.clone()
+        hd.diagonal().add_(d * mean_diag)
         chol, info = torch.linalg.cholesky_ex(hd)
+        del hd
         if info.item() == 0:
             inv = torch.cholesky_inverse(chol)
+            del chol
             factor, info = torch.linalg.cholesky_ex(inv, upper=True)
+            del inv
             if info.item() == 0:
                 return factor, d
     raise UserError(f"{what}: Hessian not positive definite even with damping {d:g}; use more or "
                     "more varied calibration text, or raise damp_percent")
 
 
-def gptq_quantize(w: torch.Tensor, hs: Hessian, spec: QuantSpec, *, damp: float = 0.01,
+@dataclass
+class Factor:
+    """What GPTQ needs of a Hessian, shared by every linear that reads the same input (q/k/v,
+    gate/up): dead input columns, the processing order, the inverse-Hessian factor."""
+    dead: torch.Tensor           # [K] bool: columns no calibration token touched
+    perm: torch.Tensor | None    # [K] act-order permutation (None: natural order)
+    u: torch.Tensor              # [K, K] upper factor, in processing order
+    damp: float                  # the damping that made H positive definite
+
+
+def factor_hessian(hs: Hessian, damp: float = 0.01, act_order: bool = False,
+                   what: str = "linear") -> Factor:
+    h = hs.h
+    dead = torch.diag(h) == 0
+    if bool(dead.any()):
+        h = h.clone()
+        h[dead, dead] = 1
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else None
+    if perm is not None:
+        h = h[perm][:, perm]
+    u, damp_used = inverse_hessian_factor(h, damp, what)
+    return Factor(dead, perm, u, damp_used)
+
+
+def gptq_quantize(w: torch.Tensor, hs: Hessian | Factor, spec: QuantSpec, *, damp: float = 0.01,
                   block: int = 128, act_order: bool = False, static_groups: bool = False,
                   what: str = "linear"):
-    """w [N, K] -> (q [K, N], scales [G, N] fp16, zeros [G, N], g_idx [K], damp used).
+    """w [N, K] -> (q [K, N] uint8, scales [G, N] fp16, zeros [G, N], g_idx [K], damp used).
 
+    `hs` is the Hessian of w's inputs, or its Factor (then damp and act_order are the factor's).
     Groups are runs of group_size columns in processing order (act-order permutes them; with
     static_groups they are runs of the original order, as GPTQModel does).
     """
+    f = hs if isinstance(hs, Factor) else factor_hessian(hs, damp, act_order, what)
     n, k = w.shape
     W = w.detach().float().clone()
-    H = hs.h.clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    W[:, f.dead] = 0
     gs = spec.width(k)
     static = None
     if static_groups or spec.group_size == -1:
         static = [group_qparams(W[:, s:s + gs], spec) for s in range(0, k, gs)]
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k)
-    W, H = W[:, perm], H[perm][:, perm]
-    U, damp_used = inverse_hessian_factor(H, damp, what)                    # [K, K] upper
+    perm = f.perm if f.perm is not None else torch.arange(k, device=W.device)
+    if f.perm is not None:
+        W = W[:, perm]
+    U = f.u                                                                 # [K, K] upper
 
-    q = torch.zeros(n, k, dtype=torch.int64)                                # permuted order
+    q = torch.zeros(n, k, dtype=torch.uint8, device=W.device)               # permuted order
     group_of = torch.zeros(k, dtype=torch.int64)                            # permuted order
     scales, zeros = [], []
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        W1, Err = W[:, i1:i2].clone(), torch.zeros(n, i2 - i1)
+        W1, Err = W[:, i1:i2].clone(), torch.zeros(n, i2 - i1, device=W.device)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
@@ -107,13 +135,14 @@ def gptq_quantize(w: torch.Tensor, hs: Hessian, spec: QuantSpec, *, damp: float 
             W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
             Err[:, i] = err
         W[:, i2:] -= Err @ U[i1:i2, i2:]
-
-    inv = torch.argsort(perm)
-    q, group_of = q[:, inv], group_of[inv]
+    del W
+    if f.perm is not None:
+        inv = torch.argsort(perm).to(q.device)
+        q, group_of = q[:, inv], group_of[inv.cpu()]
     if static is not None:
         scales, zeros = [s for s, _ in static], [z for _, z in static]
     return (q.t().contiguous(), torch.stack(scales), torch.stack(zeros),
-            group_of.to(torch.int32), damp_used)
+            group_of.to(torch.int32), f.damp)
 
 
 class GPTQ:
@@ -126,12 +155,21 @@ class GPTQ:
         self.heads: dict[str, Hessian] = {}
         self.damp_used: dict[str, float] = {}
 
-    def quantize_linear(self, linear, name: str, hs: Hessian, spec: QuantSpec, fam) -> None:
+    def quantize_linear(self, linear, name: str, hs: Hessian | Factor, spec: QuantSpec, fam) -> None:
         from .calibrate import store
         q, scales, zeros, g_idx, d = gptq_quantize(linear.weight, hs, spec, what=name, **self.opts)
         if d != self.opts["damp"]:
             self.damp_used[name] = d
         store(fam, linear, name, spec, q, scales, zeros, g_idx)
+
+    def quantize_group(self, linears: dict, hs: Hessian, plan, fam) -> None:
+        """Quantize linears that read one input (name -> module) against its Hessian, factored
+        once; the Hessian's matrix is let go as soon as it is factored (Ruyi's down_proj: 1.4 GB)."""
+        first = next(iter(linears))
+        f = factor_hessian(hs, self.opts["damp"], self.opts["act_order"], first)
+        hs.h = None
+        for name, linear in linears.items():
+            self.quantize_linear(linear, name, f, plan[name], fam)
 
     def layer(self, layer, prefix: str, xs, kw, plan, fam) -> None:
         from .. import names
@@ -143,8 +181,7 @@ class GPTQ:
             first = layer.get_submodule(mods[0])
             hs = Hessian.zeros(first.in_features, first.weight.device)
             capture_inputs(layer, first, xs, kw, lambda x: accumulate_hessian(hs, x))
-            for m in mods:
-                self.quantize_linear(layer.get_submodule(m), f"{prefix}.{m}", hs, plan[f"{prefix}.{m}"], fam)
+            self.quantize_group({f"{prefix}.{m}": layer.get_submodule(m) for m in mods}, hs, plan, fam)
 
     def observe_head(self, name: str, x: torch.Tensor, norm=None) -> None:
         if name not in self.heads:
@@ -152,4 +189,4 @@ class GPTQ:
         accumulate_hessian(self.heads[name], x)
 
     def finish_head(self, name: str, head, plan, fam) -> None:
-        self.quantize_linear(head, name, self.heads.pop(name), plan[name], fam)
+        self.quantize_group({name: head}, self.heads.pop(name), plan, fam)
