@@ -92,11 +92,16 @@ def capture_inputs(layer, linear, xs: list[torch.Tensor], kw: dict, fn) -> None:
 
 
 def store(fam: QuantizedFamily, linear, name: str, spec, q, scales, zeros, g_idx) -> None:
-    """Record a linear's grid in the family and make the float model compute with it."""
-    grid = Grid.make(q, scales, zeros, g_idx, spec)
-    fam.set_quantized(name, grid)
+    """Record a linear's grid in the family and make the float model compute with it (on the
+    compute device, where the grid was made). A head's output feeds nothing once it is quantized,
+    so a head keeps its float weight (Ruyi's: no 2.2 GB dequantized copy)."""
+    from .pack import dequantize
+    fam.set_quantized(name, Grid.make(q, scales, zeros, g_idx, spec))
+    if name.split(".")[0] == names.SHARED_HEAD:
+        return
     # a new tensor, not an in-place copy: tensors shared with a reference family stay intact
-    linear.weight.data = grid.dequantize().to(linear.weight.device, linear.weight.dtype)
+    linear.weight.data = dequantize(q.to(torch.uint8), scales.half(), zeros.to(torch.uint8),
+                                    g_idx.to(linear.weight.device)).to(linear.weight.dtype)
 
 
 class Activations:

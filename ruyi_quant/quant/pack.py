@@ -73,11 +73,16 @@ def unpack_cols(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-               g_idx: torch.Tensor) -> torch.Tensor:
-    """q [K, N], scales [G, N], zeros [G, N], g_idx [K] -> float32 weight [N, K]."""
+               g_idx: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """q [K, N], scales [G, N], zeros [G, N], g_idx [K] -> float32 weight [N, K]; `block` input
+    columns at a time (temporaries of [block, N], not [K, N]: a head's are 0.6 GB, not 2.2 GB)."""
     g = g_idx.long()
-    w = scales.float()[g] * (q.float() - zeros.float()[g])                  # [K, N]
-    return w.t().contiguous()
+    k, n = q.shape
+    out = torch.empty(n, k, dtype=torch.float32, device=q.device)
+    for k0 in range(0, k, block):
+        gb = g[k0:k0 + block]
+        out[:, k0:k0 + block] = (scales[gb].float() * (q[k0:k0 + block].float() - zeros[gb].float())).t()
+    return out
 
 
 def to_gptq(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
