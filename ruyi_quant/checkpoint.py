@@ -218,8 +218,9 @@ def _unpack_checked(path: Path, layout: str, module: str, spec: QuantSpec, shape
 
 class Spill:
     """Grids moved to disk as soon as a layer is quantized, so that calibrating a family holds one
-    layer's grids, not the family's: each layer's packed in GPTQ's layout (lossless for any grid)
-    into a safetensors file of its own in `folder`, then read back as LazyGrids when used."""
+    layer's grids, not the family's: each layer's packed in the family's layout (lossless: AWQ's
+    is chosen only for grids it holds) into a safetensors file of its own in `folder`, then read
+    back as LazyGrids when used (the family is then written from them without repacking)."""
 
     def __init__(self, folder: Path):
         self.folder, self.files = Path(folder), 0
@@ -231,15 +232,16 @@ class Spill:
             return
         path = self.folder / f"{self.files:05d}.safetensors"
         self.files += 1
+        layout, gptq = fam.layout, fam.layout == "gptq"
         layer = QuantizedFamily(config=fam.config, tensors={}, grids={m: fam.grids[m] for m in mods})
-        write_safetensors(path, grid_entries(layer, "gptq", {m: m for m in mods}))
-        reader = LazyTensors({f"{m}.{s}": path for m in mods for s in LAYOUTS["gptq"]})
+        write_safetensors(path, grid_entries(layer, layout, {m: m for m in mods}))
+        reader = LazyTensors({f"{m}.{s}": path for m in mods for s in LAYOUTS[layout]})
         for m in mods:
             g = fam.grids[m]
-            fam.grids[m] = LazyGrid(g.spec, g.shape, partial(_unpack, reader, m, g.spec),
-                                    partial(_stored, reader, m, "gptq"), act_order=g.act_order,
-                                    g_idx=reader.loader(f"{m}.g_idx"))
+            fam.grids[m] = LazyGrid(g.spec, g.shape, partial(_unpack, reader, layout, m, g.spec),
+                                    partial(_stored, reader, m, layout), act_order=g.act_order,
+                                    g_idx=reader.loader(f"{m}.g_idx") if gptq else None)
 
 
-def _unpack(reader, module: str, spec: QuantSpec) -> Grid:
-    return Grid.unpack("gptq", {s: reader[f"{module}.{s}"] for s in LAYOUTS["gptq"]}, spec)
+def _unpack(reader, layout: str, module: str, spec: QuantSpec) -> Grid:
+    return Grid.unpack(layout, {s: reader[f"{module}.{s}"] for s in LAYOUTS[layout]}, spec)

@@ -109,8 +109,20 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 AWQ_INVERSE = tuple(AWQ_ORDER.index(i) for i in range(8))
 
 
+def _by_rows(fn, x: torch.Tensor) -> torch.Tensor:
+    """fn applied to blocks of x's rows (fn works row by row), temporaries the size of a block."""
+    step = max(1, COLUMNS_AT_ONCE // max(1, x.shape[1]))
+    if x.shape[0] <= step:
+        return fn(x)
+    return torch.cat([fn(x[r:r + step]) for r in range(0, x.shape[0], step)])
+
+
 def awq_pack(v: torch.Tensor) -> torch.Tensor:
     """[R, N] ints in [0, 16), N % 8 == 0 -> int32 [R, N/8] in AWQ's interleaved order."""
+    return _by_rows(_awq_pack, v)
+
+
+def _awq_pack(v: torch.Tensor) -> torch.Tensor:
     r, n = v.shape
     v = v.to(torch.int64).reshape(r, n // 8, 8)[:, :, list(AWQ_ORDER)]
     shifts = torch.arange(8, dtype=torch.int64) * 4
@@ -120,6 +132,10 @@ def awq_pack(v: torch.Tensor) -> torch.Tensor:
 
 def awq_unpack(words: torch.Tensor) -> torch.Tensor:
     """int32 [R, N/8] -> int32 [R, N]; inverse of awq_pack."""
+    return _by_rows(_awq_unpack, words)
+
+
+def _awq_unpack(words: torch.Tensor) -> torch.Tensor:
     w = words.to(torch.int64) & 0xFFFFFFFF
     v = (w.unsqueeze(-1) >> (torch.arange(8, dtype=torch.int64) * 4)) & 15     # [R, N/8, 8]
     return v[:, :, list(AWQ_INVERSE)].reshape(words.shape[0], -1).to(torch.int32)
