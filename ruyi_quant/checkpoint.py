@@ -24,7 +24,7 @@ from .errors import UserError
 from .fsutil import MARKER, read_json, write_marker
 from .model.config import read_config
 from .model.familial import FamilialModel
-from .model.io import check_finite, copy_tokenizer, load_model, weight_files
+from .model.io import check_finite, copy_tokenizer, weight_files
 from .quant.family import QuantizedFamily
 from .quant.grid import Grid, LazyGrid
 from .quant.pack import LAYOUTS, packed_shapes
@@ -106,7 +106,8 @@ def load_family(path: Path) -> QuantizedFamily:
     more), float tensors have their shapes and a float dtype, packed tensors have the shapes their
     grid in ruyi_quant.json implies. What needs the values is checked as each tensor is read:
     finiteness, and that packed tensors unpack and pack back to themselves. A problem is one
-    UserError naming the file. (A plain qwen2/llama checkpoint is loaded whole, by load_model.)
+    UserError naming the file. A plain qwen2/llama checkpoint opens the same way, as a family of
+    one exit under Ruyi's names.
     """
     path = Path(path)
     if not path.exists():
@@ -117,9 +118,9 @@ def load_family(path: Path) -> QuantizedFamily:
         raise UserError(f"{meta_path}: not a ruyi-quant manifest (expected a JSON object)")
     if meta.get("kind") == "source":   # a source checkpoint: Ruyi's own, or a plain qwen2/llama one
         config = read_config(path)
-        if config.source_type != "ruyi_qwen2":
-            return QuantizedFamily.from_model(load_model(path, dtype=None))
-        return _open_lazily(path, config, {}, "gptq")
+        plain = config.source_type != "ruyi_qwen2"
+        return _open_lazily(path, config, {}, "gptq",
+                            names.plain_to_familial(config.num_layers) if plain else None)
     if meta.get("kind") != "family":
         raise UserError(f"{path}: a ruyi-quant '{meta.get('kind')}' directory, not a family "
                         "checkpoint; point at the quantized family (the job's 'family' folder)")
@@ -139,7 +140,10 @@ def load_family(path: Path) -> QuantizedFamily:
     return fam
 
 
-def _open_lazily(path: Path, config, modules: dict[str, QuantSpec], layout: str) -> QuantizedFamily:
+def _open_lazily(path: Path, config, modules: dict[str, QuantSpec], layout: str,
+                 rename: dict[str, str] | None = None) -> QuantizedFamily:
+    """`rename`: a plain Qwen2/Llama checkpoint's prefixes -> Ruyi's (a family of one exit); a
+    Llama layer is a Qwen2 layer whose q/k/v biases are zero."""
     meta_path = path / MARKER
     with torch.device("meta"):                   # float tensors in the model's own order
         shapes = {n: tuple(t.shape) for n, t in FamilialModel(config).state_dict().items()}
@@ -151,24 +155,36 @@ def _open_lazily(path: Path, config, modules: dict[str, QuantSpec], layout: str)
         floats.remove(f"{names.SHARED_HEAD}.weight")
     packed = [f"{m}.{s}" for m in modules for s in LAYOUTS[layout]]
     files = {n: f for n, f in weight_files(path).items() if not n.endswith(names.IGNORED_SUFFIXES)}
+    aliases = {}
+    if rename is not None:
+        renamed = {n: names.rename(n, rename) or n for n in files}
+        aliases = {new: n for n, new in renamed.items()}
+        files = {renamed[n]: f for n, f in files.items()}
+    zero_bias = [n for n in floats if rename is not None and n not in files
+                 and n.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))]
+    floats = [n for n in floats if n not in zero_bias]
     wanted = set(floats) | set(packed)
     missing, extra = [n for n in floats + packed if n not in files], sorted(set(files) - wanted)
     what = "the family is incomplete: quantize it again" if modules else "the checkpoint is incomplete"
     if missing:
         raise UserError(f"{path}: missing tensor {missing[0]} ({len(missing)} missing); {what}")
     if extra:
-        raise UserError(f"{path}: unexpected tensor {extra[0]} for a {config.source_type} model with "
-                        f"{config.num_layers} layers and exits {config.exits}"
-                        + (" and these modules quantized" if modules else ""))
-    tensors = LazyTensors({n: files[n] for n in floats}, check=check_finite)
+        raise UserError(f"{path}: unexpected tensor {aliases.get(extra[0], extra[0])} for a "
+                        f"{config.source_type} model with {config.num_layers} layers and exits "
+                        f"{config.exits}" + (" and these modules quantized" if modules else ""))
+    tensors = LazyTensors({n: files[n] for n in floats}, check=check_finite, aliases=aliases,
+                          order=[n for n in shapes if n in floats or n in zero_bias])
+    for n in zero_bias:                          # a Llama layer: a Qwen2 layer with zero q/k/v bias
+        tensors[n] = torch.zeros(shapes[n], dtype=tensors.info(floats[0])[1])
     reader = LazyTensors({n: files[n] for n in packed})
     for n in floats:
         shape, dtype = tensors.info(n)
         if shape != shapes[n]:
-            raise UserError(f"{path}: tensor {n} has shape {list(shape)}, expected {list(shapes[n])}")
+            raise UserError(f"{path}: tensor {aliases.get(n, n)} has shape {list(shape)}, expected "
+                            f"{list(shapes[n])}")
         if not dtype.is_floating_point:
-            raise UserError(f"{path}: tensor {n} is {str(dtype).removeprefix('torch.')}, not a "
-                            "floating-point weight; the checkpoint is corrupt")
+            raise UserError(f"{path}: tensor {aliases.get(n, n)} is {str(dtype).removeprefix('torch.')}, "
+                            "not a floating-point weight; the checkpoint is corrupt")
     grids = {}
     for m, spec in modules.items():
         n, k = shapes[f"{m}.weight"]

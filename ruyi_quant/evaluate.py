@@ -1,6 +1,8 @@
 """Reference vs quantized, per exit: perplexity, KL(ref || quant), top-1 agreement, bytes.
 
-Both models run every exit from one pass of the shared trunk. All maths in float32.
+Both families run every exit from one pass of the shared trunk, layer by layer (one layer or
+head of each in memory at a time, whatever the family's size: quant.family.Weights), every
+batch through a layer before the next layer is read. All maths in float32.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from . import names
 from .checkpoint import QuantizedFamily
 from .model.familial import FamilialModel
+from .quant.family import Weights, embed
 
 
 def kl_rows(ref_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
@@ -51,6 +55,44 @@ def compare(ref: FamilialModel, quant: FamilialModel, windows: torch.Tensor, exi
         for e in exits:
             for k, v in token_stats(r[e], q[e], ids).items():
                 sums[e][k] = sums[e].get(k, 0) + v
+    return summarise(sums)
+
+
+@torch.no_grad()
+def compare_families(ref: QuantizedFamily, quant: QuantizedFamily, windows: torch.Tensor,
+                     exits: list[int], batch: int = 4, progress: bool = True) -> dict[int, dict]:
+    """compare() of two families, streamed: the same numbers as compare() of their dequantized
+    models, bit for bit (the same float32 operations on every batch), with one layer of each
+    family in memory instead of both whole models."""
+    cpu = torch.device("cpu")
+    wr, wq = Weights(ref, cpu), Weights(quant, cpu)
+    batches = list(windows.split(batch))
+    xr, xq = embed(ref, windows, batch), embed(quant, windows, batch)
+    kws = [wr.model.layer_kwargs(x) for x in xr]
+    want, last = set(exits), max(exits)
+    steps = [s for s in ref.config.walk()
+             if (s.kind == "exit" and s.layer in want) or (s.kind != "exit" and s.layer < last)]
+    sums: dict[int, dict] = {e: {} for e in exits}
+    for step in tqdm(steps, desc="eval", unit="layer", disable=not progress, leave=False):
+        if step.kind != "exit":
+            for w, xs in ((wr, xr), (wq, xq)):
+                layer = w.load(step.prefix)
+                xs[:] = [layer(x, **kw) for x, kw in zip(xs, kws)]
+                w.drop(step.prefix)
+            continue
+        head, norm = names.head_prefix(ref.config.shared_heads, step.j), names.EXIT_NORM.format(j=step.j)
+        parts = [(w.load(step.prefix), w.load(norm), w.load(head)) for w in (wr, wq)]
+        for i, ids in enumerate(batches):
+            r, q = (h(n(layer(xs[i], **kws[i]))) for (layer, n, h), xs in zip(parts, (xr, xq)))
+            for k, v in token_stats(r, q, ids).items():
+                sums[step.layer][k] = sums[step.layer].get(k, 0) + v
+        for w in (wr, wq):
+            for prefix in (step.prefix, norm, head):
+                w.drop(prefix)
+    return summarise(sums)
+
+
+def summarise(sums: dict[int, dict]) -> dict[int, dict]:
     out = {}
     for e, s in sums.items():
         ppl_ref, ppl_q = math.exp(s["nll_ref"] / s["targets"]), math.exp(s["nll_quant"] / s["targets"])
@@ -89,8 +131,7 @@ def evaluate(ref_fam: QuantizedFamily, quant_fam: QuantizedFamily, windows: torc
              exits: list[int] | None = None, batch: int = 4, progress: bool = True) -> dict:
     """The report `ruyi-quant eval` prints and writes: one row per exit plus family totals."""
     exits = exits or ref_fam.config.exits
-    scores = compare(ref_fam.dequantized_model(), quant_fam.dequantized_model(), windows, exits,
-                     batch, progress)
+    scores = compare_families(ref_fam, quant_fam, windows, exits, batch, progress)
     ref_sizes, q_sizes = exit_sizes(ref_fam), exit_sizes(quant_fam)
     rows = []
     for e in exits:

@@ -121,20 +121,29 @@ class LazyTensors(Mapping):
     `check(name, tensor)` runs on every read (finiteness). Tensors set with `[]=` live in memory
     and shadow the files; `info(name)` is (shape, dtype) without reading."""
 
-    def __init__(self, files: dict[str, Path], check: Callable | None = None):
+    def __init__(self, files: dict[str, Path], check: Callable | None = None,
+                 aliases: dict[str, str] | None = None, mem: dict[str, torch.Tensor] | None = None,
+                 order: list[str] | None = None):
+        """files: name -> its file; aliases: name -> the name the file stores it under (a plain
+        checkpoint's tensors go by Ruyi's names); mem: tensors held in memory from the start;
+        order: the order names iterate in (a name set later comes after; one replaced keeps its
+        place)."""
         self._files = dict(files)
-        self._mem: dict[str, torch.Tensor] = {}
+        self._mem: dict[str, torch.Tensor] = dict(mem or {})
+        self._order = dict.fromkeys(order or [*self._files, *self._mem])
         self._check = check
         self._where: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        aliases = aliases or {}
+        stored = {aliases.get(n, n): n for n in self._files}
         for path in sorted(set(self._files.values())):
             for name, where in _header(path).items():
-                if self._files.get(name) == path:
-                    self._where[name] = where
+                if name in stored and self._files[stored[name]] == path:
+                    self._where[stored[name]] = where
         absent = next((n for n in self._files if n not in self._where), None)
         if absent is not None:
             from .errors import UserError
-            raise UserError(f"{self._files[absent]}: the index lists {absent} in this file, but it "
-                            "is not there")
+            raise UserError(f"{self._files[absent]}: the index lists {aliases.get(absent, absent)} "
+                            "in this file, but it is not there")
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name in self._mem:
@@ -146,6 +155,7 @@ class LazyTensors(Mapping):
     def __setitem__(self, name: str, t: torch.Tensor) -> None:
         self._mem[name] = t
         self._files.pop(name, None)
+        self._order.setdefault(name)
 
     def pop(self, name: str, *default):
         if name in self._mem:
@@ -177,6 +187,7 @@ class LazyTensors(Mapping):
         independently of this one."""
         new = LazyTensors.__new__(LazyTensors)
         new._files, new._mem, new._check, new._where = dict(self._files), dict(self._mem), self._check, self._where
+        new._order = dict(self._order)
         return new
 
     def discard(self, name: str) -> None:
@@ -185,8 +196,7 @@ class LazyTensors(Mapping):
         self._files.pop(name, None)
 
     def __iter__(self):
-        yield from self._files
-        yield from self._mem
+        return (n for n in self._order if n in self._files or n in self._mem)
 
     def __len__(self) -> int:
         return len(self._files) + len(self._mem)

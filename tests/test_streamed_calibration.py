@@ -106,3 +106,52 @@ def test_chunked_scale_search_matches_whole():
     assert r1 == r2 and r1 is not None and torch.allclose(s1, s2)
     # chunks compute x (Q - W)^T, whole weights x Q^T - x W^T: float32 cancellation differs
     assert torch.allclose(torch.tensor(l1), torch.tensor(l2), rtol=2e-3)
+
+
+@pytest.mark.parametrize("which", ["tiny_dir", "tiny_shared_dir"])
+def test_streamed_evaluation_equals_whole_models(request, which):
+    """Evaluation reads one layer of each family at a time and gets the numbers of comparing the
+    two whole dequantized models, bit for bit."""
+    from ruyi_quant.evaluate import compare, compare_families
+    src = request.getfixturevalue(which)
+    ref = load_family(src)
+    fam = quantize(load_family(src), SETTINGS["gptq"], calib_ids(src, 4, 64), progress=False)
+    windows = calib_ids(src, 5, 32)
+    exits = ref.config.exits
+    whole = compare(ref.dequantized_model(), fam.dequantized_model(), windows, exits, 2, False)
+    streamed = compare_families(ref, fam, windows, exits, 2, False)
+    assert whole == streamed
+    assert all(0 < streamed[e]["kl"] for e in exits)                  # quantized: not the same model
+    part = compare_families(ref, fam, windows, exits[:1], 2, False)     # an early exit alone
+    assert part == {exits[0]: whole[exits[0]]}
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama-tied", "qwen2"])
+def test_plain_checkpoints_open_lazily(tmp_path, tiny_dir, monkeypatch, arch):
+    """A plain Llama/Qwen2 checkpoint opens like a family (nothing read until used) and holds what
+    loading it whole gives: the same tensors by Ruyi's names, in the same order and dtype, a
+    Llama layer's missing q/k/v biases as zeros."""
+    import shutil
+    import ruyi_quant.stream as stream
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from ruyi_quant.quant.family import QuantizedFamily
+    torch.manual_seed(0)
+    kw = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+              tie_word_embeddings=arch == "llama-tied")
+    hf = (Qwen2ForCausalLM(Qwen2Config(**kw)) if arch == "qwen2" else LlamaForCausalLM(LlamaConfig(**kw)))
+    hf.to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_dir / f, tmp_path / "m" / f)
+    reads = []
+    real = stream._read
+    monkeypatch.setattr(stream, "_read", lambda *a: reads.append(a) or real(*a))
+    lazy = load_family(tmp_path / "m")
+    assert not reads
+    whole = QuantizedFamily.from_model(load_model(tmp_path / "m", dtype=None))
+    assert list(lazy.tensors) == list(whole.tensors)
+    for name, t in whole.tensors.items():
+        got = lazy.tensors[name]
+        assert got.dtype == t.dtype == torch.bfloat16 and torch.equal(got, t), name
+    if arch.startswith("llama"):
+        assert not lazy.tensors["model.layers.1.self_attn.k_proj.bias"].any()

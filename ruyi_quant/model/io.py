@@ -134,7 +134,8 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = torch.float32)
         check_finite(src, t)
         state[dst] = t
     if dtype is None:
-        dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+        dtype = next((t.dtype for k, t in state.items() if k in src_of and t.is_floating_point()),
+                     torch.float32)              # the file's, not the zero biases' made above
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:

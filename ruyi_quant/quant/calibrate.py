@@ -21,12 +21,10 @@ import time
 
 import torch
 from tqdm.auto import tqdm
-from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 
 from .. import names
 from ..errors import UserError
-from ..model.familial import FamilialModel
-from .family import QuantizedFamily
+from .family import QuantizedFamily, Weights, embed
 from .grid import Grid
 
 
@@ -139,45 +137,6 @@ def check_tokens(plan: dict, model, tokens: int) -> None:
              f"columns: its Hessian is singular; use at least {widest} tokens (samples x seq_len)")
 
 
-class Weights:
-    """Modules of a meta-device skeleton of the family, materialised in float32 on the compute
-    device from a family's tensors (lazy ones are read from disk then) when a step needs them, and
-    dropped after: one layer (or head) at a time, whatever the family's size."""
-
-    def __init__(self, src: QuantizedFamily, dev: torch.device):
-        self.src, self.dev = src, dev
-        with torch.device("meta"):
-            self.model = FamilialModel(src.config)
-
-    def tensor(self, name: str) -> torch.Tensor:
-        if name == names.SHARED_HEAD + ".weight" and self.src.config.tie_word_embeddings:
-            name = names.EMBED + ".weight"
-        return self.src.tensors[name].to(self.dev, torch.float32)
-
-    def load(self, prefix: str):
-        mod = self.model.get_submodule(prefix)
-        mod.load_state_dict({k: self.tensor(f"{prefix}.{k}") for k in mod.state_dict()},
-                            assign=True)
-        return mod
-
-    def floats(self, prefix: str, grids) -> dict[str, torch.Tensor]:
-        """A loaded module's float tensors that were not quantized (AWQ may have folded scales
-        into them), on the CPU. A head tied to the embedding has none of its own."""
-        mod = self.model.get_submodule(prefix)
-        tied = prefix == names.SHARED_HEAD and self.src.config.tie_word_embeddings
-        return {f"{prefix}.{k}": t.detach().cpu() for k, t in mod.state_dict().items()
-                if names.module_of(f"{prefix}.{k}") not in grids and not tied}
-
-    def drop(self, prefix: str) -> None:
-        self.model.get_submodule(prefix).to("meta")
-
-
-def embed(src: QuantizedFamily, ids: torch.Tensor, batch: int) -> list[torch.Tensor]:
-    """Float32 embeddings of the calibration windows, batch by batch (one read of the table)."""
-    table = src.tensors[names.EMBED + ".weight"]
-    return [torch.nn.functional.embedding(b, table).float() for b in ids.split(batch)]
-
-
 @torch.no_grad()
 def calibrate(source, plan: dict, windows: torch.Tensor, method, *, batch: int = 8,
               device: str | None = None, progress: bool = True, desc: str = "calibrate",
@@ -195,7 +154,6 @@ def calibrate(source, plan: dict, windows: torch.Tensor, method, *, batch: int =
     tensors = src.tensors.copy() if hasattr(src.tensors, "copy") else dict(src.tensors)
     fam = QuantizedFamily(config=cfg, tensors=tensors, layout=layout)
     check_tokens(plan, model, windows.numel())
-    model.model.rotary_emb = Qwen2RotaryEmbedding(config=model.hf_config).to(dev)
     if offload is None:
         offload = should_offload(dev, windows.numel() * cfg.hidden_size * 4)
     xs = Activations([x.to(dev) for x in embed(src, windows, batch)], dev, offload)

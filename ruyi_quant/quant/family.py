@@ -132,3 +132,49 @@ class QuantizedFamily:
         return {"method": self.method, "layout": self.layout, "modules": {m: s.to_json() for m, s in
                                                                       self.modules.items()},
                 "common": common}
+
+
+class Weights:
+    """Modules of a meta-device skeleton of a family, materialised in float32 on `dev` from the
+    family's tensors (lazy ones are read from disk then; quantized linears dequantized) when a
+    step needs them, and dropped after: one layer (or head) at a time, whatever the family's size.
+    Calibration and evaluation run on it."""
+
+    def __init__(self, src: QuantizedFamily, dev: torch.device):
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+        self.src, self.dev = src, dev
+        with torch.device("meta"):
+            self.model = FamilialModel(src.config)
+        self.model.model.rotary_emb = Qwen2RotaryEmbedding(config=self.model.hf_config).to(dev)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if name == names.SHARED_HEAD + ".weight" and self.src.config.tie_word_embeddings \
+                and names.SHARED_HEAD not in self.src.grids:
+            name = names.EMBED + ".weight"
+        mod = names.module_of(name)
+        if name.endswith(".weight") and mod in self.src.grids:
+            return self.src.grids[mod].dequantize().to(self.dev)
+        return self.src.tensors[name].to(self.dev, torch.float32)
+
+    def load(self, prefix: str):
+        mod = self.model.get_submodule(prefix)
+        mod.load_state_dict({k: self.tensor(f"{prefix}.{k}") for k in mod.state_dict()},
+                            assign=True)
+        return mod
+
+    def floats(self, prefix: str, grids) -> dict[str, torch.Tensor]:
+        """A loaded module's float tensors that are not in `grids` (AWQ may have folded scales
+        into them), on the CPU. A head tied to the embedding has none of its own."""
+        mod = self.model.get_submodule(prefix)
+        tied = prefix == names.SHARED_HEAD and self.src.config.tie_word_embeddings
+        return {f"{prefix}.{k}": t.detach().cpu() for k, t in mod.state_dict().items()
+                if names.module_of(f"{prefix}.{k}") not in grids and not tied}
+
+    def drop(self, prefix: str) -> None:
+        self.model.get_submodule(prefix).to("meta")
+
+
+def embed(src: QuantizedFamily, ids: torch.Tensor, batch: int) -> list[torch.Tensor]:
+    """Float32 embeddings of windows [m, T], `batch` windows at a time (one read of the table)."""
+    table = src.tensors[names.EMBED + ".weight"]
+    return [torch.nn.functional.embedding(b, table).float() for b in ids.split(batch)]

@@ -18,6 +18,9 @@ from .plan import QuantSpec
 from .rtn import group_qparams, quantize_to_grid
 
 
+UPDATE_AT_ONCE = 1 << 26    # elements of GPTQ's lazy block update computed at once (256 MB in fp32)
+
+
 @dataclass
 class Hessian:
     """Running H = 2/n * sum x x^T over n input rows. h [K, K] float32."""
@@ -121,7 +124,7 @@ def gptq_quantize(w: torch.Tensor, hs: Hessian | Factor, spec: QuantSpec, *, dam
                 scale, zero = static[g]
             else:
                 if col % gs == 0:                 # a new group: its grid from current weights
-                    cur = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :gs]
+                    cur = torch.cat([W1[:, i:], W[:, i2:i2 + gs]], 1)[:, :gs]
                     scales.append(None)
                     zeros.append(None)
                     scales[-1], zeros[-1] = group_qparams(cur, spec)
@@ -134,7 +137,9 @@ def gptq_quantize(w: torch.Tensor, hs: Hessian | Factor, spec: QuantSpec, *, dam
             err = (wcol - deq) / U1[i, i]
             W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
             Err[:, i] = err
-        W[:, i2:] -= Err @ U[i1:i2, i2:]
+        step = k if n * (k - i2) <= UPDATE_AT_ONCE else max(1, UPDATE_AT_ONCE // n)
+        for c in range(i2, k, step):     # a head's update would be a 2 GB temporary taken whole
+            W[:, c:c + step] -= Err @ U[i1:i2, c:c + step]
     del W
     if f.perm is not None:
         inv = torch.argsort(perm).to(q.device)
