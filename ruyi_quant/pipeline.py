@@ -48,7 +48,8 @@ def quantize(source, settings: Quantize, calib: torch.Tensor | None = None,
     plan = checked_plan(skeleton, settings)
     t0 = time.perf_counter()
     if settings.method == "rtn":
-        fam = rtn_family(source, plan, progress) if isinstance(source, FamilialModel) else rtn_lazy(src, plan)
+        fam = rtn_family(source, plan, progress) if isinstance(source, FamilialModel) else \
+            rtn_lazy(QuantizedFamily(config=src.config, tensors=src.tensors.copy()), plan)
     else:
         from .quant.calibrate import calibrate
         if settings.method == "gptq":

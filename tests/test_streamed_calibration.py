@@ -77,11 +77,13 @@ def test_one_layer_at_a_time(tiny_dir, monkeypatch):
     assert reads and max(reads.values()) == 1
 
 
-def test_calibrating_leaves_the_source_family_unchanged(tiny_dir):
+@pytest.mark.parametrize("how", ["awq", "rtn"])
+def test_quantizing_leaves_the_source_family_unchanged(tiny_dir, how):
     fam = load_family(tiny_dir)
     names = list(fam.tensors)
-    quantize(fam, SETTINGS["awq"], calib_ids(tiny_dir, 4, 64), progress=False)
-    assert list(fam.tensors) == names and not fam.grids
+    settings = SETTINGS["awq"] if how == "awq" else Quantize(method="rtn", bits=4, group_size=32)
+    q = quantize(fam, settings, calib_ids(tiny_dir, 4, 64), progress=False)
+    assert q.grids and list(fam.tensors) == names and not fam.grids
 
 
 def test_per_layer_seconds_are_recorded(tiny_dir):

@@ -151,8 +151,7 @@ def calibrate(source, plan: dict, windows: torch.Tensor, method, *, batch: int =
     dev = pick_device(device)
     w = Weights(src, dev)
     model = w.model
-    tensors = src.tensors.copy() if hasattr(src.tensors, "copy") else dict(src.tensors)
-    fam = QuantizedFamily(config=cfg, tensors=tensors, layout=layout)
+    fam = QuantizedFamily(config=cfg, tensors=src.tensors.copy(), layout=layout)  # src unchanged
     check_tokens(plan, model, windows.numel())
     if offload is None:
         offload = should_offload(dev, windows.numel() * cfg.hidden_size * 4)
