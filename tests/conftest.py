@@ -87,10 +87,10 @@ def recording(method_cls):
             super().__init__(**kw)
             self.seen, self.before = {}, {}
 
-        def quantize_group(self, linears, hs, plan, fam):        # GPTQ: one Hessian per group
+        def quantize_group(self, linears, hs, plan, fam, inplace=False):   # GPTQ: one Hessian a group
             for name in linears:
                 self.seen[name] = hs.h.clone()
-            super().quantize_group(linears, hs, plan, fam)
+            super().quantize_group(linears, hs, plan, fam, inplace)
 
         def quantize_linear(self, linear, name, stat, spec, fam, **kw):
             if isinstance(stat, torch.Tensor):                  # AWQ: its activation rows

@@ -154,7 +154,9 @@ class Weights:
         mod = names.module_of(name)
         if name.endswith(".weight") and mod in self.src.grids:
             return self.src.grids[mod].dequantize().to(self.dev)
-        return self.src.tensors[name].to(self.dev, torch.float32)
+        t = self.src.tensors[name]
+        out = t.to(self.dev, torch.float32)
+        return out.clone() if out.data_ptr() == t.data_ptr() else out   # never the source's own
 
     def load(self, prefix: str):
         mod = self.model.get_submodule(prefix)
