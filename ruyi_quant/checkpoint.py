@@ -195,12 +195,21 @@ def _open_lazily(path: Path, config, modules: dict[str, QuantSpec], layout: str,
                                 f"({s} is {list(got[0])} {str(got[1]).removeprefix('torch.')}, a "
                                 f"{spec.bits}-bit group-{spec.group_size} grid has {list(want[0])} "
                                 f"{str(want[1]).removeprefix('torch.')})")
-        gptq = layout == "gptq"
-        grids[m] = LazyGrid(spec, (n, k), partial(_unpack_checked, path, layout, m, spec, (n, k), reader),
-                            partial(_stored, reader, m, layout),
-                            act_order=partial(_g_idx_descends, reader, f"{m}.g_idx") if gptq else False,
-                            g_idx=reader.loader(f"{m}.g_idx") if gptq else None)
+        grids[m] = _stored_grid(path, reader, layout, m, spec, (n, k))
     return QuantizedFamily(config=config, tensors=tensors, grids=grids, layout=layout)
+
+
+def _stored_grid(path: Path, reader, layout: str, module: str, spec: QuantSpec, shape: tuple,
+                 act_order: bool | None = None) -> LazyGrid:
+    """A module's grid over its packed tensors in `reader`: unpacked (and checked) when used, the
+    stored tensors handed back as they are when their own layout is asked for. act_order None:
+    read from g_idx when asked."""
+    gptq = layout == "gptq"
+    if act_order is None:
+        act_order = partial(_g_idx_descends, reader, f"{module}.g_idx") if gptq else False
+    return LazyGrid(spec, shape, partial(_unpack_checked, path, layout, module, spec, shape, reader),
+                    partial(_stored, reader, module, layout), act_order=act_order,
+                    g_idx=reader.loader(f"{module}.g_idx") if gptq else None)
 
 
 def _g_idx_descends(reader, name: str) -> bool:
@@ -248,16 +257,8 @@ class Spill:
             return
         path = self.folder / f"{self.files:05d}.safetensors"
         self.files += 1
-        layout, gptq = fam.layout, fam.layout == "gptq"
-        layer = QuantizedFamily(config=fam.config, tensors={}, grids={m: fam.grids[m] for m in mods})
-        write_safetensors(path, grid_entries(layer, layout, {m: m for m in mods}))
-        reader = LazyTensors({f"{m}.{s}": path for m in mods for s in LAYOUTS[layout]})
+        write_safetensors(path, grid_entries(fam, fam.layout, {m: m for m in mods}))
+        reader = LazyTensors({f"{m}.{s}": path for m in mods for s in LAYOUTS[fam.layout]})
         for m in mods:
             g = fam.grids[m]
-            fam.grids[m] = LazyGrid(g.spec, g.shape, partial(_unpack, reader, layout, m, g.spec),
-                                    partial(_stored, reader, m, layout), act_order=g.act_order,
-                                    g_idx=reader.loader(f"{m}.g_idx") if gptq else None)
-
-
-def _unpack(reader, layout: str, module: str, spec: QuantSpec) -> Grid:
-    return Grid.unpack(layout, {s: reader[f"{module}.{s}"] for s in LAYOUTS[layout]}, spec)
+            fam.grids[m] = _stored_grid(path, reader, fam.layout, m, g.spec, g.shape, g.act_order)

@@ -235,8 +235,7 @@ def atomic_dir(path: Path, force: bool = True, inputs: tuple = (), flag: str = "
         with output_lock(path, flag):
             if check:
                 check_output_dir(path, force=force, inputs=inputs, flag=flag)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-            try:
+            with scratch_dir(path) as tmp:
                 yield tmp
                 normal_modes(tmp)
                 if path.exists():
@@ -247,14 +246,24 @@ def atomic_dir(path: Path, force: bool = True, inputs: tuple = (), flag: str = "
                 else:
                     tmp.rename(path)
                 ok = True
-            finally:
-                if tmp.exists():
-                    shutil.rmtree(tmp, ignore_errors=True)
     finally:
         if not ok:
             for d in missing:                          # innermost first
                 with contextlib.suppress(OSError):
                     d.rmdir()
+
+
+@contextlib.contextmanager
+def scratch_dir(path: Path):
+    """A temporary directory beside `path`, named `.NAME.tmp-*` (so that a run killed on the way
+    leaves nothing the next holder of `path`'s lock does not remove), removed on leaving unless
+    it was renamed away."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{Path(path).name}.tmp-", dir=Path(path).parent))
+    try:
+        yield tmp
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def normal_modes(root: Path) -> None:

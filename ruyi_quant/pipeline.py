@@ -12,7 +12,6 @@ Job output layout:
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +22,7 @@ from .checkpoint import QuantizedFamily, Spill, load_family, save_family
 from .data import load_tokenizer, text_windows
 from .errors import UserError
 from .evaluate import evaluate
-from .fsutil import atomic_dir, intact, read_manifest, write_marker
+from .fsutil import atomic_dir, intact, read_manifest, scratch_dir, write_marker
 from .quant.plan import QuantSpec, make_plan
 from .quant.rtn import rtn_family, rtn_lazy
 from .preflight import CALIBRATED, check_job
@@ -88,22 +87,18 @@ def quantize_source(src: Path, settings: Quantize, cal, progress: bool = True, s
     run this. RTN and `none` read nothing until the family is written (rtn_lazy); GPTQ and AWQ
     read one layer at a time (calibrate.py), their grids moved to `spill` as they go."""
     windows = calib_windows(src, cal) if settings.method in CALIBRATED else None   # text first: fails fast
-    fam = quantize(load_family(src), settings, windows, progress, spill)
+    ref = load_family(src)
+    fam = quantize(ref, settings, windows, progress, spill)       # ref stays as it was opened
     if settings.method in ("rtn", "none"):
         fam.stats["quantize_seconds"] = 0.0       # the rounding happens as the family is written
-    return load_family(src), fam
+    return ref, fam
 
 
 @contextmanager
 def spilling(out: Path):
-    """A Spill in a temporary sibling of the output `out` (named as atomic_dir names its own, so
-    that a run killed on the way leaves nothing the next run does not remove), removed on leaving."""
-    import tempfile
-    folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    """A Spill in a scratch directory beside the output `out` (fsutil.scratch_dir)."""
+    with scratch_dir(out) as folder:
         yield Spill(folder)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def awq_layout_fits(model, plan: dict) -> bool:

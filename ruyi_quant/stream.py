@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32",
-             torch.int64: "I64", torch.uint8: "U8", torch.int8: "I8", torch.bool: "BOOL"}
+ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int32: "I32", torch.int64: "I64", torch.uint8: "U8", torch.int8: "I8", torch.bool: "BOOL"}
 TORCH_DTYPES = {v: k for k, v in ST_DTYPES.items()}
 SHARD_BYTES = 5_000_000_000          # transformers' default max_shard_size ("5GB")
 # safetensors' own writer orders tensors by dtype (this rank, descending), then by name; so do we,
@@ -122,15 +122,13 @@ class LazyTensors(Mapping):
     and shadow the files; `info(name)` is (shape, dtype) without reading."""
 
     def __init__(self, files: dict[str, Path], check: Callable | None = None,
-                 aliases: dict[str, str] | None = None, mem: dict[str, torch.Tensor] | None = None,
-                 order: list[str] | None = None):
+                 aliases: dict[str, str] | None = None, order: list[str] | None = None):
         """files: name -> its file; aliases: name -> the name the file stores it under (a plain
-        checkpoint's tensors go by Ruyi's names); mem: tensors held in memory from the start;
-        order: the order names iterate in (a name set later comes after; one replaced keeps its
-        place)."""
+        checkpoint's tensors go by Ruyi's names); order: the order names iterate in (a name set
+        later and not in it comes after; one replaced keeps its place)."""
         self._files = dict(files)
-        self._mem: dict[str, torch.Tensor] = dict(mem or {})
-        self._order = dict.fromkeys(order or [*self._files, *self._mem])
+        self._mem: dict[str, torch.Tensor] = {}
+        self._order = dict.fromkeys(order or self._files)
         self._check = check
         self._where: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         aliases = aliases or {}

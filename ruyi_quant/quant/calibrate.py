@@ -104,11 +104,11 @@ def store(fam: QuantizedFamily, linear, name: str, spec, q, scales, zeros, g_idx
 
 class Activations:
     """Calibration activations, batch by batch: on the compute device when they fit, otherwise
-    in CPU memory, each batch moved to the device as it is used."""
+    in CPU memory, each batch moved to the device as it is used (batches are placed so here)."""
 
     def __init__(self, batches: list[torch.Tensor], dev: torch.device, offload: bool):
         self.dev, self.offload = dev, offload
-        self.batches = [x.cpu() for x in batches] if offload else list(batches)
+        self.batches = [x.cpu() if offload else x.to(dev) for x in batches]
 
     def __iter__(self):
         for x in self.batches:
@@ -155,7 +155,7 @@ def calibrate(source, plan: dict, windows: torch.Tensor, method, *, batch: int =
     check_tokens(plan, model, windows.numel())
     if offload is None:
         offload = should_offload(dev, windows.numel() * cfg.hidden_size * 4)
-    xs = Activations([x.to(dev) for x in embed(src, windows, batch)], dev, offload)
+    xs = Activations(embed(src, windows, batch), dev, offload)
     kw = model.layer_kwargs(next(iter(xs))[:1])     # equal lengths: one mask, one rope
     heads_seen: set[str] = set()
     norms = [w.load(names.EXIT_NORM.format(j=j)) for j in range(len(cfg.exits))]

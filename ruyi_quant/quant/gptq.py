@@ -109,9 +109,8 @@ def gptq_quantize(w: torch.Tensor, hs: Hessian | Factor, spec: QuantSpec, *, dam
     static = None
     if static_groups or spec.group_size == -1:
         static = [group_qparams(W[:, s:s + gs], spec) for s in range(0, k, gs)]
-    perm = f.perm if f.perm is not None else torch.arange(k, device=W.device)
     if f.perm is not None:
-        W = W[:, perm]
+        W = W[:, f.perm]
     U = f.u                                                                 # [K, K] upper
 
     q = torch.zeros(n, k, dtype=torch.uint8, device=W.device)               # permuted order
@@ -124,7 +123,7 @@ def gptq_quantize(w: torch.Tensor, hs: Hessian | Factor, spec: QuantSpec, *, dam
         for i in range(i2 - i1):
             col = i1 + i
             if static is not None:
-                g = int(perm[col]) // gs
+                g = (int(f.perm[col]) if f.perm is not None else col) // gs
                 scale, zero = static[g]
             else:
                 if col % gs == 0:                 # a new group: its grid from current weights
@@ -146,7 +145,7 @@ def gptq_quantize(w: torch.Tensor, hs: Hessian | Factor, spec: QuantSpec, *, dam
             W[:, c:c + step] -= Err @ U[i1:i2, c:c + step]
     del W
     if f.perm is not None:
-        inv = torch.argsort(perm).to(q.device)
+        inv = torch.argsort(f.perm).to(q.device)
         q, group_of = q[:, inv], group_of[inv.cpu()]
     if static is not None:
         scales, zeros = [s for s, _ in static], [z for _, z in static]
