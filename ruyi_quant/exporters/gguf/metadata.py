@@ -15,13 +15,13 @@ from gguf import Keys
 from ... import __version__
 from ...errors import UserError
 from ...quant.family import QuantizedFamily
+from ..provenance import provenance
 from .tensors import ARCH, GGUFOptions, LazyArray
 from .tokenizer import tokenizer_kv
 
 FILE_TYPES = {T.F32: gguf.LlamaFileType.ALL_F32, T.F16: gguf.LlamaFileType.MOSTLY_F16,
               T.BF16: gguf.LlamaFileType.MOSTLY_BF16, T.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
               T.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, T.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1}
-LICENSES = {"builtin:ruyi-mini": "apache-2.0", "builtin:smollm2": "apache-2.0"}
 
 
 class RuyiKeys:
@@ -39,25 +39,20 @@ def size_label(params: int) -> str:
 
 def common_kv(fam: QuantizedFamily, tok_dir: Path, opt: GGUFOptions) -> list[tuple]:
     """Key/values shared by every file of a family: general.*, tokenizer.*, ruyi.* provenance."""
-    prov = fam.provenance
-    source = prov.model if prov else None
-    lic = opt.license or LICENSES.get(source or "")
-    q, cal = (prov.quantize, prov.calibration) if prov else (None, None)
-    common = fam.quantization_json()["common"] or (q.model_dump() if q else {})
+    p = provenance(fam, opt.license)
     kv = [(Keys.General.QUANTIZED_BY, f"ruyi-quant {__version__}", V.STRING, None),
           (Keys.General.QUANTIZATION_VERSION, gguf.GGML_QUANT_VERSION, V.UINT32, None)]
-    if lic:
-        kv.append((Keys.General.LICENSE, lic, V.STRING, None))
-    kv += [(RuyiKeys.SOURCE_MODEL, str(source or "unknown"), V.STRING, None),
-           (RuyiKeys.EXITS, list(fam.config.exits), V.ARRAY, V.INT32),
-           (RuyiKeys.METHOD, fam.method, V.STRING, None)]
+    if p["license"]:
+        kv.append((Keys.General.LICENSE, p["license"], V.STRING, None))
+    kv += [(RuyiKeys.SOURCE_MODEL, p["source_model"], V.STRING, None),
+           (RuyiKeys.EXITS, p["exits"], V.ARRAY, V.INT32),
+           (RuyiKeys.METHOD, p["method"], V.STRING, None)]
     if fam.grids:
-        kv += [(RuyiKeys.BITS, int(common.get("bits", 0)), V.INT32, None),
-               (RuyiKeys.GROUP_SIZE, int(common.get("group_size", 0)), V.INT32, None),
-               (RuyiKeys.SYM, bool(common.get("sym", True)), V.BOOL, None)]
-    if cal is not None and fam.method in ("gptq", "awq"):
-        kv.append((RuyiKeys.CALIBRATION, f"{cal.source} {cal.samples}x{cal.seq_len} seed {cal.seed}",
-                   V.STRING, None))
+        kv += [(RuyiKeys.BITS, p["bits"], V.INT32, None),
+               (RuyiKeys.GROUP_SIZE, p["group_size"], V.INT32, None),
+               (RuyiKeys.SYM, p["sym"], V.BOOL, None)]
+    if "calibration" in p:
+        kv.append((RuyiKeys.CALIBRATION, p["calibration"], V.STRING, None))
     return kv + tokenizer_kv(tok_dir, fam.config.vocab_size)
 
 

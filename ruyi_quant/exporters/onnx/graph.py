@@ -1,0 +1,257 @@
+"""One exit of a family as an ONNX decoder with a KV cache, built node by node with `onnx.helper`
+(not by tracing PyTorch): standard ops of opset 23 (RMSNormalization, RotaryEmbedding, Attention
+with grouped KV heads and a past/present cache) plus `com.microsoft.MatMulNBits` for our grids.
+
+Exit e is the plain model of e+1 layers that names.exit_map describes (trunk layers 0..e-1, the
+exit's branch layer, its norm and head), with the I/O onnxruntime-genai expects:
+
+    input_ids [batch, seq] int64, attention_mask [batch, past+seq] int64, position_ids [batch, seq]
+    past_key_values.{i}.key / .value [batch, kv_heads, past, head_dim]
+    -> logits [batch, seq, vocab], present.{i}.key / .value [batch, kv_heads, past+seq, head_dim]
+
+Initializers are named by the family's own tensor names, so the graphs of several exits written
+into one data file (files.DataFile) share every tensor they have in common.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from ... import names
+from ...errors import UserError
+from .weights import check_grid, int8_grid, int8_rows, layout_of, nbits_arrays
+
+OPSET = 23
+DTYPES = {"fp32": (TensorProto.FLOAT, np.float32, torch.float32),
+          "fp16": (TensorProto.FLOAT16, np.float16, torch.float16)}
+HEADS = ("auto", "float", "int8")
+EMBEDS = ("float", "int8")
+
+
+@dataclass(frozen=True)
+class ONNXOptions:
+    dtype: str = "fp32"          # fp32 | fp16: float weights and the compute type
+    weights: str = "auto"        # auto: grids as MatMulNBits; float: every linear dequantized
+    head: str = "auto"           # auto: a quantized head keeps its grid, a float one stays float
+    embed: str = "float"         # float | int8 (per row)
+    accuracy_level: int = 4      # MatMulNBits: 0 = the graph's float type, 4 = int8 activations
+
+    def __post_init__(self):
+        for key, allowed in (("dtype", DTYPES), ("weights", ("auto", "float")), ("head", HEADS),
+                             ("embed", EMBEDS), ("accuracy_level", (0, 1, 2, 3, 4))):
+            if getattr(self, key) not in allowed:
+                raise UserError(f"onnx {key} {getattr(self, key)!r}: choose one of "
+                                f"{', '.join(map(str, allowed))}")
+
+
+def check_onnx(fam, opt: ONNXOptions) -> None:
+    """Refuse, in one line naming the setting, what these graphs cannot hold; before any writing."""
+    if fam.config.rope_scaled:
+        raw = fam.config.raw
+        raise UserError("onnx: scaled RoPE is not exported; the model uses "
+                        f"{raw.get('rope_parameters') or raw.get('rope_scaling')}")
+    if opt.weights == "auto":
+        for m, grid in fam.grids.items():
+            if not (opt.head in ("float", "int8") and _is_head(fam, m)):
+                check_grid(m, grid.spec)
+
+
+def _is_head(fam, module: str) -> bool:
+    return module in (names.SHARED_HEAD, *(names.HEAD.format(j=j) for j in range(len(fam.config.exits))))
+
+
+def _loaded(grid):
+    """A LazyGrid unpacked once (each attribute read would unpack it again)."""
+    return grid.get() if hasattr(grid, "get") else grid
+
+
+class Graph:
+    """Nodes, and initializers that go to a DataFile as soon as they are made."""
+
+    def __init__(self, data, opt: ONNXOptions):
+        self.data, self.opt = data, opt
+        self.elem, self.np, self.torch = DTYPES[opt.dtype]
+        self.nodes: list[onnx.NodeProto] = []
+        self.consts: list[onnx.TensorProto] = []
+        self.count = 0
+
+    def op(self, op_type: str, *inputs: str, outputs: int = 1, domain: str = "", **attrs):
+        self.count += 1
+        outs = [f"{op_type}_{self.count}" + (f"_{i}" if outputs > 1 else "") for i in range(outputs)]
+        while inputs and inputs[-1] == "":            # trailing optional inputs left out
+            inputs = inputs[:-1]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=f"{op_type}_{self.count}",
+                                           domain=domain or None, **attrs))
+        return outs[0] if outputs == 1 else outs
+
+    def const(self, value, dtype=np.int64) -> str:
+        """A small constant stored in the graph itself."""
+        name = f"const_{len(self.consts)}"
+        self.consts.append(helper.make_tensor(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)),
+                                              np.shape(value), np.asarray(value, dtype).flatten().tolist()))
+        return name
+
+    def weight(self, name: str, produce) -> str:
+        """An initializer in the data file (made by produce() unless the file already has it)."""
+        self.data.add(name, produce)
+        return name
+
+
+class Decoder:
+    """The decoder graph of one exit (see the module docstring)."""
+
+    def __init__(self, fam, j: int, opt: ONNXOptions, data):
+        self.fam, self.cfg, self.opt = fam, fam.config, opt
+        self.map = self.cfg.exit_map(j)
+        raw = self.cfg.raw
+        self.heads = int(raw["num_attention_heads"])
+        self.kv_heads = int(raw.get("num_key_value_heads") or self.heads)
+        self.eps = float(raw.get("rms_norm_eps", 1e-6))
+        self.g = Graph(data, opt)
+
+    # --- tensors ---------------------------------------------------------------------------
+    def float_weight(self, name: str) -> str:
+        return self.g.weight(name, lambda: self.fam.tensors[name].to(self.g.torch).numpy())
+
+    def head_weight_name(self, module: str) -> str:
+        name = f"{module}.weight"
+        if name not in self.fam.tensors and self.cfg.tie_word_embeddings:
+            return f"{names.EMBED}.weight"               # a tied head is the embedding matrix
+        return name
+
+    def grid_of(self, module: str, head: bool):
+        """(name prefix, grid or a maker of one) of a linear written as MatMulNBits, or None."""
+        opt, grid = self.opt, self.fam.grids.get(module)
+        if head and opt.head == "float":
+            return None
+        if head and opt.head == "int8" and (grid is None or opt.weights == "float"):
+            src = self.head_weight_name(module)
+            if grid is None:
+                return f"{module}.int8", lambda: int8_grid(self.fam.tensors[src])
+            return f"{module}.int8", lambda: int8_grid(_loaded(grid).dequantize())
+        if grid is None or opt.weights == "float":
+            return None
+        return f"{module}.nbits", lambda: _loaded(grid)
+
+    # --- layers ----------------------------------------------------------------------------
+    def linear(self, x: str, module: str, bias: str | None = None, head: bool = False) -> str:
+        g = self.g
+        q = self.grid_of(module, head)
+        if q is None:
+            n, k = self.fam.linear_shape(module)
+            if module in self.fam.grids:                  # --weights float / a float head
+                w = g.weight(f"{module}.weight",
+                             lambda: _loaded(self.fam.grids[module]).dequantize().to(g.torch).numpy())
+            else:
+                w = self.float_weight(self.head_weight_name(module) if head else f"{module}.weight")
+            flat = g.op("Reshape", x, g.const([-1, k]))
+            y = g.op("Gemm", flat, w, self.float_weight(bias) if bias else "", transB=1)
+            return g.op("Reshape", y, g.op("Concat", self.lead, g.const([n]), axis=0))
+        prefix, make = q
+        if f"{prefix}.B" not in g.data:
+            grid = make()
+            lay = layout_of(grid)
+            for key, arr in nbits_arrays(grid, lay, g.np).items():
+                g.weight(f"{prefix}.{key}", lambda arr=arr: arr)
+            g.data.attrs[prefix] = lay
+        lay = g.data.attrs[prefix]
+        opt = [f"{prefix}.{k}" if f"{prefix}.{k}" in g.data else "" for k in ("zero_points", "g_idx")]
+        return g.op("MatMulNBits", x, f"{prefix}.B", f"{prefix}.scales", *opt,
+                    self.float_weight(bias) if bias else "", domain="com.microsoft",
+                    K=lay.k, N=lay.n, bits=lay.bits, block_size=lay.block,
+                    accuracy_level=self.opt.accuracy_level)
+
+    def norm(self, x: str, name: str) -> str:
+        return self.g.op("RMSNormalization", x, self.float_weight(name), axis=-1, epsilon=self.eps,
+                         stash_type=1)
+
+    def embed(self, ids: str) -> str:
+        g, name = self.g, f"{names.EMBED}.weight"
+        if self.opt.embed == "float":
+            return g.op("Gather", self.float_weight(name), ids)
+        if f"{name}.int8.codes" not in g.data:
+            for key, arr in int8_rows(self.fam.tensors[name], g.np).items():
+                g.weight(f"{name}.int8.{key}", lambda arr=arr: arr)
+        codes = g.op("Cast", g.op("Gather", f"{name}.int8.codes", ids), to=g.elem)
+        return g.op("Mul", codes, g.op("Gather", f"{name}.int8.scales", ids))
+
+    def rope(self, position_ids: str) -> tuple[str, str]:
+        """cos, sin [batch, seq, head_dim / 2] as transformers computes them (fp32, then cast)."""
+        g, d = self.g, self.cfg.head_dim
+        inv = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        pos = g.op("Unsqueeze", g.op("Cast", position_ids, to=TensorProto.FLOAT), g.const([-1]))
+        freqs = g.op("Mul", pos, g.const(inv.numpy(), np.float32))
+        cos, sin = g.op("Cos", freqs), g.op("Sin", freqs)
+        if g.elem != TensorProto.FLOAT:
+            cos, sin = g.op("Cast", cos, to=g.elem), g.op("Cast", sin, to=g.elem)
+        return cos, sin
+
+    def mask(self, ids: str, attention_mask: str) -> str:
+        """bool [batch, 1, seq, past+seq]: key k is seen by query q when k <= q and the attention
+        mask keeps k; a query always sees itself (a padding row is never empty)."""
+        g = self.g
+        total = g.op("Squeeze", g.op("Shape", attention_mask, start=1, end=2))
+        seq = g.op("Squeeze", g.op("Shape", ids, start=1, end=2))
+        keys = g.op("Range", g.const(0), total, g.const(1))
+        queries = g.op("Range", g.op("Sub", total, seq), total, g.const(1))
+        k_row, q_col = g.op("Unsqueeze", keys, g.const([0])), g.op("Unsqueeze", queries, g.const([1]))
+        causal = g.op("LessOrEqual", k_row, q_col)                                    # [seq, total]
+        kept = g.op("Unsqueeze", g.op("Cast", attention_mask, to=TensorProto.BOOL), g.const([1, 2]))
+        seen = g.op("Or", g.op("And", causal, kept), g.op("Equal", k_row, q_col))    # [b, 1, s, t]
+        return seen
+
+    def layer(self, x: str, prefix: str, cos: str, sin: str, mask: str, past_k: str, past_v: str):
+        g, p = self.g, prefix
+        h = self.norm(x, f"{p}.input_layernorm.weight")
+        q = self.linear(h, f"{p}.self_attn.q_proj", f"{p}.self_attn.q_proj.bias")
+        k = self.linear(h, f"{p}.self_attn.k_proj", f"{p}.self_attn.k_proj.bias")
+        v = self.linear(h, f"{p}.self_attn.v_proj", f"{p}.self_attn.v_proj.bias")
+        q = g.op("RotaryEmbedding", q, cos, sin, num_heads=self.heads)
+        k = g.op("RotaryEmbedding", k, cos, sin, num_heads=self.kv_heads)
+        a, pk, pv = g.op("Attention", q, k, v, mask, past_k, past_v, outputs=3,
+                         q_num_heads=self.heads, kv_num_heads=self.kv_heads)
+        x = g.op("Add", x, self.linear(a, f"{p}.self_attn.o_proj"))
+        h = self.norm(x, f"{p}.post_attention_layernorm.weight")
+        gate, up = self.linear(h, f"{p}.mlp.gate_proj"), self.linear(h, f"{p}.mlp.up_proj")
+        act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
+        return g.op("Add", x, self.linear(act, f"{p}.mlp.down_proj")), pk, pv
+
+    def build(self, metadata: dict[str, str]) -> onnx.ModelProto:
+        g, cfg, e = self.g, self.cfg, self.map.layer
+        kv_dims = ["batch_size", self.kv_heads, "past_sequence_length", cfg.head_dim]
+        inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+                  helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
+                                                ["batch_size", "total_sequence_length"]),
+                  helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"])]
+        outputs = [helper.make_tensor_value_info("logits", g.elem, ["batch_size", "sequence_length", cfg.vocab_size])]
+        for i in range(e + 1):
+            for kv in ("key", "value"):
+                inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", g.elem, kv_dims))
+                outputs.append(helper.make_tensor_value_info(
+                    f"present.{i}.{kv}", g.elem, ["batch_size", self.kv_heads, "total_sequence_length", cfg.head_dim]))
+        self.lead = g.op("Shape", "input_ids")                                  # [batch, seq]
+        x = self.embed("input_ids")
+        cos, sin = self.rope("position_ids")
+        mask = self.mask("input_ids", "attention_mask")
+        for i in range(e + 1):
+            prefix = names.TRUNK_LAYER.format(i=i) if i < e else self.map.branch
+            x, pk, pv = self.layer(x, prefix, cos, sin, mask, f"past_key_values.{i}.key",
+                                   f"past_key_values.{i}.value")
+            g.nodes.append(helper.make_node("Identity", [pk], [f"present.{i}.key"]))
+            g.nodes.append(helper.make_node("Identity", [pv], [f"present.{i}.value"]))
+        x = self.norm(x, f"{self.map.norm}.weight")
+        logits = self.linear(x, self.map.head, head=True)
+        g.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
+        graph = helper.make_graph(g.nodes, f"exit_{e}", inputs, outputs,
+                                  initializer=g.consts + g.data.stubs_for(g.nodes))
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                        helper.make_opsetid("com.microsoft", 1)],
+                                  producer_name="ruyi-quant")
+        model.ir_version = 10
+        helper.set_model_props(model, metadata)
+        return model
