@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .cli_make import cmd_make_familial, cmd_make_synthetic
+from .cli_onnx import add_export_args, add_generate_parser
 from .cli_options import _default, _exits, _override, _validated
 from .errors import Terminated, UserError
 from .log import log_to_stderr
@@ -105,7 +106,7 @@ def cmd_export(args) -> None:
     from .pipeline import export_gguf, export_hf, open_family
     from .recipe import Calibration, GGUFExport, HFExport, Provenance
     source, fmt = args.source or args.family, args.format
-    if args.family in ("hf", "gguf") and args.source and not Path(args.family).exists():
+    if args.family in ("hf", "gguf", "onnx") and args.source and not Path(args.family).exists():
         fmt = fmt or args.family                  # `export gguf --from X`
     if args.family and args.source and args.family != fmt:
         raise UserError(f"give the family once: FAMILY ({args.family}) or --from ({args.source})")
@@ -136,8 +137,11 @@ def cmd_export(args) -> None:
             print(f"wrote {out / m['file']} ({m['bytes'] / 1e6:.2f} MB, every exit; per-exit files "
                   f"together {sum(x['bytes'] for x in info['exits']) / 1e6:.2f} MB)")
         return None
+    if fmt == "onnx":
+        from .cli_onnx import cmd_export_onnx
+        return cmd_export_onnx(args, source, out)
     if fmt != "hf":
-        raise UserError(f"--format {fmt}: supported formats are hf and gguf")
+        raise UserError(f"--format {fmt}: supported formats are hf, gguf and onnx")
     ex = _validated(HFExport, format=fmt, exits=_exits(args.exits), weights=args.weights, dtype=args.dtype)
     check_output_dir(out, force=args.force, inputs=[source])
     fam, tok_dir = open_family(source)
@@ -225,7 +229,7 @@ def cmd_run(args) -> None:
 
 # --- parser --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from .recipe import Calibration, Eval, GGUFExport, GPTQOptions, HFExport, Quantize, Training
+    from .recipe import Calibration, Eval, GGUFExport, GPTQOptions, HFExport, ONNXExport, Quantize, Training
     Q, C, E, T = (lambda f: _default(Quantize, f)), (lambda f: _default(Calibration, f)), \
         (lambda f: _default(Eval, f)), (lambda f: _default(Training, f))
     p = argparse.ArgumentParser(
@@ -270,22 +274,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace an existing output of ours")
     s.set_defaults(func=cmd_quantize)
 
-    s = sub.add_parser("export", help="per-exit checkpoints (hf: transformers; gguf: llama.cpp)",
+    s = sub.add_parser("export", help="per-exit checkpoints (hf: transformers; gguf: llama.cpp; "
+                       "onnx: onnxruntime)",
                        description="Export each exit of a family as a standalone checkpoint: "
                        "hf (Qwen2ForCausalLM, or LlamaForCausalLM for a non-Qwen2 tokenizer; GPTQ/AWQ/float) or gguf (stock qwen2 GGUF + Ollama "
                        "Modelfile per exit, and/or one multi-exit GGUF). `export gguf --from "
-                       "FAMILY.gguf [--exit E]` copies exits (all by default) out of a multi-exit GGUF.",
+                       "FAMILY.gguf [--exit E]` copies exits (all by default) out of a multi-exit GGUF. onnx: a "
+                       "decoder graph with KV cache per exit (our grids in MatMulNBits) that "
+                       "onnxruntime-genai loads, and/or one multi-exit folder.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("family", metavar="FAMILY", nargs="?",
                    help="quantized family directory, any MODEL, or a multi-exit .gguf")
     s.add_argument("--from", dest="source", metavar="FAMILY", help="the same as FAMILY")
-    s.add_argument("--format", default=None, help="hf (default) or gguf")
+    s.add_argument("--format", default=None, help="hf (default), gguf or onnx")
     s.add_argument("--out", required=True)
     s.add_argument("--exits", "--exit", help="comma-separated exit layers, or all (default)")
     s.add_argument("--weights", help=f"hf: auto (the family's layout), float, gptq, awq (default "
-                   f"{_default(HFExport, 'weights')})")
+                   f"{_default(HFExport, 'weights')}); onnx: auto, float")
     s.add_argument("--dtype", help=f"hf float weights: bfloat16, float16, float32 (default "
-                   f"{_default(HFExport, 'dtype')})")
+                   f"{_default(HFExport, 'dtype')}); onnx: float32 (default), float16")
     s.add_argument("--type", help="gguf: auto (default; our grids exactly: Q4_0 sym, Q4_1 "
                    "asym, Q8_0 8-bit; float linears f16), f32, f16, bf16, q8_0, q4_0, q4_1; from a "
                    "float model also llama.cpp's q4_k_m, q5_k_m, q6_k")
@@ -293,8 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{_default(GGUFExport, 'embed_type')}: q8_0 in 4-bit files)")
     s.add_argument("--head-type", help=f"gguf: float head type (default "
                    f"{_default(GGUFExport, 'head_type')}: q8_0 in 4-bit files)")
-    s.add_argument("--multi", action="store_true", help="gguf: also write the multi-exit file")
-    s.add_argument("--multi-only", action="store_true", help="gguf: only the multi-exit file")
+    s.add_argument("--multi", action="store_true", help="gguf, onnx: also write the multi-exit file")
+    s.add_argument("--multi-only", action="store_true", help="gguf, onnx: only the multi-exit file")
+    add_export_args(s, lambda key: _default(ONNXExport, key))
     s.add_argument("--name", help="gguf: general.name (default: the model's name)")
     s.add_argument("--license", help="gguf: general.license (default: the source's, when known)")
     s.add_argument("--calib", help=f"gguf K-quants: text of the importance matrix (default "
@@ -356,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shard-gb", type=float, help="maximum shard size in GB (default 5)")
     s.add_argument("--force", action="store_true")
     s.set_defaults(func=cmd_make_synthetic)
+
+    add_generate_parser(sub)
 
     s = sub.add_parser("run", help="run the jobs of a recipe YAML", description=(
         "Run a recipe's jobs in order. A job whose outputs are complete and unchanged (manifest "

@@ -155,6 +155,13 @@ def export_gguf(fam: QuantizedFamily, out_root: Path, tokenizer_dir: Path, ex,
     return gguf.export(fam, out_root, tokenizer_dir, ex, progress, windows)
 
 
+def export_onnx(fam: QuantizedFamily, out_root: Path, tokenizer_dir: Path, ex,
+                progress: bool = True) -> dict:
+    """The ONNX folders of one export (exporters/onnx/export.py)."""
+    from .exporters import onnx
+    return onnx.export(fam, out_root, tokenizer_dir, ex, progress)
+
+
 def export_folder(ex, fam: QuantizedFamily) -> str:
     """Where an export goes inside a job's output: its `folder`, else e.g. hf-gptq, hf-bfloat16,
     gguf-q4_0."""
@@ -163,6 +170,9 @@ def export_folder(ex, fam: QuantizedFamily) -> str:
     if ex.format == "gguf":
         from .exporters.gguf import label
         return f"gguf-{label(fam, ex.type)}"
+    if ex.format == "onnx":
+        from .exporters.onnx import label
+        return f"onnx-{label(fam, ex)}"
     if ex.weights == "auto":
         return f"{ex.format}-{fam.layout if fam.modules else ex.dtype}"
     return f"{ex.format}-{ex.dtype if ex.weights == 'float' else ex.weights}"
@@ -226,6 +236,8 @@ def run_job(job: Job, base: Path, force: bool = False, progress: bool = True,
             with stages.stage(f"export {folder}"):
                 if ex.format == "gguf":
                     export_gguf(fam, tmp / folder, src, ex, progress, calib)
+                elif ex.format == "onnx":
+                    export_onnx(fam, tmp / folder, src, ex, progress)
                 else:
                     export_hf(fam, tmp / folder, src, ex.exits, ex.weights, ex.dtype, progress)
             done(folder)

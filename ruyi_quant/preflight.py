@@ -147,6 +147,9 @@ def check_exports(job: Job, cfg, key: str) -> None:
         try:
             if ex.format == "hf" and ex.weights == "awq" and plan:
                 check_awq_plan(plan, widths, list(plan) if act_order else [])
+            if ex.format == "onnx":
+                from .exporters.onnx.graph import check_onnx
+                check_onnx(cfg, plan, ex)
             if ex.format != "gguf":
                 continue
             if ex.type in K_QUANTS and plan:

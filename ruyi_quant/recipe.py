@@ -135,11 +135,25 @@ class GGUFExport(Strict):
     folder: Folder = None          # inside the job's output; default gguf-<type>
 
 
+class ONNXExport(Strict):
+    format: Literal["onnx"] = "onnx"
+    exits: Exits = "all"
+    dtype: Literal["float32", "float16"] = "float32"   # float weights and the compute type
+    weights: Literal["auto", "float"] = "auto"   # auto: our grids in MatMulNBits; float: dequantized
+    head: Literal["auto", "float", "int8"] = "auto"   # int8: a float head rounded to 8 bits
+    embed: Literal["float", "int8"] = "float"      # int8: one scale per row
+    accuracy_level: Literal[0, 1, 2, 3, 4] = 4    # MatMulNBits: 0 float compute, 4 int8 activations
+    per_exit: bool = True          # one folder per exit that onnxruntime-genai loads as it is
+    multi: bool = False            # one folder whose single data file holds the trunk once
+    folder: Folder = None          # inside the job's output; default onnx-<int4|float32|...>
+
+
 def _export_kind(v) -> str:
     return (v.get("format", "hf") if isinstance(v, dict) else getattr(v, "format", "hf"))
 
 
-Export = Annotated[Union[Annotated[HFExport, Tag("hf")], Annotated[GGUFExport, Tag("gguf")]],
+Export = Annotated[Union[Annotated[HFExport, Tag("hf")], Annotated[GGUFExport, Tag("gguf")],
+                         Annotated[ONNXExport, Tag("onnx")]],
                    Discriminator(_export_kind)]
 
 

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 from ... import __version__
 from ...model.io import copy_tokenizer
 from ..provenance import provenance
-from .graph import DTYPES, Decoder, ONNXOptions, check_onnx
+from .graph import Decoder, check_onnx
 
 ALIGN, PAGE, BIG = 64, 4096, 1 << 20     # offsets: 64-byte aligned, page aligned past 1 MiB
 DATA_FILE = "model.onnx.data"
@@ -64,7 +64,7 @@ class DataFile:
         return self.path.stat().st_size
 
 
-def metadata(fam, exit: int, opt: ONNXOptions) -> dict[str, str]:
+def metadata(fam, exit: int, opt) -> dict[str, str]:
     """metadata_props of every graph: the GGUF files' provenance, the exit, the graph's settings."""
     meta = {f"ruyi.{k}": (json.dumps(v) if isinstance(v, (list, dict, bool)) else str(v))
             for k, v in provenance(fam).items() if v is not None}
@@ -75,7 +75,7 @@ def metadata(fam, exit: int, opt: ONNXOptions) -> dict[str, str]:
     return meta
 
 
-def genai_config(fam, exit: int, filename: str, opt: ONNXOptions, arch: str) -> dict:
+def genai_config(fam, exit: int, filename: str, opt, arch: str) -> dict:
     """onnxruntime-genai's genai_config.json for one exit's graph (greedy search by default)."""
     cfg, raw = fam.config, fam.config.raw
     heads = int(raw["num_attention_heads"])
@@ -115,10 +115,10 @@ def _arch(fam) -> str:
     return "llama" if fam.config.source_arch == "llama" else "qwen2"
 
 
-def write_exit(fam, exit: int, out_dir: Path, tok_dir: Path | None, opt: ONNXOptions) -> dict:
+def write_exit(fam, exit: int, out_dir: Path, tok_dir: Path | None, opt) -> dict:
     """Exit `exit`'s folder (out_dir exists): model.onnx + model.onnx.data, genai_config.json,
     the tokenizer."""
-    check_onnx(fam, opt)
+    check_onnx(fam.config, fam.modules, opt)
     j = fam.config.exit_index(exit)
     out_dir = Path(out_dir)
     data = DataFile(out_dir / DATA_FILE)
@@ -135,11 +135,11 @@ def write_exit(fam, exit: int, out_dir: Path, tok_dir: Path | None, opt: ONNXOpt
             "tensor_bytes": data.tensor_bytes, "dtype": opt.dtype}
 
 
-def write_multi(fam, out_dir: Path, tok_dir: Path | None, opt: ONNXOptions,
+def write_multi(fam, out_dir: Path, tok_dir: Path | None, opt,
                 exits: list[int] | None = None) -> dict:
     """The multi-exit folder: family.onnx.data (every tensor once), exit-E.onnx per exit,
     genai_config.json for the last exit (files.genai_config names the graph), the tokenizer."""
-    check_onnx(fam, opt)
+    check_onnx(fam.config, fam.modules, opt)
     out_dir = Path(out_dir)
     exits = fam.config.exit_list(exits)
     data = DataFile(out_dir / MULTI_DATA)
@@ -161,7 +161,3 @@ def write_multi(fam, out_dir: Path, tok_dir: Path | None, opt: ONNXOptions,
     return {"exits": exits, "data_file": MULTI_DATA, "data_bytes": data_bytes,
             "tensor_bytes": data.tensor_bytes, "graph_bytes": sum(files.values()),
             "bytes": data_bytes + sum(files.values()), "dtype": opt.dtype}
-
-
-def io_dtype(opt: ONNXOptions):
-    return DTYPES[opt.dtype][1]

@@ -15,8 +15,6 @@ into one data file (files.DataFile) share every tensor they have in common.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import onnx
 import torch
@@ -27,42 +25,25 @@ from ...errors import UserError
 from .weights import check_grid, int8_grid, int8_rows, layout_of, nbits_arrays
 
 OPSET = 23
-DTYPES = {"fp32": (TensorProto.FLOAT, np.float32, torch.float32),
-          "fp16": (TensorProto.FLOAT16, np.float16, torch.float16)}
-HEADS = ("auto", "float", "int8")
-EMBEDS = ("float", "int8")
+DTYPES = {"float32": (TensorProto.FLOAT, np.float32, torch.float32),
+          "float16": (TensorProto.FLOAT16, np.float16, torch.float16)}
 
 
-@dataclass(frozen=True)
-class ONNXOptions:
-    dtype: str = "fp32"          # fp32 | fp16: float weights and the compute type
-    weights: str = "auto"        # auto: grids as MatMulNBits; float: every linear dequantized
-    head: str = "auto"           # auto: a quantized head keeps its grid, a float one stays float
-    embed: str = "float"         # float | int8 (per row)
-    accuracy_level: int = 4      # MatMulNBits: 0 = the graph's float type, 4 = int8 activations
-
-    def __post_init__(self):
-        for key, allowed in (("dtype", DTYPES), ("weights", ("auto", "float")), ("head", HEADS),
-                             ("embed", EMBEDS), ("accuracy_level", (0, 1, 2, 3, 4))):
-            if getattr(self, key) not in allowed:
-                raise UserError(f"onnx {key} {getattr(self, key)!r}: choose one of "
-                                f"{', '.join(map(str, allowed))}")
-
-
-def check_onnx(fam, opt: ONNXOptions) -> None:
-    """Refuse, in one line naming the setting, what these graphs cannot hold; before any writing."""
-    if fam.config.rope_scaled:
-        raw = fam.config.raw
+def check_onnx(config, modules: dict, ex) -> None:
+    """Refuse, in one line naming the setting, what these graphs cannot hold (`modules`: module ->
+    QuantSpec, of a family or of a job's plan); run before anything is written."""
+    if config.rope_scaled:
+        raw = config.raw
         raise UserError("onnx: scaled RoPE is not exported; the model uses "
                         f"{raw.get('rope_parameters') or raw.get('rope_scaling')}")
-    if opt.weights == "auto":
-        for m, grid in fam.grids.items():
-            if not (opt.head in ("float", "int8") and _is_head(fam, m)):
-                check_grid(m, grid.spec)
+    if ex.weights == "auto":
+        for m, spec in modules.items():
+            if not (ex.head in ("float", "int8") and _is_head(config, m)):
+                check_grid(m, spec)
 
 
-def _is_head(fam, module: str) -> bool:
-    return module in (names.SHARED_HEAD, *(names.HEAD.format(j=j) for j in range(len(fam.config.exits))))
+def _is_head(config, module: str) -> bool:
+    return module in (names.SHARED_HEAD, *(names.HEAD.format(j=j) for j in range(len(config.exits))))
 
 
 def _loaded(grid):
@@ -73,7 +54,7 @@ def _loaded(grid):
 class Graph:
     """Nodes, and initializers that go to a DataFile as soon as they are made."""
 
-    def __init__(self, data, opt: ONNXOptions):
+    def __init__(self, data, opt):
         self.data, self.opt = data, opt
         self.elem, self.np, self.torch = DTYPES[opt.dtype]
         self.nodes: list[onnx.NodeProto] = []
@@ -105,7 +86,7 @@ class Graph:
 class Decoder:
     """The decoder graph of one exit (see the module docstring)."""
 
-    def __init__(self, fam, j: int, opt: ONNXOptions, data):
+    def __init__(self, fam, j: int, opt, data):
         self.fam, self.cfg, self.opt = fam, fam.config, opt
         self.map = self.cfg.exit_map(j)
         raw = self.cfg.raw

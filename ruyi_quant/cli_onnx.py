@@ -1,0 +1,86 @@
+"""`ruyi-quant export --format onnx` and `ruyi-quant generate --onnx`: the ONNX side of the
+command line (cli.py holds the rest; split out to keep each module a readable size)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .cli_options import _exits, _validated
+from .errors import UserError
+
+
+def cmd_export_onnx(args, source: str, out: Path) -> None:
+    """Per-exit ONNX folders and/or the multi-exit folder of a family."""
+    from .data import check_tokenizer
+    from .exporters.onnx import MULTI_FOLDER, check_onnx
+    from .fsutil import atomic_dir, check_output_dir, disk_bytes, write_marker
+    from .pipeline import export_onnx, open_family
+    from .recipe import ONNXExport
+    if args.weights not in (None, "auto", "float"):
+        raise UserError(f"--weights {args.weights}: onnx takes auto (our grids as MatMulNBits) or float")
+    ex = _validated(ONNXExport, exits=_exits(args.exits), dtype=args.dtype, weights=args.weights,
+                    head=args.head, embed=args.embed, accuracy_level=args.accuracy_level,
+                    multi=args.multi or args.multi_only, per_exit=not args.multi_only)
+    check_output_dir(out, force=args.force, inputs=[source])
+    fam, tok_dir = open_family(source)
+    fam.config.exit_list(ex.exits)
+    check_onnx(fam.config, fam.modules, ex)
+    check_tokenizer(tok_dir)
+    with atomic_dir(out, force=args.force, inputs=[tok_dir]) as tmp:
+        info = export_onnx(fam, tmp, tok_dir, ex)
+        write_marker(tmp, {"kind": "export", "format": "onnx", **info})
+    for x in info["exits"]:
+        print(f"wrote {out / ('exit-%d' % x['exit'])} ({disk_bytes(out / ('exit-%d' % x['exit'])) / 1e6:.2f} MB)")
+    if info["multi"]:
+        m = info["multi"]
+        print(f"wrote {out / MULTI_FOLDER} ({m['bytes'] / 1e6:.2f} MB for exits {m['exits']}: "
+              f"{m['tensor_bytes'] / 1e6:.2f} MB of distinct tensors in one data file)")
+
+
+def add_export_args(s, default) -> None:
+    s.add_argument("--head", help=f"onnx: auto (a quantized head keeps its grid, a float one stays "
+                   f"float), float, int8 (default {default('head')})")
+    s.add_argument("--embed", help=f"onnx: token embedding float or int8 (default {default('embed')})")
+    s.add_argument("--accuracy-level", type=int, help="onnx: MatMulNBits compute, 0 (the float type) "
+                   f"or 4 (int8 activations, faster on CPUs) (default {default('accuracy_level')})")
+
+
+def cmd_generate(args) -> None:
+    from .exporters.onnx.runner import generate
+    if args.onnx is None:
+        raise UserError("generate: give the exported folder with --onnx DIR")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: give at least 1")
+    search = {"sample": args.sample, "temperature": args.temperature, "top_k": args.top_k,
+              "top_p": args.top_p, "seed": args.seed}
+    if args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 1:
+        raise UserError("sampling: --temperature must be > 0, --top-p in (0, 1], --top-k >= 1")
+    exit = None if args.exit in (None, "last") else _exits(args.exit)
+    if isinstance(exit, list) and len(exit) != 1:
+        raise UserError(f"--exit {args.exit}: give one exit layer")
+    res = generate(Path(args.onnx), args.prompt, exit[0] if exit else None, args.max_new_tokens,
+                   chat=not args.no_chat, on_text=lambda piece: print(piece, end="", flush=True),
+                   **search)
+    print()
+    print(f"[exit {res['exit']}: {res['prompt_tokens']} prompt tokens, {len(res['tokens'])} new]",
+          file=sys.stderr)
+
+
+def add_generate_parser(sub) -> None:
+    s = sub.add_parser("generate", help="generate text from an exported exit (onnx)",
+                       description="Generate from one exit of an ONNX export with onnxruntime-genai: "
+                       "the prompt goes through the tokenizer's chat template (--no-chat: as it is); "
+                       "greedy unless --sample.")
+    s.add_argument("prompt", metavar="PROMPT")
+    s.add_argument("--onnx", metavar="DIR", help="an onnx export: the job's onnx-* folder, one exit-E/ "
+                   "folder, or the multi-exit folder")
+    s.add_argument("--exit", help="exit layer (default: the last in the folder)")
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--sample", action="store_true", help="sample instead of greedy")
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=50)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-chat", action="store_true", help="the prompt as it is, no chat template")
+    s.set_defaults(func=cmd_generate)

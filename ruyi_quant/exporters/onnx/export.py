@@ -1,0 +1,45 @@
+"""A family -> the ONNX folders of a job or of `ruyi-quant export --format onnx`: one folder per
+exit (exit-E/) and/or the multi-exit folder (multi-exit/)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .files import write_exit, write_multi
+from .graph import check_onnx
+
+MULTI_FOLDER = "multi-exit"
+
+
+def label(fam, ex) -> str:
+    """What an ONNX export mostly holds, for its folder name: int4, int8, float32, float16, and
+    -float16 after intN when the float parts are half precision."""
+    bits = Counter(s.bits for s in fam.modules.values())
+    if ex.weights == "float" or not bits:
+        return ex.dtype
+    return f"int{bits.most_common(1)[0][0]}" + ("-float16" if ex.dtype == "float16" else "")
+
+
+def export(fam, out_root: Path, tokenizer_dir: Path | None, ex, progress: bool = True) -> dict:
+    """The folders the ONNXExport settings `ex` ask for, under out_root (created). Returns what
+    was written: {"exits": [per-exit info], "multi": info or None}."""
+    check_onnx(fam.config, fam.modules, ex)    # before any folder or progress bar
+    exits = fam.config.exit_list(ex.exits)
+    out_root = Path(out_root)
+    out_root.mkdir(parents=True, exist_ok=True)
+    written: dict = {"exits": [], "multi": None}
+    if ex.per_exit:
+        for e in tqdm(exits, desc="export onnx", unit="exit", disable=not progress, leave=False):
+            d = out_root / f"exit-{e}"
+            d.mkdir()
+            written["exits"].append(write_exit(fam, e, d, tokenizer_dir, ex))
+    if ex.multi:
+        if progress:
+            tqdm.write(f"  writing the multi-exit folder {MULTI_FOLDER}/")
+        d = out_root / MULTI_FOLDER
+        d.mkdir()
+        written["multi"] = write_multi(fam, d, tokenizer_dir, ex, exits)
+    return written
