@@ -41,7 +41,8 @@ def cmd_export_onnx(args, source: str, out: Path) -> None:
 def add_export_args(s, default) -> None:
     s.add_argument("--head", help=f"onnx: auto (a quantized head keeps its grid, a float one stays "
                    f"float), float, int8 (default {default('head')})")
-    s.add_argument("--embed", help=f"onnx: token embedding float or int8 (default {default('embed')})")
+    s.add_argument("--embed", help="onnx: token embedding float, int8, or head (the rows of a tied, "
+                   f"quantized head's grid: no bytes of its own) (default {default('embed')})")
     s.add_argument("--accuracy-level", type=int, help="onnx: MatMulNBits compute, 0 (the float type) "
                    f"or 4 (int8 activations, faster on CPUs) (default {default('accuracy_level')})")
 

@@ -141,7 +141,8 @@ class ONNXExport(Strict):
     dtype: Literal["float32", "float16"] = "float32"   # float weights and the compute type
     weights: Literal["auto", "float"] = "auto"   # auto: our grids in MatMulNBits; float: dequantized
     head: Literal["auto", "float", "int8"] = "auto"   # int8: a float head rounded to 8 bits
-    embed: Literal["float", "int8"] = "float"      # int8: one scale per row
+    embed: Literal["float", "int8", "head"] = "float"   # int8: one scale per row; head: the rows of
+                                   # a tied, quantized head's grid (no bytes of its own)
     accuracy_level: Literal[0, 1, 2, 3, 4] = 4    # MatMulNBits: 0 float compute, 4 int8 activations
     per_exit: bool = True          # one folder per exit that onnxruntime-genai loads as it is
     multi: bool = False            # one folder whose single data file holds the trunk once

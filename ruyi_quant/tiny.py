@@ -51,13 +51,13 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 512) -> None:
 
 def tiny_config(*, layers: int = 6, exits: tuple[int, ...] = (2, 3, 5), hidden: int = 128,
                 intermediate: int = 320, heads: int = 4, kv_heads: int = 2, vocab: int = 512,
-                shared_heads: bool = False) -> dict:
+                shared_heads: bool = False, tie_word_embeddings: bool = False) -> dict:
     return {
         "model_type": "ruyi_qwen2", "architectures": ["RuyiQwen2ForCausalLM"],
         "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": intermediate,
         "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
         "hidden_act": "silu", "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
-        "rope_theta": 10000.0, "tie_word_embeddings": False,
+        "rope_theta": 10000.0, "tie_word_embeddings": tie_word_embeddings,
         "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 0,
         "early_exit_points": list(exits), "default_early_exit_point": -1,
         "shared_heads": shared_heads,

@@ -35,6 +35,13 @@ def tiny_shared_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tied_dir(tmp_path_factory):
+    """One shared head tied to the embedding (as SmolLM2 and ruyi-mini have): no lm_head tensor."""
+    return build_tiny(tmp_path_factory.mktemp("tiny-tied") / "model", seed=2, shared_heads=True,
+                      tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_smollm_dir(tiny_dir, tmp_path_factory):
     """The tiny family with a SmolLM2-style tokenizer: digits split one by one, GPT-2's regex, no
     normalizer (what transformers' Qwen2Tokenizer does NOT reproduce)."""

@@ -258,6 +258,27 @@ def test_int8_head_and_embedding(tiny_dir, tmp_path, eval_ids):
     assert kl < 1e-2 and top1 > 0.97
 
 
+@pytest.mark.parametrize("sym", [True, False])
+def test_embedding_gathered_from_the_tied_heads_grid(tied_dir, tmp_path, eval_ids, sym):
+    """embed head: the embedding rows are the quantized head's rows (GatherBlockQuantized on the
+    head's own MatMulNBits bytes): no embedding bytes, logits of our model with that embedding."""
+    fam = family(tied_dir, "rtn", 4, 32, sym, heads=True)
+    path = export_exit(fam, 5, tmp_path / "h", tied_dir, embed="head", accuracy_level=0)
+    onnx.checker.check_model(str(path), full_check=True)
+    inits = {t.name for t in onnx.load(str(path), load_external_data=False).graph.initializer}
+    assert not any(n.startswith("model.embed_tokens") for n in inits)
+    float_embed = export_exit(fam, 5, tmp_path / "f", tied_dir, accuracy_level=0)
+    size = fam.config.vocab_size * fam.config.hidden_size * 4
+    assert (float_embed.parent / "model.onnx.data").stat().st_size - (path.parent / "model.onnx.data").stat().st_size >= size
+    deq = fam.dequantized_model()
+    deq.model.embed_tokens.weight = torch.nn.Parameter(fam.weight("lm_head"))
+    ids = eval_ids[:2, :48]
+    got = run(session(path), ids.numpy(), fam.config)["logits"]
+    assert np.abs(got - deq(ids, exit=5).logits.detach().numpy()).max() < 1e-3
+    with pytest.raises(UserError, match="embed head: gathers the embedding from the head's grid"):
+        X.check_onnx(fam.config, {}, ONNXExport(embed="head"))
+
+
 # --- onnxruntime-genai ---------------------------------------------------------------------------
 
 @needs_genai

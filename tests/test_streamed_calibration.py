@@ -157,3 +157,15 @@ def test_plain_checkpoints_open_lazily(tmp_path, tiny_dir, monkeypatch, arch):
         assert got.dtype == t.dtype == torch.bfloat16 and torch.equal(got, t), name
     if arch.startswith("llama"):
         assert not lazy.tensors["model.layers.1.self_attn.k_proj.bias"].any()
+
+
+def test_lazy_rtn_rounds_a_tied_head_from_the_embedding(tied_dir):
+    """A head tied to the embedding has no tensor of its own in the checkpoint: lazy RTN rounds the
+    embedding, as in-memory RTN does (found exporting ONNX: it raised KeyError 'lm_head.weight')."""
+    from ruyi_quant.quant.plan import QuantSpec, make_plan
+    from ruyi_quant.quant.rtn import rtn_family
+    lazy = quantize(load_family(tied_dir), Quantize(method="rtn", bits=4, group_size=32, heads=True),
+                    progress=False)
+    model = load_model(tied_dir)
+    mem = rtn_family(model, make_plan(model, QuantSpec(4, 32, True), heads=True), progress=False)
+    assert torch.equal(lazy.weight("lm_head"), mem.weight("lm_head"))

@@ -48,6 +48,14 @@ class QuantizedFamily:
             self.tensors.pop(f"{module}.weight", None)
         self.grids[module] = grid
 
+    def stored_name(self, name: str) -> str:
+        """The float tensor a weight is read from: a head tied to the embedding has no tensor of
+        its own and reads the embedding's."""
+        if name == f"{names.SHARED_HEAD}.weight" and self.config.tie_word_embeddings \
+                and name not in self.tensors:
+            return f"{names.EMBED}.weight"
+        return name
+
     def tensor_info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         """(shape, dtype) of a float tensor, without reading a lazy one."""
         if hasattr(self.tensors, "info"):
@@ -148,13 +156,10 @@ class Weights:
         self.model.model.rotary_emb = Qwen2RotaryEmbedding(config=self.model.hf_config).to(dev)
 
     def tensor(self, name: str) -> torch.Tensor:
-        if name == names.SHARED_HEAD + ".weight" and self.src.config.tie_word_embeddings \
-                and names.SHARED_HEAD not in self.src.grids:
-            name = names.EMBED + ".weight"
         mod = names.module_of(name)
         if name.endswith(".weight") and mod in self.src.grids:
             return self.src.grids[mod].dequantize().to(self.dev)
-        t = self.src.tensors[name]
+        t = self.src.tensors[self.src.stored_name(name)]
         out = t.to(self.dev, torch.float32)
         return out.clone() if out.data_ptr() == t.data_ptr() else out   # never the source's own
 

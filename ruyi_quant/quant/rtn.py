@@ -114,7 +114,7 @@ def rtn_lazy(fam, plan: dict):
     from functools import partial
     from .grid import LazyGrid
     for name, spec in plan.items():
-        w = f"{name}.weight"
+        w = fam.stored_name(f"{name}.weight")
         load = fam.tensors.loader(w) if hasattr(fam.tensors, "loader") else (lambda t=fam.tensors[w]: t)
         fam.set_quantized(name, LazyGrid(spec, fam.tensor_info(w)[0], partial(_rtn_grid, load, spec),
                                          act_order=False))

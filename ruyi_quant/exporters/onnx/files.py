@@ -54,6 +54,17 @@ class DataFile:
         self.stubs[name] = t
         self.tensor_bytes += len(raw)
 
+    def alias(self, name: str, new: str, dims: tuple[int, ...]) -> str:
+        """Another view of a stored tensor's bytes under a new name and shape (no bytes written)."""
+        if new not in self.stubs:
+            t = TensorProto()
+            t.CopyFrom(self.stubs[name])
+            t.name = new
+            del t.dims[:]
+            t.dims.extend(dims)
+            self.stubs[new] = t
+        return new
+
     def stubs_for(self, nodes) -> list[TensorProto]:
         """The stubs of the tensors these nodes read, each once."""
         seen = dict.fromkeys(i for n in nodes for i in n.input if i in self.stubs)

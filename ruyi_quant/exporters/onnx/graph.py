@@ -36,6 +36,12 @@ def check_onnx(config, modules: dict, ex) -> None:
         raw = config.raw
         raise UserError("onnx: scaled RoPE is not exported; the model uses "
                         f"{raw.get('rope_parameters') or raw.get('rope_scaling')}")
+    if ex.embed == "head" and not (config.shared_heads and config.tie_word_embeddings
+                                   and names.SHARED_HEAD in modules and ex.weights == "auto"
+                                   and ex.head == "auto"):
+        raise UserError("onnx embed head: gathers the embedding from the head's grid, so it needs a "
+                        "head tied to the embedding and quantized (quantize with heads: true), "
+                        "weights auto and head auto; use embed float or int8")
     if ex.weights == "auto":
         for m, spec in modules.items():
             if not (ex.head in ("float", "int8") and _is_head(config, m)):
@@ -99,19 +105,13 @@ class Decoder:
     def float_weight(self, name: str) -> str:
         return self.g.weight(name, lambda: self.fam.tensors[name].to(self.g.torch).numpy())
 
-    def head_weight_name(self, module: str) -> str:
-        name = f"{module}.weight"
-        if name not in self.fam.tensors and self.cfg.tie_word_embeddings:
-            return f"{names.EMBED}.weight"               # a tied head is the embedding matrix
-        return name
-
     def grid_of(self, module: str, head: bool):
         """(name prefix, grid or a maker of one) of a linear written as MatMulNBits, or None."""
         opt, grid = self.opt, self.fam.grids.get(module)
         if head and opt.head == "float":
             return None
         if head and opt.head == "int8" and (grid is None or opt.weights == "float"):
-            src = self.head_weight_name(module)
+            src = self.fam.stored_name(f"{module}.weight")
             if grid is None:
                 return f"{module}.int8", lambda: int8_grid(self.fam.tensors[src])
             return f"{module}.int8", lambda: int8_grid(_loaded(grid).dequantize())
@@ -129,23 +129,27 @@ class Decoder:
                 w = g.weight(f"{module}.weight",
                              lambda: _loaded(self.fam.grids[module]).dequantize().to(g.torch).numpy())
             else:
-                w = self.float_weight(self.head_weight_name(module) if head else f"{module}.weight")
+                w = self.float_weight(self.fam.stored_name(f"{module}.weight") if head else f"{module}.weight")
             flat = g.op("Reshape", x, g.const([-1, k]))
             y = g.op("Gemm", flat, w, self.float_weight(bias) if bias else "", transB=1)
             return g.op("Reshape", y, g.op("Concat", self.lead, g.const([n]), axis=0))
-        prefix, make = q
+        prefix, lay = self.nbits(q)
+        opt = [f"{prefix}.{k}" if f"{prefix}.{k}" in g.data else "" for k in ("zero_points", "g_idx")]
+        return g.op("MatMulNBits", x, f"{prefix}.B", f"{prefix}.scales", *opt,
+                    self.float_weight(bias) if bias else "", domain="com.microsoft",
+                    K=lay.k, N=lay.n, bits=lay.bits, block_size=lay.block,
+                    accuracy_level=self.opt.accuracy_level)
+
+    def nbits(self, q):
+        """(prefix, layout) of a grid's MatMulNBits initializers, written on first use."""
+        g, (prefix, make) = self.g, q
         if f"{prefix}.B" not in g.data:
             grid = make()
             lay = layout_of(grid)
             for key, arr in nbits_arrays(grid, lay, g.np).items():
                 g.weight(f"{prefix}.{key}", lambda arr=arr: arr)
             g.data.attrs[prefix] = lay
-        lay = g.data.attrs[prefix]
-        opt = [f"{prefix}.{k}" if f"{prefix}.{k}" in g.data else "" for k in ("zero_points", "g_idx")]
-        return g.op("MatMulNBits", x, f"{prefix}.B", f"{prefix}.scales", *opt,
-                    self.float_weight(bias) if bias else "", domain="com.microsoft",
-                    K=lay.k, N=lay.n, bits=lay.bits, block_size=lay.block,
-                    accuracy_level=self.opt.accuracy_level)
+        return prefix, g.data.attrs[prefix]
 
     def norm(self, x: str, name: str) -> str:
         return self.g.op("RMSNormalization", x, self.float_weight(name), axis=-1, epsilon=self.eps,
@@ -155,6 +159,20 @@ class Decoder:
         g, name = self.g, f"{names.EMBED}.weight"
         if self.opt.embed == "float":
             return g.op("Gather", self.float_weight(name), ids)
+        if self.opt.embed == "head":          # rows of the tied head's grid, from its own bytes
+            prefix, lay = self.nbits(self.grid_of(self.map.head, head=True))
+            if lay.act_order:
+                raise UserError("onnx embed head: the head's grid has act-order groups, which "
+                                "GatherBlockQuantized cannot read; use embed float or int8")
+            row = lay.blocks * lay.block * lay.bits // 8
+            zp = f"{prefix}.zero_points"
+            rows = g.op("GatherBlockQuantized", g.data.alias(f"{prefix}.B", f"{prefix}.B.rows", (lay.n, row)),
+                        ids, g.data.alias(f"{prefix}.scales", f"{prefix}.scales.rows", (lay.n, lay.blocks)),
+                        g.data.alias(zp, f"{zp}.rows", (lay.n, -(-lay.blocks * lay.bits // 8))) if zp in g.data else "",
+                        domain="com.microsoft", bits=lay.bits, block_size=lay.block, gather_axis=0, quantize_axis=1)
+            if lay.blocks * lay.block == lay.k:
+                return rows
+            return g.op("Slice", rows, g.const([0]), g.const([lay.k]), g.const([-1]))
         if f"{name}.int8.codes" not in g.data:
             for key, arr in int8_rows(self.fam.tensors[name], g.np).items():
                 g.weight(f"{name}.int8.{key}", lambda arr=arr: arr)
