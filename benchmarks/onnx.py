@@ -128,6 +128,8 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--prompt", type=int, default=256, help="prefill length")
     ap.add_argument("--new", type=int, default=64, help="decoded tokens")
+    ap.add_argument("--family", help="a quantized ruyi-mini family to use instead of quantizing (e.g. "
+                    "out/ruyi-mini-gptq4/family); its head stays as it is")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
     t_start = time.perf_counter()
@@ -139,13 +141,19 @@ def main() -> None:
     src = resolve_model("builtin:ruyi-mini")
     ref_fam = load_family(src)
     exits = ref_fam.config.exit_list(None if not args.exits else [int(x) for x in args.exits.split(",")])
-    q = Quantize(method="gptq", bits=4, group_size=128, sym=True, heads=True)
-    cal = Calibration()
-    t0 = time.perf_counter()
-    fam = quantize(ref_fam, q, calib_windows(src, cal), progress=True)
-    notes["quantize_seconds"] = time.perf_counter() - t0
-    fam.provenance = Provenance(model="builtin:ruyi-mini", quantize=q, calibration=cal)
-    notes["ours"] = f"GPTQ 4-bit g128 sym, head included, {cal.samples} x {cal.seq_len} tokens of {cal.source}"
+    if args.family:
+        fam = load_family(Path(args.family))
+        notes["ours"] = f"{args.family} ({fam.method})"
+    else:
+        q = Quantize(method="gptq", bits=4, group_size=128, sym=True, heads=True)
+        cal = Calibration()
+        t0 = time.perf_counter()
+        fam = quantize(ref_fam, q, calib_windows(src, cal), progress=True)
+        notes["quantize_seconds"] = time.perf_counter() - t0
+        fam.provenance = Provenance(model="builtin:ruyi-mini", quantize=q, calibration=cal)
+        notes["ours"] = f"GPTQ 4-bit g128 sym, head included, {cal.samples} x {cal.seq_len} tokens of {cal.source}"
+    embed = "head" if "lm_head" in fam.grids else "int8"
+    notes["embed"] = embed
     ev = Eval(samples=args.eval_windows)
     windows = eval_windows(src, ev)
     model = load_model(src)
@@ -155,7 +163,7 @@ def main() -> None:
     prompt = windows[0, :args.prompt].tolist()
     exports = {
         "float32": ONNXExport(exits=exits, weights="float"),
-        "int4": ONNXExport(exits=exits, embed="head", accuracy_level=4, multi=True),
+        "int4": ONNXExport(exits=exits, embed=embed, accuracy_level=4, multi=True),
     }
     for name, ex in exports.items():
         t0 = time.perf_counter()

@@ -164,7 +164,7 @@ def test_exported_matmulnbits_weights_are_our_grids(k576_dir, tmp_path, sym, act
 
 # --- graphs against our reference ----------------------------------------------------------------
 
-@pytest.fixture(scope="module", params=["tiny_dir", "tiny_shared_dir"])
+@pytest.fixture(scope="module", params=["tiny_dir", "tiny_shared_dir", "tied_dir"])
 def src(request):
     return request.getfixturevalue(request.param)
 

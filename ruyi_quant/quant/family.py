@@ -67,7 +67,7 @@ class QuantizedFamily:
         """(N, K) of a linear, quantized or not."""
         if module in self.grids:
             return self.grids[module].shape
-        return self.tensor_info(f"{module}.weight")[0]
+        return self.tensor_info(self.stored_name(f"{module}.weight"))[0]
 
     def grid(self, module: str):
         """(q [K, N], scales [G, N], zeros [G, N], g_idx [K]) of a quantized linear."""
