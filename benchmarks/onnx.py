@@ -45,7 +45,7 @@ from ruyi_quant.sources import resolve_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def feeds_for(sess: ort.InferenceSession, ids: np.ndarray) -> dict:
+def feeds_for(sess: ort.InferenceSession, ids: np.ndarray, head_dim: int) -> dict:
     """A prefill from an empty cache for whatever inputs a decoder graph declares."""
     b, n = ids.shape
     feeds = {}
@@ -58,17 +58,17 @@ def feeds_for(sess: ort.InferenceSession, ids: np.ndarray) -> dict:
             feeds[i.name] = np.tile(np.arange(n), (b, 1))
         elif i.name.startswith("past_key_values"):
             dt = np.float16 if "float16" in i.type else np.float32
-            feeds[i.name] = np.zeros((b, i.shape[1], 0, i.shape[3]), dt)
+            feeds[i.name] = np.zeros((b, i.shape[1], 0, head_dim), dt)
         else:
             raise SystemExit(f"unknown graph input {i.name}")
     return feeds
 
 
-def accuracy(graph: Path, ref: dict, windows: torch.Tensor, e: int) -> dict:
+def accuracy(graph: Path, ref: dict, windows: torch.Tensor, e: int, head_dim: int) -> dict:
     sess = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
     sums: dict = {}
     for w, ids in enumerate(windows):
-        got = sess.run(["logits"], feeds_for(sess, ids[None].numpy()))[0]
+        got = sess.run(["logits"], feeds_for(sess, ids[None].numpy(), head_dim))[0]
         for k, v in token_stats(ref[w][e], torch.from_numpy(got.astype(np.float32)), ids[None]).items():
             sums[k] = sums.get(k, 0) + v
     return summarise({e: sums})[e]
@@ -161,6 +161,7 @@ def main() -> None:
         ref = [model.forward_exits(w[None], exits=exits) for w in windows]
     del model
     prompt = windows[0, :args.prompt].tolist()
+    hd = ref_fam.config.head_dim
     exports = {
         "float32": ONNXExport(exits=exits, weights="float"),
         "int4": ONNXExport(exits=exits, embed=embed, accuracy_level=4, multi=True),
@@ -185,7 +186,7 @@ def main() -> None:
         for label, d in variants.items():
             row = {"exit": e, "graph": label, "mb": disk_bytes(d) / 1e6 - sum(
                 f.stat().st_size for f in d.iterdir() if not f.name.startswith("model.onnx")) / 1e6,
-                **accuracy(d / "model.onnx", ref, windows, e), **speed(d, prompt, args.new)}
+                **accuracy(d / "model.onnx", ref, windows, e, hd), **speed(d, prompt, args.new)}
             notes["rows"].append(row)
             print(f"exit {e} {label}: {row['mb']:.1f} MB, KL {row['kl']:.4f}, top-1 {row['top1']:.3f}, "
                   f"prefill {row['prefill_tok_s']:.0f} tok/s, decode {row['decode_tok_s']:.1f} tok/s", flush=True)
@@ -198,7 +199,7 @@ def main() -> None:
             d = work / "builder"
             row = {"exit": last, "graph": "genai builder int4 (RTN b32, head int4)",
                    "mb": sum(f.stat().st_size for f in d.iterdir() if f.name.startswith("model.onnx")) / 1e6,
-                   **accuracy(d / "model.onnx", ref, windows, last), **speed(d, prompt, args.new)}
+                   **accuracy(d / "model.onnx", ref, windows, last, hd), **speed(d, prompt, args.new)}
             notes["rows"].append(row)
         notes["builder"] = {"returncode": rc, "error": err}
         gptq_hf = work / "hf-gptq"          # the builder on our own GPTQ export (K = 576 at group 128)
@@ -227,7 +228,7 @@ def write(notes: dict) -> None:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in notes["rows"]:
         lines.append(f"| {r['exit']} | {r['graph']} | {r['mb']:.1f} | {r['ppl_quant']:.2f} | "
-                     f"{r['delta_ppl_pct']:+.2f} | {r['kl']:.4f} | {100 * r['top1']:.1f}% | "
+                     f"{r['delta_ppl_pct']:+.2f} | {max(r['kl'], 0.0):.4f} | {100 * r['top1']:.1f}% | "
                      f"{r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} |")
     lines += ["", f"Multi-exit folder (int4, every exit): {m['bytes'] / 1e6:.2f} MB; its distinct tensors "
               f"{m['distinct_tensor_bytes'] / 1e6:.2f} MB + tokenizer {m['tokenizer_bytes'] / 1e6:.2f} MB "

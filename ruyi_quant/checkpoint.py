@@ -151,7 +151,7 @@ def _open_lazily(path: Path, config, modules: dict[str, QuantSpec], layout: str,
     if unknown:
         raise UserError(f"{meta_path}: quantizes {unknown[0]}, which this model does not have")
     floats = [n for n in shapes if not (n.endswith(".weight") and n[:-7] in modules)]
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and f"{names.SHARED_HEAD}.weight" in floats:   # not when it has a grid
         floats.remove(f"{names.SHARED_HEAD}.weight")
     packed = [f"{m}.{s}" for m in modules for s in LAYOUTS[layout]]
     files = {n: f for n, f in weight_files(path).items() if not n.endswith(names.IGNORED_SUFFIXES)}

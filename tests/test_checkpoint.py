@@ -188,3 +188,18 @@ def test_stored_size_is_the_bytes_of_the_saved_tensors(tiny_dir, tmp_path):
     for j in range(len(fam.config.exits)):
         names_j = fam.exit_tensor_names(j)
         assert fam.stored_size(names_j) == back.size(names_j) == back.stored_size(names_j)
+
+
+def test_a_tied_family_with_its_head_quantized_opens_again(tied_dir, tmp_path):
+    """Found exporting ruyi-mini quantized with --heads: a family whose head, tied to the
+    embedding, has a grid could be written but not opened again (ValueError in load_family)."""
+    from ruyi_quant.pipeline import quantize
+    from ruyi_quant.recipe import Quantize
+    fam = quantize(load_family(tied_dir), Quantize(method="rtn", bits=4, group_size=32, heads=True),
+                   progress=False)
+    (tmp_path / "f").mkdir()
+    save_family(fam, tmp_path / "f", tied_dir)
+    back = load_family(tmp_path / "f")
+    assert "lm_head" in back.grids and "lm_head.weight" not in back.tensors
+    assert torch.equal(back.weight("lm_head"), fam.weight("lm_head"))
+    assert torch.equal(back.tensors["model.embed_tokens.weight"], fam.tensors["model.embed_tokens.weight"])
