@@ -190,21 +190,18 @@ class Decoder:
             cos, sin = g.op("Cast", cos, to=g.elem), g.op("Cast", sin, to=g.elem)
         return cos, sin
 
-    def mask(self, ids: str, attention_mask: str) -> str:
-        """bool [batch, 1, seq, past+seq]: key k is seen by query q when k <= q and the attention
-        mask keeps k; a query always sees itself (a padding row is never empty)."""
+    def lengths(self, attention_mask: str) -> tuple[str, str]:
+        """GroupQueryAttention's view of the mask: seqlens_k int32 [batch] (kept positions - 1)
+        and total_sequence_length int32 (the mask's width). Right padding, as onnxruntime-genai
+        pads a batch."""
         g = self.g
-        total = g.op("Squeeze", g.op("Shape", attention_mask, start=1, end=2))
-        seq = g.op("Squeeze", g.op("Shape", ids, start=1, end=2))
-        keys = g.op("Range", g.const(0), total, g.const(1))
-        queries = g.op("Range", g.op("Sub", total, seq), total, g.const(1))
-        k_row, q_col = g.op("Unsqueeze", keys, g.const([0])), g.op("Unsqueeze", queries, g.const([1]))
-        causal = g.op("LessOrEqual", k_row, q_col)                                    # [seq, total]
-        kept = g.op("Unsqueeze", g.op("Cast", attention_mask, to=TensorProto.BOOL), g.const([1, 2]))
-        seen = g.op("Or", g.op("And", causal, kept), g.op("Equal", k_row, q_col))    # [b, 1, s, t]
-        return seen
+        kept = g.op("ReduceSum", attention_mask, g.const([1]), keepdims=0)
+        seqlens = g.op("Cast", g.op("Sub", kept, g.const(1)), to=TensorProto.INT32)
+        total = g.op("Cast", g.op("Squeeze", g.op("Shape", attention_mask, start=1, end=2)), to=TensorProto.INT32)
+        return seqlens, total
 
-    def layer(self, x: str, prefix: str, cos: str, sin: str, mask: str, past_k: str, past_v: str):
+    def layer(self, x: str, prefix: str, cos: str, sin: str, lengths: tuple[str, str], past_k: str,
+              past_v: str):
         g, p = self.g, prefix
         h = self.norm(x, f"{p}.input_layernorm.weight")
         q = self.linear(h, f"{p}.self_attn.q_proj", f"{p}.self_attn.q_proj.bias")
@@ -212,8 +209,9 @@ class Decoder:
         v = self.linear(h, f"{p}.self_attn.v_proj", f"{p}.self_attn.v_proj.bias")
         q = g.op("RotaryEmbedding", q, cos, sin, num_heads=self.heads)
         k = g.op("RotaryEmbedding", k, cos, sin, num_heads=self.kv_heads)
-        a, pk, pv = g.op("Attention", q, k, v, mask, past_k, past_v, outputs=3,
-                         q_num_heads=self.heads, kv_num_heads=self.kv_heads)
+        a, pk, pv = g.op("GroupQueryAttention", q, k, v, past_k, past_v, *lengths, outputs=3,
+                         domain="com.microsoft", num_heads=self.heads, kv_num_heads=self.kv_heads,
+                         scale=self.cfg.head_dim ** -0.5)
         x = g.op("Add", x, self.linear(a, f"{p}.self_attn.o_proj"))
         h = self.norm(x, f"{p}.post_attention_layernorm.weight")
         gate, up = self.linear(h, f"{p}.mlp.gate_proj"), self.linear(h, f"{p}.mlp.up_proj")
@@ -236,10 +234,10 @@ class Decoder:
         self.lead = g.op("Shape", "input_ids")                                  # [batch, seq]
         x = self.embed("input_ids")
         cos, sin = self.rope("position_ids")
-        mask = self.mask("input_ids", "attention_mask")
+        lengths = self.lengths("attention_mask")
         for i in range(e + 1):
             prefix = names.TRUNK_LAYER.format(i=i) if i < e else self.map.branch
-            x, pk, pv = self.layer(x, prefix, cos, sin, mask, f"past_key_values.{i}.key",
+            x, pk, pv = self.layer(x, prefix, cos, sin, lengths, f"past_key_values.{i}.key",
                                    f"past_key_values.{i}.value")
             g.nodes.append(helper.make_node("Identity", [pk], [f"present.{i}.key"]))
             g.nodes.append(helper.make_node("Identity", [pv], [f"present.{i}.value"]))
