@@ -144,22 +144,46 @@ def k576_dir(tmp_path_factory):
                       intermediate=576, heads=4, kv_heads=2)
 
 
+FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
 @pytest.mark.parametrize("sym,act_order", [(True, False), (False, False), (True, True), (False, True)])
 def test_exported_matmulnbits_weights_are_our_grids(k576_dir, tmp_path, sym, act_order):
     """Every MatMulNBits node of an exported GPTQ graph (group 128 over K = 576, sym/asym,
-    act-order) decodes in onnxruntime to the family's dequantized weight, bit for bit."""
+    act-order) decodes in onnxruntime to the family's dequantized weights, bit for bit; q/k/v and
+    gate/up run as one node over their stacked rows."""
     fam = family(k576_dir, "gptq", 4, 128, sym, heads=True, act_order=act_order)
     assert any(g.act_order for g in fam.grids.values()) == act_order
     path = export_exit(fam, 2, tmp_path / "e", k576_dir, accuracy_level=0)
     nodes = nbits_nodes(path)
-    emap = fam.config.exit_map(1)
-    by_plain = {emap.rename(m): m for m in fam.grids if emap.rename(m)}
-    assert len(nodes) == len(by_plain) == 3 * 7 + 1
-    down = [n for n in nodes if n.input[1].endswith("mlp.down_proj.nbits.B")]
-    assert down and all(helper.get_attribute_value(a) == 576 for n in down for a in n.attribute if a.name == "K")
-    for node in nodes:
-        module = node.input[1].removesuffix(".nbits.B")
-        np.testing.assert_array_equal(identity_decode(path, node).T, fam.weight(module).numpy(), err_msg=module)
+    assert len(nodes) == 3 * 4 + 1        # q/k/v and gate/up read 128 columns: one group, in order
+    assert any(len(n.input) > 4 and n.input[4] for n in nodes) == act_order      # g_idx: down_proj
+    assert_nodes_decode_to_grids(fam, path, exit_index=1)
+    assert any(helper.get_attribute_value(a) == 576 for n in nodes for a in n.attribute if a.name == "K")
+
+
+def test_act_order_grids_keep_their_own_nodes(tiny_dir, tmp_path):
+    """q/k/v with act-order groups (each its own g_idx) are not stacked: one node each, exact."""
+    fam = family(tiny_dir, "gptq", 4, 32, True, act_order=True)
+    assert fam.grids["model.layers.0.self_attn.q_proj"].act_order
+    path = export_exit(fam, 3, tmp_path / "e", tiny_dir, accuracy_level=0)
+    assert len(nbits_nodes(path)) == 4 * 7
+    assert_nodes_decode_to_grids(fam, path, exit_index=1)
+
+
+def assert_nodes_decode_to_grids(fam, path, exit_index: int) -> None:
+    seen = []
+    for node in nbits_nodes(path):
+        prefix = node.input[1].removesuffix(".nbits.B")
+        layer, _, tail = prefix.rpartition(".self_attn.") if ".self_attn." in prefix else prefix.rpartition(".mlp.")
+        kind = prefix[len(layer) + 1:]
+        modules = [f"{layer}.{m}" for m in FUSED[kind]] if kind in FUSED else [prefix]
+        w = identity_decode(path, node).T
+        want = np.concatenate([fam.weight(m).numpy() for m in modules])
+        np.testing.assert_array_equal(w, want, err_msg=prefix)
+        seen += modules
+    assert sorted(seen) == sorted(m for m in fam.grids if fam.config.exit_map(exit_index).rename(m))
 
 
 # --- graphs against our reference ----------------------------------------------------------------
@@ -221,23 +245,21 @@ def test_float16_graph_stays_close_to_the_float32_reference(tiny_dir, tmp_path, 
     assert kl < 1e-3 and top1 > 0.99
 
 
-def test_left_padding_leaves_each_row_as_alone(tiny_dir, tmp_path, eval_ids):
-    """A padded batch (left padding, positions counted from the first real token) gives each
-    row the logits it gets alone."""
+def test_right_padding_leaves_each_row_as_alone(tiny_dir, tmp_path, eval_ids):
+    """A padded batch (right padding, as onnxruntime-genai pads one) gives each row the logits it
+    gets alone, at its real positions."""
     fam = load_family(tiny_dir)
     s = session(export_exit(fam, 3, tmp_path / "p", tiny_dir))
     short, long_ = eval_ids[0, :20].numpy(), eval_ids[1, :28].numpy()
-    ids = np.stack([np.concatenate([np.zeros(8, np.int64), short]), long_])
+    ids = np.stack([np.concatenate([short, np.zeros(8, np.int64)]), long_])
     mask = np.ones((2, 28), np.int64)
-    mask[0, :8] = 0
-    pos = np.stack([np.concatenate([np.zeros(8, np.int64), np.arange(20)]), np.arange(28)])
-    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+    mask[0, 20:] = 0
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": np.tile(np.arange(28), (2, 1))}
     for i in range(4):
         for kv in ("key", "value"):
             feeds[f"past_key_values.{i}.{kv}"] = np.zeros((2, 2, 0, fam.config.head_dim), np.float32)
     both = s.run(["logits"], feeds)[0]
-    alone = run(s, short[None], fam.config)["logits"][0]
-    assert np.abs(both[0, 8:] - alone).max() < 1e-4
+    assert np.abs(both[0, :20] - run(s, short[None], fam.config)["logits"][0]).max() < 1e-4
     assert np.abs(both[1] - run(s, long_[None], fam.config)["logits"][0]).max() < 1e-4
 
 

@@ -1,6 +1,7 @@
 """One exit of a family as an ONNX decoder with a KV cache, built node by node with `onnx.helper`
-(not by tracing PyTorch): standard ops of opset 23 (RMSNormalization, RotaryEmbedding, Attention
-with grouped KV heads and a past/present cache) plus `com.microsoft.MatMulNBits` for our grids.
+(not by tracing PyTorch): standard ops of opset 23 (RMSNormalization, RotaryEmbedding) plus
+onnxruntime's `com.microsoft` MatMulNBits (our grids), GroupQueryAttention (grouped KV heads,
+a past/present buffer onnxruntime-genai shares) and GatherBlockQuantized (embed head).
 
 Exit e is the plain model of e+1 layers that names.exit_map describes (trunk layers 0..e-1, the
 exit's branch layer, its norm and head), with the I/O onnxruntime-genai expects:
@@ -22,7 +23,7 @@ from onnx import TensorProto, helper
 
 from ... import names
 from ...errors import UserError
-from .weights import check_grid, int8_grid, int8_rows, layout_of, nbits_arrays
+from .weights import check_grid, fusable, fuse, int8_grid, int8_rows, layout_of, nbits_arrays
 
 OPSET = 23
 DTYPES = {"float32": (TensorProto.FLOAT, np.float32, torch.float32),
@@ -133,12 +134,42 @@ class Decoder:
             flat = g.op("Reshape", x, g.const([-1, k]))
             y = g.op("Gemm", flat, w, self.float_weight(bias) if bias else "", transB=1)
             return g.op("Reshape", y, g.op("Concat", self.lead, g.const([n]), axis=0))
-        prefix, lay = self.nbits(q)
+        return self.matmul_nbits(x, *self.nbits(q), self.float_weight(bias) if bias else None)
+
+    def matmul_nbits(self, x: str, prefix: str, lay, bias: str | None = None) -> str:
+        g = self.g
         opt = [f"{prefix}.{k}" if f"{prefix}.{k}" in g.data else "" for k in ("zero_points", "g_idx")]
-        return g.op("MatMulNBits", x, f"{prefix}.B", f"{prefix}.scales", *opt,
-                    self.float_weight(bias) if bias else "", domain="com.microsoft",
-                    K=lay.k, N=lay.n, bits=lay.bits, block_size=lay.block,
+        return g.op("MatMulNBits", x, f"{prefix}.B", f"{prefix}.scales", *opt, bias or "",
+                    domain="com.microsoft", K=lay.k, N=lay.n, bits=lay.bits, block_size=lay.block,
                     accuracy_level=self.opt.accuracy_level)
+
+    def linears(self, x: str, prefix: str, modules: tuple[str, ...], fused: str,
+                biases: bool = False) -> list[str]:
+        """Linears that read the same x. Grids of one layout (no act-order) run as one MatMulNBits
+        over their stacked rows (initializers `PREFIX.FUSED.nbits.*`), then Split; otherwise one
+        node each."""
+        g, mods = self.g, [f"{prefix}.{m}" for m in modules]
+        grids = [self.grid_of(m, False) for m in mods]
+        bias = [f"{m}.bias" if biases else None for m in mods]
+        name = f"{prefix}.{fused}.nbits"
+        if all(q is not None for q in grids) and (name in g.data.attrs or fusable(
+                [layout_of(self.fam.grids[m]) for m in mods])):
+            if name not in g.data.attrs:
+                parts = []
+                for q in grids:
+                    grid = q[1]()
+                    lay = layout_of(grid)
+                    parts.append((nbits_arrays(grid, lay, g.np), lay))
+                arrays, lay = fuse(parts)
+                for key, arr in arrays.items():
+                    g.weight(f"{name}.{key}", lambda arr=arr: arr)
+                g.data.attrs[name] = (lay, [p[1].n for p in parts])
+            lay, sizes = g.data.attrs[name]
+            b = g.weight(f"{prefix}.{fused}.bias", lambda: np.concatenate(
+                [self.fam.tensors[x].to(g.torch).numpy() for x in bias])) if biases else None
+            y = self.matmul_nbits(x, name, lay, b)
+            return g.op("Split", y, g.const(sizes), axis=-1, outputs=len(mods))
+        return [self.linear(x, m, bb) for m, bb in zip(mods, bias)]
 
     def nbits(self, q):
         """(prefix, layout) of a grid's MatMulNBits initializers, written on first use."""
@@ -204,9 +235,8 @@ class Decoder:
               past_v: str):
         g, p = self.g, prefix
         h = self.norm(x, f"{p}.input_layernorm.weight")
-        q = self.linear(h, f"{p}.self_attn.q_proj", f"{p}.self_attn.q_proj.bias")
-        k = self.linear(h, f"{p}.self_attn.k_proj", f"{p}.self_attn.k_proj.bias")
-        v = self.linear(h, f"{p}.self_attn.v_proj", f"{p}.self_attn.v_proj.bias")
+        q, k, v = self.linears(h, p, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                               "self_attn.qkv_proj", biases=True)
         q = g.op("RotaryEmbedding", q, cos, sin, num_heads=self.heads)
         k = g.op("RotaryEmbedding", k, cos, sin, num_heads=self.kv_heads)
         a, pk, pv = g.op("GroupQueryAttention", q, k, v, past_k, past_v, *lengths, outputs=3,
@@ -214,7 +244,7 @@ class Decoder:
                          scale=self.cfg.head_dim ** -0.5)
         x = g.op("Add", x, self.linear(a, f"{p}.self_attn.o_proj"))
         h = self.norm(x, f"{p}.post_attention_layernorm.weight")
-        gate, up = self.linear(h, f"{p}.mlp.gate_proj"), self.linear(h, f"{p}.mlp.up_proj")
+        gate, up = self.linears(h, p, ("mlp.gate_proj", "mlp.up_proj"), "mlp.gate_up_proj")
         act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
         return g.op("Add", x, self.linear(act, f"{p}.mlp.down_proj")), pk, pv
 

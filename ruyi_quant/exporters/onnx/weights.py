@@ -92,6 +92,27 @@ def nbits_arrays(grid, lay: NBitsLayout, dtype: np.dtype) -> dict[str, np.ndarra
     return out
 
 
+def fuse(parts: list[tuple[dict, NBitsLayout]]) -> tuple[dict, NBitsLayout]:
+    """Several grids over the same input (q/k/v, gate/up) as one MatMulNBits: their output rows
+    stacked, codes, scales and zeros copied (a grid without zero points gets the default ones).
+    All must have one layout apart from N, and no g_idx."""
+    lays = [lay for _, lay in parts]
+    out = {k: np.concatenate([a[k] for a, _ in parts]) for k in ("B", "scales")}
+    if any("zero_points" in a for a, _ in parts):
+        out["zero_points"] = np.concatenate([a["zero_points"] if "zero_points" in a else _pack(
+            np.full((lay.n, lay.blocks), 1 << (lay.bits - 1), np.uint8), lay.bits).reshape(-1)
+            for a, lay in parts])
+    first = lays[0]
+    return out, NBitsLayout(k=first.k, n=sum(lay.n for lay in lays), bits=first.bits, block=first.block,
+                            blocks=first.blocks, act_order=False, sym=all(lay.sym for lay in lays))
+
+
+def fusable(lays: list[NBitsLayout]) -> bool:
+    first = lays[0]
+    return all((lay.k, lay.bits, lay.block) == (first.k, first.bits, first.block) and not lay.act_order
+               for lay in lays)
+
+
 def int8_grid(weight: torch.Tensor, spec: QuantSpec = HEAD_INT8):
     """A float weight [N, K] as an 8-bit grid (round to nearest): a float head written 8-bit."""
     from ...quant.grid import Grid
