@@ -68,14 +68,15 @@ class Graph:
         self.consts: list[onnx.TensorProto] = []
         self.count = 0
 
-    def op(self, op_type: str, *inputs: str, outputs: int = 1, domain: str = "", **attrs):
+    def op(self, op_type: str, *inputs: str, outputs: int = 1, domain: str = "", names=None, **attrs):
+        """A node; its outputs are named `names` (graph outputs) or after the node."""
         self.count += 1
-        outs = [f"{op_type}_{self.count}" + (f"_{i}" if outputs > 1 else "") for i in range(outputs)]
+        outs = names or [f"{op_type}_{self.count}" + (f"_{i}" if outputs > 1 else "") for i in range(outputs)]
         while inputs and inputs[-1] == "":            # trailing optional inputs left out
             inputs = inputs[:-1]
         self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=f"{op_type}_{self.count}",
                                            domain=domain or None, **attrs))
-        return outs[0] if outputs == 1 else outs
+        return outs[0] if len(outs) == 1 else outs
 
     def const(self, value, dtype=np.int64) -> str:
         """A small constant stored in the graph itself."""
@@ -182,9 +183,15 @@ class Decoder:
             g.data.attrs[prefix] = lay
         return prefix, g.data.attrs[prefix]
 
-    def norm(self, x: str, name: str) -> str:
-        return self.g.op("RMSNormalization", x, self.float_weight(name), axis=-1, epsilon=self.eps,
-                         stash_type=1)
+    def norm(self, x: str, name: str, delta: str | None = None) -> tuple[str, str]:
+        """(RMSNorm(x + delta) * weight, x + delta); delta None: of x itself. With a delta, one
+        com.microsoft.SkipSimplifiedLayerNormalization node (residual add and norm fused)."""
+        g, w = self.g, self.float_weight(name)
+        if delta is None:
+            return g.op("RMSNormalization", x, w, axis=-1, epsilon=self.eps, stash_type=1), x
+        out, _, _, total = g.op("SkipSimplifiedLayerNormalization", delta, x, w, outputs=4,
+                                domain="com.microsoft", epsilon=self.eps)
+        return out, total
 
     def embed(self, ids: str) -> str:
         g, name = self.g, f"{names.EMBED}.weight"
@@ -231,22 +238,23 @@ class Decoder:
         total = g.op("Cast", g.op("Squeeze", g.op("Shape", attention_mask, start=1, end=2)), to=TensorProto.INT32)
         return seqlens, total
 
-    def layer(self, x: str, prefix: str, cos: str, sin: str, lengths: tuple[str, str], past_k: str,
-              past_v: str):
+    def layer(self, x: str, delta: str | None, prefix: str, cos: str, sin: str,
+              lengths: tuple[str, str], past: list[str], present: list[str]):
+        """One decoder layer on the residual stream x + delta (delta: the previous layer's last
+        output, not yet added); writes the graph outputs `present`. Returns (x, delta)."""
         g, p = self.g, prefix
-        h = self.norm(x, f"{p}.input_layernorm.weight")
+        h, x = self.norm(x, f"{p}.input_layernorm.weight", delta)
         q, k, v = self.linears(h, p, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                                "self_attn.qkv_proj", biases=True)
         q = g.op("RotaryEmbedding", q, cos, sin, num_heads=self.heads)
         k = g.op("RotaryEmbedding", k, cos, sin, num_heads=self.kv_heads)
-        a, pk, pv = g.op("GroupQueryAttention", q, k, v, past_k, past_v, *lengths, outputs=3,
-                         domain="com.microsoft", num_heads=self.heads, kv_num_heads=self.kv_heads,
-                         scale=self.cfg.head_dim ** -0.5)
-        x = g.op("Add", x, self.linear(a, f"{p}.self_attn.o_proj"))
-        h = self.norm(x, f"{p}.post_attention_layernorm.weight")
+        a, _, _ = g.op("GroupQueryAttention", q, k, v, *past, *lengths, domain="com.microsoft",
+                         names=[f"{p}.attention", *present], num_heads=self.heads,
+                         kv_num_heads=self.kv_heads, scale=self.cfg.head_dim ** -0.5)
+        h, x = self.norm(x, f"{p}.post_attention_layernorm.weight", self.linear(a, f"{p}.self_attn.o_proj"))
         gate, up = self.linears(h, p, ("mlp.gate_proj", "mlp.up_proj"), "mlp.gate_up_proj")
         act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
-        return g.op("Add", x, self.linear(act, f"{p}.mlp.down_proj")), pk, pv
+        return x, self.linear(act, f"{p}.mlp.down_proj")
 
     def build(self, metadata: dict[str, str]) -> onnx.ModelProto:
         g, cfg, e = self.g, self.cfg, self.map.layer
@@ -265,15 +273,14 @@ class Decoder:
         x = self.embed("input_ids")
         cos, sin = self.rope("position_ids")
         lengths = self.lengths("attention_mask")
+        delta = None
         for i in range(e + 1):
             prefix = names.TRUNK_LAYER.format(i=i) if i < e else self.map.branch
-            x, pk, pv = self.layer(x, prefix, cos, sin, lengths, f"past_key_values.{i}.key",
-                                   f"past_key_values.{i}.value")
-            g.nodes.append(helper.make_node("Identity", [pk], [f"present.{i}.key"]))
-            g.nodes.append(helper.make_node("Identity", [pv], [f"present.{i}.value"]))
-        x = self.norm(x, f"{self.map.norm}.weight")
-        logits = self.linear(x, self.map.head, head=True)
-        g.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
+            x, delta = self.layer(x, delta, prefix, cos, sin, lengths,
+                                  [f"past_key_values.{i}.{kv}" for kv in ("key", "value")],
+                                  [f"present.{i}.{kv}" for kv in ("key", "value")])
+        x, _ = self.norm(x, f"{self.map.norm}.weight", delta)
+        g.nodes.append(helper.make_node("Identity", [self.linear(x, self.map.head, head=True)], ["logits"]))
         graph = helper.make_graph(g.nodes, f"exit_{e}", inputs, outputs,
                                   initializer=g.consts + g.data.stubs_for(g.nodes))
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
