@@ -21,6 +21,7 @@ jobs:
     export:
       - {{format: hf, exits: [2, 5]}}
       - {{format: gguf, exits: [2, 5], multi: true}}
+      - {{format: onnx, exits: [5], multi: true}}
   - name: rtn4
     output: out/rtn4
     quantize: {{method: rtn, bits: 4, group_size: 64}}
@@ -54,7 +55,10 @@ def test_run_recipe_then_skip_then_redo(tiny_dir, tmp_path, capsys):
     arts = meta["files"]
     for f in ["family/model.safetensors", "hf-gptq/exit-2/model.safetensors",
               "hf-gptq/exit-5/config.json", "eval.json", "eval.md", "gguf-q8_0/exit-2/Modelfile",
-              "gguf-q8_0/exit-5/model-e5-q8_0.gguf", "gguf-q8_0/model-family-q8_0.gguf"]:
+              "gguf-q8_0/exit-5/model-e5-q8_0.gguf", "gguf-q8_0/model-family-q8_0.gguf",
+              "onnx-int8/exit-5/model.onnx", "onnx-int8/exit-5/model.onnx.data",
+              "onnx-int8/exit-5/genai_config.json", "onnx-int8/multi-exit/exit-5.onnx",
+              "onnx-int8/multi-exit/family.onnx.data"]:
         assert f in arts
     assert not (out / "gguf-q8_0" / "exit-3").exists()
     assert not (out / "hf-gptq" / "exit-3").exists()
