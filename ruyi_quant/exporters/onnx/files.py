@@ -41,18 +41,18 @@ class DataFile:
         if name in self.stubs:
             return
         arr = np.ascontiguousarray(produce())
-        raw = arr.tobytes()
+        size = arr.nbytes
         pos = self.f.tell()
-        pad = (-pos) % (PAGE if len(raw) >= BIG else ALIGN)
+        pad = (-pos) % (PAGE if size >= BIG else ALIGN)
         self.f.write(b"\0" * pad)
         offset = pos + pad
-        self.f.write(raw)
+        self.f.write(arr.data)                   # the array's own bytes, not a copy
         t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype), dims=arr.shape,
                         data_location=TensorProto.EXTERNAL)
-        for k, v in (("location", self.path.name), ("offset", str(offset)), ("length", str(len(raw)))):
+        for k, v in (("location", self.path.name), ("offset", str(offset)), ("length", str(size))):
             t.external_data.add(key=k, value=v)
         self.stubs[name] = t
-        self.tensor_bytes += len(raw)
+        self.tensor_bytes += size
 
     def alias(self, name: str, new: str, dims: tuple[int, ...]) -> str:
         """Another view of a stored tensor's bytes under a new name and shape (no bytes written)."""

@@ -45,7 +45,7 @@ def check_onnx(config, modules: dict, ex) -> None:
                         "weights auto and head auto; use embed float or int8")
     if ex.weights == "auto":
         for m, spec in modules.items():
-            if not (ex.head in ("float", "int8") and _is_head(config, m)):
+            if not (ex.head == "float" and _is_head(config, m)):      # int8 keeps a head's grid
                 check_grid(m, spec)
 
 
