@@ -7,11 +7,15 @@ import sys
 from pathlib import Path
 
 from .cli_options import _exits, _validated
-from .errors import UserError
+from .errors import UserError, require
+
+ONNX_PIP = "pip install 'ruyi-quant[onnx]'"
 
 
 def cmd_export_onnx(args, source: str, out: Path) -> None:
     """Per-exit ONNX folders and/or the multi-exit folder of a family."""
+    for module in ("onnx", "onnxruntime"):
+        require(module, "--format onnx", ONNX_PIP)
     from .data import check_tokenizer
     from .exporters.onnx import MULTI_FOLDER, check_onnx
     from .fsutil import atomic_dir, check_output_dir, disk_bytes, write_marker
@@ -48,6 +52,7 @@ def add_export_args(s, default) -> None:
 
 
 def cmd_generate(args) -> None:
+    require("onnxruntime_genai", "generate --onnx", ONNX_PIP)
     from .exporters.onnx.runner import generate
     if args.onnx is None:
         raise UserError("generate: give the exported folder with --onnx DIR")

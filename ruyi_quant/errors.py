@@ -10,3 +10,10 @@ class UserError(Exception):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread so that cleanup runs as for Ctrl-C (exit code 143)."""
+
+
+def require(module: str, what: str, install: str) -> None:
+    """A UserError naming what needs an optional package that is not installed."""
+    import importlib.util
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"{what} needs {module} ({install})")

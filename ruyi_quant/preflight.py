@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .data import check_source
-from .errors import UserError
+from .errors import UserError, require
 from .fsutil import check_output_dir
 from .recipe import Eval, Job, Quantize
 from .sources import resolve_model
@@ -148,6 +148,8 @@ def check_exports(job: Job, cfg, key: str) -> None:
             if ex.format == "hf" and ex.weights == "awq" and plan:
                 check_awq_plan(plan, widths, list(plan) if act_order else [])
             if ex.format == "onnx":
+                for module in ("onnx", "onnxruntime"):
+                    require(module, "format onnx", "pip install 'ruyi-quant[onnx]'")
                 from .exporters.onnx.graph import check_onnx
                 check_onnx(cfg, plan, ex)
             if ex.format != "gguf":

@@ -412,3 +412,18 @@ def test_a_recipe_with_an_onnx_export_of_3_bit_grids_fails_before_quantizing(tin
               quantize=Quantize(method="rtn", bits=3), export=[{"format": "onnx"}])
     with pytest.raises(UserError, match=r"export\[0\]: bits 3"):
         check_exports(job, load_family(tiny_dir).config, "jobs[0]")
+
+
+def test_a_missing_onnx_package_is_one_line(monkeypatch, capsys, tiny_dir, tmp_path):
+    import importlib.util
+    from ruyi_quant.cli import main
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("onnxruntime_genai", "onnxruntime") else real(name, *a))
+    assert main(["generate", "--onnx", str(tmp_path), "hi"]) == 2
+    assert capsys.readouterr().err == ("ruyi-quant: error: generate --onnx needs onnxruntime_genai "
+                                       "(pip install 'ruyi-quant[onnx]')\n")
+    assert main(["export", str(tiny_dir), "--format", "onnx", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == ("ruyi-quant: error: --format onnx needs onnxruntime "
+                                       "(pip install 'ruyi-quant[onnx]')\n")
+    assert not (tmp_path / "o").exists()
