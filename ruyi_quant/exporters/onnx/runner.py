@@ -51,10 +51,10 @@ def load(folder: Path, exit: int | None):
     import onnxruntime_genai as og
     d, graph, e = resolve(folder, exit)
     config = og.Config(str(d))
-    default = read_json(d / GENAI_CONFIG, "genai config")["model"]["decoder"]
-    if graph != default["filename"]:           # another exit of a multi-exit folder
+    written = read_json(d / GENAI_CONFIG, "genai config")["model"]
+    if graph != written["decoder"]["filename"]:           # another exit of a multi-exit folder
         config.overlay(json.dumps({"model": {"decoder": {"filename": graph, "num_hidden_layers": e + 1}}}))
-    eos = read_json(d / GENAI_CONFIG, "genai config")["model"].get("eos_token_id")
+    eos = written.get("eos_token_id")
     return og.Model(config), e, d, set(eos if isinstance(eos, list) else [eos])
 
 
