@@ -1,0 +1,63 @@
+"""Generation on a loaded family (int4 or float), the exit chosen per call: a batch of prompts,
+left-padded, with a KV cache (or without, recomputing every step: the oracle the cache is tested
+against), greedy or sampled, stopping at end-of-sequence tokens."""
+
+from __future__ import annotations
+
+import torch
+
+
+def pick(logits: torch.Tensor, sample: bool, temperature: float, top_k: int, top_p: float,
+         gen: torch.Generator | None) -> torch.Tensor:
+    """Next token per row of logits [B, V]: argmax, or a draw after temperature, top-k and top-p."""
+    if not sample:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_, order = logits.sort(-1, descending=True)
+        probs = sorted_.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p                   # keep the smallest set reaching top_p
+        logits = logits.scatter(-1, order, sorted_.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1).cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], exit: int | None, max_new_tokens: int, eos=(),
+             pad_id: int = 0, sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, seed: int = 0, use_cache: bool = True) -> list[list[int]]:
+    """New tokens of each prompt (token ids) at one exit, up to an end-of-sequence token (not
+    included) or max_new_tokens."""
+    dev = model.model.embed_tokens.weight.device
+    b, t = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((b, t), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, t), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, t - len(p):] = torch.tensor(p)
+        mask[i, t - len(p):] = 1
+    ids, mask = ids.to(dev), mask.to(dev)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    gen = torch.Generator().manual_seed(seed) if sample else None
+    cache = model.new_cache() if use_cache else None
+    step, step_pos = ids, pos
+    out: list[list[int]] = [[] for _ in range(b)]
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    stop = torch.tensor(sorted(eos), dtype=torch.long, device=dev)
+    for _ in range(max_new_tokens):
+        if use_cache:
+            logits = model(step, exit=exit, attention_mask=mask, position_ids=step_pos, cache=cache).logits
+        else:
+            logits = model(ids, exit=exit, attention_mask=mask, position_ids=pos).logits
+        nxt = pick(logits[:, -1], sample, temperature, top_k, top_p, gen)
+        done |= torch.isin(nxt, stop)
+        for i in torch.nonzero(~done).flatten().tolist():
+            out[i].append(int(nxt[i]))
+        if bool(done.all()):
+            break
+        nxt = nxt.masked_fill(done, pad_id)
+        step, step_pos = nxt.unsqueeze(1), pos[:, -1:] + 1
+        ids, pos = torch.cat([ids, step], 1), torch.cat([pos, step_pos], 1)
+        mask = torch.cat([mask, torch.ones_like(step)], 1)
+    return out
