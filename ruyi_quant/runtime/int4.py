@@ -69,17 +69,17 @@ def kernel_for(device: torch.device) -> Kernel:
     raise UserError(f"device {device}: the int4 runtime runs on cpu or cuda")
 
 
-def kernel_layout(grid) -> tuple[torch.Tensor | None, int, int]:
-    """(input permutation or None, kernel group, kernel groups per grid group) of a grid."""
+def kernel_layout(grid) -> tuple[torch.Tensor | None, int]:
+    """(input permutation or None, kernel group) of a grid."""
     n, k = grid.shape
     width = grid.spec.width(k)
     if grid.spec.bits != 4:
         raise UserError(f"bits {grid.spec.bits}: the int4 runtime holds 4-bit grids; quantize with bits 4")
     perm = torch.argsort(grid.g_idx, stable=True) if grid.act_order else None
     if width in KERNEL_GROUPS:
-        return perm, width, 1
+        return perm, width
     if width % SPLIT_GROUP == 0 or grid.spec.group_size == -1:
-        return perm, SPLIT_GROUP, -(-width // SPLIT_GROUP)
+        return perm, SPLIT_GROUP
     raise UserError(f"group_size {grid.spec.group_size}: the int4 kernels take groups of "
                     f"{', '.join(map(str, KERNEL_GROUPS))} columns; quantize with one of those")
 
@@ -91,7 +91,7 @@ def tinygemm_tensors(grid, kernel: Kernel, dtype: torch.dtype):
     q, scales, zeros, g_idx = grid.ints()                     # [K, N], [G, N], [G, N], [K]
     k, n = q.shape
     width = grid.spec.width(k)
-    perm, group, _ = kernel_layout(grid)
+    perm, group = kernel_layout(grid)
     if perm is not None:
         q, g_idx = q[perm], g_idx[perm]
     if not torch.equal(g_idx.long(), torch.arange(k) // width):
