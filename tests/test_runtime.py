@@ -110,7 +110,7 @@ def test_ruyi_mini_batched_generation_equals_one_by_one():
     prompts = [tokenize(tok, t).tolist() for t in ("def add(a, b):", "The capital of France is",
                                                      "import numpy as np\nx = np.")]
     for e in (12, 29):
-        batched = generate(model, prompts, e, 16)
-        assert batched == [generate(model, [p], e, 16)[0] for p in prompts]
-        assert batched == generate(model, prompts, e, 16, use_cache=False)
+        batched = generate(model, prompts, e, 12)
+        assert batched == [generate(model, [p], e, 12)[0] for p in prompts]
+        assert batched == generate(model, prompts, e, 12, use_cache=False)
         assert all(len(set(b)) > 2 for b in batched)
