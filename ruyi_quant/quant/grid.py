@@ -38,6 +38,10 @@ class Grid:
         """(N, K) as the float weight's."""
         return self.q.shape[1], self.q.shape[0]
 
+    def get(self) -> Grid:
+        """Itself (a LazyGrid's get() unpacks it once: callers that read several fields call this)."""
+        return self
+
     @property
     def act_order(self) -> bool:
         """Groups that do not ascend with the column index (GPTQ's desc_act without static groups)."""

@@ -12,10 +12,6 @@ from ..model.familial import FamilialModel
 from .int4 import Int4Linear
 
 
-def _loaded(grid):
-    return grid.get() if hasattr(grid, "get") else grid
-
-
 def int4_model(fam, device="cpu", dtype: torch.dtype = torch.bfloat16, progress: bool = True) -> FamilialModel:
     """The family's FamilialModel with Int4Linear for its grids (one trunk, every exit: the exit
     stays an argument of each call)."""
@@ -24,7 +20,7 @@ def int4_model(fam, device="cpu", dtype: torch.dtype = torch.bfloat16, progress:
         model = FamilialModel(fam.config)
     for module in tqdm(list(fam.grids), desc="int4", unit="linear", disable=not progress, leave=False):
         bias = f"{module}.bias"
-        lin = Int4Linear(_loaded(fam.grids[module]), fam.tensors[bias] if bias in fam.tensors else None,
+        lin = Int4Linear(fam.grids[module].get(), fam.tensors[bias] if bias in fam.tensors else None,
                          device, dtype)
         parent, _, child = module.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, lin)

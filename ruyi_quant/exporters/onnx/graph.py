@@ -53,10 +53,6 @@ def _is_head(config, module: str) -> bool:
     return module in (names.SHARED_HEAD, *(names.HEAD.format(j=j) for j in range(len(config.exits))))
 
 
-def _loaded(grid):
-    """A LazyGrid unpacked once (each attribute read would unpack it again)."""
-    return grid.get() if hasattr(grid, "get") else grid
-
 
 class Graph:
     """Nodes, and initializers that go to a DataFile as soon as they are made."""
@@ -116,10 +112,10 @@ class Decoder:
             src = self.fam.stored_name(f"{module}.weight")
             if grid is None:
                 return f"{module}.int8", lambda: int8_grid(self.fam.tensors[src])
-            return f"{module}.int8", lambda: int8_grid(_loaded(grid).dequantize())
+            return f"{module}.int8", lambda: int8_grid(grid.get().dequantize())
         if grid is None or opt.weights == "float":
             return None
-        return f"{module}.nbits", lambda: _loaded(grid)
+        return f"{module}.nbits", lambda: grid.get()
 
     # --- layers ----------------------------------------------------------------------------
     def linear(self, x: str, module: str, bias: str | None = None, head: bool = False) -> str:
@@ -129,7 +125,7 @@ class Decoder:
             n, k = self.fam.linear_shape(module)
             if module in self.fam.grids:                  # --weights float / a float head
                 w = g.weight(f"{module}.weight",
-                             lambda: _loaded(self.fam.grids[module]).dequantize().to(g.torch).numpy())
+                             lambda: self.fam.grids[module].get().dequantize().to(g.torch).numpy())
             else:
                 w = self.float_weight(self.fam.stored_name(f"{module}.weight") if head else f"{module}.weight")
             flat = g.op("Reshape", x, g.const([-1, k]))
