@@ -161,6 +161,16 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def chat_ids(tokenizer, prompt: str, chat: bool = True) -> list[int]:
+    """Token ids of one user message in the tokenizer's chat template, ready for the answer (the
+    prompt as it is when chat is False or the tokenizer has no template)."""
+    text = prompt
+    if chat and tokenizer.chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return tokenize(tokenizer, text).tolist()
+
+
 def random_windows(ids: torch.Tensor, n: int, seq_len: int, seed: int, what: str) -> torch.Tensor:
     """n windows of seq_len tokens at random offsets (calibration). [n, seq_len]"""
     if ids.numel() < seq_len:

@@ -85,7 +85,17 @@ def test_switching_exits_between_requests_gives_each_exits_own_result(fam, eval_
     assert len({tuple(v[0]) for v in alone.values()}) > 1
 
 
-def test_stop_tokens_end_a_row():
+def test_a_stop_token_ends_its_row_only(fam, eval_ids):
+    model = int4_model(fam, dtype=torch.float32, progress=False)
+    prompts = [eval_ids[0, :9].tolist(), eval_ids[1, :15].tolist()]
+    free = generate(model, prompts, fam.config.exits[-1], 8, sample=True, seed=5, temperature=1.5)
+    stop = free[0][3]                                   # row 0's fourth token, if row 1 lacks it early
+    got = generate(model, prompts, fam.config.exits[-1], 8, eos={stop}, sample=True, seed=5, temperature=1.5)
+    assert got[0] == free[0][:free[0].index(stop)]
+    assert got[1] == (free[1][:free[1].index(stop)] if stop in free[1] else free[1])
+
+
+def test_pick_greedy_top_k_top_p():
     from ruyi_quant.runtime.generate import pick
     logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 1.0]])
     assert pick(logits, False, 1.0, 0, 1.0, None).tolist() == [1, 0]

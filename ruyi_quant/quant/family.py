@@ -88,10 +88,8 @@ class QuantizedFamily:
             mod = names.module_of(name)
             if name.endswith(".weight") and mod in self.grids:
                 state[name] = self.weight(mod).to(dtype)
-            elif name == names.SHARED_HEAD + ".weight" and self.config.tie_word_embeddings:
-                state[name] = self.tensors[names.EMBED + ".weight"].to(dtype)
             else:
-                state[name] = self.tensors[name].to(dtype)
+                state[name] = self.tensors[self.stored_name(name)].to(dtype)
         model.load_state_dict(state, strict=True, assign=True)
         if self.config.tie_word_embeddings and names.SHARED_HEAD not in self.grids:
             model.lm_head.weight = model.model.embed_tokens.weight

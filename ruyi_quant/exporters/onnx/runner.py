@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ...data import load_tokenizer, tokenize
+from ...data import chat_ids, load_tokenizer
 from ...errors import UserError
 from ...fsutil import read_json
 
@@ -88,11 +88,7 @@ def generate(folder: Path, prompt: str, exit: int | None = None, max_new_tokens:
     one and chat is True). on_text(piece) streams the decoded text."""
     model, e, d, eos = load(folder, exit)
     tok = load_tokenizer(d)
-    text = prompt
-    if chat and tok.chat_template:
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                       add_generation_prompt=True)
-    ids = tokenize(tok, text).tolist()
+    ids = chat_ids(tok, prompt, chat)
     out: list[int] = []
     shown = 0
 
