@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--awq-tokens", type=int, help="AWQ's rows per scale search (default: the tool's)")
     ap.add_argument("--work", default="/tmp/ruyi-calibrate-scale")
     ap.add_argument("--tag", default="", help="results file suffix, e.g. the GPU's name")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic families")
@@ -57,6 +58,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     notes = {"load_average_at_start": os.getloadavg(), "device": args.device, "cpus": os.cpu_count(),
              "calibration": f"{args.samples} x {args.seq_len} tokens of builtin:pydoc/calib",
+             "awq_tokens": args.awq_tokens or "default (2048)",
              "synthetic": "random weights: memory and speed only", "runs": []}
     if args.device.startswith("cuda"):
         import torch
@@ -74,7 +76,8 @@ def main() -> None:
         row = step(f"quantize {method} depth {depth}", RUN,
                    ["quantize", src, "--method", method, "--bits", "4", "--group-size", "128", "--heads",
                     "--samples", args.samples, "--seq-len", args.seq_len, "--device", args.device,
-                    "--out", fam, "--force"], rows)
+                    "--out", fam, "--force"]
+                   + (["--awq-tokens", args.awq_tokens] if method == "awq" and args.awq_tokens else []), rows)
         stats = json.loads((fam / "ruyi_quant.json").read_text())["stats"]
         kind = per_kind(stats["layer_seconds"])
         run = {"depth": int(depth), "exits": json.loads((src / "config.json").read_text())["early_exit_points"],

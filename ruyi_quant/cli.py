@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from .cli_make import cmd_make_familial, cmd_make_synthetic
-from .cli_onnx import add_export_args, add_generate_parser
+from .cli_onnx import add_export_args
+from .cli_runtime import add_eval_args, add_parsers as add_runtime_parsers
 from .cli_options import _default, _exits, _override, _validated
 from .errors import Terminated, UserError
 from .log import log_to_stderr
@@ -83,7 +84,8 @@ def cmd_quantize(args) -> None:
                    device=args.device,
                    gptq=_validated(GPTQOptions, damp_percent=args.damp, act_order=args.act_order,
                                    static_groups=args.static_groups),
-                   awq=_validated(AWQOptions, clip=False if args.no_clip else None))
+                   awq=_validated(AWQOptions, {"max_tokens": "--awq-tokens"},
+                                  clip=False if args.no_clip else None, max_tokens=args.awq_tokens))
     cal = _validated(Calibration, {"source": "--calib"}, source=args.calib, samples=args.samples,
                      seq_len=args.seq_len, seed=args.seed)
     out = Path(args.out)
@@ -192,6 +194,9 @@ def cmd_eval(args) -> None:
     fam, _ = open_family(args.quantized)
     check_reference(ref, fam, args.reference, args.quantized)
     ref.config.exit_list(ev.exits)
+    if args.runtime:
+        from .cli_runtime import cmd_eval_runtime
+        return cmd_eval_runtime(args, ref, fam, tok_dir, ev)
     if args.out:
         with atomic_dir(Path(args.out), force=args.force, inputs=inputs) as tmp:
             report = eval_report(ref, fam, tok_dir, ev, tmp)
@@ -229,7 +234,7 @@ def cmd_run(args) -> None:
 
 # --- parser --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from .recipe import Calibration, Eval, GGUFExport, GPTQOptions, HFExport, ONNXExport, Quantize, Training
+    from .recipe import AWQOptions, Calibration, Eval, GGUFExport, GPTQOptions, HFExport, ONNXExport, Quantize, Training
     Q, C, E, T = (lambda f: _default(Quantize, f)), (lambda f: _default(Calibration, f)), \
         (lambda f: _default(Eval, f)), (lambda f: _default(Training, f))
     p = argparse.ArgumentParser(
@@ -270,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--act-order", action="store_true", help="gptq: columns by decreasing diag(H)")
     s.add_argument("--static-groups", action="store_true", help="gptq: group grids fixed up front")
     s.add_argument("--no-clip", action="store_true", help="awq: skip the clipping search")
+    s.add_argument("--awq-tokens", type=int, help="awq: activation rows sampled per scale search "
+                   f"(default {_default(AWQOptions, 'max_tokens')}; fewer is faster on a CPU)")
     s.add_argument("--device", help=f"auto (cuda when present), cpu, cuda (default {Q('device')})")
     s.add_argument("--force", action="store_true", help="replace an existing output of ours")
     s.set_defaults(func=cmd_quantize)
@@ -325,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, help=f"windows per forward pass (default {E('batch')})")
     s.add_argument("--out", help="directory for eval.json, eval.md and eval.png")
     s.add_argument("--force", action="store_true", help="replace an existing --out of ours")
+    add_eval_args(s)
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("make-familial", help="turn a plain Qwen2/Llama model into a trained family",
@@ -365,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true")
     s.set_defaults(func=cmd_make_synthetic)
 
-    add_generate_parser(sub)
+    add_runtime_parsers(sub)
 
     s = sub.add_parser("run", help="run the jobs of a recipe YAML", description=(
         "Run a recipe's jobs in order. A job whose outputs are complete and unchanged (manifest "

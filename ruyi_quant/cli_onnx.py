@@ -51,42 +51,16 @@ def add_export_args(s, default) -> None:
                    f"or 4 (int8 activations, faster on CPUs) (default {default('accuracy_level')})")
 
 
-def cmd_generate(args) -> None:
+def generate_onnx(args, search: dict) -> None:
+    """`generate --onnx DIR`: one prompt through onnxruntime-genai (cli_runtime parses the rest)."""
     require("onnxruntime_genai", "generate --onnx", ONNX_PIP)
     from .exporters.onnx.runner import generate
-    if args.onnx is None:
-        raise UserError("generate: give the exported folder with --onnx DIR")
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens {args.max_new_tokens}: give at least 1")
-    search = {"sample": args.sample, "temperature": args.temperature, "top_k": args.top_k,
-              "top_p": args.top_p, "seed": args.seed}
-    if args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 1:
-        raise UserError("sampling: --temperature must be > 0, --top-p in (0, 1], --top-k >= 1")
     exit = None if args.exit in (None, "last") else _exits(args.exit)
     if isinstance(exit, list) and len(exit) != 1:
         raise UserError(f"--exit {args.exit}: give one exit layer")
-    res = generate(Path(args.onnx), args.prompt, exit[0] if exit else None, args.max_new_tokens,
+    res = generate(Path(args.onnx), args.prompt[0], exit[0] if exit else None, args.max_new_tokens,
                    chat=not args.no_chat, on_text=lambda piece: print(piece, end="", flush=True),
                    **search)
     print()
     print(f"[exit {res['exit']}: {res['prompt_tokens']} prompt tokens, {len(res['tokens'])} new]",
           file=sys.stderr)
-
-
-def add_generate_parser(sub) -> None:
-    s = sub.add_parser("generate", help="generate text from an exported exit (onnx)",
-                       description="Generate from one exit of an ONNX export with onnxruntime-genai: "
-                       "the prompt goes through the tokenizer's chat template (--no-chat: as it is); "
-                       "greedy unless --sample.")
-    s.add_argument("prompt", metavar="PROMPT")
-    s.add_argument("--onnx", metavar="DIR", help="an onnx export: the job's onnx-* folder, one exit-E/ "
-                   "folder, or the multi-exit folder")
-    s.add_argument("--exit", help="exit layer (default: the last in the folder)")
-    s.add_argument("--max-new-tokens", type=int, default=64)
-    s.add_argument("--sample", action="store_true", help="sample instead of greedy")
-    s.add_argument("--temperature", type=float, default=1.0)
-    s.add_argument("--top-k", type=int, default=50)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--no-chat", action="store_true", help="the prompt as it is, no chat template")
-    s.set_defaults(func=cmd_generate)

@@ -161,13 +161,14 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def chat_ids(tokenizer, prompt: str, chat: bool = True) -> list[int]:
-    """Token ids of one user message in the tokenizer's chat template, ready for the answer (the
-    prompt as it is when chat is False or the tokenizer has no template)."""
-    text = prompt
+def chat_ids(tokenizer, prompt: str | list[dict], chat: bool = True) -> list[int]:
+    """Token ids of one user message (or a conversation: [{"role", "content"}, ...]) in the
+    tokenizer's chat template, ready for the answer (a message as it is when chat is False or the
+    tokenizer has no template; a conversation's turns are then joined by newlines)."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    text = "\n".join(m["content"] for m in messages)
     if chat and tokenizer.chat_template:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenize(tokenizer, text).tolist()
 
 

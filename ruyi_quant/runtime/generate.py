@@ -27,9 +27,9 @@ def pick(logits: torch.Tensor, sample: bool, temperature: float, top_k: int, top
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], exit: int | None, max_new_tokens: int, eos=(),
              pad_id: int = 0, sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0, use_cache: bool = True) -> list[list[int]]:
+             top_p: float = 1.0, seed: int = 0, use_cache: bool = True, on_token=None) -> list[list[int]]:
     """New tokens of each prompt (token ids) at one exit, up to an end-of-sequence token (not
-    included) or max_new_tokens."""
+    included) or max_new_tokens. on_token(row, token) is called for each as it is made."""
     dev = model.model.embed_tokens.weight.device
     b, t = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((b, t), pad_id, dtype=torch.long)
@@ -54,6 +54,8 @@ def generate(model, prompts: list[list[int]], exit: int | None, max_new_tokens: 
         done |= torch.isin(nxt, stop)
         for i in torch.nonzero(~done).flatten().tolist():
             out[i].append(int(nxt[i]))
+            if on_token is not None:
+                on_token(i, out[i][-1])
         if bool(done.all()):
             break
         nxt = nxt.masked_fill(done, pad_id)
