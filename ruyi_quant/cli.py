@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .cli_make import cmd_make_familial, cmd_make_synthetic
 from .cli_onnx import add_export_args
+from .cli_options import _console
 from .cli_runtime import add_eval_args, add_parsers as add_runtime_parsers
 from .cli_options import _default, _exits, _override, _validated
 from .errors import Terminated, UserError
@@ -27,12 +28,6 @@ EXAMPLES = """examples:
   ruyi-quant eval builtin:tiny out/tiny-rtn4 --samples 8 --seq-len 128
   ruyi-quant run recipes/demo.yaml
 """
-
-
-def _console():
-    """Rich console; wide enough for the tables when output goes to a file or a pipe."""
-    from rich.console import Console
-    return Console(width=None if sys.stdout.isatty() else 120)
 
 
 # --- subcommands ---------------------------------------------------------------------------

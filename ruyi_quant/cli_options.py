@@ -1,7 +1,9 @@
 """The CLI's helpers for turning options into validated settings (shared by cli.py and
-cli_make.py): a bad value is one UserError naming its flag."""
+cli_make.py, cli_runtime.py): a bad value is one UserError naming its flag."""
 
 from __future__ import annotations
+
+import sys
 
 from pydantic import ValidationError
 
@@ -57,3 +59,9 @@ def _override(text: str, skip: bool = False):
         except ValueError:
             raise UserError(f"--override {text}: '{val}' is not a number") from None
     return fields
+
+
+def _console():
+    """Rich console; wide enough for the tables when output goes to a file or a pipe."""
+    from rich.console import Console
+    return Console(width=None if sys.stdout.isatty() else 120)

@@ -162,7 +162,7 @@ def cmd_eval_runtime(args, ref, fam, tok_dir, ev) -> None:
     from .quant.calibrate import pick_device
     from .report import rich_table, runtime_cells, runtime_markdown, runtime_plot
     from .runtime.validate import runtime_report
-    from .cli import _console
+    from .cli_options import _console
     if args.prefill < 1 or args.decode_tokens < 1 or args.prompts < 1 or args.repeats < 1:
         raise UserError("--prefill, --decode-tokens, --prompts and --repeats must be at least 1")
     device, dtype = pick_device(args.device), _dtype(args.dtype)
