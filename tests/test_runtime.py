@@ -125,3 +125,15 @@ def test_ruyi_mini_batched_generation_equals_one_by_one():
         assert batched == [generate(model, [p], e, 12)[0] for p in prompts]
         assert batched == generate(model, prompts, e, 12, use_cache=False)
         assert all(len(set(b)) > 2 for b in batched)
+
+
+def test_logits_to_keep_gives_the_last_positions(fam, eval_ids):
+    """Generation asks the head for the last position only; it must be that position's logits."""
+    model = int4_model(fam, dtype=torch.float32, progress=False)
+    ids = eval_ids[:2, :40]
+    with torch.no_grad():
+        for e in fam.config.exits:
+            full = model(ids, exit=e).logits
+            last = model(ids, exit=e, logits_to_keep=3).logits
+            assert last.shape == (2, 3, full.shape[-1])
+            assert (last - full[:, -3:]).abs().max() < 1e-5

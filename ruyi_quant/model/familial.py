@@ -84,8 +84,11 @@ class FamilialModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, exit: int | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                cache: DynamicCache | None = None, use_cache: bool = False) -> ExitOutput:
-        """Logits of one exit (given by its layer index; None/-1 = the default exit)."""
+                cache: DynamicCache | None = None, use_cache: bool = False,
+                logits_to_keep: int = 0) -> ExitOutput:
+        """Logits of one exit (given by its layer index; None/-1 = the default exit); of the last
+        `logits_to_keep` positions only when it is > 0 (generation: the head of a big vocabulary
+        over a whole prompt is memory and time nothing reads)."""
         j = self.config.exit_index(exit)
         e = self.config.exits[j]
         if use_cache and cache is None:
@@ -99,6 +102,8 @@ class FamilialModel(nn.Module):
         for layer in self.model.layers[:e]:
             x = layer(x, cache=cache, use_cache=cache is not None, **kw)
         x = self.branch(j)(x, cache=cache, use_cache=cache is not None, **kw)
+        if logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
         logits = self.head(j)(self.model.norms[j](x))
         return ExitOutput(logits=logits, cache=cache)
 

@@ -47,9 +47,10 @@ def generate(model, prompts: list[list[int]], exit: int | None, max_new_tokens: 
     stop = torch.tensor(sorted(eos), dtype=torch.long, device=dev)
     for _ in range(max_new_tokens):
         if use_cache:
-            logits = model(step, exit=exit, attention_mask=mask, position_ids=step_pos, cache=cache).logits
+            logits = model(step, exit=exit, attention_mask=mask, position_ids=step_pos, cache=cache,
+                           logits_to_keep=1).logits
         else:
-            logits = model(ids, exit=exit, attention_mask=mask, position_ids=pos).logits
+            logits = model(ids, exit=exit, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits
         nxt = pick(logits[:, -1], sample, temperature, top_k, top_p, gen)
         done |= torch.isin(nxt, stop)
         for i in torch.nonzero(~done).flatten().tolist():

@@ -31,25 +31,22 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def speed(model, exit: int, prompt: torch.Tensor, new_tokens: int, repeats: int = 3) -> dict:
-    """Prefill of prompt [B, P] on a fresh cache and greedy decode of new_tokens more, at one exit:
-    median over repeats (after one warm-up) of prefill tokens/s, time to first token and decode
-    tokens/s (B x new_tokens / decode seconds)."""
-    device = model.model.embed_tokens.weight.device
-    prompt = prompt.to(device)
+def timed(step, new_cache, prompt: torch.Tensor, new_tokens: int, repeats: int = 3) -> dict:
+    """Prefill of prompt [B, P] on a fresh cache, then greedy decode of new_tokens more: median
+    over repeats (after one warm-up) of prefill tokens/s, time to first token and decode tokens/s
+    (B x new_tokens / decode seconds). step(ids, cache, position_ids) -> last logits [B, V]."""
+    device = prompt.device
     b, p = prompt.shape
     prefill, decode = [], []
     for r in range(repeats + 1):
-        cache = model.new_cache()
+        cache = new_cache()
         _sync(device)
         t0 = time.perf_counter()
-        logits = model(prompt, exit=exit, cache=cache).logits
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        nxt = step(prompt, cache, None).argmax(-1, keepdim=True)
         _sync(device)
         t1 = time.perf_counter()
         for i in range(new_tokens if r else min(new_tokens, 2)):
-            pos = torch.full((b, 1), p + i, device=device)
-            nxt = model(nxt, exit=exit, position_ids=pos, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+            nxt = step(nxt, cache, torch.full((b, 1), p + i, device=device)).argmax(-1, keepdim=True)
         _sync(device)
         if r:                                   # run 0 is the warm-up
             prefill.append(t1 - t0)
@@ -57,6 +54,15 @@ def speed(model, exit: int, prompt: torch.Tensor, new_tokens: int, repeats: int 
     ttft = statistics.median(prefill)
     return {"prefill_tok_s": b * p / ttft, "ttft_s": ttft,
             "decode_tok_s": b * new_tokens / statistics.median(decode)}
+
+
+def speed(model, exit: int, prompt: torch.Tensor, new_tokens: int, repeats: int = 3) -> dict:
+    """timed() of one exit of a FamilialModel (int4 or float)."""
+    prompt = prompt.to(model.model.embed_tokens.weight.device)
+
+    def step(ids, cache, pos):
+        return model(ids, exit=exit, position_ids=pos, cache=cache, logits_to_keep=1).logits[:, -1]
+    return timed(step, model.new_cache, prompt, new_tokens, repeats)
 
 
 def model_bytes(model) -> int:

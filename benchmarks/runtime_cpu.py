@@ -1,0 +1,197 @@
+"""Which runtime on a CPU: ruyi-mini per exit, our int4 runtime against our bf16 (and float32)
+model, and beside them, in the same run and on the same quantized family, llama.cpp on our Q4_0
+file of the exit and onnxruntime on our int4 graph of the exit.
+
+    python benchmarks/runtime_cpu.py                       # about 15 min on two cores
+    python benchmarks/runtime_cpu.py --family out/x/family --exits 29
+
+The family: GPTQ 4-bit g128 symmetric, act-order with static groups (the demo's), the heads too at
+g128 symmetric, so that every runtime runs exactly the same grids (Q4_0 holds a symmetric g128
+grid exactly; the ONNX graph takes the tied head's grid for the embedding too). Table 1 is
+`ruyi-quant eval --runtime int4`'s (per exit: KL and top-1 of int4 against the float side, both
+in the same dtype). Table 2 puts the four runtimes side by side per exit, each scored against
+the same float32 reference model (KL(fp32 || runtime), top-1, perplexity) and timed on the same
+prompt (batch 1, `--prompt` tokens, then `--new` greedy tokens; median of `--repeats`), peak RSS
+of its load and timing. Writes benchmarks/results/runtime_cpu.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gguf_vs_llama import llama_logits, score
+from ruyi_quant.checkpoint import load_family
+from ruyi_quant.pipeline import calib_windows, eval_windows, export_gguf, export_onnx, quantize
+from ruyi_quant.recipe import Calibration, Eval, GGUFExport, GPTQOptions, ONNXExport, Provenance, Quantize
+from ruyi_quant.resources import Stages
+from ruyi_quant.runtime.model import int4_model
+from ruyi_quant.runtime.validate import runtime_report, speed
+from ruyi_quant.report import markdown_table, runtime_cells
+from ruyi_quant.sources import resolve_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def onnx_bench():
+    """benchmarks/onnx.py (its name would shadow the onnx package as a plain import)."""
+    spec = importlib.util.spec_from_file_location("onnx_bench", ROOT / "benchmarks" / "onnx.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def llama_speed(path: Path, prompt: list[int], new: int, repeats: int, threads: int) -> dict:
+    import llama_cpp
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + new + 8, n_batch=len(prompt),
+                          n_threads=threads, n_threads_batch=threads, verbose=False)
+    pre, dec = [], []
+    for r in range(repeats + 1):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        t1 = time.perf_counter()
+        for _ in range(new if r else 2):
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        if r:
+            pre.append(t1 - t0)
+            dec.append(time.perf_counter() - t1)
+    llm.close()
+    return {"prefill_tok_s": len(prompt) / statistics.median(pre),
+            "decode_tok_s": new / statistics.median(dec)}
+
+
+def ours_logits(model, windows: torch.Tensor, e: int) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [model(w[None], exit=e).logits[0].float() for w in windows]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", help="a quantized ruyi-mini family (default: quantize as the docstring says)")
+    ap.add_argument("--exits", help="comma-separated exits (default all)")
+    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--prompt", type=int, default=256)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--work", default="/tmp/ruyi-runtime-cpu")
+    ap.add_argument("--keep", action="store_true")
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    threads = torch.get_num_threads()
+    notes = {"load_average_at_start": os.getloadavg(), "cpus": os.cpu_count(), "threads": threads,
+             "torch": torch.__version__, "prompt": args.prompt, "new": args.new, "repeats": args.repeats}
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    src = resolve_model("builtin:ruyi-mini")
+    ref_fam = load_family(src)
+    exits = ref_fam.config.exit_list(None if not args.exits else [int(x) for x in args.exits.split(",")])
+    if args.family:
+        fam = load_family(Path(args.family))
+        notes["family"] = f"{args.family} ({fam.method})"
+    else:
+        q = Quantize(method="gptq", bits=4, group_size=128, sym=True, heads=True,
+                     gptq=GPTQOptions(act_order=True, static_groups=True))
+        cal = Calibration()
+        t0 = time.perf_counter()
+        fam = quantize(ref_fam, q, calib_windows(src, cal), progress=True)
+        fam.provenance = Provenance(model="builtin:ruyi-mini", quantize=q, calibration=cal)
+        notes["quantize_seconds"] = time.perf_counter() - t0
+        notes["family"] = ("GPTQ 4-bit g128 sym, act-order + static groups, heads too (g128 sym), "
+                           f"{cal.samples} x {cal.seq_len} tokens of {cal.source}")
+    windows = eval_windows(src, Eval(samples=args.eval_windows))
+    prompt = windows.reshape(-1)[:args.prompt]
+
+    # table 1: eval --runtime int4, in bf16 and in float32
+    notes["runtime"] = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        rep = runtime_report(ref_fam, fam, windows, exits, "cpu", dtype, args.prompt, args.new, 1,
+                             args.repeats, say=print)
+        notes["runtime"][str(dtype).removeprefix("torch.")] = rep
+        print(markdown_table(*runtime_cells(rep)), flush=True)
+
+    # table 2: the same exits in four runtimes, against one float32 reference
+    embed = "head" if fam.config.tie_word_embeddings and "lm_head" in fam.grids else "int8"
+    export_gguf(fam, work / "gguf", src, GGUFExport(exits=exits), progress=False)
+    export_onnx(fam, work / "onnx", src, ONNXExport(exits=exits, embed=embed, accuracy_level=4), progress=False)
+    ob = onnx_bench()
+    hd = ref_fam.config.head_dim
+    notes["rows"] = []
+    for e in exits:
+        ref_model = int4_model(ref_fam, dtype=torch.float32, progress=False)
+        ref = ours_logits(ref_model, windows, e)
+        del ref_model
+        gc.collect()
+        gguf_file = next((work / "gguf" / f"exit-{e}").glob("*.gguf"))
+        runs = {}
+        for name, dtype in (("ours bf16", torch.bfloat16), ("ours int4 (bf16)", torch.bfloat16),
+                            ("ours float32", torch.float32), ("ours int4 (float32)", torch.float32)):
+            stages = Stages()
+            with stages.stage(name):
+                model = int4_model(fam if "int4" in name else ref_fam, dtype=dtype, progress=False)
+                sp = speed(model, e, prompt[None], args.new, args.repeats)
+            runs[name] = {**score(ref, ours_logits(model, windows, e), windows), **sp,
+                          "peak_rss_gb": stages.rows[-1]["peak_rss_gb"], "mb": None}
+            del model
+            gc.collect()
+        stages = Stages()
+        with stages.stage("llama.cpp"):
+            sp = llama_speed(gguf_file, prompt.tolist(), args.new, args.repeats, threads)
+        runs["llama.cpp Q4_0 (our file)"] = {**score(ref, llama_logits(gguf_file, windows), windows), **sp,
+                                             "peak_rss_gb": stages.rows[-1]["peak_rss_gb"],
+                                             "mb": gguf_file.stat().st_size / 1e6}
+        folder = work / "onnx" / f"exit-{e}"
+        refs = [{e: r[None]} for r in ref]
+        stages = Stages()
+        with stages.stage("onnxruntime"):
+            sp = ob.speed(folder, prompt.tolist(), args.new)
+        acc = ob.accuracy(folder / "model.onnx", refs, windows, e, hd)
+        runs["onnxruntime int4 (our graph)"] = {"kl": acc["kl"], "top1": acc["top1"], "ppl": acc["ppl_quant"],
+                                               **sp, "peak_rss_gb": stages.rows[-1]["peak_rss_gb"],
+                                               "mb": sum(f.stat().st_size for f in folder.glob("model.onnx*")) / 1e6}
+        for name, r in runs.items():
+            notes["rows"].append({"exit": e, "runtime": name, **r})
+            print(f"exit {e} {name}: ppl {r['ppl']:.3f} KL {r['kl']:.4f} top-1 {r['top1']:.3f} "
+                  f"prefill {r['prefill_tok_s']:.0f} decode {r['decode_tok_s']:.1f} tok/s, "
+                  f"peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
+    notes["seconds"] = time.perf_counter() - t_start
+    write(notes)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def write(notes: dict) -> None:
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "runtime_cpu.json").write_text(json.dumps(notes, indent=2) + "\n")
+    lines = [f"# Runtimes on this CPU ({notes['cpus']} cores, {notes['threads']} threads), ruyi-mini",
+             "", f"Family: {notes['family']}. Load average at the start: "
+             f"{', '.join(f'{x:.2f}' for x in notes['load_average_at_start'])}.", ""]
+    for dtype, rep in notes["runtime"].items():
+        lines += [f"## `ruyi-quant eval --runtime int4 --dtype {dtype}`", "",
+                  markdown_table(*runtime_cells(rep))]
+    lines += ["## Four runtimes, the same grids, against one float32 reference", "",
+              f"Batch 1, prompt {notes['prompt']} tokens, {notes['new']} greedy tokens decoded, "
+              f"median of {notes['repeats']}.", ""]
+    head = ["exit", "runtime", "ppl", "KL(fp32‖x)", "top-1 %", "prefill tok/s", "decode tok/s", "peak RSS GB"]
+    rows = [[str(r["exit"]), r["runtime"], f"{r['ppl']:.3f}", f"{r['kl']:.4f}", f"{100 * r['top1']:.2f}",
+             f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}", f"{r['peak_rss_gb']:.2f}"]
+            for r in notes["rows"]]
+    lines.append(markdown_table(head, rows))
+    (out / "runtime_cpu.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
