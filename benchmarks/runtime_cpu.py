@@ -24,13 +24,18 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from gguf_vs_llama import llama_logits, score
+from gguf_vs_llama import llama_logits, score  # noqa: E402  (benchmarks/ is sys.path[0] here)
+
+# benchmarks/onnx.py would shadow the onnx package: drop this folder from the path now
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 from ruyi_quant.checkpoint import load_family
 from ruyi_quant.pipeline import calib_windows, eval_windows, export_gguf, export_onnx, quantize
 from ruyi_quant.recipe import Calibration, Eval, GGUFExport, GPTQOptions, ONNXExport, Provenance, Quantize
@@ -55,6 +60,10 @@ def llama_speed(path: Path, prompt: list[int], new: int, repeats: int, threads: 
     import llama_cpp
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + new + 8, n_batch=len(prompt),
                           n_threads=threads, n_threads_batch=threads, verbose=False)
+    vocab = llm.n_vocab()
+
+    def last() -> int:          # the batch's last logits (llama-cpp-python keeps none itself here)
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))))
     pre, dec = [], []
     for r in range(repeats + 1):
         llm.reset()
@@ -62,7 +71,7 @@ def llama_speed(path: Path, prompt: list[int], new: int, repeats: int, threads: 
         llm.eval(prompt)
         t1 = time.perf_counter()
         for _ in range(new if r else 2):
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+            llm.eval([last()])
         if r:
             pre.append(t1 - t0)
             dec.append(time.perf_counter() - t1)
