@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--exits", help="comma-separated exits (default all)")
     ap.add_argument("--sides", default="bf16,int4,transformers")
+    ap.add_argument("--eager", action="store_true", help="ours without static cache + torch.compile")
     ap.add_argument("--small", action="store_true", help="builtin:tiny instead (a smoke run)")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
@@ -94,7 +95,9 @@ def main() -> None:
              "torch": torch.__version__, "load_average_at_start": os.getloadavg(),
              "weights": "builtin:tiny (smoke run)" if args.small else
              "full-size synthetic Ruyi-7B: RANDOM WEIGHTS (speed and memory only)",
-             "new": args.new, "repeats": args.repeats, "steps": {}, "rows": []}
+             "new": args.new, "repeats": args.repeats, "steps": {}, "rows": [],
+             "ours_decode": "eager" if args.eager or device.type != "cuda" else
+             "static cache + torch.compile (CUDA graphs), prefill eager"}
     src = work / "synthetic"
     if args.small:
         from ruyi_quant.sources import resolve_model
@@ -135,7 +138,8 @@ def main() -> None:
                     if side == "transformers":
                         r = transformers_speed(model, prompt, args.new, args.repeats)
                     else:
-                        r = speed(model, e, prompt, args.new, args.repeats)
+                        r = speed(model, e, prompt, args.new, args.repeats,
+                                  compiled=device.type == "cuda" and not args.eager)
                 row = {"side": side, "exit": e, "batch": b, "prompt": p, **r, "peak_gpu_gb": peak(device)}
                 notes["rows"].append(row)
                 print(f"{side:>12} exit {e:>2} batch {b} prompt {p:>4}: prefill {r['prefill_tok_s']:9.0f} tok/s, "

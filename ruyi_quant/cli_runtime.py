@@ -54,6 +54,7 @@ class Session:
         self.exit = _one_exit(self.fam.config, args.exit)       # a bad exit: before any loading
         self.tok = load_tokenizer(tok_dir)
         self.model = int4_model(self.fam, self.device, dtype)
+        self.compiled = self.device.type == "cuda" and not args.eager
         self.eos = {t for t in (self.tok.eos_token_id, self.tok.convert_tokens_to_ids("<|im_end|>"))
                     if isinstance(t, int) and t >= 0 and t != self.tok.unk_token_id}
         self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
@@ -66,7 +67,7 @@ class Session:
         ids = [chat_ids(self.tok, p, chat) for p in prompts]
         printer = TextStream(self.tok) if stream and len(prompts) == 1 else None
         out = generate(self.model, ids, exit, max_new_tokens, eos=self.eos, pad_id=self.pad,
-                       on_token=printer, **search)
+                       on_token=printer, compiled=self.compiled, **search)
         if printer:
             printer.end()
         return [self.tok.decode(o) for o in out]
@@ -173,7 +174,8 @@ def cmd_eval_runtime(args, ref, fam, tok_dir, ev) -> None:
     def run():
         return runtime_report(ref, fam, windows, exits, device, dtype, args.prefill,
                               args.decode_tokens, args.prompts, args.repeats, ev.batch,
-                              say=lambda m: con.print(m, markup=False))
+                              say=lambda m: con.print(m, markup=False),
+                              compiled=False if args.eager else None)
     if args.out:
         with atomic_dir(Path(args.out), force=args.force, inputs=[args.reference, args.quantized]) as tmp:
             report = run()
@@ -192,6 +194,8 @@ def add_runtime_args(s) -> None:
     s.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda")
     s.add_argument("--dtype", default="bf16", help="activations (and the float side): bf16 (default), "
                    "fp16, fp32")
+    s.add_argument("--eager", action="store_true", help="on CUDA too: no static cache and no "
+                   "torch.compile of the decode step (CUDA's default uses both)")
 
 
 def add_eval_args(s) -> None:

@@ -137,3 +137,53 @@ def test_logits_to_keep_gives_the_last_positions(fam, eval_ids):
             last = model(ids, exit=e, logits_to_keep=3).logits
             assert last.shape == (2, 3, full.shape[-1])
             assert (last - full[:, -3:]).abs().max() < 1e-5
+
+
+def test_static_cache_generation_equals_the_growing_cache(fam, eval_ids):
+    """The fixed-size cache and mask (what CUDA graphs need) change no token: left-padded batch,
+    sampled, every exit."""
+    model = int4_model(fam, dtype=torch.float32, progress=False)
+    prompts = [eval_ids[0, :9].tolist(), eval_ids[1, :15].tolist()]
+    for e in fam.config.exits:
+        kw = dict(sample=True, seed=4, temperature=1.5)
+        assert generate(model, prompts, e, 16, static=True, **kw) == generate(model, prompts, e, 16, **kw)
+
+
+@pytest.mark.slow
+def test_compiled_decode_gives_the_eager_tokens(tiny_dir, eval_ids):
+    """torch.compile of the decode step (inductor on the CPU; CUDA graphs on a GPU), two exits on
+    one model (one compile each), against eager generation. About a minute of compiling here."""
+    fam = family(tiny_dir)
+    model = int4_model(fam, dtype=torch.float32, progress=False)
+    prompts = [eval_ids[0, :9].tolist(), eval_ids[1, :15].tolist()]
+    kw = dict(sample=True, seed=5, temperature=1.5)
+    for e in (fam.config.exits[0], fam.config.exits[-1], fam.config.exits[0]):
+        assert generate(model, prompts, e, 12, compiled=True, **kw) == generate(model, prompts, e, 12, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the CPU path is tested above)")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cuda_generation_gives_the_cpu_paths_greedy_tokens(fam, eval_ids, compiled):
+    """bfloat16 on both, greedy, every exit: the CUDA kernels (and CUDA graphs) give the CPU
+    twin's tokens."""
+    cpu, gpu = int4_model(fam, progress=False), int4_model(fam, "cuda", progress=False)
+    prompts = [eval_ids[0, :9].tolist(), eval_ids[1, :15].tolist()]
+    for e in fam.config.exits:
+        assert generate(gpu, prompts, e, 12, compiled=compiled) == generate(cpu, prompts, e, 12)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@needs_smollm2
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the CPU path is tested above)")
+def test_cuda_generation_on_ruyi_mini_gives_the_cpu_paths_greedy_tokens():
+    from ruyi_quant.data import load_tokenizer, tokenize
+    from ruyi_quant.sources import resolve_model
+    src = resolve_model("builtin:ruyi-mini")
+    fam = quantize(load_family(src), Quantize(method="rtn", bits=4, group_size=128), progress=False)
+    tok = load_tokenizer(src)
+    prompts = [tokenize(tok, t).tolist() for t in ("def add(a, b):", "The capital of France is")]
+    cpu, gpu = int4_model(fam, progress=False), int4_model(fam, "cuda", progress=False)
+    for e in (12, 29):
+        assert generate(gpu, prompts, e, 12, compiled=True) == generate(cpu, prompts, e, 12)

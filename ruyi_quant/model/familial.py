@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, StaticCache
 from transformers.masking_utils import create_causal_mask
 from transformers.models.qwen2.modeling_qwen2 import (Qwen2DecoderLayer, Qwen2RMSNorm,
                                                       Qwen2RotaryEmbedding)
@@ -58,7 +58,11 @@ class FamilialModel(nn.Module):
     def head(self, j: int) -> nn.Linear:
         return self.get_submodule(names.head_prefix(self.config.shared_heads, j))
 
-    def new_cache(self) -> DynamicCache:
+    def new_cache(self, max_len: int | None = None) -> DynamicCache | StaticCache:
+        """A KV cache for one exit's requests: growing (DynamicCache), or of fixed size max_len
+        (StaticCache: its tensors keep their addresses, what CUDA graphs and torch.compile need)."""
+        if max_len is not None:
+            return StaticCache(config=self.hf_config, max_cache_len=max_len)
         return DynamicCache(config=self.hf_config)
 
     def reset_rotary(self) -> None:

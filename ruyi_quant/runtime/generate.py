@@ -27,9 +27,13 @@ def pick(logits: torch.Tensor, sample: bool, temperature: float, top_k: int, top
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], exit: int | None, max_new_tokens: int, eos=(),
              pad_id: int = 0, sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0, use_cache: bool = True, on_token=None) -> list[list[int]]:
+             top_p: float = 1.0, seed: int = 0, use_cache: bool = True, on_token=None,
+             static: bool = False, compiled: bool = False) -> list[list[int]]:
     """New tokens of each prompt (token ids) at one exit, up to an end-of-sequence token (not
-    included) or max_new_tokens. on_token(row, token) is called for each as it is made."""
+    included) or max_new_tokens. on_token(row, token) is called for each as it is made.
+    static: a fixed-size KV cache (prompt + max_new_tokens) and a fixed-size mask, so every decode
+    step has the same shapes and addresses; compiled (implies static): decode steps run through
+    torch.compile (CUDA graphs on CUDA: `mode="reduce-overhead"`), the prefill eagerly."""
     dev = model.model.embed_tokens.weight.device
     b, t = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((b, t), pad_id, dtype=torch.long)
@@ -40,27 +44,44 @@ def generate(model, prompts: list[list[int]], exit: int | None, max_new_tokens: 
     ids, mask = ids.to(dev), mask.to(dev)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     gen = torch.Generator().manual_seed(seed) if sample else None
-    cache = model.new_cache() if use_cache else None
+    static = (static or compiled) and use_cache
+    cache = model.new_cache(t + max_new_tokens if static else None) if use_cache else None
+    if static:                   # positions not yet written are after every query: causal masks them
+        mask = torch.cat([mask, torch.ones((b, max_new_tokens), dtype=mask.dtype, device=dev)], 1)
+    decode = compiled_forward(model) if compiled and use_cache else model
     step, step_pos = ids, pos
     out: list[list[int]] = [[] for _ in range(b)]
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     stop = torch.tensor(sorted(eos), dtype=torch.long, device=dev)
-    for _ in range(max_new_tokens):
+    for i in range(max_new_tokens):
         if use_cache:
-            logits = model(step, exit=exit, attention_mask=mask, position_ids=step_pos, cache=cache,
-                           logits_to_keep=1).logits
+            f = model if i == 0 else decode
+            logits = f(step, exit=exit, attention_mask=mask, position_ids=step_pos, cache=cache,
+                       logits_to_keep=1).logits
         else:
             logits = model(ids, exit=exit, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits
         nxt = pick(logits[:, -1], sample, temperature, top_k, top_p, gen)
         done |= torch.isin(nxt, stop)
-        for i in torch.nonzero(~done).flatten().tolist():
-            out[i].append(int(nxt[i]))
+        for r in torch.nonzero(~done).flatten().tolist():
+            out[r].append(int(nxt[r]))
             if on_token is not None:
-                on_token(i, out[i][-1])
+                on_token(r, out[r][-1])
         if bool(done.all()):
             break
         nxt = nxt.masked_fill(done, pad_id)
         step, step_pos = nxt.unsqueeze(1), pos[:, -1:] + 1
         ids, pos = torch.cat([ids, step], 1), torch.cat([pos, step_pos], 1)
-        mask = torch.cat([mask, torch.ones_like(step)], 1)
+        if not static:
+            mask = torch.cat([mask, torch.ones_like(step)], 1)
     return out
+
+
+def compiled_forward(model):
+    """The model's forward through torch.compile, made once per model: CUDA graphs on CUDA
+    (`reduce-overhead`), inductor's default elsewhere; shapes fixed (static cache, one token)."""
+    f = getattr(model, "_ruyi_compiled", None)
+    if f is None:
+        cuda = model.model.embed_tokens.weight.device.type == "cuda"
+        f = torch.compile(model.forward, mode="reduce-overhead" if cuda else "default", dynamic=False)
+        model._ruyi_compiled = f
+    return f

@@ -56,13 +56,19 @@ def timed(step, new_cache, prompt: torch.Tensor, new_tokens: int, repeats: int =
             "decode_tok_s": b * new_tokens / statistics.median(decode)}
 
 
-def speed(model, exit: int, prompt: torch.Tensor, new_tokens: int, repeats: int = 3) -> dict:
-    """timed() of one exit of a FamilialModel (int4 or float)."""
+def speed(model, exit: int, prompt: torch.Tensor, new_tokens: int, repeats: int = 3,
+          compiled: bool = False) -> dict:
+    """timed() of one exit of a FamilialModel (int4 or float); compiled: a static cache and the
+    decode steps through torch.compile (generate.compiled_forward), the prefill eager."""
+    from .generate import compiled_forward
     prompt = prompt.to(model.model.embed_tokens.weight.device)
+    decode = compiled_forward(model) if compiled else model
 
     def step(ids, cache, pos):
-        return model(ids, exit=exit, position_ids=pos, cache=cache, logits_to_keep=1).logits[:, -1]
-    return timed(step, model.new_cache, prompt, new_tokens, repeats)
+        f = model if pos is None else decode
+        return f(ids, exit=exit, position_ids=pos, cache=cache, logits_to_keep=1).logits[:, -1]
+    max_len = prompt.shape[1] + new_tokens if compiled else None
+    return timed(step, lambda: model.new_cache(max_len), prompt, new_tokens, repeats)
 
 
 def model_bytes(model) -> int:
@@ -86,9 +92,11 @@ def load(fam, side: str, device, dtype: torch.dtype):
 
 def runtime_report(ref_fam, quant_fam, windows: torch.Tensor, exits: list[int], device="cpu",
                    dtype: torch.dtype = torch.bfloat16, prefill: int = 256, new_tokens: int = 32,
-                   batch: int = 1, repeats: int = 3, eval_batch: int = 4, say=None) -> dict:
+                   batch: int = 1, repeats: int = 3, eval_batch: int = 4, say=None,
+                   compiled: bool | None = None) -> dict:
     """One row per exit with both sides' numbers; 'stages' has each side's load + timing peak."""
     device = torch.device(device)
+    compiled = device.type == "cuda" if compiled is None else compiled
     flat = windows.reshape(-1)
     if flat.numel() < batch * prefill:
         raise UserError(f"--prefill {prefill} x --batch {batch}: the eval text has only "
@@ -99,7 +107,7 @@ def runtime_report(ref_fam, quant_fam, windows: torch.Tensor, exits: list[int], 
         with stages.stage(side):
             model = load(fam, side, device, dtype)
             sizes[side] = model_bytes(model)
-            speeds[side] = {e: speed(model, e, prompt, new_tokens, repeats) for e in exits}
+            speeds[side] = {e: speed(model, e, prompt, new_tokens, repeats, compiled) for e in exits}
         if say:
             say(stages.line(stages.rows[-1]))
         del model
@@ -122,7 +130,7 @@ def runtime_report(ref_fam, quant_fam, windows: torch.Tensor, exits: list[int], 
         rows.append(row)
     return {"runtime": "int4", "device": str(device), "dtype": str(dtype).removeprefix("torch."),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "threads": torch.get_num_threads(), "method": quant_fam.method,
+            "threads": torch.get_num_threads(), "method": quant_fam.method, "compiled": compiled,
             "prompt": [batch, prefill], "new_tokens": new_tokens, "repeats": repeats,
             "windows": list(windows.shape), "weights_gb": {k: v / 1e9 for k, v in sizes.items()},
             "stages": stages.rows, "rows": rows}
