@@ -80,6 +80,39 @@ def llama_speed(path: Path, prompt: list[int], new: int, repeats: int, threads: 
             "decode_tok_s": new / statistics.median(dec)}
 
 
+def kernels(fam, threads: int) -> list[dict]:
+    """Microseconds per call of one linear of each shape (layer 0's and exit 0's head), at 1 and
+    at 256 rows: our Int4Linear (the tinygemm CPU kernel and its wrapper) against torch's dense
+    bf16 and float32 linear of the same weight: where the decode time goes."""
+    from ruyi_quant.runtime.int4 import Int4Linear
+    from ruyi_quant import names
+
+    def us(f) -> float:
+        f()
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 0.5:
+            f()
+            n += 1
+        return 1e6 * (time.perf_counter() - t0) / n
+    head = names.head_prefix(fam.config.shared_heads, 0)
+    rows = []
+    for name in [f"model.layers.0.{m}" for m in ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj",
+                                                "mlp.down_proj")] + [head]:
+        grid = fam.grids[name].get()
+        w = grid.dequantize().float()
+        q = Int4Linear(grid, dtype=torch.bfloat16)
+        wb = w.bfloat16()
+        for m in (1, 256):
+            xb = torch.randn(m, w.shape[1]).bfloat16()
+            xf = xb.float()
+            with torch.no_grad():
+                rows.append({"linear": name.rsplit(".", 1)[-1] if name != head else "head", "n": w.shape[0],
+                             "k": w.shape[1], "rows": m, "int4_us": us(lambda: q(xb)),
+                             "bf16_us": us(lambda: torch.nn.functional.linear(xb, wb)),
+                             "fp32_us": us(lambda: torch.nn.functional.linear(xf, w))})
+    return rows
+
+
 def ours_logits(model, windows: torch.Tensor, e: int) -> list[torch.Tensor]:
     with torch.no_grad():
         return [model(w[None], exit=e).logits[0].float() for w in windows]
@@ -129,6 +162,11 @@ def main() -> None:
                              args.repeats, say=print)
         notes["runtime"][str(dtype).removeprefix("torch.")] = rep
         print(markdown_table(*runtime_cells(rep)), flush=True)
+
+    notes["kernels"] = kernels(fam, threads)
+    for r in notes["kernels"]:
+        print(f"{r['linear']:>10} [{r['n']} x {r['k']}] x {r['rows']:>3} rows: int4 {r['int4_us']:.0f} us, "
+              f"bf16 {r['bf16_us']:.0f} us, fp32 {r['fp32_us']:.0f} us", flush=True)
 
     # table 2: the same exits in four runtimes, against one float32 reference
     embed = "head" if fam.config.tie_word_embeddings and "lm_head" in fam.grids else "int8"
@@ -198,6 +236,10 @@ def write(notes: dict) -> None:
              f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}", f"{r['peak_rss_gb']:.2f}"]
             for r in notes["rows"]]
     lines.append(markdown_table(head, rows))
+    lines += ["## One linear per call (microseconds): where the decode time goes", "",
+              markdown_table(["linear", "N x K", "rows", "int4 (tinygemm CPU)", "bf16 dense", "fp32 dense"],
+                             [[r["linear"], f"{r['n']} x {r['k']}", str(r["rows"]), f"{r['int4_us']:.0f}",
+                               f"{r['bf16_us']:.0f}", f"{r['fp32_us']:.0f}"] for r in notes["kernels"]])]
     (out / "runtime_cpu.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -134,7 +134,8 @@ class Int4Linear(nn.Module):
         if self.padded_k != self.in_features:
             x = nn.functional.pad(x, (0, self.padded_k - self.in_features))
         y = self.kernel.mm(x.contiguous(), self.packed, self.group, self.scales_and_zeros)
-        y = y[:, :self.out_features]
+        if y.shape[1] != self.out_features:
+            y = y[:, :self.out_features]
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
