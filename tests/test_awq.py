@@ -431,3 +431,17 @@ def test_quantize_linear_records_the_spec_it_quantized_with():
     AWQ().quantize_linear(lin, "l", torch.randn(100, 64, generator=g), spec, fam)
     assert fam.modules == {"l": spec} and "l.weight" not in fam.tensors
     assert torch.equal(lin.weight, fam.weight("l"))
+
+
+@pytest.mark.parametrize("bits,gs,sym", [(4, 128, True), (4, 128, False), (8, 32, False), (3, -1, True)])
+def test_fake_quantize_is_the_rtn_grid_bit_for_bit(bits, gs, sym):
+    """The searches' float-only fake_quantize against the grid RTN stores, dequantized: K = 576
+    (a partial last group at 128), an all-positive row, a zero row."""
+    from ruyi_quant.quant.plan import QuantSpec
+    g = torch.Generator().manual_seed(bits + gs)
+    w = torch.randn(24, 576, generator=g) * 0.05
+    w[3] = w[3].abs()
+    w[5] = 0
+    spec = QuantSpec(bits, gs, sym)
+    q, s, z, g_idx = rtn_quantize(w, spec)
+    assert torch.equal(fake_quantize(w, spec), dequantize(q, s, z, g_idx))

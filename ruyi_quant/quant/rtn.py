@@ -136,5 +136,9 @@ def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     pad = -k % gs
     wp = torch.nn.functional.pad(w.float(), (0, pad)).reshape(-1, gs)      # [N*G, gs]
     scale, zero = group_qparams(wp, spec)
-    deq = grid_value(quantize_to_grid(wp, scale, zero, spec.maxq), scale, zero)
+    # quantize_to_grid then grid_value, in float32 only (no int64 copies: searches call this
+    # dozens of times per weight): the integers are small, so every step is exact and the
+    # result is the same, bit for bit
+    s, z = scale.float().unsqueeze(1), zero.float().unsqueeze(1)
+    deq = wp.div(s).round_().add_(z).clamp_(0, spec.maxq).sub_(z).mul_(s)
     return deq.reshape(n, k + pad)[:, :k]
