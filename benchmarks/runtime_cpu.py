@@ -11,13 +11,14 @@ grid exactly; the ONNX graph takes the tied head's grid for the embedding too). 
 `ruyi-quant eval --runtime int4`'s (per exit: KL and top-1 of int4 against the float side, both
 in the same dtype). Table 2 puts the four runtimes side by side per exit, each scored against
 the same float32 reference model (KL(fp32 || runtime), top-1, perplexity) and timed on the same
-prompt (batch 1, `--prompt` tokens, then `--new` greedy tokens; median of `--repeats`), peak RSS
-of its load and timing. Writes benchmarks/results/runtime_cpu.{json,md}.
+prompt (batch 1, `--prompt` tokens, then `--new` greedy tokens; median of `--repeats`), and the RSS
+its load and timing add to the process (peak above the RSS before it). Writes benchmarks/results/runtime_cpu.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.util
 import json
@@ -39,7 +40,7 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 from ruyi_quant.checkpoint import load_family
 from ruyi_quant.pipeline import calib_windows, eval_windows, export_gguf, export_onnx, quantize
 from ruyi_quant.recipe import Calibration, Eval, GGUFExport, GPTQOptions, ONNXExport, Provenance, Quantize
-from ruyi_quant.resources import Stages
+from ruyi_quant.resources import peak_rss_bytes, reset_peak_rss
 from ruyi_quant.runtime.model import int4_model
 from ruyi_quant.runtime.validate import runtime_report, speed
 from ruyi_quant.report import markdown_table, runtime_cells
@@ -115,6 +116,24 @@ def kernels(fam, threads: int) -> list[dict]:
     return rows
 
 
+def rss_bytes() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@contextlib.contextmanager
+def rss_added(out: dict):
+    """out["rss_added_gb"]: the peak RSS of the block above the RSS it started at (what loading
+    and running one runtime adds to this process, whatever else the process holds)."""
+    gc.collect()
+    start = rss_bytes()
+    reset_peak_rss()
+    yield
+    out["rss_added_gb"] = (peak_rss_bytes() - start) / 1e9
+
+
 def ours_logits(model, windows: torch.Tensor, e: int) -> list[torch.Tensor]:
     with torch.no_grad():
         return [model(w[None], exit=e).logits[0].float() for w in windows]
@@ -128,6 +147,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compiled-exits", default="29", help="exits timed again with --compile on ('' for none)")
     ap.add_argument("--work", default="/tmp/ruyi-runtime-cpu")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
@@ -164,7 +184,11 @@ def main() -> None:
                          args.repeats, say=print)
     notes["runtime"]["bfloat16"] = rep
     print(markdown_table(*runtime_cells(rep)), flush=True)
-    timed_rows = {r["exit"]: r for r in rep["rows"]}
+    if args.compiled_exits:          # decode through torch.compile (inductor): a minute per model and exit
+        rep = runtime_report(ref_fam, fam, windows, [int(x) for x in args.compiled_exits.split(",")], "cpu",
+                             torch.bfloat16, args.prompt, args.new, 1, args.repeats, say=print, compiled=True)
+        notes["runtime"]["bfloat16, compiled"] = rep
+        print(markdown_table(*runtime_cells(rep)), flush=True)
 
     notes["kernels"] = kernels(fam, threads)
     for r in notes["kernels"]:
@@ -187,41 +211,28 @@ def main() -> None:
         runs = {}
         for name, dtype in (("ours bf16", torch.bfloat16), ("ours int4 (bf16)", torch.bfloat16),
                             ("ours float32", torch.float32)):
-            side = "int4" if "int4" in name else "float"
-            stages = Stages()
-            with stages.stage(name):
-                model = int4_model(fam if side == "int4" else ref_fam, dtype=dtype, progress=False)
-                if dtype == torch.float32:
-                    sp = speed(model, e, prompt[None], args.new, args.repeats)
-                    peak_gb = None
-                else:           # table 1 timed these (one model for every exit, its peak)
-                    t = timed_rows[e]
-                    sp = {k: t[f"{k}_{side}"] for k in ("prefill_tok_s", "ttft_s", "decode_tok_s")}
-                    peak_gb = t[f"peak_rss_gb_{side}"]
-            runs[name] = {**score(ref, ours_logits(model, windows, e), windows), **sp,
-                          "peak_rss_gb": peak_gb or stages.rows[-1]["peak_rss_gb"], "mb": None}
+            mem: dict = {}
+            with rss_added(mem):
+                model = int4_model(fam if "int4" in name else ref_fam, dtype=dtype, progress=False)
+                sp = speed(model, e, prompt[None], args.new, args.repeats)
+            runs[name] = {**score(ref, ours_logits(model, windows, e), windows), **sp, **mem}
             del model
-            gc.collect()
-        stages = Stages()
-        with stages.stage("llama.cpp"):
+        mem = {}
+        with rss_added(mem):
             sp = llama_speed(gguf_file, prompt.tolist(), args.new, args.repeats, threads)
-        runs["llama.cpp Q4_0 (our file)"] = {**score(ref, llama_logits(gguf_file, windows), windows), **sp,
-                                             "peak_rss_gb": stages.rows[-1]["peak_rss_gb"],
-                                             "mb": gguf_file.stat().st_size / 1e6}
+        runs["llama.cpp Q4_0 (our file)"] = {**score(ref, llama_logits(gguf_file, windows), windows), **sp, **mem}
         folder = work / "onnx" / f"exit-{e}"
-        refs = [{e: r[None]} for r in ref]
-        stages = Stages()
-        with stages.stage("onnxruntime"):
+        mem = {}
+        with rss_added(mem):
             sp = ob.speed(folder, prompt.tolist(), args.new)
-        acc = ob.accuracy(folder / "model.onnx", refs, windows, e, hd)
+        acc = ob.accuracy(folder / "model.onnx", [{e: r[None]} for r in ref], windows, e, hd)
         runs["onnxruntime int4 (our graph)"] = {"kl": acc["kl"], "top1": acc["top1"], "ppl": acc["ppl_quant"],
-                                               **sp, "peak_rss_gb": stages.rows[-1]["peak_rss_gb"],
-                                               "mb": sum(f.stat().st_size for f in folder.glob("model.onnx*")) / 1e6}
+                                               **sp, **mem}
         for name, r in runs.items():
             notes["rows"].append({"exit": e, "runtime": name, **r})
             print(f"exit {e} {name}: ppl {r['ppl']:.3f} KL {r['kl']:.4f} top-1 {r['top1']:.3f} "
                   f"prefill {r['prefill_tok_s']:.0f} decode {r['decode_tok_s']:.1f} tok/s, "
-                  f"peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
+                  f"RSS added {r['rss_added_gb']:.2f} GB", flush=True)
     notes["seconds"] = time.perf_counter() - t_start
     write(notes)
     if not args.keep:
@@ -236,14 +247,16 @@ def write(notes: dict) -> None:
              "", f"Family: {notes['family']}. Load average at the start: "
              f"{', '.join(f'{x:.2f}' for x in notes['load_average_at_start'])}.", ""]
     for dtype, rep in notes["runtime"].items():
-        lines += [f"## `ruyi-quant eval --runtime int4 --dtype {dtype}`", "",
+        flag = " --compile on" if "compiled" in dtype else ""
+        lines += [f"## `ruyi-quant eval --runtime int4`{flag} (bf16 against int4)", "",
                   markdown_table(*runtime_cells(rep))]
     lines += ["## Four runtimes, the same grids, against one float32 reference", "",
               f"Batch 1, prompt {notes['prompt']} tokens, {notes['new']} greedy tokens decoded, "
               f"median of {notes['repeats']}.", ""]
-    head = ["exit", "runtime", "ppl", "KL(fp32‖x)", "top-1 %", "prefill tok/s", "decode tok/s", "peak RSS GB"]
+    head = ["exit", "runtime", "ppl", "KL(fp32‖x)", "top-1 %", "prefill tok/s", "decode tok/s",
+            "RSS added GB (load + timing)"]
     rows = [[str(r["exit"]), r["runtime"], f"{r['ppl']:.3f}", f"{r['kl']:.4f}", f"{100 * r['top1']:.2f}",
-             f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}", f"{r['peak_rss_gb']:.2f}"]
+             f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}", f"{r['rss_added_gb']:.2f}"]
             for r in notes["rows"]]
     lines.append(markdown_table(head, rows))
     lines += ["## One linear per call (microseconds): where the decode time goes", "",

@@ -39,6 +39,10 @@ def _search(args) -> dict:
             "top_p": args.top_p, "seed": args.seed}
 
 
+def _compiled(args, device) -> bool:
+    return args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+
+
 class Session:
     """A quantized family loaded once on the int4 runtime (float when it has no grids)."""
 
@@ -54,7 +58,7 @@ class Session:
         self.exit = _one_exit(self.fam.config, args.exit)       # a bad exit: before any loading
         self.tok = load_tokenizer(tok_dir)
         self.model = int4_model(self.fam, self.device, dtype)
-        self.compiled = self.device.type == "cuda" and not args.eager
+        self.compiled = _compiled(args, self.device)
         self.eos = {t for t in (self.tok.eos_token_id, self.tok.convert_tokens_to_ids("<|im_end|>"))
                     if isinstance(t, int) and t >= 0 and t != self.tok.unk_token_id}
         self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
@@ -175,7 +179,7 @@ def cmd_eval_runtime(args, ref, fam, tok_dir, ev) -> None:
         return runtime_report(ref, fam, windows, exits, device, dtype, args.prefill,
                               args.decode_tokens, args.prompts, args.repeats, ev.batch,
                               say=lambda m: con.print(m, markup=False),
-                              compiled=False if args.eager else None)
+                              compiled=_compiled(args, device))
     if args.out:
         with atomic_dir(Path(args.out), force=args.force, inputs=[args.reference, args.quantized]) as tmp:
             report = run()
@@ -194,8 +198,9 @@ def add_runtime_args(s) -> None:
     s.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda")
     s.add_argument("--dtype", default="bf16", help="activations (and the float side): bf16 (default), "
                    "fp16, fp32")
-    s.add_argument("--eager", action="store_true", help="on CUDA too: no static cache and no "
-                   "torch.compile of the decode step (CUDA's default uses both)")
+    s.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="decode steps on a "
+                   "static cache through torch.compile: auto (on CUDA, with CUDA graphs), on (the CPU too: "
+                   "a minute of compiling per exit), off (eager)")
 
 
 def add_eval_args(s) -> None:

@@ -100,8 +100,11 @@ def runtime_markdown(report: dict) -> str:
     where = report["gpu"] or f"CPU, {report['threads']} threads"
     title = (f"Int4 runtime vs {report['dtype']} on {where}: method `{report['method']}`, accuracy on "
              f"{report['windows'][0]} x {report['windows'][1]} tokens, speed at batch {report['prompt'][0]}, "
-             f"prompt {report['prompt'][1]} tokens, {report['new_tokens']} decoded (median of "
-             f"{report['repeats']}); peak memory per side (load + timing); KL(float ‖ int4), tokens/s\n\n")
+             f"prompt {report['prompt'][1]} tokens, {report['new_tokens']} decoded "
+             f"({'static cache + torch.compile' if report.get('compiled') else 'eager'}; median of "
+             f"{report['repeats']}); peak memory per side (load + timing; weights in memory: "
+             f"{report['weights_gb']['float']:.3f} GB {report['dtype']}, {report['weights_gb']['int4']:.3f} GB int4); "
+             "KL(float ‖ int4), tokens/s\n\n")
     return title + markdown_table(*runtime_cells(report))
 
 
