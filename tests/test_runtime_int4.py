@@ -73,3 +73,15 @@ def test_cuda_int4_linear_gives_the_cpu_twins_result(gs, k, sym, act_order):
     cpu = Int4Linear(grid, dtype=torch.bfloat16)(x.bfloat16()).float()
     gpu = Int4Linear(grid, device="cuda", dtype=torch.bfloat16)(x.cuda().bfloat16()).float().cpu()
     assert (gpu - cpu).abs().max() <= 1e-2 * cpu.abs().max()
+
+
+def test_packing_rows_at_a_time_is_packing_at_once():
+    """Int4Linear packs a weight a block of rows at a time (no whole int32 copy on the device):
+    the packed tensor is the one-shot packing's, byte for byte, also with a partial last block."""
+    from ruyi_quant.runtime.int4 import kernel_for
+    kernel = kernel_for("cpu")
+    for n in (96, 80):                       # the CPU layout interleaves blocks of 32 rows; 80: a tail of 16
+        codes = torch.randint(0, 16, (n, 256), dtype=torch.int32, generator=torch.Generator().manual_seed(n))
+        whole = kernel._pack(codes)
+        for rows in (32, 64, 4096):
+            assert torch.equal(kernel.pack(codes, "cpu", rows=rows), whole), (n, rows)

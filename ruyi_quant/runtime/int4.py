@@ -31,6 +31,8 @@ from ..errors import UserError
 KERNEL_GROUPS = (32, 64, 128, 256)
 SPLIT_GROUP = 128                          # kernel group for grids whose own group it lacks
 CUDA_INNER_K_TILES = 8                     # tinygemm's tiling on CUDA: K % (8 * 16) == 0
+PACK_ROWS = 4096                           # rows packed at a time: a multiple of the layouts' row
+                                           # blocks (32 on the CPU, 8 on CUDA)
 
 
 @dataclass(frozen=True)
@@ -40,8 +42,22 @@ class Kernel:
     k_multiple: int                        # K must be a multiple of this (beyond the group)
     n_multiple: int                        # and N of this
 
-    def pack(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes int32 [N, K] in [0, 16) -> the kernel's packed weight."""
+    def pack(self, codes: torch.Tensor, device=None, rows: int = PACK_ROWS) -> torch.Tensor:
+        """codes int32 [N, K] in [0, 16) (on the CPU) -> the kernel's packed weight on `device`,
+        `rows` rows at a time (both layouts split by rows, in order), so no int32 copy of a whole
+        weight reaches the device (a Ruyi head's would be 2.2 GB)."""
+        device = torch.device(device or self.name)
+        out = None
+        for r in range(0, codes.shape[0], rows):
+            part = self._pack(codes[r:r + rows].to(device))
+            if out is None:
+                per_row = part.shape[0] / min(rows, codes.shape[0])
+                out = torch.empty((round(codes.shape[0] * per_row), *part.shape[1:]), dtype=part.dtype,
+                                  device=device)
+            out[round(r * per_row):round(r * per_row) + part.shape[0]] = part
+        return out
+
+    def _pack(self, codes: torch.Tensor) -> torch.Tensor:
         if self.name == "cpu":
             return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         if _torch_version() < (2, 5):        # the op took int32 [N, K] before 2.5, uint8 since
@@ -121,7 +137,7 @@ class Int4Linear(nn.Module):
         self.out_features, self.in_features = grid.shape
         self.kernel = kernel_for(device)
         codes, sz, perm, self.group, self.padded_k = tinygemm_tensors(grid, self.kernel, dtype)
-        self.register_buffer("packed", self.kernel.pack(codes.to(device)))
+        self.register_buffer("packed", self.kernel.pack(codes, device))
         self.register_buffer("scales_and_zeros", sz.to(device))
         self.register_buffer("perm", None if perm is None else perm.to(device))
         self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
