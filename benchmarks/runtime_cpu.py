@@ -11,14 +11,15 @@ grid exactly; the ONNX graph takes the tied head's grid for the embedding too). 
 `ruyi-quant eval --runtime int4`'s (per exit: KL and top-1 of int4 against the float side, both
 in the same dtype). Table 2 puts the four runtimes side by side per exit, each scored against
 the same float32 reference model (KL(fp32 || runtime), top-1, perplexity) and timed on the same
-prompt (batch 1, `--prompt` tokens, then `--new` greedy tokens; median of `--repeats`), and the RSS
-its load and timing add to the process (peak above the RSS before it). Writes benchmarks/results/runtime_cpu.{json,md}.
+prompt (batch 1, `--prompt` tokens, then `--new` greedy tokens; median of `--repeats`); memory as
+the bytes of weights each holds (ours: the model's tensors for every exit, one trunk; llama.cpp:
+the exit's file, memory-mapped; onnxruntime: the exit's graph and data). Table 1 has each of our
+sides' peak RSS (the whole process: torch, the tokenizer and the text included). Writes benchmarks/results/runtime_cpu.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import importlib.util
 import json
@@ -40,9 +41,8 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 from ruyi_quant.checkpoint import load_family
 from ruyi_quant.pipeline import calib_windows, eval_windows, export_gguf, export_onnx, quantize
 from ruyi_quant.recipe import Calibration, Eval, GGUFExport, GPTQOptions, ONNXExport, Provenance, Quantize
-from ruyi_quant.resources import peak_rss_bytes, reset_peak_rss
 from ruyi_quant.runtime.model import int4_model
-from ruyi_quant.runtime.validate import runtime_report, speed
+from ruyi_quant.runtime.validate import model_bytes, runtime_report, speed
 from ruyi_quant.report import markdown_table, runtime_cells
 from ruyi_quant.sources import resolve_model
 
@@ -114,24 +114,6 @@ def kernels(fam, threads: int) -> list[dict]:
                              "fp32_us": us(lambda: torch.nn.functional.linear(xf, w)),
                              "int4_fp32_us": us(lambda: q32(xf)) if m == 1 else None})
     return rows
-
-
-def rss_bytes() -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-@contextlib.contextmanager
-def rss_added(out: dict):
-    """out["rss_added_gb"]: the peak RSS of the block above the RSS it started at (what loading
-    and running one runtime adds to this process, whatever else the process holds)."""
-    gc.collect()
-    start = rss_bytes()
-    reset_peak_rss()
-    yield
-    out["rss_added_gb"] = (peak_rss_bytes() - start) / 1e9
 
 
 def ours_logits(model, windows: torch.Tensor, e: int) -> list[torch.Tensor]:
@@ -211,28 +193,24 @@ def main() -> None:
         runs = {}
         for name, dtype in (("ours bf16", torch.bfloat16), ("ours int4 (bf16)", torch.bfloat16),
                             ("ours float32", torch.float32)):
-            mem: dict = {}
-            with rss_added(mem):
-                model = int4_model(fam if "int4" in name else ref_fam, dtype=dtype, progress=False)
-                sp = speed(model, e, prompt[None], args.new, args.repeats)
-            runs[name] = {**score(ref, ours_logits(model, windows, e), windows), **sp, **mem}
+            model = int4_model(fam if "int4" in name else ref_fam, dtype=dtype, progress=False)
+            sp = speed(model, e, prompt[None], args.new, args.repeats)
+            runs[name] = {**score(ref, ours_logits(model, windows, e), windows), **sp,
+                          "weights_mb": model_bytes(model) / 1e6}
             del model
-        mem = {}
-        with rss_added(mem):
-            sp = llama_speed(gguf_file, prompt.tolist(), args.new, args.repeats, threads)
-        runs["llama.cpp Q4_0 (our file)"] = {**score(ref, llama_logits(gguf_file, windows), windows), **sp, **mem}
+        sp = llama_speed(gguf_file, prompt.tolist(), args.new, args.repeats, threads)
+        runs["llama.cpp Q4_0 (our file)"] = {**score(ref, llama_logits(gguf_file, windows), windows), **sp,
+                                             "weights_mb": gguf_file.stat().st_size / 1e6}
         folder = work / "onnx" / f"exit-{e}"
-        mem = {}
-        with rss_added(mem):
-            sp = ob.speed(folder, prompt.tolist(), args.new)
+        sp = ob.speed(folder, prompt.tolist(), args.new)
         acc = ob.accuracy(folder / "model.onnx", [{e: r[None]} for r in ref], windows, e, hd)
-        runs["onnxruntime int4 (our graph)"] = {"kl": acc["kl"], "top1": acc["top1"], "ppl": acc["ppl_quant"],
-                                               **sp, **mem}
+        runs["onnxruntime int4 (our graph)"] = {"kl": acc["kl"], "top1": acc["top1"], "ppl": acc["ppl_quant"], **sp,
+                                               "weights_mb": sum(f.stat().st_size for f in folder.glob("model.onnx*")) / 1e6}
         for name, r in runs.items():
             notes["rows"].append({"exit": e, "runtime": name, **r})
             print(f"exit {e} {name}: ppl {r['ppl']:.3f} KL {r['kl']:.4f} top-1 {r['top1']:.3f} "
                   f"prefill {r['prefill_tok_s']:.0f} decode {r['decode_tok_s']:.1f} tok/s, "
-                  f"RSS added {r['rss_added_gb']:.2f} GB", flush=True)
+                  f"weights {r['weights_mb']:.1f} MB", flush=True)
     notes["seconds"] = time.perf_counter() - t_start
     write(notes)
     if not args.keep:
@@ -254,9 +232,9 @@ def write(notes: dict) -> None:
               f"Batch 1, prompt {notes['prompt']} tokens, {notes['new']} greedy tokens decoded, "
               f"median of {notes['repeats']}.", ""]
     head = ["exit", "runtime", "ppl", "KL(fp32‖x)", "top-1 %", "prefill tok/s", "decode tok/s",
-            "RSS added GB (load + timing)"]
+            "weights MB"]
     rows = [[str(r["exit"]), r["runtime"], f"{r['ppl']:.3f}", f"{r['kl']:.4f}", f"{100 * r['top1']:.2f}",
-             f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}", f"{r['rss_added_gb']:.2f}"]
+             f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}", f"{r['weights_mb']:.1f}"]
             for r in notes["rows"]]
     lines.append(markdown_table(head, rows))
     lines += ["## One linear per call (microseconds): where the decode time goes", "",

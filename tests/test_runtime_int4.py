@@ -51,10 +51,18 @@ def test_bfloat16_int4_linear_is_within_bf16_rounding(gs, k, sym, act_order):
 
 
 def test_padding_rows_and_columns_carry_no_weight():
+    """K = 576 at group 128: on the CPU as groups of 64 (no padding of x on every call); CUDA's
+    layout (K a multiple of 128) pads K to 640 with code 8 and zero scales. N = 40 pads to 48
+    (CPU) with zero scales."""
     grid = random_grid(128, 576, False, False, n=40)
     codes, sz, perm, group, kp = tinygemm_tensors(grid, kernel_for("cpu"), torch.float32)
-    assert (kp, group, perm) == (640, 128, None) and codes.shape == (48, 640) and sz.shape == (5, 48, 2)
-    assert (sz[:, 40:] == 0).all() and (codes[:, 576:] == 8).all()
+    assert (kp, group, perm) == (576, 64, None) and codes.shape == (48, 576) and sz.shape == (9, 48, 2)
+    assert (sz[:, 40:] == 0).all()
+    assert torch.equal(sz[0:8:2, :40], sz[1:8:2, :40])        # each grid group split in two, same scale and zero
+    from ruyi_quant.runtime.int4 import Kernel
+    codes, sz, perm, group, kp = tinygemm_tensors(grid, Kernel("cuda", 128, 8), torch.float32)
+    assert (kp, group) == (640, 128) and codes.shape == (40, 640) and sz.shape == (5, 40, 2)
+    assert (codes[:, 576:] == 8).all()
 
 
 def test_grids_the_kernels_cannot_hold_are_refused():

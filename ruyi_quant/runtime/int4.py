@@ -85,13 +85,20 @@ def kernel_for(device: torch.device) -> Kernel:
     raise UserError(f"device {device}: the int4 runtime runs on cpu or cuda")
 
 
-def kernel_layout(grid) -> tuple[torch.Tensor | None, int]:
-    """(input permutation or None, kernel group) of a grid."""
+def kernel_layout(grid, kernel: Kernel) -> tuple[torch.Tensor | None, int]:
+    """(input permutation or None, kernel group) of a grid. The kernel group is the grid's own
+    group or a divisor of it (each grid group split into kernel groups with its scale and zero:
+    exact), preferring one that divides K, so that x needs no padding on every call (ruyi-mini's
+    K = 576 at group 128 runs as groups of 64 on the CPU)."""
     n, k = grid.shape
     width = grid.spec.width(k)
     if grid.spec.bits != 4:
         raise UserError(f"bits {grid.spec.bits}: the int4 runtime holds 4-bit grids; quantize with bits 4")
     perm = torch.argsort(grid.g_idx, stable=True) if grid.act_order else None
+    fits = [g for g in KERNEL_GROUPS[::-1] if width % g == 0 or grid.spec.group_size == -1]
+    for g in fits:
+        if k % math.lcm(g, kernel.k_multiple) == 0 and (width % g == 0 or k % g == 0):
+            return perm, g
     if width in KERNEL_GROUPS:
         return perm, width
     if width % SPLIT_GROUP == 0 or grid.spec.group_size == -1:
@@ -107,7 +114,7 @@ def tinygemm_tensors(grid, kernel: Kernel, dtype: torch.dtype):
     q, scales, zeros, g_idx = grid.ints()                     # [K, N], [G, N], [G, N], [K]
     k, n = q.shape
     width = grid.spec.width(k)
-    perm, group = kernel_layout(grid)
+    perm, group = kernel_layout(grid, kernel)
     if perm is not None:
         q, g_idx = q[perm], g_idx[perm]
     if not torch.equal(g_idx.long(), torch.arange(k) // width):
