@@ -24,6 +24,9 @@ def pick(logits: torch.Tensor, sample: bool, temperature: float, top_k: int, top
     return torch.multinomial(logits.softmax(-1).cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
 
 
+STATIC_BUCKET = 256                # static cache sizes: multiples of this
+
+
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], exit: int | None, max_new_tokens: int, eos=(),
              pad_id: int = 0, sample: bool = False, temperature: float = 1.0, top_k: int = 0,
@@ -32,7 +35,8 @@ def generate(model, prompts: list[list[int]], exit: int | None, max_new_tokens: 
     """New tokens of each prompt (token ids) at one exit, up to an end-of-sequence token (not
     included) or max_new_tokens. on_token(row, token) is called for each as it is made.
     static: a fixed-size KV cache (prompt + max_new_tokens) and a fixed-size mask, so every decode
-    step has the same shapes and addresses; compiled (implies static): decode steps run through
+    step has the same shapes and addresses (the size rounded up to STATIC_BUCKET, so requests of
+    different lengths share one compiled step); compiled (implies static): decode steps run through
     torch.compile (CUDA graphs on CUDA: `mode="reduce-overhead"`), the prefill eagerly."""
     dev = model.model.embed_tokens.weight.device
     b, t = len(prompts), max(len(p) for p in prompts)
@@ -45,9 +49,10 @@ def generate(model, prompts: list[list[int]], exit: int | None, max_new_tokens: 
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     gen = torch.Generator().manual_seed(seed) if sample else None
     static = (static or compiled) and use_cache
-    cache = model.new_cache(t + max_new_tokens if static else None) if use_cache else None
-    if static:                   # positions not yet written are after every query: causal masks them
-        mask = torch.cat([mask, torch.ones((b, max_new_tokens), dtype=mask.dtype, device=dev)], 1)
+    size = -(-(t + max_new_tokens) // STATIC_BUCKET) * STATIC_BUCKET
+    cache = model.new_cache(size if static else None) if use_cache else None
+    if static:                   # slots not yet written come after every query: causality masks them
+        mask = torch.cat([mask, torch.ones((b, size - t), dtype=mask.dtype, device=dev)], 1)
     decode = compiled_forward(model) if compiled and use_cache else model
     step, step_pos = ids, pos
     out: list[list[int]] = [[] for _ in range(b)]
