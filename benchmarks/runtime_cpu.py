@@ -81,7 +81,7 @@ def llama_speed(path: Path, prompt: list[int], new: int, repeats: int, threads: 
             "decode_tok_s": new / statistics.median(dec)}
 
 
-def kernels(fam, threads: int) -> list[dict]:
+def kernels(fam) -> list[dict]:
     """Microseconds per call of one linear of each shape (layer 0's and exit 0's head), at 1 and
     at 256 rows: our Int4Linear (the tinygemm CPU kernel and its wrapper) against torch's dense
     bf16 and float32 linear of the same weight: where the decode time goes."""
@@ -172,7 +172,7 @@ def main() -> None:
         notes["runtime"]["bfloat16, compiled"] = rep
         print(markdown_table(*runtime_cells(rep)), flush=True)
 
-    notes["kernels"] = kernels(fam, threads)
+    notes["kernels"] = kernels(fam)
     for r in notes["kernels"]:
         print(f"{r['linear']:>10} [{r['n']} x {r['k']}] x {r['rows']:>3} rows: int4 {r['int4_us']:.0f} us, "
               f"bf16 {r['bf16_us']:.0f} us, fp32 {r['fp32_us']:.0f} us", flush=True)

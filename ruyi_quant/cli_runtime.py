@@ -47,7 +47,6 @@ class Session:
     """A quantized family loaded once on the int4 runtime (float when it has no grids)."""
 
     def __init__(self, args):
-        import torch
         from .pipeline import open_family
         from .quant.calibrate import pick_device
         from .data import load_tokenizer
@@ -62,7 +61,6 @@ class Session:
         self.eos = {t for t in (self.tok.eos_token_id, self.tok.convert_tokens_to_ids("<|im_end|>"))
                     if isinstance(t, int) and t >= 0 and t != self.tok.unk_token_id}
         self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
-        torch.manual_seed(0)
 
     def answer(self, prompts: list, exit: int, search: dict, max_new_tokens: int, chat: bool,
                stream: bool) -> list[str]:

@@ -55,13 +55,21 @@ def rich_table(title: str, headers: list[str], rows: list[list[str]]):
     return table
 
 
-def eval_plot(report: dict, path: Path) -> bool:
-    """Perplexity per exit, reference vs quantized. False when matplotlib is absent."""
+def _pyplot():
+    """matplotlib.pyplot on the file-only backend, or None when matplotlib is absent."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def eval_plot(report: dict, path: Path) -> bool:
+    """Perplexity per exit, reference vs quantized. False when matplotlib is absent."""
+    plt = _pyplot()
+    if plt is None:
         return False
     exits = [r["exit"] for r in report["rows"]]
     x = range(len(exits))
@@ -110,11 +118,8 @@ def runtime_markdown(report: dict) -> str:
 
 def runtime_plot(report: dict, path: Path) -> bool:
     """Perplexity and decode tokens/s per exit, float vs int4. False when matplotlib is absent."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return False
     rows = report["rows"]
     x = list(range(len(rows)))

@@ -97,7 +97,7 @@ def kernel_layout(grid, kernel: Kernel) -> tuple[torch.Tensor | None, int]:
     perm = torch.argsort(grid.g_idx, stable=True) if grid.act_order else None
     fits = [g for g in KERNEL_GROUPS[::-1] if width % g == 0 or grid.spec.group_size == -1]
     for g in fits:
-        if k % math.lcm(g, kernel.k_multiple) == 0 and (width % g == 0 or k % g == 0):
+        if k % math.lcm(g, kernel.k_multiple) == 0:
             return perm, g
     if width in KERNEL_GROUPS:
         return perm, width
