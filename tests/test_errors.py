@@ -209,3 +209,13 @@ def test_too_few_calibration_tokens_warns(tiny_dir, tmp_path, capsys):
     assert code == 0
     assert ("ruyi-quant: warning: calibration has 128 tokens, fewer than the widest layer's 320 "
             "input columns") in err and "use at least 320 tokens" in err
+
+
+def test_awq_has_no_hessian_to_warn_about(tiny_dir, tmp_path, capsys):
+    """AWQ searches scales on its sampled rows; it builds no Hessian, so the GPTQ warning
+    about too few tokens for one would be wrong there."""
+    code = main(["quantize", str(tiny_dir), "--out", str(tmp_path / "q"), "--method", "awq",
+                 "--samples", "2", "--seq-len", "64", "--group-size", "32"])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "Hessian" not in err

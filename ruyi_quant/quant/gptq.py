@@ -157,6 +157,8 @@ class GPTQ:
     """The calibration method (see calibrate.py): Hessians from captured inputs, then
     gptq_quantize per linear."""
 
+    hessian = True               # calibrate warns when the tokens cannot make a full-rank one
+
     def __init__(self, damp: float = 0.01, block: int = 128, act_order: bool = False,
                  static_groups: bool = False):
         self.opts = dict(damp=damp, block=block, act_order=act_order, static_groups=static_groups)
