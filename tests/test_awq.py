@@ -8,7 +8,7 @@ import torch
 from conftest import calib_ids, kl_top1, recording
 from ruyi_quant.checkpoint import load_family, save_family
 from ruyi_quant.model.io import load_model
-from ruyi_quant.quant.awq import AWQ, apply_clip, search_clip, search_scales
+from ruyi_quant.quant.awq import AWQ, apply_clip, clipped_rtn, search_clip, search_scales
 from ruyi_quant.quant.calibrate import calibrate
 from ruyi_quant.quant.pack import dequantize, from_awq, to_awq
 from ruyi_quant.quant.plan import QuantSpec, make_plan
@@ -445,3 +445,19 @@ def test_fake_quantize_is_the_rtn_grid_bit_for_bit(bits, gs, sym):
     spec = QuantSpec(bits, gs, sym)
     q, s, z, g_idx = rtn_quantize(w, spec)
     assert torch.equal(fake_quantize(w, spec), dequantize(q, s, z, g_idx))
+
+
+@pytest.mark.parametrize("sym,gs", [(True, 32), (False, 32), (False, -1), (True, 64)])
+def test_clipped_rtn_by_row_blocks_is_the_whole_grid_bit_for_bit(sym, gs):
+    """Clipping and rounding a block of rows at a time (a Ruyi head whole made four float32
+    copies of itself) gives exactly the grid of clipping and rounding it whole."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(70, 96, generator=g) * torch.rand(70, 1, generator=g)
+    spec = QuantSpec(4, gs, sym)
+    x = torch.randn(40, 96, generator=g)
+    max_val = search_clip(x, w, spec)
+    whole = rtn_quantize(apply_clip(w, max_val, spec), spec)
+    for rows in (1, 16, 33, 70, 4096):
+        blocks = clipped_rtn(w, max_val, spec, rows=rows)
+        assert all(torch.equal(a, b) for a, b in zip(whole, blocks))
+    assert not torch.equal(whole[0], rtn_quantize(w, spec)[0])      # the clipping did something

@@ -171,6 +171,40 @@ def test_multi_exit_file_stores_each_tensor_once_and_extracts_byte_identical(whi
         assert (tmp_path / f"x{e}" / "Modelfile").is_file()
 
 
+@pytest.mark.parametrize("which", ["tiny_dir", "tiny_shared_dir"])
+def test_export_encodes_each_shared_module_once_into_the_same_files(which, request, tmp_path,
+                                                                    monkeypatch):
+    """A per-exit + multi-exit export encodes each module once (the trunk is in every file), and
+    every file is byte for byte what writing it alone gives; the cache leaves nothing behind."""
+    import hashlib
+    from collections import Counter
+    from ruyi_quant.exporters.gguf import tensors as gt
+    from ruyi_quant.pipeline import export_gguf
+    from ruyi_quant.recipe import GGUFExport
+    src = request.getfixturevalue(which)
+    fam = rtn_fam(load_model(src), sym=False, heads=True)
+    calls = Counter()
+    real = gt.encode_module
+    monkeypatch.setattr(gt, "encode_module", lambda f, m, *a: calls.update([m]) or real(f, m, *a))
+    alone = {}
+    for e in fam.config.exits:
+        G.write_exit(fam, e, tmp_path / f"alone-{e}.gguf", src)
+        alone[e] = hashlib.sha256((tmp_path / f"alone-{e}.gguf").read_bytes()).hexdigest()
+    assert max(calls.values()) > 1                            # written alone, the trunk is encoded per file
+    calls.clear()
+    G.write_multi(fam, tmp_path / "alone-multi.gguf", src)
+    every = set(calls)                                        # the multi-exit file holds every module
+    calls.clear()
+    info = export_gguf(fam, tmp_path / "g", src, GGUFExport(multi=True), progress=False)
+    assert calls == Counter(every)                            # each encoded once
+    for x in info["exits"]:
+        got = (tmp_path / "g" / f"exit-{x['exit']}" / x["file"]).read_bytes()
+        assert hashlib.sha256(got).hexdigest() == alone[x["exit"]]
+    multi = (tmp_path / "g" / info["multi"]["file"]).read_bytes()
+    assert multi == (tmp_path / "alone-multi.gguf").read_bytes()
+    assert not (tmp_path / "g" / ".encoded").exists()
+
+
 def test_extract_refuses_a_stock_file(tiny_dir, tmp_path):
     fam = QuantizedFamily.from_model(load_model(tiny_dir))
     G.write_exit(fam, 3, tmp_path / "e3.gguf", tiny_dir)

@@ -127,6 +127,21 @@ def apply_clip(w: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec) -> torch
     return torch.maximum(torch.minimum(w.float(), bound), -bound)
 
 
+CLIP_ROWS = 4096          # rows clipped and rounded at a time: no clipped float copy of a whole head
+
+
+def clipped_rtn(w: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec, rows: int = CLIP_ROWS):
+    """rtn_quantize(apply_clip(w, max_val, spec), spec), `rows` output rows at a time. Both work
+    row by row, so the grid is the same bit for bit; whole, a Ruyi head's clipping made four
+    float32 [N, K] temporaries (2.2 GB each) beside the head."""
+    parts = [rtn_quantize(apply_clip(w[r:r + rows], max_val[r:r + rows], spec), spec)
+             for r in range(0, w.shape[0], rows)]
+    if len(parts) == 1:
+        return parts[0]
+    q, scales, zeros = (torch.cat([p[i] for p in parts], 1) for i in range(3))
+    return q, scales, zeros, parts[0][3]
+
+
 def fold(prev, s: torch.Tensor) -> None:
     """Divide the output channels of the feeding op (an RMSNorm or a linear) by s."""
     prev.weight.data = (prev.weight.float() / (s if prev.weight.dim() == 1 else s.unsqueeze(1))
@@ -156,8 +171,10 @@ class AWQ:
         w = linear.weight.detach().float()
         if self.clip and clip:
             xc = x[:: max(1, x.shape[0] // CLIP_TOKENS)][:CLIP_TOKENS]
-            w = apply_clip(w, search_clip(xc, w, spec, self.n_grid, self.max_shrink), spec)
-        store(fam, linear, name, spec, *rtn_quantize(w, spec))
+            grid = clipped_rtn(w, search_clip(xc, w, spec, self.n_grid, self.max_shrink), spec)
+        else:
+            grid = rtn_quantize(w, spec)
+        store(fam, linear, name, spec, *grid)
 
     def layer(self, layer, prefix: str, xs, kw, plan, fam) -> None:
         from .calibrate import capture_inputs, capture_many

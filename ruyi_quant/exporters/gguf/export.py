@@ -4,6 +4,7 @@ files copied back out of a multi-exit file."""
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -11,13 +12,13 @@ from tqdm.auto import tqdm
 
 from ...errors import UserError
 from ...quant.family import QuantizedFamily
-from .files import base_name, extract_exit, multi_exits, write_exit, write_multi
+from .files import base_name, extract_exit, multi_exits, tensor_uses, write_exit, write_multi
 from .ggml import grid_type
 from .imatrix import collect, for_exit, requantize
 from .llamacpp import K_QUANTS, llama_quantize
 from .metadata import common_kv
 from .ollama import write_modelfile_for
-from .tensors import GGUFOptions, check_gguf
+from .tensors import EncodedCache, GGUFOptions, check_gguf
 
 
 def label(fam: QuantizedFamily, type_: str) -> str:
@@ -54,28 +55,35 @@ def export(fam: QuantizedFamily, out_root: Path, tokenizer_dir: Path, ex, progre
     if kquant and ex.imatrix and exits:
         windows, imat_kv = calib_windows()
         imat = collect(fam.dequantized_model(), windows, progress)
-    for e in tqdm(exits, desc="export gguf", unit="exit", disable=not progress, leave=False):
-        d = out_root / f"exit-{e}"
-        d.mkdir()
-        fname = f"{base}-e{e}-{kind}.gguf"
-        if kquant:
-            f16 = d / "f16.tmp.gguf"
-            info = write_exit(fam, e, f16, tokenizer_dir, opt, common)
-            info.update(bytes=llama_quantize(f16, d / fname, kquant), file=fname, types=[kquant.upper()])
-            if imat is not None:
-                matrices = for_exit(imat, fam.config, fam.config.exit_index(e))
-                info["imatrix_tensors"] = requantize(f16, d / fname, matrices, imat_kv)
-                info["bytes"] = (d / fname).stat().st_size
-            f16.unlink()
-            write_modelfile_for(d / fname)
-        else:
-            info = write_exit(fam, e, d / fname, tokenizer_dir, opt, common)
-        written["exits"].append(info)
-    if ex.multi:
-        if progress:
-            tqdm.write(f"  writing the multi-exit file {base}-family-{kind}.gguf")
-        written["multi"] = write_multi(fam, out_root / f"{base}-family-{kind}.gguf", tokenizer_dir,
-                                       opt, common)
+    # the trunk is in every exit's file (and the multi-exit one): encode each module once
+    cache_dir = out_root / ".encoded"
+    cache = (EncodedCache(cache_dir, tensor_uses(fam, exits, ex.multi))
+             if not kquant and len(exits) + bool(ex.multi) > 1 else None)
+    try:
+        for e in tqdm(exits, desc="export gguf", unit="exit", disable=not progress, leave=False):
+            d = out_root / f"exit-{e}"
+            d.mkdir()
+            fname = f"{base}-e{e}-{kind}.gguf"
+            if kquant:
+                f16 = d / "f16.tmp.gguf"
+                info = write_exit(fam, e, f16, tokenizer_dir, opt, common)
+                info.update(bytes=llama_quantize(f16, d / fname, kquant), file=fname, types=[kquant.upper()])
+                if imat is not None:
+                    matrices = for_exit(imat, fam.config, fam.config.exit_index(e))
+                    info["imatrix_tensors"] = requantize(f16, d / fname, matrices, imat_kv)
+                    info["bytes"] = (d / fname).stat().st_size
+                f16.unlink()
+                write_modelfile_for(d / fname)
+            else:
+                info = write_exit(fam, e, d / fname, tokenizer_dir, opt, common, cache)
+            written["exits"].append(info)
+        if ex.multi:
+            if progress:
+                tqdm.write(f"  writing the multi-exit file {base}-family-{kind}.gguf")
+            written["multi"] = write_multi(fam, out_root / f"{base}-family-{kind}.gguf", tokenizer_dir,
+                                           opt, common, cache)
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
     return written
 
 

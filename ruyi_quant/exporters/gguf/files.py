@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import gguf
@@ -22,7 +23,7 @@ from ...model.config import parse_config
 from ...quant.family import QuantizedFamily
 from .metadata import RuyiKeys, common_kv, exit_kv, read_kv, size_label, write_gguf
 from .ollama import write_modelfile
-from .tensors import ARCH, MULTI_ARCH, GGUFOptions, exit_arch, family_arrays
+from .tensors import ARCH, MULTI_ARCH, EncodedCache, GGUFOptions, exit_arch, family_arrays
 
 
 def base_name(fam: QuantizedFamily, opt: GGUFOptions) -> str:
@@ -32,19 +33,28 @@ def base_name(fam: QuantizedFamily, opt: GGUFOptions) -> str:
     return Path(src.removeprefix("builtin:")).name
 
 
-def exit_arrays(fam: QuantizedFamily, j: int, opt: GGUFOptions):
+def exit_arrays(fam: QuantizedFamily, j: int, opt: GGUFOptions, cache: EncodedCache | None = None):
     exit_map = fam.config.exit_map(j)
     pairs = [(f, names.gguf_name(exit_map.rename(f))) for f in fam.exit_tensor_names(j)]
-    return family_arrays(fam, pairs, opt)
+    return family_arrays(fam, pairs, opt, cache)
+
+
+def tensor_uses(fam: QuantizedFamily, exits: list[int], multi: bool) -> Counter:
+    """How many of the files an export writes (exits' files, the multi-exit file) hold each
+    familial tensor: what an EncodedCache keeps."""
+    cfg = fam.config
+    uses = Counter(f for e in exits for f in fam.exit_tensor_names(cfg.exit_index(e)))
+    return uses + Counter(fam.weight_names()) if multi else uses
 
 
 def write_exit(fam: QuantizedFamily, exit: int, path: Path, tok_dir: Path,
-               opt: GGUFOptions = GGUFOptions(), common: list[tuple] | None = None) -> dict:
+               opt: GGUFOptions = GGUFOptions(), common: list[tuple] | None = None,
+               cache: EncodedCache | None = None) -> dict:
     """A stock qwen2 (or llama) GGUF of one exit. `common`: common_kv(fam, tok_dir, opt) when the caller
-    writes several files (it reads the tokenizer)."""
+    writes several files (it reads the tokenizer); `cache`: the encoded tensors they share."""
     cfg = fam.config
     j = cfg.exit_index(exit)
-    arrays = exit_arrays(fam, j, opt)
+    arrays = exit_arrays(fam, j, opt, cache)
     params = fam.size(fam.exit_tensor_names(j))[0]
     arch = exit_arch(fam)
     kv = exit_kv(cfg, j, params, base_name(fam, opt), arch) + (common or common_kv(fam, tok_dir, opt))
@@ -56,10 +66,11 @@ def write_exit(fam: QuantizedFamily, exit: int, path: Path, tok_dir: Path,
 
 
 def write_multi(fam: QuantizedFamily, path: Path, tok_dir: Path,
-                opt: GGUFOptions = GGUFOptions(), common: list[tuple] | None = None) -> dict:
+                opt: GGUFOptions = GGUFOptions(), common: list[tuple] | None = None,
+                cache: EncodedCache | None = None) -> dict:
     """One file: every tensor of the family once, the family's config, the exit list."""
     pairs = [(f, names.gguf_multi_name(f)) for f in fam.weight_names()]
-    arrays = family_arrays(fam, pairs, opt)
+    arrays = family_arrays(fam, pairs, opt, cache)
     kv = [(Keys.General.NAME, base_name(fam, opt), V.STRING, None),
           (Keys.General.SIZE_LABEL, size_label(fam.size()[0]), V.STRING, None),
           (RuyiKeys.CONFIG, json.dumps(fam.config.to_json(), sort_keys=True), V.STRING, None),

@@ -9,8 +9,10 @@ for q/k (`llama_rope_rows`).
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -70,6 +72,34 @@ class LazyArray:
         data = self._produce()
         if data.shape != self.shape or data.dtype != self.dtype:
             raise RuntimeError(f"produced {data.dtype} {data.shape}, expected {self.dtype} {self.shape}")
+        return data
+
+
+class EncodedCache:
+    """Encoded weights kept on disk while one export writes several files, so that a module in
+    several of them (the trunk, in every exit's file and the multi-exit one) is unpacked and
+    encoded once. `uses`: how many of the files hold each familial tensor; one held more than
+    once is written to `root` the first time, read back (one tensor in memory at a time) the
+    next times, and deleted after its last use."""
+
+    def __init__(self, root: Path, uses: Counter):
+        self.root, self.left = Path(root), Counter(uses)
+        self.stored: dict[str, tuple[Path, tuple]] = {}          # name -> (file, shape)
+
+    def get(self, name: str, dtype, produce) -> np.ndarray:
+        self.left[name] -= 1
+        if name in self.stored:
+            path, shape = self.stored[name]
+            data = np.fromfile(path, dtype=dtype).reshape(shape)
+            if self.left[name] <= 0:
+                path.unlink()
+            return data
+        data = produce()
+        if self.left[name] > 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            path = self.root / f"{len(self.stored)}.bin"
+            np.ascontiguousarray(data).tofile(path)
+            self.stored[name] = (path, data.shape)
         return data
 
 
@@ -154,11 +184,13 @@ def llama_rope_rows(data: np.ndarray, n_head: int) -> np.ndarray:
     return data.reshape(n_head, 2, rows // n_head // 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
 
 
-def family_arrays(fam: QuantizedFamily, modules_and_names, opt: GGUFOptions):
+def family_arrays(fam: QuantizedFamily, modules_and_names, opt: GGUFOptions,
+                  cache: EncodedCache | None = None):
     """[(gguf name, LazyArray, type)] for familial tensors, named by `modules_and_names`: a list of
     (familial tensor name, gguf name); quantized linears appear once as `.weight`. Types and
-    shapes are decided (and every refusal raised) now; the data is encoded when written. For the
-    llama architecture q/k rows are reordered and the (zero) q/k/v biases left out."""
+    shapes are decided (and every refusal raised) now; the data is encoded when written (or
+    taken from `cache`). For the llama architecture q/k rows are reordered and the (zero) q/k/v
+    biases left out."""
     types = _auto_types(fam, opt)
     llama = exit_arch(fam) == LLAMA_ARCH
     raw = fam.config.raw
@@ -173,6 +205,8 @@ def family_arrays(fam: QuantizedFamily, modules_and_names, opt: GGUFOptions):
             qtype = module_type(fam, mod, opt, types)
             shape, dtype = _data_shape(fam.linear_shape(mod), qtype, mod)
             produce = partial(_encoded, fam, mod, opt, types)
+            if cache is not None:
+                produce = partial(cache.get, fname, dtype, produce)
         else:                                   # norms, biases
             qtype, (shape, dtype) = T.F32, (fam.tensor_info(fname)[0], np.float32)
             produce = partial(_as_f32, fam, fname)
