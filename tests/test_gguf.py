@@ -662,6 +662,41 @@ def test_llama_rope_rows_and_when_llama_is_chosen(llama_dir, tiny_dir):
     assert G.exit_arch(QuantizedFamily.from_model(load_model(tiny_dir))) == "qwen2"
 
 
+@pytest.mark.parametrize("which", ["tiny_dir", "tiny_shared_dir"])
+def test_imatrix_streamed_layer_by_layer_equals_the_whole_model_pass(which, request):
+    """collect() reads one layer at a time; its matrices equal, bit for bit, hooks on the whole
+    float model run window by window over every exit (what it did before it streamed)."""
+    from torch import nn
+    from ruyi_quant.exporters.gguf import imatrix as IM
+    src = request.getfixturevalue(which)
+    model = load_model(src)
+    fam = QuantizedFamily.from_model(model)
+    windows = torch.randint(0, model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(3))
+    sums, counts = {}, {}
+
+    def add(key, x):
+        x = x.detach().float().reshape(-1, x.shape[-1])
+        sums[key] = sums.get(key, 0) + (x * x).sum(0)
+        counts[key] = counts.get(key, 0) + x.shape[0]
+    cfg = model.config
+    heads = {names.head_prefix(cfg.shared_heads, j) for j in range(len(cfg.exits))}
+    hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: add(n, a[0])) for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and n not in heads]
+    hooks += [norm.register_forward_hook(lambda _m, _a, out, j=j: add(IM.HEAD_KEY.format(j=j), out))
+              for j, norm in enumerate(model.model.norms)]
+    with torch.no_grad():
+        for w in windows:
+            model.forward_exits(w[None])
+    for h in hooks:
+        h.remove()
+    whole = {k: sums[k] / counts[k] for k in sums}
+    streamed = IM.collect(fam, windows, progress=False)
+    assert streamed.keys() == whole.keys()
+    assert len(whole) == sum(isinstance(m, nn.Linear) for n, m in model.named_modules()
+                             if n not in heads) + len(cfg.exits)   # every linear and head seen
+    assert all(torch.equal(streamed[k], whole[k]) for k in whole)
+
+
 def test_imatrix_names_follow_the_exit_file():
     """Trunk layers keep their block, the branch becomes block e, the head input is `output`'s
     matrix, or `token_embd`'s when the head is tied to the embedding (llama-imatrix's names)."""

@@ -54,7 +54,7 @@ def export(fam: QuantizedFamily, out_root: Path, tokenizer_dir: Path, ex, progre
     imat = None
     if kquant and ex.imatrix and exits:
         windows, imat_kv = calib_windows()
-        imat = collect(fam.dequantized_model(), windows, progress)
+        imat = collect(fam, windows, progress)
     # the trunk is in every exit's file (and the multi-exit one): encode each module once
     cache_dir = out_root / ".encoded"
     cache = (EncodedCache(cache_dir, tensor_uses(fam, exits, ex.multi))

@@ -5,8 +5,8 @@ square of each input column over calibration tokens; `llama-quantize --imatrix` 
 each tensor's rounding error by it. Both are command-line programs that llama-cpp-python does
 not ship, and its quantize API takes the matrix only as a C++ map. So:
 
-- `collect` runs our float family over calibration windows once and records the same
-  statistic for every trunk and branch linear and every exit's head (a shared head sees a
+- `collect` runs our float family over calibration windows once, layer by layer, and records
+  the same statistic for every trunk and branch linear and every exit's head (a shared head sees a
   different input at each exit, so it gets one matrix per exit);
 - `for_exit` names them as exit e's stock GGUF file does;
 - `requantize` takes the file llama.cpp's quantizer wrote (its tensor types, its mix) and
@@ -33,9 +33,16 @@ HEAD_KEY = "head@{j}"          # the input of exit j's head (its norm's output)
 
 
 @torch.no_grad()
-def collect(model, windows: torch.Tensor, progress: bool = True) -> dict[str, torch.Tensor]:
-    """{familial linear module or head@j: mean x^2 per input column} over every window."""
+def collect(source, windows: torch.Tensor, progress: bool = True) -> dict[str, torch.Tensor]:
+    """{familial linear module or head@j: mean x^2 per input column} over every window, from a
+    family (or a FamilialModel), streamed: one layer in float32 at a time (quant.family.Weights),
+    every window through it before the next is read, so no step holds the whole float model.
+    Windows go one at a time and in order, so the sums are those of running each window through
+    the whole model."""
     from tqdm.auto import tqdm
+    from ...quant.family import QuantizedFamily, Weights, embed
+    fam = source if isinstance(source, QuantizedFamily) else QuantizedFamily.from_model(source)
+    cfg = fam.config
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
@@ -44,19 +51,27 @@ def collect(model, windows: torch.Tensor, progress: bool = True) -> dict[str, to
         sums[key] = sums.get(key, 0) + (x * x).sum(0)
         counts[key] = counts.get(key, 0) + x.shape[0]
 
-    cfg = model.config
-    heads = {names.head_prefix(cfg.shared_heads, j) for j in range(len(cfg.exits))}
-    hooks = [m.register_forward_pre_hook(lambda _m, args, name=name: add(name, args[0]))
-             for name, m in model.named_modules()
-             if isinstance(m, nn.Linear) and name not in heads]
-    hooks += [norm.register_forward_hook(lambda _m, _a, out, j=j: add(HEAD_KEY.format(j=j), out))
-              for j, norm in enumerate(model.model.norms)]
-    try:
-        for w in tqdm(windows, desc="imatrix", unit="window", disable=not progress, leave=False):
-            model.forward_exits(w[None])
-    finally:
-        for h in hooks:
-            h.remove()
+    w = Weights(fam, torch.device("cpu"))
+    xs = embed(fam, windows, 1)
+    kws = [w.model.layer_kwargs(x) for x in xs]
+    last = max(cfg.exits)
+    steps = [s for s in cfg.walk() if s.kind == "exit" or s.layer < last]
+    for step in tqdm(steps, desc="imatrix", unit="layer", disable=not progress, leave=False):
+        layer = w.load(step.prefix)
+        hooks = [m.register_forward_pre_hook(lambda _m, args, key=f"{step.prefix}.{n}": add(key, args[0]))
+                 for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+        try:
+            if step.kind == "exit":
+                norm = w.load(names.EXIT_NORM.format(j=step.j))
+                for i, x in enumerate(xs):
+                    add(HEAD_KEY.format(j=step.j), norm(layer(x, **kws[i])))
+                w.drop(names.EXIT_NORM.format(j=step.j))
+            else:
+                xs = [layer(x, **kw) for x, kw in zip(xs, kws)]
+        finally:
+            for h in hooks:
+                h.remove()
+        w.drop(step.prefix)
     return {k: sums[k] / counts[k] for k in sums}
 
 
