@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -52,6 +53,9 @@ sys.exit(0 if ok else 1)
 
 
 def step(name: str, code: str, args: list[str], rows: list[dict]) -> dict:
+    # SIGTERM (kill, pkill) as an exception, so that subprocess.run kills the running step too
+    # instead of leaving it to run on beside whatever is measured next
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     print(f"[scale] {name}: {' '.join(map(str, args))}", flush=True)
     proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=ROOT,
                           stderr=subprocess.PIPE, text=True)
