@@ -1,5 +1,6 @@
 """Where one decode step's time goes on this CPU: our bf16 model against our int4 runtime, per
-exit, batch 1. For each: wall milliseconds per decoded token (no profiler), and the same steps
+exit, batch 1. For each: wall milliseconds per decoded token (no profiler; timed as `eval --runtime`
+times decode, `runtime.validate.speed`), and the same steps
 under torch.profiler split into the linear kernels (dense `mm`/`addmm` for bf16, tinygemm's
 `_weight_int4pack_mm_for_cpu` for int4), attention (`scaled_dot_product_attention`) and every
 other op, each op's own time. The ratio of the two sides' linear-kernel times is what int4 could
@@ -16,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -26,20 +25,12 @@ from ruyi_quant.checkpoint import load_family
 from ruyi_quant.report import markdown_table
 from ruyi_quant.runtime.generate import generate
 from ruyi_quant.runtime.model import int4_model
+from ruyi_quant.runtime.validate import speed
 from ruyi_quant.sources import resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
 LINEAR = ("aten::mm", "aten::addmm", "aten::_weight_int4pack_mm_for_cpu")
 ATTENTION = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math")
-
-
-def step_ms(model, prompt: list[int], e: int, new: int, repeats: int) -> float:
-    """Median wall milliseconds per decoded token: (prefill + new tokens) - (prefill + 1)."""
-    def run(n: int) -> float:
-        t0 = time.perf_counter()
-        generate(model, [prompt], e, n)
-        return time.perf_counter() - t0
-    return statistics.median((run(new + 1) - run(1)) / new * 1e3 for _ in range(repeats))
 
 
 def op_ms(model, prompt: list[int], e: int, new: int) -> dict[str, float]:
@@ -77,7 +68,8 @@ def main() -> None:
                 ops = op_ms(m, prompt, e, args.new)
                 lin = sum(v for k, v in ops.items() if k in LINEAR)
                 att = sum(v for k, v in ops.items() if k in ATTENTION)
-                row[name] = {"wall_ms": step_ms(m, prompt, e, args.new, args.repeats), "linear_ms": lin,
+                wall = 1e3 / speed(m, e, torch.tensor([prompt]), args.new, args.repeats)["decode_tok_s"]
+                row[name] = {"wall_ms": wall, "linear_ms": lin,
                              "attention_ms": att, "other_ops_ms": sum(ops.values()) - lin - att}
             row["linear_ratio"] = row["bf16"]["linear_ms"] / row["int4"]["linear_ms"]
             row["wall_ratio"] = row["bf16"]["wall_ms"] / row["int4"]["wall_ms"]

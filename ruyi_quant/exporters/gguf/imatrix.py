@@ -28,6 +28,7 @@ from torch import nn
 
 from ... import names
 from ...errors import UserError
+from ...quant.family import QuantizedFamily, Weights, embed
 
 HEAD_KEY = "head@{j}"          # the input of exit j's head (its norm's output)
 
@@ -40,7 +41,6 @@ def collect(source, windows: torch.Tensor, progress: bool = True) -> dict[str, t
     Windows go one at a time and in order, so the sums are those of running each window through
     the whole model."""
     from tqdm.auto import tqdm
-    from ...quant.family import QuantizedFamily, Weights, embed
     fam = source if isinstance(source, QuantizedFamily) else QuantizedFamily.from_model(source)
     cfg = fam.config
     sums: dict[str, torch.Tensor] = {}
@@ -62,10 +62,11 @@ def collect(source, windows: torch.Tensor, progress: bool = True) -> dict[str, t
                  for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
         try:
             if step.kind == "exit":
-                norm = w.load(names.EXIT_NORM.format(j=step.j))
-                for i, x in enumerate(xs):
-                    add(HEAD_KEY.format(j=step.j), norm(layer(x, **kws[i])))
-                w.drop(names.EXIT_NORM.format(j=step.j))
+                norm_name = names.EXIT_NORM.format(j=step.j)
+                norm = w.load(norm_name)
+                for x, kw in zip(xs, kws):
+                    add(HEAD_KEY.format(j=step.j), norm(layer(x, **kw)))
+                w.drop(norm_name)
             else:
                 xs = [layer(x, **kw) for x, kw in zip(xs, kws)]
         finally:
