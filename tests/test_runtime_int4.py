@@ -85,11 +85,29 @@ def test_cuda_int4_linear_gives_the_cpu_twins_result(gs, k, sym, act_order):
 
 def test_packing_rows_at_a_time_is_packing_at_once():
     """Int4Linear packs a weight a block of rows at a time (no whole int32 copy on the device):
-    the packed tensor is the one-shot packing's, byte for byte, also with a partial last block."""
+    the packed tensor is the one-shot packing's, byte for byte, for any requested rows (rounded up
+    to the row block the op interleaves, probed on this machine: 32 with AVX2, 64 with AVX-512),
+    also with a partial last block of 16 rows."""
     from ruyi_quant.runtime.int4 import kernel_for
     kernel = kernel_for("cpu")
-    for n in (96, 80):                       # the CPU layout interleaves blocks of 32 rows; 80: a tail of 16
+    block = kernel.row_block()
+    assert block % kernel.n_multiple == 0 and block <= 256
+    for n in (2 * block + 32, 2 * block + 16):
         codes = torch.randint(0, 16, (n, 256), dtype=torch.int32, generator=torch.Generator().manual_seed(n))
         whole = kernel._pack(codes)
-        for rows in (32, 64, 4096):
+        for rows in (16, block // 2, block, 2 * block, 4096):
             assert torch.equal(kernel.pack(codes, "cpu", rows=rows), whole), (n, rows)
+
+
+def test_the_probed_row_block_is_the_smallest_that_packs_alike():
+    """Pieces of half the probed block pack differently from the whole (so rounding up is needed,
+    and the probe did not settle on a block larger than the op's)."""
+    from ruyi_quant.runtime.int4 import kernel_for
+    kernel = kernel_for("cpu")
+    block = kernel.row_block()
+    half = block // 2
+    if half % kernel.n_multiple:
+        pytest.skip(f"the row block {block} is the op's smallest packable piece")
+    codes = torch.randint(0, 16, (2 * block, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(1))
+    pieces = torch.cat([kernel._pack(codes[r:r + half]) for r in range(0, 2 * block, half)])
+    assert not torch.equal(pieces, kernel._pack(codes))

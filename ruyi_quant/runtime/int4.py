@@ -20,7 +20,9 @@ Room for a faster CUDA kernel (Marlin) is the `Kernel` entry point: same grid in
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -31,8 +33,8 @@ from ..errors import UserError
 KERNEL_GROUPS = (32, 64, 128, 256)
 SPLIT_GROUP = 128                          # kernel group for grids whose own group it lacks
 CUDA_INNER_K_TILES = 8                     # tinygemm's tiling on CUDA: K % (8 * 16) == 0
-PACK_ROWS = 4096                           # rows packed at a time: a multiple of the layouts' row
-                                           # blocks (32 on the CPU, 8 on CUDA)
+PACK_ROWS = 4096                           # rows packed at a time (rounded up to the kernel's row block)
+ROW_BLOCKS = (8, 16, 32, 64, 128, 256)     # the row blocks a packing may interleave, probed in this order
 
 
 @dataclass(frozen=True)
@@ -42,11 +44,19 @@ class Kernel:
     k_multiple: int                        # K must be a multiple of this (beyond the group)
     n_multiple: int                        # and N of this
 
+    def row_block(self, device=None) -> int:
+        """The rows the packed layout interleaves as one block, probed from the op itself: it
+        differs by instruction set (the CPU op interleaves 32 rows with AVX2, 64 with AVX-512)."""
+        return _row_block(self, str(torch.device(device or self.name)))
+
     def pack(self, codes: torch.Tensor, device=None, rows: int = PACK_ROWS) -> torch.Tensor:
         """codes int32 [N, K] in [0, 16) (on the CPU) -> the kernel's packed weight on `device`,
-        `rows` rows at a time (both layouts split by rows, in order), so no int32 copy of a whole
-        weight reaches the device (a Ruyi head's would be 2.2 GB)."""
+        `rows` rows at a time (rounded up to a multiple of the row block: both layouts split by
+        blocks of rows, in order), so no int32 copy of a whole weight reaches the device (a Ruyi
+        head's would be 2.2 GB)."""
         device = torch.device(device or self.name)
+        block = self.row_block(device)
+        rows = -(-rows // block) * block
         out = None
         for r in range(0, codes.shape[0], rows):
             part = self._pack(codes[r:r + rows].to(device))
@@ -69,6 +79,20 @@ class Kernel:
         if self.name == "cpu":
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)
         return torch.ops.aten._weight_int4pack_mm(x, packed, group, sz)
+
+
+@functools.cache
+def _row_block(kernel: Kernel, device: str) -> int:
+    """The smallest block of rows that packs the same in pieces as at once (sys.maxsize, i.e. whole
+    weights at once, when none of ROW_BLOCKS does)."""
+    n, k = ROW_BLOCKS[-1], math.lcm(64, kernel.k_multiple)
+    codes = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    whole = kernel._pack(codes.to(device))
+    for block in (b for b in ROW_BLOCKS if b % kernel.n_multiple == 0):
+        pieces = [kernel._pack(codes[r:r + block].to(device)) for r in range(0, n, block)]
+        if torch.equal(torch.cat(pieces), whole):
+            return block
+    return sys.maxsize
 
 
 def _torch_version() -> tuple[int, int]:
