@@ -404,11 +404,12 @@ def main(argv: list[str] | None = None) -> int:
         print("ruyi-quant: interrupted", file=sys.stderr)
         return 130
     except OSError as e:
-        from .fsutil import OS_ERRORS
-        if e.errno not in OS_ERRORS:
+        from .fsutil import write_problem
+        problem = write_problem(e, e.filename)
+        if problem is None:
             raise
         where = f"{e.filename}: " if e.filename else ""
-        print(f"ruyi-quant: error: {where}{e.strerror or e}", file=sys.stderr)
+        print(f"ruyi-quant: error: {where}{problem}", file=sys.stderr)
         return 2
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -55,7 +55,7 @@ def generate_onnx(args, search: dict) -> None:
     """`generate --onnx DIR`: one prompt through onnxruntime-genai (cli_runtime parses the rest)."""
     require("onnxruntime_genai", "generate --onnx", ONNX_PIP)
     from .exporters.onnx.runner import generate
-    exit = None if args.exit in (None, "last") else _exits(args.exit)
+    exit = None if args.exit in (None, "last") else _exits(args.exit, "--exit")
     if isinstance(exit, list) and len(exit) != 1:
         raise UserError(f"--exit {args.exit}: give one exit layer")
     res = generate(Path(args.onnx), args.prompt[0], exit[0] if exit else None, args.max_new_tokens,

@@ -32,24 +32,36 @@ def _validated(cls, flags: dict | None = None, **kw):
         return cls(**kw)
     except ValidationError as e:
         err = e.errors()[0]
-        field = str(err["loc"][0])
+        field = str(err["loc"][0]) if err["loc"] else next(iter(flags or {}), cls.__name__.lower())
         flag = {**FLAGS, **(flags or {})}.get(field, "--" + field.replace("_", "-"))
         raise UserError(f"{flag}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
-def _exits(text: str | None):
+def _exits(text: str | None, flag: str = "--exits"):
+    """`2,5` -> [2, 5]; `all` (or no flag) -> "all". Each exit once."""
+    from .recipe import check_exits
     if text is None or text == "all":
         return "all"
     try:
-        return [int(x) for x in text.split(",")]
+        exits = [int(x) for x in text.split(",")]
     except ValueError:
-        raise UserError(f"--exits {text}: give layer indices like 2,5 or 'all'") from None
+        raise UserError(f"{flag} {text}: give layer indices like 2,5 or 'all'") from None
+    try:
+        return check_exits(exits)
+    except ValueError as e:
+        raise UserError(f"{flag} {text}: {e}") from None
 
 
 def _override(text: str, skip: bool = False):
     """`PATTERN:bits=8,group_size=-1,sym=false` -> Override fields."""
     pattern, _, rest = text.partition(":")
     fields: dict = {"pattern": pattern, "skip": skip}
+    flag = "--skip" if skip else "--override"
+    if not pattern.strip():
+        raise UserError(f"{flag} {text!r}: the pattern is empty; give a module pattern like 'lm_head*'")
+    if not skip and not rest.strip(" ,"):
+        raise UserError(f"--override {text}: no settings; give PATTERN:KEY=VAL,... with bits, "
+                        "group_size or sym (or --skip PATTERN)")
     for item in filter(None, rest.split(",")):
         key, _, val = item.partition("=")
         if key not in ("bits", "group_size", "sym"):

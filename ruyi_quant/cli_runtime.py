@@ -24,7 +24,7 @@ def _dtype(name: str):
 def _one_exit(config, text: str | None) -> int:
     if text in (None, "last"):
         return config.exits[-1]
-    exits = _exits(text)
+    exits = _exits(text, "--exit")
     if not isinstance(exits, list) or len(exits) != 1:
         raise UserError(f"--exit {text}: give one exit layer")
     return config.exit_list(exits)[0]
@@ -118,6 +118,9 @@ CHAT_HELP = "/exit E switches the exit, /exits lists them, /reset forgets the co
 def cmd_chat(args) -> None:
     """A terminal chat: one model in memory, the exit switchable between turns."""
     search = _search(args)
+    if sys.stdin is None or sys.stdin.closed:       # `0<&-`: there is no stream to read turns from
+        raise UserError("chat: standard input is closed; run it in a terminal or pipe the turns in, "
+                        "one per line")
     session = Session(args)
     config, exit = session.fam.config, session.exit
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []

@@ -21,11 +21,17 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 from .errors import UserError
+
+OS_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG,
+             errno.ENOTDIR, errno.EISDIR, errno.EFBIG, errno.EMFILE, errno.EIO)
+# the OS errors a user can cause (a full disk, permissions, ...): one line and exit code 2, not a bug
+
 
 MARKER = "ruyi_quant.json"          # every directory we write carries this file
 TOOL = "ruyi-quant"
@@ -35,6 +41,54 @@ DEEPEST = 96                        # longest path we write inside an output (hf
 
 def cache_dir() -> Path:
     return Path(os.environ.get("RUYI_QUANT_CACHE", Path.home() / ".cache" / "ruyi-quant"))
+
+
+# --- failed writes -------------------------------------------------------------------------
+def write_problem(e: BaseException, path: Path | None = None) -> str | None:
+    """The reason a write failed, in the OS's words, when the OS refused it (disk full, quota,
+    read-only, ...); None when the failure is a bug. Writers lose the errno in two ways: numpy's
+    `tofile` (GGUF tensors) reports only a short write, and safetensors' (Rust) writer puts the OS
+    error in its message."""
+    if isinstance(e, OSError) and e.errno in OS_ERRORS:
+        return e.strerror or os.strerror(e.errno)
+    text = str(e)
+    m = re.search(r"Os \{ code: (\d+)", text)
+    if m and int(m.group(1)) in OS_ERRORS:
+        return os.strerror(int(m.group(1)))
+    if isinstance(e, OSError) and e.errno is None and re.fullmatch(r"\d+ requested and \d+ written", text):
+        free = _free_bytes(path)
+        if free is not None and free < 1 << 20:
+            return os.strerror(errno.ENOSPC)
+        return f"the write stopped short ({text}; {free} bytes free there)"
+    return None
+
+
+def _free_bytes(path: Path | None) -> int | None:
+    if path is None:
+        return None
+    folder = Path(path)
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def writing(path: Path):
+    """Around one file's writer: a write the OS refused becomes an OSError that names the file and
+    gives the OS's reason (atomic_dir, or the CLI, makes it one line)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        problem = write_problem(e, path)
+        if problem is None or (isinstance(e, OSError) and e.filename):   # a bug, or names its file
+            raise
+        code = e.errno if isinstance(e, OSError) and e.errno in OS_ERRORS else errno.EIO
+        raise OSError(code, problem, str(path)) from None
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -123,6 +177,28 @@ def is_ours(directory: Path) -> bool:
 
 
 # --- output checks -------------------------------------------------------------------------
+NAME_MAX = 200                       # bytes of a name we make a file or folder of (with room to
+                                     # add "-eNN-q4_k_m.gguf" and the temporary suffix)
+
+
+def name_problem(name: str) -> str | None:
+    """Why a name given for a file or folder (an export's `--name`, a job's name, an export's
+    folder) is not one plain path component inside its folder, or None when it is: not empty, no
+    '/' or '\\', not '.', '..' or any hidden name (a leading '.': our temporaries look so), no
+    control characters, at most NAME_MAX bytes."""
+    if not name or not name.strip():
+        return "is empty"
+    if "/" in name or "\\" in name:
+        return "holds a path separator; give a plain name (one path component)"
+    if name.startswith("."):
+        return "starts with '.'; give a plain name (not '.', '..' or a hidden name)"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "holds a control character"
+    if len(name.encode()) > NAME_MAX:
+        return f"is longer than {NAME_MAX} bytes"
+    return None
+
+
 def check_writable(path: Path, flag: str = "--out", directory: bool = True) -> None:
     """Fail now, not after the work, when `path` could not be written: a name too long (for it or
     its temporary sibling), a path over the system's limit, a parent that is a file, a location
@@ -236,7 +312,15 @@ def atomic_dir(path: Path, force: bool = True, inputs: tuple = (), flag: str = "
             if check:
                 check_output_dir(path, force=force, inputs=inputs, flag=flag)
             with scratch_dir(path) as tmp:
-                yield tmp
+                try:
+                    yield tmp
+                except UserError:
+                    raise
+                except Exception as e:
+                    problem = write_problem(e, tmp)
+                    if problem is None:
+                        raise
+                    raise UserError(_refused(e, problem, tmp, path, flag)) from None
                 normal_modes(tmp)
                 if path.exists():
                     old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -251,6 +335,19 @@ def atomic_dir(path: Path, force: bool = True, inputs: tuple = (), flag: str = "
             for d in missing:                          # innermost first
                 with contextlib.suppress(OSError):
                     d.rmdir()
+
+
+def _refused(e: BaseException, problem: str, tmp: Path, path: Path, flag: str) -> str:
+    """The one line for an OS error inside an output's work: the file it names (under the output's
+    own name, not its temporary one), else the output."""
+    name = getattr(e, "filename", None)
+    hint = "free some space or choose another output path"
+    if name and Path(name).parent.name.startswith(f".{path.name}.tmp-") and not Path(name).is_relative_to(tmp):
+        return f"{flag} {path}: cannot write its scratch files beside it ({problem}); {hint}"
+    if name and not Path(name).is_relative_to(tmp):
+        return f"{name}: {problem}"                       # an input that could not be read
+    where = path / Path(name).relative_to(tmp) if name else path
+    return f"{flag} {where}: cannot write it ({problem}); {hint}"
 
 
 @contextlib.contextmanager
@@ -307,5 +404,3 @@ def disk_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-OS_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG,
-             errno.ENOTDIR, errno.EISDIR, errno.EFBIG, errno.EMFILE, errno.EIO)

@@ -27,7 +27,7 @@ from .quant.plan import QuantSpec, make_plan
 from .quant.rtn import rtn_family, rtn_lazy
 from .preflight import CALIBRATED, check_job
 from .sources import resolve_model
-from .recipe import Eval, Job, Provenance, Quantize
+from .recipe import JOB_FAMILY, Eval, Job, Provenance, Quantize
 from .resources import Stages
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -223,10 +223,10 @@ def run_job(job: Job, base: Path, force: bool = False, progress: bool = True,
         with stages.stage("quantize and write the family"), spilling(out) as spill:
             ref, fam = quantize_source(src, job.quantize, calib, progress, spill)
             fam.provenance = Provenance.model_validate(job.model_dump())
-            (tmp / "family").mkdir()
-            save_family(fam, tmp / "family", src)
+            (tmp / JOB_FAMILY).mkdir()
+            save_family(fam, tmp / JOB_FAMILY, src)
         done("quantize")
-        fam = load_family(tmp / "family")         # exports read the family as written, lazily
+        fam = load_family(tmp / JOB_FAMILY)         # exports read the family as written, lazily
         folders = [export_folder(ex, fam) for ex in job.export]
         dup = next((f for f in folders if folders.count(f) > 1), None)
         if dup:

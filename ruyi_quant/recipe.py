@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      model_validator)
 
 from .errors import UserError
+from .fsutil import MARKER, name_problem
 from .quant.plan import check_bits, check_group_size
 
 
@@ -44,14 +46,40 @@ def check_device_name(device: str) -> str:
     return device
 
 
+JOB_FAMILY = "family"               # the quantized family's folder inside a job's output
+JOB_FILES = (MARKER, JOB_FAMILY, "eval.json", "eval.md", "eval.png")   # a job's own names
+
+
+def check_name(name: str | None) -> str | None:
+    """A name that becomes a file or folder name: one plain path component."""
+    problem = None if name is None else name_problem(name)
+    if problem:
+        raise ValueError(f"'{name}' {problem}")
+    return name
+
+
 def check_folder(folder: str | None) -> str | None:
-    """An export's folder: a relative path that stays inside the job's output."""
-    if folder is not None and (not folder or Path(folder).is_absolute() or ".." in Path(folder).parts):
-        raise ValueError(f"'{folder}' must be a relative path inside the job's output (no '..')")
+    """An export's folder: one plain folder name inside the job's output, none of the job's own."""
+    check_name(folder)
+    if folder in JOB_FILES:
+        raise ValueError(f"'{folder}' is the job's own {'folder' if folder == JOB_FAMILY else 'file'}; "
+                         "give the export another folder name")
     return folder
 
 
+def check_exits(exits):
+    """An exit list: at least one exit, each once."""
+    if isinstance(exits, list):
+        if not exits:
+            raise ValueError("give at least one exit layer, or all")
+        dup = next((e for e in exits if exits.count(e) > 1), None)
+        if dup is not None:
+            raise ValueError(f"exit {dup} is given twice; give each exit once")
+    return exits
+
+
 Folder = Annotated[str | None, AfterValidator(check_folder)]
+Name = Annotated[str | None, AfterValidator(check_name)]
 
 
 class Strict(BaseModel):
@@ -74,6 +102,15 @@ class Override(Strict):
     group_size: GroupSize | None = None
     sym: bool | None = None
     skip: bool = False
+
+    @model_validator(mode="after")
+    def _has_a_setting(self):
+        if not self.pattern:
+            raise ValueError("the pattern is empty; give a module pattern like 'lm_head*'")
+        if not self.skip and self.bits is None and self.group_size is None and self.sym is None:
+            raise ValueError(f"override '{self.pattern}' sets nothing; give bits, group_size or sym "
+                             "(or skip: true)")
+        return self
 
 
 class GPTQOptions(Strict):
@@ -104,7 +141,7 @@ class Quantize(Strict):
     batch: int = Field(8, ge=1)    # calibration windows per forward pass
 
 
-Exits = Union[Literal["all"], list[int]]
+Exits = Annotated[Union[Literal["all"], list[int]], AfterValidator(check_exits)]
 
 
 class HFExport(Strict):
@@ -130,7 +167,7 @@ class GGUFExport(Strict):
     multi: bool = False            # one multi-exit file with the trunk stored once
     imatrix: bool = True           # K-quants: weigh rounding by an importance matrix that we
                                    # compute from the job's calibration set
-    name: str | None = None        # general.name (default: the model's name)
+    name: Name = None              # general.name and the files' names (default: the model's name)
     license: str | None = None     # general.license (default: the source's, when known)
     folder: Folder = None          # inside the job's output; default gguf-<type>
 
@@ -169,7 +206,7 @@ class Eval(Strict):
 
 
 class Job(Strict):
-    name: str
+    name: Annotated[str, AfterValidator(check_name)]
     model: str                     # a checkpoint directory or builtin:tiny / builtin:tiny-shared
     output: str                    # directory; relative paths are relative to the recipe file
     calibration: Calibration = Calibration()

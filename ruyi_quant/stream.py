@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .fsutil import writing
+
 ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
              torch.int32: "I32", torch.int64: "I64", torch.uint8: "U8", torch.int8: "I8", torch.bool: "BOOL"}
 TORCH_DTYPES = {v: k for k, v in ST_DTYPES.items()}
@@ -63,7 +65,7 @@ def write_safetensors(path: Path, entries: list[Entry], metadata: dict | None = 
         offset += e.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)                   # data starts 8-byte aligned
-    with open(path, "wb") as f:
+    with writing(path), open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for e in entries:

@@ -174,3 +174,168 @@ def test_outputs_respect_the_umask(family, tmp_path):
               *(tmp_path / "q").rglob("*")]:
         mode = stat.S_IMODE(p.stat().st_mode)
         assert mode == (0o755 if p.is_dir() else 0o644), (p, oct(mode))
+
+
+# --- every writer under a full disk --------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 320 KB tmpfs: a real file system that fills up (needs root and mount; skipped without)."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root; the simulated full-disk tests still run")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); the simulated tests still run")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+FULL_DISK_COMMANDS = {
+    "quantize rtn": ["quantize", "builtin:tiny", "--bits", "8"],
+    "quantize gptq (spill)": QUANTIZE,
+    "export hf": ["export", "{family}"],
+    "export gguf": ["export", "{family}", "--format", "gguf", "--multi"],
+    "export onnx": ["export", "{family}", "--format", "onnx", "--multi"],
+    "eval": ["eval", "builtin:tiny", "{family}", "--samples", "1", "--seq-len", "32"],
+    "run (gguf export)": ["run", "{recipe}"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(FULL_DISK_COMMANDS))
+def test_a_real_full_disk_is_one_line_naming_the_output_and_leaves_nothing(command, family, small_disk,
+                                                                           tmp_path, capsys):
+    pytest.importorskip("onnx")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"jobs:\n  - name: a\n    model: builtin:tiny\n    output: {small_disk}/out\n"
+                      "    quantize: {bits: 4, group_size: 32}\n    export: [{format: gguf, multi: true}]\n")
+    (small_disk / "ballast").write_bytes(b"x" * 300_000)     # the eval's small files must not fit either
+    argv = [a.format(family=family, recipe=recipe) for a in FULL_DISK_COMMANDS[command]]
+    if command != "run (gguf export)":
+        argv += ["--out", str(small_disk / "out")]
+    main(["inspect", "builtin:tiny"])
+    capsys.readouterr()
+    code = main(argv)
+    err = messages(capsys.readouterr().err)
+    assert code == 2 and len(err) == 1, err
+    assert "No space left on device" in err[0] and str(small_disk / "out") in err[0], err
+    assert sorted(p.name for p in small_disk.iterdir()) == ["ballast"]
+
+
+class FullFile:
+    """A file on a full disk: opening creates it, every write fails as the OS's write(2) does
+    (ENOSPC, no file name)."""
+
+    def __init__(self, file=None, mode="wb"):
+        import builtins
+        self.f = builtins.open(file, mode) if file is not None else None
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def tell(self):
+        return 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def close(self):
+        if self.f is not None:
+            self.f.close()
+
+
+def full_open(file, mode="r", *a, **k):
+    """`open` on a full disk: files open as usual, writes to them fail."""
+    import builtins
+    return FullFile(file, mode) if any(c in mode for c in "wax") else builtins.open(file, mode, *a, **k)
+
+
+def short_write(*a, **k):
+    """What numpy's tofile raises on a full disk (GGUF tensors, the encoded-module cache): no errno."""
+    raise OSError("23040 requested and 8192 written")
+
+
+def rust_full(*a, **k):
+    """What safetensors' own (Rust) writer raises on a full disk."""
+    from safetensors import SafetensorError
+    raise SafetensorError('Error while serializing: I/O error: No space left on device '
+                          '(os error 28): IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+
+
+def patch(module: str, owner: str | None, attr: str, fake):
+    """A monkeypatch target: an attribute of a module, or of a class in it."""
+    def apply(monkeypatch):
+        import importlib
+        obj = importlib.import_module(module)
+        monkeypatch.setattr(getattr(obj, owner) if owner else obj, attr, fake, raising=False)
+    return apply
+
+
+def short_array(monkeypatch):
+    """numpy in the encoded-module cache only: its arrays' tofile stops short."""
+    import numpy
+    import ruyi_quant.exporters.gguf.tensors as tensors
+
+    class Numpy:
+        def __getattr__(self, name):
+            return getattr(numpy, name)
+
+        @staticmethod
+        def ascontiguousarray(a):
+            return type("Full", (), {"tofile": short_write})()
+    monkeypatch.setattr(tensors, "np", Numpy())
+
+
+WRITERS = {    # writer -> (the patch, the command that reaches it, what the line names)
+    "safetensors stream": (patch("ruyi_quant.stream", None, "open", full_open),
+                           ["quantize", "builtin:tiny", "--bits", "8"], "{out}/model.safetensors"),
+    "spill": (patch("ruyi_quant.stream", None, "open", full_open), QUANTIZE, "{out}: cannot write its scratch files"),
+    "gguf tensors": (patch("gguf", "GGUFWriter", "write_tensor_data", short_write),
+                     ["export", "{family}", "--format", "gguf"], "{out}/exit-2/"),
+    "gguf encoded cache": (short_array, ["export", "{family}", "--format", "gguf", "--multi"],
+                           "{out}/.encoded/"),
+    "onnx data": (patch("ruyi_quant.exporters.onnx.files", None, "open", full_open),
+                  ["export", "{family}", "--format", "onnx"], "{out}/exit-2/model.onnx.data"),
+    "json": (patch("pathlib", "Path", "write_text", lambda *a, **k: FullFile().write("")),
+             ["export", "{family}"], "{out}: cannot write it"),
+}
+
+
+@pytest.mark.parametrize("writer", sorted(WRITERS))
+def test_every_writer_under_a_full_disk_is_one_line_naming_its_file(writer, family, tmp_path, capsys,
+                                                                   monkeypatch):
+    import ruyi_quant.fsutil
+    pytest.importorskip("onnx")
+    apply, argv, needle = WRITERS[writer]
+    out = tmp_path / "new" / "out"
+    main(["inspect", "builtin:tiny"])                     # the cache is built before the disk fills
+    monkeypatch.setattr(ruyi_quant.fsutil, "_free_bytes", lambda path: 0)
+    apply(monkeypatch)
+    capsys.readouterr()
+    code = main([a.format(family=family) for a in argv] + ["--out", str(out)])
+    err = messages(capsys.readouterr().err)
+    assert code == 2 and len(err) == 1, err
+    assert "No space left on device" in err[0] and "Traceback" not in err[0], err
+    assert needle.format(out=out) in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_safetensors_own_writer_under_a_full_disk_names_its_file(tmp_path, monkeypatch):
+    """save_file (Rust) puts the OS error in its message: read back as the OS's reason, with the file."""
+    import ruyi_quant.model.io as io
+    from ruyi_quant.fsutil import write_problem
+    from ruyi_quant.model.config import parse_config
+    from ruyi_quant.model.familial import FamilialModel
+    from ruyi_quant.tiny import tiny_config
+    monkeypatch.setattr(io, "save_file", rust_full)
+    with pytest.raises(OSError) as info:
+        io.save_model(FamilialModel(parse_config(tiny_config())), tmp_path)
+    assert info.value.filename == str(tmp_path / "model.safetensors")
+    assert write_problem(info.value) == "No space left on device"

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .. import names
 from ..errors import UserError
-from ..fsutil import read_json
+from ..fsutil import read_json, writing
 from .config import read_config
 from .familial import FamilialModel
 
@@ -163,7 +163,8 @@ def save_model(model: FamilialModel, out_dir: Path, dtype: torch.dtype = torch.b
     """Write a ruyi_qwen2 checkpoint (into an existing directory)."""
     out_dir = Path(out_dir)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in familial_state(model).items()}
-    save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
+    with writing(out_dir / "model.safetensors"):
+        save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
     cfg = model.config.to_json()
     cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

@@ -19,6 +19,7 @@ from gguf import Keys
 
 from ... import names
 from ...errors import UserError
+from ...fsutil import name_problem
 from ...model.config import parse_config
 from ...quant.family import QuantizedFamily
 from .metadata import RuyiKeys, common_kv, exit_kv, read_kv, size_label, write_gguf
@@ -27,10 +28,13 @@ from .tensors import ARCH, MULTI_ARCH, EncodedCache, GGUFOptions, exit_arch, fam
 
 
 def base_name(fam: QuantizedFamily, opt: GGUFOptions) -> str:
+    """The files' stem: the name given (one path component, checked with the settings), else the
+    model's folder name, else "model"."""
     if opt.name:
         return opt.name
     src = str((fam.provenance.model if fam.provenance else None) or "model")
-    return Path(src.removeprefix("builtin:")).name
+    name = Path(src.removeprefix("builtin:")).name
+    return "model" if name_problem(name) else name
 
 
 def exit_arrays(fam: QuantizedFamily, j: int, opt: GGUFOptions, cache: EncodedCache | None = None):

@@ -14,6 +14,7 @@ from gguf import Keys
 
 from ... import __version__
 from ...errors import UserError
+from ...fsutil import writing
 from ...quant.family import QuantizedFamily
 from ..provenance import provenance
 from .tensors import ARCH, GGUFOptions, LazyArray
@@ -89,6 +90,12 @@ def write_gguf(path: Path, arch: str, kv: list[tuple], arrays, file_type=None) -
     ggml type)], general.file_type (default: the type of most linear weights). Returns its size.
     Tensors may be LazyArrays: each is produced when its turn comes, so a file of any size is
     written with one tensor in memory."""
+    with writing(path):
+        _write_gguf(path, arch, kv, arrays, file_type)
+    return path.stat().st_size
+
+
+def _write_gguf(path: Path, arch: str, kv: list[tuple], arrays, file_type) -> None:
     w = gguf.GGUFWriter(str(path), arch)
     for key, val, vtype, sub in kv:
         w.add_key_value(key, val, vtype, sub_type=sub)
@@ -102,7 +109,6 @@ def write_gguf(path: Path, arch: str, kv: list[tuple], arrays, file_type=None) -
     for name, data, qtype in arrays:
         w.write_tensor_data(np.ascontiguousarray(data() if isinstance(data, LazyArray) else data))
     w.close()
-    return path.stat().st_size
 
 
 

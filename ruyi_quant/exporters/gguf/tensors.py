@@ -21,6 +21,7 @@ from gguf import GGMLQuantizationType as T
 
 from ... import names
 from ...errors import UserError
+from ...fsutil import writing
 from ...quant.family import QuantizedFamily
 from .ggml import NotExact, block_groups, encode_grid, grid_type
 
@@ -98,7 +99,8 @@ class EncodedCache:
         if self.left[name] > 0:
             self.root.mkdir(parents=True, exist_ok=True)
             path = self.root / f"{len(self.stored)}.bin"
-            np.ascontiguousarray(data).tofile(path)
+            with writing(path):
+                np.ascontiguousarray(data).tofile(path)
             self.stored[name] = (path, data.shape)
         return data
 

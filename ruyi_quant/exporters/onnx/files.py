@@ -14,6 +14,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from ... import __version__
+from ...fsutil import writing
 from ...model.io import copy_tokenizer
 from ..provenance import provenance
 from .graph import Decoder, check_onnx
@@ -44,9 +45,10 @@ class DataFile:
         size = arr.nbytes
         pos = self.f.tell()
         pad = (-pos) % (PAGE if size >= BIG else ALIGN)
-        self.f.write(b"\0" * pad)
+        with writing(self.path):
+            self.f.write(b"\0" * pad)
+            self.f.write(arr.data)               # the array's own bytes, not a copy
         offset = pos + pad
-        self.f.write(arr.data)                   # the array's own bytes, not a copy
         t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype), dims=arr.shape,
                         data_location=TensorProto.EXTERNAL)
         for k, v in (("location", self.path.name), ("offset", str(offset)), ("length", str(size))):
@@ -118,7 +120,8 @@ def genai_config(fam, exit: int, filename: str, opt, arch: str) -> dict:
 
 
 def _save_graph(model: onnx.ModelProto, path: Path) -> int:
-    path.write_bytes(model.SerializeToString())
+    with writing(path):
+        path.write_bytes(model.SerializeToString())
     return path.stat().st_size
 
 
