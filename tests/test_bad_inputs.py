@@ -504,6 +504,53 @@ for name, body, needles in [
          recipe=None if body is None else "jobs:\n" + body)
 
 
+# names that become paths: one plain path component, checked before any work
+for name, value, needle in [("parent", "../../x", "path separator"), ("nested", "a/b", "path separator"),
+                            ("dot-dot", "..", "starts with '.'"), ("hidden", ".x", "starts with '.'"),
+                            ("empty", "", "is empty"), ("backslash", "a\\b", "path separator"),
+                            ("control character", "a\tb", "control character"),
+                            ("too long", "n" * 201, "longer than 200 bytes")]:
+    case(f"export gguf --name: {name}", ["export", "{ws}/fam", "--format", "gguf", "--name", value,
+                                         "--out", "{ws}/out/e"], ["--name", needle])
+    yaml_value = json.dumps(value)
+    case(f"run: job name {name}", "run {ws}/recipe.yaml", ["jobs[0].name", needle],
+         recipe="jobs:\n" + JOB.replace("name: a", f"name: {yaml_value}"))
+    case(f"run: gguf name {name}", "run {ws}/recipe.yaml", ["jobs[0].export[0].gguf.name", needle],
+         recipe="jobs:\n" + JOB + f"    export: [{{format: gguf, name: {yaml_value}}}]\n")
+    for fmt in ("hf", "gguf", "onnx"):
+        case(f"run: {fmt} folder {name}", "run {ws}/recipe.yaml", [f"jobs[0].export[0].{fmt}.folder", needle],
+             recipe="jobs:\n" + JOB + f"    export: [{{format: {fmt}, folder: {yaml_value}}}]\n")
+for folder in ("family", "ruyi_quant.json", "eval.json"):
+    case(f"run: hf folder {folder}", "run {ws}/recipe.yaml", ["jobs[0].export[0].hf.folder", "the job's own"],
+         recipe="jobs:\n" + JOB + f"    export: [{{format: hf, folder: {folder}}}]\n")
+case("export gguf --name: a user's Modelfile outside --out", ["export", "{ws}/fam", "--format", "gguf", "--name",
+     "../../x", "--out", "{ws}/deep/out/e"], ["--name", "path separator"],
+     lambda ws: ((ws / "deep").mkdir(), (ws / "deep" / "Modelfile").write_text("FROM mine\n")))
+
+# duplicates and empty settings
+for cname, argv in {"export hf": "export {ws}/fam --out {ws}/out", "export gguf": "export {ws}/fam --format gguf --out {ws}/out",
+                    "export onnx": "export {ws}/fam --format onnx --out {ws}/out",
+                    "eval": "eval {ws}/model {ws}/fam --samples 1 --seq-len 32",
+                    "make-familial": "make-familial {ws}/plain --out {ws}/out"}.items():
+    setup = make_plain if cname == "make-familial" else None
+    case(f"{cname}: exits twice", f"{argv} --exits 2,2", ["--exits 2,2", "exit 2 is given twice"],
+         (lambda ws: make_plain(ws)) if setup else None)
+case("quantize: override without settings", Q + "--override lm_head*", ["--override lm_head*", "no settings"])
+case("quantize: override with an empty setting list", Q + "--override lm_head*:,", ["--override", "no settings"])
+case("quantize: override with an empty pattern", Q + "--override :bits=8", ["--override", "pattern is empty"])
+case("quantize: skip with an empty pattern", Q.split() + ["--skip", ""], ["--skip", "pattern is empty"])
+for name, body, needles in [
+    ("export exits twice", JOB + "    export: [{format: hf, exits: [2, 2]}]\n", ["jobs[0].export[0].hf.exits", "twice"]),
+    ("export exits empty", JOB + "    export: [{format: gguf, exits: []}]\n", ["jobs[0].export[0].gguf.exits", "at least one"]),
+    ("eval exits twice", JOB + "    eval: {exits: [3, 3]}\n", ["jobs[0].eval.exits", "exit 3 is given twice"]),
+    ("override without settings", JOB + "    quantize: {overrides: [{pattern: 'lm_head*'}]}\n",
+     ["jobs[0].quantize.overrides[0]", "sets nothing"]),
+    ("override with an empty pattern", JOB + "    quantize: {overrides: [{pattern: '', bits: 8}]}\n",
+     ["jobs[0].quantize.overrides[0]", "pattern is empty"]),
+]:
+    case(f"run: {name}", "run {ws}/recipe.yaml", needles, recipe="jobs:\n" + body)
+
+
 # --- the test ------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_input(name, ws, capsys, monkeypatch):
@@ -537,3 +584,35 @@ def test_the_suite_covers_every_subcommand():
     assert len(CASES) >= 120, len(CASES)
     used = {c.argv[0] for c in CASES.values()}
     assert used == {"inspect", "quantize", "export", "eval", "make-familial", "run"}
+
+
+# --- standard input closed -----------------------------------------------------------------
+def run_without_stdin(argv, cwd):
+    """The CLI in a process whose file descriptor 0 is closed (a shell's `0<&-`)."""
+    import os
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-c", "import os, sys; os.close(0); from ruyi_quant.cli import main; "
+                           "sys.stdin = None; sys.exit(main(sys.argv[1:]))", *argv], cwd=cwd,
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_chat_with_standard_input_closed_is_one_line(ws):
+    """chat reads its turns from standard input: closed, it is one line and exit 2, before any loading."""
+    before = snapshot(ws)
+    done = run_without_stdin(["chat", "--family", str(ws / "fam"), "--device", "cpu"], ws)
+    lines = [x for x in done.stderr.splitlines() if x.strip()]
+    assert done.returncode == 2, done.stderr
+    assert lines == ["ruyi-quant: error: chat: standard input is closed; run it in a terminal or pipe "
+                     "the turns in, one per line"], done.stderr
+    assert snapshot(ws) == before
+
+
+@pytest.mark.parametrize("argv", [["inspect", "{ws}/fam"], ["export", "{ws}/fam", "--format", "gguf", "--out", "{ws}/g"],
+                                  ["generate", "hi", "--family", "{ws}/fam", "--max-new-tokens", "2", "--device", "cpu",
+                                   "--compile", "off"]],
+                         ids=["inspect", "export gguf", "generate"])
+def test_commands_that_do_not_read_standard_input_run_without_it(argv, ws):
+    done = run_without_stdin([a.replace("{ws}", str(ws)) for a in argv], ws)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
