@@ -60,7 +60,7 @@ def cmd_inspect(args) -> None:
         out = {"exits": c.exits, "per_exit": rows, "family": {"params": params, "bytes": nbytes},
                "disk_bytes": on_disk}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        atomic_file(Path(args.json), json.dumps(out, indent=2) + "\n")
+        atomic_file(Path(args.json), json.dumps(out, indent=2) + "\n", "--json")
 
 
 def cmd_quantize(args) -> None:

@@ -277,14 +277,42 @@ def output_lock(path: Path, flag: str = "--out"):
             break
         os.close(fd)                      # the holder removed it as we opened it: try again
     try:
-        for kind in ("tmp", "old"):                       # temporary dirs of dead runs
+        for kind in ("tmp", "old"):                       # temporaries of dead runs
             for stale in path.parent.glob(f".{glob.escape(path.name)}.{kind}-*"):
-                shutil.rmtree(stale, ignore_errors=True)
+                _remove(stale)
         yield
     finally:
         with contextlib.suppress(OSError):
             os.unlink(lock)
         os.close(fd)
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            p.unlink()
+
+
+LEFTOVER = re.compile(r"\.(.+)\.(?:tmp-[a-z0-9_]{8}|old-\d+|lock)")   # what our runs leave beside NAME
+
+
+def sweep(folder: Path) -> None:
+    """Remove what dead runs left in a folder: the temporaries, old copies and lock files of every
+    output whose lock nobody holds (a live run's are left alone). Every run that touches a folder
+    calls it, whether or not it then writes there."""
+    folder = Path(folder)
+    try:
+        names = {m.group(1) for p in folder.iterdir() if (m := LEFTOVER.fullmatch(p.name))}
+    except OSError:
+        return
+    for name in sorted(names):
+        try:
+            with output_lock(folder / name):
+                pass
+        except (UserError, OSError):      # held by a live run, or a folder we may not write
+            continue
 
 
 def _umask() -> int:
@@ -309,6 +337,7 @@ def atomic_dir(path: Path, force: bool = True, inputs: tuple = (), flag: str = "
     ok = False
     try:
         with output_lock(path, flag):
+            sweep(path.parent)
             if check:
                 check_output_dir(path, force=force, inputs=inputs, flag=flag)
             with scratch_dir(path) as tmp:
@@ -373,18 +402,19 @@ def normal_modes(root: Path) -> None:
             os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
-def atomic_file(path: Path, text: str) -> None:
-    """Write a text file whole or not at all (a temporary sibling renamed over it)."""
+def atomic_file(path: Path, text: str, flag: str = "--out") -> None:
+    """Write a text file whole or not at all (a temporary sibling renamed over it, under the lock)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    with output_lock(path, flag):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        try:
+            with writing(path), os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
 def check_cache(path: Path) -> None:

@@ -22,7 +22,7 @@ from .checkpoint import QuantizedFamily, Spill, load_family, save_family
 from .data import load_tokenizer, text_windows
 from .errors import UserError
 from .evaluate import evaluate
-from .fsutil import atomic_dir, intact, read_manifest, scratch_dir, write_marker
+from .fsutil import atomic_dir, intact, read_manifest, scratch_dir, sweep, write_marker
 from .quant.plan import QuantSpec, make_plan
 from .quant.rtn import rtn_family, rtn_lazy
 from .preflight import CALIBRATED, check_job
@@ -209,6 +209,7 @@ def run_job(job: Job, base: Path, force: bool = False, progress: bool = True,
             say=print, index: int = 0) -> dict:
     """Run one job; returns its summary ({'status': 'done'|'skipped', ...})."""
     out, src, calib, ev = check_job(job, base, index)
+    sweep(out.parent)                          # a dead run's leftovers, whether or not the job runs
     if not force and manifest_ok(out, job.digest()):
         say(f"[{job.name}] outputs complete and unchanged in {out}: skipped")
         return {"status": "skipped", "output": str(out)}

@@ -339,3 +339,38 @@ def test_safetensors_own_writer_under_a_full_disk_names_its_file(tmp_path, monke
         io.save_model(FamilialModel(parse_config(tiny_config())), tmp_path)
     assert info.value.filename == str(tmp_path / "model.safetensors")
     assert write_problem(info.value) == "No space left on device"
+
+
+# --- what dead runs leave behind -----------------------------------------------------------
+def test_a_run_killed_while_replacing_a_job_is_cleaned_by_the_next_run_that_skips_it(tmp_path, capsys):
+    """SIGKILL during `run --force` of a finished job leaves `.out.tmp-*` and `.out.lock`; the next
+    `run` finds the job intact, skips it, and removes them."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("jobs:\n  - name: a\n    model: builtin:tiny\n    output: out\n"
+                      "    quantize: {method: gptq, group_size: 32}\n    calibration: {samples: 32, seq_len: 256}\n")
+    assert main(["run", str(recipe)]) == 0
+    proc = start(["run", recipe, "--force"], tmp_path)
+    assert wait_for(lambda: any(any(d.iterdir()) for d in tmp_dirs(tmp_path)), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    left = leftovers(tmp_path)
+    assert ".out.lock" in left and any(n.startswith(".out.tmp-") for n in left), left
+    capsys.readouterr()
+    assert main(["run", str(recipe)]) == 0
+    assert "skipped" in capsys.readouterr().out
+    assert leftovers(tmp_path) == []
+
+
+def test_any_output_written_in_a_folder_removes_dead_runs_leftovers_there(tmp_path):
+    """Another output's dead temporaries (a directory, a file from an atomic text write) and its lock
+    file go; a live run's (its lock held) stay."""
+    from ruyi_quant.fsutil import output_lock
+    (tmp_path / ".dead.tmp-abcd1234").mkdir()
+    (tmp_path / ".dead.tmp-abcd1234" / "model.safetensors").write_bytes(b"x" * 1000)
+    (tmp_path / ".i.json.tmp-zz99yy88").write_text("{")
+    (tmp_path / ".dead.lock").write_text("")
+    (tmp_path / ".gone.lock").write_text("")
+    with output_lock(tmp_path / "live"):
+        (tmp_path / ".live.tmp-live0000").mkdir()
+        assert main(["quantize", "builtin:tiny", "--bits", "8", "--out", str(tmp_path / "q")]) == 0
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".live.lock", ".live.tmp-live0000", "q"]
