@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from . import __version__, names
 from .errors import UserError
-from .fsutil import MARKER, read_json, write_marker
+from .fsutil import MARKER, ListedFiles, read_json, write_marker
 from .model.config import read_config
 from .model.familial import FamilialModel
 from .model.io import check_finite, copy_tokenizer, weight_files
@@ -96,7 +96,7 @@ def grid_entries(fam: QuantizedFamily, layout: str, modules: dict[str, str]) -> 
     return entries
 
 
-def load_family(path: Path) -> QuantizedFamily:
+def load_family(path: Path, hashes: bool = True) -> QuantizedFamily:
     """Open a directory written by save_family, or any source checkpoint load_model reads.
 
     Lazily: tensors are read from the (memory-mapped) safetensors files when a step needs them, in
@@ -108,6 +108,10 @@ def load_family(path: Path) -> QuantizedFamily:
     finiteness, and that packed tensors unpack and pack back to themselves. A problem is one
     UserError naming the file. A plain qwen2/llama checkpoint opens the same way, as a family of
     one exit under Ruyi's names.
+
+    A directory of ours (a family, or a source we built) is checked against its manifest: every
+    listed file present at its size, here; its sha256 as the work reads it (hashes=False: sizes
+    only), which the family's `verify()` waits for.
     """
     path = Path(path)
     if not path.exists():
@@ -119,8 +123,10 @@ def load_family(path: Path) -> QuantizedFamily:
     if meta.get("kind") == "source":   # a source checkpoint: Ruyi's own, or a plain qwen2/llama one
         config = read_config(path)
         plain = config.source_type != "ruyi_qwen2"
-        return _open_lazily(path, config, {}, "gptq",
-                            names.plain_to_familial(config.num_layers) if plain else None)
+        fam = _open_lazily(path, config, {}, "gptq",
+                           names.plain_to_familial(config.num_layers) if plain else None)
+        fam.files = _listed(path, meta, hashes)
+        return fam
     if meta.get("kind") != "family":
         raise UserError(f"{path}: a ruyi-quant '{meta.get('kind')}' directory, not a family "
                         "checkpoint; point at the quantized family (the job's 'family' folder)")
@@ -137,7 +143,13 @@ def load_family(path: Path) -> QuantizedFamily:
         raise UserError(f"{meta_path}: malformed ({msg})") from None
     fam = _open_lazily(path, read_config(path), modules, layout)
     fam.method, fam.provenance, fam.stats = q.get("method", "none"), provenance, meta.get("stats", {})
+    fam.files = _listed(path, meta, hashes)
     return fam
+
+
+def _listed(path: Path, meta: dict, hashes: bool):
+    """After the headers' checks (which name what is wrong more precisely): the manifest's files."""
+    return ListedFiles(path, meta, hashes) if isinstance(meta.get("files"), dict) else None
 
 
 def _open_lazily(path: Path, config, modules: dict[str, QuantSpec], layout: str,

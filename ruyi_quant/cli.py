@@ -37,7 +37,7 @@ def cmd_inspect(args) -> None:
     from .report import rich_table
     if args.json:
         check_writable(Path(args.json), "--json", directory=False)
-    fam, where = open_family(args.model)
+    fam, where = open_family(args.model, hashes=False)     # headers and sizes: no values are read
     c = fam.config
     con = _console()
     heads = "tied to embeddings" if c.tie_word_embeddings else ("shared" if c.shared_heads else "per exit")
@@ -88,9 +88,10 @@ def cmd_quantize(args) -> None:
     src = resolve_model(args.model)
     preflight(src, q, cal)
     with atomic_dir(out, force=args.force, inputs=[src]) as tmp, spilling(out) as spill:
-        _, fam = quantize_source(src, q, cal, spill=spill)
+        ref, fam = quantize_source(src, q, cal, spill=spill)
         fam.provenance = Provenance(model=args.model, quantize=q, calibration=cal)
         save_family(fam, tmp, src)
+        ref.verify()
     from .fsutil import disk_bytes
     from .resources import peak_rss_bytes
     print(f"wrote {out} ({len(fam.grids)} quantized linears, {disk_bytes(out) / 1e6:.2f} MB on disk; "
@@ -126,6 +127,7 @@ def cmd_export(args) -> None:
         with atomic_dir(out, force=args.force, inputs=[tok_dir]) as tmp:
             info = export_gguf(fam, tmp, tok_dir, ex,
                                calib=_validated(Calibration, source=args.calib))
+            fam.verify()
             write_marker(tmp, {"kind": "export", "format": "gguf", **info})
         for x in info["exits"]:
             print(f"wrote {out / ('exit-%d' % x['exit']) / x['file']} ({x['bytes'] / 1e6:.2f} MB) + Modelfile")
@@ -146,6 +148,7 @@ def cmd_export(args) -> None:
     check_tokenizer(tok_dir)
     with atomic_dir(out, force=args.force, inputs=[tok_dir]) as tmp:
         dirs = export_hf(fam, tmp, tok_dir, ex.exits, ex.weights, ex.dtype)
+        fam.verify()
         write_marker(tmp, {"kind": "export", "format": ex.format, "exits": [d.name for d in dirs]})
     from .exporters.hf import load_note
     from .fsutil import MARKER, disk_bytes
@@ -195,9 +198,13 @@ def cmd_eval(args) -> None:
     if args.out:
         with atomic_dir(Path(args.out), force=args.force, inputs=inputs) as tmp:
             report = eval_report(ref, fam, tok_dir, ev, tmp)
+            ref.verify()
+            fam.verify()
             write_marker(tmp, {"kind": "eval"})
     else:
         report = eval_report(ref, fam, tok_dir, ev, None)
+        ref.verify()
+        fam.verify()
     _console().print(rich_table(f"{fam.method} vs reference on {ev.source}", *eval_cells(report)))
 
 

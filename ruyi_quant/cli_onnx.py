@@ -33,6 +33,7 @@ def cmd_export_onnx(args, source: str, out: Path) -> None:
     check_tokenizer(tok_dir)
     with atomic_dir(out, force=args.force, inputs=[tok_dir]) as tmp:
         info = export_onnx(fam, tmp, tok_dir, ex)
+        fam.verify()
         write_marker(tmp, {"kind": "export", "format": "onnx", **info})
     for x in info["exits"]:
         print(f"wrote {out / ('exit-%d' % x['exit'])} ({disk_bytes(out / ('exit-%d' % x['exit'])) / 1e6:.2f} MB)")

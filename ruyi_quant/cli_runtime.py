@@ -57,6 +57,7 @@ class Session:
         self.exit = _one_exit(self.fam.config, args.exit)       # a bad exit: before any loading
         self.tok = load_tokenizer(tok_dir)
         self.model = int4_model(self.fam, self.device, dtype)
+        self.fam.verify()                      # before the first token: the files were intact
         self.compiled = _compiled(args, self.device)
         self.eos = {t for t in (self.tok.eos_token_id, self.tok.convert_tokens_to_ids("<|im_end|>"))
                     if isinstance(t, int) and t >= 0 and t != self.tok.unk_token_id}
@@ -184,6 +185,8 @@ def cmd_eval_runtime(args, ref, fam, tok_dir, ev) -> None:
     if args.out:
         with atomic_dir(Path(args.out), force=args.force, inputs=[args.reference, args.quantized]) as tmp:
             report = run()
+            ref.verify()
+            fam.verify()
             report["source"] = ev.source
             (tmp / "runtime.json").write_text(json.dumps(report, indent=2) + "\n")
             (tmp / "runtime.md").write_text(runtime_markdown(report))
@@ -191,6 +194,8 @@ def cmd_eval_runtime(args, ref, fam, tok_dir, ev) -> None:
             write_marker(tmp, {"kind": "eval"})
     else:
         report = run()
+        ref.verify()
+        fam.verify()
     con.print(rich_table(runtime_markdown(report).splitlines()[0], *runtime_cells(report)))
 
 

@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 from .errors import UserError
@@ -132,11 +133,13 @@ def _listing(directory: Path) -> list[str]:
 
 def write_marker(directory: Path, meta: dict) -> dict:
     """Write the manifest: `meta` (which must have a `kind`) with the tool, its version and the
-    sha256 of every file now in the directory. Returns the file list."""
+    sha256 and size of every file now in the directory. Returns the file list."""
     from . import __version__
     directory = Path(directory)
-    files = {p: sha256(directory / p) for p in _listing(directory)}
-    manifest = {"tool": TOOL, "ruyi_quant_version": __version__, **meta, "files": files}
+    listing = _listing(directory)
+    files = {p: sha256(directory / p) for p in listing}
+    sizes = {p: (directory / p).stat().st_size for p in listing}
+    manifest = {"tool": TOOL, "ruyi_quant_version": __version__, **meta, "files": files, "sizes": sizes}
     (directory / MARKER).write_text(json.dumps(manifest, indent=2) + "\n")
     return files
 
@@ -151,6 +154,48 @@ def read_manifest(directory: Path) -> dict | None:
             and isinstance(meta.get("files"), dict)):
         return None
     return meta
+
+
+class ListedFiles:
+    """The files a directory's manifest lists, checked as the directory is read: every one present
+    with its listed size, at once; its sha256 in a background thread while the work reads the
+    files, which `verify()` waits for (a command calls it before its output is renamed into place,
+    so that nothing made from a damaged input is ever written)."""
+
+    def __init__(self, directory: Path, meta: dict, hashes: bool = True):
+        self.directory, self.kind = Path(directory), meta.get("kind", "directory")
+        files, sizes = meta.get("files") or {}, meta.get("sizes") or {}
+        for rel in files:
+            p = self.directory / rel
+            if not p.is_file():
+                raise UserError(f"{p}: listed in {MARKER} but missing; the {self.kind} is damaged: "
+                                "restore it or write it again")
+            if isinstance(sizes.get(rel), int) and p.stat().st_size != sizes[rel]:
+                raise UserError(f"{p}: {p.stat().st_size} bytes, {MARKER} lists {sizes[rel]}; the "
+                                f"{self.kind} is damaged: restore it or write it again")
+        self.files, self.bad, self.thread = files, None, None
+        if hashes and files:
+            self.thread = threading.Thread(target=self._hash, daemon=True, name="sha256")
+            self.thread.start()
+
+    def _hash(self) -> None:
+        for rel, h in self.files.items():
+            try:
+                same = sha256(self.directory / rel) == h
+            except OSError:
+                same = False
+            if not same:
+                self.bad = rel
+                return
+
+    def verify(self) -> None:
+        """Wait for the sha256 of every listed file; a UserError naming the first that differs."""
+        if self.thread is not None:
+            self.thread.join()
+        if self.bad is not None:
+            raise UserError(f"{self.directory / self.bad}: its sha256 is not the one {MARKER} lists (it "
+                            f"changed after it was written); the {self.kind} is damaged: restore it or "
+                            "write it again")
 
 
 def foreign_files(directory: Path) -> list[str] | None:

@@ -227,7 +227,7 @@ def run_job(job: Job, base: Path, force: bool = False, progress: bool = True,
             (tmp / JOB_FAMILY).mkdir()
             save_family(fam, tmp / JOB_FAMILY, src)
         done("quantize")
-        fam = load_family(tmp / JOB_FAMILY)         # exports read the family as written, lazily
+        fam = load_family(tmp / JOB_FAMILY, hashes=False)   # exports read it as just written, lazily
         folders = [export_folder(ex, fam) for ex in job.export]
         dup = next((f for f in folders if folders.count(f) > 1), None)
         if dup:
@@ -249,13 +249,15 @@ def run_job(job: Job, base: Path, force: bool = False, progress: bool = True,
             with stages.stage("evaluate"):
                 summary["eval"] = eval_report(ref, fam, src, ev, tmp, progress)
             done("eval")
+        ref.verify()                            # the model read was the one its manifest lists
         summary["seconds"] = time.perf_counter() - t0
         summary["stages"] = stages.rows
         write_manifest(tmp, job, summary)
     return summary
 
 
-def open_family(path: str, base: Path | None = None) -> tuple[QuantizedFamily, Path]:
-    """A family (quantized or not) from a directory or builtin name, and its tokenizer dir."""
+def open_family(path: str, base: Path | None = None, hashes: bool = True) -> tuple[QuantizedFamily, Path]:
+    """A family (quantized or not) from a directory or builtin name, and its tokenizer dir
+    (hashes: checkpoint.load_family)."""
     p = resolve_model(path, base)
-    return load_family(p), p
+    return load_family(p, hashes), p

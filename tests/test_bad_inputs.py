@@ -86,6 +86,28 @@ def edit_state(p, fn):
     save_file(s, p)
 
 
+def flip_packed_bit(p):
+    """One bit of a packed weight (a qweight's last byte) flipped: the file still reads, and its
+    codes still form a grid."""
+    import safetensors
+    with safetensors.safe_open(p, "pt") as f:
+        name = next(n for n in f.keys() if n.endswith(".qweight"))
+    data = bytearray(p.read_bytes())
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    end = 8 + n + header[name]["data_offsets"][1]
+    data[end - 1] ^= 0x01
+    p.write_bytes(bytes(data))
+
+
+def change_whitespace(p):
+    """One byte of a JSON file's whitespace changed (a space of indentation to a tab): the same
+    JSON, other bytes."""
+    data = p.read_bytes()
+    i = data.index(b"\n ") + 1
+    p.write_bytes(data[:i] + b"\t" + data[i + 1:])
+
+
 def set_key(**kw):
     return lambda d: d.update(kw)
 
@@ -255,6 +277,14 @@ FAMILY_BREAKS = {
     "manifest names a module the model lacks": (on("fam/ruyi_quant.json", lambda p: edit_json(p, unknown_module)),
                                                 ["ruyi_quant.json", "model.layers.0.mlp.gate_up"]),
     "family safetensors truncated": (on("fam/model.safetensors", st_truncate), ["fam/model.safetensors", "not a readable"]),
+    "one bit flipped in a packed weight": (on("fam/model.safetensors", flip_packed_bit),
+                                           ["fam/model.safetensors", "sha256", "ruyi_quant.json", "damaged"]),
+    "one byte changed in the tokenizer": (on("fam/tokenizer.json", change_whitespace),
+                                         ["fam/tokenizer.json", "sha256", "damaged"]),
+    "a listed file grown": (on("fam/tokenizer_config.json", lambda p: p.write_bytes(p.read_bytes() + b" ")),
+                            ["fam/tokenizer_config.json", "bytes, ruyi_quant.json lists", "damaged"]),
+    "a listed file missing": (on("fam/tokenizer_config.json", lambda p: p.unlink()),
+                              ["fam/tokenizer_config.json", "listed in ruyi_quant.json but missing"]),
 }
 FAMILY_COMMANDS = {
     "inspect": "inspect {ws}/fam",
@@ -264,7 +294,18 @@ FAMILY_COMMANDS = {
 }
 for bname, (setup, needles) in FAMILY_BREAKS.items():
     for cname, argv in FAMILY_COMMANDS.items():
+        if cname == "inspect" and "sha256" in needles:
+            continue              # inspect reads headers and sizes only: no file is hashed
         case(f"{cname}: {bname}", argv, needles, setup)
+
+# a damaged family met by the other commands that read one whole
+for cname, argv in {"export onnx": "export {ws}/fam --format onnx --out {ws}/out",
+                    "generate": "generate hi --family {ws}/fam --max-new-tokens 2 --device cpu --compile off",
+                    "run": "run {ws}/recipe.yaml"}.items():
+    case(f"{cname}: one bit flipped in a packed weight", argv,
+         ["fam/model.safetensors", "sha256", "damaged"], on("fam/model.safetensors", flip_packed_bit),
+         recipe="jobs:\n  - name: a\n    model: {ws}/fam\n    output: out/a\n    quantize: {method: none}\n"
+         "    export: [{format: gguf}]\n" if cname == "run" else None)
 
 # outputs that cannot or must not be written, for every command that writes one
 def long_path(ws):

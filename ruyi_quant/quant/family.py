@@ -30,6 +30,12 @@ class QuantizedFamily:
     layout: str = "gptq"                           # how a checkpoint stores the grids: gptq | awq
     provenance: object = None                      # recipe.Provenance: what made it
     stats: dict = field(default_factory=dict)     # e.g. seconds per stage
+    files: object = None                           # fsutil.ListedFiles of the directory it was read from
+
+    def verify(self) -> None:
+        """The files it was read from are the ones their manifest lists (a UserError if not)."""
+        if self.files is not None:
+            self.files.verify()
 
     @classmethod
     def from_model(cls, model: FamilialModel) -> QuantizedFamily:
