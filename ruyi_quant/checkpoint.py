@@ -135,8 +135,13 @@ def load_family(path: Path, hashes: bool = True) -> QuantizedFamily:
     if layout not in LAYOUTS or not isinstance(q.get("modules", {}), dict):
         raise UserError(f"{meta_path}: 'quantization' is malformed (needs a layout of "
                         f"{', '.join(LAYOUTS)} and a 'modules' object)")
+    modules = {}
+    for m, s in q.get("modules", {}).items():
+        try:
+            modules[m] = QuantSpec(**s)
+        except (TypeError, ValueError, UserError) as e:
+            raise UserError(f"{meta_path}: the grid of {m} is malformed ({e})") from None
     try:
-        modules = {m: QuantSpec(**s) for m, s in q.get("modules", {}).items()}
         provenance = Provenance.model_validate(meta["recipe"]) if meta.get("recipe") else None
     except (TypeError, ValueError) as e:
         msg = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
@@ -239,6 +244,11 @@ def _unpack_checked(path: Path, layout: str, module: str, spec: QuantSpec, shape
     back to themselves."""
     packed = {s: reader[f"{module}.{s}"] for s in LAYOUTS[layout]}
     problem = None
+    bad = [s for s, t in packed.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        what = "NaN" if torch.isnan(packed[bad[0]]).any() else "Inf"
+        raise UserError(f"{reader.file(f'{module}.{bad[0]}') or path}: tensor {module}.{bad[0]} contains "
+                        f"{what} values; the family is corrupt: quantize it again")
     try:
         grid = Grid.unpack(layout, packed, spec)
         if grid.shape != tuple(shape):
@@ -248,8 +258,8 @@ def _unpack_checked(path: Path, layout: str, module: str, spec: QuantSpec, shape
     except (ValueError, RuntimeError, IndexError, KeyError) as e:
         problem = str(e).splitlines()[0] if str(e) else type(e).__name__
     if problem:
-        raise UserError(f"{path}: the packed tensors of {module} disagree with ruyi_quant.json "
-                        f"({problem})")
+        raise UserError(f"{reader.file(f'{module}.qweight') or path}: the packed tensors of {module} "
+                        f"disagree with ruyi_quant.json ({problem})")
     return grid
 
 

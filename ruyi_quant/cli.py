@@ -84,10 +84,10 @@ def cmd_quantize(args) -> None:
     cal = _validated(Calibration, {"source": "--calib"}, source=args.calib, samples=args.samples,
                      seq_len=args.seq_len, seed=args.seed)
     out = Path(args.out)
-    check_output_dir(out, force=args.force, inputs=[args.model])
+    check_output_dir(out, force=args.force, inputs=[args.model], kind="family")
     src = resolve_model(args.model)
     preflight(src, q, cal)
-    with atomic_dir(out, force=args.force, inputs=[src]) as tmp, spilling(out) as spill:
+    with atomic_dir(out, force=args.force, inputs=[src], kind="family") as tmp, spilling(out) as spill:
         ref, fam = quantize_source(src, q, cal, spill=spill)
         fam.provenance = Provenance(model=args.model, quantize=q, calibration=cal)
         save_family(fam, tmp, src)
@@ -119,12 +119,12 @@ def cmd_export(args) -> None:
                         imatrix=not args.no_imatrix)
         if source.endswith(".gguf"):
             return _extract_gguf(source, ex, out, args.force)
-        check_output_dir(out, force=args.force, inputs=[source])
+        check_output_dir(out, force=args.force, inputs=[source], kind="export")
         fam, tok_dir = open_family(source)
         fam.provenance = fam.provenance or Provenance(model=source)   # a source model: its own name
         fam.config.exit_list(ex.exits)
         check_tokenizer(tok_dir)
-        with atomic_dir(out, force=args.force, inputs=[tok_dir]) as tmp:
+        with atomic_dir(out, force=args.force, inputs=[tok_dir], kind="export") as tmp:
             info = export_gguf(fam, tmp, tok_dir, ex,
                                calib=_validated(Calibration, source=args.calib))
             fam.verify()
@@ -142,11 +142,11 @@ def cmd_export(args) -> None:
     if fmt != "hf":
         raise UserError(f"--format {fmt}: supported formats are hf, gguf and onnx")
     ex = _validated(HFExport, format=fmt, exits=_exits(args.exits), weights=args.weights, dtype=args.dtype)
-    check_output_dir(out, force=args.force, inputs=[source])
+    check_output_dir(out, force=args.force, inputs=[source], kind="export")
     fam, tok_dir = open_family(source)
     fam.config.exit_list(ex.exits)
     check_tokenizer(tok_dir)
-    with atomic_dir(out, force=args.force, inputs=[tok_dir]) as tmp:
+    with atomic_dir(out, force=args.force, inputs=[tok_dir], kind="export") as tmp:
         dirs = export_hf(fam, tmp, tok_dir, ex.exits, ex.weights, ex.dtype)
         fam.verify()
         write_marker(tmp, {"kind": "export", "format": ex.format, "exits": [d.name for d in dirs]})
@@ -165,8 +165,8 @@ def _extract_gguf(source: str, ex, out: Path, force: bool) -> None:
     from .fsutil import atomic_dir, check_output_dir, write_marker
     if not Path(source).is_file():
         raise UserError(f"{source}: no such file")
-    check_output_dir(out, force=force, inputs=[source])
-    with atomic_dir(out, force=force, inputs=[source]) as tmp:
+    check_output_dir(out, force=force, inputs=[source], kind="export")
+    with atomic_dir(out, force=force, inputs=[source], kind="export") as tmp:
         infos = extract(Path(source), None if ex.exits == "all" else ex.exits, tmp)
         write_marker(tmp, {"kind": "export", "format": "gguf", "from": source, "exits": infos})
     for x in infos:
@@ -185,7 +185,7 @@ def cmd_eval(args) -> None:
                     plot=args.out is not None)
     inputs = [args.reference, args.quantized]
     if args.out:                  # before any work: never replace a family or a job with eval files
-        check_output_dir(Path(args.out), force=args.force, inputs=inputs)
+        check_output_dir(Path(args.out), force=args.force, inputs=inputs, kind="eval")
     ref_dir = resolve_model(args.reference)
     preflight(ref_dir, ev=ev)
     ref, tok_dir = open_family(args.reference)
@@ -196,7 +196,7 @@ def cmd_eval(args) -> None:
         from .cli_runtime import cmd_eval_runtime
         return cmd_eval_runtime(args, ref, fam, tok_dir, ev)
     if args.out:
-        with atomic_dir(Path(args.out), force=args.force, inputs=inputs) as tmp:
+        with atomic_dir(Path(args.out), force=args.force, inputs=inputs, kind="eval") as tmp:
             report = eval_report(ref, fam, tok_dir, ev, tmp)
             ref.verify()
             fam.verify()

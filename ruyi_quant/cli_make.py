@@ -20,7 +20,7 @@ def cmd_make_familial(args) -> None:
     train = _validated(Training, sources=args.train, windows=args.windows, seq_len=args.seq_len,
                        steps=args.steps, lr=args.lr, positions=args.positions, distill_weight=args.distill,
                        seed=args.seed)
-    check_output_dir(Path(args.out), force=args.force, inputs=[args.model])
+    check_output_dir(Path(args.out), force=args.force, inputs=[args.model], kind="source")
     for source in train.sources:
         check_source(source)
     src = resolve_model(args.model)
@@ -59,7 +59,7 @@ def cmd_make_synthetic(args) -> None:
     if args.shard_gb is not None and not 0.001 <= args.shard_gb <= 1000:
         raise UserError(f"--shard-gb {args.shard_gb}: give a size between 0.001 and 1000 GB")
     out = Path(args.out)
-    check_output_dir(out, force=args.force)
+    check_output_dir(out, force=args.force, kind="source")
     cfg = synthetic_config(depth, exits)
     need = 2 * sum(numel(s) for s in tensor_shapes(cfg).values())
     parent = out.resolve().parent
@@ -69,7 +69,7 @@ def cmd_make_synthetic(args) -> None:
     if need > free:
         raise UserError(f"--out {out}: needs {need / 1e9:.1f} GB, {parent} has {free / 1e9:.1f} GB free")
     shard = int((args.shard_gb or 5.0) * 1e9)
-    with atomic_dir(out, force=args.force) as tmp:
+    with atomic_dir(out, force=args.force, kind="source") as tmp:
         report = write_synthetic(tmp, depth, exits, seed=args.seed or 0, shard_bytes=shard)
     print(f"wrote {out}: synthetic Ruyi-7B-shaped family (random weights: for memory and speed "
           f"measurements only), {report['parameters'] / 1e9:.2f}B parameters, exits {report['exits']}, "

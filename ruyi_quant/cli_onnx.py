@@ -26,12 +26,12 @@ def cmd_export_onnx(args, source: str, out: Path) -> None:
     ex = _validated(ONNXExport, exits=_exits(args.exits), dtype=args.dtype, weights=args.weights,
                     head=args.head, embed=args.embed, accuracy_level=args.accuracy_level,
                     multi=args.multi or args.multi_only, per_exit=not args.multi_only)
-    check_output_dir(out, force=args.force, inputs=[source])
+    check_output_dir(out, force=args.force, inputs=[source], kind="export")
     fam, tok_dir = open_family(source)
     fam.config.exit_list(ex.exits)
     check_onnx(fam.config, fam.modules, ex)
     check_tokenizer(tok_dir)
-    with atomic_dir(out, force=args.force, inputs=[tok_dir]) as tmp:
+    with atomic_dir(out, force=args.force, inputs=[tok_dir], kind="export") as tmp:
         info = export_onnx(fam, tmp, tok_dir, ex)
         fam.verify()
         write_marker(tmp, {"kind": "export", "format": "onnx", **info})

@@ -183,7 +183,8 @@ def cmd_eval_runtime(args, ref, fam, tok_dir, ev) -> None:
                               say=lambda m: con.print(m, markup=False),
                               compiled=_compiled(args, device))
     if args.out:
-        with atomic_dir(Path(args.out), force=args.force, inputs=[args.reference, args.quantized]) as tmp:
+        with atomic_dir(Path(args.out), force=args.force, inputs=[args.reference, args.quantized],
+                        kind="eval") as tmp:
             report = run()
             ref.verify()
             fam.verify()

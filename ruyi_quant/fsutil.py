@@ -273,9 +273,11 @@ def check_writable(path: Path, flag: str = "--out", directory: bool = True) -> N
         raise UserError(f"{flag} {path}: cannot write in {parent} ({e.strerror})") from None
 
 
-def check_output_dir(path: Path, force: bool = True, inputs: tuple = (), flag: str = "--out") -> None:
-    """Refuse an output that cannot be written, that is not ours (or, without force, any existing
-    one), or that is, holds or lies inside one of the command's inputs."""
+def check_output_dir(path: Path, force: bool = True, inputs: tuple = (), flag: str = "--out",
+                     kind: str | None = None) -> None:
+    """Refuse an output that cannot be written, that is not ours, that is ours but of another
+    `kind` than the one to be written (a family, a job, an export, an eval: not even with force),
+    without force any existing one, or that is, holds or lies inside one of the command's inputs."""
     path = Path(path)
     out = path.resolve()
     for src in (p for p in inputs if p is not None and Path(p).exists()):   # builtin names are not paths
@@ -295,6 +297,11 @@ def check_output_dir(path: Path, force: bool = True, inputs: tuple = (), flag: s
             if bad:
                 raise UserError(f"{flag} {path}: holds {bad[0]}, which ruyi-quant did not write "
                                 f"({len(bad)} such file(s)); move it away or choose another output path")
+            held = read_manifest(path)["kind"]
+            if kind is not None and held != kind:
+                article = "an" if kind[0] in "aeiou" else "a"
+                raise UserError(f"{flag} {path}: holds a ruyi-quant {held}, which {article} {kind} "
+                                "never replaces (not even with --force); choose another output path")
         if not force:
             raise UserError(f"{flag} {path}: exists; pass --force to replace it")
 
@@ -368,7 +375,7 @@ def _umask() -> int:
 
 @contextlib.contextmanager
 def atomic_dir(path: Path, force: bool = True, inputs: tuple = (), flag: str = "--out",
-               check: bool = True):
+               check: bool = True, kind: str | None = None):
     """Yield a temporary directory beside `path`; on success it replaces `path`, else vanishes
     (with any parent directories it had to create). Holds `path`'s lock throughout and checks the
     output again under it (check=False: a cache entry, ours by where it is)."""
@@ -384,7 +391,7 @@ def atomic_dir(path: Path, force: bool = True, inputs: tuple = (), flag: str = "
         with output_lock(path, flag):
             sweep(path.parent)
             if check:
-                check_output_dir(path, force=force, inputs=inputs, flag=flag)
+                check_output_dir(path, force=force, inputs=inputs, flag=flag, kind=kind)
             with scratch_dir(path) as tmp:
                 try:
                     yield tmp

@@ -218,7 +218,7 @@ def run_job(job: Job, base: Path, force: bool = False, progress: bool = True,
 
     def done(_):
         say(f"[{job.name}] {stages.line(stages.rows[-1])}")
-    with atomic_dir(out, inputs=[src], flag=f"jobs[{index}].output") as tmp:
+    with atomic_dir(out, inputs=[src], flag=f"jobs[{index}].output", kind="job") as tmp:
         say(f"[{job.name}] loading {src} and quantizing: {job.quantize.method} "
             f"{job.quantize.bits}-bit g{job.quantize.group_size}")
         with stages.stage("quantize and write the family"), spilling(out) as spill:

@@ -93,7 +93,7 @@ def check_job(job: Job, base: Path, index: int = 0) -> tuple[Path, Path, object,
     out = Path(os.path.normpath(Path(base) / job.output))   # absolute output stays as is
     key = f"jobs[{index}]"
     model_path = None if job.model.startswith("builtin:") else Path(base) / job.model
-    check_output_dir(out, inputs=[model_path], flag=f"{key}.output")
+    check_output_dir(out, inputs=[model_path], flag=f"{key}.output", kind="job")
     src = resolve_model(job.model, base)
     calib = job.calibration.model_copy(update={"source": _under(base, job.calibration.source)})
     ev = job.eval.model_copy(update={"source": _under(base, job.eval.source)}) if job.eval else None

@@ -120,7 +120,7 @@ class LazyTensors(Mapping):
     """name -> tensor, read from its safetensors file on access (nothing is kept: a second access
     reads again). Reads are plain file reads into a fresh buffer, not memory maps: a tensor's
     memory is its own and goes with it, and pages of the file never count against the process.
-    `check(name, tensor)` runs on every read (finiteness). Tensors set with `[]=` live in memory
+    `check(name, tensor, path)` runs on every read (finiteness). Tensors set with `[]=` live in memory
     and shadow the files; `info(name)` is (shape, dtype) without reading."""
 
     def __init__(self, files: dict[str, Path], check: Callable | None = None,
@@ -178,9 +178,13 @@ class LazyTensors(Mapping):
         def load():
             t = _read(path, *where)
             if check is not None:
-                check(name, t)
+                check(name, t, path)
             return t
         return load
+
+    def file(self, name: str) -> Path | None:
+        """The file a tensor is read from (None: it is in memory)."""
+        return self._files.get(name)
 
     def copy(self) -> "LazyTensors":
         """Another view of the same files (and the same in-memory tensors), set and discarded

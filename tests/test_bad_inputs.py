@@ -129,6 +129,28 @@ def set_module_bits(d):
     d["quantization"]["modules"][m]["bits"] = 8
 
 
+def set_module_spec(**kw):
+    def apply(d):
+        m = next(iter(d["quantization"]["modules"]))
+        assert m == "model.layers.0.self_attn.q_proj", m
+        d["quantization"]["modules"][m].update(kw)
+    return apply
+
+
+def fill_tensor(name, value):
+    """Overwrite one float tensor's bytes in place with `value` (same file size, other bytes)."""
+    def apply(p):
+        data = bytearray(p.read_bytes())
+        n = struct.unpack("<Q", data[:8])[0]
+        info = json.loads(data[8:8 + n])[name]
+        dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}[info["dtype"]]
+        start, end = (8 + n + o for o in info["data_offsets"])
+        count = (end - start) // dtype.itemsize
+        data[start:end] = torch.full((count,), value, dtype=dtype).view(torch.uint8).numpy().tobytes()
+        p.write_bytes(bytes(data))
+    return apply
+
+
 def drop_modules(d):
     d["quantization"]["modules"] = {"model.layers.0.mlp.up_proj": [4, 32]}
 
@@ -221,7 +243,8 @@ MODEL_BREAKS = {
     "index not a map": (on("model", lambda d: (shard(d), (d / "model.safetensors.index.json").write_text('{"weight_map": 3}'))),
                         ["model.safetensors.index.json", "weight_map"]),
     "exit norm NaN": (on("model/model.safetensors", lambda p: edit_state(
-        p, put("model.norms.0.weight", torch.full((128,), float("nan"))))), ["model.norms.0.weight", "NaN"]),
+        p, put("model.norms.0.weight", torch.full((128,), float("nan"))))),
+        ["model/model.safetensors", "model.norms.0.weight", "NaN"]),
 }
 MODEL_COMMANDS = {
     "inspect": "inspect {ws}/model",
@@ -277,6 +300,12 @@ FAMILY_BREAKS = {
     "manifest names a module the model lacks": (on("fam/ruyi_quant.json", lambda p: edit_json(p, unknown_module)),
                                                 ["ruyi_quant.json", "model.layers.0.mlp.gate_up"]),
     "family safetensors truncated": (on("fam/model.safetensors", st_truncate), ["fam/model.safetensors", "not a readable"]),
+    "manifest bits out of range": (on("fam/ruyi_quant.json", lambda p: edit_json(p, set_module_spec(bits=5))),
+                                   ["ruyi_quant.json", "the grid of model.layers.0.self_attn.q_proj", "bits must be one of"]),
+    "manifest group size out of range": (on("fam/ruyi_quant.json", lambda p: edit_json(p, set_module_spec(group_size=48))),
+                                         ["ruyi_quant.json", "the grid of model.layers.0.self_attn.q_proj", "group_size"]),
+    "Inf in a family norm": (on("fam/model.safetensors", fill_tensor("model.norms.1.weight", float("inf"))),
+                             ["fam/model.safetensors", "model.norms.1.weight", "Inf"]),
     "one bit flipped in a packed weight": (on("fam/model.safetensors", flip_packed_bit),
                                            ["fam/model.safetensors", "sha256", "ruyi_quant.json", "damaged"]),
     "one byte changed in the tokenizer": (on("fam/tokenizer.json", change_whitespace),
@@ -294,9 +323,17 @@ FAMILY_COMMANDS = {
 }
 for bname, (setup, needles) in FAMILY_BREAKS.items():
     for cname, argv in FAMILY_COMMANDS.items():
-        if cname == "inspect" and "sha256" in needles:
-            continue              # inspect reads headers and sizes only: no file is hashed
+        if cname == "inspect" and ("sha256" in needles or "NaN" in needles or "Inf" in needles):
+            continue              # inspect reads headers and sizes only: no value is read or hashed
         case(f"{cname}: {bname}", argv, needles, setup)
+
+# NaN scales: named as such where the grid is unpacked; an export that copies the packed tensors
+# as stored (hf, gptq layout) is stopped by the sha256 of the file
+for cname, argv in {"export gguf": FAMILY_COMMANDS["export gguf"], "eval": FAMILY_COMMANDS["eval"],
+                    "export hf": FAMILY_COMMANDS["export hf"]}.items():
+    case(f"{cname}: NaN scale", argv, ["fam/model.safetensors"] + (
+         ["sha256", "damaged"] if cname == "export hf" else ["model.layers.0.mlp.up_proj.scales", "NaN"]),
+         on("fam/model.safetensors", fill_tensor("model.layers.0.mlp.up_proj.scales", float("nan"))))
 
 # a damaged family met by the other commands that read one whole
 for cname, argv in {"export onnx": "export {ws}/fam --format onnx --out {ws}/out",
@@ -336,14 +373,46 @@ OUTPUT_BREAKS = {
     "exists without --force": ("{ws}/fam2", lambda ws: shutil.copytree(ws / "fam", ws / "fam2"), ["pass --force"]),
     "inside the model": ("{ws}/model/out", None, ["lies inside the input"]),
 }
+OUTPUT_KINDS = {"quantize": "family", "export hf": "export", "export gguf": "export", "extract gguf": "export",
+                "eval": "eval", "make-familial": "source"}
+
+
+def output_of_kind(kind):
+    """{ws}/fam2: an output of ours of this kind (a copy of the family, its manifest's kind set)."""
+    def setup(ws):
+        shutil.copytree(ws / "fam", ws / "fam2")
+        edit_json(ws / "fam2" / "ruyi_quant.json", set_key(kind=kind))
+    return setup
+
+
 for bname, (out, setup, needles) in OUTPUT_BREAKS.items():
     for cname, argv in OUTPUT_COMMANDS.items():
+        if bname == "exists without --force":          # what --force would replace: its own kind
+            setup = output_of_kind(OUTPUT_KINDS[cname])
         if bname == "inside the model" and cname.startswith(("export", "extract")):
             if cname == "extract gguf":
                 continue
             case(f"{cname} output: inside the family", argv.replace("{out}", "{ws}/fam/out"), needles)
             continue
         case(f"{cname} output: {bname}", argv.replace("{out}", out), needles, setup)
+# --force replaces an output of the same kind only: never a job or a family with evaluation files
+def job_output(ws):
+    (ws / "r.yaml").write_text(f"jobs:\n  - name: j\n    model: {ws}/model\n    output: job\n"
+                               "    quantize: {bits: 8, group_size: 32}\n")
+    assert main(["run", str(ws / "r.yaml")]) == 0
+
+
+for cname, argv in {"eval": "eval {ws}/model {ws}/fam --samples 1 --seq-len 32 --force --out",
+                    "export hf": "export {ws}/fam --force --out", "quantize": "quantize {ws}/model --bits 8 --force --out",
+                    "eval --runtime": "eval {ws}/model {ws}/fam --runtime int4 --samples 1 --seq-len 32 --force --out"}.items():
+    case(f"{cname} --force over a job", f"{argv} {{ws}}/job", ["{ws}/job", "holds a ruyi-quant job", "not even with --force"],
+         job_output)
+case("eval --force over a family", "eval {ws}/model {ws}/fam --samples 1 --seq-len 32 --force --out {ws}/fam2",
+     ["{ws}/fam2", "holds a ruyi-quant family", "not even with --force"], lambda ws: shutil.copytree(ws / "fam", ws / "fam2"))
+case("export gguf --force over a family", "export {ws}/fam --format gguf --force --out {ws}/fam2",
+     ["holds a ruyi-quant family", "an export never replaces"], lambda ws: shutil.copytree(ws / "fam", ws / "fam2"))
+case("eval without --force over a job: no hint to force it", "eval {ws}/model {ws}/fam --samples 1 --seq-len 32 --out {ws}/job",
+     ["holds a ruyi-quant job", "choose another output path"], job_output)
 case("quantize output: is the input", "quantize {ws}/model --out {ws}/model --force", ["is, holds or lies inside the input"])
 case("quantize output: holds the input", "quantize {ws}/model --out {ws} --force", ["is, holds or lies inside the input"])
 case("export output: is its input", "export {ws}/fam --out {ws}/fam --force", ["input"])
@@ -624,7 +693,7 @@ def test_the_suite_covers_every_subcommand():
     """At least 120 cases, and every subcommand among them."""
     assert len(CASES) >= 120, len(CASES)
     used = {c.argv[0] for c in CASES.values()}
-    assert used == {"inspect", "quantize", "export", "eval", "make-familial", "run"}
+    assert used == {"inspect", "quantize", "export", "eval", "make-familial", "run", "generate"}
 
 
 # --- standard input closed -----------------------------------------------------------------

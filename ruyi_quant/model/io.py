@@ -77,15 +77,17 @@ def read_tensors(files: dict[str, Path], wanted: list[str] | None = None):
                 yield name, t
 
 
-def check_finite(name: str, t: torch.Tensor) -> None:
-    """A float tensor must hold finite numbers (and be float: an integer weight is corrupt too)."""
+def check_finite(name: str, t: torch.Tensor, path: Path | None = None) -> None:
+    """A float tensor must hold finite numbers (and be float: an integer weight is corrupt too);
+    `path`: the file it was read from, named in the error."""
+    where = f"{path}: " if path is not None else ""
     if not t.is_floating_point():
-        raise UserError(f"tensor {name} is {str(t.dtype).removeprefix('torch.')}, not a floating-point "
-                        "weight; the checkpoint is corrupt")
+        raise UserError(f"{where}tensor {name} is {str(t.dtype).removeprefix('torch.')}, not a "
+                        "floating-point weight; the checkpoint is corrupt")
     for block in t.reshape(-1).split(1 << 24):   # blocks: isfinite of a bf16 head makes float32
         if not torch.isfinite(block).all():      # and bool copies of it (3 GB for Ruyi's)
             bad = "NaN" if torch.isnan(block).any() else "Inf"
-            raise UserError(f"tensor {name} contains {bad} values; the checkpoint is corrupt")
+            raise UserError(f"{where}tensor {name} contains {bad} values; the checkpoint is corrupt")
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype | None = torch.float32) -> FamilialModel:
@@ -131,7 +133,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = torch.float32)
         if tuple(t.shape) != tuple(expected[dst]):
             raise UserError(f"{model_dir}: tensor {src} has shape {list(t.shape)}, "
                             f"expected {list(expected[dst])}")
-        check_finite(src, t)
+        check_finite(src, t, files[src])
         state[dst] = t
     if dtype is None:
         dtype = next((t.dtype for k, t in state.items() if k in src_of and t.is_floating_point()),

@@ -220,7 +220,7 @@ def build_familial(plain_dir: Path, out_dir: Path, exits: list[int], *, shared_h
                    progress: bool = True, force: bool = True) -> dict:
     """A plain Qwen2/Llama checkpoint -> a trained bf16 ruyi_qwen2 family in out_dir (written whole
     or not at all, locked while it trains). Returns the report, also written to out_dir/ruyi_quant.json."""
-    with atomic_dir(Path(out_dir), force=force, inputs=[plain_dir]) as tmp:
+    with atomic_dir(Path(out_dir), force=force, inputs=[plain_dir], kind="source") as tmp:
         fam, report = _train_family(plain_dir, exits, shared_heads, train, eval_source, progress)
         save_model(fam, tmp, torch.bfloat16, tokenizer_dir=plain_dir)
         write_marker(tmp, report)
