@@ -53,9 +53,10 @@ def write_problem(e: BaseException, path: Path | None = None) -> str | None:
     if isinstance(e, OSError) and e.errno in OS_ERRORS:
         return e.strerror or os.strerror(e.errno)
     text = str(e)
-    m = re.search(r"Os \{ code: (\d+)", text)
-    if m and int(m.group(1)) in OS_ERRORS:
-        return os.strerror(int(m.group(1)))
+    m = re.search(r"\(os error (\d+)\)|Os \{ code: (\d+)", text)      # Rust's io::Error, shown or debugged
+    code = int(m.group(1) or m.group(2)) if m else None
+    if code in OS_ERRORS:
+        return os.strerror(code)
     if isinstance(e, OSError) and e.errno is None and re.fullmatch(r"\d+ requested and \d+ written", text):
         free = _free_bytes(path)
         if free is not None and free < 1 << 20:
@@ -422,7 +423,8 @@ def _refused(e: BaseException, problem: str, tmp: Path, path: Path, flag: str) -
     """The one line for an OS error inside an output's work: the file it names (under the output's
     own name, not its temporary one), else the output."""
     name = getattr(e, "filename", None)
-    hint = "free some space or choose another output path"
+    full = problem in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT)) or "stopped short" in problem
+    hint = "free some space or choose another output path" if full else "choose another output path"
     if name and Path(name).parent.name.startswith(f".{path.name}.tmp-") and not Path(name).is_relative_to(tmp):
         return f"{flag} {path}: cannot write its scratch files beside it ({problem}); {hint}"
     if name and not Path(name).is_relative_to(tmp):

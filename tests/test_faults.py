@@ -267,8 +267,7 @@ def short_write(*a, **k):
 def rust_full(*a, **k):
     """What safetensors' own (Rust) writer raises on a full disk."""
     from safetensors import SafetensorError
-    raise SafetensorError('Error while serializing: I/O error: No space left on device '
-                          '(os error 28): IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
 
 def patch(module: str, owner: str | None, attr: str, fake):
