@@ -336,7 +336,8 @@ def output_lock(path: Path, flag: str = "--out"):
         yield
     finally:
         with contextlib.suppress(OSError):
-            os.unlink(lock)
+            if os.fstat(fd).st_size == 0:         # ours are empty: never remove a file someone wrote
+                os.unlink(lock)
         os.close(fd)
 
 
@@ -357,7 +358,8 @@ def sweep(folder: Path) -> None:
     calls it, whether or not it then writes there."""
     folder = Path(folder)
     try:
-        names = {m.group(1) for p in folder.iterdir() if (m := LEFTOVER.fullmatch(p.name))}
+        names = {m.group(1) for p in folder.iterdir() if (m := LEFTOVER.fullmatch(p.name))
+                 and not (p.name.endswith(".lock") and (not p.is_file() or p.stat().st_size))}
     except OSError:
         return
     for name in sorted(names):

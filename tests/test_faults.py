@@ -371,7 +371,8 @@ def test_any_output_written_in_a_folder_removes_dead_runs_leftovers_there(tmp_pa
     (tmp_path / ".i.json.tmp-zz99yy88").write_text("{")
     (tmp_path / ".dead.lock").write_text("")
     (tmp_path / ".gone.lock").write_text("")
+    (tmp_path / ".notes.lock").write_text("pid 1234\n")       # someone else's lock file: not ours
     with output_lock(tmp_path / "live"):
         (tmp_path / ".live.tmp-live0000").mkdir()
         assert main(["quantize", "builtin:tiny", "--bits", "8", "--out", str(tmp_path / "q")]) == 0
-        assert sorted(p.name for p in tmp_path.iterdir()) == [".live.lock", ".live.tmp-live0000", "q"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".live.lock", ".live.tmp-live0000", ".notes.lock", "q"]
