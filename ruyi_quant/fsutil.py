@@ -58,11 +58,17 @@ def write_problem(e: BaseException, path: Path | None = None) -> str | None:
     if code in OS_ERRORS:
         return os.strerror(code)
     if isinstance(e, OSError) and e.errno is None and re.fullmatch(r"\d+ requested and \d+ written", text):
-        free = _free_bytes(path)
-        if free is not None and free < 1 << 20:
+        if too_little_space(path, 1 << 20):
             return os.strerror(errno.ENOSPC)
-        return f"the write stopped short ({text}; {free} bytes free there)"
+        return f"the write stopped short ({text}; {_free_bytes(path)} bytes free there)"
     return None
+
+
+def too_little_space(path: Path | None, need: int) -> bool:
+    """Whether the file system that `path` would be on has fewer than `need` bytes free (for
+    writers that report a failure without the OS's reason)."""
+    free = _free_bytes(path)
+    return free is not None and free < need
 
 
 def _free_bytes(path: Path | None) -> int | None:

@@ -376,3 +376,26 @@ def test_any_output_written_in_a_folder_removes_dead_runs_leftovers_there(tmp_pa
         (tmp_path / ".live.tmp-live0000").mkdir()
         assert main(["quantize", "builtin:tiny", "--bits", "8", "--out", str(tmp_path / "q")]) == 0
         assert sorted(p.name for p in tmp_path.iterdir()) == [".live.lock", ".live.tmp-live0000", ".notes.lock", "q"]
+
+
+def test_llama_cpps_quantizer_on_a_full_disk_is_one_line_naming_its_file(tiny_dir, tmp_path, capsys,
+                                                                         monkeypatch):
+    """llama.cpp's quantizer (K-quants) reports only a non-zero code: on a file system with less
+    room than its input, that is a full disk, named with the file, and nothing is left."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import ruyi_quant.fsutil
+    monkeypatch.setattr(llama_cpp, "llama_model_quantize", lambda src, dst, params: 1)
+    monkeypatch.setattr(ruyi_quant.fsutil, "_free_bytes", lambda path: 4096)
+    out = tmp_path / "new" / "out"
+    code = main(["export", str(tiny_dir), "--format", "gguf", "--type", "q6_k", "--exits", "2",
+                 "--no-imatrix", "--out", str(out)])
+    err = messages(capsys.readouterr().err)
+    assert code == 2 and len(err) == 1, err
+    assert f"{out}/exit-2/" in err[0] and "No space left on device" in err[0], err
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(ruyi_quant.fsutil, "_free_bytes", lambda path: 1 << 40)   # room enough: a failure
+    code = main(["export", str(tiny_dir), "--format", "gguf", "--type", "q6_k", "--exits", "2",
+                 "--no-imatrix", "--out", str(out)])
+    err = messages(capsys.readouterr().err)
+    assert code == 2 and len(err) == 1 and "llama.cpp could not quantize" in err[0], err
+    assert list(tmp_path.iterdir()) == []

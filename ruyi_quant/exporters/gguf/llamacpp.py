@@ -3,12 +3,14 @@ file; imatrix.py then applies our importance matrix."""
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 from ...errors import UserError
+from ...fsutil import too_little_space
 
 K_QUANTS = ("q4_k_m", "q5_k_m", "q6_k")
 LLAMA_FTYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
@@ -47,5 +49,7 @@ def llama_quantize(src: Path, dst: Path, ftype: str, threads: int = 2) -> int:
     with _c_stderr_silenced():          # it logs every tensor (and each fallback type) there
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0:
+        if too_little_space(dst, Path(src).stat().st_size):   # llama.cpp reports no errno
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
         raise UserError(f"llama.cpp could not quantize {src} to {ftype} (code {rc})")
     return Path(dst).stat().st_size
