@@ -387,6 +387,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+FREE_TEXT = ("prompt", "system")   # free text: may be empty, and the same prompt twice is a batch
+
+
+def check_values(parser: argparse.ArgumentParser, args) -> None:
+    """What the parser lets through: an empty value (a path, a name, a setting) and a repeatable
+    option given the same value twice are one line naming the option."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in sub.choices[args.command]._actions:
+        value = getattr(args, action.dest, None)
+        if action.dest in FREE_TEXT or not isinstance(value, (str, list)):
+            continue
+        name = action.option_strings[0] if action.option_strings else (action.metavar or action.dest)
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, str) and not v.strip() for v in values):
+            raise UserError(f"{name} '': is empty; give a value (ruyi-quant {args.command} --help)")
+        dup = next((v for v in values if values.count(v) > 1), None)
+        if dup is not None:
+            raise UserError(f"{name} {dup}: given twice; give each once")
+
+
 def _terminate(signum, frame):
     raise Terminated()
 
@@ -398,7 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     import signal
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        check_values(parser, args)
         log_to_stderr()
         args.func(args)
     except UserError as e:

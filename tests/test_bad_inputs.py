@@ -648,7 +648,23 @@ for cname, argv in {"export hf": "export {ws}/fam --out {ws}/out", "export gguf"
 case("quantize: override without settings", Q + "--override lm_head*", ["--override lm_head*", "no settings"])
 case("quantize: override with an empty setting list", Q + "--override lm_head*:,", ["--override", "no settings"])
 case("quantize: override with an empty pattern", Q + "--override :bits=8", ["--override", "pattern is empty"])
-case("quantize: skip with an empty pattern", Q.split() + ["--skip", ""], ["--skip", "pattern is empty"])
+case("quantize: skip with an empty pattern", Q.split() + ["--skip", ""], ["--skip", "is empty"])
+# empty values and a repeatable option given the same value twice, on every subcommand
+for cname, argv, flag in [("inspect: empty model", ["inspect", ""], "MODEL"), ("run: empty recipe", ["run", ""], "RECIPE"),
+                          ("quantize: empty calib", Q.split() + ["--method", "gptq", "--calib", ""], "--calib"),
+                          ("quantize: empty out", ["quantize", "{ws}/model", "--out", ""], "--out"),
+                          ("eval: empty data", E.split() + ["--data", ""], "--data"),
+                          ("export: blank license", X.split() + ["--format", "gguf", "--license", " "], "--license"),
+                          ("make-familial: empty train", M.split() + ["--train", ""], "--train"),
+                          ("generate: empty family", ["generate", "hi", "--family", ""], "--family"),
+                          ("chat: empty exit", ["chat", "--family", "{ws}/fam", "--exit", ""], "--exit")]:
+    case(cname, argv, [f"{flag} '': is empty"])
+for cname, argv, needle in [("quantize: skip twice", Q + "--skip lm_head* --skip lm_head*", "--skip lm_head*: given twice"),
+                            ("quantize: override twice", Q + "--override lm_head*:bits=8 --override lm_head*:bits=8",
+                             "--override lm_head*:bits=8: given twice"),
+                            ("make-familial: train twice", M + "--train {ws}/good.txt --train {ws}/good.txt", "given twice"),
+                            ("run: only twice", "run {ws}/recipe.yaml --only a --only a", "--only a: given twice")]:
+    case(cname, argv, [needle], text_files, recipe="jobs:\n" + JOB if cname.startswith("run") else None)
 for name, body, needles in [
     ("export exits twice", JOB + "    export: [{format: hf, exits: [2, 2]}]\n", ["jobs[0].export[0].hf.exits", "twice"]),
     ("export exits empty", JOB + "    export: [{format: gguf, exits: []}]\n", ["jobs[0].export[0].gguf.exits", "at least one"]),
@@ -693,7 +709,7 @@ def test_the_suite_covers_every_subcommand():
     """At least 120 cases, and every subcommand among them."""
     assert len(CASES) >= 120, len(CASES)
     used = {c.argv[0] for c in CASES.values()}
-    assert used == {"inspect", "quantize", "export", "eval", "make-familial", "run", "generate"}
+    assert used == {"inspect", "quantize", "export", "eval", "make-familial", "run", "generate", "chat"}
 
 
 # --- standard input closed -----------------------------------------------------------------
