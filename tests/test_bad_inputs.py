@@ -642,9 +642,8 @@ for cname, argv in {"export hf": "export {ws}/fam --out {ws}/out", "export gguf"
                     "export onnx": "export {ws}/fam --format onnx --out {ws}/out",
                     "eval": "eval {ws}/model {ws}/fam --samples 1 --seq-len 32",
                     "make-familial": "make-familial {ws}/plain --out {ws}/out"}.items():
-    setup = make_plain if cname == "make-familial" else None
     case(f"{cname}: exits twice", f"{argv} --exits 2,2", ["--exits 2,2", "exit 2 is given twice"],
-         (lambda ws: make_plain(ws)) if setup else None)
+         make_plain if cname == "make-familial" else None)
 case("quantize: override without settings", Q + "--override lm_head*", ["--override lm_head*", "no settings"])
 case("quantize: override with an empty setting list", Q + "--override lm_head*:,", ["--override", "no settings"])
 case("quantize: override with an empty pattern", Q + "--override :bits=8", ["--override", "pattern is empty"])
