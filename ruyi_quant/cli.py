@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         print("ruyi-quant: interrupted", file=sys.stderr)
         return 130
     except OSError as e:
-        from .fsutil import write_problem
+        from .errors import write_problem
         problem = write_problem(e, e.filename)
         if problem is None:
             raise

@@ -45,7 +45,7 @@ def cmd_make_familial(args) -> None:
 
 
 def cmd_make_synthetic(args) -> None:
-    import shutil
+    from .errors import free_bytes
     from .fsutil import atomic_dir, check_output_dir
     from .synthetic import numel, synthetic_config, tensor_shapes, write_synthetic
     depth = 28 if args.depth is None else args.depth
@@ -62,12 +62,9 @@ def cmd_make_synthetic(args) -> None:
     check_output_dir(out, force=args.force, kind="source")
     cfg = synthetic_config(depth, exits)
     need = 2 * sum(numel(s) for s in tensor_shapes(cfg).values())
-    parent = out.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    free = shutil.disk_usage(parent).free
-    if need > free:
-        raise UserError(f"--out {out}: needs {need / 1e9:.1f} GB, {parent} has {free / 1e9:.1f} GB free")
+    free = free_bytes(out.resolve())
+    if free is not None and need > free:
+        raise UserError(f"--out {out}: needs {need / 1e9:.1f} GB, its file system has {free / 1e9:.1f} GB free")
     shard = int((args.shard_gb or 5.0) * 1e9)
     with atomic_dir(out, force=args.force, kind="source") as tmp:
         report = write_synthetic(tmp, depth, exits, seed=args.seed or 0, shard_bytes=shard)

@@ -32,7 +32,7 @@ def _validated(cls, flags: dict | None = None, **kw):
         return cls(**kw)
     except ValidationError as e:
         err = e.errors()[0]
-        field = str(err["loc"][0]) if err["loc"] else next(iter(flags or {}), cls.__name__.lower())
+        field = str(err["loc"][0])
         flag = {**FLAGS, **(flags or {})}.get(field, "--" + field.replace("_", "-"))
         raise UserError(f"{flag}: {err['msg'].removeprefix('Value error, ')}") from None
 

@@ -1,4 +1,14 @@
-"""The one exception a user can cause. The CLI prints it as one line and exits with code 2."""
+"""The one exception a user can cause, and the OS failures that are the user's too (a full disk,
+permissions): the CLI prints either as one line and exits with code 2."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import shutil
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -17,3 +27,64 @@ def require(module: str, what: str, install: str) -> None:
     import importlib.util
     if importlib.util.find_spec(module) is None:
         raise UserError(f"{what} needs {module} ({install})")
+
+
+OS_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG,
+             errno.ENOTDIR, errno.EISDIR, errno.EFBIG, errno.EMFILE, errno.EIO)
+# the OS errors a user can cause (a full disk, permissions, ...): one line and exit code 2, not a bug
+
+
+# --- failed writes -------------------------------------------------------------------------
+def write_problem(e: BaseException, path: Path | None = None) -> str | None:
+    """The reason a write failed, in the OS's words, when the OS refused it (disk full, quota,
+    read-only, ...); None when the failure is a bug. Writers lose the errno in two ways: numpy's
+    `tofile` (GGUF tensors) reports only a short write, and safetensors' (Rust) writer puts the OS
+    error in its message."""
+    if isinstance(e, OSError) and e.errno in OS_ERRORS:
+        return e.strerror or os.strerror(e.errno)
+    text = str(e)
+    m = re.search(r"\(os error (\d+)\)|Os \{ code: (\d+)", text)      # Rust's io::Error, shown or debugged
+    code = int(m.group(1) or m.group(2)) if m else None
+    if code in OS_ERRORS:
+        return os.strerror(code)
+    if isinstance(e, OSError) and e.errno is None and re.fullmatch(r"\d+ requested and \d+ written", text):
+        if too_little_space(path, 1 << 20):
+            return os.strerror(errno.ENOSPC)
+        return f"the write stopped short ({text}; {free_bytes(path)} bytes free there)"
+    return None
+
+
+def too_little_space(path: Path | None, need: int) -> bool:
+    """Whether the file system that `path` would be on has fewer than `need` bytes free (for
+    writers that report a failure without the OS's reason)."""
+    free = free_bytes(path)
+    return free is not None and free < need
+
+
+def free_bytes(path: Path | None) -> int | None:
+    """Bytes free on the file system that `path` is (or would be) on; None when unknown."""
+    if path is None:
+        return None
+    folder = Path(path)
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def writing(path: Path):
+    """Around one file's writer: a write the OS refused becomes an OSError that names the file and
+    gives the OS's reason (atomic_dir, or the CLI, makes it one line)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        problem = write_problem(e, path)
+        if problem is None or (isinstance(e, OSError) and e.filename):   # a bug, or names its file
+            raise
+        code = e.errno if isinstance(e, OSError) and e.errno in OS_ERRORS else errno.EIO
+        raise OSError(code, problem, str(path)) from None

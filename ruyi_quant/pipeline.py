@@ -209,8 +209,8 @@ def run_job(job: Job, base: Path, force: bool = False, progress: bool = True,
             say=print, index: int = 0) -> dict:
     """Run one job; returns its summary ({'status': 'done'|'skipped', ...})."""
     out, src, calib, ev = check_job(job, base, index)
-    sweep(out.parent)                          # a dead run's leftovers, whether or not the job runs
     if not force and manifest_ok(out, job.digest()):
+        sweep(out.parent)                      # a dead run's leftovers (atomic_dir sweeps when it runs)
         say(f"[{job.name}] outputs complete and unchanged in {out}: skipped")
         return {"status": "skipped", "output": str(out)}
     t0 = time.perf_counter()

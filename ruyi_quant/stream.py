@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .fsutil import writing
+from .errors import writing
 
 ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
              torch.int32: "I32", torch.int64: "I64", torch.uint8: "U8", torch.int8: "I8", torch.bool: "BOOL"}

@@ -6,7 +6,7 @@ unchanged digest, not by passing tests alone.
     python scripts/behaviour_digest.py after.json --compare before.json
 
 Files that hold timings (the JSON manifests) are digested with their volatile keys removed
-(`seconds`, `*_seconds`, `cache_s`, peak memory, and a manifest's `artifacts`/`files` hashes, which cover those
+(`seconds`, `*_seconds`, `cache_s`, peak memory, and a manifest's `artifacts`/`files` hashes and `sizes`, which cover those
 same files) and the temporary work folder's path replaced by `<work>`; every other file is
 digested byte for byte. `--keep DIR` keeps the outputs for a closer look.
 """
@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VOLATILE = ("seconds", "cache_s", "artifacts", "files", "peak_rss_gb", "peak_device_gb")
+VOLATILE = ("seconds", "cache_s", "artifacts", "files", "sizes", "peak_rss_gb", "peak_device_gb")
 
 TINY_RECIPE = """
 defaults:

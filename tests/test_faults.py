@@ -183,11 +183,11 @@ def small_disk(tmp_path):
     where = tmp_path / "disk"
     where.mkdir()
     if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root; the simulated full-disk tests still run")
+        pytest.skip(reason="mounting a small tmpfs needs root; the simulated full-disk tests still run")
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(where)],
                           capture_output=True, text=True)
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); the simulated tests still run")
+        pytest.skip(reason=f"cannot mount a tmpfs here ({done.stderr.strip()}); the simulated tests still run")
     try:
         yield where
     finally:
@@ -312,12 +312,12 @@ WRITERS = {    # writer -> (the patch, the command that reaches it, what the lin
 @pytest.mark.parametrize("writer", sorted(WRITERS))
 def test_every_writer_under_a_full_disk_is_one_line_naming_its_file(writer, family, tmp_path, capsys,
                                                                    monkeypatch):
-    import ruyi_quant.fsutil
+    import ruyi_quant.errors
     pytest.importorskip("onnx")
     apply, argv, needle = WRITERS[writer]
     out = tmp_path / "new" / "out"
     main(["inspect", "builtin:tiny"])                     # the cache is built before the disk fills
-    monkeypatch.setattr(ruyi_quant.fsutil, "_free_bytes", lambda path: 0)
+    monkeypatch.setattr(ruyi_quant.errors, "free_bytes", lambda path: 0)
     apply(monkeypatch)
     capsys.readouterr()
     code = main([a.format(family=family) for a in argv] + ["--out", str(out)])
@@ -331,7 +331,7 @@ def test_every_writer_under_a_full_disk_is_one_line_naming_its_file(writer, fami
 def test_safetensors_own_writer_under_a_full_disk_names_its_file(tmp_path, monkeypatch):
     """save_file (Rust) puts the OS error in its message: read back as the OS's reason, with the file."""
     import ruyi_quant.model.io as io
-    from ruyi_quant.fsutil import write_problem
+    from ruyi_quant.errors import write_problem
     from ruyi_quant.model.config import parse_config
     from ruyi_quant.model.familial import FamilialModel
     from ruyi_quant.tiny import tiny_config
@@ -383,9 +383,9 @@ def test_llama_cpps_quantizer_on_a_full_disk_is_one_line_naming_its_file(tiny_di
     """llama.cpp's quantizer (K-quants) reports only a non-zero code: on a file system with less
     room than its input, that is a full disk, named with the file, and nothing is left."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    import ruyi_quant.fsutil
+    import ruyi_quant.errors
     monkeypatch.setattr(llama_cpp, "llama_model_quantize", lambda src, dst, params: 1)
-    monkeypatch.setattr(ruyi_quant.fsutil, "_free_bytes", lambda path: 4096)
+    monkeypatch.setattr(ruyi_quant.errors, "free_bytes", lambda path: 4096)
     out = tmp_path / "new" / "out"
     code = main(["export", str(tiny_dir), "--format", "gguf", "--type", "q6_k", "--exits", "2",
                  "--no-imatrix", "--out", str(out)])
@@ -393,7 +393,7 @@ def test_llama_cpps_quantizer_on_a_full_disk_is_one_line_naming_its_file(tiny_di
     assert code == 2 and len(err) == 1, err
     assert f"{out}/exit-2/" in err[0] and "No space left on device" in err[0], err
     assert list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(ruyi_quant.fsutil, "_free_bytes", lambda path: 1 << 40)   # room enough: a failure
+    monkeypatch.setattr(ruyi_quant.errors, "free_bytes", lambda path: 1 << 40)   # room enough: a failure
     code = main(["export", str(tiny_dir), "--format", "gguf", "--type", "q6_k", "--exits", "2",
                  "--no-imatrix", "--out", str(out)])
     err = messages(capsys.readouterr().err)

@@ -107,7 +107,7 @@ def test_the_probed_row_block_is_the_smallest_that_packs_alike():
     block = kernel.row_block()
     half = block // 2
     if half % kernel.n_multiple:
-        pytest.skip(f"the row block {block} is the op's smallest packable piece")
+        pytest.skip(reason=f"the row block {block} is the op's smallest packable piece: no smaller piece to compare")
     codes = torch.randint(0, 16, (2 * block, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(1))
     pieces = torch.cat([kernel._pack(codes[r:r + half]) for r in range(0, 2 * block, half)])
     assert not torch.equal(pieces, kernel._pack(codes))

@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .. import names
-from ..errors import UserError
-from ..fsutil import read_json, writing
+from ..errors import UserError, writing
+from ..fsutil import read_json
 from .config import read_config
 from .familial import FamilialModel
 

@@ -9,8 +9,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from ...errors import UserError
-from ...fsutil import too_little_space
+from ...errors import UserError, too_little_space
 
 K_QUANTS = ("q4_k_m", "q5_k_m", "q6_k")
 LLAMA_FTYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",

@@ -13,8 +13,7 @@ from gguf import GGUFValueType as V
 from gguf import Keys
 
 from ... import __version__
-from ...errors import UserError
-from ...fsutil import writing
+from ...errors import UserError, writing
 from ...quant.family import QuantizedFamily
 from ..provenance import provenance
 from .tensors import ARCH, GGUFOptions, LazyArray

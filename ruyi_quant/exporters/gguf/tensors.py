@@ -20,8 +20,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from ... import names
-from ...errors import UserError
-from ...fsutil import writing
+from ...errors import UserError, writing
 from ...quant.family import QuantizedFamily
 from .ggml import NotExact, block_groups, encode_grid, grid_type
 

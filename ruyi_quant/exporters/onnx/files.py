@@ -14,7 +14,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from ... import __version__
-from ...fsutil import writing
+from ...errors import writing
 from ...model.io import copy_tokenizer
 from ..provenance import provenance
 from .graph import Decoder, check_onnx
