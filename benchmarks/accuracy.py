@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from ruyi_quant.checkpoint import QuantizedFamily
+from ruyi_quant.store.checkpoint import QuantizedFamily
 from ruyi_quant.evaluate import evaluate
-from ruyi_quant.model.io import load_model
+from ruyi_quant.store.checkpoint import load_model
 from ruyi_quant.pipeline import calib_windows, eval_windows, quantize
 from ruyi_quant.sources import resolve_model
 from ruyi_quant.recipe import Calibration, Eval, Quantize

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ruyi_quant.checkpoint import load_family
+from ruyi_quant.store.checkpoint import load_family
 from ruyi_quant.report import markdown_table
 from ruyi_quant.runtime.generate import generate
 from ruyi_quant.runtime.model import int4_model

@@ -28,10 +28,10 @@ import gguf
 import numpy as np
 import torch
 
-from ruyi_quant.checkpoint import QuantizedFamily
+from ruyi_quant.store.checkpoint import QuantizedFamily
 from ruyi_quant.exporters import gguf as G
 from ruyi_quant.exporters.gguf import imatrix as IM
-from ruyi_quant.model.io import load_model
+from ruyi_quant.store.checkpoint import load_model
 from ruyi_quant.pipeline import calib_windows, eval_windows, quantize
 from ruyi_quant.sources import resolve_model
 from ruyi_quant.recipe import Calibration, Eval, Provenance, Quantize

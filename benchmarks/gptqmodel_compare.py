@@ -45,7 +45,7 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
 
 import torch  # noqa: E402
 
-from ruyi_quant.checkpoint import load_family  # noqa: E402
+from ruyi_quant.store.checkpoint import load_family  # noqa: E402
 from ruyi_quant.evaluate import compare  # noqa: E402
 from ruyi_quant.pipeline import calib_windows, eval_windows  # noqa: E402
 from ruyi_quant.sources import resolve_model  # noqa: E402

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ruyi_quant.checkpoint import load_family
+from ruyi_quant.store.checkpoint import load_family
 from ruyi_quant.runtime.model import int4_model
 from ruyi_quant.runtime.validate import model_bytes, speed, timed
 

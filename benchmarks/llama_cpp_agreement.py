@@ -24,7 +24,7 @@ from torch import nn
 
 from ruyi_quant.evaluate import token_stats
 from ruyi_quant.exporters import gguf as G
-from ruyi_quant.model.io import load_model
+from ruyi_quant.store.checkpoint import load_model
 from ruyi_quant.pipeline import eval_windows, quantize
 from ruyi_quant.sources import resolve_model
 from ruyi_quant.recipe import Eval, Provenance, Quantize

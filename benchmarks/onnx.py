@@ -34,13 +34,14 @@ import onnxruntime as ort
 import onnxruntime_genai as og
 import torch
 
-from ruyi_quant.checkpoint import load_family
+from ruyi_quant.store.checkpoint import load_family
 from ruyi_quant.evaluate import summarise, token_stats
 from ruyi_quant.exporters import onnx as X
-from ruyi_quant.fsutil import disk_bytes
-from ruyi_quant.model.io import load_model
-from ruyi_quant.pipeline import calib_windows, eval_windows, export_hf, quantize
-from ruyi_quant.recipe import Calibration, Eval, GPTQOptions, ONNXExport, Override, Provenance, Quantize
+from ruyi_quant.store.files import disk_bytes
+from ruyi_quant.store.checkpoint import load_model
+from ruyi_quant.exporters import export
+from ruyi_quant.pipeline import calib_windows, eval_windows, quantize
+from ruyi_quant.recipe import Calibration, Eval, GPTQOptions, HFExport, ONNXExport, Override, Provenance, Quantize
 from ruyi_quant.sources import resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,7 +198,7 @@ def main() -> None:
     last = exits[-1]
     if last == ref_fam.config.exits[-1]:
         hf = work / "hf-float"
-        export_hf(ref_fam, hf, src, [last], "float", "float32", progress=False)
+        export(ref_fam, hf, src, HFExport(exits=[last], weights="float", dtype="float32"), progress=False)
         rc, err = builder(hf / f"exit-{last}", work / "builder", work / "builder-cache")
         if rc == 0:
             d = work / "builder"
@@ -207,7 +208,7 @@ def main() -> None:
             notes["rows"].append(row)
         notes["builder"] = {"returncode": rc, "error": err}
         gptq_hf = work / "hf-gptq"          # the builder on our own GPTQ export (K = 576 at group 128)
-        export_hf(fam, gptq_hf, src, [last], "gptq", "float32", progress=False)
+        export(fam, gptq_hf, src, HFExport(exits=[last], weights="gptq", dtype="float32"), progress=False)
         rc, err = builder(gptq_hf / f"exit-{last}", work / "builder-gptq", work / "builder-cache")
         notes["builder_on_our_gptq_g128"] = {"returncode": rc, "error": err}
     notes["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6

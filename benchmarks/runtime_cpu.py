@@ -38,8 +38,10 @@ from gguf_vs_llama import llama_logits, score  # noqa: E402  (benchmarks/ is sys
 # benchmarks/onnx.py would shadow the onnx package: drop this folder from the path now
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from ruyi_quant.checkpoint import load_family
-from ruyi_quant.pipeline import calib_windows, eval_windows, export_gguf, export_onnx, quantize
+from ruyi_quant.model import layout
+from ruyi_quant.store.checkpoint import load_family
+from ruyi_quant.exporters import export
+from ruyi_quant.pipeline import calib_windows, eval_windows, quantize
 from ruyi_quant.recipe import Calibration, Eval, GGUFExport, GPTQOptions, ONNXExport, Provenance, Quantize
 from ruyi_quant.runtime.model import int4_model
 from ruyi_quant.runtime.validate import model_bytes, runtime_report, speed
@@ -95,7 +97,7 @@ def kernels(fam) -> list[dict]:
             f()
             n += 1
         return 1e6 * (time.perf_counter() - t0) / n
-    head = names.head_prefix(fam.config.shared_heads, 0)
+    head = layout.head_prefix(fam.config.shared_heads, 0)
     rows = []
     for name in [f"model.layers.0.{m}" for m in ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj",
                                                 "mlp.down_proj")] + [head]:
@@ -179,8 +181,8 @@ def main() -> None:
 
     # table 2: the same exits in four runtimes, against one float32 reference
     embed = "head" if fam.config.tie_word_embeddings and "lm_head" in fam.grids else "int8"
-    export_gguf(fam, work / "gguf", src, GGUFExport(exits=exits), progress=False)
-    export_onnx(fam, work / "onnx", src, ONNXExport(exits=exits, embed=embed, accuracy_level=4), progress=False)
+    export(fam, work / "gguf", src, GGUFExport(exits=exits), progress=False)
+    export(fam, work / "onnx", src, ONNXExport(exits=exits, embed=embed, accuracy_level=4), progress=False)
     ob = onnx_bench()
     hd = ref_fam.config.head_dim
     notes["rows"] = []

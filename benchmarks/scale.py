@@ -71,7 +71,7 @@ def step(name: str, code: str, args: list[str], rows: list[dict]) -> dict:
 
 
 def gb(path: Path) -> float:
-    from ruyi_quant.fsutil import disk_bytes
+    from ruyi_quant.store.files import disk_bytes
     return disk_bytes(path) / 1e9
 
 
@@ -126,7 +126,7 @@ def main() -> None:
 def multi_check(fam_dir: Path, multi: Path) -> dict:
     """The multi-exit file against the sum of the family's distinct tensors as GGUF data."""
     import gguf
-    from ruyi_quant.checkpoint import load_family
+    from ruyi_quant.store.checkpoint import load_family
     from ruyi_quant import names
     from ruyi_quant.exporters.gguf.tensors import GGUFOptions, family_arrays
     f = load_family(fam_dir)

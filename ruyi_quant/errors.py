@@ -1,10 +1,13 @@
 """The one exception a user can cause, and the OS failures that are the user's too (a full disk,
-permissions): the CLI prints either as one line and exits with code 2."""
+permissions): the CLI prints either as one line and exits with code 2. Beside them, the checked
+readers (a bad JSON or text file is one line naming it) and the rule for names a user gives to files
+and folders."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
 import shutil
@@ -88,3 +91,50 @@ def writing(path: Path):
             raise
         code = e.errno if isinstance(e, OSError) and e.errno in OS_ERRORS else errno.EIO
         raise OSError(code, problem, str(path)) from None
+
+
+# --- checked readers ----------------------------------------------------------------------
+def read_text(path: Path, what: str = "file") -> str:
+    """A UTF-8 text file; a missing, unreadable or non-UTF-8 file is one UserError naming it."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read this {what} ({e.strerror})") from None
+    if b"\x00" in data:
+        raise UserError(f"{path}: binary data (NUL bytes), not a UTF-8 text {what}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
+
+
+def read_json(path: Path, what: str = "JSON file"):
+    text = read_text(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+
+# --- names a user gives to files and folders -----------------------------------------------
+NAME_MAX = 200                       # bytes of a name we make a file or folder of (with room to
+                                     # add "-eNN-q4_k_m.gguf" and the temporary suffix)
+
+
+def name_problem(name: str) -> str | None:
+    """Why a name given for a file or folder (an export's `--name`, a job's name, an export's
+    folder) is not one plain path component inside its folder, or None when it is: not empty, no
+    '/' or '\\', not '.', '..' or any hidden name (a leading '.': our temporaries look so), no
+    control characters, at most NAME_MAX bytes."""
+    if not name or not name.strip():
+        return "is empty"
+    if "/" in name or "\\" in name:
+        return "holds a path separator; give a plain name (one path component)"
+    if name.startswith("."):
+        return "starts with '.'; give a plain name (not '.', '..' or a hidden name)"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "holds a control character"
+    if len(name.encode()) > NAME_MAX:
+        return f"is longer than {NAME_MAX} bytes"
+    return None

@@ -1,21 +1,23 @@
 """Reference vs quantized, per exit: perplexity, KL(ref || quant), top-1 agreement, bytes.
 
-Both families run every exit from one pass of the shared trunk, layer by layer (one layer or
-head of each in memory at a time, whatever the family's size: quant.family.Weights), every
+Both families run every exit from one pass of the shared trunk on the streamed walk
+(quant/walk.py: one layer or head of each in memory at a time, whatever the family's size), every
 batch through a layer before the next layer is read. All maths in float32.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import closing
 
 import torch
 from tqdm.auto import tqdm
 
+from .model.layout import head_prefix
 from . import names
-from .checkpoint import QuantizedFamily
+from .quant.family import QuantizedFamily
 from .model.familial import FamilialModel
-from .quant.family import Weights, embed
+from .quant.walk import Walk
 
 
 def kl_rows(ref_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
@@ -64,31 +66,23 @@ def compare_families(ref: QuantizedFamily, quant: QuantizedFamily, windows: torc
     """compare() of two families, streamed: the same numbers as compare() of their dequantized
     models, bit for bit (the same float32 operations on every batch), with one layer of each
     family in memory instead of both whole models."""
-    cpu = torch.device("cpu")
-    wr, wq = Weights(ref, cpu), Weights(quant, cpu)
+    walks = [Walk(ref, windows, batch, exits=exits), Walk(quant, windows, batch, exits=exits)]
     batches = list(windows.split(batch))
-    xr, xq = embed(ref, windows, batch), embed(quant, windows, batch)
-    kws = [wr.model.layer_kwargs(x) for x in xr]
-    want, last = set(exits), max(exits)
-    steps = [s for s in ref.config.walk()
-             if (s.kind == "exit" and s.layer in want) or (s.kind != "exit" and s.layer < last)]
     sums: dict[int, dict] = {e: {} for e in exits}
-    for step in tqdm(steps, desc="eval", unit="layer", disable=not progress, leave=False):
-        if step.kind != "exit":
-            for w, xs in ((wr, xr), (wq, xq)):
-                layer = w.load(step.prefix)
-                xs[:] = [layer(x, **kw) for x, kw in zip(xs, kws)]
-                w.drop(step.prefix)
-            continue
-        head, norm = names.head_prefix(ref.config.shared_heads, step.j), names.EXIT_NORM.format(j=step.j)
-        parts = [(w.load(step.prefix), w.load(norm), w.load(head)) for w in (wr, wq)]
-        for i, ids in enumerate(batches):
-            r, q = (h(n(layer(xs[i], **kws[i]))) for (layer, n, h), xs in zip(parts, (xr, xq)))
-            for k, v in token_stats(r, q, ids).items():
-                sums[step.layer][k] = sums[step.layer].get(k, 0) + v
-        for w in (wr, wq):
-            for prefix in (step.prefix, norm, head):
-                w.drop(prefix)
+    with closing(walks[0].steps(progress=progress, desc="eval")) as ref_steps, \
+            closing(walks[1].steps()) as quant_steps:
+        for (step, r_out), (_, q_out) in zip(ref_steps, quant_steps):
+            if step.kind != "exit":
+                continue
+            head, norm = head_prefix(ref.config.shared_heads, step.j), names.EXIT_NORM.format(j=step.j)
+            parts = [(w.load(norm), w.load(head)) for w in walks]
+            for i, ids in enumerate(batches):
+                r, q = (h(n(out[i])) for (n, h), out in zip(parts, (r_out.batches, q_out.batches)))
+                for k, v in token_stats(r, q, ids).items():
+                    sums[step.layer][k] = sums[step.layer].get(k, 0) + v
+            for w in walks:
+                for prefix in (norm, head):
+                    w.drop(prefix)
     return summarise(sums)
 
 

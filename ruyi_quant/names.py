@@ -1,14 +1,18 @@
-"""The one table of tensor and module names.
+"""The one table of names: tensors and modules (Ruyi's, a plain model's, llama.cpp's), and the
+files every directory of ours carries.
 
 Our familial module tree mirrors Ruyi's checkpoint names, so `state_dict()` keys are Ruyi's keys.
 Everything that renames a tensor (plain checkpoints in, per-exit checkpoints out) goes through
-the templates and functions here; no other module spells a tensor name.
+the templates and functions here; no other module spells a tensor name. What the names stand for
+(the decoder layer's linears, the walk, each exit's parts) is model/layout.py.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+
+# --- files -------------------------------------------------------------------------------
+MARKER = "ruyi_quant.json"          # the manifest every directory we write carries
 
 # --- familial (Ruyi) checkpoint -------------------------------------------------------------
 EMBED = "model.embed_tokens"
@@ -25,85 +29,6 @@ PLAIN_HEAD = "lm_head"
 
 # Tensors that some checkpoints carry and nobody needs.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-# Linear modules inside one decoder layer, in execution order, and whether they carry a bias
-# (Qwen2: q/k/v do; a Llama source gets zero biases on load, which is exact).
-LAYER_LINEARS: dict[str, bool] = {
-    "self_attn.q_proj": True,
-    "self_attn.k_proj": True,
-    "self_attn.v_proj": True,
-    "self_attn.o_proj": False,
-    "mlp.gate_proj": False,
-    "mlp.up_proj": False,
-    "mlp.down_proj": False,
-}
-LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
-# Linears that read the same input, in the order a layer computes them: calibration quantizes
-# one group, then re-captures the next group's inputs through the quantized ones.
-SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                     ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
-
-
-def branch_prefix(exits: list[int], num_layers: int, j: int) -> str:
-    """Module prefix of exit j's branch layer: its own eelayer, or (the last exit) trunk layer N-1."""
-    return TRUNK_LAYER.format(i=num_layers - 1) if exits[j] == num_layers - 1 else BRANCH_LAYER.format(j=j)
-
-
-def head_prefix(shared_heads: bool, j: int) -> str:
-    return SHARED_HEAD if shared_heads else HEAD.format(j=j)
-
-
-# --- the family's structure: one walk, one map per exit ----------------------------------------
-# Exits are addressed two ways, one per layer of the API: users and files name an exit by its
-# trunk layer `e` (config `early_exit_points`, `--exits 12,29`, `exit-29/`); code that indexes
-# the family's lists (branch layers, norms, heads) uses its position `j` (`exits[j] == e`).
-
-@dataclass(frozen=True)
-class Step:
-    """One layer of the family's walk: a trunk layer, or an exit's branch layer."""
-    kind: str                  # "trunk" | "exit"
-    layer: int                 # trunk layer i; for an exit, its layer e (it reads layer e's input)
-    prefix: str                # module prefix of the layer that runs
-    j: int = -1                # exit position (exits only)
-
-
-def walk(exits: list[int], num_layers: int):
-    """The layers in the order one pass computes them. At exit e < N-1: the exit's branch layer
-    (on the input trunk layer e gets), then trunk layer e. The last exit's branch is trunk layer
-    N-1 itself, so that layer appears once, as the exit."""
-    for i in range(num_layers):
-        if i in exits:
-            j = exits.index(i)
-            yield Step("exit", i, branch_prefix(exits, num_layers, j), j)
-        if i != exits[-1]:
-            yield Step("trunk", i, TRUNK_LAYER.format(i=i))
-
-
-@dataclass(frozen=True)
-class ExitMap:
-    """Exit j as a plain Qwen2 model of e+1 layers: trunk layers 0..e-1, then the branch layer as
-    layer e, the exit's norm as the final norm, its head as lm_head."""
-    j: int
-    layer: int                 # e
-    branch: str                # module prefixes in the family
-    norm: str
-    head: str
-    modules: dict              # familial module prefix -> plain module prefix
-
-    def rename(self, name: str) -> str | None:
-        """A familial tensor name -> its name in this exit's plain model (None: not in it)."""
-        return rename(name, self.modules)
-
-
-def exit_map(exits: list[int], num_layers: int, shared_heads: bool, j: int) -> ExitMap:
-    e = exits[j]
-    branch, norm, head = branch_prefix(exits, num_layers, j), EXIT_NORM.format(j=j), head_prefix(shared_heads, j)
-    modules = {EMBED: EMBED}
-    for i in range(e):
-        modules[TRUNK_LAYER.format(i=i)] = PLAIN_LAYER.format(i=i)
-    modules.update({branch: PLAIN_LAYER.format(i=e), norm: PLAIN_NORM, head: PLAIN_HEAD})
-    return ExitMap(j, e, branch, norm, head, modules)
-
 
 def rename(name: str, prefix_map: dict[str, str]) -> str | None:
     """Rename a tensor by the longest matching module prefix; None if no prefix matches."""
@@ -178,8 +103,9 @@ def gguf_multi_name(familial_name: str) -> str:
     raise KeyError(f"no GGUF name for {familial_name}")
 
 
-def gguf_multi_to_exit(name: str, exit_map: ExitMap) -> str | None:
-    """A multi-exit GGUF tensor name -> its name in the exit's stock file (None: not in it)."""
+def gguf_multi_to_exit(name: str, exit_map) -> str | None:
+    """A multi-exit GGUF tensor name -> its name in the exit's stock file (None: not in it);
+    `exit_map`: the exit's model.layout.ExitMap."""
     shared_heads = exit_map.head == SHARED_HEAD
     m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
     if m:

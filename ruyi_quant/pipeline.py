@@ -18,20 +18,18 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import QuantizedFamily, Spill, load_family, save_family
-from .data import load_tokenizer, text_windows
+from . import exporters
+from .store.checkpoint import QuantizedFamily, Spill, load_family, save_family
+from .text import load_tokenizer, text_windows
 from .errors import UserError
 from .evaluate import evaluate
-from .fsutil import atomic_dir, intact, read_manifest, scratch_dir, sweep, write_marker
+from .store.files import atomic_dir, intact, read_manifest, scratch_dir, sweep, write_marker
 from .quant.plan import QuantSpec, make_plan
 from .quant.rtn import rtn_family, rtn_lazy
 from .preflight import CALIBRATED, check_job
 from .sources import resolve_model
 from .recipe import JOB_FAMILY, Eval, Job, Provenance, Quantize
-from .resources import Stages
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
+from .log import Stages
 
 def quantize(source, settings: Quantize, calib: torch.Tensor | None = None,
              progress: bool = True, spill=None) -> QuantizedFamily:
@@ -123,61 +121,6 @@ def calib_windows(model_dir: Path, cal) -> torch.Tensor:
                         cal.field)
 
 
-def export_hf(fam: QuantizedFamily, out_root: Path, tokenizer_dir: Path, exits, weights: str,
-              dtype: str, progress: bool = True) -> list[Path]:
-    """One Qwen2 checkpoint per exit under out_root/exit-E (out_root is a fresh directory)."""
-    from tqdm.auto import tqdm
-    from .exporters.hf import check_awq, export_exit
-    if weights == "awq" and fam.modules:
-        check_awq(fam)                 # before any progress bar: one clean line if refused
-    written = []
-    for e in tqdm(fam.config.exit_list(exits), desc="export hf", unit="exit", disable=not progress,
-                  leave=False):
-        d = out_root / f"exit-{e}"
-        d.mkdir(parents=True)
-        export_exit(fam, e, d, tokenizer_dir, weights, DTYPES[dtype])
-        written.append(d)
-    return written
-
-
-def export_gguf(fam: QuantizedFamily, out_root: Path, tokenizer_dir: Path, ex,
-                progress: bool = True, calib=None) -> dict:
-    """The GGUF files of one export (exporters/gguf/export.py). `calib`: the Calibration section
-    that K-quants' importance matrix is computed from (default: the recipe default)."""
-    from .exporters import gguf
-    from .exporters.gguf import imatrix
-    from .recipe import Calibration
-
-    def windows():
-        cal = calib or Calibration()
-        w = calib_windows(tokenizer_dir, cal)
-        return w, imatrix.provenance_kv(cal, len(w))
-    return gguf.export(fam, out_root, tokenizer_dir, ex, progress, windows)
-
-
-def export_onnx(fam: QuantizedFamily, out_root: Path, tokenizer_dir: Path, ex,
-                progress: bool = True) -> dict:
-    """The ONNX folders of one export (exporters/onnx/export.py)."""
-    from .exporters import onnx
-    return onnx.export(fam, out_root, tokenizer_dir, ex, progress)
-
-
-def export_folder(ex, fam: QuantizedFamily) -> str:
-    """Where an export goes inside a job's output: its `folder`, else e.g. hf-gptq, hf-bfloat16,
-    gguf-q4_0."""
-    if ex.folder:
-        return ex.folder
-    if ex.format == "gguf":
-        from .exporters.gguf import label
-        return f"gguf-{label(fam, ex.type)}"
-    if ex.format == "onnx":
-        from .exporters.onnx import label
-        return f"onnx-{label(fam, ex)}"
-    if ex.weights == "auto":
-        return f"{ex.format}-{fam.layout if fam.modules else ex.dtype}"
-    return f"{ex.format}-{ex.dtype if ex.weights == 'float' else ex.weights}"
-
-
 def eval_report(ref: QuantizedFamily, fam: QuantizedFamily, model_dir: Path, ev: Eval,
                 out_dir: Path | None, progress: bool = True) -> dict:
     windows = eval_windows(model_dir, ev)
@@ -228,19 +171,15 @@ def run_job(job: Job, base: Path, force: bool = False, progress: bool = True,
             save_family(fam, tmp / JOB_FAMILY, src)
         done("quantize")
         fam = load_family(tmp / JOB_FAMILY, hashes=False)   # exports read it as just written, lazily
-        folders = [export_folder(ex, fam) for ex in job.export]
+        formats = [exporters.get(ex.format) for ex in job.export]
+        folders = [fmt.folder(fam, ex) for fmt, ex in zip(formats, job.export)]
         dup = next((f for f in folders if folders.count(f) > 1), None)
         if dup:
             raise UserError(f"job {job.name}: two exports write to '{dup}'; give one a 'folder'")
-        for ex, folder in zip(job.export, folders):
+        for fmt, ex, folder in zip(formats, job.export, folders):
             say(f"[{job.name}] exporting {ex.format} -> {folder}/")
             with stages.stage(f"export {folder}"):
-                if ex.format == "gguf":
-                    export_gguf(fam, tmp / folder, src, ex, progress, calib)
-                elif ex.format == "onnx":
-                    export_onnx(fam, tmp / folder, src, ex, progress)
-                else:
-                    export_hf(fam, tmp / folder, src, ex.exits, ex.weights, ex.dtype, progress)
+                fmt.export(fam, tmp / folder, src, ex, progress, calib)
             done(folder)
         summary: dict = {"status": "done", "output": str(out), "method": fam.method,
                          "family_bytes": fam.size()[1]}

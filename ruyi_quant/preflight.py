@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .data import check_source
-from .errors import UserError, require
-from .fsutil import check_output_dir
+from .text import check_source
+from .errors import UserError
+from .store.files import check_output_dir
 from .recipe import Eval, Job, Quantize
 from .sources import resolve_model
 
@@ -36,7 +36,7 @@ def preflight(src: Path, q: Quantize | None = None, cal=None, ev: Eval | None = 
     """Everything about a run that can be checked before the work, from the model's config alone:
     the device, text sources (readable UTF-8 text), sequence lengths against the model, the
     tokenizer. `label(section, key)` names the flag or recipe key in errors."""
-    from .data import check_tokenizer
+    from .text import check_tokenizer
     from .model.config import read_config
     from .quant.calibrate import pick_device
     cfg = read_config(src)
@@ -117,17 +117,13 @@ def check_job(job: Job, base: Path, index: int = 0) -> tuple[Path, Path, object,
 
 def check_exports(job: Job, cfg, key: str) -> None:
     """Whether every export of the job can hold the grids its quantize section will make, decided
-    from the plan (on a meta model) before anything is computed: the checks the exporters make on
-    a finished family, run on what it will be."""
-    from .exporters.gguf.llamacpp import K_QUANTS
-    from .exporters.gguf.ggml import block_groups
-    from .exporters.gguf.tensors import TYPES, check_grid
-    from .exporters.hf import check_awq_plan
-    from .model.familial import FamilialModel
+    from the plan (on a meta model) before anything is computed: each format's own check, run on
+    what the family will be."""
+    from . import exporters
+    from .model.familial import skeleton
     from .quant.plan import QuantSpec, make_plan
     q = job.quantize
-    with torch.device("meta"):
-        model = FamilialModel(cfg)
+    model = skeleton(cfg)
     plan = {} if q.method == "none" else make_plan(
         model, QuantSpec(q.bits, q.group_size, q.sym), q.heads, q.overrides)
     widths = {m: model.get_submodule(m).in_features for m in plan}
@@ -136,6 +132,7 @@ def check_exports(job: Job, cfg, key: str) -> None:
             raise UserError(f"{key}.quantize.group_size: {spec.group_size} is larger than {m}'s "
                             f"{widths[m]} input columns")
     act_order = q.method == "gptq" and q.gptq.act_order and not q.gptq.static_groups
+    target = exporters.Target.planned(cfg, plan, widths, act_order)
     dumps = [ex.model_dump() for ex in job.export]
     for n, ex in enumerate(job.export):
         where = f"{key}.export[{n}]"
@@ -145,25 +142,6 @@ def check_exports(job: Job, cfg, key: str) -> None:
             raise UserError(f"{where}: writes to the same folder as {key}.export[{same}]; give one "
                             "a different 'folder'")
         try:
-            if ex.format == "hf" and ex.weights == "awq" and plan:
-                check_awq_plan(plan, widths, list(plan) if act_order else [])
-            if ex.format == "onnx":
-                for module in ("onnx", "onnxruntime"):
-                    require(module, "format onnx", "pip install 'ruyi-quant[onnx]'")
-                from .exporters.onnx.graph import check_onnx
-                check_onnx(cfg, plan, ex)
-            if ex.format != "gguf":
-                continue
-            if ex.type in K_QUANTS and plan:
-                raise UserError(f"type {ex.type}: llama.cpp's K-quants start from float weights and "
-                                "this job quantizes first; use type auto, or quantize method none")
-            if ex.type in K_QUANTS and ex.multi:
-                raise UserError(f"type {ex.type}: the multi-exit file holds our own grids; drop multi")
-            if cfg.rope_scaled:
-                raise UserError("gguf: scaled RoPE is not exported yet")
-            for m, spec in plan.items():
-                k, gs = widths[m], spec.group_size if spec.group_size > 0 else widths[m]
-                g_idx = torch.randperm(k) // gs if act_order else torch.arange(k) // gs
-                check_grid(m, spec, TYPES.get(ex.type), lambda: block_groups(g_idx, k))
+            exporters.get(ex.format, f"{where}.format").check(target, ex)
         except UserError as e:
             raise UserError(f"{where}: {e}") from None

@@ -24,12 +24,14 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
+import torch
 import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
                       model_validator)
 
 from .errors import UserError
-from .fsutil import MARKER, name_problem
+from .names import MARKER
+from .errors import name_problem
 from .quant.plan import check_bits, check_group_size
 
 
@@ -232,6 +234,46 @@ class Training(Strict):
     seed: int = Field(0, ge=0, lt=SEED_LIMIT)
 
 
+# --- running a family: the int4 runtime and generation ---------------------------------------
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DtypeName = Literal["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"]
+
+
+def dtype_of(name: str) -> torch.dtype:
+    """A floating dtype by its name (bfloat16, float16, float32) or short name (bf16, fp16, fp32)."""
+    return DTYPES[DTYPE_ALIASES.get(name, name)]
+
+
+class Runtime(Strict):
+    """Where and how a family runs on our runtime (generate, chat, eval --runtime)."""
+    device: Annotated[str, AfterValidator(check_device_name)] = "auto"
+    dtype: DtypeName = "bf16"      # activations, and the float side of the model
+    compile: Literal["auto", "on", "off"] = "auto"   # auto: on CUDA (with CUDA graphs)
+
+
+class Sampling(Strict):
+    """How tokens are picked: greedy, or a seeded draw after temperature, top-k and top-p."""
+    max_new_tokens: int = Field(64, ge=1)
+    sample: bool = False
+    temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
+    top_k: int = Field(50, ge=0)   # 0: every token
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT)
+
+    def search(self) -> dict:
+        """The keyword arguments of runtime.generate and the ONNX runner."""
+        return self.model_dump(exclude={"max_new_tokens"})
+
+
+class Benchmark(Strict):
+    """eval --runtime: what is timed per exit."""
+    prefill: int = Field(256, ge=1)          # prompt tokens
+    decode_tokens: int = Field(32, ge=1)     # tokens decoded
+    prompts: int = Field(1, ge=1)            # batch of prompts
+    repeats: int = Field(3, ge=1)            # timed runs (the median is reported)
+
+
 class Provenance(BaseModel):
     """What made a family, kept in its ruyi_quant.json (as `recipe`): the source model and the
     quantize and calibration settings; a recipe job's other keys ride along."""
@@ -291,7 +333,7 @@ def load_recipe(path: str | Path) -> tuple[Recipe, Path]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such recipe file")
-    from .fsutil import read_text
+    from .errors import read_text
     text = read_text(path, "recipe")
     try:
         root = yaml.compose(text)

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from ruyi_quant import data
+from ruyi_quant import text as data
 from ruyi_quant.evaluate import exit_perplexities
-from ruyi_quant.model.generate import greedy_chat
+from ruyi_quant.runtime.generate import greedy_chat
 from ruyi_quant.sources import branches, ruyi_mini, smollm2
-from ruyi_quant.model.io import load_model
+from ruyi_quant.store.checkpoint import load_model
 from ruyi_quant.recipe import Training
-from ruyi_quant.data import load_tokenizer
+from ruyi_quant.text import load_tokenizer
 
 
 def measure(asset: Path, eval_windows: int, seq_len: int) -> dict:

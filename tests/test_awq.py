@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import calib_ids, kl_top1, recording
-from ruyi_quant.checkpoint import load_family, save_family
-from ruyi_quant.model.io import load_model
+from ruyi_quant.store.checkpoint import load_family, save_family
+from ruyi_quant.store.checkpoint import load_model
 from ruyi_quant.quant.awq import AWQ, apply_clip, clipped_rtn, search_clip, search_scales
 from ruyi_quant.quant.calibrate import calibrate
 from ruyi_quant.quant.pack import dequantize, from_awq, to_awq
@@ -139,7 +139,7 @@ def test_awq_gemm_layout_round_trip():
 def awq_run(tiny_dir, eval_ids, tmp_path_factory):
     """The tiny family, AWQ 4-bit g32 asymmetric on trunk and branches, and RTN at that grid;
     `live`: the logits of the family as written in AWQ's layout and read back."""
-    from ruyi_quant.checkpoint import load_family, save_family
+    from ruyi_quant.store.checkpoint import load_family, save_family
     model = load_model(tiny_dir)
     spec = QuantSpec(4, 32, False)
     plan = make_plan(model, spec)

@@ -527,7 +527,7 @@ for name, extra, needles in [
     ("steps -1", "--steps -1", ["--steps"]), ("steps 1", "--steps 1", ["--steps"]), ("steps 2", "--steps 2", ["--steps"]),
     ("windows 0", "--windows 0", ["--windows"]), ("positions 0", "--positions 0", ["--positions"]),
     ("seq-len 0", "--seq-len 0", ["--seq-len"]), ("lr nan", "--lr nan", ["--lr"]), ("lr -1", "--lr -1", ["--lr"]),
-    ("lr inf", "--lr inf", ["--lr"]), ("distill -5", "--distill -5", ["--distill:"]), ("distill 2", "--distill 2", ["--distill:"]),
+    ("lr inf", "--lr inf", ["--lr"]), ("distill -5", "--distill -5", ["--distill -5.0:"]), ("distill 2", "--distill 2", ["--distill 2.0:"]),
     ("seed huge", f"--seed {2 ** 64}", ["--seed"]), ("train missing", "--train {ws}/none.txt", ["none.txt"]),
     ("already a family", "", ["already a family"]),
 ]:

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import needs_smollm2
-from ruyi_quant import data
+from ruyi_quant import text as data
 from ruyi_quant.evaluate import exit_perplexities
-from ruyi_quant.model.generate import greedy_chat
+from ruyi_quant.runtime.generate import greedy_chat
 from ruyi_quant.sources import branches, ruyi_mini
-from ruyi_quant.model.io import load_model
+from ruyi_quant.store.checkpoint import load_model
 
 
 def cli(*args):
@@ -89,7 +89,7 @@ def test_make_familial_refuses_a_family(tiny_dir, tmp_path):
 @pytest.mark.slow
 @needs_smollm2
 def test_ruyi_mini_assembles_and_every_exit_runs():
-    from ruyi_quant.data import load_tokenizer
+    from ruyi_quant.text import load_tokenizer
     from ruyi_quant.sources import resolve_model
     path = resolve_model("builtin:ruyi-mini")
     model = load_model(path, torch.bfloat16)

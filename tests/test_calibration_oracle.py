@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from conftest import calib_ids, recording
+from ruyi_quant.model import layout
 from ruyi_quant import names
-from ruyi_quant.model.io import load_model
+from ruyi_quant.store.checkpoint import load_model
 from ruyi_quant.quant.awq import AWQ
 from ruyi_quant.quant.calibrate import calibrate
 from ruyi_quant.quant.gptq import GPTQ, gptq_quantize
@@ -60,13 +61,13 @@ def oracle_inputs(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         if name.startswith("model.layers."):
             out[name] = x
     for j in range(len(cfg.exits)):
-        branch = names.branch_prefix(cfg.exits, cfg.num_layers, j)
+        branch = layout.branch_prefix(cfg.exits, cfg.num_layers, j)
         for name, x in per_exit[j].items():
             if name.startswith(branch + "."):
                 assert name not in out or torch.equal(out[name], x)
                 out[name] = x
     for j in range(len(cfg.exits)):
-        head = names.head_prefix(cfg.shared_heads, j)
+        head = layout.head_prefix(cfg.shared_heads, j)
         x = per_exit[j][head]
         out[head] = torch.cat([out[head], x]) if head in out else x
     return out

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from ruyi_quant.checkpoint import load_family, save_family
+from ruyi_quant.store.checkpoint import load_family, save_family
 from ruyi_quant.exporters.hf import export_exit
-from ruyi_quant.model.io import load_model
+from ruyi_quant.store.checkpoint import load_model
 from ruyi_quant.quant.plan import QuantSpec, make_plan
 from ruyi_quant.recipe import Override
 from ruyi_quant.quant.rtn import rtn_family
@@ -102,7 +102,7 @@ def test_linear_shapes_of_float_and_quantized_linears(tiny_dir):
 
 def tied_model(seed: int = 3):
     """A tiny family with one head tied to the embedding (as SmolLM2 and ruyi-mini have)."""
-    from ruyi_quant.tiny import random_model, tiny_config
+    from ruyi_quant.sources.tiny import random_model, tiny_config
     raw = {**tiny_config(shared_heads=True), "tie_word_embeddings": True}
     model = random_model(raw, seed=seed)
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -142,7 +142,7 @@ def test_family_size_is_parameters_and_stored_bytes(tiny_dir, layout):
     """size() counts K*N parameters per quantized linear and the bytes its packed tensors take,
     and numel / numel*element_size for float tensors: checked against the packed tensors and the
     model's own parameters, for the whole family and for one exit's weights."""
-    from ruyi_quant.checkpoint import pack_grid
+    from ruyi_quant.store.checkpoint import pack_grid
     model = load_model(tiny_dir)
     plan = make_plan(model, QuantSpec(4, 32, False), heads=True)
     plan.pop("lm_head.2")                                     # one head stays float

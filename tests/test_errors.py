@@ -85,8 +85,8 @@ def test_bad_checkpoint(case, broken, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--bits", "5"], "--bits: bits must be one of [2, 3, 4, 8]"),
-    (["--group-size", "100"], "--group-size: group_size must be one of"),
+    (["--bits", "5"], "--bits 5: bits must be one of [2, 3, 4, 8]"),
+    (["--group-size", "100"], "--group-size 100: group_size must be one of"),
     (["--override", "lm_head*:bitz=8"], "unknown setting 'bitz'"),
     (["--override", "model.layer.*:bits=8"], "override pattern 'model.layer.*' matches no module"),
     (["--method", "magic"], "--method"),

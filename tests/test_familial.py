@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from ruyi_quant.checkpoint import QuantizedFamily
+from ruyi_quant.store.checkpoint import QuantizedFamily
 from ruyi_quant.errors import UserError
 from ruyi_quant.exporters.hf import export_exit
-from ruyi_quant.model.io import load_model
+from ruyi_quant.store.checkpoint import load_model
 
 
 def bf16_roundtrip(model):
@@ -66,7 +66,7 @@ def test_autotokenizer_and_automodel_load_every_export_as_the_source(which, arch
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
     from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
     from conftest import MIXED_TEXT
-    from ruyi_quant.checkpoint import save_family
+    from ruyi_quant.store.checkpoint import save_family
     from ruyi_quant.quant.plan import QuantSpec, make_plan
     from ruyi_quant.quant.rtn import rtn_family
     src = request.getfixturevalue(which)

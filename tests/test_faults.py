@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from ruyi_quant.cli import main
-from ruyi_quant.fsutil import MARKER, is_ours
+from ruyi_quant.names import MARKER
+from ruyi_quant.store.files import is_ours
 
 QUANTIZE = ["quantize", "builtin:tiny", "--method", "gptq", "--samples", "32", "--seq-len", "256",
             "--group-size", "32"]
@@ -112,13 +113,13 @@ def test_two_writers_to_one_output(tmp_path, capsys):
 
 @pytest.mark.parametrize("where", ["quantize", "export", "eval"])
 def test_a_full_disk_is_one_line_and_leaves_nothing(where, family, tmp_path, capsys, monkeypatch):
-    import ruyi_quant.checkpoint
+    import ruyi_quant.store.checkpoint
     import ruyi_quant.exporters.gguf.files
     import ruyi_quant.report
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "out" / "x"))
-    target = {"quantize": (ruyi_quant.checkpoint, "write_safetensors"),
+    target = {"quantize": (ruyi_quant.store.checkpoint, "write_safetensors"),
               "export": (ruyi_quant.exporters.gguf.files.gguf.GGUFWriter, "write_tensor_data"),
               "eval": (ruyi_quant.report, "eval_markdown")}[where]
     monkeypatch.setattr(*target, full)
@@ -295,9 +296,9 @@ def short_array(monkeypatch):
 
 
 WRITERS = {    # writer -> (the patch, the command that reaches it, what the line names)
-    "safetensors stream": (patch("ruyi_quant.stream", None, "open", full_open),
+    "safetensors stream": (patch("ruyi_quant.store.safetensors", None, "open", full_open),
                            ["quantize", "builtin:tiny", "--bits", "8"], "{out}/model.safetensors"),
-    "spill": (patch("ruyi_quant.stream", None, "open", full_open), QUANTIZE, "{out}: cannot write its scratch files"),
+    "spill": (patch("ruyi_quant.store.safetensors", None, "open", full_open), QUANTIZE, "{out}: cannot write its scratch files"),
     "gguf tensors": (patch("gguf", "GGUFWriter", "write_tensor_data", short_write),
                      ["export", "{family}", "--format", "gguf"], "{out}/exit-2/"),
     "gguf encoded cache": (short_array, ["export", "{family}", "--format", "gguf", "--multi"],
@@ -330,11 +331,11 @@ def test_every_writer_under_a_full_disk_is_one_line_naming_its_file(writer, fami
 
 def test_safetensors_own_writer_under_a_full_disk_names_its_file(tmp_path, monkeypatch):
     """save_file (Rust) puts the OS error in its message: read back as the OS's reason, with the file."""
-    import ruyi_quant.model.io as io
+    import ruyi_quant.store.checkpoint as io
     from ruyi_quant.errors import write_problem
     from ruyi_quant.model.config import parse_config
     from ruyi_quant.model.familial import FamilialModel
-    from ruyi_quant.tiny import tiny_config
+    from ruyi_quant.sources.tiny import tiny_config
     monkeypatch.setattr(io, "save_file", rust_full)
     with pytest.raises(OSError) as info:
         io.save_model(FamilialModel(parse_config(tiny_config())), tmp_path)
@@ -365,7 +366,7 @@ def test_a_run_killed_while_replacing_a_job_is_cleaned_by_the_next_run_that_skip
 def test_any_output_written_in_a_folder_removes_dead_runs_leftovers_there(tmp_path):
     """Another output's dead temporaries (a directory, a file from an atomic text write) and its lock
     file go; a live run's (its lock held) stay."""
-    from ruyi_quant.fsutil import output_lock
+    from ruyi_quant.store.files import output_lock
     (tmp_path / ".dead.tmp-abcd1234").mkdir()
     (tmp_path / ".dead.tmp-abcd1234" / "model.safetensors").write_bytes(b"x" * 1000)
     (tmp_path / ".i.json.tmp-zz99yy88").write_text("{")

@@ -15,13 +15,14 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 
-from conftest import MIXED_TEXT, kl_top1, needs_llama, needs_smollm2
+from conftest import MIXED_TEXT, kl_top1, needs_llama, needs_smollm2, open_llama
+from ruyi_quant.model import layout
 from ruyi_quant import names
-from ruyi_quant.checkpoint import QuantizedFamily, load_family
+from ruyi_quant.store.checkpoint import QuantizedFamily, load_family
 from ruyi_quant.errors import UserError
 from ruyi_quant.exporters import gguf as G
 from ruyi_quant.exporters.gguf.ggml import NotExact, encode_grid
-from ruyi_quant.model.io import load_model
+from ruyi_quant.store.checkpoint import load_model
 from ruyi_quant.quant.pack import dequantize
 from ruyi_quant.quant.plan import QuantSpec
 from ruyi_quant.quant.rtn import group_qparams, rtn_family, rtn_quantize
@@ -179,7 +180,7 @@ def test_export_encodes_each_shared_module_once_into_the_same_files(which, reque
     import hashlib
     from collections import Counter
     from ruyi_quant.exporters.gguf import tensors as gt
-    from ruyi_quant.pipeline import export_gguf
+    from ruyi_quant.exporters import export as export_gguf
     from ruyi_quant.recipe import GGUFExport
     src = request.getfixturevalue(which)
     fam = rtn_fam(load_model(src), sym=False, heads=True)
@@ -245,7 +246,7 @@ def test_modelfile_template_renders_the_chat_template(tiny_dir, tmp_path):
 
 
 def test_export_refusals_write_nothing(tiny_dir, tmp_path):
-    from ruyi_quant.checkpoint import save_family
+    from ruyi_quant.store.checkpoint import save_family
     model = load_model(tiny_dir)
     for spec, opts, msg in [(QuantSpec(4, 16, True), [], "group_size a multiple of 32"),
                             (QuantSpec(8, 32, False), [], "8-bit asymmetric"),
@@ -263,7 +264,7 @@ def test_export_refusals_write_nothing(tiny_dir, tmp_path):
 
 
 def test_pre_tokenizer_names():
-    from ruyi_quant import pretokenizers as P
+    from ruyi_quant import text as P
     qwen2 = {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": P.QWEN2_REGEX}, "behavior": "Isolated"},
         {"type": "ByteLevel", "use_regex": False}]}}
@@ -285,8 +286,8 @@ def test_pre_tokenizer_names():
 # --- llama.cpp --------------------------------------------------------------------------------
 
 def llama_logits(path, ids: torch.Tensor) -> torch.Tensor:
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(64, ids.numel()), logits_all=True,
-                          verbose=False, n_threads=2, n_batch=ids.numel())
+    llm = open_llama(path, n_ctx=max(64, ids.numel()), logits_all=True, verbose=False, n_threads=2,
+                     n_batch=ids.numel())
     llm.eval(ids.tolist())
     out = torch.tensor(np.array(llm.scores[:ids.numel()]), dtype=torch.float32)
     llm.close()
@@ -359,7 +360,7 @@ def test_a_saved_family_exports_the_same_bytes_as_in_memory(which, request, tmp_
     """Saving a family and loading it back changes nothing a per-exit GGUF file holds, not even
     the tensor order (before issue 11 a loaded family listed its tensors in safetensors file
     order)."""
-    from ruyi_quant.checkpoint import save_family
+    from ruyi_quant.store.checkpoint import save_family
     src = request.getfixturevalue(which)
     fam = rtn_fam(load_model(src), sym=False, heads=True)
     (tmp_path / "fam").mkdir()
@@ -407,7 +408,7 @@ def test_ruyi_mini_tokenizes_as_smollm2(tmp_path):
     `smollm` pre-tokenizer), transformers on ruyi-mini, AutoTokenizer on an exit's HF export and on
     the saved family, and llama.cpp on that exit's GGUF give the same ids on mixed text."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
-    from ruyi_quant.checkpoint import save_family
+    from ruyi_quant.store.checkpoint import save_family
     from ruyi_quant.exporters.hf import export_exit
     from ruyi_quant.sources import resolve_model
     from ruyi_quant.sources.smollm2 import smollm2_gguf_path
@@ -440,9 +441,9 @@ def test_ruyi_mini_gguf_every_exit_in_llama_cpp(tmp_path):
     dequantized model; the last exit's F16 file like the float model; the multi-exit file stores
     the trunk once; llama.cpp tokenizes SmolLM2's vocabulary like transformers."""
     from transformers import AutoTokenizer
-    from ruyi_quant.data import consecutive_windows, load_text, tokenize
-    from ruyi_quant.data import load_tokenizer
-    from ruyi_quant.pipeline import export_gguf
+    from ruyi_quant.text import consecutive_windows, load_text, tokenize
+    from ruyi_quant.text import load_tokenizer
+    from ruyi_quant.exporters import export as export_gguf
     from ruyi_quant.sources import resolve_model
     from ruyi_quant.recipe import GGUFExport
     src = resolve_model("builtin:ruyi-mini")
@@ -493,7 +494,7 @@ def test_ruyi_mini_gguf_every_exit_in_llama_cpp(tmp_path):
 
 @needs_llama
 def test_k_quants_through_llama_cpp(tiny_dir, tmp_path, eval_ids):
-    from ruyi_quant.pipeline import export_gguf
+    from ruyi_quant.exporters import export as export_gguf
     from ruyi_quant.recipe import GGUFExport
     model = load_model(tiny_dir)
     fam = QuantizedFamily.from_model(model)
@@ -514,16 +515,18 @@ def test_k_quants_through_llama_cpp(tiny_dir, tmp_path, eval_ids):
 
 def test_act_order_needs_static_groups_for_gguf(tiny_dir, eval_ids, tmp_path):
     from ruyi_quant.pipeline import quantize
-    from ruyi_quant.recipe import GPTQOptions, Quantize
+    from ruyi_quant.exporters import Target
+    from ruyi_quant.exporters.gguf import export as gguf_format
+    from ruyi_quant.recipe import GGUFExport, GPTQOptions, Quantize
     for static in (True, False):
         q = Quantize(method="gptq", bits=4, group_size=32,
                      gptq=GPTQOptions(act_order=True, static_groups=static))
         fam = quantize(load_model(tiny_dir), q, eval_ids[:, :64], progress=False)
         if not static:
             with pytest.raises(UserError, match="static_groups: true"):
-                G.check_gguf(fam, G.GGUFOptions())
+                gguf_format.check(Target.of_family(fam), GGUFExport())
             continue
-        G.check_gguf(fam, G.GGUFOptions())
+        gguf_format.check(Target.of_family(fam), GGUFExport())
         G.write_exit(fam, 5, tmp_path / "x.gguf", tiny_dir)
         tensors, _ = tensors_of(tmp_path / "x.gguf")
         data = np.frombuffer(tensors["blk.1.ffn_up.weight"][1], np.uint8).reshape(
@@ -538,18 +541,19 @@ def test_k_quants_with_our_importance_matrix(tmp_path):
     ggml's quantizer called by us without a matrix gives llama.cpp's bytes exactly; with the
     matrix every re-encoded tensor has a lower matrix-weighted rounding error."""
     from ruyi_quant.exporters.gguf import imatrix as IM
-    from ruyi_quant.pipeline import calib_windows, export_gguf
+    from ruyi_quant.exporters import export as export_gguf
+    from ruyi_quant.pipeline import calib_windows
     from ruyi_quant.recipe import Calibration, GGUFExport
-    from ruyi_quant.tiny import build_tiny
+    from ruyi_quant.sources.tiny import build_tiny
     src = build_tiny(tmp_path / "m", hidden=256, intermediate=512, layers=4, exits=(1, 3))
     model = load_model(src)
     fam = QuantizedFamily.from_model(model)
     fam.provenance = Provenance(model=str(src))
     cal = Calibration(samples=8, seq_len=64)
     plain = export_gguf(fam, tmp_path / "p", src, GGUFExport(type="q4_k_m", imatrix=False),
-                        progress=False, calib=cal)
+                        progress=False, calibration=cal)
     weighted = export_gguf(fam, tmp_path / "w", src, GGUFExport(type="q4_k_m"), progress=False,
-                           calib=cal)
+                           calibration=cal)
     matrices = IM.collect(model, calib_windows(src, cal), progress=False)
     for j, e in enumerate(fam.config.exits):
         G.write_exit(fam, e, tmp_path / "f16.gguf", src, G.GGUFOptions(type="f16"))
@@ -616,7 +620,7 @@ def test_llama_source_exports_llama_architecture(llama_dir, tmp_path, eval_ids):
     """A plain Llama checkpoint becomes a stock `llama` file (q/k rows in llama.cpp's RoPE order,
     no biases) that llama.cpp runs like our model, in F32 and, through a saved int4 family and
     the multi-exit file, in Q4_0."""
-    from ruyi_quant.checkpoint import save_family
+    from ruyi_quant.store.checkpoint import save_family
     model = load_model(llama_dir)
     ids = eval_ids[0, :96]
     with torch.no_grad():
@@ -679,7 +683,7 @@ def test_imatrix_streamed_layer_by_layer_equals_the_whole_model_pass(which, requ
         sums[key] = sums.get(key, 0) + (x * x).sum(0)
         counts[key] = counts.get(key, 0) + x.shape[0]
     cfg = model.config
-    heads = {names.head_prefix(cfg.shared_heads, j) for j in range(len(cfg.exits))}
+    heads = {layout.head_prefix(cfg.shared_heads, j) for j in range(len(cfg.exits))}
     hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: add(n, a[0])) for n, m in model.named_modules()
              if isinstance(m, nn.Linear) and n not in heads]
     hooks += [norm.register_forward_hook(lambda _m, _a, out, j=j: add(IM.HEAD_KEY.format(j=j), out))
@@ -702,7 +706,7 @@ def test_imatrix_names_follow_the_exit_file():
     matrix, or `token_embd`'s when the head is tied to the embedding (llama-imatrix's names)."""
     from ruyi_quant.exporters.gguf import imatrix as IM
     from ruyi_quant.model.config import parse_config
-    from ruyi_quant.tiny import tiny_config
+    from ruyi_quant.sources.tiny import tiny_config
     imat = {"model.layers.1.mlp.up_proj": torch.ones(4),
             "model.eelayers.0.mlp.up_proj": 2 * torch.ones(4), "model.layers.5.mlp.up_proj": 3 * torch.ones(4),
             "head@0": 4 * torch.ones(4), "head@2": 5 * torch.ones(4)}     # exits 2, 3, 5
@@ -735,7 +739,7 @@ def test_smollm2_as_a_llama_file(tmp_path):
         ref = model(ids[None]).logits[0]
     kl, top1 = kl_top1(ref, llama_logits(tmp_path / "s.gguf", ids))
     assert kl < 1e-3 and top1 >= 0.99, (kl, top1)
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "s.gguf"), n_ctx=512, verbose=False, n_threads=2)
+    llm = open_llama(tmp_path / "s.gguf", n_ctx=512, verbose=False, n_threads=2)
     reply = llm.create_chat_completion([{"role": "user", "content": "What is the capital of France?"}],
                                        max_tokens=30, temperature=0)["choices"][0]["message"]["content"]
     llm.close()

@@ -7,7 +7,7 @@ import torch
 
 from conftest import calib_ids, kl_top1
 from ruyi_quant.errors import UserError
-from ruyi_quant.model.io import load_model
+from ruyi_quant.store.checkpoint import load_model
 from ruyi_quant.quant.calibrate import calibrate
 from ruyi_quant.quant.gptq import GPTQ, Hessian, accumulate_hessian, gptq_quantize
 from ruyi_quant.quant.pack import dequantize, from_gptq, to_gptq

@@ -16,17 +16,17 @@ import torch
 from onnx import helper, numpy_helper
 
 from conftest import calib_ids, kl_top1
-from ruyi_quant.checkpoint import load_family
+from ruyi_quant.store.checkpoint import load_family
 from ruyi_quant.errors import UserError
 from ruyi_quant.exporters import onnx as X
 from ruyi_quant.exporters.onnx.weights import _pack, int8_grid, layout_of, nbits_arrays
 from ruyi_quant.exporters.provenance import provenance
-from ruyi_quant.model.io import load_model
+from ruyi_quant.store.checkpoint import load_model
 from ruyi_quant.pipeline import quantize
 from ruyi_quant.quant.grid import Grid
 from ruyi_quant.quant.plan import QuantSpec
 from ruyi_quant.recipe import GPTQOptions, ONNXExport, Provenance, Quantize
-from ruyi_quant.tiny import build_tiny
+from ruyi_quant.sources.tiny import build_tiny
 
 try:
     import onnxruntime_genai as og

@@ -7,7 +7,7 @@ import json
 import torch
 
 from ruyi_quant.cli import main
-from ruyi_quant.data import SPLITS, builtin_text, load_text, split_of
+from ruyi_quant.text import SPLITS, builtin_text, load_text, split_of
 from ruyi_quant.recipe import load_recipe
 
 RECIPE = """\
@@ -118,7 +118,7 @@ def test_split_of_is_stable_and_proportional():
     import sys
     doc_names = [f"doc-{i}" for i in range(4000)]
     here = [split_of(n) for n in doc_names]
-    code = "from ruyi_quant.data import split_of; print(' '.join(split_of(f'doc-{i}') for i in range(4000)))"
+    code = "from ruyi_quant.text import split_of; print(' '.join(split_of(f'doc-{i}') for i in range(4000)))"
     there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**__import__("os").environ, "PYTHONHASHSEED": "12345"}).stdout.split()
     assert there == here
@@ -142,8 +142,8 @@ def test_cli_eval_and_export(tiny_dir, tmp_path, capsys):
     # the reported KL is the mean per-token KL of the saved family against its source, computed
     # here independently on the same windows (measured: identical; allowed 1e-5 relative)
     from conftest import kl_top1
-    from ruyi_quant.checkpoint import load_family
-    from ruyi_quant.model.io import load_model
+    from ruyi_quant.store.checkpoint import load_family
+    from ruyi_quant.store.checkpoint import load_model
     from ruyi_quant.pipeline import eval_windows
     from ruyi_quant.recipe import Eval
     ids = eval_windows(tiny_dir, Eval(samples=2, seq_len=64))
@@ -164,7 +164,7 @@ def test_sizes_are_what_the_files_hold(tiny_dir, tmp_path, capsys):
     header) and its "on disk" bytes the files' sizes. A bf16 source: the family in memory holds
     fp32 floats, the file bf16 ones, and the figures follow the file."""
     import os
-    from ruyi_quant.model.io import load_model, save_model
+    from ruyi_quant.store.checkpoint import load_model, save_model
     src = tmp_path / "bf16"
     src.mkdir()
     save_model(load_model(tiny_dir), src, dtype=torch.bfloat16, tokenizer_dir=tiny_dir)

@@ -7,7 +7,7 @@ import torch
 
 from conftest import kl_top1
 from ruyi_quant.errors import UserError
-from ruyi_quant.model.io import load_model
+from ruyi_quant.store.checkpoint import load_model
 from ruyi_quant.quant.plan import QuantSpec, make_plan
 from ruyi_quant.recipe import Override
 from ruyi_quant.quant.rtn import rtn_family

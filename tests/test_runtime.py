@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import kl_top1, needs_smollm2
-from ruyi_quant.checkpoint import load_family
+from ruyi_quant.store.checkpoint import load_family
 from ruyi_quant.pipeline import quantize
 from ruyi_quant.recipe import GPTQOptions, Quantize
 from ruyi_quant.runtime.generate import generate
@@ -112,7 +112,7 @@ def test_pick_greedy_top_k_top_p():
 def test_ruyi_mini_batched_generation_equals_one_by_one():
     """A real model (varied greedy tokens): left-padded batches give each prompt's own tokens, and
     the KV cache changes nothing, at the first and last exits."""
-    from ruyi_quant.data import load_tokenizer, tokenize
+    from ruyi_quant.text import load_tokenizer, tokenize
     from ruyi_quant.sources import resolve_model
     src = resolve_model("builtin:ruyi-mini")
     fam = quantize(load_family(src), Quantize(method="rtn", bits=4, group_size=128), progress=False)
@@ -178,7 +178,7 @@ def test_cuda_generation_gives_the_cpu_paths_greedy_tokens(fam, eval_ids, compil
 @needs_smollm2
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the CPU path is tested above)")
 def test_cuda_generation_on_ruyi_mini_gives_the_cpu_paths_greedy_tokens():
-    from ruyi_quant.data import load_tokenizer, tokenize
+    from ruyi_quant.text import load_tokenizer, tokenize
     from ruyi_quant.sources import resolve_model
     src = resolve_model("builtin:ruyi-mini")
     fam = quantize(load_family(src), Quantize(method="rtn", bits=4, group_size=128), progress=False)

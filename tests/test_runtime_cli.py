@@ -10,9 +10,9 @@ import json
 import pytest
 import torch
 
-from ruyi_quant.checkpoint import load_family
+from ruyi_quant.store.checkpoint import load_family
 from ruyi_quant.cli import main
-from ruyi_quant.data import chat_ids, load_tokenizer
+from ruyi_quant.text import chat_ids, load_tokenizer
 from ruyi_quant.runtime.generate import generate
 from ruyi_quant.runtime.model import int4_model
 

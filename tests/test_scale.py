@@ -8,17 +8,17 @@ import json
 import torch
 from safetensors.torch import save_file
 
-from ruyi_quant.checkpoint import load_family, save_family
+from ruyi_quant.store.checkpoint import load_family, save_family
 from ruyi_quant.cli import main
-from ruyi_quant.stream import LazyTensors, entry_of, write_safetensors, write_sharded
-from ruyi_quant.synthetic import numel, synthetic_config, tensor_shapes, write_synthetic
+from ruyi_quant.store.safetensors import LazyTensors, entry_of, write_safetensors, write_sharded
+from ruyi_quant.sources.synthetic import numel, synthetic_config, tensor_shapes, write_synthetic
 
 
 class Reads:
     """Counts tensor reads (every read of a tensor's data goes through stream._read)."""
 
     def __init__(self, monkeypatch):
-        import ruyi_quant.stream as stream
+        import ruyi_quant.store.safetensors as stream
         self.count = 0
         real = stream._read
 
@@ -47,7 +47,7 @@ def test_opening_a_family_reads_no_tensor(tiny_dir, tmp_path, monkeypatch, capsy
 def test_streamed_rtn_equals_in_memory_rtn(tiny_dir, tmp_path):
     """The CLI's lazy RTN (each weight rounded as the family is written) and the in-memory
     quantize() of a loaded model write the same bytes."""
-    from ruyi_quant.model.io import load_model
+    from ruyi_quant.store.checkpoint import load_model
     from ruyi_quant.pipeline import quantize
     from ruyi_quant.recipe import Quantize
     lazy = tmp_path / "lazy"
@@ -72,7 +72,7 @@ def test_streamed_safetensors_are_save_files_bytes(tmp_path):
 
 
 def test_sharded_writes_read_back(tmp_path):
-    from ruyi_quant.model.io import weight_files
+    from ruyi_quant.store.safetensors import weight_files
     g = torch.Generator().manual_seed(1)
     state = {f"t{i}": torch.randn(100, generator=g) for i in range(10)}
     paths = write_sharded(tmp_path, [entry_of(k, v) for k, v in state.items()], max_bytes=1000)

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from conftest import calib_ids
-from ruyi_quant.checkpoint import Spill, load_family, save_family
-from ruyi_quant.model.io import load_model
+from ruyi_quant.store.checkpoint import Spill, load_family, save_family
+from ruyi_quant.store.checkpoint import load_model
 from ruyi_quant.pipeline import quantize
 from ruyi_quant.quant import calibrate as calib_mod
+from ruyi_quant.quant import walk as walk_mod
 from ruyi_quant.recipe import Quantize
 
 SETTINGS = {
@@ -50,9 +51,9 @@ def test_streamed_calibration_equals_in_memory(request, tmp_path, which, how):
 def test_one_layer_at_a_time(tiny_dir, monkeypatch):
     """When calibration materialises a layer or a head, nothing else of the family is held in
     float (the exit norms excepted), and every source tensor is read once."""
-    import ruyi_quant.stream as stream
+    import ruyi_quant.store.safetensors as stream
     loads, held = [], []
-    real_load = calib_mod.Weights.load
+    real_load = walk_mod.Weights.load
     reads: dict = {}
     real_read = stream._read
 
@@ -66,7 +67,7 @@ def test_one_layer_at_a_time(tiny_dir, monkeypatch):
     def read(path, dtype, shape, start, end):
         reads[(path, start)] = reads.get((path, start), 0) + 1
         return real_read(path, dtype, shape, start, end)
-    monkeypatch.setattr(calib_mod.Weights, "load", load)
+    monkeypatch.setattr(walk_mod.Weights, "load", load)
     monkeypatch.setattr(stream, "_read", read)
     fam = load_family(tiny_dir)
     quantize(fam, SETTINGS["gptq"], calib_ids(tiny_dir, 4, 64), progress=False)
@@ -134,7 +135,7 @@ def test_plain_checkpoints_open_lazily(tmp_path, tiny_dir, monkeypatch, arch):
     loading it whole gives: the same tensors by Ruyi's names, in the same order and dtype, a
     Llama layer's missing q/k/v biases as zeros."""
     import shutil
-    import ruyi_quant.stream as stream
+    import ruyi_quant.store.safetensors as stream
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
     from ruyi_quant.quant.family import QuantizedFamily
     torch.manual_seed(0)

@@ -15,17 +15,21 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
+
+from ..model.layout import LAYER_LINEARS, exit_folder, is_layer_bias
 from .. import __version__, names
-from ..checkpoint import QuantizedFamily, grid_entries
+from ..store.checkpoint import QuantizedFamily, grid_entries
 from ..errors import UserError
-from ..fsutil import write_marker
-from ..model.io import copy_tokenizer
-from ..stream import Entry, entry_of, write_sharded
-from ..pretokenizers import reproduced_by_qwen2_tokenizer
+from ..names import MARKER
+from ..recipe import DTYPES
+from ..store.files import disk_bytes, write_marker
+from ..store.checkpoint import copy_tokenizer
+from ..store.safetensors import Entry, entry_of, write_sharded
+from ..text import reproduced_by_qwen2_tokenizer
 from ..quant.plan import QuantSpec
 
 WEIGHTS = ("auto", "float", "gptq", "awq")
-QKV_BIAS = (".q_proj.bias", ".k_proj.bias", ".v_proj.bias")
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 
 
@@ -63,10 +67,10 @@ def architecture(fam: QuantizedFamily, exit_map, tokenizer_dir: Path | None) -> 
     path = Path(tokenizer_dir) / "tokenizer.json" if tokenizer_dir is not None else None
     qwen2_tok = path is None or not path.is_file() or \
         _qwen2_tokenizer(str(path), path.stat().st_mtime_ns)
-    if qwen2_tok and fam.config.source_arch != "llama":
+    if qwen2_tok and fam.stock_arch() == "qwen2":
         return "qwen2", True
     bias = any(fam.tensors[n].any() for n in fam.tensors
-               if n.endswith(QKV_BIAS) and exit_map.rename(n) is not None)
+               if is_layer_bias(n) and exit_map.rename(n) is not None)
     return "llama", bias
 
 
@@ -96,16 +100,47 @@ def gptq_config(specs: dict[str, QuantSpec], all_linears: list[str], desc_act: b
     return cfg
 
 
-def check_awq(fam: QuantizedFamily) -> None:
-    """AWQ's format: one 4-bit grid for every quantized module, its group size dividing every
-    input width, no act-order. Says what to change otherwise."""
-    check_awq_plan(fam.modules, {m: fam.linear_shape(m)[1] for m in fam.grids},
-                   [m for m, g in fam.grids.items() if g.act_order])
+# --- the format's contract (exporters/__init__.py) ------------------------------------------
+def check(target, ex) -> None:
+    """weights awq: AWQ's format holds one 4-bit grid for every quantized module, its group size
+    dividing every input width, no act-order. Says what to change otherwise."""
+    if ex.weights == "awq" and target.plan:
+        check_awq(target.plan, target.widths, target.act_order)
 
 
-def check_awq_plan(modules: dict[str, QuantSpec], widths: dict[str, int], act_order: list[str]) -> None:
-    """check_awq from what a quantization will make (module -> spec, input widths, the modules with
-    act-order groups): also run before a recipe job quantizes."""
+def export(fam: QuantizedFamily, out_root: Path, tokenizer_dir: Path, ex, progress: bool = True,
+           calibration=None) -> dict:
+    """One checkpoint per exit under out_root/exit-E (out_root is a fresh directory)."""
+    from . import Target
+    check(Target.of_family(fam), ex)          # before any progress bar: one clean line if refused
+    written = []
+    for e in tqdm(fam.config.exit_list(ex.exits), desc="export hf", unit="exit",
+                  disable=not progress, leave=False):
+        d = out_root / exit_folder(e)
+        d.mkdir(parents=True)
+        export_exit(fam, e, d, tokenizer_dir, ex.weights, DTYPES[ex.dtype])
+        written.append(d.name)
+    return {"exits": written}
+
+
+def folder(fam: QuantizedFamily, ex) -> str:
+    if ex.weights == "auto":
+        return f"hf-{fam.layout if fam.modules else ex.dtype}"
+    return f"hf-{ex.dtype if ex.weights == 'float' else ex.weights}"
+
+
+def written(info: dict, out: Path) -> list[str]:
+    lines = [f"wrote {out / d} ({disk_bytes(out / d) / 1e6:.2f} MB on disk)" for d in info["exits"]]
+    if info["exits"]:
+        note = load_note(json.loads((out / info["exits"][0] / MARKER).read_text())["weights"])
+        if note:
+            lines.append(f"note: {note}")
+    return lines
+
+
+def check_awq(modules: dict[str, QuantSpec], widths: dict[str, int], act_order) -> None:
+    """AWQ's limits on a quantization (module -> spec, input widths, the modules with act-order
+    groups)."""
     specs = set(modules.values())
     if len(specs) > 1 or next(iter(specs)).bits != 4:
         raise UserError("weights: awq needs every quantized module at 4 bits with one group size "
@@ -142,8 +177,6 @@ def export_exit(fam: QuantizedFamily, exit: int, out_dir: Path, tokenizer_dir: P
     if layout is not None and not fam.modules:
         raise UserError(f"weights: {weights} needs a quantized family; add a quantize section or "
                         "use weights: float")
-    if layout == "awq":
-        check_awq(fam)
     entries, specs = exit_entries(fam, j, layout, float_dtype)
     exit_map = cfg.exit_map(j)
     quantized = layout is not None
@@ -152,7 +185,7 @@ def export_exit(fam: QuantizedFamily, exit: int, out_dir: Path, tokenizer_dir: P
     out_dir = Path(out_dir)
     arch, bias = architecture(fam, exit_map, tokenizer_dir)
     if arch == "llama" and not bias:          # zero q/k/v biases: a plain Llama has none
-        entries = [x for x in entries if not x.name.endswith(QKV_BIAS)]
+        entries = [x for x in entries if not is_layer_bias(x.name)]
     elif arch == "llama":                     # Llama's attention_bias gives o_proj one too
         for i in range(e + 1):
             o = f"{names.PLAIN_LAYER.format(i=i)}.self_attn.o_proj"
@@ -163,7 +196,7 @@ def export_exit(fam: QuantizedFamily, exit: int, out_dir: Path, tokenizer_dir: P
     hf.tie_word_embeddings = tie
     hf.dtype = float_dtype
     linears = [f"{names.PLAIN_LAYER.format(i=i)}.{lin}" for i in range(e + 1)
-               for lin in names.LAYER_LINEARS] + [names.PLAIN_HEAD]
+               for lin in LAYER_LINEARS] + [names.PLAIN_HEAD]
     if layout == "gptq":
         desc_act = any(g.act_order for m, g in fam.grids.items() if exit_map.rename(m) in specs)
         qcfg = gptq_config(specs, [m for m in linears if m in specs or m != names.PLAIN_HEAD],

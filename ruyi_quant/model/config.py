@@ -10,9 +10,10 @@ from pathlib import Path
 
 from transformers import LlamaConfig, Qwen2Config
 
+from . import layout
 from .. import names
 from ..errors import UserError
-from ..fsutil import read_json
+from ..errors import read_json
 
 FAMILIAL_TYPE = "ruyi_qwen2"
 PLAIN_TYPES = ("qwen2", "llama")
@@ -99,12 +100,12 @@ class FamilialConfig:
         return list(exits)
 
     def walk(self):
-        """Trunk layers and exits in the order one pass computes them (names.walk)."""
-        return names.walk(self.exits, self.num_layers)
+        """Trunk layers and exits in the order one pass computes them (layout.walk)."""
+        return layout.walk(self.exits, self.num_layers)
 
-    def exit_map(self, j: int) -> names.ExitMap:
+    def exit_map(self, j: int) -> layout.ExitMap:
         """Exit j (a position in `exits`) as a plain model: its layers, branch, norm and head."""
-        return names.exit_map(self.exits, self.num_layers, self.shared_heads, j)
+        return layout.exit_map(self.exits, self.num_layers, self.shared_heads, j)
 
     def qwen2(self, num_layers: int | None = None) -> Qwen2Config:
         """A transformers Qwen2Config for the trunk (or for a plain model of `num_layers`)."""

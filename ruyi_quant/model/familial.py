@@ -17,6 +17,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.qwen2.modeling_qwen2 import (Qwen2DecoderLayer, Qwen2RMSNorm,
                                                       Qwen2RotaryEmbedding)
 
+from . import layout
 from ..errors import UserError
 from .. import names
 from .config import FamilialConfig
@@ -53,10 +54,10 @@ class FamilialModel(nn.Module):
 
     # --- parts of one exit ---------------------------------------------------------------
     def branch(self, j: int) -> Qwen2DecoderLayer:
-        return self.get_submodule(names.branch_prefix(self.config.exits, self.config.num_layers, j))
+        return self.get_submodule(layout.branch_prefix(self.config.exits, self.config.num_layers, j))
 
     def head(self, j: int) -> nn.Linear:
-        return self.get_submodule(names.head_prefix(self.config.shared_heads, j))
+        return self.get_submodule(layout.head_prefix(self.config.shared_heads, j))
 
     def new_cache(self, max_len: int | None = None) -> DynamicCache | StaticCache:
         """A KV cache for one exit's requests: growing (DynamicCache), or of fixed size max_len
@@ -65,9 +66,10 @@ class FamilialModel(nn.Module):
             return StaticCache(config=self.hf_config, max_cache_len=max_len)
         return DynamicCache(config=self.hf_config)
 
-    def reset_rotary(self) -> None:
-        """Recompute the rotary buffers (needed after building the model on the meta device)."""
-        device = self.model.embed_tokens.weight.device
+    def reset_rotary(self, device=None) -> None:
+        """Recompute the rotary buffers (needed after building the model on the meta device), on
+        `device` (default: the embedding's)."""
+        device = device or self.model.embed_tokens.weight.device
         self.model.rotary_emb = Qwen2RotaryEmbedding(config=self.hf_config).to(device)
 
     # --- forward -------------------------------------------------------------------------
@@ -131,3 +133,31 @@ class FamilialModel(nn.Module):
             elif step.layer < last:
                 x = self.model.layers[step.layer](x, **kw)
         return out
+
+
+def familial_state(model: FamilialModel) -> dict[str, torch.Tensor]:
+    """State dict with Ruyi's names, tied head left out."""
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop(layout.HEAD_WEIGHT, None)
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def skeleton(config: FamilialConfig) -> FamilialModel:
+    """The model with every tensor on the meta device: modules to swap and load before use."""
+    with torch.device("meta"):
+        return FamilialModel(config)
+
+
+def materialise(model: FamilialModel, state: dict[str, torch.Tensor]) -> FamilialModel:
+    """A skeleton (skeleton(), its linears maybe swapped) made real: `state` assigned into it (a
+    tied head's weight may be left out), the tied head tied, the rotary tables computed. Every
+    tensor must then be real (an AssertionError names those that are not)."""
+    model.load_state_dict(state, strict=False, assign=True)
+    layout.tie_head(model)
+    model.reset_rotary()
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise AssertionError(f"not loaded: {left[:3]}")
+    return model.eval()
+

@@ -14,20 +14,16 @@ from __future__ import annotations
 
 import torch
 
+from ..model import layout
 from .. import names
+from .calibrate import store
+from .walk import capture_inputs, capture_many
 from .plan import QuantSpec
 from .rtn import fake_quantize, rtn_quantize
 
-# (feeding op, linears it feeds) per layer, in the order a Qwen2 layer computes them.
-MAPPINGS = {
-    "qwen2": (
-        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        ("self_attn.v_proj", ("self_attn.o_proj",)),
-        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-        ("mlp.up_proj", ("mlp.down_proj",)),
-    ),
-}
-NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")   # clipping q/k hurts attention (as AutoAWQ)
+# (feeding op, linears it feeds) per layer, in the order the layer computes them (model/layout.py)
+MAPPINGS = {"qwen2": tuple((g.reads, g.names) for g in layout.DECODER_LAYER)}
+NO_CLIP = tuple(n for n, lin in layout.LAYER_LINEARS.items() if not lin.clip)
 CLIP_TOKENS = 512                                     # activation rows per clipping search (as AutoAWQ)
 
 
@@ -167,7 +163,6 @@ class AWQ:
 
     def quantize_linear(self, linear, name: str, x: torch.Tensor, spec: QuantSpec, fam,
                         clip: bool = True) -> None:
-        from .calibrate import store
         w = linear.weight.detach().float()
         if self.clip and clip:
             xc = x[:: max(1, x.shape[0] // CLIP_TOKENS)][:CLIP_TOKENS]
@@ -177,7 +172,6 @@ class AWQ:
         store(fam, linear, name, spec, *grid)
 
     def layer(self, layer, prefix: str, xs, kw, plan, fam) -> None:
-        from .calibrate import capture_inputs, capture_many
         # 1. scales: inputs of every pair from the float layer, searched and folded in order
         pairs = []
         for prev_name, lin_names in self.mappings:
@@ -202,7 +196,7 @@ class AWQ:
             for lin in lins:
                 scale_columns(lin, s)
         # 2. clip and round, group by group, inputs captured through the quantized groups
-        for group in names.SEQUENTIAL_GROUPS:
+        for group in layout.SEQUENTIAL_GROUPS:
             mods = [m for m in group if f"{prefix}.{m}" in plan]
             if not mods:
                 continue

@@ -1,4 +1,4 @@
-"""Branch-aware, layer-wise sequential calibration over a family: the only hook code.
+"""Branch-aware, layer-wise sequential calibration over a family, on the streamed walk (walk.py).
 
 The calibration batch is embedded once; then trunk layer by trunk layer, in order:
   * at an exit e < N-1, the exit's branch layer is calibrated on the *quantized* trunk's
@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import closing
 
 import torch
-from tqdm.auto import tqdm
 
+from ..model.layout import head_prefix, is_head
 from .. import names
 from ..errors import UserError
-from .family import QuantizedFamily, Weights, embed
+from .family import QuantizedFamily
 from .grid import Grid
+from .walk import Walk, should_offload
 
 
 log = logging.getLogger(__name__)
@@ -53,40 +55,10 @@ def pick_device(device: str | None, flag: str = "--device") -> torch.device:
     return dev
 
 
-class _Captured(Exception):
-    """Raised by the last capture hook of a batch: the rest of the layer need not run."""
 
 
-@torch.no_grad()
-def capture_many(layer, linears: dict, xs: list[torch.Tensor], kw: dict, fn) -> None:
-    """Run the layer over every batch, calling fn(key, input of linears[key]) each time. Each
-    batch's forward stops as soon as every linear has seen its input (q/k/v's inputs cost a
-    norm, not a layer)."""
-    seen: set = set()
-
-    def hook(key, inp):
-        fn(key, inp[0])
-        seen.add(key)
-        if len(seen) == len(linears):
-            raise _Captured
-
-    handles = [lin.register_forward_pre_hook(lambda mod, inp, key=key: hook(key, inp))
-               for key, lin in linears.items()]
-    try:
-        for x in xs:
-            seen.clear()
-            try:
-                layer(x, **kw)
-            except _Captured:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
 
 
-def capture_inputs(layer, linear, xs: list[torch.Tensor], kw: dict, fn) -> None:
-    """Run the layer over every batch, calling fn(input of `linear`) each time."""
-    capture_many(layer, {0: linear}, xs, kw, lambda key, x: fn(x))
 
 
 def store(fam: QuantizedFamily, linear, name: str, spec, q, scales, zeros, g_idx) -> None:
@@ -95,39 +67,15 @@ def store(fam: QuantizedFamily, linear, name: str, spec, q, scales, zeros, g_idx
     so a head keeps its float weight (Ruyi's: no 2.2 GB dequantized copy)."""
     from .pack import dequantize
     fam.set_quantized(name, Grid.make(q, scales, zeros, g_idx, spec))
-    if name.split(".")[0] == names.SHARED_HEAD:
+    if is_head(name):
         return
     # a new tensor, not an in-place copy: tensors shared with a reference family stay intact
     linear.weight.data = dequantize(q.to(torch.uint8), scales.half(), zeros.to(torch.uint8),
                                     g_idx.to(linear.weight.device)).to(linear.weight.dtype)
 
 
-class Activations:
-    """Calibration activations, batch by batch: on the compute device when they fit, otherwise
-    in CPU memory, each batch moved to the device as it is used (batches are placed so here)."""
-
-    def __init__(self, batches: list[torch.Tensor], dev: torch.device, offload: bool):
-        self.dev, self.offload = dev, offload
-        self.batches = [x.cpu() if offload else x.to(dev) for x in batches]
-
-    def __iter__(self):
-        for x in self.batches:
-            yield x.to(self.dev, non_blocking=True) if self.offload else x
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def map(self, fn) -> "Activations":
-        return Activations([fn(x) for x in self], self.dev, self.offload)
 
 
-def should_offload(dev: torch.device, n_bytes: int) -> bool:
-    """Offload when one layer's inputs would take over a third of the device's free memory
-    (they exist twice at a time: a layer's inputs and its outputs)."""
-    if dev.type != "cuda":
-        return False
-    free, _ = torch.cuda.mem_get_info(dev)
-    return n_bytes > free / 3
 
 
 def check_tokens(plan: dict, model, tokens: int) -> None:
@@ -149,26 +97,22 @@ def calibrate(source, plan: dict, windows: torch.Tensor, method, *, batch: int =
     src = source if isinstance(source, QuantizedFamily) else QuantizedFamily.from_model(source)
     cfg = src.config
     dev = pick_device(device)
-    w = Weights(src, dev)
-    model = w.model
-    fam = QuantizedFamily(config=cfg, tensors=src.tensors.copy(), layout=layout)  # src unchanged
-    if getattr(method, "hessian", False):
-        check_tokens(plan, model, windows.numel())
     if offload is None:
         offload = should_offload(dev, windows.numel() * cfg.hidden_size * 4)
-    xs = Activations(embed(src, windows, batch), dev, offload)
-    kw = model.layer_kwargs(next(iter(xs))[:1])     # equal lengths: one mask, one rope
+    walk = Walk(src, windows, batch, dev, offload=offload)
+    w, seconds = walk.weights, walk.seconds
+    fam = QuantizedFamily(config=cfg, tensors=src.tensors.copy(), layout=layout)  # src unchanged
+    if getattr(method, "hessian", False):
+        check_tokens(plan, walk.model, windows.numel())
     heads_seen: set[str] = set()
     norms = [w.load(names.EXIT_NORM.format(j=j)) for j in range(len(cfg.exits))]
-    seconds: dict[str, float] = {}
 
     def timed(prefix, fn):
         t0 = time.perf_counter()
-        out = fn()
+        fn()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         seconds[prefix] = round(time.perf_counter() - t0, 3)
-        return out
 
     def keep(prefix):
         for name, t in w.floats(prefix, fam.grids).items():
@@ -177,16 +121,12 @@ def calibrate(source, plan: dict, windows: torch.Tensor, method, *, batch: int =
         if spill is not None:
             spill.move(fam, prefix)
 
-    def run_layer(prefix, inputs):
-        layer = w.load(prefix)
-        if any(m.startswith(prefix + ".") for m in plan):
-            method.layer(layer, prefix, inputs, kw, plan, fam)
-        out = inputs.map(lambda x: layer(x, **kw))
-        keep(prefix)
-        return out
+    def quantize_layer(step, layer, inputs):
+        if any(m.startswith(step.prefix + ".") for m in plan):
+            method.layer(layer, step.prefix, inputs, walk.kw, plan, fam)
 
     def run_head(j, hidden):
-        head_name = names.head_prefix(cfg.shared_heads, j)
+        head_name = head_prefix(cfg.shared_heads, j)
         if head_name not in plan:
             return
         for h in hidden:
@@ -199,12 +139,11 @@ def calibrate(source, plan: dict, windows: torch.Tensor, method, *, batch: int =
         method.finish_head(head_name, w.load(head_name), plan, fam)
         keep(head_name)
 
-    for step in tqdm(list(cfg.walk()), desc=desc, unit="layer", disable=not progress, leave=False):
-        out = timed(step.prefix, lambda: run_layer(step.prefix, xs))
-        if step.kind == "exit":
-            run_head(step.j, out)                 # the trunk goes on from its own layer's output
-        else:
-            xs = out
+    with closing(walk.steps(before=quantize_layer, drop=lambda s: keep(s.prefix),
+                            progress=progress, desc=desc)) as steps:
+        for step, out in steps:
+            if step.kind == "exit":
+                run_head(step.j, out)             # the trunk goes on from its own layer's output
     if cfg.shared_heads and heads_seen:
         timed(names.SHARED_HEAD, lambda: finish_head(names.SHARED_HEAD))
     for j in range(len(cfg.exits)):          # exit norms: AWQ folds head scales into them

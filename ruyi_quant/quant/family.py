@@ -15,8 +15,8 @@ import torch
 
 from .. import names
 from ..model.config import FamilialConfig
-from ..model.familial import FamilialModel
-from ..model.io import familial_state
+from ..model import layout
+from ..model.familial import FamilialModel, familial_state, materialise, skeleton
 from .grid import Grid
 from .plan import QuantSpec
 
@@ -57,10 +57,9 @@ class QuantizedFamily:
     def stored_name(self, name: str) -> str:
         """The float tensor a weight is read from: a head tied to the embedding has no tensor of
         its own and reads the embedding's."""
-        if name == f"{names.SHARED_HEAD}.weight" and self.config.tie_word_embeddings \
-                and name not in self.tensors:
-            return f"{names.EMBED}.weight"
-        return name
+        if name in self.tensors:
+            return name
+        return layout.stored_name(self.config.tie_word_embeddings, name)
 
     def tensor_info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         """(shape, dtype) of a float tensor, without reading a lazy one."""
@@ -87,20 +86,24 @@ class QuantizedFamily:
 
     def dequantized_model(self, dtype: torch.dtype = torch.float32) -> FamilialModel:
         """The float model these tensors stand for (quantized linears dequantized)."""
-        with torch.device("meta"):
-            model = FamilialModel(self.config)
+        model = skeleton(self.config)
         state = {}
         for name in model.state_dict():
             mod = names.module_of(name)
             if name.endswith(".weight") and mod in self.grids:
                 state[name] = self.weight(mod).to(dtype)
-            else:
-                state[name] = self.tensors[self.stored_name(name)].to(dtype)
-        model.load_state_dict(state, strict=True, assign=True)
-        if self.config.tie_word_embeddings and names.SHARED_HEAD not in self.grids:
-            model.lm_head.weight = model.model.embed_tokens.weight
-        model.reset_rotary()
-        return model.eval()
+            elif self.stored_name(name) == name:        # a tied head reads the embedding's
+                state[name] = self.tensors[name].to(dtype)
+        return materialise(model, state)
+
+    def stock_arch(self) -> str:
+        """The stock architecture every export of an exit declares: `llama` for a Llama source
+        whose q/k/v biases are all zero (as loading made them), else `qwen2` (Qwen2 sources, Ruyi
+        families, branches trained from a Llama source: they have biases)."""
+        if self.config.source_arch != "llama":
+            return "qwen2"
+        biases = [n for n in self.tensors if layout.is_layer_bias(n)]
+        return "llama" if all(not self.tensors[n].any() for n in biases) else "qwen2"
 
     def weight_names(self) -> list[str]:
         """Float tensor names, then `MODULE.weight` of each quantized linear."""
@@ -146,46 +149,5 @@ class QuantizedFamily:
                 "common": common}
 
 
-class Weights:
-    """Modules of a meta-device skeleton of a family, materialised in float32 on `dev` from the
-    family's tensors (lazy ones are read from disk then; quantized linears dequantized) when a
-    step needs them, and dropped after: one layer (or head) at a time, whatever the family's size.
-    Calibration and evaluation run on it."""
-
-    def __init__(self, src: QuantizedFamily, dev: torch.device):
-        from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
-        self.src, self.dev = src, dev
-        with torch.device("meta"):
-            self.model = FamilialModel(src.config)
-        self.model.model.rotary_emb = Qwen2RotaryEmbedding(config=self.model.hf_config).to(dev)
-
-    def tensor(self, name: str) -> torch.Tensor:
-        mod = names.module_of(name)
-        if name.endswith(".weight") and mod in self.src.grids:
-            return self.src.grids[mod].dequantize().to(self.dev)
-        t = self.src.tensors[self.src.stored_name(name)]
-        out = t.to(self.dev, torch.float32)
-        return out.clone() if out.data_ptr() == t.data_ptr() else out   # never the source's own
-
-    def load(self, prefix: str):
-        mod = self.model.get_submodule(prefix)
-        mod.load_state_dict({k: self.tensor(f"{prefix}.{k}") for k in mod.state_dict()},
-                            assign=True)
-        return mod
-
-    def floats(self, prefix: str, grids) -> dict[str, torch.Tensor]:
-        """A loaded module's float tensors that are not in `grids` (AWQ may have folded scales
-        into them), on the CPU. A head tied to the embedding has none of its own."""
-        mod = self.model.get_submodule(prefix)
-        tied = prefix == names.SHARED_HEAD and self.src.config.tie_word_embeddings
-        return {f"{prefix}.{k}": t.detach().cpu() for k, t in mod.state_dict().items()
-                if names.module_of(f"{prefix}.{k}") not in grids and not tied}
-
-    def drop(self, prefix: str) -> None:
-        self.model.get_submodule(prefix).to("meta")
 
 
-def embed(src: QuantizedFamily, ids: torch.Tensor, batch: int) -> list[torch.Tensor]:
-    """Float32 embeddings of windows [m, T], `batch` windows at a time (one read of the table)."""
-    table = src.tensors[names.EMBED + ".weight"]
-    return [torch.nn.functional.embedding(b, table).float() for b in ids.split(batch)]

@@ -13,7 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model import layout
 from ..errors import UserError
+from .calibrate import store
+from .walk import capture_inputs
 from .plan import QuantSpec
 from .rtn import group_qparams, quantize_to_grid
 
@@ -167,7 +170,6 @@ class GPTQ:
 
     def quantize_linear(self, linear, name: str, hs: Hessian | Factor, spec: QuantSpec, fam,
                         inplace: bool = False) -> None:
-        from .calibrate import store
         q, scales, zeros, g_idx, d = gptq_quantize(linear.weight, hs, spec, what=name,
                                                    inplace=inplace, **self.opts)
         if d != self.opts["damp"]:
@@ -184,9 +186,7 @@ class GPTQ:
             self.quantize_linear(linear, name, f, plan[name], fam, inplace=inplace)
 
     def layer(self, layer, prefix: str, xs, kw, plan, fam) -> None:
-        from .. import names
-        from .calibrate import capture_inputs
-        for group in names.SEQUENTIAL_GROUPS:
+        for group in layout.SEQUENTIAL_GROUPS:
             mods = [m for m in group if f"{prefix}.{m}" in plan]
             if not mods:
                 continue

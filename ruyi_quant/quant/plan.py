@@ -14,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import asdict, dataclass, replace
 
+from ..model import layout
 from .. import names
 from ..errors import UserError
 from .pack import BITS
@@ -68,9 +69,9 @@ def linear_modules(model, heads: bool) -> list[str]:
     trunk = [names.TRUNK_LAYER.format(i=i) for i in range(cfg.num_layers)]
     branches = [cfg.exit_map(j).branch for j in range(len(cfg.exits))]
     for p in trunk + [b for b in branches if b not in trunk]:
-        out += [f"{p}.{lin}" for lin in names.LAYER_LINEARS]
+        out += [f"{p}.{lin}" for lin in layout.LAYER_LINEARS]
     if heads:
-        out += sorted({names.head_prefix(cfg.shared_heads, j) for j in range(len(cfg.exits))})
+        out += sorted({layout.head_prefix(cfg.shared_heads, j) for j in range(len(cfg.exits))})
     return out
 
 

@@ -6,6 +6,12 @@ from __future__ import annotations
 
 import torch
 
+from .. import text
+from ..model.familial import FamilialModel
+from ..recipe import Sampling
+
+DEFAULT = Sampling()
+
 
 def pick(logits: torch.Tensor, sample: bool, temperature: float, top_k: int, top_p: float,
          gen: torch.Generator | None) -> torch.Tensor:
@@ -29,8 +35,9 @@ STATIC_BUCKET = 256                # static cache sizes: multiples of this
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], exit: int | None, max_new_tokens: int, eos=(),
-             pad_id: int = 0, sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0, use_cache: bool = True, on_token=None,
+             pad_id: int = 0, sample: bool = DEFAULT.sample,
+             temperature: float = DEFAULT.temperature, top_k: int = DEFAULT.top_k,
+             top_p: float = DEFAULT.top_p, seed: int = DEFAULT.seed, use_cache: bool = True, on_token=None,
              static: bool = False, compiled: bool = False) -> list[list[int]]:
     """New tokens of each prompt (token ids) at one exit, up to an end-of-sequence token (not
     included) or max_new_tokens. on_token(row, token) is called for each as it is made.
@@ -90,3 +97,12 @@ def compiled_forward(model):
         f = torch.compile(model.forward, mode="reduce-overhead" if cuda else "default", dynamic=False)
         model._ruyi_compiled = f
     return f
+
+
+def greedy_chat(model: FamilialModel, tokenizer, prompt: str, exit: int | None = None,
+                max_new_tokens: int = 40) -> str:
+    """The exit's greedy answer to one user message (chat template, KV cache)."""
+    out = generate(model, [text.chat_ids(tokenizer, prompt)], exit, max_new_tokens,
+                   eos={tokenizer.eos_token_id})[0]
+    return tokenizer.decode(out)
+

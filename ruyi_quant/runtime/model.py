@@ -8,7 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import names
-from ..model.familial import FamilialModel
+from ..model.familial import FamilialModel, materialise, skeleton
 from .int4 import Int4Linear
 
 
@@ -16,8 +16,7 @@ def int4_model(fam, device="cpu", dtype: torch.dtype = torch.bfloat16, progress:
     """The family's FamilialModel with Int4Linear for its grids (one trunk, every exit: the exit
     stays an argument of each call)."""
     device = torch.device(device)
-    with torch.device("meta"):
-        model = FamilialModel(fam.config)
+    model = skeleton(fam.config)
     for module in tqdm(list(fam.grids), desc="int4", unit="linear", disable=not progress, leave=False):
         bias = f"{module}.bias"
         lin = Int4Linear(fam.grids[module].get(), fam.tensors[bias] if bias in fam.tensors else None,
@@ -26,14 +25,7 @@ def int4_model(fam, device="cpu", dtype: torch.dtype = torch.bfloat16, progress:
         setattr(model.get_submodule(parent) if parent else model, child, lin)
     state = {}
     for name, t in model.state_dict().items():
-        if t.is_meta:
-            src = fam.tensors[fam.stored_name(name)]
+        if t.is_meta and fam.stored_name(name) == name:      # a tied head reads the embedding's
+            src = fam.tensors[name]
             state[name] = src.to(device, dtype if src.is_floating_point() else src.dtype)
-    model.load_state_dict(state, strict=False, assign=True)
-    if fam.config.tie_word_embeddings and names.SHARED_HEAD not in fam.grids:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.reset_rotary()
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if left:
-        raise AssertionError(f"not loaded: {left[:3]}")
-    return model.eval()
+    return materialise(model, state)

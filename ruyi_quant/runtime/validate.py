@@ -19,7 +19,7 @@ import torch
 
 from ..errors import UserError
 from ..evaluate import compare
-from ..resources import Stages
+from ..log import Stages
 from .model import int4_model
 
 SIDES = ("float", "int4")               # float: the reference in the compute dtype (bf16 by default)

@@ -29,7 +29,7 @@ def resolve_model(spec: str, base: Path | None = None) -> Path:
         if name == "smollm2":
             from .smollm2 import cached_smollm2
             return cached_smollm2()
-        from ..tiny import cached_tiny
+        from .tiny import cached_tiny
         return cached_tiny(name)
     path = Path(spec)
     if base is not None and not path.is_absolute():

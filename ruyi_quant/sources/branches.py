@@ -21,13 +21,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .. import data, names
+from ..model import layout
+from .. import names, text
 from ..errors import UserError
 from ..evaluate import exit_perplexities, kl_rows
-from ..fsutil import atomic_dir, write_marker
+from ..store.files import atomic_dir, write_marker
 from ..model.config import FAMILIAL_TYPE, parse_config
-from ..model.familial import FamilialModel
-from ..model.io import load_model, save_model
+from ..model.familial import FamilialModel, materialise, skeleton
+from ..store.checkpoint import load_model, save_model
+from ..quant.walk import Walk
 from ..recipe import Training
 
 TRAIN_SOURCES = tuple(Training().sources)
@@ -68,19 +70,12 @@ def make_familial(plain: FamilialModel, exits: list[int], shared_heads: bool) ->
         norm = names.EXIT_NORM.format(j=j) + ".weight"
         state[norm] = src[names.EXIT_NORM.format(j=0) + ".weight"].clone()
         if not cfg.tie_word_embeddings and (not shared_heads or j == 0):
-            state[names.head_prefix(shared_heads, j) + ".weight"] = plain.head(0).weight.clone()
-    with torch.device("meta"):
-        fam = FamilialModel(cfg)
-    expected = set(fam.state_dict())
-    if cfg.tie_word_embeddings:
-        expected.discard(names.SHARED_HEAD + ".weight")
+            state[layout.head_prefix(shared_heads, j) + ".weight"] = plain.head(0).weight.clone()
+    fam = skeleton(cfg)
+    expected = {n for n in fam.state_dict() if layout.stored_name(cfg.tie_word_embeddings, n) == n}
     missing, extra = expected - set(state), set(state) - expected
     assert not missing and not extra, (missing, extra)
-    fam.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_word_embeddings:
-        fam.lm_head.weight = fam.model.embed_tokens.weight
-    fam.reset_rotary()
-    return fam.eval()
+    return materialise(fam, state)
 
 
 # --- branch training ---------------------------------------------------------------------------
@@ -118,20 +113,21 @@ def cache_exit_inputs(model: FamilialModel, ids: torch.Tensor, batch: int = 8,
     the last, last exit's normed hidden state [n, T, H]), both stored in `dtype`."""
     cfg = model.config
     n, T = ids.shape
-    want = cfg.exits[:-1]
-    ins = {e: torch.empty(n, T, cfg.hidden_size, dtype=dtype) for e in want}
-    final = torch.empty(n, T, cfg.hidden_size, dtype=dtype)
-    for s in tqdm(range(0, n, batch), desc="trunk", unit="batch", disable=not progress, leave=False):
-        x, kw = model.prepare(ids[s:s + batch])
-        for step in cfg.walk():
-            if step.kind == "trunk":
-                x = model.get_submodule(step.prefix)(x, **kw)
-            elif step.layer in ins:
-                ins[step.layer][s:s + batch] = x.to(dtype)
-            else:                                  # the last exit: its branch is trunk layer N-1
-                h = model.get_submodule(step.prefix)(x, **kw)
-                final[s:s + batch] = model.model.norms[step.j](h).to(dtype)
+    ins = {e: torch.empty(n, T, cfg.hidden_size, dtype=dtype) for e in cfg.exits[:-1]}
+    walk = Walk(model, ids, batch)
+    keep = (lambda step, layer, xs: _keep_inputs(step, xs, ins, dtype))
+    with contextlib.closing(walk.steps(before=keep, progress=progress, desc="trunk")) as steps:
+        for step, out in steps:
+            if step.j == len(cfg.exits) - 1:       # the last exit: its branch is trunk layer N-1
+                norm = model.model.norms[step.j]
+                final = torch.cat([norm(h).to(dtype) for h in out])
     return ins, final
+
+
+def _keep_inputs(step, xs, ins: dict, dtype: torch.dtype) -> None:
+    """At an exit below the last: its inputs (what trunk layer e gets) in `dtype`."""
+    if step.kind == "exit" and step.layer in ins:
+        ins[step.layer][:] = torch.cat([x.to(dtype) for x in xs])
 
 
 def train_branches(model: FamilialModel, train_ids: torch.Tensor, *, steps: int = 300, batch: int = 8,
@@ -211,7 +207,7 @@ def training_windows(tokenizer, n: int, seq_len: int, seed: int,
     for i, source in enumerate(sources):
         m = n // len(sources) + (i < n % len(sources))
         if m:
-            parts.append(data.text_windows(tokenizer, source, m, seq_len, seed))
+            parts.append(text.text_windows(tokenizer, source, m, seq_len, seed))
     return torch.cat(parts)
 
 
@@ -229,9 +225,9 @@ def build_familial(plain_dir: Path, out_dir: Path, exits: list[int], *, shared_h
 
 def _train_family(plain_dir, exits, shared_heads, train, eval_source, progress):
     t0 = time.time()
-    tokenizer = data.load_tokenizer(plain_dir)
+    tokenizer = text.load_tokenizer(plain_dir)
     for source in train.sources:
-        data.check_source(source)
+        text.check_source(source)
     torch.manual_seed(train.seed)
     fam = make_familial(load_model(plain_dir), list(exits), shared_heads)
     train_ids = training_windows(tokenizer, train.windows, train.seq_len, train.seed, tuple(train.sources))
@@ -244,7 +240,7 @@ def _train_family(plain_dir, exits, shared_heads, train, eval_source, progress):
               "final_ce": {str(e): sum(r["loss"][-20:]) / len(r["loss"][-20:])
                            for e, r in trained["exits"].items()}}
     if eval_source:
-        ev = data.text_windows(tokenizer, eval_source, 16, train.seq_len)
+        ev = text.text_windows(tokenizer, eval_source, 16, train.seq_len)
         report["ppl_bf16"] = {str(e): p for e, p in exit_perplexities(fam, ev, progress=progress).items()}
         report["eval_source"] = eval_source
     report["seconds"] = time.time() - t0

@@ -16,9 +16,10 @@ import torch
 
 from .. import names
 from ..errors import UserError
-from ..fsutil import MARKER, cache_dir, check_cache, sha256
+from ..names import MARKER
+from ..store.files import cache_dir, check_cache, sha256
 from ..model.familial import FamilialModel
-from ..model.io import load_model
+from ..store.checkpoint import load_model
 from .branches import make_familial, write_source
 from .smollm2 import cached_smollm2
 

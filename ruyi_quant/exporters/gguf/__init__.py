@@ -16,9 +16,9 @@ from .files import base_name, extract_exit, write_exit, write_multi
 from .llamacpp import K_QUANTS, llama_quantize
 from .metadata import common_kv
 from .ollama import write_modelfile_for
-from .tensors import GGUFOptions, check_gguf, exit_arch, llama_rope_rows
+from .tensors import GGUFOptions, exit_arch, llama_rope_rows
 
-__all__ = ["GGUFOptions", "K_QUANTS", "base_name", "check_gguf", "common_kv",
+__all__ = ["GGUFOptions", "K_QUANTS", "base_name", "common_kv",
            "exit_arch", "export", "extract", "extract_exit", "label", "llama_quantize",
            "llama_rope_rows", "write_exit", "write_modelfile_for",
            "write_multi"]

@@ -19,7 +19,7 @@ from gguf import Keys
 
 from ... import names
 from ...errors import UserError
-from ...fsutil import name_problem
+from ...errors import name_problem
 from ...model.config import parse_config
 from ...quant.family import QuantizedFamily
 from .metadata import RuyiKeys, common_kv, exit_kv, read_kv, size_label, write_gguf

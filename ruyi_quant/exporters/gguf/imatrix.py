@@ -18,17 +18,17 @@ not ship, and its quantize API takes the matrix only as a C++ map. So:
 from __future__ import annotations
 
 import ctypes
+from contextlib import closing
 from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
-from torch import nn
 
 from ... import names
 from ...errors import UserError
-from ...quant.family import QuantizedFamily, Weights, embed
+from ...quant.walk import Walk
 
 HEAD_KEY = "head@{j}"          # the input of exit j's head (its norm's output)
 
@@ -36,13 +36,10 @@ HEAD_KEY = "head@{j}"          # the input of exit j's head (its norm's output)
 @torch.no_grad()
 def collect(source, windows: torch.Tensor, progress: bool = True) -> dict[str, torch.Tensor]:
     """{familial linear module or head@j: mean x^2 per input column} over every window, from a
-    family (or a FamilialModel), streamed: one layer in float32 at a time (quant.family.Weights),
-    every window through it before the next is read, so no step holds the whole float model.
+    family (or a FamilialModel), on the streamed walk (quant/walk.py): one layer in float32 at a
+    time, every window through it before the next is read, so no step holds the whole float model.
     Windows go one at a time and in order, so the sums are those of running each window through
     the whole model."""
-    from tqdm.auto import tqdm
-    fam = source if isinstance(source, QuantizedFamily) else QuantizedFamily.from_model(source)
-    cfg = fam.config
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
@@ -51,28 +48,15 @@ def collect(source, windows: torch.Tensor, progress: bool = True) -> dict[str, t
         sums[key] = sums.get(key, 0) + (x * x).sum(0)
         counts[key] = counts.get(key, 0) + x.shape[0]
 
-    w = Weights(fam, torch.device("cpu"))
-    xs = embed(fam, windows, 1)
-    kws = [w.model.layer_kwargs(x) for x in xs]
-    last = max(cfg.exits)
-    steps = [s for s in cfg.walk() if s.kind == "exit" or s.layer < last]
-    for step in tqdm(steps, desc="imatrix", unit="layer", disable=not progress, leave=False):
-        layer = w.load(step.prefix)
-        hooks = [m.register_forward_pre_hook(lambda _m, args, key=f"{step.prefix}.{n}": add(key, args[0]))
-                 for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
-        try:
+    walk = Walk(source, windows, 1)
+    with closing(walk.steps(observe=add, progress=progress, desc="imatrix")) as steps:
+        for step, out in steps:
             if step.kind == "exit":
                 norm_name = names.EXIT_NORM.format(j=step.j)
-                norm = w.load(norm_name)
-                for x, kw in zip(xs, kws):
-                    add(HEAD_KEY.format(j=step.j), norm(layer(x, **kw)))
-                w.drop(norm_name)
-            else:
-                xs = [layer(x, **kw) for x, kw in zip(xs, kws)]
-        finally:
-            for h in hooks:
-                h.remove()
-        w.drop(step.prefix)
+                norm = walk.load(norm_name)
+                for h in out:
+                    add(HEAD_KEY.format(j=step.j), norm(h))
+                walk.drop(norm_name)
     return {k: sums[k] / counts[k] for k in sums}
 
 

@@ -72,9 +72,6 @@ def exit_kv(cfg, j: int, params: int, base_name: str, a: str = ARCH) -> list[tup
           (Keys.Rope.FREQ_BASE.format(arch=a), cfg.rope_theta, V.FLOAT32, None),
           (Keys.Rope.DIMENSION_COUNT.format(arch=a), cfg.head_dim, V.UINT32, None),
           (RuyiKeys.EXIT, e, V.INT32, None)]
-    if cfg.rope_scaled:
-        raise UserError("gguf: scaled RoPE is not exported yet; the model uses "
-                        f"{raw.get('rope_parameters') or raw.get('rope_scaling')}")
     return kv
 
 

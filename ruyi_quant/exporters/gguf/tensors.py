@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 
+from ...model import layout
 from ... import names
 from ...errors import UserError, writing
 from ...quant.family import QuantizedFamily
@@ -42,21 +43,13 @@ class GGUFOptions:
     license: str | None = None
 
 
-def _role(fam: QuantizedFamily, module: str) -> str:
-    if module == names.EMBED:
-        return "embed"
-    if module == names.SHARED_HEAD or re.fullmatch(r"lm_head\.\d+", module):
-        return "head"
-    return "linear" if module.endswith(tuple("." + n for n in names.LAYER_LINEARS)) else "other"
-
-
 def _auto_types(fam: QuantizedFamily, opt: GGUFOptions) -> dict[str, T]:
     """The ggml type of each role: linear (float linears), embed, head."""
     low_bits = any(s.bits <= 4 for s in fam.modules.values())
     base = T.F16 if opt.type == "auto" else TYPES[opt.type]
     small = T.Q8_0 if low_bits or base in (T.Q4_0, T.Q4_1) else base
     return {"linear": base,
-            "embed": small if opt.embed_type == "auto" else TYPES[opt.embed_type],
+            "embedding": small if opt.embed_type == "auto" else TYPES[opt.embed_type],
             "head": small if opt.head_type == "auto" else TYPES[opt.head_type]}
 
 
@@ -123,12 +116,6 @@ def _float_array(t: torch.Tensor, qtype: T, what: str) -> tuple[np.ndarray, T]:
 QUANTIZE_ROWS_ELEMENTS = 1 << 24
 
 
-def check_gguf(fam: QuantizedFamily, opt: GGUFOptions) -> None:
-    """Raise the one-line UserError that encode_module would, without encoding anything."""
-    for module, grid in fam.grids.items():
-        check_grid(module, grid.spec, TYPES.get(opt.type), lambda: block_groups(grid.g_idx, grid.shape[1]))
-
-
 def check_grid(module, spec, want, blocks) -> None:
     if want in FLOAT_TYPES.values():
         return
@@ -152,7 +139,7 @@ def check_grid(module, spec, want, blocks) -> None:
 def encode_module(fam: QuantizedFamily, module: str, opt: GGUFOptions,
                   types: dict[str, T]) -> tuple[np.ndarray, T]:
     """The weight of one familial module as GGUF data (identical wherever it is written)."""
-    role = _role(fam, module)
+    role = layout.role(module)
     if module in fam.grids:
         spec = fam.grids[module].spec
         want = TYPES.get(opt.type)
@@ -169,12 +156,8 @@ def encode_module(fam: QuantizedFamily, module: str, opt: GGUFOptions,
 
 
 def exit_arch(fam: QuantizedFamily) -> str:
-    """`llama` for a plain Llama source whose q/k/v biases are all zero (as loading made them),
-    else `qwen2` (Qwen2 sources, Ruyi families, trained branches with biases)."""
-    if fam.config.source_arch != "llama":
-        return ARCH
-    biases = [n for n in fam.tensors if re.search(r"\.[qkv]_proj\.bias$", n)]
-    return LLAMA_ARCH if all(not fam.tensors[n].any() for n in biases) else ARCH
+    """llama.cpp's architecture of an exit's stock file (QuantizedFamily.stock_arch)."""
+    return LLAMA_ARCH if fam.stock_arch() == "llama" else ARCH
 
 
 def llama_rope_rows(data: np.ndarray, n_head: int) -> np.ndarray:
@@ -200,9 +183,9 @@ def family_arrays(fam: QuantizedFamily, modules_and_names, opt: GGUFOptions,
     out = []
     for fname, gname in modules_and_names:
         mod, suffix = fname.rsplit(".", 1)
-        if llama and suffix == "bias" and re.search(r"attn_[qkv]\.bias$", gname):
+        if llama and layout.is_layer_bias(fname):
             continue
-        if suffix == "weight" and _role(fam, mod) != "other":
+        if suffix == "weight" and layout.role(mod) not in ("norm", "other"):
             qtype = module_type(fam, mod, opt, types)
             shape, dtype = _data_shape(fam.linear_shape(mod), qtype, mod)
             produce = partial(_encoded, fam, mod, opt, types)
@@ -226,7 +209,7 @@ def module_type(fam: QuantizedFamily, module: str, opt: GGUFOptions, types: dict
             return want
         check_grid(module, grid.spec, want, lambda: block_groups(grid.g_idx, grid.shape[1]))
         return grid_type(grid.spec.bits, grid.spec.sym)
-    return types.get(_role(fam, module), types["linear"])
+    return types.get(layout.role(module), types["linear"])
 
 
 def _data_shape(shape: tuple, qtype: T, what: str):

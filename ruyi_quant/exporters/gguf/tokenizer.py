@@ -10,8 +10,8 @@ from gguf import GGUFValueType as V
 from gguf import Keys
 
 from ...errors import UserError
-from ...fsutil import read_json
-from ...pretokenizers import pre_tokenizer_name
+from ...errors import read_json
+from ...text import pre_tokenizer_name
 
 
 def tokenizer_kv(tok_dir: Path, n_vocab: int) -> list[tuple[str, object, V, V | None]]:

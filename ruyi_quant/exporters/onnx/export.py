@@ -8,6 +8,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ...model.layout import exit_folder
+from ...store.files import disk_bytes
 from .files import write_exit, write_multi
 from .graph import check_onnx
 
@@ -23,7 +25,28 @@ def label(fam, ex) -> str:
     return f"int{bits.most_common(1)[0][0]}" + ("-float16" if ex.dtype == "float16" else "")
 
 
-def export(fam, out_root: Path, tokenizer_dir: Path | None, ex, progress: bool = True) -> dict:
+# --- the format's contract (exporters/__init__.py) ------------------------------------------
+def check(target, ex) -> None:
+    """What these graphs cannot hold (graph.check_onnx), from a family or a job's plan."""
+    check_onnx(target.config, target.plan, ex)
+
+
+def folder(fam, ex) -> str:
+    return f"onnx-{label(fam, ex)}"
+
+
+def written(info: dict, out: Path) -> list[str]:
+    lines = [f"wrote {out / exit_folder(x['exit'])} ({disk_bytes(out / exit_folder(x['exit'])) / 1e6:.2f} MB)"
+             for x in info["exits"]]
+    if info["multi"]:
+        m = info["multi"]
+        lines.append(f"wrote {out / MULTI_FOLDER} ({m['bytes'] / 1e6:.2f} MB for exits {m['exits']}: "
+                     f"{m['tensor_bytes'] / 1e6:.2f} MB of distinct tensors in one data file)")
+    return lines
+
+
+def export(fam, out_root: Path, tokenizer_dir: Path | None, ex, progress: bool = True,
+           calibration=None) -> dict:
     """The folders the ONNXExport settings `ex` ask for, under out_root (created). Returns what
     was written: {"exits": [per-exit info], "multi": info or None}."""
     check_onnx(fam.config, fam.modules, ex)    # before any folder or progress bar
@@ -33,7 +56,7 @@ def export(fam, out_root: Path, tokenizer_dir: Path | None, ex, progress: bool =
     written: dict = {"exits": [], "multi": None}
     if ex.per_exit:
         for e in tqdm(exits, desc="export onnx", unit="exit", disable=not progress, leave=False):
-            d = out_root / f"exit-{e}"
+            d = out_root / exit_folder(e)
             d.mkdir()
             written["exits"].append(write_exit(fam, e, d, tokenizer_dir, ex))
     if ex.multi:

@@ -13,11 +13,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from ...model.layout import exit_folder
 from ... import __version__
 from ...errors import writing
-from ...model.io import copy_tokenizer
+from ...store.checkpoint import copy_tokenizer
 from ..provenance import provenance
-from .graph import Decoder, check_onnx
+from .graph import Decoder
 
 ALIGN, PAGE, BIG = 64, 4096, 1 << 20     # offsets: 64-byte aligned, page aligned past 1 MiB
 DATA_FILE = "model.onnx.data"
@@ -126,13 +127,12 @@ def _save_graph(model: onnx.ModelProto, path: Path) -> int:
 
 
 def _arch(fam) -> str:
-    return "llama" if fam.config.source_arch == "llama" else "qwen2"
+    return fam.stock_arch()
 
 
 def write_exit(fam, exit: int, out_dir: Path, tok_dir: Path | None, opt) -> dict:
     """Exit `exit`'s folder (out_dir exists): model.onnx + model.onnx.data, genai_config.json,
     the tokenizer."""
-    check_onnx(fam.config, fam.modules, opt)
     j = fam.config.exit_index(exit)
     out_dir = Path(out_dir)
     data = DataFile(out_dir / DATA_FILE)
@@ -153,7 +153,6 @@ def write_multi(fam, out_dir: Path, tok_dir: Path | None, opt,
                 exits: list[int] | None = None) -> dict:
     """The multi-exit folder: family.onnx.data (every tensor once), exit-E.onnx per exit,
     genai_config.json for the last exit (files.genai_config names the graph), the tokenizer."""
-    check_onnx(fam.config, fam.modules, opt)
     out_dir = Path(out_dir)
     exits = fam.config.exit_list(exits)
     data = DataFile(out_dir / MULTI_DATA)
@@ -166,10 +165,10 @@ def write_multi(fam, out_dir: Path, tok_dir: Path | None, opt,
     files = {}
     for e, model in graphs.items():
         model.metadata_props.add(key="ruyi.multi_exit", value=json.dumps(exits))
-        files[e] = _save_graph(model, out_dir / f"exit-{e}.onnx")
+        files[e] = _save_graph(model, out_dir / f"{exit_folder(e)}.onnx")
     last = exits[-1]
     (out_dir / "genai_config.json").write_text(
-        json.dumps(genai_config(fam, last, f"exit-{last}.onnx", opt, _arch(fam)), indent=2) + "\n")
+        json.dumps(genai_config(fam, last, f"{exit_folder(last)}.onnx", opt, _arch(fam)), indent=2) + "\n")
     if tok_dir is not None:
         copy_tokenizer(tok_dir, out_dir)
     return {"exits": exits, "data_file": MULTI_DATA, "data_bytes": data_bytes,

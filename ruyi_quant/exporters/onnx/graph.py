@@ -3,7 +3,7 @@
 onnxruntime's `com.microsoft` MatMulNBits (our grids), GroupQueryAttention (grouped KV heads,
 a past/present buffer onnxruntime-genai shares) and GatherBlockQuantized (embed head).
 
-Exit e is the plain model of e+1 layers that names.exit_map describes (trunk layers 0..e-1, the
+Exit e is the plain model of e+1 layers that layout.exit_map describes (trunk layers 0..e-1, the
 exit's branch layer, its norm and head), with the I/O onnxruntime-genai expects:
 
     input_ids [batch, seq] int64, attention_mask [batch, past+seq] int64, position_ids [batch, seq]
@@ -21,6 +21,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
+from ...model import layout
 from ... import names
 from ...errors import UserError
 from .weights import check_grid, fusable, fuse, int8_grid, int8_rows, layout_of, nbits_arrays
@@ -45,12 +46,8 @@ def check_onnx(config, modules: dict, ex) -> None:
                         "weights auto and head auto; use embed float or int8")
     if ex.weights == "auto":
         for m, spec in modules.items():
-            if not (ex.head == "float" and _is_head(config, m)):      # int8 keeps a head's grid
+            if not (ex.head == "float" and layout.is_head(m)):      # int8 keeps a head's grid
                 check_grid(m, spec)
-
-
-def _is_head(config, module: str) -> bool:
-    return module in (names.SHARED_HEAD, *(names.HEAD.format(j=j) for j in range(len(config.exits))))
 
 
 
@@ -239,18 +236,18 @@ class Decoder:
         """One decoder layer on the residual stream x + delta (delta: the previous layer's last
         output, not yet added); writes the graph outputs `present`. Returns (x, delta)."""
         g, p = self.g, prefix
-        h, x = self.norm(x, f"{p}.input_layernorm.weight", delta)
-        q, k, v = self.linears(h, p, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                               "self_attn.qkv_proj", biases=True)
+        attn, out, mlp, down = layout.DECODER_LAYER
+        h, x = self.norm(x, f"{p}.{attn.reads}.weight", delta)
+        q, k, v = self.linears(h, p, attn.names, attn.fused, biases=True)
         q = g.op("RotaryEmbedding", q, cos, sin, num_heads=self.heads)
         k = g.op("RotaryEmbedding", k, cos, sin, num_heads=self.kv_heads)
         a, _, _ = g.op("GroupQueryAttention", q, k, v, *past, *lengths, domain="com.microsoft",
                          names=[f"{p}.attention", *present], num_heads=self.heads,
                          kv_num_heads=self.kv_heads, scale=self.cfg.head_dim ** -0.5)
-        h, x = self.norm(x, f"{p}.post_attention_layernorm.weight", self.linear(a, f"{p}.self_attn.o_proj"))
-        gate, up = self.linears(h, p, ("mlp.gate_proj", "mlp.up_proj"), "mlp.gate_up_proj")
+        h, x = self.norm(x, f"{p}.{mlp.reads}.weight", self.linear(a, f"{p}.{out.names[0]}"))
+        gate, up = self.linears(h, p, mlp.names, mlp.fused)
         act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
-        return x, self.linear(act, f"{p}.mlp.down_proj")
+        return x, self.linear(act, f"{p}.{down.names[0]}")
 
     def build(self, metadata: dict[str, str]) -> onnx.ModelProto:
         g, cfg, e = self.g, self.cfg, self.map.layer

@@ -7,9 +7,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ...data import chat_ids, load_tokenizer
+from ...text import chat_ids, load_tokenizer
 from ...errors import UserError
-from ...fsutil import read_json
+from ...model.layout import folder_exit
+from ...recipe import Sampling
+
+DEFAULT = Sampling()
+from ...errors import read_json
 
 GENAI_CONFIG = "genai_config.json"
 
@@ -21,8 +25,8 @@ def resolve(folder: Path, exit: int | None) -> tuple[Path, str, int]:
     if not folder.is_dir():
         raise UserError(f"{folder}: no such directory")
     if (folder / GENAI_CONFIG).is_file():
-        graphs = {int(p.stem.split("-", 1)[1]): p.name for p in folder.glob("exit-*.onnx")
-                  if p.stem.split("-", 1)[1].isdigit()}
+        graphs = {folder_exit(p.stem): p.name for p in folder.glob("*.onnx")
+                  if folder_exit(p.stem) is not None}
         if graphs:                                                  # the multi-exit folder
             e = max(graphs) if exit is None else exit
             if e not in graphs:
@@ -33,8 +37,8 @@ def resolve(folder: Path, exit: int | None) -> tuple[Path, str, int]:
         if exit is not None and exit != e:
             raise UserError(f"--exit {exit}: {folder} holds exit {e} only")
         return folder, cfg["model"]["decoder"]["filename"], e
-    subs = {int(p.name.split("-", 1)[1]): p for p in folder.glob("exit-*")
-            if p.name.split("-", 1)[1].isdigit() and (p / GENAI_CONFIG).is_file()}
+    subs = {folder_exit(p.name): p for p in folder.iterdir()
+            if folder_exit(p.name) is not None and (p / GENAI_CONFIG).is_file()}
     if not subs:
         multi = folder / "multi-exit"
         if (multi / GENAI_CONFIG).is_file():
@@ -58,8 +62,9 @@ def load(folder: Path, exit: int | None):
     return og.Model(config), e, d, set(eos if isinstance(eos, list) else [eos])
 
 
-def generate_ids(model, ids: list[int], max_new_tokens: int, eos=(), sample: bool = False,
-                 temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0, seed: int = 0,
+def generate_ids(model, ids: list[int], max_new_tokens: int, eos=(), sample: bool = DEFAULT.sample,
+                 temperature: float = DEFAULT.temperature, top_k: int = DEFAULT.top_k,
+                 top_p: float = DEFAULT.top_p, seed: int = DEFAULT.seed,
                  on_token=None) -> list[int]:
     """New tokens after `ids`, up to an end-of-sequence token (not included)."""
     import onnxruntime_genai as og
@@ -82,7 +87,8 @@ def generate_ids(model, ids: list[int], max_new_tokens: int, eos=(), sample: boo
     return out
 
 
-def generate(folder: Path, prompt: str, exit: int | None = None, max_new_tokens: int = 64,
+def generate(folder: Path, prompt: str, exit: int | None = None,
+             max_new_tokens: int = DEFAULT.max_new_tokens,
              chat: bool = True, on_text=None, **search) -> dict:
     """The exit's answer to `prompt` (a user message in the chat template when the tokenizer has
     one and chat is True). on_text(piece) streams the decoded text."""

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from . import data
-from .model.config import parse_config
-from .model.familial import FamilialModel
-from .model.io import save_model
-from .pretokenizers import QWEN2_REGEX
+from .. import text
+from ..model.config import parse_config
+from ..model.familial import FamilialModel
+from ..store.checkpoint import save_model
+from ..text import QWEN2_REGEX
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
@@ -42,7 +42,7 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 512) -> None:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([data.builtin_text("pydoc/train")[:200_000]], trainer)
+    tok.train_from_iterator([text.builtin_text("pydoc/train")[:200_000]], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>", bos_token=None)
     fast.chat_template = CHAT_TEMPLATE
@@ -103,10 +103,10 @@ def build_tiny(out_dir: str | Path, seed: int = 0, **config_overrides) -> Path:
 
 def cached_tiny(name: str = "tiny") -> Path:
     """`builtin:tiny` (separate heads) or `builtin:tiny-shared`, built once into the cache dir."""
-    from .fsutil import atomic_dir, cache_dir, check_cache
+    from ..store.files import atomic_dir, cache_dir, check_cache
     variants = {"tiny": {}, "tiny-shared": {"shared_heads": True}}
     if name not in variants:
-        from .errors import UserError
+        from ..errors import UserError
         raise UserError(f"builtin:{name}: unknown built-in model (choose {', '.join(variants)})")
     path = cache_dir() / "models" / f"{name}-v2"     # v2: NFC normalizer
     if not (path / "config.json").is_file():

@@ -1,4 +1,6 @@
-"""Safetensors written tensor by tensor, and read tensor by tensor.
+"""Safetensors written tensor by tensor, and read tensor by tensor; the checked readers of a
+checkpoint's files (which file holds each tensor, a corrupt file or a non-finite tensor as one
+UserError naming it).
 
 `write_safetensors` takes entries whose name, shape and dtype are known up front (the header comes
 first in the file) and whose data is produced only when its turn comes, so a checkpoint of any
@@ -9,6 +11,7 @@ from names to tensors that reads each from its (memory-mapped) file when it is a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -16,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
-from .errors import writing
+from ..errors import UserError, read_json, writing
 
 ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
              torch.int32: "I32", torch.int64: "I64", torch.uint8: "U8", torch.int8: "I8", torch.bool: "BOOL"}
@@ -141,7 +145,6 @@ class LazyTensors(Mapping):
                     self._where[stored[name]] = where
         absent = next((n for n in self._files if n not in self._where), None)
         if absent is not None:
-            from .errors import UserError
             raise UserError(f"{self._files[absent]}: the index lists {aliases.get(absent, absent)} "
                             "in this file, but it is not there")
 
@@ -218,7 +221,6 @@ class LazyTensors(Mapping):
 def _header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
     """name -> (dtype, shape, first byte, end byte) of a safetensors file's tensors, after
     safetensors itself has validated the file (a corrupt one is a UserError naming it)."""
-    from .model.io import open_safetensors
     with open_safetensors(path) as f:
         f.keys()
     with open(path, "rb") as fh:
@@ -227,7 +229,6 @@ def _header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, in
     header.pop("__metadata__", None)
     odd = next((k for k, v in header.items() if v["dtype"] not in TORCH_DTYPES), None)
     if odd is not None:
-        from .errors import UserError
         raise UserError(f"{path}: tensor {odd} is {header[odd]['dtype']}, a dtype ruyi-quant does "
                         f"not read ({', '.join(TORCH_DTYPES)})")
     return {k: (TORCH_DTYPES[v["dtype"]], tuple(v["shape"]), 8 + n + v["data_offsets"][0],
@@ -235,7 +236,6 @@ def _header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, in
 
 
 def _read(path: Path, dtype: torch.dtype, shape: tuple[int, ...], start: int, end: int) -> torch.Tensor:
-    from .errors import UserError
     buf = bytearray(end - start)
     with open(path, "rb") as fh:
         fh.seek(start)
@@ -245,3 +245,68 @@ def _read(path: Path, dtype: torch.dtype, shape: tuple[int, ...], start: int, en
     if not buf:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+# --- checked readers ----------------------------------------------------------------------
+def weight_files(model_dir: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file, from model.safetensors or a sharded index."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    single = model_dir / "model.safetensors"
+    if index.is_file():
+        wmap = read_json(index, "safetensors index")
+        wmap = wmap.get("weight_map") if isinstance(wmap, dict) else None
+        if not isinstance(wmap, dict) or not all(isinstance(f, str) for f in wmap.values()):
+            raise UserError(f"{index}: not a safetensors index (needs a 'weight_map' object)")
+        files = {name: model_dir / f for name, f in wmap.items()}
+        for f in set(files.values()):
+            if not f.is_file():
+                raise UserError(f"{index}: shard {f.name} is listed but missing")
+        return files
+    if single.is_file():
+        with open_safetensors(single) as f:
+            return {k: single for k in f.keys()}
+    if list(model_dir.glob("*.bin")) or list(model_dir.glob("*.pt")):
+        raise UserError(f"{model_dir}: only pickle weights (.bin/.pt) found; ruyi-quant never loads "
+                        "pickles: convert them to safetensors first")
+    raise UserError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+
+
+@contextlib.contextmanager
+def open_safetensors(path: Path):
+    """safe_open, with a corrupt or unreadable file as one UserError naming it."""
+    try:
+        with safe_open(path, "pt") as f:
+            yield f
+    except (SafetensorError, OSError) as e:
+        reason = str(e).removeprefix("Error while deserializing header: ")
+        raise UserError(f"{path}: not a readable safetensors file ({reason})") from None
+
+
+def read_tensors(files: dict[str, Path], wanted: list[str] | None = None):
+    """Yield (name, tensor) for the wanted names (all by default), one file open at a time."""
+    by_file: dict[Path, list[str]] = {}
+    for name in (wanted if wanted is not None else files):
+        by_file.setdefault(files[name], []).append(name)
+    for path, tensor_names in by_file.items():
+        with open_safetensors(path) as f:
+            present = set(f.keys())
+            for name in tensor_names:
+                if name not in present:
+                    raise UserError(f"{path}: the index lists {name} in this file, but it is not there")
+                t = f.get_tensor(name)
+                yield name, t
+
+
+def check_finite(name: str, t: torch.Tensor, path: Path | None = None) -> None:
+    """A float tensor must hold finite numbers (and be float: an integer weight is corrupt too);
+    `path`: the file it was read from, named in the error."""
+    where = f"{path}: " if path is not None else ""
+    if not t.is_floating_point():
+        raise UserError(f"{where}tensor {name} is {str(t.dtype).removeprefix('torch.')}, not a "
+                        "floating-point weight; the checkpoint is corrupt")
+    for block in t.reshape(-1).split(1 << 24):   # blocks: isfinite of a bf16 head makes float32
+        if not torch.isfinite(block).all():      # and bool copies of it (3 GB for Ruyi's)
+            bad = "NaN" if torch.isnan(block).any() else "Inf"
+            raise UserError(f"{where}tensor {name} contains {bad} values; the checkpoint is corrupt")
+

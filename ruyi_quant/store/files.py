@@ -27,9 +27,9 @@ import tempfile
 import threading
 from pathlib import Path
 
-from .errors import UserError, write_problem, writing
+from ..errors import UserError, write_problem, writing
+from ..names import MARKER
 
-MARKER = "ruyi_quant.json"          # every directory we write carries this file
 TOOL = "ruyi-quant"
 TMP_SUFFIX = ".tmp-XXXXXXXX"        # what mkdtemp adds to ".NAME" (8 random characters)
 DEEPEST = 96                        # longest path we write inside an output (hf-gptq/exit-NN/...)
@@ -39,27 +39,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RUYI_QUANT_CACHE", Path.home() / ".cache" / "ruyi-quant"))
 
 
-# --- reading -------------------------------------------------------------------------------
-def read_text(path: Path, what: str = "file") -> str:
-    """A UTF-8 text file; a missing, unreadable or non-UTF-8 file is one UserError naming it."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read this {what} ({e.strerror})") from None
-    if b"\x00" in data:
-        raise UserError(f"{path}: binary data (NUL bytes), not a UTF-8 text {what}")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
 
 
-def read_json(path: Path, what: str = "JSON file"):
-    text = read_text(path, what)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
 # --- manifests and ownership ---------------------------------------------------------------
@@ -81,7 +62,7 @@ def _listing(directory: Path) -> list[str]:
 def write_marker(directory: Path, meta: dict) -> dict:
     """Write the manifest: `meta` (which must have a `kind`) with the tool, its version and the
     sha256 and size of every file now in the directory. Returns the file list."""
-    from . import __version__
+    from .. import __version__
     directory = Path(directory)
     listing = _listing(directory)
     files = {p: sha256(directory / p) for p in listing}
@@ -169,26 +150,8 @@ def is_ours(directory: Path) -> bool:
 
 
 # --- output checks -------------------------------------------------------------------------
-NAME_MAX = 200                       # bytes of a name we make a file or folder of (with room to
-                                     # add "-eNN-q4_k_m.gguf" and the temporary suffix)
 
 
-def name_problem(name: str) -> str | None:
-    """Why a name given for a file or folder (an export's `--name`, a job's name, an export's
-    folder) is not one plain path component inside its folder, or None when it is: not empty, no
-    '/' or '\\', not '.', '..' or any hidden name (a leading '.': our temporaries look so), no
-    control characters, at most NAME_MAX bytes."""
-    if not name or not name.strip():
-        return "is empty"
-    if "/" in name or "\\" in name:
-        return "holds a path separator; give a plain name (one path component)"
-    if name.startswith("."):
-        return "starts with '.'; give a plain name (not '.', '..' or a hidden name)"
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        return "holds a control character"
-    if len(name.encode()) > NAME_MAX:
-        return f"is longer than {NAME_MAX} bytes"
-    return None
 
 
 def check_writable(path: Path, flag: str = "--out", directory: bool = True) -> None:

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from . import names
-from .stream import SHARD_BYTES, Entry, write_sharded
+from .. import names
+from ..model import layout
+from ..store.safetensors import SHARD_BYTES, Entry, write_sharded
 
 RUYI_7B = {
     "model_type": "ruyi_qwen2", "architectures": ["RuyiQwen2ForCausalLM"],
@@ -37,33 +38,22 @@ def synthetic_config(depth: int = 28, exits: list[int] | None = None, **override
     return cfg
 
 
-def _layer_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
-    h, i = cfg["hidden_size"], cfg["intermediate_size"]
-    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
-    return {"self_attn.q_proj.weight": (h, h), "self_attn.q_proj.bias": (h,),
-            "self_attn.k_proj.weight": (kv, h), "self_attn.k_proj.bias": (kv,),
-            "self_attn.v_proj.weight": (kv, h), "self_attn.v_proj.bias": (kv,),
-            "self_attn.o_proj.weight": (h, h), "mlp.gate_proj.weight": (i, h),
-            "mlp.up_proj.weight": (i, h), "mlp.down_proj.weight": (h, i),
-            "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,)}
-
-
 def tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     """Every tensor of the family, in checkpoint order: embedding, trunk, branches, norms, heads."""
     h, v = cfg["hidden_size"], cfg["vocab_size"]
     exits = cfg["early_exit_points"]
     out = {f"{names.EMBED}.weight": (v, h)}
-    layer = _layer_shapes(cfg)
+    layer = layout.layer_shapes(cfg)
     for i in range(cfg["num_hidden_layers"]):
-        out.update({f"model.layers.{i}.{k}": s for k, s in layer.items()})
+        out.update({f"{names.TRUNK_LAYER.format(i=i)}.{k}": s for k, s in layer.items()})
     for j in range(len(exits) - 1):
-        out.update({f"model.eelayers.{j}.{k}": s for k, s in layer.items()})
+        out.update({f"{names.BRANCH_LAYER.format(j=j)}.{k}": s for k, s in layer.items()})
     for j in range(len(exits)):
-        out[f"model.norms.{j}.weight"] = (h,)
+        out[f"{names.EXIT_NORM.format(j=j)}.weight"] = (h,)
     if cfg["shared_heads"]:
         out[f"{names.SHARED_HEAD}.weight"] = (v, h)
     else:
-        out.update({f"lm_head.{j}.weight": (v, h) for j in range(len(exits))})
+        out.update({f"{names.HEAD.format(j=j)}.weight": (v, h) for j in range(len(exits))})
     return out
 
 
@@ -98,7 +88,7 @@ def write_synthetic(out_dir: Path, depth: int = 28, exits: list[int] | None = No
     existing directory out_dir. Returns its report."""
     from tqdm.auto import tqdm
 
-    from .fsutil import write_marker
+    from ..store.files import write_marker
     from .tiny import build_tokenizer
     cfg = synthetic_config(depth, exits, **overrides)
     shapes = tensor_shapes(cfg)

@@ -13,24 +13,29 @@ Grids are packed into the layout here, when the file is written, and unpacked wh
 from __future__ import annotations
 
 import json
+import shutil
 from functools import partial
 from pathlib import Path
 
 import torch
 from pydantic import ValidationError
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
-from . import __version__, names
-from .errors import UserError
-from .fsutil import MARKER, ListedFiles, read_json, write_marker
-from .model.config import read_config
-from .model.familial import FamilialModel
-from .model.io import check_finite, copy_tokenizer, weight_files
-from .quant.family import QuantizedFamily
-from .quant.grid import Grid, LazyGrid
-from .quant.pack import LAYOUTS, packed_shapes
-from .quant.plan import QuantSpec
-from .recipe import Provenance
-from .stream import Entry, LazyTensors, write_safetensors
+from .. import __version__, names
+from ..errors import UserError, read_json, writing
+from ..names import MARKER
+from .files import ListedFiles, write_marker
+from ..model.config import read_config
+from ..model.layout import is_layer_bias
+from ..model.familial import FamilialModel, familial_state, materialise, skeleton
+from .safetensors import check_finite, weight_files
+from ..quant.family import QuantizedFamily
+from ..quant.grid import Grid, LazyGrid
+from ..quant.pack import LAYOUTS, packed_shapes
+from ..quant.plan import QuantSpec
+from ..recipe import Provenance
+from .safetensors import Entry, LazyTensors, write_safetensors
 
 __all__ = ["QuantizedFamily", "Spill", "load_family", "pack_grid", "save_family"]
 
@@ -177,8 +182,7 @@ def _open_lazily(path: Path, config, modules: dict[str, QuantSpec], layout: str,
         renamed = {n: names.rename(n, rename) or n for n in files}
         aliases = {new: n for n, new in renamed.items()}
         files = {renamed[n]: f for n, f in files.items()}
-    zero_bias = [n for n in floats if rename is not None and n not in files
-                 and n.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))]
+    zero_bias = [n for n in floats if rename is not None and n not in files and is_layer_bias(n)]
     floats = [n for n in floats if n not in zero_bias]
     wanted = set(floats) | set(packed)
     missing, extra = [n for n in floats + packed if n not in files], sorted(set(files) - wanted)
@@ -284,3 +288,62 @@ class Spill:
         for m in mods:
             g = fam.grids[m]
             fam.grids[m] = _stored_grid(path, reader, fam.layout, m, g.spec, g.shape, g.act_order)
+
+
+# --- unquantized checkpoints, whole in memory ----------------------------------------------
+PROGRESS_BYTES = 200_000_000       # show a progress bar when loading more than this
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt")
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype | None = torch.float32) -> FamilialModel:
+    """A ruyi_qwen2, qwen2 or llama checkpoint, whole in memory as a FamilialModel on the CPU:
+    load_family's checks and tensors (a Llama layer's zero q/k/v biases included), materialised.
+    dtype None keeps the checkpoint's floating dtype."""
+    model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise UserError(f"{model_dir}: no such model directory")
+    fam = load_family(model_dir, hashes=False)
+    if fam.grids:
+        raise UserError(f"{model_dir}: a quantized family; point at an unquantized checkpoint")
+    tensors = fam.tensors
+    names_ = list(tensors)
+    if dtype is None:            # the file's dtype (not the zero biases', made in it too)
+        dtype = next((tensors.info(n)[1] for n in names_ if tensors.info(n)[1].is_floating_point),
+                     torch.float32)
+    big = sum(tensors.info(n)[1].itemsize * _numel(tensors.info(n)[0]) for n in names_) > PROGRESS_BYTES
+    state = {}
+    for n in tqdm(names_, desc="load", unit="tensor", disable=not big, leave=False):
+        t = tensors[n]
+        state[n] = t.to(dtype) if t.is_floating_point() else t
+    return materialise(skeleton(fam.config), state)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    for f in TOKENIZER_FILES:
+        if (Path(src) / f).is_file():
+            shutil.copy2(Path(src) / f, Path(dst) / f)
+
+
+def save_model(model: FamilialModel, out_dir: Path, dtype: torch.dtype = torch.bfloat16,
+               tokenizer_dir: Path | None = None) -> None:
+    """Write a ruyi_qwen2 checkpoint (into an existing directory)."""
+    out_dir = Path(out_dir)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in familial_state(model).items()}
+    with writing(out_dir / "model.safetensors"):
+        save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
+    cfg = model.config.to_json()
+    cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if tokenizer_dir is not None:
+        copy_tokenizer(tokenizer_dir, out_dir)
+
