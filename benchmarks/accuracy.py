@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ruyi_quant.store.checkpoint import QuantizedFamily
+from ruyi_quant.quant.family import QuantizedFamily
 from ruyi_quant.evaluate import evaluate
 from ruyi_quant.store.checkpoint import load_model
 from ruyi_quant.pipeline import calib_windows, eval_windows, quantize

@@ -28,7 +28,7 @@ import gguf
 import numpy as np
 import torch
 
-from ruyi_quant.store.checkpoint import QuantizedFamily
+from ruyi_quant.quant.family import QuantizedFamily
 from ruyi_quant.exporters import gguf as G
 from ruyi_quant.exporters.gguf import imatrix as IM
 from ruyi_quant.store.checkpoint import load_model

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from . import exporters
-from .store.checkpoint import QuantizedFamily, Spill, load_family, save_family
+from .quant.family import QuantizedFamily
+from .store.checkpoint import Spill, load_family, save_family
 from .text import load_tokenizer, text_windows
 from .errors import UserError
 from .evaluate import evaluate

@@ -18,8 +18,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTS = ["tests/test_calibration_oracle.py", "tests/test_gptq.py", "tests/test_awq.py",
-         "tests/test_rtn.py", "tests/test_pack.py"]
+TESTS = ["tests/quant/test_calibration_oracle.py", "tests/quant/test_gptq.py", "tests/quant/test_awq.py",
+         "tests/quant/test_rtn.py", "tests/quant/test_pack.py"]
 
 CAL = "ruyi_quant/quant/calibrate.py"
 WALK = "    steps = list(cfg.walk())\n"

@@ -1,6 +1,6 @@
 """Scores and surviving mutants of a mutmut run, each survivor with the reason it survives.
 
-    OMP_NUM_THREADS=1 mutmut run --max-children 2       # README, "Developing" (about an hour)
+    OMP_NUM_THREADS=1 mutmut run --max-children 2       # docs/testing.md (about an hour)
     python scripts/mutation_report.py > benchmarks/results/mutation.md
 
 A survivor is either killed by a new test or explained here: by kind (code that only acts on

@@ -11,11 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+import importlib
+
 from ..errors import Terminated, UserError, write_problem
 from ..log import log_to_stderr
-from . import eval, export, generate, inspect, make, quantize, run
 
-SUBCOMMANDS = (inspect, quantize, export, eval, make, generate, run)   # in --help's order
+# the modules of the subcommands, in --help's order; imported when the parser is built, after main
+# has set up its signal handler (they import torch)
+SUBCOMMANDS = ("inspect", "quantize", "export", "eval", "make", "generate", "run")
 
 EXAMPLES = """examples:
   ruyi-quant inspect builtin:tiny
@@ -32,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quantize and export familial (early-exit) language models. MODEL is a "
                     "checkpoint directory (ruyi_qwen2, qwen2 or llama safetensors) or builtin:tiny.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in SUBCOMMANDS:
-        command.add_parser(sub)
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"{__name__}.{name}").add_parser(sub)
     return p
 
 

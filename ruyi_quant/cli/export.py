@@ -45,13 +45,13 @@ def add_parser(sub) -> None:
                    f"{default(GGUFExport, 'head_type')}: q8_0 in 4-bit files)")
     s.add_argument("--multi", action="store_true", help="gguf, onnx: also write the multi-exit file")
     s.add_argument("--multi-only", action="store_true", help="gguf, onnx: only the multi-exit file")
-    O = (lambda f: default(ONNXExport, f))
+    onnx = (lambda f: default(ONNXExport, f))
     s.add_argument("--head", help=f"onnx: auto (a quantized head keeps its grid, a float one stays "
-                   f"float), float, int8 (default {O('head')})")
+                   f"float), float, int8 (default {onnx('head')})")
     s.add_argument("--embed", help="onnx: token embedding float, int8, or head (the rows of a tied, "
-                   f"quantized head's grid: no bytes of its own) (default {O('embed')})")
+                   f"quantized head's grid: no bytes of its own) (default {onnx('embed')})")
     s.add_argument("--accuracy-level", type=int, help="onnx: MatMulNBits compute, 0 (the float type) "
-                   f"or 4 (int8 activations, faster on CPUs) (default {O('accuracy_level')})")
+                   f"or 4 (int8 activations, faster on CPUs) (default {onnx('accuracy_level')})")
     s.add_argument("--name", help="gguf: general.name (default: the model's name)")
     s.add_argument("--license", help="gguf: general.license (default: the source's, when known)")
     s.add_argument("--calib", help=f"gguf K-quants: text of the importance matrix (default "
@@ -89,7 +89,7 @@ def run(args) -> None:
     out = Path(args.out)
     if name == "gguf" and source.endswith(".gguf"):
         return _extract_gguf(source, ex, out, args.force)
-    fmt.impl()                                       # an optional package missing: before any work
+    fmt.impl(f"--format {name}")                     # an optional package missing: before any work
     check_output_dir(out, force=args.force, inputs=[source], kind="export")
     fam, tok_dir = open_family(source)
     fam.provenance = fam.provenance or Provenance(model=source)   # a source model: its own name

@@ -108,8 +108,6 @@ def run_generate(args) -> None:
 
 def generate_onnx(args, picking) -> None:
     """`generate --onnx DIR`: one prompt through onnxruntime-genai."""
-    from .. import exporters
-    exporters.get("onnx").impl()                # the onnx extra, or one line naming it
     from ..errors import require
     require("onnxruntime_genai", "generate --onnx", "pip install 'ruyi-quant[onnx]'")
     from ..exporters.onnx.runner import generate

@@ -35,9 +35,10 @@ class Format:
     settings: type                         # its recipe settings
     needs: tuple[str, ...] = ()            # optional packages (the `onnx` extra)
 
-    def impl(self):
+    def impl(self, what: str | None = None):
+        """The format's module; a missing optional package is one line (`what` needs it)."""
         for package in self.needs:
-            require(package, f"format {self.name}", f"pip install 'ruyi-quant[{self.name}]'")
+            require(package, what or f"format {self.name}", f"pip install 'ruyi-quant[{self.name}]'")
         return importlib.import_module(self.module)
 
     def check(self, target: Target, ex) -> None:

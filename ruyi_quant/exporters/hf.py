@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from ..model.layout import LAYER_LINEARS, exit_folder, is_layer_bias
 from .. import __version__, names
-from ..store.checkpoint import QuantizedFamily, grid_entries
+from ..quant.family import QuantizedFamily
+from ..store.checkpoint import grid_entries
 from ..errors import UserError
 from ..names import MARKER
 from ..recipe import DTYPES

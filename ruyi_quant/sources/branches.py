@@ -62,7 +62,7 @@ def make_familial(plain: FamilialModel, exits: list[int], shared_heads: bool) ->
                tie_word_embeddings=pc.tie_word_embeddings and shared_heads)
     cfg = parse_config(raw, "make_familial")
     src = plain.state_dict()
-    state = {k: v for k, v in src.items() if not k.startswith(names.SHARED_HEAD)}
+    state = {k: v for k, v in src.items() if not layout.is_head(k)}
     for j, e in enumerate(cfg.exits):
         if j < len(cfg.exits) - 1:
             pre, dst = names.TRUNK_LAYER.format(i=e) + ".", names.BRANCH_LAYER.format(j=j) + "."

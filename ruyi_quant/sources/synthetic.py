@@ -77,7 +77,7 @@ def _scale(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
         return 0.05, 1.0
     if name.endswith(".bias"):
         return 0.02, 0.0
-    if name.startswith((names.EMBED, "lm_head")):
+    if name.startswith(names.EMBED) or layout.is_head(name):
         return 0.02, 0.0
     return shape[-1] ** -0.5, 0.0
 

@@ -18,6 +18,7 @@ import torch
 
 from .. import text
 from ..model.config import parse_config
+from ..model.layout import is_head
 from ..model.familial import FamilialModel
 from ..store.checkpoint import save_model
 from ..text import QWEN2_REGEX
@@ -78,7 +79,7 @@ def random_model(raw_config: dict, seed: int = 0, head_scale: float = 1.5,
             p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
         elif name.endswith("bias"):
             p.copy_(0.1 * torch.randn(p.shape, generator=g))
-        elif name.startswith("lm_head"):
+        elif is_head(name):
             continue
         else:  # linear in a decoder layer: outputs of the order of the residual stream / 4
             p.copy_(torch.randn(p.shape, generator=g) * (gain / math.sqrt(p.shape[1])))

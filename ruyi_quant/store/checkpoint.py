@@ -27,7 +27,7 @@ from ..errors import UserError, read_json, writing
 from ..names import MARKER
 from .files import ListedFiles, write_marker
 from ..model.config import read_config
-from ..model.layout import is_layer_bias
+from ..model.layout import is_layer_bias, stored_name
 from ..model.familial import FamilialModel, familial_state, materialise, skeleton
 from .safetensors import check_finite, weight_files
 from ..quant.family import QuantizedFamily
@@ -37,7 +37,7 @@ from ..quant.plan import QuantSpec
 from ..recipe import Provenance
 from .safetensors import Entry, LazyTensors, write_safetensors
 
-__all__ = ["QuantizedFamily", "Spill", "load_family", "pack_grid", "save_family"]
+__all__ = ["Spill", "load_family", "load_model", "pack_grid", "save_family", "save_model"]
 
 
 def pack_grid(layout: str, grid: Grid) -> dict[str, torch.Tensor]:
@@ -101,7 +101,7 @@ def grid_entries(fam: QuantizedFamily, layout: str, modules: dict[str, str]) -> 
     return entries
 
 
-def load_family(path: Path, hashes: bool = True) -> QuantizedFamily:
+def load_family(path: Path, hashes: bool = True, any_kind: bool = False) -> QuantizedFamily:
     """Open a directory written by save_family, or any source checkpoint load_model reads.
 
     Lazily: tensors are read from the (memory-mapped) safetensors files when a step needs them, in
@@ -116,7 +116,8 @@ def load_family(path: Path, hashes: bool = True) -> QuantizedFamily:
 
     A directory of ours (a family, or a source we built) is checked against its manifest: every
     listed file present at its size, here; its sha256 as the work reads it (hashes=False: sizes
-    only), which the family's `verify()` waits for.
+    only), which the family's `verify()` waits for. any_kind: any other directory of ours that holds
+    a checkpoint (an HF export's exit) is read as a source checkpoint too.
     """
     path = Path(path)
     if not path.exists():
@@ -125,7 +126,8 @@ def load_family(path: Path, hashes: bool = True) -> QuantizedFamily:
     meta = read_json(meta_path, "ruyi-quant manifest") if meta_path.is_file() else {"kind": "source"}
     if not isinstance(meta, dict):
         raise UserError(f"{meta_path}: not a ruyi-quant manifest (expected a JSON object)")
-    if meta.get("kind") == "source":   # a source checkpoint: Ruyi's own, or a plain qwen2/llama one
+    if meta.get("kind") == "source" or (any_kind and meta.get("kind") != "family"):
+        # a source checkpoint: Ruyi's own, or a plain qwen2/llama one
         config = read_config(path)
         plain = config.source_type != "ruyi_qwen2"
         fam = _open_lazily(path, config, {}, "gptq",
@@ -173,8 +175,7 @@ def _open_lazily(path: Path, config, modules: dict[str, QuantSpec], layout: str,
     if unknown:
         raise UserError(f"{meta_path}: quantizes {unknown[0]}, which this model does not have")
     floats = [n for n in shapes if not (n.endswith(".weight") and n[:-7] in modules)]
-    if config.tie_word_embeddings and f"{names.SHARED_HEAD}.weight" in floats:   # not when it has a grid
-        floats.remove(f"{names.SHARED_HEAD}.weight")
+    floats = [n for n in floats if stored_name(config.tie_word_embeddings, n) == n]   # a tied head
     packed = [f"{m}.{s}" for m in modules for s in LAYOUTS[layout]]
     files = {n: f for n, f in weight_files(path).items() if not n.endswith(names.IGNORED_SUFFIXES)}
     aliases = {}
@@ -305,7 +306,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = torch.float32)
     model_dir = Path(model_dir)
     if not model_dir.exists():
         raise UserError(f"{model_dir}: no such model directory")
-    fam = load_family(model_dir, hashes=False)
+    fam = load_family(model_dir, hashes=False, any_kind=True)
     if fam.grids:
         raise UserError(f"{model_dir}: a quantized family; point at an unquantized checkpoint")
     tensors = fam.tensors

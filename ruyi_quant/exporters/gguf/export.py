@@ -41,8 +41,8 @@ def check(target, ex) -> None:
     (or not the type asked for)."""
     if ex.type in K_QUANTS and target.plan:
         raise UserError(f"type {ex.type}: llama.cpp's K-quants start from float weights, and this "
-                        "family is quantized; use type auto, or export an unquantized family "
-                        "(quantize method none)")
+                        "family is already quantized; use type auto, or export an unquantized "
+                        "family (quantize method none)")
     if ex.type in K_QUANTS and ex.multi:
         raise UserError(f"type {ex.type}: the multi-exit file holds our own grids; drop multi")
     if target.config.rope_scaled:

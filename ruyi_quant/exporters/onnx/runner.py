@@ -11,10 +11,9 @@ from ...text import chat_ids, load_tokenizer
 from ...errors import UserError
 from ...model.layout import folder_exit
 from ...recipe import Sampling
-
-DEFAULT = Sampling()
 from ...errors import read_json
 
+DEFAULT = Sampling()
 GENAI_CONFIG = "genai_config.json"
 
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from ruyi_quant.store.checkpoint import QuantizedFamily
+from ruyi_quant.quant.family import QuantizedFamily
 from ruyi_quant.errors import UserError
 from ruyi_quant.exporters.hf import export_exit
 from ruyi_quant.store.checkpoint import load_model

@@ -18,7 +18,8 @@ from gguf import GGMLQuantizationType as T
 from conftest import MIXED_TEXT, kl_top1, needs_llama, needs_smollm2, open_llama
 from ruyi_quant.model import layout
 from ruyi_quant import names
-from ruyi_quant.store.checkpoint import QuantizedFamily, load_family
+from ruyi_quant.quant.family import QuantizedFamily
+from ruyi_quant.store.checkpoint import load_family
 from ruyi_quant.errors import UserError
 from ruyi_quant.exporters import gguf as G
 from ruyi_quant.exporters.gguf.ggml import NotExact, encode_grid
@@ -515,8 +516,8 @@ def test_k_quants_through_llama_cpp(tiny_dir, tmp_path, eval_ids):
 
 def test_act_order_needs_static_groups_for_gguf(tiny_dir, eval_ids, tmp_path):
     from ruyi_quant.pipeline import quantize
-    from ruyi_quant.exporters import Target
-    from ruyi_quant.exporters.gguf import export as gguf_format
+    from ruyi_quant.exporters import FORMATS, Target
+    gguf_format = FORMATS["gguf"]
     from ruyi_quant.recipe import GGUFExport, GPTQOptions, Quantize
     for static in (True, False):
         q = Quantize(method="gptq", bits=4, group_size=32,
