@@ -24,28 +24,38 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale import RUN, ROOT, step  # noqa: E402
+from scale import ROOT, RUN, step  # noqa: E402
 
-FULL = {"layers": 28, "branches": 4, "heads": 5}          # Ruyi-7B: the last exit's branch is a trunk layer
+FULL = {"layers": 28, "branches": 4, "heads": 5}  # Ruyi-7B: the last exit's branch is a trunk layer
 
 
 def per_kind(seconds: dict[str, float]) -> dict[str, float]:
     """Median seconds of a trunk layer, a branch layer and a head."""
     kinds = {"trunk": "model.layers.", "branch": "model.eelayers.", "head": "lm_head"}
-    return {k: statistics.median(v for n, v in seconds.items() if n.startswith(p))
-            for k, p in kinds.items() if any(n.startswith(p) for n in seconds)}
+    return {
+        k: statistics.median(v for n, v in seconds.items() if n.startswith(p))
+        for k, p in kinds.items()
+        if any(n.startswith(p) for n in seconds)
+    }
 
 
 def extrapolate(kind: dict[str, float]) -> float:
     """Seconds for the full family: 28 trunk layers, 4 branch layers, 5 heads."""
-    return (FULL["layers"] * kind["trunk"] + FULL["branches"] * kind.get("branch", kind["trunk"])
-            + FULL["heads"] * kind["head"])
+    return (
+        FULL["layers"] * kind["trunk"]
+        + FULL["branches"] * kind.get("branch", kind["trunk"])
+        + FULL["heads"] * kind["head"]
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", nargs="+", default=["3:1,2:gptq", "6:2,4,5:gptq", "3:1,2:awq", "6:2,4,5:awq"],
-                    help="DEPTH:EXITS:METHOD (EXITS 'full': Ruyi-7B's)")
+    ap.add_argument(
+        "--runs",
+        nargs="+",
+        default=["3:1,2:gptq", "6:2,4,5:gptq", "3:1,2:awq", "6:2,4,5:awq"],
+        help="DEPTH:EXITS:METHOD (EXITS 'full': Ruyi-7B's)",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -56,12 +66,18 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    notes = {"load_average_at_start": os.getloadavg(), "device": args.device, "cpus": os.cpu_count(),
-             "calibration": f"{args.samples} x {args.seq_len} tokens of builtin:pydoc/calib",
-             "awq_tokens": args.awq_tokens or "default (2048)",
-             "synthetic": "random weights: memory and speed only", "runs": []}
+    notes = {
+        "load_average_at_start": os.getloadavg(),
+        "device": args.device,
+        "cpus": os.cpu_count(),
+        "calibration": f"{args.samples} x {args.seq_len} tokens of builtin:pydoc/calib",
+        "awq_tokens": args.awq_tokens or "default (2048)",
+        "synthetic": "random weights: memory and speed only",
+        "runs": [],
+    }
     if args.device.startswith("cuda"):
         import torch
+
         notes["gpu"] = torch.cuda.get_device_name(0)
     stem = "calibrate_scale" + (f"-{args.tag}" if args.tag else "")
     sources = [work / "synthetic-{}-{}".format(*r.split(":")[:2]).replace(",", "_") for r in args.runs]
@@ -71,24 +87,58 @@ def main() -> None:
         rows: list[dict] = []
         if not (src / "ruyi_quant.json").is_file():
             syn = ["make-synthetic", "--out", src, "--depth", depth, "--force"]
-            step(f"make-synthetic depth {depth}", RUN, syn + ([] if exits == "full" else ["--exits", exits]), rows)
+            step(
+                f"make-synthetic depth {depth}",
+                RUN,
+                syn + ([] if exits == "full" else ["--exits", exits]),
+                rows,
+            )
         fam = work / f"family-{method}"
-        row = step(f"quantize {method} depth {depth}", RUN,
-                   ["quantize", src, "--method", method, "--bits", "4", "--group-size", "128", "--heads",
-                    "--samples", args.samples, "--seq-len", args.seq_len, "--device", args.device,
-                    "--out", fam, "--force"]
-                   + (["--awq-tokens", args.awq_tokens] if method == "awq" and args.awq_tokens else []), rows)
+        row = step(
+            f"quantize {method} depth {depth}",
+            RUN,
+            [
+                "quantize",
+                src,
+                "--method",
+                method,
+                "--bits",
+                "4",
+                "--group-size",
+                "128",
+                "--heads",
+                "--samples",
+                args.samples,
+                "--seq-len",
+                args.seq_len,
+                "--device",
+                args.device,
+                "--out",
+                fam,
+                "--force",
+            ]
+            + (["--awq-tokens", args.awq_tokens] if method == "awq" and args.awq_tokens else []),
+            rows,
+        )
         stats = json.loads((fam / "ruyi_quant.json").read_text())["stats"]
         kind = per_kind(stats["layer_seconds"])
-        run = {"depth": int(depth), "exits": json.loads((src / "config.json").read_text())["early_exit_points"],
-               "method": method, "seconds": row["seconds"], "peak_rss_gb": row["peak_rss_gb"],
-               "peak_device_gb": stats.get("peak_device_gb"), "calibrate_seconds": sum(stats["layer_seconds"].values()),
-               "median_seconds": kind, "full_family_seconds_extrapolated": extrapolate(kind),
-               "layer_seconds": stats["layer_seconds"], "steps": rows}
+        run = {
+            "depth": int(depth),
+            "exits": json.loads((src / "config.json").read_text())["early_exit_points"],
+            "method": method,
+            "seconds": row["seconds"],
+            "peak_rss_gb": row["peak_rss_gb"],
+            "peak_device_gb": stats.get("peak_device_gb"),
+            "calibrate_seconds": sum(stats["layer_seconds"].values()),
+            "median_seconds": kind,
+            "full_family_seconds_extrapolated": extrapolate(kind),
+            "layer_seconds": stats["layer_seconds"],
+            "steps": rows,
+        }
         notes["runs"].append(run)
         shutil.rmtree(fam)
-        if not args.keep and src not in sources[i + 1:]:
-            shutil.rmtree(src)                 # disk: the full-size family alone is 21.5 GB
+        if not args.keep and src not in sources[i + 1 :]:
+            shutil.rmtree(src)  # disk: the full-size family alone is 21.5 GB
         write(notes, stem)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
@@ -99,20 +149,26 @@ def write(notes: dict, stem: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(notes, indent=2) + "\n")
     where = notes.get("gpu") or f"CPU ({notes['cpus']} cores)"
-    lines = [f"# GPTQ / AWQ 4-bit g128 at Ruyi-7B's width, on {where} (random bf16 weights: memory and "
-             "speed only)", "",
-             f"Calibration {notes['calibration']}. Load average at start: "
-             f"{', '.join(f'{x:.2f}' for x in notes['load_average_at_start'])}.", "",
-             "| method | depth | exits | quantize s (whole command) | calibration s | peak RSS GB | peak device GB "
-             "| s / trunk layer | s / branch | s / head | full family (28 layers, 5 heads), extrapolated s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# GPTQ / AWQ 4-bit g128 at Ruyi-7B's width, on {where} (random bf16 weights: memory and "
+        "speed only)",
+        "",
+        f"Calibration {notes['calibration']}. Load average at start: "
+        f"{', '.join(f'{x:.2f}' for x in notes['load_average_at_start'])}.",
+        "",
+        "| method | depth | exits | quantize s (whole command) | calibration s | peak RSS GB | peak device GB "
+        "| s / trunk layer | s / branch | s / head | full family (28 layers, 5 heads), extrapolated s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in notes["runs"]:
         k = r["median_seconds"]
         dev = f"{r['peak_device_gb']:.2f}" if r.get("peak_device_gb") is not None else "-"
-        lines.append(f"| {r['method']} | {r['depth']} | {r['exits']} | {r['seconds']:.0f} | "
-                     f"{r['calibrate_seconds']:.0f} | {r['peak_rss_gb']:.2f} | {dev} | {k['trunk']:.1f} | "
-                     f"{k.get('branch', float('nan')):.1f} | {k['head']:.1f} | "
-                     f"{r['full_family_seconds_extrapolated']:.0f} |")
+        lines.append(
+            f"| {r['method']} | {r['depth']} | {r['exits']} | {r['seconds']:.0f} | "
+            f"{r['calibrate_seconds']:.0f} | {r['peak_rss_gb']:.2f} | {dev} | {k['trunk']:.1f} | "
+            f"{k.get('branch', float('nan')):.1f} | {k['head']:.1f} | "
+            f"{r['full_family_seconds_extrapolated']:.0f} |"
+        )
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from ruyi_quant.store.checkpoint import load_family
 from ruyi_quant.report import markdown_table
 from ruyi_quant.runtime.generate import generate
 from ruyi_quant.runtime.model import int4_model
 from ruyi_quant.runtime.validate import speed
 from ruyi_quant.sources import resolve_model
+from ruyi_quant.store.checkpoint import load_family
 
 ROOT = Path(__file__).resolve().parents[1]
 LINEAR = ("aten::mm", "aten::addmm", "aten::_weight_int4pack_mm_for_cpu")
@@ -35,10 +35,12 @@ ATTENTION = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled
 
 def op_ms(model, prompt: list[int], e: int, new: int) -> dict[str, float]:
     """Each op's own milliseconds per decoded token under torch.profiler, prefill subtracted."""
+
     def ops(n: int) -> dict[str, float]:
         with torch.profiler.profile() as p:
             generate(model, [prompt], e, n)
         return {a.key: a.self_cpu_time_total / 1e3 for a in p.key_averages()}
+
     one, many = ops(1), ops(new + 1)
     return {k: (v - one.get(k, 0.0)) / new for k, v in many.items()}
 
@@ -53,15 +55,25 @@ def main() -> None:
     args = ap.parse_args()
     ref_fam, fam = load_family(resolve_model("builtin:ruyi-mini")), load_family(Path(args.family))
     exits = fam.config.exit_list(None if not args.exits else [int(x) for x in args.exits.split(",")])
-    prompt = [100 + i % 1000 for i in range(args.prompt)]        # token ids; the content does not matter
-    notes = {"load_average_at_start": os.getloadavg(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-             "torch": torch.__version__, "family": args.family, "prompt": args.prompt, "new": args.new,
-             "repeats": args.repeats, "rows": []}
-    models = {"bf16": int4_model(ref_fam, dtype=torch.bfloat16, progress=False),
-              "int4": int4_model(fam, dtype=torch.bfloat16, progress=False)}
+    prompt = [100 + i % 1000 for i in range(args.prompt)]  # token ids; the content does not matter
+    notes = {
+        "load_average_at_start": os.getloadavg(),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "family": args.family,
+        "prompt": args.prompt,
+        "new": args.new,
+        "repeats": args.repeats,
+        "rows": [],
+    }
+    models = {
+        "bf16": int4_model(ref_fam, dtype=torch.bfloat16, progress=False),
+        "int4": int4_model(fam, dtype=torch.bfloat16, progress=False),
+    }
     with torch.no_grad():
         for m in models.values():
-            generate(m, [prompt], exits[0], 4)                     # warm up
+            generate(m, [prompt], exits[0], 4)  # warm up
         for e in exits:
             row = {"exit": e}
             for name, m in models.items():
@@ -69,15 +81,22 @@ def main() -> None:
                 lin = sum(v for k, v in ops.items() if k in LINEAR)
                 att = sum(v for k, v in ops.items() if k in ATTENTION)
                 wall = 1e3 / speed(m, e, torch.tensor([prompt]), args.new, args.repeats)["decode_tok_s"]
-                row[name] = {"wall_ms": wall, "linear_ms": lin,
-                             "attention_ms": att, "other_ops_ms": sum(ops.values()) - lin - att}
+                row[name] = {
+                    "wall_ms": wall,
+                    "linear_ms": lin,
+                    "attention_ms": att,
+                    "other_ops_ms": sum(ops.values()) - lin - att,
+                }
             row["linear_ratio"] = row["bf16"]["linear_ms"] / row["int4"]["linear_ms"]
             row["wall_ratio"] = row["bf16"]["wall_ms"] / row["int4"]["wall_ms"]
             notes["rows"].append(row)
-            print(f"exit {e}: bf16 {row['bf16']['wall_ms']:.1f} ms/token (linear kernels "
-                  f"{row['bf16']['linear_ms']:.1f}), int4 {row['int4']['wall_ms']:.1f} (linear kernels "
-                  f"{row['int4']['linear_ms']:.1f}): decode ratio {row['wall_ratio']:.2f}, kernels alone "
-                  f"{row['linear_ratio']:.2f}", flush=True)
+            print(
+                f"exit {e}: bf16 {row['bf16']['wall_ms']:.1f} ms/token (linear kernels "
+                f"{row['bf16']['linear_ms']:.1f}), int4 {row['int4']['wall_ms']:.1f} (linear kernels "
+                f"{row['int4']['linear_ms']:.1f}): decode ratio {row['wall_ratio']:.2f}, kernels alone "
+                f"{row['linear_ratio']:.2f}",
+                flush=True,
+            )
     write(notes)
 
 
@@ -85,19 +104,39 @@ def write(notes: dict) -> None:
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "decode_profile.json").write_text(json.dumps(notes, indent=2) + "\n")
-    head = ["exit", "bf16 ms / token", "int4 ms / token", "int4 ÷ bf16 decode speed",
-            "linear kernels bf16 / int4 ms", "kernels alone: bf16 ÷ int4", "attention bf16 / int4 ms",
-            "other ops bf16 / int4 ms"]
-    rows = [[str(r["exit"]), f"{r['bf16']['wall_ms']:.1f}", f"{r['int4']['wall_ms']:.1f}", f"{r['wall_ratio']:.2f}",
-             f"{r['bf16']['linear_ms']:.1f} / {r['int4']['linear_ms']:.1f}", f"{r['linear_ratio']:.2f}",
-             f"{r['bf16']['attention_ms']:.1f} / {r['int4']['attention_ms']:.1f}",
-             f"{r['bf16']['other_ops_ms']:.1f} / {r['int4']['other_ops_ms']:.1f}"] for r in notes["rows"]]
-    lines = [f"# One decode step on this CPU ({notes['cpus']} cores, {notes['threads']} threads), ruyi-mini", "",
-             f"Family {notes['family']}; batch 1, prompt {notes['prompt']} tokens, {notes['new']} tokens "
-             f"decoded; wall time without the profiler (median of {notes['repeats']}), op times with it "
-             f"(each op's own time, prefill subtracted). Load average at the start: "
-             f"{', '.join(f'{x:.2f}' for x in notes['load_average_at_start'])}.", "",
-             markdown_table(head, rows)]
+    head = [
+        "exit",
+        "bf16 ms / token",
+        "int4 ms / token",
+        "int4 ÷ bf16 decode speed",
+        "linear kernels bf16 / int4 ms",
+        "kernels alone: bf16 ÷ int4",
+        "attention bf16 / int4 ms",
+        "other ops bf16 / int4 ms",
+    ]
+    rows = [
+        [
+            str(r["exit"]),
+            f"{r['bf16']['wall_ms']:.1f}",
+            f"{r['int4']['wall_ms']:.1f}",
+            f"{r['wall_ratio']:.2f}",
+            f"{r['bf16']['linear_ms']:.1f} / {r['int4']['linear_ms']:.1f}",
+            f"{r['linear_ratio']:.2f}",
+            f"{r['bf16']['attention_ms']:.1f} / {r['int4']['attention_ms']:.1f}",
+            f"{r['bf16']['other_ops_ms']:.1f} / {r['int4']['other_ops_ms']:.1f}",
+        ]
+        for r in notes["rows"]
+    ]
+    lines = [
+        f"# One decode step on this CPU ({notes['cpus']} cores, {notes['threads']} threads), ruyi-mini",
+        "",
+        f"Family {notes['family']}; batch 1, prompt {notes['prompt']} tokens, {notes['new']} tokens "
+        f"decoded; wall time without the profiler (median of {notes['repeats']}), op times with it "
+        f"(each op's own time, prefill subtracted). Load average at the start: "
+        f"{', '.join(f'{x:.2f}' for x in notes['load_average_at_start'])}.",
+        "",
+        markdown_table(head, rows),
+    ]
     (out / "decode_profile.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -28,23 +28,25 @@ import gguf
 import numpy as np
 import torch
 
-from ruyi_quant.quant.family import QuantizedFamily
 from ruyi_quant.exporters import gguf as G
 from ruyi_quant.exporters.gguf import imatrix as IM
-from ruyi_quant.store.checkpoint import load_model
 from ruyi_quant.pipeline import calib_windows, eval_windows, quantize
-from ruyi_quant.sources import resolve_model
+from ruyi_quant.quant.family import QuantizedFamily
 from ruyi_quant.recipe import Calibration, Eval, Provenance, Quantize
 from ruyi_quant.report import markdown_table
+from ruyi_quant.sources import resolve_model
+from ruyi_quant.store.checkpoint import load_model
 
 HEADERS = ["exit", "file", "made by", "bpw", "MB", "KL(bf16‖file)", "top-1 %", "ppl", "ppl bf16"]
 
 
 def llama_logits(path: Path, windows: torch.Tensor) -> list[torch.Tensor]:
     import llama_cpp
+
     n = windows.shape[1]
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n, n_batch=n, logits_all=True, verbose=False,
-                          n_threads=2)
+    llm = llama_cpp.Llama(
+        model_path=str(path), n_ctx=n, n_batch=n, logits_all=True, verbose=False, n_threads=2
+    )
     out = []
     for w in windows:
         llm.reset()
@@ -63,8 +65,7 @@ def score(ref: list[torch.Tensor], got: list[torch.Tensor], windows: torch.Tenso
         top1 += float((lp.argmax(-1) == lq.argmax(-1)).sum())
         nll += float(-lq[:-1].gather(-1, w[1:, None]).sum())
         count += len(w)
-    return {"kl": kl / count, "top1": top1 / count,
-            "ppl": float(np.exp(nll / (count - len(windows))))}
+    return {"kl": kl / count, "top1": top1 / count, "ppl": float(np.exp(nll / (count - len(windows))))}
 
 
 def bpw(path: Path) -> tuple[float, int]:
@@ -89,19 +90,26 @@ def main() -> None:
     ev = eval_windows(src, Eval(samples=a.eval_samples, seq_len=a.seq_len))
     model = load_model(src)
     cfg = model.config
-    exits = [cfg.exits[0] if x == "first" else cfg.exits[-1] if x == "last" else int(x)
-             for x in a.exits.split(",")]
+    exits = [
+        cfg.exits[0] if x == "first" else cfg.exits[-1] if x == "last" else int(x) for x in a.exits.split(",")
+    ]
     ref_fam = QuantizedFamily.from_model(model)
     ref_fam.provenance = Provenance(model=a.model)
     with torch.no_grad():
         ref = {e: [model(w[None], exit=e).logits[0].float() for w in ev] for e in exits}
     ours = {}
-    for label, method, sym in [("gptq-q4_0", "gptq", True), ("gptq-q4_1", "gptq", False),
-                               ("awq-q4_1", "awq", False)]:
+    for label, method, sym in [
+        ("gptq-q4_0", "gptq", True),
+        ("gptq-q4_1", "gptq", False),
+        ("awq-q4_1", "awq", False),
+    ]:
         t0 = time.perf_counter()
         fam = quantize(load_model(src), Quantize(method=method, bits=4, group_size=32, sym=sym), calib)
-        fam.provenance = Provenance(model=a.model, quantize=Quantize(method=method),
-                                    calibration=Calibration(samples=a.samples, seq_len=a.seq_len))
+        fam.provenance = Provenance(
+            model=a.model,
+            quantize=Quantize(method=method),
+            calibration=Calibration(samples=a.samples, seq_len=a.seq_len),
+        )
         ours[label] = (fam, time.perf_counter() - t0)
         print(f"{label}: quantized in {ours[label][1]:.0f} s", flush=True)
     imat = IM.collect(model, calib)
@@ -129,20 +137,46 @@ def main() -> None:
                 bits, size = bpw(p)
                 s = score(ref[e], llama_logits(p, ev), ev)
                 ppl_ref = score(ref[e], ref[e], ev)["ppl"]
-                results.append({"exit": e, "file": kind, "made_by": who, "bpw": bits, "bytes": size,
-                                "ppl_bf16": ppl_ref, **s})
-                rows.append([str(e), kind, who, f"{bits:.2f}", f"{size / 1e6:.1f}", f"{s['kl']:.4f}",
-                             f"{100 * s['top1']:.2f}", f"{s['ppl']:.2f}", f"{ppl_ref:.2f}"])
+                results.append(
+                    {
+                        "exit": e,
+                        "file": kind,
+                        "made_by": who,
+                        "bpw": bits,
+                        "bytes": size,
+                        "ppl_bf16": ppl_ref,
+                        **s,
+                    }
+                )
+                rows.append(
+                    [
+                        str(e),
+                        kind,
+                        who,
+                        f"{bits:.2f}",
+                        f"{size / 1e6:.1f}",
+                        f"{s['kl']:.4f}",
+                        f"{100 * s['top1']:.2f}",
+                        f"{s['ppl']:.2f}",
+                        f"{ppl_ref:.2f}",
+                    ]
+                )
                 print(" | ".join(rows[-1]), flush=True)
     table = markdown_table(HEADERS, rows)
     print(table)
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"model": a.model, "exits": exits,
-            "calibration": {"source": "builtin:pydoc/calib", "windows": list(calib.shape)},
-            "eval": {"source": "builtin:pydoc/eval", "windows": list(ev.shape)},
-            "quantize_seconds": {k: v[1] for k, v in ours.items()},
-            "machine": {"cpu_threads": torch.get_num_threads(), "python": platform.python_version(),
-                        "torch": torch.__version__}}
+    meta = {
+        "model": a.model,
+        "exits": exits,
+        "calibration": {"source": "builtin:pydoc/calib", "windows": list(calib.shape)},
+        "eval": {"source": "builtin:pydoc/eval", "windows": list(ev.shape)},
+        "quantize_seconds": {k: v[1] for k, v in ours.items()},
+        "machine": {
+            "cpu_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+    }
     a.out.with_suffix(".json").write_text(json.dumps({**meta, "results": results}, indent=2) + "\n")
     a.out.with_suffix(".md").write_text(table + "\n")
     print(f"wrote {a.out.with_suffix('.json')} and {a.out.with_suffix('.md')}")

@@ -45,17 +45,17 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
 
 import torch  # noqa: E402
 
-from ruyi_quant.store.checkpoint import load_family  # noqa: E402
 from ruyi_quant.evaluate import compare  # noqa: E402
 from ruyi_quant.pipeline import calib_windows, eval_windows  # noqa: E402
-from ruyi_quant.sources import resolve_model  # noqa: E402
 from ruyi_quant.quant.pack import dequantize, from_gptq  # noqa: E402
 from ruyi_quant.recipe import Calibration, Eval  # noqa: E402
 from ruyi_quant.report import markdown_table  # noqa: E402
+from ruyi_quant.sources import resolve_model  # noqa: E402
+from ruyi_quant.store.checkpoint import load_family  # noqa: E402
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 LOG: dict = {"steps": {}}
-STEPS_FILE: Path | None = None          # step records, kept in --work so --reuse keeps the timings
+STEPS_FILE: Path | None = None  # step records, kept in --work so --reuse keeps the timings
 
 
 def loadavg() -> list[float]:
@@ -68,6 +68,7 @@ def err_line(e: BaseException) -> str:
 
 def step(name: str):
     """Record load average, wall seconds and the error (if any) of one step in LOG."""
+
     class _Step:
         def __enter__(self):
             self.rec = LOG["steps"].setdefault(name, {})
@@ -86,6 +87,7 @@ def step(name: str):
             if STEPS_FILE is not None:
                 STEPS_FILE.write_text(json.dumps(LOG["steps"], indent=2, default=str) + "\n")
             return ev is not None and not isinstance(ev, KeyboardInterrupt)
+
     return _Step()
 
 
@@ -124,11 +126,13 @@ def hf_logits(model):
     @torch.inference_mode()
     def fn(ids):
         return model(input_ids=ids, use_cache=False).logits
+
     return fn
 
 
 def gptq_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
+
     t = {}
     for f in sorted(ckpt.glob("*.safetensors")):
         t.update(load_file(str(f)))
@@ -139,6 +143,7 @@ def dequantized_hf(float_dir: Path, gptq_dir: Path) -> tuple[torch.nn.Module, di
     """fp32 transformers model of a plain GPTQ (v1) checkpoint: the float export's architecture,
     every tensor from the GPTQ checkpoint, its quantized linears dequantized by ruyi-quant's reader."""
     from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(str(float_dir), dtype=torch.float32).eval()
     qcfg = json.loads((gptq_dir / "config.json").read_text())["quantization_config"]
     t = gptq_tensors(gptq_dir)
@@ -155,8 +160,9 @@ def dequantized_hf(float_dir: Path, gptq_dir: Path) -> tuple[torch.nn.Module, di
         elif k.endswith((".qzeros", ".scales", ".g_idx")):
             continue
         elif k in state:
-            info["other_tensors_max_abs_diff"] = max(info["other_tensors_max_abs_diff"],
-                                                     (v.float() - state[k].float()).abs().max().item())
+            info["other_tensors_max_abs_diff"] = max(
+                info["other_tensors_max_abs_diff"], (v.float() - state[k].float()).abs().max().item()
+            )
             new[k] = v.float()
         else:
             info.setdefault("unknown_tensors", []).append(k)
@@ -168,6 +174,7 @@ def dequantized_hf(float_dir: Path, gptq_dir: Path) -> tuple[torch.nn.Module, di
 
 def gptqmodel_load(path: Path, backend: str, dtype: torch.dtype | None):
     from gptqmodel import BACKEND, GPTQModel
+
     kw = {"dtype": dtype} if dtype is not None else {}
     gm = GPTQModel.load(str(path), device="cpu", backend=BACKEND(backend), **kw)
     kernels = sorted({type(m).__name__ for m in gm.model.modules() if hasattr(m, "qweight")})
@@ -183,18 +190,29 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--eval-samples", type=int, default=16)
     ap.add_argument("--check-windows", type=int, default=2)
-    ap.add_argument("--kernel-dtype", default="bfloat16", choices=["float16", "bfloat16"],
-                    help="activations of GPTQModel's torch kernel for the 16-window scores (it has no "
-                         "float32; float16 matmuls are ~30x slower than float32 on a CPU without "
-                         "AVX512-FP16, so the float16 runs are limited to the --check-windows)")
-    ap.add_argument("--gptqmodel-configs", default="default,matched",
-                    help="default: GPTQModel's own defaults; matched: damp 0.01, act_group_aware off")
-    ap.add_argument("--reuse", action="store_true",
-                    help="keep quantized outputs (and their timings) already in --work")
-    ap.add_argument("--compile", action="store_true",
-                    help="let GPTQModel's TorchLinear torch.compile its dequantization when loading a "
-                         "quantized checkpoint (on a 2-core CPU inductor then compiles for minutes per "
-                         "model and hits dynamo's recompile limit; off by default: eager kernels)")
+    ap.add_argument(
+        "--kernel-dtype",
+        default="bfloat16",
+        choices=["float16", "bfloat16"],
+        help="activations of GPTQModel's torch kernel for the 16-window scores (it has no "
+        "float32; float16 matmuls are ~30x slower than float32 on a CPU without "
+        "AVX512-FP16, so the float16 runs are limited to the --check-windows)",
+    )
+    ap.add_argument(
+        "--gptqmodel-configs",
+        default="default,matched",
+        help="default: GPTQModel's own defaults; matched: damp 0.01, act_group_aware off",
+    )
+    ap.add_argument(
+        "--reuse", action="store_true", help="keep quantized outputs (and their timings) already in --work"
+    )
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="let GPTQModel's TorchLinear torch.compile its dequantization when loading a "
+        "quantized checkpoint (on a 2-core CPU inductor then compiles for minutes per "
+        "model and hits dynamo's recompile limit; off by default: eager kernels)",
+    )
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/gptqmodel_compare"))
     a = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -205,22 +223,38 @@ def main() -> None:
     STEPS_FILE = work / "steps.json"
     if a.reuse and STEPS_FILE.is_file():
         LOG["steps"] = json.loads(STEPS_FILE.read_text())
-        for k in [k for k in LOG["steps"] if not ("quantize" in k or k.startswith("export") or "export gptq" in k)]:
+        for k in [
+            k for k in LOG["steps"] if not ("quantize" in k or k.startswith("export") or "export gptq" in k)
+        ]:
             del LOG["steps"][k]
 
     import gptqmodel
     import transformers
-    LOG["env"] = {"python": platform.python_version(), "torch": torch.__version__,
-                  "gptqmodel": gptqmodel.__version__, "transformers": transformers.__version__,
-                  "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                  "GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS"),
-                  "machine": platform.machine(), "cuda": torch.cuda.is_available()}
-    LOG["setup"] = {"model": a.model, "exit": e, "bits": 4, "group_size": 128, "sym": True,
-                    "desc_act": False, "heads": "float (neither tool quantizes lm_head)"}
+
+    LOG["env"] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "gptqmodel": gptqmodel.__version__,
+        "transformers": transformers.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS"),
+        "machine": platform.machine(),
+        "cuda": torch.cuda.is_available(),
+    }
+    LOG["setup"] = {
+        "model": a.model,
+        "exit": e,
+        "bits": 4,
+        "group_size": 128,
+        "sym": True,
+        "desc_act": False,
+        "heads": "float (neither tool quantizes lm_head)",
+    }
 
     # 1. the tokens, exactly as a recipe job makes them
     src = resolve_model(a.model)
-    cal = Calibration(samples=a.samples, seq_len=a.seq_len)      # builtin:pydoc/calib, seed 0
+    cal = Calibration(samples=a.samples, seq_len=a.seq_len)  # builtin:pydoc/calib, seed 0
     ev = Eval(samples=a.eval_samples, seq_len=a.seq_len, exits=[e])
     calib, windows = calib_windows(src, cal), eval_windows(src, ev)
     LOG["calibration"] = {**cal.model_dump(), "windows": list(calib.shape)}
@@ -230,18 +264,47 @@ def main() -> None:
     float_dir, rq_dir = float_root / f"exit-{e}", rq_hf / f"exit-{e}"
     if not (a.reuse and float_dir.is_dir()):
         with step("export float exit") as r:
-            cli("export", a.model, "--format", "hf", "--weights", "float", "--dtype", "bfloat16",
-                "--exits", str(e), "--out", str(float_root), "--force")
+            cli(
+                "export",
+                a.model,
+                "--format",
+                "hf",
+                "--weights",
+                "float",
+                "--dtype",
+                "bfloat16",
+                "--exits",
+                str(e),
+                "--out",
+                str(float_root),
+                "--force",
+            )
             r["dir"] = str(float_dir)
 
     # 3. ruyi-quant: the whole family, then exit 29 in GPTQ format
     if not (a.reuse and (rq_family / "model.safetensors").is_file()):
         with step("ruyi-quant quantize") as r:
-            cli("quantize", a.model, "--method", "gptq", "--bits", "4", "--group-size", "128",
-                "--samples", str(a.samples), "--seq-len", str(a.seq_len), "--out", str(rq_family),
-                "--force")
+            cli(
+                "quantize",
+                a.model,
+                "--method",
+                "gptq",
+                "--bits",
+                "4",
+                "--group-size",
+                "128",
+                "--samples",
+                str(a.samples),
+                "--seq-len",
+                str(a.seq_len),
+                "--out",
+                str(rq_family),
+                "--force",
+            )
     meta = json.loads((rq_family / "ruyi_quant.json").read_text())
-    LOG["steps"].setdefault("ruyi-quant quantize", {})["quantize_seconds_internal"] = round(meta["stats"]["quantize_seconds"], 2)
+    LOG["steps"].setdefault("ruyi-quant quantize", {})["quantize_seconds_internal"] = round(
+        meta["stats"]["quantize_seconds"], 2
+    )
     LOG["steps"]["ruyi-quant quantize"]["what"] = "whole family: 30 trunk + 4 branch layers (exits 12..29)"
     if not (a.reuse and rq_dir.is_dir()):
         with step("ruyi-quant export gptq exit"):
@@ -249,6 +312,7 @@ def main() -> None:
 
     # 2. GPTQModel on the float exit
     from gptqmodel import GPTQModel, QuantizeConfig
+
     gq_dirs = {}
     for name in a.gptqmodel_configs.split(","):
         out = work / f"gptqmodel-{name}"
@@ -260,9 +324,21 @@ def main() -> None:
             kw.update(damp_percent=0.01, act_group_aware=False)
         with step(f"gptqmodel quantize ({name})") as r:
             qc = QuantizeConfig(**kw)
-            r["config"] = {k: str(getattr(qc, k)) for k in ("bits", "group_size", "sym", "desc_act",
-                                                           "damp_percent", "act_group_aware", "mse",
-                                                           "true_sequential", "static_groups", "format")}
+            r["config"] = {
+                k: str(getattr(qc, k))
+                for k in (
+                    "bits",
+                    "group_size",
+                    "sym",
+                    "desc_act",
+                    "damp_percent",
+                    "act_group_aware",
+                    "mse",
+                    "true_sequential",
+                    "static_groups",
+                    "format",
+                )
+            }
             t0 = time.perf_counter()
             gm = GPTQModel.load(str(float_dir), qc, device="cpu")
             r["load_s"] = round(time.perf_counter() - t0, 2)
@@ -270,7 +346,7 @@ def main() -> None:
             data = [{"input_ids": w.tolist(), "attention_mask": [1] * len(w)} for w in calib]
             r["loadavg_before_quantize"] = loadavg()
             t1 = time.perf_counter()
-            with contextlib.chdir(work):         # GPTQModel writes logs/gptq_log_*.log in the cwd
+            with contextlib.chdir(work):  # GPTQModel writes logs/gptq_log_*.log in the cwd
                 gm.quantize(data, batch_size=1)
             r["quantize_s"] = round(time.perf_counter() - t1, 2)
             t2 = time.perf_counter()
@@ -283,7 +359,8 @@ def main() -> None:
     LOG["gptqmodel_kernel_compile"] = a.compile
     if not a.compile:
         import torch._dynamo as dynamo
-        dynamo.config.disable = True     # torch.compile(...) then returns the eager function
+
+        dynamo.config.disable = True  # torch.compile(...) then returns the eager function
     print("== reference and quantized models", flush=True)
     ref = Cached(load_family(src).dequantized_model(), e)
     rq_fam = load_family(rq_family)
@@ -298,16 +375,26 @@ def main() -> None:
 
     with step("eval ruyi-quant dequantized") as r:
         s = compare(ref, rq_model, windows, [e], batch=4, progress=False)[e]
-        rows.append({"model": "ruyi-quant GPTQ (family)", "quantizer": "ruyi-quant",
-                     "runs_as": "dequantized fp32 (ruyi_quant.evaluate)",
-                     "quantize_s": LOG["steps"]["ruyi-quant quantize"].get("quantize_seconds_internal"), **s})
+        rows.append(
+            {
+                "model": "ruyi-quant GPTQ (family)",
+                "quantizer": "ruyi-quant",
+                "runs_as": "dequantized fp32 (ruyi_quant.evaluate)",
+                "quantize_s": LOG["steps"]["ruyi-quant quantize"].get("quantize_seconds_internal"),
+                **s,
+            }
+        )
         r.update(s)
 
     with step("load ruyi-quant export in GPTQModel (torch kernel)") as r:
         gm, kern = gptqmodel_load(rq_dir, "gptq_torch", kdtype)
         r["kernels"] = kern
-        score("ruyi-quant GPTQ export (exit dir)", "ruyi-quant", f"GPTQModel {','.join(kern)} {a.kernel_dtype}",
-              hf_logits(gm.model))
+        score(
+            "ruyi-quant GPTQ export (exit dir)",
+            "ruyi-quant",
+            f"GPTQModel {','.join(kern)} {a.kernel_dtype}",
+            hf_logits(gm.model),
+        )
         del gm
 
     for name, out in gq_dirs.items():
@@ -318,14 +405,24 @@ def main() -> None:
         with step(f"dequantize gptqmodel-{name} (ruyi-quant reader)") as r:
             model, info = dequantized_hf(float_dir, out)
             r.update(info)
-            score(f"GPTQModel GPTQ ({name})", "GPTQModel", "dequantized fp32 (ruyi-quant's GPTQ reader)",
-                  hf_logits(model), timing)
+            score(
+                f"GPTQModel GPTQ ({name})",
+                "GPTQModel",
+                "dequantized fp32 (ruyi-quant's GPTQ reader)",
+                hf_logits(model),
+                timing,
+            )
             del model
         with step(f"load gptqmodel-{name} in GPTQModel (torch kernel)") as r:
             gm, kern = gptqmodel_load(out, "gptq_torch", kdtype)
             r["kernels"] = kern
-            score(f"GPTQModel GPTQ ({name})", "GPTQModel", f"GPTQModel {','.join(kern)} {a.kernel_dtype}",
-                  hf_logits(gm.model), timing)
+            score(
+                f"GPTQModel GPTQ ({name})",
+                "GPTQModel",
+                f"GPTQModel {','.join(kern)} {a.kernel_dtype}",
+                hf_logits(gm.model),
+                timing,
+            )
             del gm
         gc.collect()
 
@@ -334,9 +431,12 @@ def main() -> None:
     with torch.no_grad():
         mine = rq_model.forward_exits(ids, exits=[e])[e].float()
         ref_logits = ref.model.forward_exits(ids, exits=[e])[e].float()
-    checks = LOG["export_check"] = {"windows": list(ids.shape), "reference": "ruyi-quant dequantized "
-                                    "family, exit %d, fp32" % e, "max_abs_logit": mine.abs().max().item(),
-                                    "rows": []}
+    checks = LOG["export_check"] = {
+        "windows": list(ids.shape),
+        "reference": "ruyi-quant dequantized family, exit %d, fp32" % e,
+        "max_abs_logit": mine.abs().max().item(),
+        "rows": [],
+    }
 
     def check(label: str, loader):
         with step(f"check {label}") as r:
@@ -348,19 +448,29 @@ def main() -> None:
                 with torch.inference_mode():
                     out = model(input_ids=ids, use_cache=False).logits.float()
                 d = (out - mine).abs()
-                row.update(max_abs_diff=d.max().item(), mean_abs_diff=d.mean().item(),
-                           top1_agree=(out.argmax(-1) == mine.argmax(-1)).float().mean().item())
+                row.update(
+                    max_abs_diff=d.max().item(),
+                    mean_abs_diff=d.mean().item(),
+                    top1_agree=(out.argmax(-1) == mine.argmax(-1)).float().mean().item(),
+                )
                 r.update(row)
                 return model
             except Exception as ex:
                 row["error"] = err_line(ex)
                 raise
 
-    for backend, dt in (("auto", None), ("gptq_torch", torch.float16), ("gptq_torch", torch.bfloat16),
-                        ("gptq_torch", torch.float32), ("gptq_torch_fused", torch.float32)):
+    for backend, dt in (
+        ("auto", None),
+        ("gptq_torch", torch.float16),
+        ("gptq_torch", torch.bfloat16),
+        ("gptq_torch", torch.float32),
+        ("gptq_torch_fused", torch.float32),
+    ):
+
         def load(backend=backend, dt=dt):
             gm, kern = gptqmodel_load(rq_dir, backend, dt)
             return gm.model, kern, str(next(gm.model.parameters()).dtype)
+
         model = check(f"GPTQModel.load backend={backend} dtype={str(dt).removeprefix('torch.')}", load)
         if model is not None and backend == "gptq_torch" and dt == torch.float16:
             # per weight: GPTQModel's unpacking of our tensors vs ruyi-quant's grid. In fp16 it
@@ -372,14 +482,20 @@ def main() -> None:
                 for mname, mod in model.named_modules():
                     if hasattr(mod, "dequantize_weight") and hasattr(mod, "qweight"):
                         w_rq = rq_fam.weight(mname)
-                        d16 = max(d16, (mod.dequantize_weight().float().t() - w_rq.half().float()).abs().max().item())
+                        d16 = max(
+                            d16,
+                            (mod.dequantize_weight().float().t() - w_rq.half().float()).abs().max().item(),
+                        )
                         mod.scales = mod.scales.float()
                         mod.clear_weight_cache()
                         mod._stream_reset_cache()
                         d32 = max(d32, (mod.dequantize_weight().float().t() - w_rq).abs().max().item())
                         nmods += 1
-                r.update(modules=nmods, fp16_max_abs_diff_vs_ours_rounded_to_fp16=d16,
-                         fp32_scales_max_abs_diff_vs_ours_fp32=d32)
+                r.update(
+                    modules=nmods,
+                    fp16_max_abs_diff_vs_ours_rounded_to_fp16=d16,
+                    fp32_scales_max_abs_diff_vs_ours_fp32=d32,
+                )
                 checks["weights"] = dict(r)
         del model
         gc.collect()
@@ -387,10 +503,16 @@ def main() -> None:
     # transformers (-> optimum -> GPTQModel): its default kernel choice, then backend="torch"
     # (TorchLinear dequantizes in its scales' dtype, fp16 as stored, even in an fp32 model; the
     # last row casts the scales to fp32 to show the format itself round-trips exactly)
-    for backend, dt, scales32 in (("auto", torch.float16, False), ("torch", torch.float16, False),
-                                  ("torch", torch.float32, False), ("torch", torch.float32, True)):
+    for backend, dt, scales32 in (
+        ("auto", torch.float16, False),
+        ("torch", torch.float16, False),
+        ("torch", torch.float32, False),
+        ("torch", torch.float32, True),
+    ):
+
         def load_tf(backend=backend, dt=dt, scales32=scales32):
             from transformers import AutoModelForCausalLM, GPTQConfig
+
             kw = {} if backend == "auto" else {"quantization_config": GPTQConfig(bits=4, backend=backend)}
             m = AutoModelForCausalLM.from_pretrained(str(rq_dir), dtype=dt, device_map="cpu", **kw).eval()
             qmods = [x for x in m.modules() if hasattr(x, "qweight")]
@@ -401,8 +523,12 @@ def main() -> None:
                     x._stream_reset_cache()
             kern = sorted({type(x).__name__ for x in qmods})
             return m, kern, str(next(m.parameters()).dtype) + (", scales fp32" if scales32 else "")
-        check(f"transformers AutoModelForCausalLM backend={backend} dtype={str(dt).removeprefix('torch.')}"
-              + (" (TorchLinear scales cast to fp32)" if scales32 else ""), load_tf)
+
+        check(
+            f"transformers AutoModelForCausalLM backend={backend} dtype={str(dt).removeprefix('torch.')}"
+            + (" (TorchLinear scales cast to fp32)" if scales32 else ""),
+            load_tf,
+        )
         gc.collect()
 
     # the floor a dtype alone sets: the float exit (no quantization) in transformers vs fp32
@@ -410,6 +536,7 @@ def main() -> None:
     for dt in (torch.float16, torch.bfloat16):
         with step(f"floor float exit {dt}") as r:
             from transformers import AutoModelForCausalLM
+
             m = AutoModelForCausalLM.from_pretrained(str(float_dir), dtype=dt).eval()
             with torch.inference_mode():
                 out = m(input_ids=ids, use_cache=False).logits.float()
@@ -418,42 +545,88 @@ def main() -> None:
 
     # 6. report
     heads = ["model", "quantizer", "runs as", "KL(ref‖q)", "top-1 %", "ppl", "Δppl %", "quantize s"]
-    table_rows = [["float reference (bf16 weights)", "-", "fp32", "0", "100", f"{rows[0]['ppl_ref']:.3f}" if rows else "", "", ""]]
+    table_rows = [
+        [
+            "float reference (bf16 weights)",
+            "-",
+            "fp32",
+            "0",
+            "100",
+            f"{rows[0]['ppl_ref']:.3f}" if rows else "",
+            "",
+            "",
+        ]
+    ]
     for r in rows:
-        table_rows.append([r["model"], r["quantizer"], r["runs_as"], f"{r['kl']:.4f}", f"{100 * r['top1']:.2f}",
-                           f"{r['ppl_quant']:.3f}", f"{r['delta_ppl_pct']:+.2f}",
-                           "" if r.get("quantize_s") is None else f"{r['quantize_s']:.0f}"])
+        table_rows.append(
+            [
+                r["model"],
+                r["quantizer"],
+                r["runs_as"],
+                f"{r['kl']:.4f}",
+                f"{100 * r['top1']:.2f}",
+                f"{r['ppl_quant']:.3f}",
+                f"{r['delta_ppl_pct']:+.2f}",
+                "" if r.get("quantize_s") is None else f"{r['quantize_s']:.0f}",
+            ]
+        )
     table = markdown_table(heads, table_rows)
-    ch = ["loader of ruyi-quant's exit-%d GPTQ export" % e, "kernel", "dtype", "max abs Δlogit",
-          "mean abs Δlogit", "top-1 agree %"]
-    crow = [[c["loader"], ",".join(c.get("kernels", [])) or "-", c.get("dtype", "-"),
-             f"{c['max_abs_diff']:.4g}" if "max_abs_diff" in c else "FAILED: " + c.get("error", "")[:160],
-             f"{c['mean_abs_diff']:.3g}" if "mean_abs_diff" in c else "",
-             f"{100 * c['top1_agree']:.2f}" if "top1_agree" in c else ""] for c in checks["rows"]]
+    ch = [
+        "loader of ruyi-quant's exit-%d GPTQ export" % e,
+        "kernel",
+        "dtype",
+        "max abs Δlogit",
+        "mean abs Δlogit",
+        "top-1 agree %",
+    ]
+    crow = [
+        [
+            c["loader"],
+            ",".join(c.get("kernels", [])) or "-",
+            c.get("dtype", "-"),
+            f"{c['max_abs_diff']:.4g}" if "max_abs_diff" in c else "FAILED: " + c.get("error", "")[:160],
+            f"{c['mean_abs_diff']:.3g}" if "mean_abs_diff" in c else "",
+            f"{100 * c['top1_agree']:.2f}" if "top1_agree" in c else "",
+        ]
+        for c in checks["rows"]
+    ]
     ctable = markdown_table(ch, crow)
     st = LOG["steps"]
-    timing = [[k, f"{v.get('wall_s', 0):.1f}", str(v.get("quantize_s", v.get("quantize_seconds_internal", ""))),
-               str(v.get("loadavg_before_quantize", v.get("loadavg_before"))), v.get("error", "")[:120]]
-              for k, v in st.items() if k.startswith(("ruyi-quant quantize", "gptqmodel quantize"))]
-    ttable = markdown_table(["step", "wall s (process/step)", "quantize call s", "loadavg (1/5/15 min) before",
-                             "error"], timing)
+    timing = [
+        [
+            k,
+            f"{v.get('wall_s', 0):.1f}",
+            str(v.get("quantize_s", v.get("quantize_seconds_internal", ""))),
+            str(v.get("loadavg_before_quantize", v.get("loadavg_before"))),
+            v.get("error", "")[:120],
+        ]
+        for k, v in st.items()
+        if k.startswith(("ruyi-quant quantize", "gptqmodel quantize"))
+    ]
+    ttable = markdown_table(
+        ["step", "wall s (process/step)", "quantize call s", "loadavg (1/5/15 min) before", "error"], timing
+    )
     floor_txt = ", ".join(f"{k}: {v:.4g}" for k, v in floor.items())
-    md = (f"# ruyi-quant vs GPTQModel, {a.model} exit {e}, GPTQ 4-bit g128 sym\n\n"
-          f"torch {torch.__version__}, gptqmodel {gptqmodel.__version__}, transformers "
-          f"{transformers.__version__}, {os.cpu_count()} CPU cores, no GPU. Calibration "
-          f"{cal.samples} x {cal.seq_len} tokens of {cal.source} (seed {cal.seed}); eval "
-          f"{windows.shape[0]} x {windows.shape[1]} tokens of {ev.source}.\n\n"
-          f"## Quality of exit {e} against the float reference\n\n{table}\n\n"
-          f"## Quantization time (ruyi-quant: whole family, 34 layers; GPTQModel: exit {e} only, 30 layers)\n\n"
-          f"{ttable}\n\n## ruyi-quant's GPTQ export read by other loaders ({ids.shape[0]} x {ids.shape[1]} "
-          f"tokens; max |logit| {checks['max_abs_logit']:.1f})\n\n{ctable}\n\n"
-          f"Dtype floor (unquantized float exit in transformers vs the fp32 reference): {floor_txt}.\n")
+    md = (
+        f"# ruyi-quant vs GPTQModel, {a.model} exit {e}, GPTQ 4-bit g128 sym\n\n"
+        f"torch {torch.__version__}, gptqmodel {gptqmodel.__version__}, transformers "
+        f"{transformers.__version__}, {os.cpu_count()} CPU cores, no GPU. Calibration "
+        f"{cal.samples} x {cal.seq_len} tokens of {cal.source} (seed {cal.seed}); eval "
+        f"{windows.shape[0]} x {windows.shape[1]} tokens of {ev.source}.\n\n"
+        f"## Quality of exit {e} against the float reference\n\n{table}\n\n"
+        f"## Quantization time (ruyi-quant: whole family, 34 layers; GPTQModel: exit {e} only, 30 layers)\n\n"
+        f"{ttable}\n\n## ruyi-quant's GPTQ export read by other loaders ({ids.shape[0]} x {ids.shape[1]} "
+        f"tokens; max |logit| {checks['max_abs_logit']:.1f})\n\n{ctable}\n\n"
+        f"Dtype floor (unquantized float exit in transformers vs the fp32 reference): {floor_txt}.\n"
+    )
     if "weights" in checks:
         w = checks["weights"]
-        md += (f"GPTQModel's TorchLinear.dequantize_weight on ruyi-quant's export, {w['modules']} linears: "
-               f"fp16 vs our weights rounded to fp16, max abs diff "
-               f"{w['fp16_max_abs_diff_vs_ours_rounded_to_fp16']:.3g}; with its scales in fp32 vs our fp32 "
-               f"weights, max abs diff {w['fp32_scales_max_abs_diff_vs_ours_fp32']:.3g}.\n")
+        md += (
+            f"GPTQModel's TorchLinear.dequantize_weight on ruyi-quant's export, {w['modules']} linears: "
+            f"fp16 vs our weights rounded to fp16, max abs diff "
+            f"{w['fp16_max_abs_diff_vs_ours_rounded_to_fp16']:.3g}; with its scales in fp32 vs our fp32 "
+            f"weights, max abs diff {w['fp32_scales_max_abs_diff_vs_ours_fp32']:.3g}.\n"
+        )
     print(md)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.with_suffix(".json").write_text(json.dumps(LOG, indent=2, default=str) + "\n")

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from ruyi_quant.store.checkpoint import load_family
 from ruyi_quant.runtime.model import int4_model
 from ruyi_quant.runtime.validate import model_bytes, speed, timed
+from ruyi_quant.store.checkpoint import load_family
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, "-m", "ruyi_quant.cli"]
@@ -40,6 +40,7 @@ def transformers_exit(fam, j: int, device, dtype):
     """Exit j as a stock Qwen2ForCausalLM (e+1 layers), its weights read from the family."""
     from transformers import Qwen2ForCausalLM
     from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
     m = fam.config.exit_map(j)
     cfg = fam.config.qwen2(m.layer + 1)
     with torch.device("meta"):
@@ -54,12 +55,16 @@ def transformers_exit(fam, j: int, device, dtype):
 
 def transformers_speed(model, prompt: torch.Tensor, new: int, repeats: int) -> dict:
     import inspect
+
     from transformers.cache_utils import DynamicCache
+
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def step(ids, cache, pos):
-        return model(input_ids=ids, use_cache=True, position_ids=pos, logits_to_keep=1,
-                     **{key: cache}).logits[:, -1]
+        return model(
+            input_ids=ids, use_cache=True, position_ids=pos, logits_to_keep=1, **{key: cache}
+        ).logits[:, -1]
+
     return timed(step, lambda: DynamicCache(config=model.config), prompt, new, repeats)
 
 
@@ -91,16 +96,26 @@ def main() -> None:
     device = torch.device(args.device)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    notes = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-             "torch": torch.__version__, "load_average_at_start": os.getloadavg(),
-             "weights": "builtin:tiny (smoke run)" if args.small else
-             "full-size synthetic Ruyi-7B: RANDOM WEIGHTS (speed and memory only)",
-             "new": args.new, "repeats": args.repeats, "steps": {}, "rows": [],
-             "ours_decode": "eager" if args.eager or device.type != "cuda" else
-             "static cache + torch.compile (CUDA graphs), prefill eager"}
+    notes = {
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "torch": torch.__version__,
+        "load_average_at_start": os.getloadavg(),
+        "weights": "builtin:tiny (smoke run)"
+        if args.small
+        else "full-size synthetic Ruyi-7B: RANDOM WEIGHTS (speed and memory only)",
+        "new": args.new,
+        "repeats": args.repeats,
+        "steps": {},
+        "rows": [],
+        "ours_decode": "eager"
+        if args.eager or device.type != "cuda"
+        else "static cache + torch.compile (CUDA graphs), prefill eager",
+    }
     src = work / "synthetic"
     if args.small:
         from ruyi_quant.sources import resolve_model
+
         src = resolve_model("builtin:tiny")
     elif not (src / "ruyi_quant.json").is_file():
         t0 = time.perf_counter()
@@ -109,16 +124,34 @@ def main() -> None:
     qdir = work / ("int4-small" if args.small else "int4")
     if not (qdir / "ruyi_quant.json").is_file():
         t0 = time.perf_counter()
-        subprocess.run(RUN + ["quantize", str(src), "--method", "rtn", "--bits", "4", "--group-size", "128",
-                              "--out", str(qdir), "--force"], check=True)
+        subprocess.run(
+            RUN
+            + [
+                "quantize",
+                str(src),
+                "--method",
+                "rtn",
+                "--bits",
+                "4",
+                "--group-size",
+                "128",
+                "--out",
+                str(qdir),
+                "--force",
+            ],
+            check=True,
+        )
         notes["steps"]["quantize rtn s"] = time.perf_counter() - t0
     ref_fam, q_fam = load_family(src), load_family(qdir)
     exits = ref_fam.config.exit_list(None if not args.exits else [int(x) for x in args.exits.split(",")])
     batches = [int(b) for b in args.batches.split(",")]
     lengths = [int(p) for p in args.prompts.split(",")]
     gen = torch.Generator().manual_seed(0)
-    prompts = {(b, p): torch.randint(0, ref_fam.config.vocab_size, (b, p), generator=gen).to(device)
-               for b in batches for p in lengths}
+    prompts = {
+        (b, p): torch.randint(0, ref_fam.config.vocab_size, (b, p), generator=gen).to(device)
+        for b in batches
+        for p in lengths
+    }
     dtype = torch.bfloat16
     for side in args.sides.split(","):
         reset(device)
@@ -138,13 +171,22 @@ def main() -> None:
                     if side == "transformers":
                         r = transformers_speed(model, prompt, args.new, args.repeats)
                     else:
-                        r = speed(model, e, prompt, args.new, args.repeats,
-                                  compiled=device.type == "cuda" and not args.eager)
+                        r = speed(
+                            model,
+                            e,
+                            prompt,
+                            args.new,
+                            args.repeats,
+                            compiled=device.type == "cuda" and not args.eager,
+                        )
                 row = {"side": side, "exit": e, "batch": b, "prompt": p, **r, "peak_gpu_gb": peak(device)}
                 notes["rows"].append(row)
-                print(f"{side:>12} exit {e:>2} batch {b} prompt {p:>4}: prefill {r['prefill_tok_s']:9.0f} tok/s, "
-                      f"TTFT {1000 * r['ttft_s']:7.1f} ms, decode {r['decode_tok_s']:8.1f} tok/s"
-                      + (f", peak {row['peak_gpu_gb']:.2f} GB" if row["peak_gpu_gb"] else ""), flush=True)
+                print(
+                    f"{side:>12} exit {e:>2} batch {b} prompt {p:>4}: prefill {r['prefill_tok_s']:9.0f} tok/s, "
+                    f"TTFT {1000 * r['ttft_s']:7.1f} ms, decode {r['decode_tok_s']:8.1f} tok/s"
+                    + (f", peak {row['peak_gpu_gb']:.2f} GB" if row["peak_gpu_gb"] else ""),
+                    flush=True,
+                )
             if side == "transformers":
                 del model
         if side != "transformers":
@@ -159,11 +201,16 @@ def write(notes: dict, tag: str) -> None:
     (out / f"{stem}.json").write_text(json.dumps(notes, indent=2) + "\n")
     by = {(r["side"], r["exit"], r["batch"], r["prompt"]): r for r in notes["rows"]}
     sides = sorted({r["side"] for r in notes["rows"]}, key=["bf16", "int4", "transformers"].index)
-    lines = [f"# Int4 runtime vs bf16 on {notes['gpu'] or notes['device']}: {notes['weights']}", "",
-             f"Decode: {notes['new']} greedy tokens after the prompt, median of {notes['repeats']}; "
-             "peak GPU memory: torch's allocator, per side and exit (ours: one model for every exit).", ""]
-    head = ["exit", "batch", "prompt"] + [f"{s} {k}" for k in ("decode tok/s", "prefill tok/s", "TTFT ms", "peak GB")
-                                          for s in sides]
+    lines = [
+        f"# Int4 runtime vs bf16 on {notes['gpu'] or notes['device']}: {notes['weights']}",
+        "",
+        f"Decode: {notes['new']} greedy tokens after the prompt, median of {notes['repeats']}; "
+        "peak GPU memory: torch's allocator, per side and exit (ours: one model for every exit).",
+        "",
+    ]
+    head = ["exit", "batch", "prompt"] + [
+        f"{s} {k}" for k in ("decode tok/s", "prefill tok/s", "TTFT ms", "peak GB") for s in sides
+    ]
     if "int4" in sides and "bf16" in sides:
         head += ["int4/bf16 decode", "int4/bf16 prefill", "int4/bf16 memory"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -172,15 +219,23 @@ def write(notes: dict, tag: str) -> None:
             continue
         cells = [str(e), str(b), str(p)]
         rs = [by.get((s, e, b, p)) for s in sides]
-        for key, f in (("decode_tok_s", "{:.1f}"), ("prefill_tok_s", "{:.0f}"), ("ttft_s", "ms"), ("peak_gpu_gb", "{:.2f}")):
+        for key, f in (
+            ("decode_tok_s", "{:.1f}"),
+            ("prefill_tok_s", "{:.0f}"),
+            ("ttft_s", "ms"),
+            ("peak_gpu_gb", "{:.2f}"),
+        ):
             for x in rs:
                 v = None if x is None else x[key]
                 cells.append("-" if v is None else (f"{1000 * v:.1f}" if f == "ms" else f.format(v)))
         if "int4" in sides and "bf16" in sides:
             a, q = by.get(("bf16", e, b, p)), by.get(("int4", e, b, p))
             if a and q:
-                cells += [f"{q['decode_tok_s'] / a['decode_tok_s']:.2f}", f"{q['prefill_tok_s'] / a['prefill_tok_s']:.2f}",
-                          "-" if not a["peak_gpu_gb"] else f"{q['peak_gpu_gb'] / a['peak_gpu_gb']:.2f}"]
+                cells += [
+                    f"{q['decode_tok_s'] / a['decode_tok_s']:.2f}",
+                    f"{q['prefill_tok_s'] / a['prefill_tok_s']:.2f}",
+                    "-" if not a["peak_gpu_gb"] else f"{q['peak_gpu_gb'] / a['peak_gpu_gb']:.2f}",
+                ]
         lines.append("| " + " | ".join(cells) + " |")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 

@@ -20,17 +20,16 @@ import tempfile
 from pathlib import Path
 
 import torch
+from gguf_vs_llama import llama_logits  # the same llama.cpp run as the GGUF benchmark
 from torch import nn
 
 from ruyi_quant.evaluate import token_stats
 from ruyi_quant.exporters import gguf as G
-from ruyi_quant.store.checkpoint import load_model
 from ruyi_quant.pipeline import eval_windows, quantize
-from ruyi_quant.sources import resolve_model
 from ruyi_quant.recipe import Eval, Provenance, Quantize
 from ruyi_quant.report import markdown_table
-
-from gguf_vs_llama import llama_logits     # the same llama.cpp run as the GGUF benchmark
+from ruyi_quant.sources import resolve_model
+from ruyi_quant.store.checkpoint import load_model
 
 HEADERS = ["grid", "exit", "compared with our int4 model", "KL", "top-1 %"]
 
@@ -63,8 +62,7 @@ def main() -> None:
     results, rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for sym in (True, False):
-            fam = quantize(model, Quantize(method="rtn", bits=4, group_size=128, sym=sym),
-                           progress=False)
+            fam = quantize(model, Quantize(method="rtn", bits=4, group_size=128, sym=sym), progress=False)
             fam.provenance = Provenance(model=a.model)
             deq = fam.dequantized_model()
             grid = "Q4_0" if sym else "Q4_1"
@@ -73,15 +71,19 @@ def main() -> None:
                 G.write_exit(fam, e, path, src, G.GGUFOptions(embed_type="f16"))
                 with torch.no_grad():
                     ref = [deq(w[None], exit=e).logits[0] for w in ev]
-                    hooks = [m.register_forward_pre_hook(lambda _m, x: (q8_blocks(x[0]),))
-                             for n, m in deq.named_modules()
-                             if isinstance(m, nn.Linear) and n in fam.modules]
+                    hooks = [
+                        m.register_forward_pre_hook(lambda _m, x: (q8_blocks(x[0]),))
+                        for n, m in deq.named_modules()
+                        if isinstance(m, nn.Linear) and n in fam.modules
+                    ]
                     emulated = [deq(w[None], exit=e).logits[0] for w in ev]
                     for h in hooks:
                         h.remove()
                 llama = llama_logits(path, ev)
-                for who, got in (("llama.cpp running the file", llama),
-                                 ("ours, 8-bit activations", emulated)):
+                for who, got in (
+                    ("llama.cpp running the file", llama),
+                    ("ours, 8-bit activations", emulated),
+                ):
                     kl, top1 = agreement(ref, got, ev)
                     results.append({"grid": grid, "exit": e, "compared": who, "kl": kl, "top1": top1})
                     rows.append([grid, str(e), who, f"{kl:.4f}", f"{100 * top1:.1f}"])
@@ -89,8 +91,12 @@ def main() -> None:
     table = markdown_table(HEADERS, rows)
     print(table)
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"model": a.model, "eval": {"source": "builtin:pydoc/eval", "windows": list(ev.shape)},
-            "quantize": "rtn 4-bit g128", "results": results}
+    meta = {
+        "model": a.model,
+        "eval": {"source": "builtin:pydoc/eval", "windows": list(ev.shape)},
+        "quantize": "rtn 4-bit g128",
+        "results": results,
+    }
     a.out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
     a.out.with_suffix(".md").write_text(table + "\n")
     print(f"wrote {a.out.with_suffix('.json')} and {a.out.with_suffix('.md')}")

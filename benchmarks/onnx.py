@@ -34,15 +34,23 @@ import onnxruntime as ort
 import onnxruntime_genai as og
 import torch
 
-from ruyi_quant.store.checkpoint import load_family
 from ruyi_quant.evaluate import summarise, token_stats
-from ruyi_quant.exporters import onnx as X
-from ruyi_quant.store.files import disk_bytes
-from ruyi_quant.store.checkpoint import load_model
 from ruyi_quant.exporters import export
+from ruyi_quant.exporters import onnx as X
 from ruyi_quant.pipeline import calib_windows, eval_windows, quantize
-from ruyi_quant.recipe import Calibration, Eval, GPTQOptions, HFExport, ONNXExport, Override, Provenance, Quantize
+from ruyi_quant.recipe import (
+    Calibration,
+    Eval,
+    GPTQOptions,
+    HFExport,
+    ONNXExport,
+    Override,
+    Provenance,
+    Quantize,
+)
 from ruyi_quant.sources import resolve_model
+from ruyi_quant.store.checkpoint import load_family, load_model
+from ruyi_quant.store.files import disk_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,7 +84,9 @@ def accuracy(graph: Path, ref: dict, windows: torch.Tensor, e: int, head_dim: in
     return summarise({e: sums})[e]
 
 
-def speed(folder: Path, prompt: list[int], new: int, graph: str | None = None, exit: int | None = None) -> dict:
+def speed(
+    folder: Path, prompt: list[int], new: int, graph: str | None = None, exit: int | None = None
+) -> dict:
     """Prefill tokens/s (the prompt, first logits) and decode tokens/s (`new` greedy tokens), in
     onnxruntime-genai; median of 3."""
     config = og.Config(str(folder))
@@ -97,7 +107,7 @@ def speed(folder: Path, prompt: list[int], new: int, graph: str | None = None, e
             n += 1
         t2 = time.perf_counter()
         pre.append(len(prompt) / (t1 - t0))
-        dec.append((n - 1) / (t2 - t1))      # the first token's logits came with the prefill
+        dec.append((n - 1) / (t2 - t1))  # the first token's logits came with the prefill
     return {"prefill_tok_s": float(np.median(pre)), "decode_tok_s": float(np.median(dec))}
 
 
@@ -117,9 +127,25 @@ def with_accuracy_level(folder: Path, out: Path, level: int) -> Path:
 
 
 def builder(hf_dir: Path, out: Path, cache: Path) -> tuple[int, str]:
-    r = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir),
-                        "-o", str(out), "-p", "int4", "-e", "cpu", "-c", str(cache)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-i",
+            str(hf_dir),
+            "-o",
+            str(out),
+            "-p",
+            "int4",
+            "-e",
+            "cpu",
+            "-c",
+            str(cache),
+        ],
+        capture_output=True,
+        text=True,
+    )
     return r.returncode, (r.stderr or r.stdout).strip().splitlines()[-1] if r.returncode else ""
 
 
@@ -130,13 +156,21 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--prompt", type=int, default=256, help="prefill length")
     ap.add_argument("--new", type=int, default=64, help="decoded tokens")
-    ap.add_argument("--family", help="a quantized ruyi-mini family to use instead of quantizing (e.g. "
-                    "out/ruyi-mini-gptq4/family); its head stays as it is")
+    ap.add_argument(
+        "--family",
+        help="a quantized ruyi-mini family to use instead of quantizing (e.g. "
+        "out/ruyi-mini-gptq4/family); its head stays as it is",
+    )
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
     t_start = time.perf_counter()
-    notes = {"load_average_at_start": os.getloadavg(), "cpus": os.cpu_count(), "onnxruntime": ort.__version__,
-             "onnxruntime_genai": og.__version__, "rows": []}
+    notes = {
+        "load_average_at_start": os.getloadavg(),
+        "cpus": os.cpu_count(),
+        "onnxruntime": ort.__version__,
+        "onnxruntime_genai": og.__version__,
+        "rows": [],
+    }
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -147,16 +181,24 @@ def main() -> None:
         fam = load_family(Path(args.family))
         notes["ours"] = f"{args.family} ({fam.method})"
     else:
-        q = Quantize(method="gptq", bits=4, group_size=128, sym=True, heads=True,
-                     gptq=GPTQOptions(act_order=True, static_groups=True),
-                     overrides=[Override(pattern="lm_head", group_size=32, sym=False)])
+        q = Quantize(
+            method="gptq",
+            bits=4,
+            group_size=128,
+            sym=True,
+            heads=True,
+            gptq=GPTQOptions(act_order=True, static_groups=True),
+            overrides=[Override(pattern="lm_head", group_size=32, sym=False)],
+        )
         cal = Calibration()
         t0 = time.perf_counter()
         fam = quantize(ref_fam, q, calib_windows(src, cal), progress=True)
         notes["quantize_seconds"] = time.perf_counter() - t0
         fam.provenance = Provenance(model="builtin:ruyi-mini", quantize=q, calibration=cal)
-        notes["ours"] = ("GPTQ 4-bit g128 sym with act-order and static groups (the demo's), the head "
-                         f"too at g32 asym, {cal.samples} x {cal.seq_len} tokens of {cal.source}")
+        notes["ours"] = (
+            "GPTQ 4-bit g128 sym with act-order and static groups (the demo's), the head "
+            f"too at g32 asym, {cal.samples} x {cal.seq_len} tokens of {cal.source}"
+        )
     embed = "head" if "lm_head" in fam.grids else "int8"
     notes["embed"] = embed
     ev = Eval(samples=args.eval_windows)
@@ -165,7 +207,7 @@ def main() -> None:
     with torch.no_grad():
         ref = [model.forward_exits(w[None], exits=exits) for w in windows]
     del model
-    prompt = windows[0, :args.prompt].tolist()
+    prompt = windows[0, : args.prompt].tolist()
     hd = ref_fam.config.head_dim
     exports = {
         "float32": ONNXExport(exits=exits, weights="float"),
@@ -176,25 +218,46 @@ def main() -> None:
         X.export(fam if name == "int4" else ref_fam, work / name, src, ex, progress=False)
         notes[f"export_{name}_seconds"] = time.perf_counter() - t0
     multi = work / "int4" / X.MULTI_FOLDER
-    distinct = sum(int({x.key: x.value for x in t.external_data}["length"])
-                   for t in {t.name: t for e in exits for t in onnx.load(
-                       str(multi / f"exit-{e}.onnx"), load_external_data=False).graph.initializer
-                       if t.data_location == onnx.TensorProto.EXTERNAL}.values()
-                   if not t.name.endswith(".rows"))
-    tokenizer = sum(f.stat().st_size for f in multi.iterdir() if f.name.startswith(("tokenizer", "chat_template")))
-    notes["multi"] = {"bytes": disk_bytes(multi), "distinct_tensor_bytes": distinct, "tokenizer_bytes": tokenizer,
-                      "per_exit_folders_bytes": sum(disk_bytes(work / "int4" / f"exit-{e}") for e in exits)}
+    distinct = sum(
+        int({x.key: x.value for x in t.external_data}["length"])
+        for t in {
+            t.name: t
+            for e in exits
+            for t in onnx.load(str(multi / f"exit-{e}.onnx"), load_external_data=False).graph.initializer
+            if t.data_location == onnx.TensorProto.EXTERNAL
+        }.values()
+        if not t.name.endswith(".rows")
+    )
+    tokenizer = sum(
+        f.stat().st_size for f in multi.iterdir() if f.name.startswith(("tokenizer", "chat_template"))
+    )
+    notes["multi"] = {
+        "bytes": disk_bytes(multi),
+        "distinct_tensor_bytes": distinct,
+        "tokenizer_bytes": tokenizer,
+        "per_exit_folders_bytes": sum(disk_bytes(work / "int4" / f"exit-{e}") for e in exits),
+    }
     notes["multi"]["overhead_pct"] = 100 * (notes["multi"]["bytes"] / (distinct + tokenizer) - 1)
     for e in exits:
         variants = {"float32": work / "float32" / f"exit-{e}", "int4 acc4": work / "int4" / f"exit-{e}"}
-        variants["int4 acc0"] = with_accuracy_level(variants["int4 acc4"], work / "int4" / f"exit-{e}-acc0", 0)
+        variants["int4 acc0"] = with_accuracy_level(
+            variants["int4 acc4"], work / "int4" / f"exit-{e}-acc0", 0
+        )
         for label, d in variants.items():
-            row = {"exit": e, "graph": label, "mb": disk_bytes(d) / 1e6 - sum(
-                f.stat().st_size for f in d.iterdir() if not f.name.startswith("model.onnx")) / 1e6,
-                **accuracy(d / "model.onnx", ref, windows, e, hd), **speed(d, prompt, args.new)}
+            row = {
+                "exit": e,
+                "graph": label,
+                "mb": disk_bytes(d) / 1e6
+                - sum(f.stat().st_size for f in d.iterdir() if not f.name.startswith("model.onnx")) / 1e6,
+                **accuracy(d / "model.onnx", ref, windows, e, hd),
+                **speed(d, prompt, args.new),
+            }
             notes["rows"].append(row)
-            print(f"exit {e} {label}: {row['mb']:.1f} MB, KL {row['kl']:.4f}, top-1 {row['top1']:.3f}, "
-                  f"prefill {row['prefill_tok_s']:.0f} tok/s, decode {row['decode_tok_s']:.1f} tok/s", flush=True)
+            print(
+                f"exit {e} {label}: {row['mb']:.1f} MB, KL {row['kl']:.4f}, top-1 {row['top1']:.3f}, "
+                f"prefill {row['prefill_tok_s']:.0f} tok/s, decode {row['decode_tok_s']:.1f} tok/s",
+                flush=True,
+            )
     last = exits[-1]
     if last == ref_fam.config.exits[-1]:
         hf = work / "hf-float"
@@ -202,12 +265,16 @@ def main() -> None:
         rc, err = builder(hf / f"exit-{last}", work / "builder", work / "builder-cache")
         if rc == 0:
             d = work / "builder"
-            row = {"exit": last, "graph": "genai builder int4 (RTN b32, head int4)",
-                   "mb": sum(f.stat().st_size for f in d.iterdir() if f.name.startswith("model.onnx")) / 1e6,
-                   **accuracy(d / "model.onnx", ref, windows, last, hd), **speed(d, prompt, args.new)}
+            row = {
+                "exit": last,
+                "graph": "genai builder int4 (RTN b32, head int4)",
+                "mb": sum(f.stat().st_size for f in d.iterdir() if f.name.startswith("model.onnx")) / 1e6,
+                **accuracy(d / "model.onnx", ref, windows, last, hd),
+                **speed(d, prompt, args.new),
+            }
             notes["rows"].append(row)
         notes["builder"] = {"returncode": rc, "error": err}
-        gptq_hf = work / "hf-gptq"          # the builder on our own GPTQ export (K = 576 at group 128)
+        gptq_hf = work / "hf-gptq"  # the builder on our own GPTQ export (K = 576 at group 128)
         export(fam, gptq_hf, src, HFExport(exits=[last], weights="gptq", dtype="float32"), progress=False)
         rc, err = builder(gptq_hf / f"exit-{last}", work / "builder-gptq", work / "builder-cache")
         notes["builder_on_our_gptq_g128"] = {"returncode": rc, "error": err}
@@ -223,26 +290,42 @@ def write(notes: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "onnx.json").write_text(json.dumps(notes, indent=2) + "\n")
     m = notes["multi"]
-    lines = ["# ONNX on ruyi-mini (onnxruntime " + notes["onnxruntime"] + ", onnxruntime-genai "
-             + notes["onnxruntime_genai"] + f", CPU, {notes['cpus']} cores)", "",
-             f"Ours: {notes['ours']}. Reference: the float model (bf16 weights, float32 compute). "
-             f"Speed through onnxruntime-genai, batch 1: prefill of the prompt, then greedy decode; "
-             f"median of 3. Load average at start: "
-             + ", ".join(f"{x:.2f}" for x in notes["load_average_at_start"]) + ".", "",
-             "| exit | graph | MB | ppl | Δppl % | KL | top-1 | prefill tok/s | decode tok/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# ONNX on ruyi-mini (onnxruntime "
+        + notes["onnxruntime"]
+        + ", onnxruntime-genai "
+        + notes["onnxruntime_genai"]
+        + f", CPU, {notes['cpus']} cores)",
+        "",
+        f"Ours: {notes['ours']}. Reference: the float model (bf16 weights, float32 compute). "
+        f"Speed through onnxruntime-genai, batch 1: prefill of the prompt, then greedy decode; "
+        f"median of 3. Load average at start: "
+        + ", ".join(f"{x:.2f}" for x in notes["load_average_at_start"])
+        + ".",
+        "",
+        "| exit | graph | MB | ppl | Δppl % | KL | top-1 | prefill tok/s | decode tok/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in notes["rows"]:
-        lines.append(f"| {r['exit']} | {r['graph']} | {r['mb']:.1f} | {r['ppl_quant']:.2f} | "
-                     f"{r['delta_ppl_pct']:+.2f} | {max(r['kl'], 0.0):.4f} | {100 * r['top1']:.1f}% | "
-                     f"{r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} |")
-    lines += ["", f"Multi-exit folder (int4, every exit): {m['bytes'] / 1e6:.2f} MB; its distinct tensors "
-              f"{m['distinct_tensor_bytes'] / 1e6:.2f} MB + tokenizer {m['tokenizer_bytes'] / 1e6:.2f} MB "
-              f"(overhead {m['overhead_pct']:.2f}%); the per-exit folders together "
-              f"{m['per_exit_folders_bytes'] / 1e6:.2f} MB."]
+        lines.append(
+            f"| {r['exit']} | {r['graph']} | {r['mb']:.1f} | {r['ppl_quant']:.2f} | "
+            f"{r['delta_ppl_pct']:+.2f} | {max(r['kl'], 0.0):.4f} | {100 * r['top1']:.1f}% | "
+            f"{r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} |"
+        )
+    lines += [
+        "",
+        f"Multi-exit folder (int4, every exit): {m['bytes'] / 1e6:.2f} MB; its distinct tensors "
+        f"{m['distinct_tensor_bytes'] / 1e6:.2f} MB + tokenizer {m['tokenizer_bytes'] / 1e6:.2f} MB "
+        f"(overhead {m['overhead_pct']:.2f}%); the per-exit folders together "
+        f"{m['per_exit_folders_bytes'] / 1e6:.2f} MB.",
+    ]
     if "builder_on_our_gptq_g128" in notes:
         b = notes["builder_on_our_gptq_g128"]
-        lines.append("onnxruntime-genai's builder on our GPTQ g128 export of the last exit: "
-                     + ("built" if b["returncode"] == 0 else f"failed ({b['error']})") + ".")
+        lines.append(
+            "onnxruntime-genai's builder on our GPTQ g128 export of the last exit: "
+            + ("built" if b["returncode"] == 0 else f"failed ({b['error']})")
+            + "."
+        )
     lines.append(f"Whole run {notes['seconds']:.0f} s, peak RSS {notes['peak_rss_gb']:.2f} GB.")
     (out / "onnx.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)

@@ -32,21 +32,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from gguf_vs_llama import llama_logits, score  # noqa: E402  (benchmarks/ is sys.path[0] here)
 
 # benchmarks/onnx.py would shadow the onnx package: drop this folder from the path now
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from ruyi_quant.model import layout
-from ruyi_quant.store.checkpoint import load_family
 from ruyi_quant.exporters import export
+from ruyi_quant.model import layout
 from ruyi_quant.pipeline import calib_windows, eval_windows, quantize
 from ruyi_quant.recipe import Calibration, Eval, GGUFExport, GPTQOptions, ONNXExport, Provenance, Quantize
+from ruyi_quant.report import markdown_table, runtime_cells
 from ruyi_quant.runtime.model import int4_model
 from ruyi_quant.runtime.validate import model_bytes, runtime_report, speed
-from ruyi_quant.report import markdown_table, runtime_cells
 from ruyi_quant.sources import resolve_model
+from ruyi_quant.store.checkpoint import load_family
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,12 +60,20 @@ def onnx_bench():
 
 def llama_speed(path: Path, prompt: list[int], new: int, repeats: int, threads: int) -> dict:
     import llama_cpp
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + new + 8, n_batch=len(prompt),
-                          n_threads=threads, n_threads_batch=threads, verbose=False)
+
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=len(prompt) + new + 8,
+        n_batch=len(prompt),
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
     vocab = llm.n_vocab()
 
-    def last() -> int:          # the batch's last logits (llama-cpp-python keeps none itself here)
+    def last() -> int:  # the batch's last logits (llama-cpp-python keeps none itself here)
         return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))))
+
     pre, dec = [], []
     for r in range(repeats + 1):
         llm.reset()
@@ -79,8 +86,10 @@ def llama_speed(path: Path, prompt: list[int], new: int, repeats: int, threads: 
             pre.append(t1 - t0)
             dec.append(time.perf_counter() - t1)
     llm.close()
-    return {"prefill_tok_s": len(prompt) / statistics.median(pre),
-            "decode_tok_s": new / statistics.median(dec)}
+    return {
+        "prefill_tok_s": len(prompt) / statistics.median(pre),
+        "decode_tok_s": new / statistics.median(dec),
+    }
 
 
 def kernels(fam) -> list[dict]:
@@ -88,7 +97,6 @@ def kernels(fam) -> list[dict]:
     at 256 rows: our Int4Linear (the tinygemm CPU kernel and its wrapper) against torch's dense
     bf16 and float32 linear of the same weight: where the decode time goes."""
     from ruyi_quant.runtime.int4 import Int4Linear
-    from ruyi_quant import names
 
     def us(f) -> float:
         f()
@@ -97,10 +105,13 @@ def kernels(fam) -> list[dict]:
             f()
             n += 1
         return 1e6 * (time.perf_counter() - t0) / n
+
     head = layout.head_prefix(fam.config.shared_heads, 0)
     rows = []
-    for name in [f"model.layers.0.{m}" for m in ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj",
-                                                "mlp.down_proj")] + [head]:
+    for name in [
+        f"model.layers.0.{m}"
+        for m in ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj", "mlp.down_proj")
+    ] + [head]:
         grid = fam.grids[name].get()
         w = grid.dequantize().float()
         q = Int4Linear(grid, dtype=torch.bfloat16)
@@ -110,11 +121,18 @@ def kernels(fam) -> list[dict]:
             xb = torch.randn(m, w.shape[1]).bfloat16()
             xf = xb.float()
             with torch.no_grad():
-                rows.append({"linear": name.rsplit(".", 1)[-1] if name != head else "head", "n": w.shape[0],
-                             "k": w.shape[1], "rows": m, "int4_us": us(lambda: q(xb)),
-                             "bf16_us": us(lambda: torch.nn.functional.linear(xb, wb)),
-                             "fp32_us": us(lambda: torch.nn.functional.linear(xf, w)),
-                             "int4_fp32_us": us(lambda: q32(xf)) if m == 1 else None})
+                rows.append(
+                    {
+                        "linear": name.rsplit(".", 1)[-1] if name != head else "head",
+                        "n": w.shape[0],
+                        "k": w.shape[1],
+                        "rows": m,
+                        "int4_us": us(lambda: q(xb)),
+                        "bf16_us": us(lambda: torch.nn.functional.linear(xb, wb)),
+                        "fp32_us": us(lambda: torch.nn.functional.linear(xf, w)),
+                        "int4_fp32_us": us(lambda: q32(xf)) if m == 1 else None,
+                    }
+                )
     return rows
 
 
@@ -131,14 +149,23 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--compiled-exits", default="29", help="exits timed again with --compile on ('' for none)")
+    ap.add_argument(
+        "--compiled-exits", default="29", help="exits timed again with --compile on ('' for none)"
+    )
     ap.add_argument("--work", default="/tmp/ruyi-runtime-cpu")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
     t_start = time.perf_counter()
     threads = torch.get_num_threads()
-    notes = {"load_average_at_start": os.getloadavg(), "cpus": os.cpu_count(), "threads": threads,
-             "torch": torch.__version__, "prompt": args.prompt, "new": args.new, "repeats": args.repeats}
+    notes = {
+        "load_average_at_start": os.getloadavg(),
+        "cpus": os.cpu_count(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "prompt": args.prompt,
+        "new": args.new,
+        "repeats": args.repeats,
+    }
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -149,35 +176,59 @@ def main() -> None:
         fam = load_family(Path(args.family))
         notes["family"] = f"{args.family} ({fam.method})"
     else:
-        q = Quantize(method="gptq", bits=4, group_size=128, sym=True, heads=True,
-                     gptq=GPTQOptions(act_order=True, static_groups=True))
+        q = Quantize(
+            method="gptq",
+            bits=4,
+            group_size=128,
+            sym=True,
+            heads=True,
+            gptq=GPTQOptions(act_order=True, static_groups=True),
+        )
         cal = Calibration()
         t0 = time.perf_counter()
         fam = quantize(ref_fam, q, calib_windows(src, cal), progress=True)
         fam.provenance = Provenance(model="builtin:ruyi-mini", quantize=q, calibration=cal)
         notes["quantize_seconds"] = time.perf_counter() - t0
-        notes["family"] = ("GPTQ 4-bit g128 sym, act-order + static groups, heads too (g128 sym), "
-                           f"{cal.samples} x {cal.seq_len} tokens of {cal.source}")
+        notes["family"] = (
+            "GPTQ 4-bit g128 sym, act-order + static groups, heads too (g128 sym), "
+            f"{cal.samples} x {cal.seq_len} tokens of {cal.source}"
+        )
     windows = eval_windows(src, Eval(samples=args.eval_windows))
-    prompt = windows.reshape(-1)[:args.prompt]
+    prompt = windows.reshape(-1)[: args.prompt]
 
     # table 1: eval --runtime int4 (bf16; int4 with float32 activations takes PyTorch's reference
     # CPU kernel, tens of times slower: the kernel table shows it, no model is timed on it)
     notes["runtime"] = {}
-    rep = runtime_report(ref_fam, fam, windows, exits, "cpu", torch.bfloat16, args.prompt, args.new, 1,
-                         args.repeats, say=print)
+    rep = runtime_report(
+        ref_fam, fam, windows, exits, "cpu", torch.bfloat16, args.prompt, args.new, 1, args.repeats, say=print
+    )
     notes["runtime"]["bfloat16"] = rep
     print(markdown_table(*runtime_cells(rep)), flush=True)
-    if args.compiled_exits:          # decode through torch.compile (inductor): a minute per model and exit
-        rep = runtime_report(ref_fam, fam, windows, [int(x) for x in args.compiled_exits.split(",")], "cpu",
-                             torch.bfloat16, args.prompt, args.new, 1, args.repeats, say=print, compiled=True)
+    if args.compiled_exits:  # decode through torch.compile (inductor): a minute per model and exit
+        rep = runtime_report(
+            ref_fam,
+            fam,
+            windows,
+            [int(x) for x in args.compiled_exits.split(",")],
+            "cpu",
+            torch.bfloat16,
+            args.prompt,
+            args.new,
+            1,
+            args.repeats,
+            say=print,
+            compiled=True,
+        )
         notes["runtime"]["bfloat16, compiled"] = rep
         print(markdown_table(*runtime_cells(rep)), flush=True)
 
     notes["kernels"] = kernels(fam)
     for r in notes["kernels"]:
-        print(f"{r['linear']:>10} [{r['n']} x {r['k']}] x {r['rows']:>3} rows: int4 {r['int4_us']:.0f} us, "
-              f"bf16 {r['bf16_us']:.0f} us, fp32 {r['fp32_us']:.0f} us", flush=True)
+        print(
+            f"{r['linear']:>10} [{r['n']} x {r['k']}] x {r['rows']:>3} rows: int4 {r['int4_us']:.0f} us, "
+            f"bf16 {r['bf16_us']:.0f} us, fp32 {r['fp32_us']:.0f} us",
+            flush=True,
+        )
 
     # table 2: the same exits in four runtimes, against one float32 reference
     embed = "head" if fam.config.tie_word_embeddings and "lm_head" in fam.grids else "int8"
@@ -193,26 +244,43 @@ def main() -> None:
         gc.collect()
         gguf_file = next((work / "gguf" / f"exit-{e}").glob("*.gguf"))
         runs = {}
-        for name, dtype in (("ours bf16", torch.bfloat16), ("ours int4 (bf16)", torch.bfloat16),
-                            ("ours float32", torch.float32)):
+        for name, dtype in (
+            ("ours bf16", torch.bfloat16),
+            ("ours int4 (bf16)", torch.bfloat16),
+            ("ours float32", torch.float32),
+        ):
             model = int4_model(fam if "int4" in name else ref_fam, dtype=dtype, progress=False)
             sp = speed(model, e, prompt[None], args.new, args.repeats)
-            runs[name] = {**score(ref, ours_logits(model, windows, e), windows), **sp,
-                          "weights_mb": model_bytes(model) / 1e6}
+            runs[name] = {
+                **score(ref, ours_logits(model, windows, e), windows),
+                **sp,
+                "weights_mb": model_bytes(model) / 1e6,
+            }
             del model
         sp = llama_speed(gguf_file, prompt.tolist(), args.new, args.repeats, threads)
-        runs["llama.cpp Q4_0 (our file)"] = {**score(ref, llama_logits(gguf_file, windows), windows), **sp,
-                                             "weights_mb": gguf_file.stat().st_size / 1e6}
+        runs["llama.cpp Q4_0 (our file)"] = {
+            **score(ref, llama_logits(gguf_file, windows), windows),
+            **sp,
+            "weights_mb": gguf_file.stat().st_size / 1e6,
+        }
         folder = work / "onnx" / f"exit-{e}"
         sp = ob.speed(folder, prompt.tolist(), args.new)
         acc = ob.accuracy(folder / "model.onnx", [{e: r[None]} for r in ref], windows, e, hd)
-        runs["onnxruntime int4 (our graph)"] = {"kl": acc["kl"], "top1": acc["top1"], "ppl": acc["ppl_quant"], **sp,
-                                               "weights_mb": sum(f.stat().st_size for f in folder.glob("model.onnx*")) / 1e6}
+        runs["onnxruntime int4 (our graph)"] = {
+            "kl": acc["kl"],
+            "top1": acc["top1"],
+            "ppl": acc["ppl_quant"],
+            **sp,
+            "weights_mb": sum(f.stat().st_size for f in folder.glob("model.onnx*")) / 1e6,
+        }
         for name, r in runs.items():
             notes["rows"].append({"exit": e, "runtime": name, **r})
-            print(f"exit {e} {name}: ppl {r['ppl']:.3f} KL {r['kl']:.4f} top-1 {r['top1']:.3f} "
-                  f"prefill {r['prefill_tok_s']:.0f} decode {r['decode_tok_s']:.1f} tok/s, "
-                  f"weights {r['weights_mb']:.1f} MB", flush=True)
+            print(
+                f"exit {e} {name}: ppl {r['ppl']:.3f} KL {r['kl']:.4f} top-1 {r['top1']:.3f} "
+                f"prefill {r['prefill_tok_s']:.0f} decode {r['decode_tok_s']:.1f} tok/s, "
+                f"weights {r['weights_mb']:.1f} MB",
+                flush=True,
+            )
     notes["seconds"] = time.perf_counter() - t_start
     write(notes)
     if not args.keep:
@@ -223,29 +291,69 @@ def write(notes: dict) -> None:
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "runtime_cpu.json").write_text(json.dumps(notes, indent=2) + "\n")
-    lines = [f"# Runtimes on this CPU ({notes['cpus']} cores, {notes['threads']} threads), ruyi-mini",
-             "", f"Family: {notes['family']}. Load average at the start: "
-             f"{', '.join(f'{x:.2f}' for x in notes['load_average_at_start'])}.", ""]
+    lines = [
+        f"# Runtimes on this CPU ({notes['cpus']} cores, {notes['threads']} threads), ruyi-mini",
+        "",
+        f"Family: {notes['family']}. Load average at the start: "
+        f"{', '.join(f'{x:.2f}' for x in notes['load_average_at_start'])}.",
+        "",
+    ]
     for dtype, rep in notes["runtime"].items():
         flag = " --compile on" if "compiled" in dtype else ""
-        lines += [f"## `ruyi-quant eval --runtime int4`{flag} (bf16 against int4)", "",
-                  markdown_table(*runtime_cells(rep))]
-    lines += ["## Four runtimes, the same grids, against one float32 reference", "",
-              f"Batch 1, prompt {notes['prompt']} tokens, {notes['new']} greedy tokens decoded, "
-              f"median of {notes['repeats']}.", ""]
-    head = ["exit", "runtime", "ppl", "KL(fp32‖x)", "top-1 %", "prefill tok/s", "decode tok/s",
-            "weights MB"]
-    rows = [[str(r["exit"]), r["runtime"], f"{r['ppl']:.3f}", f"{r['kl']:.4f}", f"{100 * r['top1']:.2f}",
-             f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}", f"{r['weights_mb']:.1f}"]
-            for r in notes["rows"]]
+        lines += [
+            f"## `ruyi-quant eval --runtime int4`{flag} (bf16 against int4)",
+            "",
+            markdown_table(*runtime_cells(rep)),
+        ]
+    lines += [
+        "## Four runtimes, the same grids, against one float32 reference",
+        "",
+        f"Batch 1, prompt {notes['prompt']} tokens, {notes['new']} greedy tokens decoded, "
+        f"median of {notes['repeats']}.",
+        "",
+    ]
+    head = ["exit", "runtime", "ppl", "KL(fp32‖x)", "top-1 %", "prefill tok/s", "decode tok/s", "weights MB"]
+    rows = [
+        [
+            str(r["exit"]),
+            r["runtime"],
+            f"{r['ppl']:.3f}",
+            f"{r['kl']:.4f}",
+            f"{100 * r['top1']:.2f}",
+            f"{r['prefill_tok_s']:.0f}",
+            f"{r['decode_tok_s']:.1f}",
+            f"{r['weights_mb']:.1f}",
+        ]
+        for r in notes["rows"]
+    ]
     lines.append(markdown_table(head, rows))
-    lines += ["## One linear per call (microseconds): where the decode time goes", "",
-              markdown_table(["linear", "N x K", "rows", "int4, bf16 activations", "bf16 dense", "fp32 dense",
-                              "int4, fp32 activations"],
-                             [[r["linear"], f"{r['n']} x {r['k']}", str(r["rows"]), f"{r['int4_us']:.0f}",
-                               f"{r['bf16_us']:.0f}", f"{r['fp32_us']:.0f}",
-                               "-" if r["int4_fp32_us"] is None else f"{r['int4_fp32_us']:.0f}"]
-                              for r in notes["kernels"]])]
+    lines += [
+        "## One linear per call (microseconds): where the decode time goes",
+        "",
+        markdown_table(
+            [
+                "linear",
+                "N x K",
+                "rows",
+                "int4, bf16 activations",
+                "bf16 dense",
+                "fp32 dense",
+                "int4, fp32 activations",
+            ],
+            [
+                [
+                    r["linear"],
+                    f"{r['n']} x {r['k']}",
+                    str(r["rows"]),
+                    f"{r['int4_us']:.0f}",
+                    f"{r['bf16_us']:.0f}",
+                    f"{r['fp32_us']:.0f}",
+                    "-" if r["int4_fp32_us"] is None else f"{r['int4_fp32_us']:.0f}",
+                ]
+                for r in notes["kernels"]
+            ],
+        ),
+    ]
     (out / "runtime_cpu.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -57,8 +57,9 @@ def step(name: str, code: str, args: list[str], rows: list[dict]) -> dict:
     # instead of leaving it to run on beside whatever is measured next
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     print(f"[scale] {name}: {' '.join(map(str, args))}", flush=True)
-    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=ROOT,
-                          stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)], cwd=ROOT, stderr=subprocess.PIPE, text=True
+    )
     line = next((x for x in proc.stderr.splitlines()[::-1] if x.startswith("STEP ")), None)
     if proc.returncode != 0 or line is None:
         sys.stderr.write(proc.stderr[-3000:])
@@ -72,6 +73,7 @@ def step(name: str, code: str, args: list[str], rows: list[dict]) -> dict:
 
 def gb(path: Path) -> float:
     from ruyi_quant.store.files import disk_bytes
+
     return disk_bytes(path) / 1e9
 
 
@@ -94,11 +96,15 @@ def main() -> None:
     notes["source_gb"] = gb(src)
     cfg = json.loads((src / "config.json").read_text())
     notes["exits"] = cfg["early_exit_points"]
-    step("quantize rtn 4-bit g128", RUN, ["quantize", src, "--method", "rtn", "--bits", "4",
-                                            "--group-size", "128", "--out", fam, "--force"], rows)
+    step(
+        "quantize rtn 4-bit g128",
+        RUN,
+        ["quantize", src, "--method", "rtn", "--bits", "4", "--group-size", "128", "--out", fam, "--force"],
+        rows,
+    )
     notes["family_gb"] = gb(fam)
     if not args.keep_source:
-        shutil.rmtree(src)                     # exports read the family (and its tokenizer copy)
+        shutil.rmtree(src)  # exports read the family (and its tokenizer copy)
     g = work / "gguf"
     step("export gguf per exit (Q4_0)", RUN, ["export", fam, "--format", "gguf", "--out", g, "--force"], rows)
     files = sorted(g.glob("exit-*/*.gguf"), key=lambda p: int(p.parent.name.split("-")[1]))
@@ -108,8 +114,12 @@ def main() -> None:
             step(f"llama.cpp loads {p.parent.name} (finite logits)", LLAMA, [p], rows)
     shutil.rmtree(g)
     m = work / "multi"
-    step("export gguf --multi-only", RUN, ["export", fam, "--format", "gguf", "--multi-only",
-                                           "--out", m, "--force"], rows)
+    step(
+        "export gguf --multi-only",
+        RUN,
+        ["export", fam, "--format", "gguf", "--multi-only", "--out", m, "--force"],
+        rows,
+    )
     multi = next(m.glob("*.gguf"))
     notes["multi"] = multi_check(fam, multi)
     shutil.rmtree(m)
@@ -126,39 +136,55 @@ def main() -> None:
 def multi_check(fam_dir: Path, multi: Path) -> dict:
     """The multi-exit file against the sum of the family's distinct tensors as GGUF data."""
     import gguf
-    from ruyi_quant.store.checkpoint import load_family
+
     from ruyi_quant import names
     from ruyi_quant.exporters.gguf.tensors import GGUFOptions, family_arrays
+    from ruyi_quant.store.checkpoint import load_family
+
     f = load_family(fam_dir)
     arrays = family_arrays(f, [(n, names.gguf_multi_name(n)) for n in f.weight_names()], GGUFOptions())
     distinct = sum(a.nbytes for _, a, _ in arrays)
     r = gguf.GGUFReader(str(multi))
     stored = sum(int(t.n_bytes) for t in r.tensors)
     size = multi.stat().st_size
-    return {"file_gb": size / 1e9, "distinct_tensor_gb": distinct / 1e9, "tensor_bytes_in_file_gb": stored / 1e9,
-            "tensors": len(r.tensors), "distinct_tensors": len(arrays),
-            "overhead_mb": (size - distinct) / 1e6}
+    return {
+        "file_gb": size / 1e9,
+        "distinct_tensor_gb": distinct / 1e9,
+        "tensor_bytes_in_file_gb": stored / 1e9,
+        "tensors": len(r.tensors),
+        "distinct_tensors": len(arrays),
+        "overhead_mb": (size - distinct) / 1e6,
+    }
 
 
 def write(rows: list[dict], notes: dict, depth: int) -> None:
     out = ROOT / "benchmarks" / "results"
     stem = "scale" if depth == 28 else f"scale-depth{depth}"
-    (out / f"{stem}.json").write_text(json.dumps({"steps": rows, **notes,
-                                                  "synthetic": "random weights: memory and speed only"},
-                                                 indent=2) + "\n")
-    lines = [f"# Ruyi-7B-shaped synthetic family, depth {depth}, exits {notes['exits']} "
-             "(random bf16 weights: memory and speed only)", "",
-             f"Load average at start: {', '.join(f'{x:.2f}' for x in notes['load_average_at_start'])}. "
-             f"Source {notes['source_gb']:.2f} GB on disk, quantized family {notes['family_gb']:.2f} GB.", "",
-             "| step | seconds | peak RSS GB |", "|---|---|---|"]
+    (out / f"{stem}.json").write_text(
+        json.dumps({"steps": rows, **notes, "synthetic": "random weights: memory and speed only"}, indent=2)
+        + "\n"
+    )
+    lines = [
+        f"# Ruyi-7B-shaped synthetic family, depth {depth}, exits {notes['exits']} "
+        "(random bf16 weights: memory and speed only)",
+        "",
+        f"Load average at start: {', '.join(f'{x:.2f}' for x in notes['load_average_at_start'])}. "
+        f"Source {notes['source_gb']:.2f} GB on disk, quantized family {notes['family_gb']:.2f} GB.",
+        "",
+        "| step | seconds | peak RSS GB |",
+        "|---|---|---|",
+    ]
     lines += [f"| {r['step']} | {r['seconds']:.1f} | {r['peak_rss_gb']:.2f} |" for r in rows]
     mu = notes["multi"]
-    lines += ["", f"Multi-exit GGUF: {mu['file_gb']:.3f} GB for {mu['tensors']} tensors; the family's "
-              f"{mu['distinct_tensors']} distinct tensors as GGUF data: {mu['distinct_tensor_gb']:.3f} GB "
-              f"(difference {mu['overhead_mb']:.1f} MB: metadata, tokenizer, alignment).",
-              f"Per-exit GGUF GB: {json.dumps({k: round(v, 3) for k, v in notes['gguf_per_exit_gb'].items()})}",
-              f"Per-exit HF GB (shards): {json.dumps({k: round(v, 3) for k, v in notes['hf_per_exit_gb'].items()})} "
-              f"{json.dumps(notes['hf_shards'])}"]
+    lines += [
+        "",
+        f"Multi-exit GGUF: {mu['file_gb']:.3f} GB for {mu['tensors']} tensors; the family's "
+        f"{mu['distinct_tensors']} distinct tensors as GGUF data: {mu['distinct_tensor_gb']:.3f} GB "
+        f"(difference {mu['overhead_mb']:.1f} MB: metadata, tokenizer, alignment).",
+        f"Per-exit GGUF GB: {json.dumps({k: round(v, 3) for k, v in notes['gguf_per_exit_gb'].items()})}",
+        f"Per-exit HF GB (shards): {json.dumps({k: round(v, 3) for k, v in notes['hf_per_exit_gb'].items()})} "
+        f"{json.dumps(notes['hf_shards'])}",
+    ]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

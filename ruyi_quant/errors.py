@@ -28,12 +28,24 @@ class Terminated(KeyboardInterrupt):
 def require(module: str, what: str, install: str) -> None:
     """A UserError naming what needs an optional package that is not installed."""
     import importlib.util
+
     if importlib.util.find_spec(module) is None:
         raise UserError(f"{what} needs {module} ({install})")
 
 
-OS_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG,
-             errno.ENOTDIR, errno.EISDIR, errno.EFBIG, errno.EMFILE, errno.EIO)
+OS_ERRORS = (
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENAMETOOLONG,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EFBIG,
+    errno.EMFILE,
+    errno.EIO,
+)
 # the OS errors a user can cause (a full disk, permissions, ...): one line and exit code 2, not a bug
 
 
@@ -46,7 +58,7 @@ def write_problem(e: BaseException, path: Path | None = None) -> str | None:
     if isinstance(e, OSError) and e.errno in OS_ERRORS:
         return e.strerror or os.strerror(e.errno)
     text = str(e)
-    m = re.search(r"\(os error (\d+)\)|Os \{ code: (\d+)", text)      # Rust's io::Error, shown or debugged
+    m = re.search(r"\(os error (\d+)\)|Os \{ code: (\d+)", text)  # Rust's io::Error, shown or debugged
     code = int(m.group(1) or m.group(2)) if m else None
     if code in OS_ERRORS:
         return os.strerror(code)
@@ -87,7 +99,7 @@ def writing(path: Path):
         raise
     except Exception as e:
         problem = write_problem(e, path)
-        if problem is None or (isinstance(e, OSError) and e.filename):   # a bug, or names its file
+        if problem is None or (isinstance(e, OSError) and e.filename):  # a bug, or names its file
             raise
         code = e.errno if isinstance(e, OSError) and e.errno in OS_ERRORS else errno.EIO
         raise OSError(code, problem, str(path)) from None
@@ -116,10 +128,9 @@ def read_json(path: Path, what: str = "JSON file"):
         raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
-
 # --- names a user gives to files and folders -----------------------------------------------
-NAME_MAX = 200                       # bytes of a name we make a file or folder of (with room to
-                                     # add "-eNN-q4_k_m.gguf" and the temporary suffix)
+NAME_MAX = 200  # bytes of a name we make a file or folder of (with room to
+# add "-eNN-q4_k_m.gguf" and the temporary suffix)
 
 
 def name_problem(name: str) -> str | None:

@@ -13,10 +13,10 @@ from contextlib import closing
 import torch
 from tqdm.auto import tqdm
 
-from .model.layout import head_prefix
 from . import names
-from .quant.family import QuantizedFamily
 from .model.familial import FamilialModel
+from .model.layout import head_prefix
+from .quant.family import QuantizedFamily
 from .quant.walk import Walk
 
 
@@ -46,13 +46,20 @@ def token_stats(ref_logits: torch.Tensor, q_logits: torch.Tensor, ids: torch.Ten
 
 
 @torch.no_grad()
-def compare(ref: FamilialModel, quant: FamilialModel, windows: torch.Tensor, exits: list[int],
-            batch: int = 4, progress: bool = True) -> dict[int, dict]:
+def compare(
+    ref: FamilialModel,
+    quant: FamilialModel,
+    windows: torch.Tensor,
+    exits: list[int],
+    batch: int = 4,
+    progress: bool = True,
+) -> dict[int, dict]:
     """Per exit: ppl_ref, ppl_quant, delta_ppl_pct, kl, top1 (0..1), tokens."""
     sums: dict[int, dict] = {e: {} for e in exits}
-    for start in tqdm(range(0, len(windows), batch), desc="eval", unit="batch",
-                      disable=not progress, leave=False):
-        ids = windows[start:start + batch]
+    for start in tqdm(
+        range(0, len(windows), batch), desc="eval", unit="batch", disable=not progress, leave=False
+    ):
+        ids = windows[start : start + batch]
         r, q = ref.forward_exits(ids, exits=exits), quant.forward_exits(ids, exits=exits)
         for e in exits:
             for k, v in token_stats(r[e], q[e], ids).items():
@@ -61,16 +68,24 @@ def compare(ref: FamilialModel, quant: FamilialModel, windows: torch.Tensor, exi
 
 
 @torch.no_grad()
-def compare_families(ref: QuantizedFamily, quant: QuantizedFamily, windows: torch.Tensor,
-                     exits: list[int], batch: int = 4, progress: bool = True) -> dict[int, dict]:
+def compare_families(
+    ref: QuantizedFamily,
+    quant: QuantizedFamily,
+    windows: torch.Tensor,
+    exits: list[int],
+    batch: int = 4,
+    progress: bool = True,
+) -> dict[int, dict]:
     """compare() of two families, streamed: the same numbers as compare() of their dequantized
     models, bit for bit (the same float32 operations on every batch), with one layer of each
     family in memory instead of both whole models."""
     walks = [Walk(ref, windows, batch, exits=exits), Walk(quant, windows, batch, exits=exits)]
     batches = list(windows.split(batch))
     sums: dict[int, dict] = {e: {} for e in exits}
-    with closing(walks[0].steps(progress=progress, desc="eval")) as ref_steps, \
-            closing(walks[1].steps()) as quant_steps:
+    with (
+        closing(walks[0].steps(progress=progress, desc="eval")) as ref_steps,
+        closing(walks[1].steps()) as quant_steps,
+    ):
         for (step, r_out), (_, q_out) in zip(ref_steps, quant_steps):
             if step.kind != "exit":
                 continue
@@ -90,21 +105,26 @@ def summarise(sums: dict[int, dict]) -> dict[int, dict]:
     out = {}
     for e, s in sums.items():
         ppl_ref, ppl_q = math.exp(s["nll_ref"] / s["targets"]), math.exp(s["nll_quant"] / s["targets"])
-        out[e] = {"ppl_ref": ppl_ref, "ppl_quant": ppl_q, "delta_ppl_pct": 100 * (ppl_q / ppl_ref - 1),
-                  "kl": s["kl"] / s["positions"], "top1": s["top1"] / s["positions"],
-                  "tokens": s["positions"]}
+        out[e] = {
+            "ppl_ref": ppl_ref,
+            "ppl_quant": ppl_q,
+            "delta_ppl_pct": 100 * (ppl_q / ppl_ref - 1),
+            "kl": s["kl"] / s["positions"],
+            "top1": s["top1"] / s["positions"],
+            "tokens": s["positions"],
+        }
     return out
 
 
 @torch.no_grad()
-def exit_perplexities(model: FamilialModel, windows: torch.Tensor, batch: int = 2,
-                      progress: bool = True) -> dict[int, float]:
+def exit_perplexities(
+    model: FamilialModel, windows: torch.Tensor, batch: int = 2, progress: bool = True
+) -> dict[int, float]:
     """Next-token perplexity of every exit on windows [m, T], one trunk pass per batch."""
     nll = {e: 0.0 for e in model.config.exits}
     count = 0
-    for s in tqdm(range(0, len(windows), batch), desc="ppl", unit="batch", disable=not progress,
-                  leave=False):
-        ids = windows[s:s + batch]
+    for s in tqdm(range(0, len(windows), batch), desc="ppl", unit="batch", disable=not progress, leave=False):
+        ids = windows[s : s + batch]
         for e, logits in model.forward_exits(ids).items():
             nll[e] += nll_sum(torch.log_softmax(logits.float(), -1), ids)
         count += ids[:, 1:].numel()
@@ -121,17 +141,36 @@ def exit_sizes(fam: QuantizedFamily) -> dict[int, dict]:
     return out
 
 
-def evaluate(ref_fam: QuantizedFamily, quant_fam: QuantizedFamily, windows: torch.Tensor,
-             exits: list[int] | None = None, batch: int = 4, progress: bool = True) -> dict:
+def evaluate(
+    ref_fam: QuantizedFamily,
+    quant_fam: QuantizedFamily,
+    windows: torch.Tensor,
+    exits: list[int] | None = None,
+    batch: int = 4,
+    progress: bool = True,
+) -> dict:
     """The report `ruyi-quant eval` prints and writes: one row per exit plus family totals."""
     exits = exits or ref_fam.config.exits
     scores = compare_families(ref_fam, quant_fam, windows, exits, batch, progress)
     ref_sizes, q_sizes = exit_sizes(ref_fam), exit_sizes(quant_fam)
     rows = []
     for e in exits:
-        rows.append({"exit": e, **scores[e], "params": ref_sizes[e]["params"],
-                     "bytes_ref": ref_sizes[e]["bytes"], "bytes_quant": q_sizes[e]["bytes"]})
-    return {"method": quant_fam.method, "rows": rows,
-            "family": {"bytes_ref": ref_fam.stored_size()[1], "bytes_quant": quant_fam.stored_size()[1],
-                       "params": ref_fam.size()[0]},
-            "windows": list(windows.shape)}
+        rows.append(
+            {
+                "exit": e,
+                **scores[e],
+                "params": ref_sizes[e]["params"],
+                "bytes_ref": ref_sizes[e]["bytes"],
+                "bytes_quant": q_sizes[e]["bytes"],
+            }
+        )
+    return {
+        "method": quant_fam.method,
+        "rows": rows,
+        "family": {
+            "bytes_ref": ref_fam.stored_size()[1],
+            "bytes_quant": quant_fam.stored_size()[1],
+            "params": ref_fam.size()[0],
+        },
+        "windows": list(windows.shape),
+    }

@@ -70,6 +70,7 @@ class Stages:
     @contextlib.contextmanager
     def stage(self, name: str):
         import torch
+
         cuda = torch.cuda.is_available()
         reset_peak_rss()
         if cuda:

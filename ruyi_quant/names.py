@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 # --- files -------------------------------------------------------------------------------
-MARKER = "ruyi_quant.json"          # the manifest every directory we write carries
+MARKER = "ruyi_quant.json"  # the manifest every directory we write carries
 
 # --- familial (Ruyi) checkpoint -------------------------------------------------------------
 EMBED = "model.embed_tokens"
@@ -30,6 +30,7 @@ PLAIN_HEAD = "lm_head"
 # Tensors that some checkpoints carry and nobody needs.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
+
 def rename(name: str, prefix_map: dict[str, str]) -> str | None:
     """Rename a tensor by the longest matching module prefix; None if no prefix matches."""
     best = None
@@ -38,7 +39,7 @@ def rename(name: str, prefix_map: dict[str, str]) -> str | None:
             best = src
     if best is None:
         return None
-    return prefix_map[best] + name[len(best):]
+    return prefix_map[best] + name[len(best) :]
 
 
 def plain_to_familial(num_layers: int) -> dict[str, str]:

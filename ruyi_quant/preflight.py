@@ -10,13 +10,11 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
-from .text import check_source
 from .errors import UserError
-from .store.files import check_output_dir
 from .recipe import Eval, Job, Quantize
 from .sources import resolve_model
+from .store.files import check_output_dir
+from .text import check_source
 
 if TYPE_CHECKING:
     from .quant.family import QuantizedFamily
@@ -26,19 +24,22 @@ CALIBRATED = ("gptq", "awq")
 
 def cli_flag(section: str, key: str) -> str:
     """The CLI flag of a recipe setting (what preflight's errors name on the command line)."""
-    special = {("calibration", "source"): "--calib", ("eval", "source"): "--data",
-               ("quantize", "gptq.damp_percent"): "--damp"}
+    special = {
+        ("calibration", "source"): "--calib",
+        ("eval", "source"): "--data",
+        ("quantize", "gptq.damp_percent"): "--damp",
+    }
     return special.get((section, key), "--" + key.replace("_", "-"))
 
 
-def preflight(src: Path, q: Quantize | None = None, cal=None, ev: Eval | None = None,
-              label=cli_flag) -> None:
+def preflight(src: Path, q: Quantize | None = None, cal=None, ev: Eval | None = None, label=cli_flag) -> None:
     """Everything about a run that can be checked before the work, from the model's config alone:
     the device, text sources (readable UTF-8 text), sequence lengths against the model, the
     tokenizer. `label(section, key)` names the flag or recipe key in errors."""
-    from .text import check_tokenizer
     from .model.config import read_config
     from .quant.calibrate import pick_device
+    from .text import check_tokenizer
+
     cfg = read_config(src)
     texts = []
     if q is not None:
@@ -64,18 +65,22 @@ def check_reference(ref: QuantizedFamily, fam: QuantizedFamily, ref_name: str, f
     """`fam` must be a quantization of `ref`: the same shapes, exits and vocabulary, and the same
     token embeddings (which no method changes)."""
     from . import names
+
     a, b = ref.config, fam.config
-    for what in ("exits", "num_layers", "hidden_size", "vocab_size", "shared_heads",
-                 "tie_word_embeddings"):
+    for what in ("exits", "num_layers", "hidden_size", "vocab_size", "shared_heads", "tie_word_embeddings"):
         if getattr(a, what) != getattr(b, what):
-            raise UserError(f"{fam_name} is not a quantization of {ref_name}: its {what} is "
-                            f"{getattr(b, what)}, the reference's {getattr(a, what)}")
+            raise UserError(
+                f"{fam_name} is not a quantization of {ref_name}: its {what} is "
+                f"{getattr(b, what)}, the reference's {getattr(a, what)}"
+            )
     key = f"{names.EMBED}.weight"
     ea, eb = ref.tensors[key].float(), fam.tensors[key].float()
     rel = ((ea - eb).norm() / ea.norm().clamp_min(1e-30)).item()
-    if rel > 1e-2:                # bf16 storage of an fp32 source differs by ~4e-3
-        raise UserError(f"{fam_name} is not a quantization of {ref_name}: their token embeddings "
-                        f"differ (relative difference {rel:.3g}); give the model it was made from")
+    if rel > 1e-2:  # bf16 storage of an fp32 source differs by ~4e-3
+        raise UserError(
+            f"{fam_name} is not a quantization of {ref_name}: their token embeddings "
+            f"differ (relative difference {rel:.3g}); give the model it was made from"
+        )
 
 
 def _under(base: Path, source: str) -> str:
@@ -90,7 +95,8 @@ def check_job(job: Job, base: Path, index: int = 0) -> tuple[Path, Path, object,
     (writable, not an input, ours), model, device, texts, sequence lengths, export exits. Returns
     (output, model dir, calibration, eval) with paths resolved against the recipe's folder."""
     from .model.config import read_config
-    out = Path(os.path.normpath(Path(base) / job.output))   # absolute output stays as is
+
+    out = Path(os.path.normpath(Path(base) / job.output))  # absolute output stays as is
     key = f"jobs[{index}]"
     model_path = None if job.model.startswith("builtin:") else Path(base) / job.model
     check_output_dir(out, inputs=[model_path], flag=f"{key}.output", kind="job")
@@ -113,8 +119,6 @@ def check_job(job: Job, base: Path, index: int = 0) -> tuple[Path, Path, object,
     return out, src, calib, ev
 
 
-
-
 def check_exports(job: Job, cfg, key: str) -> None:
     """Whether every export of the job can hold the grids its quantize section will make, decided
     from the plan (on a meta model) before anything is computed: each format's own check, run on
@@ -122,25 +126,37 @@ def check_exports(job: Job, cfg, key: str) -> None:
     from . import exporters
     from .model.familial import skeleton
     from .quant.plan import QuantSpec, make_plan
+
     q = job.quantize
     model = skeleton(cfg)
-    plan = {} if q.method == "none" else make_plan(
-        model, QuantSpec(q.bits, q.group_size, q.sym), q.heads, q.overrides)
+    plan = (
+        {}
+        if q.method == "none"
+        else make_plan(model, QuantSpec(q.bits, q.group_size, q.sym), q.heads, q.overrides)
+    )
     widths = {m: model.get_submodule(m).in_features for m in plan}
     for m, spec in plan.items():
         if spec.group_size > widths[m]:
-            raise UserError(f"{key}.quantize.group_size: {spec.group_size} is larger than {m}'s "
-                            f"{widths[m]} input columns")
+            raise UserError(
+                f"{key}.quantize.group_size: {spec.group_size} is larger than {m}'s {widths[m]} input columns"
+            )
     act_order = q.method == "gptq" and q.gptq.act_order and not q.gptq.static_groups
     target = exporters.Target.planned(cfg, plan, widths, act_order)
     dumps = [ex.model_dump() for ex in job.export]
     for n, ex in enumerate(job.export):
         where = f"{key}.export[{n}]"
-        same = next((i for i in range(n) if dumps[i] == dumps[n] or
-                     (ex.folder and job.export[i].folder == ex.folder)), None)
+        same = next(
+            (
+                i
+                for i in range(n)
+                if dumps[i] == dumps[n] or (ex.folder and job.export[i].folder == ex.folder)
+            ),
+            None,
+        )
         if same is not None:
-            raise UserError(f"{where}: writes to the same folder as {key}.export[{same}]; give one "
-                            "a different 'folder'")
+            raise UserError(
+                f"{where}: writes to the same folder as {key}.export[{same}]; give one a different 'folder'"
+            )
         try:
             exporters.get(ex.format, f"{where}.format").check(target, ex)
         except UserError as e:

@@ -26,30 +26,37 @@ from typing import Annotated, Literal, Union
 
 import torch
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
-                      model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 
-from .errors import UserError
+from .errors import UserError, name_problem
 from .names import MARKER
-from .errors import name_problem
 from .quant.plan import check_bits, check_group_size
 
-
 Bits = Annotated[int, AfterValidator(check_bits)]
-SEED_LIMIT = 1 << 63                # torch's generators take a 64-bit seed
+SEED_LIMIT = 1 << 63  # torch's generators take a 64-bit seed
 GroupSize = Annotated[int, AfterValidator(check_group_size)]
 
 
 def check_device_name(device: str) -> str:
     """auto, cpu, cuda or cuda:N (whether that device exists is checked when a run starts)."""
     import re
+
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
         raise ValueError(f"'{device}' is not a device: give auto, cpu, cuda or cuda:N")
     return device
 
 
-JOB_FAMILY = "family"               # the quantized family's folder inside a job's output
-JOB_FILES = (MARKER, JOB_FAMILY, "eval.json", "eval.md", "eval.png")   # a job's own names
+JOB_FAMILY = "family"  # the quantized family's folder inside a job's output
+JOB_FILES = (MARKER, JOB_FAMILY, "eval.json", "eval.md", "eval.png")  # a job's own names
 
 
 def check_name(name: str | None) -> str | None:
@@ -64,8 +71,10 @@ def check_folder(folder: str | None) -> str | None:
     """An export's folder: one plain folder name inside the job's output, none of the job's own."""
     check_name(folder)
     if folder in JOB_FILES:
-        raise ValueError(f"'{folder}' is the job's own {'folder' if folder == JOB_FAMILY else 'file'}; "
-                         "give the export another folder name")
+        raise ValueError(
+            f"'{folder}' is the job's own {'folder' if folder == JOB_FAMILY else 'file'}; "
+            "give the export another folder name"
+        )
     return folder
 
 
@@ -90,8 +99,9 @@ class Strict(BaseModel):
 
 class Calibration(Strict):
     """Text the quantizer calibrates on (GPTQ/AWQ; RTN ignores it)."""
+
     source: str = "builtin:pydoc/calib"
-    field: str = "text"            # JSONL field that holds the text
+    field: str = "text"  # JSONL field that holds the text
     samples: int = Field(32, ge=1)
     seq_len: int = Field(256, ge=8)
     seed: int = Field(0, ge=0, lt=SEED_LIMIT)
@@ -99,7 +109,8 @@ class Calibration(Strict):
 
 class Override(Strict):
     """A grid for the modules a pattern matches (quant/plan.py: make_plan)."""
-    pattern: str                   # shell-style module pattern, e.g. "lm_head*"
+
+    pattern: str  # shell-style module pattern, e.g. "lm_head*"
     bits: Bits | None = None
     group_size: GroupSize | None = None
     sym: bool | None = None
@@ -110,23 +121,26 @@ class Override(Strict):
         if not self.pattern:
             raise ValueError("the pattern is empty; give a module pattern like 'lm_head*'")
         if not self.skip and self.bits is None and self.group_size is None and self.sym is None:
-            raise ValueError(f"override '{self.pattern}' sets nothing; give bits, group_size or sym "
-                             "(or skip: true)")
+            raise ValueError(
+                f"override '{self.pattern}' sets nothing; give bits, group_size or sym (or skip: true)"
+            )
         return self
 
 
 class GPTQOptions(Strict):
-    damp_percent: float = Field(0.01, gt=0, le=1, allow_inf_nan=False)   # dampening, fraction of mean diag(H)
-    block_size: int = Field(128, ge=1)              # columns per lazy batch update
-    act_order: bool = False                          # desc_act: columns by decreasing diag(H)
-    static_groups: bool = False                      # group grids fixed up front (with act_order)
+    damp_percent: float = Field(0.01, gt=0, le=1, allow_inf_nan=False)  # dampening, fraction of mean diag(H)
+    block_size: int = Field(128, ge=1)  # columns per lazy batch update
+    act_order: bool = False  # desc_act: columns by decreasing diag(H)
+    static_groups: bool = False  # group grids fixed up front (with act_order)
 
 
 class AWQOptions(Strict):
-    grid: int = Field(20, ge=2)                      # scale exponents r = 0, 1/grid, ... tried
-    max_shrink: float = Field(0.5, ge=0, lt=1, allow_inf_nan=False)       # clipping search: down to (1 - max_shrink) x max
-    clip: bool = True                                # search clipping ranges (q/k never clipped)
-    max_tokens: int = Field(2048, ge=16)             # activation rows sampled per search
+    grid: int = Field(20, ge=2)  # scale exponents r = 0, 1/grid, ... tried
+    max_shrink: float = Field(
+        0.5, ge=0, lt=1, allow_inf_nan=False
+    )  # clipping search: down to (1 - max_shrink) x max
+    clip: bool = True  # search clipping ranges (q/k never clipped)
+    max_tokens: int = Field(2048, ge=16)  # activation rows sampled per search
 
 
 class Quantize(Strict):
@@ -134,13 +148,13 @@ class Quantize(Strict):
     bits: Bits = 4
     group_size: GroupSize = 128
     sym: bool = True
-    heads: bool = False            # quantize the heads too
+    heads: bool = False  # quantize the heads too
     overrides: list[Override] = []
     gptq: GPTQOptions = GPTQOptions()
     awq: AWQOptions = AWQOptions()
-    device: Annotated[str, AfterValidator(check_device_name)] = "auto"   # auto (cuda when
-                                   # present), cpu, cuda, cuda:1, ... (availability: pick_device)
-    batch: int = Field(8, ge=1)    # calibration windows per forward pass
+    device: Annotated[str, AfterValidator(check_device_name)] = "auto"  # auto (cuda when
+    # present), cpu, cuda, cuda:1, ... (availability: pick_device)
+    batch: int = Field(8, ge=1)  # calibration windows per forward pass
 
 
 Exits = Annotated[Union[Literal["all"], list[int]], AfterValidator(check_exits)]
@@ -151,7 +165,7 @@ class HFExport(Strict):
     exits: Exits = "all"
     weights: Literal["auto", "float", "gptq", "awq"] = "auto"
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    folder: Folder = None          # inside the job's output; default hf-gptq / hf-awq / hf-bfloat16
+    folder: Folder = None  # inside the job's output; default hf-gptq / hf-awq / hf-bfloat16
 
 
 GGUFType = Literal["auto", "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"]
@@ -162,39 +176,42 @@ KQuantType = Literal["q4_k_m", "q5_k_m", "q6_k"]
 class GGUFExport(Strict):
     format: Literal["gguf"] = "gguf"
     exits: Exits = "all"
-    type: Union[GGUFType, KQuantType] = "auto"   # auto: our grids exactly, float linears f16
+    type: Union[GGUFType, KQuantType] = "auto"  # auto: our grids exactly, float linears f16
     embed_type: GGUFType = "auto"  # auto: q8_0 in 4-bit files, else as type
-    head_type: GGUFType = "auto"   # a float head's type (a quantized head keeps its grid)
-    per_exit: bool = True          # one stock qwen2 file per exit (+ Ollama Modelfile)
-    multi: bool = False            # one multi-exit file with the trunk stored once
-    imatrix: bool = True           # K-quants: weigh rounding by an importance matrix that we
-                                   # compute from the job's calibration set
-    name: Name = None              # general.name and the files' names (default: the model's name)
-    license: str | None = None     # general.license (default: the source's, when known)
-    folder: Folder = None          # inside the job's output; default gguf-<type>
+    head_type: GGUFType = "auto"  # a float head's type (a quantized head keeps its grid)
+    per_exit: bool = True  # one stock qwen2 file per exit (+ Ollama Modelfile)
+    multi: bool = False  # one multi-exit file with the trunk stored once
+    imatrix: bool = True  # K-quants: weigh rounding by an importance matrix that we
+    # compute from the job's calibration set
+    name: Name = None  # general.name and the files' names (default: the model's name)
+    license: str | None = None  # general.license (default: the source's, when known)
+    folder: Folder = None  # inside the job's output; default gguf-<type>
 
 
 class ONNXExport(Strict):
     format: Literal["onnx"] = "onnx"
     exits: Exits = "all"
-    dtype: Literal["float32", "float16"] = "float32"   # float weights and the compute type
-    weights: Literal["auto", "float"] = "auto"   # auto: our grids in MatMulNBits; float: dequantized
-    head: Literal["auto", "float", "int8"] = "auto"   # int8: a float head rounded to 8 bits
-    embed: Literal["float", "int8", "head"] = "float"   # int8: one scale per row; head: the rows of
-                                   # a tied, quantized head's grid (no bytes of its own)
-    accuracy_level: Literal[0, 1, 2, 3, 4] = 4    # MatMulNBits: 0 float compute, 4 int8 activations
-    per_exit: bool = True          # one folder per exit that onnxruntime-genai loads as it is
-    multi: bool = False            # one folder whose single data file holds the trunk once
-    folder: Folder = None          # inside the job's output; default onnx-<int4|float32|...>
+    dtype: Literal["float32", "float16"] = "float32"  # float weights and the compute type
+    weights: Literal["auto", "float"] = "auto"  # auto: our grids in MatMulNBits; float: dequantized
+    head: Literal["auto", "float", "int8"] = "auto"  # int8: a float head rounded to 8 bits
+    embed: Literal["float", "int8", "head"] = "float"  # int8: one scale per row; head: the rows of
+    # a tied, quantized head's grid (no bytes of its own)
+    accuracy_level: Literal[0, 1, 2, 3, 4] = 4  # MatMulNBits: 0 float compute, 4 int8 activations
+    per_exit: bool = True  # one folder per exit that onnxruntime-genai loads as it is
+    multi: bool = False  # one folder whose single data file holds the trunk once
+    folder: Folder = None  # inside the job's output; default onnx-<int4|float32|...>
 
 
 def _export_kind(v) -> str:
-    return (v.get("format", "hf") if isinstance(v, dict) else getattr(v, "format", "hf"))
+    return v.get("format", "hf") if isinstance(v, dict) else getattr(v, "format", "hf")
 
 
-Export = Annotated[Union[Annotated[HFExport, Tag("hf")], Annotated[GGUFExport, Tag("gguf")],
-                         Annotated[ONNXExport, Tag("onnx")]],
-                   Discriminator(_export_kind)]
+Export = Annotated[
+    Union[
+        Annotated[HFExport, Tag("hf")], Annotated[GGUFExport, Tag("gguf")], Annotated[ONNXExport, Tag("onnx")]
+    ],
+    Discriminator(_export_kind),
+]
 
 
 class Eval(Strict):
@@ -209,8 +226,8 @@ class Eval(Strict):
 
 class Job(Strict):
     name: Annotated[str, AfterValidator(check_name)]
-    model: str                     # a checkpoint directory or builtin:tiny / builtin:tiny-shared
-    output: str                    # directory; relative paths are relative to the recipe file
+    model: str  # a checkpoint directory or builtin:tiny / builtin:tiny-shared
+    output: str  # directory; relative paths are relative to the recipe file
     calibration: Calibration = Calibration()
     quantize: Quantize = Quantize()
     export: list[Export] = []
@@ -223,14 +240,15 @@ class Job(Strict):
 
 class Training(Strict):
     """make-familial: how the branch layers and exit norms are trained (sources/branches.py)."""
+
     sources: list[str] = ["builtin:pydoc/train", "builtin:stdlib/train"]
-    windows: int = Field(192, ge=1)            # training windows of seq_len tokens
+    windows: int = Field(192, ge=1)  # training windows of seq_len tokens
     seq_len: int = Field(256, ge=8)
-    steps: int = Field(400, ge=3)              # optimizer steps per exit (one-cycle needs 3)
+    steps: int = Field(400, ge=3)  # optimizer steps per exit (one-cycle needs 3)
     batch: int = Field(8, ge=1)
-    lr: float = Field(1e-3, gt=0, le=1, allow_inf_nan=False)   # one-cycle peak
-    positions: int = Field(48, ge=1)           # loss positions per window and step
-    distill_weight: float = Field(0.5, ge=0, le=1, allow_inf_nan=False)   # weight of KL(last exit || exit)
+    lr: float = Field(1e-3, gt=0, le=1, allow_inf_nan=False)  # one-cycle peak
+    positions: int = Field(48, ge=1)  # loss positions per window and step
+    distill_weight: float = Field(0.5, ge=0, le=1, allow_inf_nan=False)  # weight of KL(last exit || exit)
     seed: int = Field(0, ge=0, lt=SEED_LIMIT)
 
 
@@ -247,17 +265,19 @@ def dtype_of(name: str) -> torch.dtype:
 
 class Runtime(Strict):
     """Where and how a family runs on our runtime (generate, chat, eval --runtime)."""
+
     device: Annotated[str, AfterValidator(check_device_name)] = "auto"
-    dtype: DtypeName = "bf16"      # activations, and the float side of the model
-    compile: Literal["auto", "on", "off"] = "auto"   # auto: on CUDA (with CUDA graphs)
+    dtype: DtypeName = "bf16"  # activations, and the float side of the model
+    compile: Literal["auto", "on", "off"] = "auto"  # auto: on CUDA (with CUDA graphs)
 
 
 class Sampling(Strict):
     """How tokens are picked: greedy, or a seeded draw after temperature, top-k and top-p."""
+
     max_new_tokens: int = Field(64, ge=1)
     sample: bool = False
     temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
-    top_k: int = Field(50, ge=0)   # 0: every token
+    top_k: int = Field(50, ge=0)  # 0: every token
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int = Field(0, ge=0, lt=SEED_LIMIT)
 
@@ -268,15 +288,17 @@ class Sampling(Strict):
 
 class Benchmark(Strict):
     """eval --runtime: what is timed per exit."""
-    prefill: int = Field(256, ge=1)          # prompt tokens
-    decode_tokens: int = Field(32, ge=1)     # tokens decoded
-    prompts: int = Field(1, ge=1)            # batch of prompts
-    repeats: int = Field(3, ge=1)            # timed runs (the median is reported)
+
+    prefill: int = Field(256, ge=1)  # prompt tokens
+    decode_tokens: int = Field(32, ge=1)  # tokens decoded
+    prompts: int = Field(1, ge=1)  # batch of prompts
+    repeats: int = Field(3, ge=1)  # timed runs (the median is reported)
 
 
 class Provenance(BaseModel):
     """What made a family, kept in its ruyi_quant.json (as `recipe`): the source model and the
     quantize and calibration settings; a recipe job's other keys ride along."""
+
     model_config = ConfigDict(extra="allow")
     model: str | None = None
     calibration: Calibration | None = None
@@ -334,6 +356,7 @@ def load_recipe(path: str | Path) -> tuple[Recipe, Path]:
     if not path.is_file():
         raise UserError(f"{path}: no such recipe file")
     from .errors import read_text
+
     text = read_text(path, "recipe")
     try:
         root = yaml.compose(text)
@@ -375,7 +398,9 @@ def load_recipe(path: str | Path) -> tuple[Recipe, Path]:
             if a == b or a.is_relative_to(b) or b.is_relative_to(a):
                 same = "is also" if a == b else "overlaps"
                 node = _node_at(root, ("jobs", i, "output"))
-                raise UserError(f"{path}:{node.start_mark.line + 1}: jobs[{i}].output "
-                                f"'{recipe.jobs[i].output}' {same} jobs[{k}].output "
-                                f"'{recipe.jobs[k].output}'; give every job its own output")
+                raise UserError(
+                    f"{path}:{node.start_mark.line + 1}: jobs[{i}].output "
+                    f"'{recipe.jobs[i].output}' {same} jobs[{k}].output "
+                    f"'{recipe.jobs[k].output}'; give every job its own output"
+                )
     return recipe, path.parent

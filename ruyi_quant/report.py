@@ -12,8 +12,8 @@ EVAL_COLUMNS = [
     ("Δppl %", "delta_ppl_pct", "{:+.2f}"),
     ("KL(ref‖q)", "kl", "{:.2e}"),
     ("top-1 %", "top1", "{:.2%}"),
-    ("MB ref (stored)", "bytes_ref", "mb"),        # weights as the checkpoint stores them
-    ("MB quant (stored)", "bytes_quant", "mb"),    # and as an exit runs on them
+    ("MB ref (stored)", "bytes_ref", "mb"),  # weights as the checkpoint stores them
+    ("MB quant (stored)", "bytes_quant", "mb"),  # and as an exit runs on them
 ]
 
 
@@ -40,13 +40,16 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def eval_markdown(report: dict) -> str:
-    title = f"Method `{report['method']}`, text `{report.get('source', '?')}`, " \
-            f"{report['windows'][0]} x {report['windows'][1]} tokens\n\n"
+    title = (
+        f"Method `{report['method']}`, text `{report.get('source', '?')}`, "
+        f"{report['windows'][0]} x {report['windows'][1]} tokens\n\n"
+    )
     return title + markdown_table(*eval_cells(report))
 
 
 def rich_table(title: str, headers: list[str], rows: list[list[str]]):
     from rich.table import Table
+
     table = Table(title=title)
     for i, h in enumerate(headers):
         table.add_column(h, justify="left" if i == 0 else "right")
@@ -59,6 +62,7 @@ def _pyplot():
     """matplotlib.pyplot on the file-only backend, or None when matplotlib is absent."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -95,24 +99,35 @@ def runtime_cells(report: dict) -> tuple[list[str], list[list[str]]]:
     f = report["dtype"].replace("bfloat16", "bf16").replace("float16", "fp16").replace("float32", "fp32")
     mem = "peak_device_gb" if report["rows"] and "peak_device_gb_int4" in report["rows"][0] else "peak_rss_gb"
     m = "GPU GB" if mem == "peak_device_gb" else "RSS GB"
-    cols = [("exit", "exit", "{}"), (f"ppl {f}", "ppl_float", "{:.4g}"), ("ppl int4", "ppl_int4", "{:.4g}"),
-            ("Δppl %", "delta_ppl_pct", "{:+.2f}"), ("KL", "kl", "{:.2e}"), ("top-1 %", "top1", "{:.2%}"),
-            (f"prefill/s {f}", "prefill_tok_s_float", "{:.0f}"), ("prefill/s int4", "prefill_tok_s_int4", "{:.0f}"),
-            (f"decode/s {f}", "decode_tok_s_float", "{:.1f}"), ("decode/s int4", "decode_tok_s_int4", "{:.1f}"),
-            ("decode ×", "decode_speedup", "{:.2f}"),
-            (f"{m} {f}", f"{mem}_float", "{:.2f}"), (f"{m} int4", f"{mem}_int4", "{:.2f}")]
+    cols = [
+        ("exit", "exit", "{}"),
+        (f"ppl {f}", "ppl_float", "{:.4g}"),
+        ("ppl int4", "ppl_int4", "{:.4g}"),
+        ("Δppl %", "delta_ppl_pct", "{:+.2f}"),
+        ("KL", "kl", "{:.2e}"),
+        ("top-1 %", "top1", "{:.2%}"),
+        (f"prefill/s {f}", "prefill_tok_s_float", "{:.0f}"),
+        ("prefill/s int4", "prefill_tok_s_int4", "{:.0f}"),
+        (f"decode/s {f}", "decode_tok_s_float", "{:.1f}"),
+        ("decode/s int4", "decode_tok_s_int4", "{:.1f}"),
+        ("decode ×", "decode_speedup", "{:.2f}"),
+        (f"{m} {f}", f"{mem}_float", "{:.2f}"),
+        (f"{m} int4", f"{mem}_int4", "{:.2f}"),
+    ]
     return [h for h, _, _ in cols], [[fmt(r[k], s) for _, k, s in cols] for r in report["rows"]]
 
 
 def runtime_markdown(report: dict) -> str:
     where = report["gpu"] or f"CPU, {report['threads']} threads"
-    title = (f"Int4 runtime vs {report['dtype']} on {where}: method `{report['method']}`, accuracy on "
-             f"{report['windows'][0]} x {report['windows'][1]} tokens, speed at batch {report['prompt'][0]}, "
-             f"prompt {report['prompt'][1]} tokens, {report['new_tokens']} decoded "
-             f"({'static cache + torch.compile' if report.get('compiled') else 'eager'}; median of "
-             f"{report['repeats']}); peak memory per side (load + timing; weights in memory: "
-             f"{report['weights_gb']['float']:.3f} GB {report['dtype']}, {report['weights_gb']['int4']:.3f} GB int4); "
-             "KL(float ‖ int4), tokens/s\n\n")
+    title = (
+        f"Int4 runtime vs {report['dtype']} on {where}: method `{report['method']}`, accuracy on "
+        f"{report['windows'][0]} x {report['windows'][1]} tokens, speed at batch {report['prompt'][0]}, "
+        f"prompt {report['prompt'][1]} tokens, {report['new_tokens']} decoded "
+        f"({'static cache + torch.compile' if report.get('compiled') else 'eager'}; median of "
+        f"{report['repeats']}); peak memory per side (load + timing; weights in memory: "
+        f"{report['weights_gb']['float']:.3f} GB {report['dtype']}, {report['weights_gb']['int4']:.3f} GB int4); "
+        "KL(float ‖ int4), tokens/s\n\n"
+    )
     return title + markdown_table(*runtime_cells(report))
 
 

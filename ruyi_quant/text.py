@@ -17,16 +17,16 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .errors import read_json, read_text
+from .errors import UserError, read_json, read_text
 
-SPLITS = {"train": (0, 80), "calib": (80, 90), "eval": (90, 100)}   # hash % 100 ranges
+SPLITS = {"train": (0, 80), "calib": (80, 90), "eval": (90, 100)}  # hash % 100 ranges
 CORPORA = ("pydoc", "stdlib")
 STDLIB_MAX_CHARS = 4_000_000
 
 
 def _pydoc_docs() -> dict[str, str]:
     from pydoc_data.topics import topics
+
     return {k: topics[k] for k in sorted(topics)}
 
 
@@ -74,7 +74,7 @@ def builtin_text(spec: str) -> str:
     if not split:
         return "\n\n".join(docs.values())
     earlier = ""
-    for s in SPLITS:                                     # train, calib, eval: earlier ones win
+    for s in SPLITS:  # train, calib, eval: earlier ones win
         paras = [p for k, t in docs.items() if split_of(k) == s for p in _paragraphs(t)]
         if s != "train":
             paras = [p for p in paras if p not in earlier]
@@ -91,7 +91,7 @@ def check_source(source: str, field: str = "text") -> None:
     if source.startswith("builtin:"):
         corpus, _, split = source.removeprefix("builtin:").partition("/")
         if corpus not in CORPORA or (split and split not in SPLITS):
-            builtin_text(source.removeprefix("builtin:"))      # raises the precise error
+            builtin_text(source.removeprefix("builtin:"))  # raises the precise error
         return
     if not Path(source).is_file():
         raise UserError(f"{source}: no such text file (or use builtin:pydoc/calib, builtin:stdlib/eval, ...)")
@@ -132,22 +132,24 @@ def load_tokenizer(model_dir: Path):
     """The tokenizer beside a checkpoint's weights (tokenizer.json); one that the tokenizers library
     cannot read is a UserError naming the file."""
     from transformers import PreTrainedTokenizerFast
+
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
         raise UserError(f"{model_dir}: no tokenizer.json; put the tokenizer files beside the weights")
-    read_json(path, "tokenizer")                       # UTF-8 and JSON, or one line naming the file
+    read_json(path, "tokenizer")  # UTF-8 and JSON, or one line naming the file
     for extra in ("tokenizer_config.json", "special_tokens_map.json"):
         if (Path(model_dir) / extra).is_file():
             read_json(Path(model_dir) / extra)
     try:
         return PreTrainedTokenizerFast.from_pretrained(str(model_dir))
-    except Exception as e:          # tokenizers raises plain Exception subclasses on a bad file
+    except Exception as e:  # tokenizers raises plain Exception subclasses on a bad file
         reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         raise UserError(f"{path}: the tokenizers library cannot load it ({reason})") from None
 
 
-def text_windows(tokenizer, source: str, n: int, seq_len: int, seed: int | None = None,
-                 field: str = "text") -> torch.Tensor:
+def text_windows(
+    tokenizer, source: str, n: int, seq_len: int, seed: int | None = None, field: str = "text"
+) -> torch.Tensor:
     """Windows of a text source: up to n consecutive ones from the start (evaluation), or, given a
     seed, n at random offsets (calibration, training). [n, seq_len]"""
     ids = tokenize(tokenizer, load_text(source, field))
@@ -178,7 +180,7 @@ def random_windows(ids: torch.Tensor, n: int, seq_len: int, seed: int, what: str
         raise UserError(f"{what}: only {ids.numel()} tokens, fewer than seq_len {seq_len}")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len + 1, (n,), generator=g)
-    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
 
 
 def consecutive_windows(ids: torch.Tensor, n: int, seq_len: int, what: str) -> torch.Tensor:
@@ -193,27 +195,39 @@ def consecutive_windows(ids: torch.Tensor, n: int, seq_len: int, what: str) -> t
 # Byte-level BPE pre-tokenizers, one table for every consumer that must split text the same way:
 # tokenizer.json (transformers), llama.cpp's `tokenizer.ggml.pre` name, and which transformers model
 # type loads a tokenizer.json as it is.
-# 
+#
 # transformers 5 picks a tokenizer class from the model type (`qwen2` -> `Qwen2Tokenizer`), and
 # `Qwen2Tokenizer` builds its own NFC normalizer and Qwen2 pre-tokenizer instead of reading them from
 # tokenizer.json; `llama` (and our own `ruyi_qwen2`) read tokenizer.json as written. So a Qwen2-type
 # export is only right for a tokenizer that IS Qwen2's (`reproduced_by_qwen2_tokenizer`).
 
-QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
-               r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
-                r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
+    r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
+    r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 # llama.cpp name -> tokenizer.json pre_tokenizer (the ones we write ourselves)
 PRE_TOKENIZER_JSON = {
     # SmolLM2 (llama.cpp `smollm`: `\p{N}` split off, then GPT-2's regex)
-    "smollm": {"type": "Sequence", "pretokenizers": [
-        {"type": "Digits", "individual_digits": True},
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]},
+    "smollm": {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        ],
+    },
     "gpt-2": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
-    "qwen2": {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": QWEN2_REGEX}, "behavior": "Isolated", "invert": False},
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
+    "qwen2": {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": QWEN2_REGEX}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+        ],
+    },
 }
 
 
@@ -231,8 +245,10 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
         return "smollm"
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
         return "gpt-2"
-    raise UserError(f"gguf: unknown pre-tokenizer {json.dumps(pre)[:120]}; llama.cpp would "
-                    "tokenize differently from transformers")
+    raise UserError(
+        f"gguf: unknown pre-tokenizer {json.dumps(pre)[:120]}; llama.cpp would "
+        "tokenize differently from transformers"
+    )
 
 
 def reproduced_by_qwen2_tokenizer(tokenizer_json: dict) -> bool:

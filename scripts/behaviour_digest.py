@@ -57,26 +57,55 @@ jobs:
 
 CLI = [
     ["inspect", "builtin:tiny", "--json", "cli/inspect.json"],
-    ["quantize", "builtin:tiny", "--method", "rtn", "--bits", "8", "--group-size", "32",
-     "--out", "cli/rtn8"],
-    ["quantize", "builtin:tiny-shared", "--method", "gptq", "--bits", "4", "--group-size", "32",
-     "--samples", "8", "--seq-len", "128", "--heads", "--out", "cli/gptq4"],
+    ["quantize", "builtin:tiny", "--method", "rtn", "--bits", "8", "--group-size", "32", "--out", "cli/rtn8"],
+    [
+        "quantize",
+        "builtin:tiny-shared",
+        "--method",
+        "gptq",
+        "--bits",
+        "4",
+        "--group-size",
+        "32",
+        "--samples",
+        "8",
+        "--seq-len",
+        "128",
+        "--heads",
+        "--out",
+        "cli/gptq4",
+    ],
     ["export", "cli/rtn8", "--format", "gguf", "--multi", "--out", "cli/rtn8-gguf"],
     ["export", "cli/gptq4", "--format", "gguf", "--multi", "--out", "cli/gptq4-gguf"],
     ["export", "cli/gptq4", "--format", "hf", "--out", "cli/gptq4-hf"],
-    ["export", "cli/gptq4", "--format", "hf", "--weights", "float", "--dtype", "float16",
-     "--out", "cli/gptq4-hf-fp16"],
-    ["export", "--from", "cli/gptq4-gguf/tiny-shared-family-q4_0.gguf", "--exit", "3",
-     "--out", "cli/extracted"],
-    ["eval", "builtin:tiny-shared", "cli/gptq4", "--samples", "4", "--seq-len", "64",
-     "--out", "cli/eval"],
+    [
+        "export",
+        "cli/gptq4",
+        "--format",
+        "hf",
+        "--weights",
+        "float",
+        "--dtype",
+        "float16",
+        "--out",
+        "cli/gptq4-hf-fp16",
+    ],
+    [
+        "export",
+        "--from",
+        "cli/gptq4-gguf/tiny-shared-family-q4_0.gguf",
+        "--exit",
+        "3",
+        "--out",
+        "cli/extracted",
+    ],
+    ["eval", "builtin:tiny-shared", "cli/gptq4", "--samples", "4", "--seq-len", "64", "--out", "cli/eval"],
 ]
 
 
 def _strip(obj):
     if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in obj.items()
-                if k not in VOLATILE and not k.endswith("_seconds")}
+        return {k: _strip(v) for k, v in obj.items() if k not in VOLATILE and not k.endswith("_seconds")}
     if isinstance(obj, list):
         return [_strip(v) for v in obj]
     return obj
@@ -94,12 +123,14 @@ def digest_file(path: Path, root: Path) -> str:
 
 
 def digest_tree(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): digest_file(p, root)
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): digest_file(p, root) for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def run_all(work: Path, demo: bool) -> dict[str, str]:
     from ruyi_quant.cli import main
+
     (work / "tiny.yaml").write_text(TINY_RECIPE)
     assert main(["run", str(work / "tiny.yaml")]) == 0
     (work / "cli").mkdir()

@@ -21,10 +21,10 @@ import torch
 
 from ruyi_quant import text as data
 from ruyi_quant.evaluate import exit_perplexities
+from ruyi_quant.recipe import Training
 from ruyi_quant.runtime.generate import greedy_chat
 from ruyi_quant.sources import branches, ruyi_mini, smollm2
 from ruyi_quant.store.checkpoint import load_model
-from ruyi_quant.recipe import Training
 from ruyi_quant.text import load_tokenizer
 
 
@@ -32,20 +32,25 @@ def measure(asset: Path, eval_windows: int, seq_len: int) -> dict:
     """What users get: the asset assembled as builtin:ruyi-mini is, bf16 perplexity of every exit
     on held-out pydoc text, and every exit's greedy answer to one chat prompt."""
     import tempfile
+
     with tempfile.TemporaryDirectory() as d:
         ruyi_mini.assemble_ruyi_mini(Path(d) / "m", asset=asset)
         m = load_model(Path(d) / "m", torch.bfloat16)
         tok = load_tokenizer(Path(d) / "m")
         ev = data.text_windows(tok, "builtin:pydoc/eval", eval_windows, seq_len)
-        return {"eval": {"source": "builtin:pydoc/eval", "windows": list(ev.shape)},
-                "ppl_bf16": {e: round(p, 2) for e, p in exit_perplexities(m, ev).items()},
-                "chat": {e: greedy_chat(m, tok, "What is the capital of France?", exit=e)
-                         for e in ruyi_mini.RUYI_MINI_EXITS}}
+        return {
+            "eval": {"source": "builtin:pydoc/eval", "windows": list(ev.shape)},
+            "ppl_bf16": {e: round(p, 2) for e, p in exit_perplexities(m, ev).items()},
+            "chat": {
+                e: greedy_chat(m, tok, "What is the capital of France?", exit=e)
+                for e in ruyi_mini.RUYI_MINI_EXITS
+            },
+        }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = Training()                       # the defaults `ruyi-quant make-familial` uses too
+    d = Training()  # the defaults `ruyi-quant make-familial` uses too
     ap.add_argument("--steps", type=int, default=d.steps)
     ap.add_argument("--windows", type=int, default=d.windows, help="training windows of --seq-len tokens")
     ap.add_argument("--seq-len", type=int, default=d.seq_len)
@@ -68,17 +73,36 @@ def main() -> None:
     tok = load_tokenizer(plain_dir)
     fam = branches.make_familial(load_model(plain_dir), list(ruyi_mini.RUYI_MINI_EXITS), shared_heads=True)
     train = branches.training_windows(tok, a.windows, a.seq_len, a.seed)
-    report = branches.train_branches(fam, train, steps=a.steps, batch=a.batch, lr=a.lr,
-                                    positions=a.positions, seed=a.seed, distill_weight=a.distill)
-    meta = {"exits": list(ruyi_mini.RUYI_MINI_EXITS), "shared_heads": True,
-            "train": {k: getattr(a, k) for k in ("steps", "windows", "seq_len", "positions", "batch",
-                                                 "lr", "distill", "seed")},
-            "train_sources": list(branches.TRAIN_SOURCES)}
+    report = branches.train_branches(
+        fam,
+        train,
+        steps=a.steps,
+        batch=a.batch,
+        lr=a.lr,
+        positions=a.positions,
+        seed=a.seed,
+        distill_weight=a.distill,
+    )
+    meta = {
+        "exits": list(ruyi_mini.RUYI_MINI_EXITS),
+        "shared_heads": True,
+        "train": {
+            k: getattr(a, k)
+            for k in ("steps", "windows", "seq_len", "positions", "batch", "lr", "distill", "seed")
+        },
+        "train_sources": list(branches.TRAIN_SOURCES),
+    }
     ruyi_mini.save_branches(fam, a.asset, meta)
     out = a.asset.with_suffix(".json")
-    summary = {**meta, "train_seconds": round(time.time() - t0, 1), "cache_seconds": round(report["cache_s"], 1),
-               "final_ce": {e: round(sum(r["loss"][-20:]) / len(r["loss"][-20:]), 3) for e, r in report["exits"].items()},
-               "asset_bytes": a.asset.stat().st_size}
+    summary = {
+        **meta,
+        "train_seconds": round(time.time() - t0, 1),
+        "cache_seconds": round(report["cache_s"], 1),
+        "final_ce": {
+            e: round(sum(r["loss"][-20:]) / len(r["loss"][-20:]), 3) for e, r in report["exits"].items()
+        },
+        "asset_bytes": a.asset.stat().st_size,
+    }
     summary.update(measure(a.asset, a.eval_windows, a.seq_len))
     out.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     print(json.dumps(summary, indent=2, ensure_ascii=False))

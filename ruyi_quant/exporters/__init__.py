@@ -31,9 +31,9 @@ from ..recipe import GGUFExport, HFExport, ONNXExport
 @dataclass(frozen=True)
 class Format:
     name: str
-    module: str                            # implements check, export, folder, written
-    settings: type                         # its recipe settings
-    needs: tuple[str, ...] = ()            # optional packages (the `onnx` extra)
+    module: str  # implements check, export, folder, written
+    settings: type  # its recipe settings
+    needs: tuple[str, ...] = ()  # optional packages (the `onnx` extra)
 
     def impl(self, what: str | None = None):
         """The format's module; a missing optional package is one line (`what` needs it)."""
@@ -44,8 +44,9 @@ class Format:
     def check(self, target: Target, ex) -> None:
         self.impl().check(target, ex)
 
-    def export(self, fam, out_root: Path, tokenizer_dir: Path, ex, progress: bool = True,
-               calibration=None) -> dict:
+    def export(
+        self, fam, out_root: Path, tokenizer_dir: Path, ex, progress: bool = True, calibration=None
+    ) -> dict:
         return self.impl().export(fam, Path(out_root), tokenizer_dir, ex, progress, calibration)
 
     def folder(self, fam, ex) -> str:
@@ -62,8 +63,7 @@ FORMATS = {
 }
 
 
-def export(fam, out_root: Path, tokenizer_dir: Path, ex, progress: bool = True,
-           calibration=None) -> dict:
+def export(fam, out_root: Path, tokenizer_dir: Path, ex, progress: bool = True, calibration=None) -> dict:
     """Write the export `ex` (any format's settings) of a family into out_root."""
     return get(ex.format).export(fam, out_root, tokenizer_dir, ex, progress, calibration)
 
@@ -78,24 +78,30 @@ def get(name: str, flag: str = "--format") -> Format:
 class Target:
     """What an export is made from, as far as its checks need to know: the model's config and, per
     module to be quantized, its grid, its input width and the group of each input column."""
-    config: object                         # model.config.FamilialConfig
+
+    config: object  # model.config.FamilialConfig
     plan: dict[str, QuantSpec]
     widths: dict[str, int]
-    act_order: tuple[str, ...]             # modules whose groups do not ascend
-    groups: object                         # module -> g_idx [K] (called when a check needs it)
+    act_order: tuple[str, ...]  # modules whose groups do not ascend
+    groups: object  # module -> g_idx [K] (called when a check needs it)
 
     @classmethod
     def of_family(cls, fam) -> Target:
-        return cls(fam.config, fam.modules, {m: fam.linear_shape(m)[1] for m in fam.grids},
-                   tuple(m for m, g in fam.grids.items() if g.act_order),
-                   lambda m: fam.grids[m].g_idx)
+        return cls(
+            fam.config,
+            fam.modules,
+            {m: fam.linear_shape(m)[1] for m in fam.grids},
+            tuple(m for m, g in fam.grids.items() if g.act_order),
+            lambda m: fam.grids[m].g_idx,
+        )
 
     @classmethod
-    def planned(cls, config, plan: dict[str, QuantSpec], widths: dict[str, int],
-                act_order: bool) -> Target:
+    def planned(cls, config, plan: dict[str, QuantSpec], widths: dict[str, int], act_order: bool) -> Target:
         """A job's plan before it runs: act-order groups are some permutation of the columns."""
+
         def groups(m: str) -> torch.Tensor:
             k = widths[m]
             gs = plan[m].group_size if plan[m].group_size > 0 else k
             return (torch.randperm(k) if act_order else torch.arange(k)) // gs
+
         return cls(config, plan, widths, tuple(plan) if act_order else (), groups)

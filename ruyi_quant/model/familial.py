@@ -14,18 +14,16 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache, StaticCache
 from transformers.masking_utils import create_causal_mask
-from transformers.models.qwen2.modeling_qwen2 import (Qwen2DecoderLayer, Qwen2RMSNorm,
-                                                      Qwen2RotaryEmbedding)
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
 
-from . import layout
 from ..errors import UserError
-from .. import names
+from . import layout
 from .config import FamilialConfig
 
 
 @dataclass
 class ExitOutput:
-    logits: torch.Tensor              # [B, T, V]
+    logits: torch.Tensor  # [B, T, V]
     cache: DynamicCache | None = None
 
 
@@ -75,7 +73,7 @@ class FamilialModel(nn.Module):
     # --- forward -------------------------------------------------------------------------
     def prepare(self, input_ids, attention_mask=None, position_ids=None, cache=None):
         """Embeddings [B, T, H] and what every layer takes besides them (mask, positions, rope)."""
-        x = self.model.embed_tokens(input_ids)                                   # [B, T, H]
+        x = self.model.embed_tokens(input_ids)  # [B, T, H]
         return x, self.layer_kwargs(x, attention_mask, position_ids, cache)
 
     def layer_kwargs(self, x, attention_mask=None, position_ids=None, cache=None) -> dict:
@@ -83,15 +81,26 @@ class FamilialModel(nn.Module):
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(x.shape[1], device=x.device) + past).unsqueeze(0)
-        mask = create_causal_mask(config=self.hf_config, inputs_embeds=x, attention_mask=attention_mask,
-                                  cache=cache, position_ids=position_ids)
+        mask = create_causal_mask(
+            config=self.hf_config,
+            inputs_embeds=x,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
         rope = self.model.rotary_emb(x, position_ids)
         return dict(attention_mask=mask, position_ids=position_ids, position_embeddings=rope)
 
-    def forward(self, input_ids: torch.Tensor, exit: int | None = None,
-                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                cache: DynamicCache | None = None, use_cache: bool = False,
-                logits_to_keep: int = 0) -> ExitOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        exit: int | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: DynamicCache | None = None,
+        use_cache: bool = False,
+        logits_to_keep: int = 0,
+    ) -> ExitOutput:
         """Logits of one exit (given by its layer index; None/-1 = the default exit); of the last
         `logits_to_keep` positions only when it is > 0 (generation: the head of a big vocabulary
         over a whole prompt is memory and time nothing reads)."""
@@ -114,24 +123,24 @@ class FamilialModel(nn.Module):
         return ExitOutput(logits=logits, cache=cache)
 
     @torch.no_grad()
-    def forward_exits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      exits: list[int] | None = None) -> dict[int, torch.Tensor]:
+    def forward_exits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        exits: list[int] | None = None,
+    ) -> dict[int, torch.Tensor]:
         """Logits of several exits from one pass of the shared trunk (no cache)."""
         want = set(self.config.exits if exits is None else exits)
         for e in want:
             self.config.exit_index(e)
         x, kw = self.prepare(input_ids, attention_mask)
         out = {}
-        last = max(want)
-        for step in self.config.walk():
-            if step.layer > last:
-                break
+        for step in self.config.walk(sorted(want)):
             if step.kind == "exit":
-                if step.layer in want:
-                    h = self.get_submodule(step.prefix)(x, **kw)
-                    out[step.layer] = self.head(step.j)(self.model.norms[step.j](h))
-            elif step.layer < last:
-                x = self.model.layers[step.layer](x, **kw)
+                h = self.get_submodule(step.prefix)(x, **kw)
+                out[step.layer] = self.head(step.j)(self.model.norms[step.j](h))
+            else:
+                x = self.get_submodule(step.prefix)(x, **kw)
         return out
 
 
@@ -160,4 +169,3 @@ def materialise(model: FamilialModel, state: dict[str, torch.Tensor]) -> Familia
     if left:
         raise AssertionError(f"not loaded: {left[:3]}")
     return model.eval()
-

@@ -19,12 +19,13 @@ from .. import names
 class Linear:
     """One linear of a decoder layer. Sizes by name: `hidden`, `q` (heads x head_dim), `kv`
     (key/value heads x head_dim), `intermediate`."""
-    name: str                  # module path inside the layer
-    bias: bool                 # Qwen2's q/k/v carry one (a Llama layer: zeros, which is exact)
-    rows: str                  # output features
-    cols: str                  # input features
-    clip: bool = True          # AWQ's clipping search (not q/k: it hurts attention, as AutoAWQ)
-    rope: bool = False         # rotary rows (q/k): llama.cpp's llama layout interleaves them
+
+    name: str  # module path inside the layer
+    bias: bool  # Qwen2's q/k/v carry one (a Llama layer: zeros, which is exact)
+    rows: str  # output features
+    cols: str  # input features
+    clip: bool = True  # AWQ's clipping search (not q/k: it hurts attention, as AutoAWQ)
+    rope: bool = False  # rotary rows (q/k): llama.cpp's llama layout interleaves them
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,10 @@ class Group:
     """Linears that read the same input, in the order a layer computes them: calibration quantizes
     one group, then captures the next group's inputs through the quantized ones; AWQ scales the
     group's input columns and folds the inverse into `reads`, the op that feeds them."""
+
     reads: str
     linears: tuple[Linear, ...]
-    fused: str | None = None   # the group as one matmul (ONNX's qkv and gate-up projections)
+    fused: str | None = None  # the group as one matmul (ONNX's qkv and gate-up projections)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -42,17 +44,27 @@ class Group:
 
 
 DECODER_LAYER = (
-    Group("input_layernorm", (Linear("self_attn.q_proj", True, "q", "hidden", clip=False, rope=True),
-                              Linear("self_attn.k_proj", True, "kv", "hidden", clip=False, rope=True),
-                              Linear("self_attn.v_proj", True, "kv", "hidden")),
-          fused="self_attn.qkv_proj"),
+    Group(
+        "input_layernorm",
+        (
+            Linear("self_attn.q_proj", True, "q", "hidden", clip=False, rope=True),
+            Linear("self_attn.k_proj", True, "kv", "hidden", clip=False, rope=True),
+            Linear("self_attn.v_proj", True, "kv", "hidden"),
+        ),
+        fused="self_attn.qkv_proj",
+    ),
     Group("self_attn.v_proj", (Linear("self_attn.o_proj", False, "hidden", "q"),)),
-    Group("post_attention_layernorm", (Linear("mlp.gate_proj", False, "intermediate", "hidden"),
-                                       Linear("mlp.up_proj", False, "intermediate", "hidden")),
-          fused="mlp.gate_up_proj"),
+    Group(
+        "post_attention_layernorm",
+        (
+            Linear("mlp.gate_proj", False, "intermediate", "hidden"),
+            Linear("mlp.up_proj", False, "intermediate", "hidden"),
+        ),
+        fused="mlp.gate_up_proj",
+    ),
     Group("mlp.up_proj", (Linear("mlp.down_proj", False, "hidden", "intermediate"),)),
 )
-LAYER_LINEARS = {lin.name: lin for g in DECODER_LAYER for lin in g.linears}   # execution order
+LAYER_LINEARS = {lin.name: lin for g in DECODER_LAYER for lin in g.linears}  # execution order
 LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
 SEQUENTIAL_GROUPS = tuple(g.names for g in DECODER_LAYER)
 BIASES = tuple(f"{lin.name}.bias" for lin in LAYER_LINEARS.values() if lin.bias)
@@ -62,9 +74,12 @@ def layer_shapes(raw: dict) -> dict[str, tuple[int, ...]]:
     """Every tensor of one decoder layer (names inside the layer) -> its shape, from config.json."""
     h = raw["hidden_size"]
     head_dim = raw.get("head_dim") or h // raw["num_attention_heads"]
-    size = {"hidden": h, "intermediate": raw["intermediate_size"],
-            "q": head_dim * raw["num_attention_heads"],
-            "kv": head_dim * raw.get("num_key_value_heads", raw["num_attention_heads"])}
+    size = {
+        "hidden": h,
+        "intermediate": raw["intermediate_size"],
+        "q": head_dim * raw["num_attention_heads"],
+        "kv": head_dim * raw.get("num_key_value_heads", raw["num_attention_heads"]),
+    }
     out = {}
     for lin in LAYER_LINEARS.values():
         out[f"{lin.name}.weight"] = (size[lin.rows], size[lin.cols])
@@ -135,10 +150,11 @@ def head_prefix(shared_heads: bool, j: int) -> str:
 @dataclass(frozen=True)
 class Step:
     """One layer of the family's walk: a trunk layer, or an exit's branch layer."""
-    kind: str                  # "trunk" | "exit"
-    layer: int                 # trunk layer i; for an exit, its layer e (it reads layer e's input)
-    prefix: str                # module prefix of the layer that runs
-    j: int = -1                # exit position (exits only)
+
+    kind: str  # "trunk" | "exit"
+    layer: int  # trunk layer i; for an exit, its layer e (it reads layer e's input)
+    prefix: str  # module prefix of the layer that runs
+    j: int = -1  # exit position (exits only)
 
 
 def walk(exits: list[int], num_layers: int, want: list[int] | None = None):
@@ -156,7 +172,7 @@ def walk(exits: list[int], num_layers: int, want: list[int] | None = None):
 
 
 # --- each exit as a plain model ------------------------------------------------------------
-EXIT_FOLDER = "exit-{e}"       # an export's folder (or multi-exit graph stem) of exit e
+EXIT_FOLDER = "exit-{e}"  # an export's folder (or multi-exit graph stem) of exit e
 
 
 def exit_folder(e: int) -> str:
@@ -174,12 +190,13 @@ def folder_exit(name: str) -> int | None:
 class ExitMap:
     """Exit j as a plain Qwen2 model of e+1 layers: trunk layers 0..e-1, then the branch layer as
     layer e, the exit's norm as the final norm, its head as lm_head."""
+
     j: int
-    layer: int                 # e
-    branch: str                # module prefixes in the family
+    layer: int  # e
+    branch: str  # module prefixes in the family
     norm: str
     head: str
-    modules: dict              # familial module prefix -> plain module prefix
+    modules: dict  # familial module prefix -> plain module prefix
 
     def rename(self, name: str) -> str | None:
         """A familial tensor name -> its name in this exit's plain model (None: not in it)."""
@@ -193,6 +210,5 @@ def exit_map(exits: list[int], num_layers: int, shared_heads: bool, j: int) -> E
     modules = {names.EMBED: names.EMBED}
     for i in range(e):
         modules[names.TRUNK_LAYER.format(i=i)] = names.PLAIN_LAYER.format(i=i)
-    modules.update({branch: names.PLAIN_LAYER.format(i=e), norm: names.PLAIN_NORM,
-                    head: names.PLAIN_HEAD})
+    modules.update({branch: names.PLAIN_LAYER.format(i=e), norm: names.PLAIN_NORM, head: names.PLAIN_HEAD})
     return ExitMap(j, e, branch, norm, head, modules)

@@ -15,16 +15,15 @@ from __future__ import annotations
 import torch
 
 from ..model import layout
-from .. import names
 from .calibrate import store
-from .walk import capture_inputs, capture_many
 from .plan import QuantSpec
 from .rtn import fake_quantize, rtn_quantize
+from .walk import capture_inputs, capture_many
 
 # (feeding op, linears it feeds) per layer, in the order the layer computes them (model/layout.py)
 MAPPINGS = {"qwen2": tuple((g.reads, g.names) for g in layout.DECODER_LAYER)}
 NO_CLIP = tuple(n for n, lin in layout.LAYER_LINEARS.items() if not lin.clip)
-CLIP_TOKENS = 512                                     # activation rows per clipping search (as AutoAWQ)
+CLIP_TOKENS = 512  # activation rows per clipping search (as AutoAWQ)
 
 
 def sample_rows(x: torch.Tensor, max_tokens: int, seed: int = 0) -> torch.Tensor:
@@ -36,8 +35,9 @@ def sample_rows(x: torch.Tensor, max_tokens: int, seed: int = 0) -> torch.Tensor
     return x[torch.randperm(x.shape[0], generator=g)[:max_tokens].to(x.device)]
 
 
-def search_scales(x: torch.Tensor, ws: list[torch.Tensor], spec: QuantSpec, n_grid: int = 20,
-                  chunk: int = 1 << 27):
+def search_scales(
+    x: torch.Tensor, ws: list[torch.Tensor], spec: QuantSpec, n_grid: int = 20, chunk: int = 1 << 27
+):
     """x [m, K], ws: weights [N_i, K] sharing that input -> (s [K], best r, loss per r).
 
     loss(r) = sum_i ||x W_i^T - (x/s) Q(W_i s)^T||^2 / numel. No scaling (s = 1, r = None) is a
@@ -47,14 +47,15 @@ def search_scales(x: torch.Tensor, ws: list[torch.Tensor], spec: QuantSpec, n_gr
     k = ws[0].shape[1]
     n = sum(w.shape[0] for w in ws)
     rows = max(1, chunk // k)
-    parts = [w[r:r + rows] for w in ws for r in range(0, w.shape[0], rows)]
-    one = n * k <= chunk                   # small enough: the whole weight at once
+    parts = [w[r : r + rows] for w in ws for r in range(0, w.shape[0], rows)]
+    one = n * k <= chunk  # small enough: the whole weight at once
     gs = spec.width(k)
     pad = -k % gs
 
-    def norm_mean(w):                      # sum over rows of |w| / its group's max
+    def norm_mean(w):  # sum over rows of |w| / its group's max
         wg = torch.nn.functional.pad(w.float().abs(), (0, pad)).reshape(w.shape[0], -1, gs)
         return (wg / wg.amax(-1, keepdim=True).clamp(min=1e-8)).reshape(w.shape[0], -1)[:, :k]
+
     if one:
         w = torch.cat([w.float() for w in ws])
         w_mean = norm_mean(w).mean(0)
@@ -64,7 +65,7 @@ def search_scales(x: torch.Tensor, ws: list[torch.Tensor], spec: QuantSpec, n_gr
 
     ref = x @ w.t() if one else None
 
-    def loss_of(s):                        # s None: plain rounding
+    def loss_of(s):  # s None: plain rounding
         if one:
             q = fake_quantize(w, spec) if s is None else fake_quantize(w * s, spec) / s
             return (x @ q.t() - ref).pow(2).mean().item()
@@ -74,6 +75,7 @@ def search_scales(x: torch.Tensor, ws: list[torch.Tensor], spec: QuantSpec, n_gr
             q = fake_quantize(wf, spec) if s is None else fake_quantize(wf * s, spec) / s
             total += (x @ (q - wf).t()).pow(2).sum().item()
         return total / (x.shape[0] * n)
+
     losses, best, best_s = [], None, torch.ones(k, device=x.device)
     identity = loss_of(None)
     for i in range(n_grid):
@@ -88,20 +90,26 @@ def search_scales(x: torch.Tensor, ws: list[torch.Tensor], spec: QuantSpec, n_gr
     return best_s, best / n_grid, losses
 
 
-def search_clip(x: torch.Tensor, w: torch.Tensor, spec: QuantSpec, n_grid: int = 20,
-                max_shrink: float = 0.5, rows_per_chunk: int = 1024) -> torch.Tensor:
+def search_clip(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    spec: QuantSpec,
+    n_grid: int = 20,
+    max_shrink: float = 0.5,
+    rows_per_chunk: int = 1024,
+) -> torch.Tensor:
     """Best symmetric clipping range per (output row, group): max|w| times a shrink factor in
     [1 - max_shrink, 1] that minimises the group's share of the output error. -> [N, G]"""
     n, k = w.shape
     gs = spec.width(k)
     pad = -k % gs
-    xg = torch.nn.functional.pad(x, (0, pad)).reshape(x.shape[0], -1, gs)     # [m, G, gs]
+    xg = torch.nn.functional.pad(x, (0, pad)).reshape(x.shape[0], -1, gs)  # [m, G, gs]
     best_max = []
     for r0 in range(0, n, rows_per_chunk):
-        wc = torch.nn.functional.pad(w[r0:r0 + rows_per_chunk].float(), (0, pad))
-        wg = wc.reshape(wc.shape[0], -1, gs)                                  # [n, G, gs]
-        ref = torch.einsum("mgc,ngc->mng", xg, wg)                            # [m, n, G]
-        org_max = wg.abs().amax(-1)                                           # [n, G]
+        wc = torch.nn.functional.pad(w[r0 : r0 + rows_per_chunk].float(), (0, pad))
+        wg = wc.reshape(wc.shape[0], -1, gs)  # [n, G, gs]
+        ref = torch.einsum("mgc,ngc->mng", xg, wg)  # [m, n, G]
+        org_max = wg.abs().amax(-1)  # [n, G]
         best_err = torch.full_like(org_max, float("inf"))
         chunk_best = org_max.clone()
         for i in range(int(max_shrink * n_grid)):
@@ -123,15 +131,17 @@ def apply_clip(w: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec) -> torch
     return torch.maximum(torch.minimum(w.float(), bound), -bound)
 
 
-CLIP_ROWS = 4096          # rows clipped and rounded at a time: no clipped float copy of a whole head
+CLIP_ROWS = 4096  # rows clipped and rounded at a time: no clipped float copy of a whole head
 
 
 def clipped_rtn(w: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec, rows: int = CLIP_ROWS):
     """rtn_quantize(apply_clip(w, max_val, spec), spec), `rows` output rows at a time. Both work
     row by row, so the grid is the same bit for bit; whole, a Ruyi head's clipping made four
     float32 [N, K] temporaries (2.2 GB each) beside the head."""
-    parts = [rtn_quantize(apply_clip(w[r:r + rows], max_val[r:r + rows], spec), spec)
-             for r in range(0, w.shape[0], rows)]
+    parts = [
+        rtn_quantize(apply_clip(w[r : r + rows], max_val[r : r + rows], spec), spec)
+        for r in range(0, w.shape[0], rows)
+    ]
     if len(parts) == 1:
         return parts[0]
     q, scales, zeros = (torch.cat([p[i] for p in parts], 1) for i in range(3))
@@ -140,8 +150,9 @@ def clipped_rtn(w: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec, rows: i
 
 def fold(prev, s: torch.Tensor) -> None:
     """Divide the output channels of the feeding op (an RMSNorm or a linear) by s."""
-    prev.weight.data = (prev.weight.float() / (s if prev.weight.dim() == 1 else s.unsqueeze(1))
-                        ).to(prev.weight.dtype)
+    prev.weight.data = (prev.weight.float() / (s if prev.weight.dim() == 1 else s.unsqueeze(1))).to(
+        prev.weight.dtype
+    )
     if getattr(prev, "bias", None) is not None:
         prev.bias.data = (prev.bias.float() / s).to(prev.bias.dtype)
 
@@ -153,16 +164,23 @@ def scale_columns(linear, s: torch.Tensor) -> None:
 class AWQ:
     """The calibration method (see calibrate.py)."""
 
-    def __init__(self, n_grid: int = 20, max_shrink: float = 0.5, max_tokens: int = 2048,
-                 clip: bool = True, arch: str = "qwen2"):
+    def __init__(
+        self,
+        n_grid: int = 20,
+        max_shrink: float = 0.5,
+        max_tokens: int = 2048,
+        clip: bool = True,
+        arch: str = "qwen2",
+    ):
         self.n_grid, self.max_shrink, self.max_tokens, self.clip = n_grid, max_shrink, max_tokens, clip
         self.mappings = MAPPINGS[arch]
         self.heads: dict[str, list[torch.Tensor]] = {}
         self.head_norms: dict[str, list] = {}
         self.ratios: dict[str, float] = {}
 
-    def quantize_linear(self, linear, name: str, x: torch.Tensor, spec: QuantSpec, fam,
-                        clip: bool = True) -> None:
+    def quantize_linear(
+        self, linear, name: str, x: torch.Tensor, spec: QuantSpec, fam, clip: bool = True
+    ) -> None:
         w = linear.weight.detach().float()
         if self.clip and clip:
             xc = x[:: max(1, x.shape[0] // CLIP_TOKENS)][:CLIP_TOKENS]
@@ -178,15 +196,20 @@ class AWQ:
             lins = [layer.get_submodule(n) for n in lin_names]
             prev = layer.get_submodule(prev_name)
             if not all(f"{prefix}.{n}" in plan for n in lin_names):
-                continue                     # a skipped linear: no scaling for its pair
+                continue  # a skipped linear: no scaling for its pair
             if prev.weight.shape[0] != lins[0].in_features:
-                continue                     # v -> o under GQA: shapes do not fit
+                continue  # v -> o under GQA: shapes do not fit
             pairs.append((prev_name, lin_names, prev, lins))
         # folding one pair leaves the float outputs of every linear unchanged, so the inputs of
         # all pairs can be captured in one pass before any folding
         captured: dict[str, list] = {p[1][0]: [] for p in pairs}
-        capture_many(layer, {n: layer.get_submodule(n) for n in captured}, xs, kw,
-                     lambda key, x: captured[key].append(x.reshape(-1, x.shape[-1])))
+        capture_many(
+            layer,
+            {n: layer.get_submodule(n) for n in captured},
+            xs,
+            kw,
+            lambda key, x: captured[key].append(x.reshape(-1, x.shape[-1])),
+        )
         for prev_name, lin_names, prev, lins in pairs:
             x = sample_rows(torch.cat(captured.pop(lin_names[0])), self.max_tokens)
             spec = plan[f"{prefix}.{lin_names[0]}"]
@@ -201,12 +224,19 @@ class AWQ:
             if not mods:
                 continue
             rows: list[torch.Tensor] = []
-            capture_inputs(layer, layer.get_submodule(mods[0]), xs, kw,
-                           lambda x: rows.append(x.reshape(-1, x.shape[-1])))
+            capture_inputs(
+                layer, layer.get_submodule(mods[0]), xs, kw, lambda x: rows.append(x.reshape(-1, x.shape[-1]))
+            )
             x = sample_rows(torch.cat(rows), self.max_tokens)
             for m in mods:
-                self.quantize_linear(layer.get_submodule(m), f"{prefix}.{m}", x, plan[f"{prefix}.{m}"],
-                                     fam, clip=m not in NO_CLIP)
+                self.quantize_linear(
+                    layer.get_submodule(m),
+                    f"{prefix}.{m}",
+                    x,
+                    plan[f"{prefix}.{m}"],
+                    fam,
+                    clip=m not in NO_CLIP,
+                )
 
     def observe_head(self, name: str, x: torch.Tensor, norm=None) -> None:
         self.heads.setdefault(name, []).append(sample_rows(x, self.max_tokens))
@@ -218,7 +248,7 @@ class AWQ:
         x = sample_rows(torch.cat(self.heads.pop(name)), self.max_tokens)
         norms = self.head_norms.pop(name, [])
         spec = plan[name]
-        if norms:                            # norm(s) -> head smoothing, folded into every norm
+        if norms:  # norm(s) -> head smoothing, folded into every norm
             s, r, _ = search_scales(x, [head.weight], spec, self.n_grid)
             self.ratios[name] = r
             for norm in norms:

@@ -22,13 +22,12 @@ from contextlib import closing
 
 import torch
 
-from ..model.layout import head_prefix, is_head
 from .. import names
 from ..errors import UserError
+from ..model.layout import head_prefix, is_head
 from .family import QuantizedFamily
 from .grid import Grid
 from .walk import Walk, should_offload
-
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +44,18 @@ def pick_device(device: str | None, flag: str = "--device") -> torch.device:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             build = "a CPU-only build" if torch.version.cuda is None else "no GPU visible"
-            raise UserError(f"{flag} {device}: CUDA is not available here (torch {torch.__version__}, "
-                            f"{build}); use --device cpu or auto")
+            raise UserError(
+                f"{flag} {device}: CUDA is not available here (torch {torch.__version__}, "
+                f"{build}); use --device cpu or auto"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UserError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA "
-                            f"device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1})")
+            raise UserError(
+                f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA "
+                f"device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1})"
+            )
     elif dev.type != "cpu":
         raise UserError(f"{flag} {device}: ruyi-quant computes on cpu or cuda")
     return dev
-
-
-
-
-
-
 
 
 def store(fam: QuantizedFamily, linear, name: str, spec, q, scales, zeros, g_idx) -> None:
@@ -66,29 +63,40 @@ def store(fam: QuantizedFamily, linear, name: str, spec, q, scales, zeros, g_idx
     compute device, where the grid was made). A head's output feeds nothing once it is quantized,
     so a head keeps its float weight (Ruyi's: no 2.2 GB dequantized copy)."""
     from .pack import dequantize
+
     fam.set_quantized(name, Grid.make(q, scales, zeros, g_idx, spec))
     if is_head(name):
         return
     # a new tensor, not an in-place copy: tensors shared with a reference family stay intact
-    linear.weight.data = dequantize(q.to(torch.uint8), scales.half(), zeros.to(torch.uint8),
-                                    g_idx.to(linear.weight.device)).to(linear.weight.dtype)
-
-
-
-
+    linear.weight.data = dequantize(
+        q.to(torch.uint8), scales.half(), zeros.to(torch.uint8), g_idx.to(linear.weight.device)
+    ).to(linear.weight.dtype)
 
 
 def check_tokens(plan: dict, model, tokens: int) -> None:
     widest = max((model.get_submodule(m).in_features for m in plan), default=0)
     if tokens < widest:
-        log.warning(f"calibration has {tokens} tokens, fewer than the widest layer's {widest} input "
-             f"columns: its Hessian is singular; use at least {widest} tokens (samples x seq_len)")
+        log.warning(
+            f"calibration has {tokens} tokens, fewer than the widest layer's {widest} input "
+            f"columns: its Hessian is singular; use at least {widest} tokens (samples x seq_len)"
+        )
 
 
 @torch.no_grad()
-def calibrate(source, plan: dict, windows: torch.Tensor, method, *, batch: int = 8,
-              device: str | None = None, progress: bool = True, desc: str = "calibrate",
-              layout: str = "gptq", offload: bool | None = None, spill=None) -> QuantizedFamily:
+def calibrate(
+    source,
+    plan: dict,
+    windows: torch.Tensor,
+    method,
+    *,
+    batch: int = 8,
+    device: str | None = None,
+    progress: bool = True,
+    desc: str = "calibrate",
+    layout: str = "gptq",
+    offload: bool | None = None,
+    spill=None,
+) -> QuantizedFamily:
     """Quantize every module of `plan` with `method`. `source` is a float family (a lazy one is
     read layer by layer) or a FamilialModel (left unchanged). Returns the quantized family, its
     grids stored in `layout` (gptq | awq), seconds per layer in stats["layer_seconds"].
@@ -139,14 +147,15 @@ def calibrate(source, plan: dict, windows: torch.Tensor, method, *, batch: int =
         method.finish_head(head_name, w.load(head_name), plan, fam)
         keep(head_name)
 
-    with closing(walk.steps(before=quantize_layer, drop=lambda s: keep(s.prefix),
-                            progress=progress, desc=desc)) as steps:
+    with closing(
+        walk.steps(before=quantize_layer, drop=lambda s: keep(s.prefix), progress=progress, desc=desc)
+    ) as steps:
         for step, out in steps:
             if step.kind == "exit":
-                run_head(step.j, out)             # the trunk goes on from its own layer's output
+                run_head(step.j, out)  # the trunk goes on from its own layer's output
     if cfg.shared_heads and heads_seen:
         timed(names.SHARED_HEAD, lambda: finish_head(names.SHARED_HEAD))
-    for j in range(len(cfg.exits)):          # exit norms: AWQ folds head scales into them
+    for j in range(len(cfg.exits)):  # exit norms: AWQ folds head scales into them
         keep(names.EXIT_NORM.format(j=j))
     fam.stats["layer_seconds"] = seconds
     if dev.type == "cuda":

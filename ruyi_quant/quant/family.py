@@ -1,5 +1,5 @@
 """A (possibly quantized) family in memory: float tensors by Ruyi's names, and a Grid for each
-quantized linear. What quantizers produce and every exporter reads; checkpoint.py writes and
+quantized linear. What quantizers produce and every exporter reads; store/checkpoint.py writes and
 reads it. An unquantized model is the same object with no grids.
 
 Weight names (`weight_names`) list each quantized linear once, as `MODULE.weight`, after the
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import names
-from ..model.config import FamilialConfig
 from ..model import layout
+from ..model.config import FamilialConfig
 from ..model.familial import FamilialModel, familial_state, materialise, skeleton
 from .grid import Grid
 from .plan import QuantSpec
@@ -24,13 +24,13 @@ from .plan import QuantSpec
 @dataclass
 class QuantizedFamily:
     config: FamilialConfig
-    tensors: dict[str, torch.Tensor]               # float tensors (Ruyi names); biases included
-    grids: dict[str, Grid] = field(default_factory=dict)   # module -> grid, in quantization order
+    tensors: dict[str, torch.Tensor]  # float tensors (Ruyi names); biases included
+    grids: dict[str, Grid] = field(default_factory=dict)  # module -> grid, in quantization order
     method: str = "none"
-    layout: str = "gptq"                           # how a checkpoint stores the grids: gptq | awq
-    provenance: object = None                      # recipe.Provenance: what made it
-    stats: dict = field(default_factory=dict)     # e.g. seconds per stage
-    files: object = None                           # fsutil.ListedFiles of the directory it was read from
+    layout: str = "gptq"  # how a checkpoint stores the grids: gptq | awq
+    provenance: object = None  # recipe.Provenance: what made it
+    stats: dict = field(default_factory=dict)  # e.g. seconds per stage
+    files: object = None  # store.files.ListedFiles of the directory it was read from
 
     def verify(self) -> None:
         """The files it was read from are the ones their manifest lists (a UserError if not)."""
@@ -49,7 +49,7 @@ class QuantizedFamily:
     def set_quantized(self, module: str, grid: Grid) -> None:
         """Replace a linear's float weight by its grid (a LazyGrid too)."""
         if hasattr(self.tensors, "discard"):
-            self.tensors.discard(f"{module}.weight")      # lazy tensors: without reading it
+            self.tensors.discard(f"{module}.weight")  # lazy tensors: without reading it
         else:
             self.tensors.pop(f"{module}.weight", None)
         self.grids[module] = grid
@@ -92,7 +92,7 @@ class QuantizedFamily:
             mod = names.module_of(name)
             if name.endswith(".weight") and mod in self.grids:
                 state[name] = self.weight(mod).to(dtype)
-            elif self.stored_name(name) == name:        # a tied head reads the embedding's
+            elif self.stored_name(name) == name:  # a tied head reads the embedding's
                 state[name] = self.tensors[name].to(dtype)
         return materialise(model, state)
 
@@ -114,13 +114,14 @@ class QuantizedFamily:
         exit_map = self.config.exit_map(j)
         return [n for n in self.weight_names() if exit_map.rename(n) is not None]
 
-    def size(self, weight_names: list[str] | None = None,
-             float_dtype: torch.dtype | None = None) -> tuple[int, int]:
+    def size(
+        self, weight_names: list[str] | None = None, float_dtype: torch.dtype | None = None
+    ) -> tuple[int, int]:
         """(parameters, bytes) of some weights (all by default); a quantized linear counts its
         K*N weights as parameters, and its packed tensors as bytes; a float tensor its numel, and
         bytes at float_dtype (its own dtype when None). `stored_size` is what a checkpoint holds."""
         params = nbytes = 0
-        for n in (self.weight_names() if weight_names is None else weight_names):
+        for n in self.weight_names() if weight_names is None else weight_names:
             mod = names.module_of(n)
             if n.endswith(".weight") and mod in self.grids:
                 nk = self.grids[mod].shape
@@ -144,10 +145,9 @@ class QuantizedFamily:
     def quantization_json(self) -> dict:
         specs = {json.dumps(s.to_json(), sort_keys=True) for s in self.modules.values()}
         common = json.loads(specs.pop()) if len(specs) == 1 else None
-        return {"method": self.method, "layout": self.layout, "modules": {m: s.to_json() for m, s in
-                                                                      self.modules.items()},
-                "common": common}
-
-
-
-
+        return {
+            "method": self.method,
+            "layout": self.layout,
+            "modules": {m: s.to_json() for m, s in self.modules.items()},
+            "common": common,
+        }

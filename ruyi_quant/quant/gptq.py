@@ -13,20 +13,20 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model import layout
 from ..errors import UserError
+from ..model import layout
 from .calibrate import store
-from .walk import capture_inputs
 from .plan import QuantSpec
 from .rtn import group_qparams, quantize_to_grid
+from .walk import capture_inputs
 
-
-UPDATE_AT_ONCE = 1 << 26    # elements of GPTQ's lazy block update computed at once (256 MB in fp32)
+UPDATE_AT_ONCE = 1 << 26  # elements of GPTQ's lazy block update computed at once (256 MB in fp32)
 
 
 @dataclass
 class Hessian:
     """Running H = 2/n * sum x x^T over n input rows. h [K, K] float32."""
+
     h: torch.Tensor
     n: int = 0
 
@@ -37,7 +37,7 @@ class Hessian:
 
 def accumulate_hessian(hs: Hessian, x: torch.Tensor) -> None:
     """Add inputs x [..., K] to the running Hessian (in place)."""
-    x = x.reshape(-1, x.shape[-1]).float()                                  # [m, K]
+    x = x.reshape(-1, x.shape[-1]).float()  # [m, K]
     m = x.shape[0]
     hs.h.mul_(hs.n / (hs.n + m))
     hs.n += m
@@ -51,7 +51,7 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float, what: str) -> tuple[tor
     At most three [K, K] matrices live at once (Ruyi's down_proj: 1.4 GB each)."""
     mean_diag = torch.mean(torch.diag(h)).item() or 1.0
     for attempt in range(4):
-        d = damp * 10 ** attempt
+        d = damp * 10**attempt
         hd = h.clone()
         hd.diagonal().add_(d * mean_diag)
         chol, info = torch.linalg.cholesky_ex(hd)
@@ -63,22 +63,24 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float, what: str) -> tuple[tor
             del inv
             if info.item() == 0:
                 return factor, d
-    raise UserError(f"{what}: Hessian not positive definite even with damping {d:g}; use more or "
-                    "more varied calibration text, or raise damp_percent")
+    raise UserError(
+        f"{what}: Hessian not positive definite even with damping {d:g}; use more or "
+        "more varied calibration text, or raise damp_percent"
+    )
 
 
 @dataclass
 class Factor:
     """What GPTQ needs of a Hessian, shared by every linear that reads the same input (q/k/v,
     gate/up): dead input columns, the processing order, the inverse-Hessian factor."""
-    dead: torch.Tensor           # [K] bool: columns no calibration token touched
-    perm: torch.Tensor | None    # [K] act-order permutation (None: natural order)
-    u: torch.Tensor              # [K, K] upper factor, in processing order
-    damp: float                  # the damping that made H positive definite
+
+    dead: torch.Tensor  # [K] bool: columns no calibration token touched
+    perm: torch.Tensor | None  # [K] act-order permutation (None: natural order)
+    u: torch.Tensor  # [K, K] upper factor, in processing order
+    damp: float  # the damping that made H positive definite
 
 
-def factor_hessian(hs: Hessian, damp: float = 0.01, act_order: bool = False,
-                   what: str = "linear") -> Factor:
+def factor_hessian(hs: Hessian, damp: float = 0.01, act_order: bool = False, what: str = "linear") -> Factor:
     h = hs.h
     dead = torch.diag(h) == 0
     if bool(dead.any()):
@@ -91,9 +93,18 @@ def factor_hessian(hs: Hessian, damp: float = 0.01, act_order: bool = False,
     return Factor(dead, perm, u, damp_used)
 
 
-def gptq_quantize(w: torch.Tensor, hs: Hessian | Factor, spec: QuantSpec, *, damp: float = 0.01,
-                  block: int = 128, act_order: bool = False, static_groups: bool = False,
-                  what: str = "linear", inplace: bool = False):
+def gptq_quantize(
+    w: torch.Tensor,
+    hs: Hessian | Factor,
+    spec: QuantSpec,
+    *,
+    damp: float = 0.01,
+    block: int = 128,
+    act_order: bool = False,
+    static_groups: bool = False,
+    what: str = "linear",
+    inplace: bool = False,
+):
     """w [N, K] -> (q [K, N] uint8, scales [G, N] fp16, zeros [G, N], g_idx [K], damp used).
 
     `hs` is the Hessian of w's inputs, or its Factor (then damp and act_order are the factor's).
@@ -111,13 +122,13 @@ def gptq_quantize(w: torch.Tensor, hs: Hessian | Factor, spec: QuantSpec, *, dam
     gs = spec.width(k)
     static = None
     if static_groups or spec.group_size == -1:
-        static = [group_qparams(W[:, s:s + gs], spec) for s in range(0, k, gs)]
+        static = [group_qparams(W[:, s : s + gs], spec) for s in range(0, k, gs)]
     if f.perm is not None:
         W = W[:, f.perm]
-    U = f.u                                                                 # [K, K] upper
+    U = f.u  # [K, K] upper
 
-    q = torch.zeros(n, k, dtype=torch.uint8, device=W.device)               # permuted order
-    group_of = torch.zeros(k, dtype=torch.int64)                            # permuted order
+    q = torch.zeros(n, k, dtype=torch.uint8, device=W.device)  # permuted order
+    group_of = torch.zeros(k, dtype=torch.int64)  # permuted order
     scales, zeros = [], []
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
@@ -129,8 +140,8 @@ def gptq_quantize(w: torch.Tensor, hs: Hessian | Factor, spec: QuantSpec, *, dam
                 g = (int(f.perm[col]) if f.perm is not None else col) // gs
                 scale, zero = static[g]
             else:
-                if col % gs == 0:                 # a new group: its grid from current weights
-                    cur = torch.cat([W1[:, i:], W[:, i2:i2 + gs]], 1)[:, :gs]
+                if col % gs == 0:  # a new group: its grid from current weights
+                    cur = torch.cat([W1[:, i:], W[:, i2 : i2 + gs]], 1)[:, :gs]
                     scales.append(None)
                     zeros.append(None)
                     scales[-1], zeros[-1] = group_qparams(cur, spec)
@@ -144,34 +155,36 @@ def gptq_quantize(w: torch.Tensor, hs: Hessian | Factor, spec: QuantSpec, *, dam
             W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
             Err[:, i] = err
         step = k if n * (k - i2) <= UPDATE_AT_ONCE else max(1, UPDATE_AT_ONCE // n)
-        for c in range(i2, k, step):     # a head's update would be a 2 GB temporary taken whole
-            W[:, c:c + step] -= Err @ U[i1:i2, c:c + step]
+        for c in range(i2, k, step):  # a head's update would be a 2 GB temporary taken whole
+            W[:, c : c + step] -= Err @ U[i1:i2, c : c + step]
     del W
     if f.perm is not None:
         inv = torch.argsort(f.perm).to(q.device)
         q, group_of = q[:, inv], group_of[inv.cpu()]
     if static is not None:
         scales, zeros = [s for s, _ in static], [z for _, z in static]
-    return (q.t().contiguous(), torch.stack(scales), torch.stack(zeros),
-            group_of.to(torch.int32), f.damp)
+    return (q.t().contiguous(), torch.stack(scales), torch.stack(zeros), group_of.to(torch.int32), f.damp)
 
 
 class GPTQ:
     """The calibration method (see calibrate.py): Hessians from captured inputs, then
     gptq_quantize per linear."""
 
-    hessian = True               # calibrate warns when the tokens cannot make a full-rank one
+    hessian = True  # calibrate warns when the tokens cannot make a full-rank one
 
-    def __init__(self, damp: float = 0.01, block: int = 128, act_order: bool = False,
-                 static_groups: bool = False):
+    def __init__(
+        self, damp: float = 0.01, block: int = 128, act_order: bool = False, static_groups: bool = False
+    ):
         self.opts = dict(damp=damp, block=block, act_order=act_order, static_groups=static_groups)
         self.heads: dict[str, Hessian] = {}
         self.damp_used: dict[str, float] = {}
 
-    def quantize_linear(self, linear, name: str, hs: Hessian | Factor, spec: QuantSpec, fam,
-                        inplace: bool = False) -> None:
-        q, scales, zeros, g_idx, d = gptq_quantize(linear.weight, hs, spec, what=name,
-                                                   inplace=inplace, **self.opts)
+    def quantize_linear(
+        self, linear, name: str, hs: Hessian | Factor, spec: QuantSpec, fam, inplace: bool = False
+    ) -> None:
+        q, scales, zeros, g_idx, d = gptq_quantize(
+            linear.weight, hs, spec, what=name, inplace=inplace, **self.opts
+        )
         if d != self.opts["damp"]:
             self.damp_used[name] = d
         store(fam, linear, name, spec, q, scales, zeros, g_idx)

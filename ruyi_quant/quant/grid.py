@@ -20,18 +20,22 @@ from .plan import QuantSpec
 
 @dataclass(frozen=True)
 class Grid:
-    q: torch.Tensor          # [K, N] uint8 codes in [0, 2^bits)
-    scales: torch.Tensor     # [G, N] fp16
-    zeros: torch.Tensor      # [G, N] uint8
-    g_idx: torch.Tensor      # [K] int32, the group of each input column
+    q: torch.Tensor  # [K, N] uint8 codes in [0, 2^bits)
+    scales: torch.Tensor  # [G, N] fp16
+    zeros: torch.Tensor  # [G, N] uint8
+    g_idx: torch.Tensor  # [K] int32, the group of each input column
     spec: QuantSpec
 
     @classmethod
     def make(cls, q, scales, zeros, g_idx, spec: QuantSpec) -> Grid:
         """From a quantizer's (q [K, N], scales [G, N], zeros [G, N], g_idx [K])."""
-        return cls(q.cpu().to(torch.uint8).contiguous(), scales.cpu().to(torch.float16).contiguous(),
-                   zeros.cpu().to(torch.uint8).contiguous(), g_idx.cpu().to(torch.int32).contiguous(),
-                   spec)
+        return cls(
+            q.cpu().to(torch.uint8).contiguous(),
+            scales.cpu().to(torch.float16).contiguous(),
+            zeros.cpu().to(torch.uint8).contiguous(),
+            g_idx.cpu().to(torch.int32).contiguous(),
+            spec,
+        )
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -95,8 +99,9 @@ class LazyGrid:
     from a checkpoint and unpacked, or computed, e.g. by RTN from a weight read then). Nothing is
     kept: each use loads again. `packed(layout)` may hand back stored tensors as they are."""
 
-    def __init__(self, spec: QuantSpec, shape: tuple[int, int], load, packed=None, act_order=None,
-                 g_idx=None):
+    def __init__(
+        self, spec: QuantSpec, shape: tuple[int, int], load, packed=None, act_order=None, g_idx=None
+    ):
         self.spec, self.shape = spec, tuple(shape)
         self._load, self._packed, self._act_order, self._g_idx = load, packed, act_order, g_idx
 

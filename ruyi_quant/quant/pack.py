@@ -19,7 +19,7 @@ import torch
 BITS = (2, 3, 4, 8)
 
 
-COLUMNS_AT_ONCE = 1 << 22        # elements per column block (the int64 temporaries are 8 bytes each)
+COLUMNS_AT_ONCE = 1 << 22  # elements per column block (the int64 temporaries are 8 bytes each)
 
 
 def _by_columns(fn, x: torch.Tensor, *args) -> torch.Tensor:
@@ -28,7 +28,7 @@ def _by_columns(fn, x: torch.Tensor, *args) -> torch.Tensor:
     step = max(1, COLUMNS_AT_ONCE // max(1, x.shape[0]))
     if x.shape[1] <= step:
         return fn(x, *args)
-    return torch.cat([fn(x[:, c:c + step], *args) for c in range(0, x.shape[1], step)], dim=1)
+    return torch.cat([fn(x[:, c : c + step], *args) for c in range(0, x.shape[1], step)], dim=1)
 
 
 def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -40,11 +40,11 @@ def _pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
     k, n = q.shape
     words = -(-k * bits // 32)
     q = q.to(torch.int64)
-    offset = torch.arange(k, dtype=torch.int64) * bits                     # [K] bit position
+    offset = torch.arange(k, dtype=torch.int64) * bits  # [K] bit position
     word, shift = offset // 32, (offset % 32).unsqueeze(1)
     acc = torch.zeros(words + 1, n, dtype=torch.int64)
     acc.index_add_(0, word, (q << shift) & 0xFFFFFFFF)
-    acc.index_add_(0, word + 1, q >> (32 - shift))                         # straddling bits (b=3)
+    acc.index_add_(0, word + 1, q >> (32 - shift))  # straddling bits (b=3)
     acc = acc[:words]
     return torch.where(acc >= 2**31, acc - 2**32, acc).to(torch.int32)
 
@@ -56,7 +56,7 @@ def unpack_rows(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
 
 def _unpack_rows(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     words = packed.to(torch.int64) & 0xFFFFFFFF
-    words = torch.cat([words, torch.zeros_like(words[:1])])                # room for straddles
+    words = torch.cat([words, torch.zeros_like(words[:1])])  # room for straddles
     offset = torch.arange(k, dtype=torch.int64) * bits
     word, shift = offset // 32, (offset % 32).unsqueeze(1)
     both = (words[word] >> shift) | (words[word + 1] << (32 - shift))
@@ -72,26 +72,32 @@ def unpack_cols(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return unpack_rows(packed.t(), bits, n).t().contiguous()
 
 
-def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-               g_idx: torch.Tensor, block: int = 1024) -> torch.Tensor:
+def dequantize(
+    q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, block: int = 1024
+) -> torch.Tensor:
     """q [K, N], scales [G, N], zeros [G, N], g_idx [K] -> float32 weight [N, K]; `block` input
     columns at a time (temporaries of [block, N], not [K, N]: a head's are 0.6 GB, not 2.2 GB)."""
     g = g_idx.long()
     k, n = q.shape
     out = torch.empty(n, k, dtype=torch.float32, device=q.device)
     for k0 in range(0, k, block):
-        gb = g[k0:k0 + block]
-        out[:, k0:k0 + block] = (scales[gb].float() * (q[k0:k0 + block].float() - zeros[gb].float())).t()
+        gb = g[k0 : k0 + block]
+        out[:, k0 : k0 + block] = (scales[gb].float() * (q[k0 : k0 + block].float() - zeros[gb].float())).t()
     return out
 
 
-def to_gptq(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
-            bits: int) -> dict[str, torch.Tensor]:
+def to_gptq(
+    q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, bits: int
+) -> dict[str, torch.Tensor]:
     """Grid -> GPTQ v1 tensors (qweight, qzeros, scales, g_idx). Zeros must be >= 1 (v1)."""
     if int(zeros.min()) < 1:
         raise ValueError("GPTQ v1 stores zero-1: integer zeros must be >= 1")
-    return {"qweight": pack_rows(q, bits), "qzeros": pack_cols(zeros.to(torch.int64) - 1, bits),
-            "scales": scales.to(torch.float16).contiguous(), "g_idx": g_idx.to(torch.int32).contiguous()}
+    return {
+        "qweight": pack_rows(q, bits),
+        "qzeros": pack_cols(zeros.to(torch.int64) - 1, bits),
+        "scales": scales.to(torch.float16).contiguous(),
+        "g_idx": g_idx.to(torch.int32).contiguous(),
+    }
 
 
 def from_gptq(t: dict[str, torch.Tensor], bits: int, k: int, n: int):
@@ -114,7 +120,7 @@ def _by_rows(fn, x: torch.Tensor) -> torch.Tensor:
     step = max(1, COLUMNS_AT_ONCE // max(1, x.shape[1]))
     if x.shape[0] <= step:
         return fn(x)
-    return torch.cat([fn(x[r:r + step]) for r in range(0, x.shape[0], step)])
+    return torch.cat([fn(x[r : r + step]) for r in range(0, x.shape[0], step)])
 
 
 def awq_pack(v: torch.Tensor) -> torch.Tensor:
@@ -137,27 +143,33 @@ def awq_unpack(words: torch.Tensor) -> torch.Tensor:
 
 def _awq_unpack(words: torch.Tensor) -> torch.Tensor:
     w = words.to(torch.int64) & 0xFFFFFFFF
-    v = (w.unsqueeze(-1) >> (torch.arange(8, dtype=torch.int64) * 4)) & 15     # [R, N/8, 8]
+    v = (w.unsqueeze(-1) >> (torch.arange(8, dtype=torch.int64) * 4)) & 15  # [R, N/8, 8]
     return v[:, :, list(AWQ_INVERSE)].reshape(words.shape[0], -1).to(torch.int32)
 
 
-def to_awq(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
-           bits: int) -> dict[str, torch.Tensor]:
+def to_awq(
+    q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, bits: int
+) -> dict[str, torch.Tensor]:
     if bits != 4 or q.shape[1] % 8:
         raise ValueError("AWQ's gemm layout holds 4-bit weights with out_features % 8 == 0")
     k, groups = q.shape[0], scales.shape[0]
     if k % groups or not torch.equal(g_idx.long(), torch.arange(k) // (k // groups)):
-        raise ValueError("AWQ's gemm layout needs in_features divisible by the group size and "
-                         "no act-order (permuted) groups")
-    return {"qweight": awq_pack(q), "qzeros": awq_pack(zeros),
-            "scales": scales.to(torch.float16).contiguous()}
+        raise ValueError(
+            "AWQ's gemm layout needs in_features divisible by the group size and "
+            "no act-order (permuted) groups"
+        )
+    return {
+        "qweight": awq_pack(q),
+        "qzeros": awq_pack(zeros),
+        "scales": scales.to(torch.float16).contiguous(),
+    }
 
 
 def from_awq(t: dict[str, torch.Tensor], group_size: int):
     """AWQ gemm tensors -> (q [K, N], scales [G, N] fp16, zeros [G, N], g_idx [K])."""
     q = awq_unpack(t["qweight"])
     k = q.shape[0]
-    gs = k if group_size == -1 else group_size       # (QuantSpec.width; pack.py knows no spec)
+    gs = k if group_size == -1 else group_size  # (QuantSpec.width; pack.py knows no spec)
     return q, t["scales"], awq_unpack(t["qzeros"]), (torch.arange(k) // gs).to(torch.int32)
 
 
@@ -172,8 +184,14 @@ LAYOUTS = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", 
 def packed_shapes(layout: str, n: int, k: int, groups: int, bits: int) -> dict[str, tuple]:
     """name -> (shape, dtype) of a [N, K] linear's packed tensors, without packing anything."""
     if layout == "awq":
-        return {"qweight": ((k, n // 8), torch.int32), "qzeros": ((groups, n // 8), torch.int32),
-                "scales": ((groups, n), torch.float16)}
-    return {"qweight": ((-(-k * bits // 32), n), torch.int32),
-            "qzeros": ((groups, -(-n * bits // 32)), torch.int32),
-            "scales": ((groups, n), torch.float16), "g_idx": ((k,), torch.int32)}
+        return {
+            "qweight": ((k, n // 8), torch.int32),
+            "qzeros": ((groups, n // 8), torch.int32),
+            "scales": ((groups, n), torch.float16),
+        }
+    return {
+        "qweight": ((-(-k * bits // 32), n), torch.int32),
+        "qzeros": ((groups, -(-n * bits // 32)), torch.int32),
+        "scales": ((groups, n), torch.float16),
+        "g_idx": ((k,), torch.int32),
+    }

@@ -14,9 +14,9 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import asdict, dataclass, replace
 
-from ..model import layout
 from .. import names
 from ..errors import UserError
+from ..model import layout
 from .pack import BITS
 
 GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
@@ -37,7 +37,7 @@ def check_group_size(group_size: int) -> int:
 @dataclass(frozen=True)
 class QuantSpec:
     bits: int = 4
-    group_size: int = 128     # -1: one group per output channel
+    group_size: int = 128  # -1: one group per output channel
     sym: bool = True
 
     def __post_init__(self):
@@ -49,7 +49,7 @@ class QuantSpec:
 
     @property
     def maxq(self) -> int:
-        return 2 ** self.bits - 1
+        return 2**self.bits - 1
 
     def width(self, k: int) -> int:
         """Columns per group for a linear of k input columns (-1: all of them)."""
@@ -83,14 +83,19 @@ def make_plan(model, default: QuantSpec, heads: bool = False, overrides=()) -> d
     for ov in overrides:
         hits = [m for m in candidates if fnmatch.fnmatchcase(m, ov.pattern)]
         if not hits:
-            raise UserError(f"override pattern '{ov.pattern}' matches no module (names look like "
-                            f"{candidates[0]}, {candidates[-1]})")
+            raise UserError(
+                f"override pattern '{ov.pattern}' matches no module (names look like "
+                f"{candidates[0]}, {candidates[-1]})"
+            )
         for m in hits:
             if ov.skip:
                 skipped.add(m)
                 continue
             base = plan.get(m, default)
-            changes = {k: v for k, v in (("bits", ov.bits), ("group_size", ov.group_size),
-                                         ("sym", ov.sym)) if v is not None}
+            changes = {
+                k: v
+                for k, v in (("bits", ov.bits), ("group_size", ov.group_size), ("sym", ov.sym))
+                if v is not None
+            }
             plan[m] = replace(base, **changes)
     return {m: s for m, s in plan.items() if m not in skipped}

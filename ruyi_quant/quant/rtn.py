@@ -11,7 +11,7 @@ import torch
 
 from .plan import QuantSpec
 
-FP16_TINY = 2.0 ** -24     # smallest positive fp16 (subnormal); scales never round to zero
+FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal); scales never round to zero
 
 
 def group_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,9 +84,9 @@ def rtn_quantize(w: torch.Tensor, spec: QuantSpec):
     step = spec.width(k)
     qs, scales, zeros = [], [], []
     for start in range(0, k, step):
-        block = w[:, start:start + step]
+        block = w[:, start : start + step]
         scale, zero = group_qparams(block, spec)
-        qs.append(quantize_to_grid(block, scale, zero, spec.maxq).to(torch.uint8))   # maxq <= 255
+        qs.append(quantize_to_grid(block, scale, zero, spec.maxq).to(torch.uint8))  # maxq <= 255
         scales.append(scale)
         zeros.append(zero)
     q = torch.cat(qs, dim=1).t().contiguous()
@@ -96,13 +96,16 @@ def rtn_quantize(w: torch.Tensor, spec: QuantSpec):
 def rtn_family(model, plan: dict, progress: bool = True):
     """Quantize every planned linear of a FamilialModel by RTN -> QuantizedFamily."""
     from tqdm.auto import tqdm
+
     from .family import QuantizedFamily
     from .grid import Grid
+
     fam = QuantizedFamily.from_model(model)
     for name in tqdm(list(plan), desc="rtn", unit="linear", disable=not progress, leave=False):
         spec = plan[name]
-        fam.set_quantized(name, Grid.make(*rtn_quantize(model.get_submodule(name).weight.detach(), spec),
-                                          spec))
+        fam.set_quantized(
+            name, Grid.make(*rtn_quantize(model.get_submodule(name).weight.detach(), spec), spec)
+        )
     fam.method = "rtn"
     return fam
 
@@ -112,18 +115,22 @@ def rtn_lazy(fam, plan: dict):
     the family is written, one linear at a time), so no step holds the model. The same grids as
     rtn_family (weights rounded in float32)."""
     from functools import partial
+
     from .grid import LazyGrid
+
     for name, spec in plan.items():
         w = fam.stored_name(f"{name}.weight")
         load = fam.tensors.loader(w) if hasattr(fam.tensors, "loader") else (lambda t=fam.tensors[w]: t)
-        fam.set_quantized(name, LazyGrid(spec, fam.tensor_info(w)[0], partial(_rtn_grid, load, spec),
-                                         act_order=False))
+        fam.set_quantized(
+            name, LazyGrid(spec, fam.tensor_info(w)[0], partial(_rtn_grid, load, spec), act_order=False)
+        )
     fam.method = "rtn"
     return fam
 
 
 def _rtn_grid(load, spec: QuantSpec):
     from .grid import Grid
+
     return Grid.make(*rtn_quantize(load().float(), spec), spec)
 
 
@@ -134,7 +141,7 @@ def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     n, k = w.shape
     gs = spec.width(k)
     pad = -k % gs
-    wp = torch.nn.functional.pad(w.float(), (0, pad)).reshape(-1, gs)      # [N*G, gs]
+    wp = torch.nn.functional.pad(w.float(), (0, pad)).reshape(-1, gs)  # [N*G, gs]
     scale, zero = group_qparams(wp, spec)
     # quantize_to_grid then grid_value, in float32 only (no int64 copies: searches call this
     # dozens of times per weight): the integers are small, so every step is exact and the

@@ -50,21 +50,25 @@ class Weights:
             return self.src.grids[mod].dequantize().to(self.dev)
         t = self.src.tensors[self.src.stored_name(name)]
         out = t.to(self.dev, torch.float32)
-        return out.clone() if out.data_ptr() == t.data_ptr() else out   # never the source's own
+        return out.clone() if out.data_ptr() == t.data_ptr() else out  # never the source's own
 
     def load(self, prefix: str):
         mod = self.model.get_submodule(prefix)
-        mod.load_state_dict({k: self.tensor(f"{prefix}.{k}") for k in mod.state_dict()},
-                            assign=True)
+        mod.load_state_dict({k: self.tensor(f"{prefix}.{k}") for k in mod.state_dict()}, assign=True)
         return mod
 
     def floats(self, prefix: str, grids) -> dict[str, torch.Tensor]:
         """A loaded module's float tensors that are not in `grids` (AWQ may have folded scales
         into them), on the CPU. A head tied to the embedding has none of its own."""
         mod = self.model.get_submodule(prefix)
-        tied = layout.stored_name(self.src.config.tie_word_embeddings, f"{prefix}.weight") != f"{prefix}.weight"
-        return {f"{prefix}.{k}": t.detach().cpu() for k, t in mod.state_dict().items()
-                if names.module_of(f"{prefix}.{k}") not in grids and not tied}
+        tied = (
+            layout.stored_name(self.src.config.tie_word_embeddings, f"{prefix}.weight") != f"{prefix}.weight"
+        )
+        return {
+            f"{prefix}.{k}": t.detach().cpu()
+            for k, t in mod.state_dict().items()
+            if names.module_of(f"{prefix}.{k}") not in grids and not tied
+        }
 
     def drop(self, prefix: str) -> None:
         self.model.get_submodule(prefix).to("meta")
@@ -93,8 +97,10 @@ def capture_many(layer, linears: dict, xs: list[torch.Tensor], kw: dict, fn) -> 
         if len(seen) == len(linears):
             raise _Captured
 
-    handles = [lin.register_forward_pre_hook(lambda mod, inp, key=key: hook(key, inp))
-               for key, lin in linears.items()]
+    handles = [
+        lin.register_forward_pre_hook(lambda mod, inp, key=key: hook(key, inp))
+        for key, lin in linears.items()
+    ]
     try:
         for x in xs:
             seen.clear()
@@ -143,8 +149,15 @@ def should_offload(dev: torch.device, n_bytes: int) -> bool:
 class Walk:
     """Batches of windows streamed through a family's walk (see the module's docstring)."""
 
-    def __init__(self, src, windows: torch.Tensor, batch: int, dev: torch.device | None = None,
-                 exits: list[int] | None = None, offload: bool = False):
+    def __init__(
+        self,
+        src,
+        windows: torch.Tensor,
+        batch: int,
+        dev: torch.device | None = None,
+        exits: list[int] | None = None,
+        offload: bool = False,
+    ):
         self.src = src if isinstance(src, QuantizedFamily) else QuantizedFamily.from_model(src)
         self.dev = dev or torch.device("cpu")
         self.weights = Weights(self.src, self.dev)
@@ -152,7 +165,7 @@ class Walk:
         # windows of one length: one mask (None: causal) and one rotary table serve every batch
         self.kw = self.weights.model.layer_kwargs(next(iter(self.xs))[:1])
         self.exits = exits
-        self.seconds: dict[str, float] = {}          # per layer: load, before, outputs, drop
+        self.seconds: dict[str, float] = {}  # per layer: load, before, outputs, drop
 
     @property
     def model(self) -> FamilialModel:
@@ -162,8 +175,7 @@ class Walk:
         cfg = self.src.config
         return list(layout.walk(cfg.exits, cfg.num_layers, self.exits))
 
-    def steps(self, before=None, observe=None, drop=None, progress: bool = False,
-              desc: str = "layers"):
+    def steps(self, before=None, observe=None, drop=None, progress: bool = False, desc: str = "layers"):
         """Yield (step, outputs) for every step of the walk; a trunk step's outputs become the next
         step's inputs when the loop comes back."""
         for step in tqdm(self.plan(), desc=desc, unit="layer", disable=not progress, leave=False):
@@ -196,9 +208,15 @@ class _Observing:
     """Forward pre-hooks on every linear of a layer for the duration: observe(module name, input)."""
 
     def __init__(self, layer, prefix: str, observe):
-        self.handles = [] if observe is None else [
-            m.register_forward_pre_hook(lambda _m, args, key=f"{prefix}.{n}": observe(key, args[0]))
-            for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+        self.handles = (
+            []
+            if observe is None
+            else [
+                m.register_forward_pre_hook(lambda _m, args, key=f"{prefix}.{n}": observe(key, args[0]))
+                for n, m in layer.named_modules()
+                if isinstance(m, nn.Linear)
+            ]
+        )
 
     def __enter__(self):
         return self

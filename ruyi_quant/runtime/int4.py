@@ -31,18 +31,19 @@ from torch import nn
 from ..errors import UserError
 
 KERNEL_GROUPS = (32, 64, 128, 256)
-SPLIT_GROUP = 128                          # kernel group for grids whose own group it lacks
-CUDA_INNER_K_TILES = 8                     # tinygemm's tiling on CUDA: K % (8 * 16) == 0
-PACK_ROWS = 4096                           # rows packed at a time (rounded up to the kernel's row block)
-ROW_BLOCKS = (8, 16, 32, 64, 128, 256)     # the row blocks a packing may interleave, probed in this order
+SPLIT_GROUP = 128  # kernel group for grids whose own group it lacks
+CUDA_INNER_K_TILES = 8  # tinygemm's tiling on CUDA: K % (8 * 16) == 0
+PACK_ROWS = 4096  # rows packed at a time (rounded up to the kernel's row block)
+ROW_BLOCKS = (8, 16, 32, 64, 128, 256)  # the row blocks a packing may interleave, probed in this order
 
 
 @dataclass(frozen=True)
 class Kernel:
     """One device's pack and matmul."""
+
     name: str
-    k_multiple: int                        # K must be a multiple of this (beyond the group)
-    n_multiple: int                        # and N of this
+    k_multiple: int  # K must be a multiple of this (beyond the group)
+    n_multiple: int  # and N of this
 
     def row_block(self, device=None) -> int:
         """The rows the packed layout interleaves as one block, probed from the op itself: it
@@ -59,18 +60,19 @@ class Kernel:
         rows = -(-rows // block) * block
         out = None
         for r in range(0, codes.shape[0], rows):
-            part = self._pack(codes[r:r + rows].to(device))
+            part = self._pack(codes[r : r + rows].to(device))
             if out is None:
                 per_row = part.shape[0] / min(rows, codes.shape[0])
-                out = torch.empty((round(codes.shape[0] * per_row), *part.shape[1:]), dtype=part.dtype,
-                                  device=device)
-            out[round(r * per_row):round(r * per_row) + part.shape[0]] = part
+                out = torch.empty(
+                    (round(codes.shape[0] * per_row), *part.shape[1:]), dtype=part.dtype, device=device
+                )
+            out[round(r * per_row) : round(r * per_row) + part.shape[0]] = part
         return out
 
     def _pack(self, codes: torch.Tensor) -> torch.Tensor:
         if self.name == "cpu":
             return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-        if _torch_version() < (2, 5):        # the op took int32 [N, K] before 2.5, uint8 since
+        if _torch_version() < (2, 5):  # the op took int32 [N, K] before 2.5, uint8 since
             return torch.ops.aten._convert_weight_to_int4pack(codes, CUDA_INNER_K_TILES)
         packed = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
         return torch.ops.aten._convert_weight_to_int4pack(packed, CUDA_INNER_K_TILES)
@@ -89,7 +91,7 @@ def _row_block(kernel: Kernel, device: str) -> int:
     codes = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
     whole = kernel._pack(codes.to(device))
     for block in (b for b in ROW_BLOCKS if b % kernel.n_multiple == 0):
-        pieces = [kernel._pack(codes[r:r + block].to(device)) for r in range(0, n, block)]
+        pieces = [kernel._pack(codes[r : r + block].to(device)) for r in range(0, n, block)]
         if torch.equal(torch.cat(pieces), whole):
             return block
     return sys.maxsize
@@ -127,28 +129,32 @@ def kernel_layout(grid, kernel: Kernel) -> tuple[torch.Tensor | None, int]:
         return perm, width
     if width % SPLIT_GROUP == 0 or grid.spec.group_size == -1:
         return perm, SPLIT_GROUP
-    raise UserError(f"group_size {grid.spec.group_size}: the int4 kernels take groups of "
-                    f"{', '.join(map(str, KERNEL_GROUPS))} columns; quantize with one of those")
+    raise UserError(
+        f"group_size {grid.spec.group_size}: the int4 kernels take groups of "
+        f"{', '.join(map(str, KERNEL_GROUPS))} columns; quantize with one of those"
+    )
 
 
 def tinygemm_tensors(grid, kernel: Kernel, dtype: torch.dtype):
     """(codes int32 [Np, Kp], scales_and_zeros [Kp / group, Np, 2] in dtype, permutation or None,
     kernel group, Kp) of a 4-bit grid, as the module docstring says; rows past N (the kernels
     want N a multiple of 16 on the CPU, 8 on CUDA) are zero weights."""
-    q, scales, zeros, g_idx = grid.ints()                     # [K, N], [G, N], [G, N], [K]
+    q, scales, zeros, g_idx = grid.ints()  # [K, N], [G, N], [G, N], [K]
     k, n = q.shape
     width = grid.spec.width(k)
     perm, group = kernel_layout(grid, kernel)
     if perm is not None:
         q, g_idx = q[perm], g_idx[perm]
     if not torch.equal(g_idx.long(), torch.arange(k) // width):
-        raise UserError("the int4 runtime needs each group's columns together after sorting by "
-                        "group (GPTQ's act-order gives that); this grid's groups differ in size")
+        raise UserError(
+            "the int4 runtime needs each group's columns together after sorting by "
+            "group (GPTQ's act-order gives that); this grid's groups differ in size"
+        )
     step = group * kernel.k_multiple // math.gcd(group, kernel.k_multiple)
     kp = -(-k // step) * step
-    starts = torch.arange(0, kp, group)                       # first column of each kernel group
-    real = starts < k                                         # groups past K only meet x = 0
-    of = (starts // width).clamp(max=scales.shape[0] - 1)     # the grid group each one is part of
+    starts = torch.arange(0, kp, group)  # first column of each kernel group
+    real = starts < k  # groups past K only meet x = 0
+    of = (starts // width).clamp(max=scales.shape[0] - 1)  # the grid group each one is part of
     s = scales.float()[of] * real.unsqueeze(1)
     z = (scales.float() * (8 - zeros.float()))[of] * real.unsqueeze(1)
     np_ = -(-n // kernel.n_multiple) * kernel.n_multiple
@@ -182,7 +188,7 @@ class Int4Linear(nn.Module):
             x = nn.functional.pad(x, (0, self.padded_k - self.in_features))
         y = self.kernel.mm(x.contiguous(), self.packed, self.group, self.scales_and_zeros)
         if y.shape[1] != self.out_features:
-            y = y[:, :self.out_features]
+            y = y[:, : self.out_features]
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)

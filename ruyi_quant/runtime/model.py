@@ -7,25 +7,27 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .. import names
 from ..model.familial import FamilialModel, materialise, skeleton
 from .int4 import Int4Linear
 
 
-def int4_model(fam, device="cpu", dtype: torch.dtype = torch.bfloat16, progress: bool = True) -> FamilialModel:
+def int4_model(
+    fam, device="cpu", dtype: torch.dtype = torch.bfloat16, progress: bool = True
+) -> FamilialModel:
     """The family's FamilialModel with Int4Linear for its grids (one trunk, every exit: the exit
     stays an argument of each call)."""
     device = torch.device(device)
     model = skeleton(fam.config)
     for module in tqdm(list(fam.grids), desc="int4", unit="linear", disable=not progress, leave=False):
         bias = f"{module}.bias"
-        lin = Int4Linear(fam.grids[module].get(), fam.tensors[bias] if bias in fam.tensors else None,
-                         device, dtype)
+        lin = Int4Linear(
+            fam.grids[module].get(), fam.tensors[bias] if bias in fam.tensors else None, device, dtype
+        )
         parent, _, child = module.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, lin)
     state = {}
     for name, t in model.state_dict().items():
-        if t.is_meta and fam.stored_name(name) == name:      # a tied head reads the embedding's
+        if t.is_meta and fam.stored_name(name) == name:  # a tied head reads the embedding's
             src = fam.tensors[name]
             state[name] = src.to(device, dtype if src.is_floating_point() else src.dtype)
     return materialise(model, state)

@@ -21,15 +21,19 @@ def resolve_model(spec: str, base: Path | None = None) -> Path:
     if spec.startswith("builtin:"):
         name = spec.removeprefix("builtin:")
         if name not in BUILTIN_MODELS:
-            raise UserError(f"{spec}: unknown built-in model (choose "
-                            f"{', '.join('builtin:' + n for n in BUILTIN_MODELS)})")
+            raise UserError(
+                f"{spec}: unknown built-in model (choose {', '.join('builtin:' + n for n in BUILTIN_MODELS)})"
+            )
         if name == "ruyi-mini":
             from .ruyi_mini import cached_ruyi_mini
+
             return cached_ruyi_mini()
         if name == "smollm2":
             from .smollm2 import cached_smollm2
+
             return cached_smollm2()
         from .tiny import cached_tiny
+
         return cached_tiny(name)
     path = Path(spec)
     if base is not None and not path.is_absolute():

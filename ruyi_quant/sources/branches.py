@@ -21,16 +21,16 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..model import layout
 from .. import names, text
 from ..errors import UserError
 from ..evaluate import exit_perplexities, kl_rows
-from ..store.files import atomic_dir, write_marker
+from ..model import layout
 from ..model.config import FAMILIAL_TYPE, parse_config
 from ..model.familial import FamilialModel, materialise, skeleton
-from ..store.checkpoint import load_model, save_model
 from ..quant.walk import Walk
 from ..recipe import Training
+from ..store.checkpoint import load_model, save_model
+from ..store.files import atomic_dir, write_marker
 
 TRAIN_SOURCES = tuple(Training().sources)
 
@@ -57,16 +57,20 @@ def make_familial(plain: FamilialModel, exits: list[int], shared_heads: bool) ->
     if len(pc.exits) != 1:
         raise UserError(f"make_familial needs a plain (single-exit) model, got exits {pc.exits}")
     raw = {k: v for k, v in pc.raw.items() if k not in ("dtype", "torch_dtype", "architectures")}
-    raw.update(model_type=FAMILIAL_TYPE, early_exit_points=[int(e) for e in exits],
-               default_early_exit_point=-1, shared_heads=bool(shared_heads),
-               tie_word_embeddings=pc.tie_word_embeddings and shared_heads)
+    raw.update(
+        model_type=FAMILIAL_TYPE,
+        early_exit_points=[int(e) for e in exits],
+        default_early_exit_point=-1,
+        shared_heads=bool(shared_heads),
+        tie_word_embeddings=pc.tie_word_embeddings and shared_heads,
+    )
     cfg = parse_config(raw, "make_familial")
     src = plain.state_dict()
     state = {k: v for k, v in src.items() if not layout.is_head(k)}
     for j, e in enumerate(cfg.exits):
         if j < len(cfg.exits) - 1:
             pre, dst = names.TRUNK_LAYER.format(i=e) + ".", names.BRANCH_LAYER.format(j=j) + "."
-            state.update({dst + k[len(pre):]: v.clone() for k, v in src.items() if k.startswith(pre)})
+            state.update({dst + k[len(pre) :]: v.clone() for k, v in src.items() if k.startswith(pre)})
         norm = names.EXIT_NORM.format(j=j) + ".weight"
         state[norm] = src[names.EXIT_NORM.format(j=0) + ".weight"].clone()
         if not cfg.tie_word_embeddings and (not shared_heads or j == 0):
@@ -87,38 +91,45 @@ def branch_at(layer, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin:
     Keys and values need every token, but queries, o_proj and the MLP only the P positions: the
     layer's cost falls by about T/P."""
     from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
     att = layer.self_attn
     B, T, _ = x.shape
     P, D = pos.shape[1], att.head_dim
     h = layer.input_layernorm(x)
-    k = att.k_proj(h).view(B, T, -1, D).transpose(1, 2)                         # [B, KV, T, D]
+    k = att.k_proj(h).view(B, T, -1, D).transpose(1, 2)  # [B, KV, T, D]
     v = att.v_proj(h).view(B, T, -1, D).transpose(1, 2)
     rows = torch.arange(B).unsqueeze(1)
-    xp = x[rows, pos]                                                             # [B, P, H]
-    q = att.q_proj(h[rows, pos]).view(B, P, -1, D).transpose(1, 2)                # [B, NH, P, D]
-    cq, sq = cos.expand(B, -1, -1)[rows, pos], sin.expand(B, -1, -1)[rows, pos]   # [B, P, D]
+    xp = x[rows, pos]  # [B, P, H]
+    q = att.q_proj(h[rows, pos]).view(B, P, -1, D).transpose(1, 2)  # [B, NH, P, D]
+    cq, sq = cos.expand(B, -1, -1)[rows, pos], sin.expand(B, -1, -1)[rows, pos]  # [B, P, D]
     q, _ = apply_rotary_pos_emb(q, q, cq, sq)
     k, _ = apply_rotary_pos_emb(k, k, cos, sin)
-    mask = torch.arange(T).view(1, 1, 1, T) <= pos.view(B, 1, P, 1)              # [B, 1, P, T]
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=att.scaling,
-                                       enable_gqa=att.num_key_value_groups > 1)
+    mask = torch.arange(T).view(1, 1, 1, T) <= pos.view(B, 1, P, 1)  # [B, 1, P, T]
+    o = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=att.scaling, enable_gqa=att.num_key_value_groups > 1
+    )
     y = xp + att.o_proj(o.transpose(1, 2).reshape(B, P, -1))
     return y + layer.mlp(layer.post_attention_layernorm(y))
 
 
 @torch.no_grad()
-def cache_exit_inputs(model: FamilialModel, ids: torch.Tensor, batch: int = 8,
-                      dtype: torch.dtype = torch.bfloat16, progress: bool = True):
+def cache_exit_inputs(
+    model: FamilialModel,
+    ids: torch.Tensor,
+    batch: int = 8,
+    dtype: torch.dtype = torch.bfloat16,
+    progress: bool = True,
+):
     """One pass of the frozen trunk. Returns ({e: input of layer e [n, T, H]} for every exit but
     the last, last exit's normed hidden state [n, T, H]), both stored in `dtype`."""
     cfg = model.config
     n, T = ids.shape
     ins = {e: torch.empty(n, T, cfg.hidden_size, dtype=dtype) for e in cfg.exits[:-1]}
     walk = Walk(model, ids, batch)
-    keep = (lambda step, layer, xs: _keep_inputs(step, xs, ins, dtype))
+    keep = lambda step, layer, xs: _keep_inputs(step, xs, ins, dtype)
     with contextlib.closing(walk.steps(before=keep, progress=progress, desc="trunk")) as steps:
         for step, out in steps:
-            if step.j == len(cfg.exits) - 1:       # the last exit: its branch is trunk layer N-1
+            if step.j == len(cfg.exits) - 1:  # the last exit: its branch is trunk layer N-1
                 norm = model.model.norms[step.j]
                 final = torch.cat([norm(h).to(dtype) for h in out])
     return ins, final
@@ -130,9 +141,19 @@ def _keep_inputs(step, xs, ins: dict, dtype: torch.dtype) -> None:
         ins[step.layer][:] = torch.cat([x.to(dtype) for x in xs])
 
 
-def train_branches(model: FamilialModel, train_ids: torch.Tensor, *, steps: int = 300, batch: int = 8,
-                   lr: float = 1e-3, positions: int = 48, seed: int = 0, distill_weight: float = 0.0,
-                   exits: list[int] | None = None, progress: bool = True) -> dict:
+def train_branches(
+    model: FamilialModel,
+    train_ids: torch.Tensor,
+    *,
+    steps: int = 300,
+    batch: int = 8,
+    lr: float = 1e-3,
+    positions: int = 48,
+    seed: int = 0,
+    distill_weight: float = 0.0,
+    exits: list[int] | None = None,
+    progress: bool = True,
+) -> dict:
     """Train each non-last exit's branch layer and norm (trunk and heads frozen), in place.
 
     train_ids [n, T]. Per exit: AdamW with a one-cycle schedule (max `lr`) for `steps` steps of
@@ -165,10 +186,12 @@ def train_branches(model: FamilialModel, train_ids: torch.Tensor, *, steps: int 
                 p.requires_grad_(True)
             decay = [p for p in params if p.dim() == 2]
             other = [p for p in params if p.dim() != 2]
-            opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
-                                     {"params": other, "weight_decay": 0.0}], lr=lr)
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
-                                                        pct_start=max(0.1, 2.5 / steps))
+            opt = torch.optim.AdamW(
+                [{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}], lr=lr
+            )
+            sched = torch.optim.lr_scheduler.OneCycleLR(
+                opt, max_lr=lr, total_steps=steps, pct_start=max(0.1, 2.5 / steps)
+            )
             g = torch.Generator().manual_seed(seed * 1000 + e)
             losses = []
             bar = tqdm(range(steps), desc=f"exit {e}", unit="step", disable=not progress, leave=False)
@@ -177,14 +200,16 @@ def train_branches(model: FamilialModel, train_ids: torch.Tensor, *, steps: int 
                 pos = torch.rand(batch, T - 1, generator=g).argsort(-1)[:, :positions].sort(-1).values
                 r = rows.unsqueeze(1)
                 x = ins[e][rows].float()
-                y = norm(branch_at(layer, x, pos, cos, sin))                       # [B, P, H]
-                logp = F.linear(y.bfloat16(), head).float().log_softmax(-1)      # [B, P, V]
+                y = norm(branch_at(layer, x, pos, cos, sin))  # [B, P, H]
+                logp = F.linear(y.bfloat16(), head).float().log_softmax(-1)  # [B, P, V]
                 ce = F.nll_loss(logp.flatten(0, 1), train_ids[r, pos + 1].flatten())
                 loss = ce
                 if distill_weight > 0:
                     with torch.no_grad():
                         t_logits = F.linear(final[r, pos], teacher_head)
-                    loss = (1 - distill_weight) * ce + distill_weight * kl_rows(t_logits.float().log_softmax(-1), logp).mean()
+                    loss = (1 - distill_weight) * ce + distill_weight * kl_rows(
+                        t_logits.float().log_softmax(-1), logp
+                    ).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -198,8 +223,9 @@ def train_branches(model: FamilialModel, train_ids: torch.Tensor, *, steps: int 
 
 
 # --- the builder ---------------------------------------------------------------------------------
-def training_windows(tokenizer, n: int, seq_len: int, seed: int,
-                     sources: tuple[str, ...] = TRAIN_SOURCES) -> torch.Tensor:
+def training_windows(
+    tokenizer, n: int, seq_len: int, seed: int, sources: tuple[str, ...] = TRAIN_SOURCES
+) -> torch.Tensor:
     """n random windows of training text, split evenly over `sources` (builtin:pydoc/train,
     builtin:stdlib/train, a .txt or .jsonl file). [n, seq_len]"""
     sources = list(sources)
@@ -211,9 +237,17 @@ def training_windows(tokenizer, n: int, seq_len: int, seed: int,
     return torch.cat(parts)
 
 
-def build_familial(plain_dir: Path, out_dir: Path, exits: list[int], *, shared_heads: bool = True,
-                   train: Training = Training(), eval_source: str | None = "builtin:pydoc/eval",
-                   progress: bool = True, force: bool = True) -> dict:
+def build_familial(
+    plain_dir: Path,
+    out_dir: Path,
+    exits: list[int],
+    *,
+    shared_heads: bool = True,
+    train: Training = Training(),
+    eval_source: str | None = "builtin:pydoc/eval",
+    progress: bool = True,
+    force: bool = True,
+) -> dict:
     """A plain Qwen2/Llama checkpoint -> a trained bf16 ruyi_qwen2 family in out_dir (written whole
     or not at all, locked while it trains). Returns the report, also written to out_dir/ruyi_quant.json."""
     with atomic_dir(Path(out_dir), force=force, inputs=[plain_dir], kind="source") as tmp:
@@ -231,14 +265,29 @@ def _train_family(plain_dir, exits, shared_heads, train, eval_source, progress):
     torch.manual_seed(train.seed)
     fam = make_familial(load_model(plain_dir), list(exits), shared_heads)
     train_ids = training_windows(tokenizer, train.windows, train.seq_len, train.seed, tuple(train.sources))
-    trained = train_branches(fam, train_ids, steps=train.steps, batch=train.batch, lr=train.lr,
-                             positions=train.positions, seed=train.seed,
-                             distill_weight=train.distill_weight, progress=progress)
+    trained = train_branches(
+        fam,
+        train_ids,
+        steps=train.steps,
+        batch=train.batch,
+        lr=train.lr,
+        positions=train.positions,
+        seed=train.seed,
+        distill_weight=train.distill_weight,
+        progress=progress,
+    )
     fam.to(torch.bfloat16)
-    report = {"kind": "source", "name": "make-familial", "base": str(plain_dir), "exits": list(fam.config.exits),
-              "shared_heads": shared_heads, "train": train.model_dump(),
-              "final_ce": {str(e): sum(r["loss"][-20:]) / len(r["loss"][-20:])
-                           for e, r in trained["exits"].items()}}
+    report = {
+        "kind": "source",
+        "name": "make-familial",
+        "base": str(plain_dir),
+        "exits": list(fam.config.exits),
+        "shared_heads": shared_heads,
+        "train": train.model_dump(),
+        "final_ce": {
+            str(e): sum(r["loss"][-20:]) / len(r["loss"][-20:]) for e, r in trained["exits"].items()
+        },
+    }
     if eval_source:
         ev = text.text_windows(tokenizer, eval_source, 16, train.seq_len)
         report["ppl_bf16"] = {str(e): p for e, p in exit_perplexities(fam, ev, progress=progress).items()}
@@ -247,8 +296,7 @@ def _train_family(plain_dir, exits, shared_heads, train, eval_source, progress):
     return fam, report
 
 
-def write_source(fam: FamilialModel, out_dir: Path, tokenizer_dir: Path, report: dict,
-                 **atomic) -> dict:
+def write_source(fam: FamilialModel, out_dir: Path, tokenizer_dir: Path, report: dict, **atomic) -> dict:
     """A built family as a bf16 ruyi_qwen2 checkpoint with its report (whole or not at all;
     `atomic`: atomic_dir's checks)."""
     with atomic_dir(Path(out_dir), **atomic) as tmp:

@@ -16,17 +16,17 @@ import torch
 
 from .. import names
 from ..errors import UserError
-from ..names import MARKER
-from ..store.files import cache_dir, check_cache, sha256
 from ..model.familial import FamilialModel
+from ..names import MARKER
 from ..store.checkpoint import load_model
+from ..store.files import cache_dir, check_cache, sha256
 from .branches import make_familial, write_source
 from .smollm2 import cached_smollm2
 
 RUYI_MINI_EXITS = (12, 16, 20, 25, 29)
 ASSET_DIR = Path(__file__).parents[1] / "assets"
 RUYI_MINI_ASSET = ASSET_DIR / "ruyi-mini-branches.safetensors"
-RUYI_MINI_VERSION = "v2"     # v2: SmolLM2's own (smollm) pre-tokenizer
+RUYI_MINI_VERSION = "v2"  # v2: SmolLM2's own (smollm) pre-tokenizer
 SCALE_SUFFIX = ".row_scale"
 
 
@@ -60,9 +60,13 @@ def decode_int8(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def save_branches(model: FamilialModel, path: Path, meta: dict) -> None:
     from safetensors.torch import save_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(encode_int8(branch_tensors(model)), str(path),
-              metadata={"ruyi_quant": json.dumps(meta, sort_keys=True)})
+    save_file(
+        encode_int8(branch_tensors(model)),
+        str(path),
+        metadata={"ruyi_quant": json.dumps(meta, sort_keys=True)},
+    )
 
 
 @torch.no_grad()
@@ -70,9 +74,12 @@ def assemble_ruyi_mini(out_dir: str | Path, asset: Path = RUYI_MINI_ASSET, progr
     """SmolLM2 + the shipped branches -> a bf16 ruyi_qwen2 checkpoint in out_dir (seconds)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
+
     if not asset.is_file():
-        raise UserError(f"{asset}: the trained ruyi-mini branches are missing; rebuild them with "
-                        "python scripts/build_ruyi_mini.py")
+        raise UserError(
+            f"{asset}: the trained ruyi-mini branches are missing; rebuild them with "
+            "python scripts/build_ruyi_mini.py"
+        )
     with safe_open(str(asset), "pt") as f:
         meta = json.loads(f.metadata()["ruyi_quant"])
     plain_dir = cached_smollm2()
@@ -83,8 +90,14 @@ def assemble_ruyi_mini(out_dir: str | Path, asset: Path = RUYI_MINI_ASSET, progr
         raise UserError(f"{asset}: does not match the family (missing {sorted(missing)[:3]})")
     fam.load_state_dict(trained, strict=False)
     fam.to(torch.bfloat16)
-    report = {"kind": "source", "name": "ruyi-mini", "version": RUYI_MINI_VERSION, "base": "SmolLM2-135M-Instruct",
-              "asset_sha256": sha256(asset), **meta}
+    report = {
+        "kind": "source",
+        "name": "ruyi-mini",
+        "version": RUYI_MINI_VERSION,
+        "base": "SmolLM2-135M-Instruct",
+        "asset_sha256": sha256(asset),
+        **meta,
+    }
     return write_source(fam, out_dir, plain_dir, report, check=False)
 
 
@@ -96,8 +109,12 @@ def cached_ruyi_mini(progress: bool = True) -> Path:
         try:
             meta = json.loads(marker.read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            meta = {}                                   # a damaged cache entry is rebuilt
-        if isinstance(meta, dict) and meta.get("kind") == "source" and meta.get("asset_sha256") == sha256(RUYI_MINI_ASSET):
+            meta = {}  # a damaged cache entry is rebuilt
+        if (
+            isinstance(meta, dict)
+            and meta.get("kind") == "source"
+            and meta.get("asset_sha256") == sha256(RUYI_MINI_ASSET)
+        ):
             return path
     check_cache(path)
     assemble_ruyi_mini(path, progress=progress)

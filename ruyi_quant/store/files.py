@@ -31,16 +31,12 @@ from ..errors import UserError, write_problem, writing
 from ..names import MARKER
 
 TOOL = "ruyi-quant"
-TMP_SUFFIX = ".tmp-XXXXXXXX"        # what mkdtemp adds to ".NAME" (8 random characters)
-DEEPEST = 96                        # longest path we write inside an output (hf-gptq/exit-NN/...)
+TMP_SUFFIX = ".tmp-XXXXXXXX"  # what mkdtemp adds to ".NAME" (8 random characters)
+DEEPEST = 96  # longest path we write inside an output (hf-gptq/exit-NN/...)
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("RUYI_QUANT_CACHE", Path.home() / ".cache" / "ruyi-quant"))
-
-
-
-
 
 
 # --- manifests and ownership ---------------------------------------------------------------
@@ -55,14 +51,18 @@ def sha256(path: Path, chunk: int = 1 << 20) -> str:
 def _listing(directory: Path) -> list[str]:
     """Every file under a directory but its top-level marker, as sorted posix paths."""
     directory = Path(directory)
-    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
-                  if (p.is_file() or p.is_symlink()) and p != directory / MARKER)
+    return sorted(
+        p.relative_to(directory).as_posix()
+        for p in directory.rglob("*")
+        if (p.is_file() or p.is_symlink()) and p != directory / MARKER
+    )
 
 
 def write_marker(directory: Path, meta: dict) -> dict:
     """Write the manifest: `meta` (which must have a `kind`) with the tool, its version and the
     sha256 and size of every file now in the directory. Returns the file list."""
     from .. import __version__
+
     directory = Path(directory)
     listing = _listing(directory)
     files = {p: sha256(directory / p) for p in listing}
@@ -78,8 +78,12 @@ def read_manifest(directory: Path) -> dict | None:
         meta = json.loads((Path(directory) / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not (isinstance(meta, dict) and meta.get("tool") == TOOL and isinstance(meta.get("kind"), str)
-            and isinstance(meta.get("files"), dict)):
+    if not (
+        isinstance(meta, dict)
+        and meta.get("tool") == TOOL
+        and isinstance(meta.get("kind"), str)
+        and isinstance(meta.get("files"), dict)
+    ):
         return None
     return meta
 
@@ -96,11 +100,15 @@ class ListedFiles:
         for rel in files:
             p = self.directory / rel
             if not p.is_file():
-                raise UserError(f"{p}: listed in {MARKER} but missing; the {self.kind} is damaged: "
-                                "restore it or write it again")
+                raise UserError(
+                    f"{p}: listed in {MARKER} but missing; the {self.kind} is damaged: "
+                    "restore it or write it again"
+                )
             if isinstance(sizes.get(rel), int) and p.stat().st_size != sizes[rel]:
-                raise UserError(f"{p}: {p.stat().st_size} bytes, {MARKER} lists {sizes[rel]}; the "
-                                f"{self.kind} is damaged: restore it or write it again")
+                raise UserError(
+                    f"{p}: {p.stat().st_size} bytes, {MARKER} lists {sizes[rel]}; the "
+                    f"{self.kind} is damaged: restore it or write it again"
+                )
         self.files, self.bad, self.thread = files, None, None
         if hashes and files:
             self.thread = threading.Thread(target=self._hash, daemon=True, name="sha256")
@@ -121,9 +129,11 @@ class ListedFiles:
         if self.thread is not None:
             self.thread.join()
         if self.bad is not None:
-            raise UserError(f"{self.directory / self.bad}: its sha256 is not the one {MARKER} lists (it "
-                            f"changed after it was written); the {self.kind} is damaged: restore it or "
-                            "write it again")
+            raise UserError(
+                f"{self.directory / self.bad}: its sha256 is not the one {MARKER} lists (it "
+                f"changed after it was written); the {self.kind} is damaged: restore it or "
+                "write it again"
+            )
 
 
 def foreign_files(directory: Path) -> list[str] | None:
@@ -139,9 +149,14 @@ def foreign_files(directory: Path) -> list[str] | None:
 def intact(directory: Path) -> bool:
     """Ours, and every listed file present with its sha256."""
     meta = read_manifest(directory)
-    return (meta is not None and foreign_files(directory) == []
-            and all((Path(directory) / p).is_file() and sha256(Path(directory) / p) == h
-                    for p, h in meta["files"].items()))
+    return (
+        meta is not None
+        and foreign_files(directory) == []
+        and all(
+            (Path(directory) / p).is_file() and sha256(Path(directory) / p) == h
+            for p, h in meta["files"].items()
+        )
+    )
 
 
 def is_ours(directory: Path) -> bool:
@@ -150,8 +165,6 @@ def is_ours(directory: Path) -> bool:
 
 
 # --- output checks -------------------------------------------------------------------------
-
-
 
 
 def check_writable(path: Path, flag: str = "--out", directory: bool = True) -> None:
@@ -164,12 +177,16 @@ def check_writable(path: Path, flag: str = "--out", directory: bool = True) -> N
         if len(part.encode()) > name_max:
             raise UserError(f"{flag} {path}: the name '{part[:40]}...' is longer than {name_max} bytes")
     if len(f".{path.name}{TMP_SUFFIX}".encode()) > name_max:
-        raise UserError(f"{flag} {path}: the name is too long for its temporary sibling "
-                        f"(at most {name_max - len(TMP_SUFFIX) - 1} bytes)")
+        raise UserError(
+            f"{flag} {path}: the name is too long for its temporary sibling "
+            f"(at most {name_max - len(TMP_SUFFIX) - 1} bytes)"
+        )
     limit = 4096 - (DEEPEST if directory else 0)
     if len(str(path).encode()) + len(TMP_SUFFIX) + 1 > limit:
-        raise UserError(f"{flag} {path}: the path is too long (at most {limit - len(TMP_SUFFIX) - 1} "
-                        "bytes, for the files written inside it)")
+        raise UserError(
+            f"{flag} {path}: the path is too long (at most {limit - len(TMP_SUFFIX) - 1} "
+            "bytes, for the files written inside it)"
+        )
     if path.is_dir() and not directory:
         raise UserError(f"{flag} {path}: is a directory; give a file name")
     parent = path.parent
@@ -177,24 +194,26 @@ def check_writable(path: Path, flag: str = "--out", directory: bool = True) -> N
         parent = parent.parent
     if not parent.is_dir():
         raise UserError(f"{flag} {path}: {parent} is a file, not a directory")
-    try:                                   # os.access says yes to root even on a read-only mount
+    try:  # os.access says yes to root even on a read-only mount
         os.rmdir(tempfile.mkdtemp(prefix=".ruyi-quant-probe-", dir=parent))
     except OSError as e:
         raise UserError(f"{flag} {path}: cannot write in {parent} ({e.strerror})") from None
 
 
-def check_output_dir(path: Path, force: bool = True, inputs: tuple = (), flag: str = "--out",
-                     kind: str | None = None) -> None:
+def check_output_dir(
+    path: Path, force: bool = True, inputs: tuple = (), flag: str = "--out", kind: str | None = None
+) -> None:
     """Refuse an output that cannot be written, that is not ours, that is ours but of another
     `kind` than the one to be written (a family, a job, an export, an eval: not even with force),
     without force any existing one, or that is, holds or lies inside one of the command's inputs."""
     path = Path(path)
     out = path.resolve()
-    for src in (p for p in inputs if p is not None and Path(p).exists()):   # builtin names are not paths
+    for src in (p for p in inputs if p is not None and Path(p).exists()):  # builtin names are not paths
         s = Path(src).resolve()
         if out == s or s.is_relative_to(out) or out.is_relative_to(s):
-            raise UserError(f"{flag} {path}: is, holds or lies inside the input {src}; choose "
-                            "another output path")
+            raise UserError(
+                f"{flag} {path}: is, holds or lies inside the input {src}; choose another output path"
+            )
     check_writable(path, flag)
     if path.exists():
         if not path.is_dir():
@@ -202,16 +221,22 @@ def check_output_dir(path: Path, force: bool = True, inputs: tuple = (), flag: s
         if any(path.iterdir()):
             bad = foreign_files(path)
             if bad is None:
-                raise UserError(f"{flag} {path}: exists and was not written by ruyi-quant; choose "
-                                "another output path or remove it")
+                raise UserError(
+                    f"{flag} {path}: exists and was not written by ruyi-quant; choose "
+                    "another output path or remove it"
+                )
             if bad:
-                raise UserError(f"{flag} {path}: holds {bad[0]}, which ruyi-quant did not write "
-                                f"({len(bad)} such file(s)); move it away or choose another output path")
+                raise UserError(
+                    f"{flag} {path}: holds {bad[0]}, which ruyi-quant did not write "
+                    f"({len(bad)} such file(s)); move it away or choose another output path"
+                )
             held = read_manifest(path)["kind"]
             if kind is not None and held != kind:
                 article = "an" if kind[0] in "aeiou" else "a"
-                raise UserError(f"{flag} {path}: holds a ruyi-quant {held}, which {article} {kind} "
-                                "never replaces (not even with --force); choose another output path")
+                raise UserError(
+                    f"{flag} {path}: holds a ruyi-quant {held}, which {article} {kind} "
+                    "never replaces (not even with --force); choose another output path"
+                )
         if not force:
             raise UserError(f"{flag} {path}: exists; pass --force to replace it")
 
@@ -229,23 +254,25 @@ def output_lock(path: Path, flag: str = "--out"):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise UserError(f"{flag} {path}: another ruyi-quant run is writing it (holds {lock.name}); "
-                            "wait for it or choose another output path") from None
+            raise UserError(
+                f"{flag} {path}: another ruyi-quant run is writing it (holds {lock.name}); "
+                "wait for it or choose another output path"
+            ) from None
         try:
             same = os.fstat(fd).st_ino == os.stat(lock).st_ino
         except FileNotFoundError:
             same = False
         if same:
             break
-        os.close(fd)                      # the holder removed it as we opened it: try again
+        os.close(fd)  # the holder removed it as we opened it: try again
     try:
-        for kind in ("tmp", "old"):                       # temporaries of dead runs
+        for kind in ("tmp", "old"):  # temporaries of dead runs
             for stale in path.parent.glob(f".{glob.escape(path.name)}.{kind}-*"):
                 _remove(stale)
         yield
     finally:
         with contextlib.suppress(OSError):
-            if os.fstat(fd).st_size == 0:         # ours are empty: never remove a file someone wrote
+            if os.fstat(fd).st_size == 0:  # ours are empty: never remove a file someone wrote
                 os.unlink(lock)
         os.close(fd)
 
@@ -258,7 +285,7 @@ def _remove(p: Path) -> None:
             p.unlink()
 
 
-LEFTOVER = re.compile(r"\.(.+)\.(?:tmp-[a-z0-9_]{8}|old-\d+|lock)")   # what our runs leave beside NAME
+LEFTOVER = re.compile(r"\.(.+)\.(?:tmp-[a-z0-9_]{8}|old-\d+|lock)")  # what our runs leave beside NAME
 
 
 def sweep(folder: Path) -> None:
@@ -267,15 +294,19 @@ def sweep(folder: Path) -> None:
     calls it, whether or not it then writes there."""
     folder = Path(folder)
     try:
-        names = {m.group(1) for p in folder.iterdir() if (m := LEFTOVER.fullmatch(p.name))
-                 and not (p.name.endswith(".lock") and (not p.is_file() or p.stat().st_size))}
+        names = {
+            m.group(1)
+            for p in folder.iterdir()
+            if (m := LEFTOVER.fullmatch(p.name))
+            and not (p.name.endswith(".lock") and (not p.is_file() or p.stat().st_size))
+        }
     except OSError:
         return
     for name in sorted(names):
         try:
             with output_lock(folder / name):
                 pass
-        except (UserError, OSError):      # held by a live run, or a folder we may not write
+        except (UserError, OSError):  # held by a live run, or a folder we may not write
             continue
 
 
@@ -286,8 +317,14 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: Path, force: bool = True, inputs: tuple = (), flag: str = "--out",
-               check: bool = True, kind: str | None = None):
+def atomic_dir(
+    path: Path,
+    force: bool = True,
+    inputs: tuple = (),
+    flag: str = "--out",
+    check: bool = True,
+    kind: str | None = None,
+):
     """Yield a temporary directory beside `path`; on success it replaces `path`, else vanishes
     (with any parent directories it had to create). Holds `path`'s lock throughout and checks the
     output again under it (check=False: a cache entry, ours by where it is)."""
@@ -325,7 +362,7 @@ def atomic_dir(path: Path, force: bool = True, inputs: tuple = (), flag: str = "
                 ok = True
     finally:
         if not ok:
-            for d in missing:                          # innermost first
+            for d in missing:  # innermost first
                 with contextlib.suppress(OSError):
                     d.rmdir()
 
@@ -336,10 +373,14 @@ def _refused(e: BaseException, problem: str, tmp: Path, path: Path, flag: str) -
     name = getattr(e, "filename", None)
     full = problem in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT)) or "stopped short" in problem
     hint = "free some space or choose another output path" if full else "choose another output path"
-    if name and Path(name).parent.name.startswith(f".{path.name}.tmp-") and not Path(name).is_relative_to(tmp):
+    if (
+        name
+        and Path(name).parent.name.startswith(f".{path.name}.tmp-")
+        and not Path(name).is_relative_to(tmp)
+    ):
         return f"{flag} {path}: cannot write its scratch files beside it ({problem}); {hint}"
     if name and not Path(name).is_relative_to(tmp):
-        return f"{name}: {problem}"                       # an input that could not be read
+        return f"{name}: {problem}"  # an input that could not be read
     where = path / Path(name).relative_to(tmp) if name else path
     return f"{flag} {where}: cannot write it ({problem}); {hint}"
 
@@ -387,8 +428,9 @@ def check_cache(path: Path) -> None:
     try:
         check_writable(path, "RUYI_QUANT_CACHE")
     except UserError as e:
-        raise UserError(f"{e} (the cache for built-in models; set RUYI_QUANT_CACHE to a writable "
-                        "directory)") from None
+        raise UserError(
+            f"{e} (the cache for built-in models; set RUYI_QUANT_CACHE to a writable directory)"
+        ) from None
 
 
 def disk_bytes(path: Path) -> int:
@@ -397,5 +439,3 @@ def disk_bytes(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-

@@ -23,19 +23,38 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import UserError, read_json, writing
 
-ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-             torch.int32: "I32", torch.int64: "I64", torch.uint8: "U8", torch.int8: "I8", torch.bool: "BOOL"}
+ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.bool: "BOOL",
+}
 TORCH_DTYPES = {v: k for k, v in ST_DTYPES.items()}
-SHARD_BYTES = 5_000_000_000          # transformers' default max_shard_size ("5GB")
+SHARD_BYTES = 5_000_000_000  # transformers' default max_shard_size ("5GB")
 # safetensors' own writer orders tensors by dtype (this rank, descending), then by name; so do we,
 # and the header is its compact JSON: a file we stream is byte for byte the one save_file writes
-RANK = {torch.bool: 0, torch.uint8: 4, torch.int8: 5, torch.float16: 11, torch.bfloat16: 12,
-        torch.int32: 13, torch.float32: 15, torch.float64: 16, torch.int64: 17}
+RANK = {
+    torch.bool: 0,
+    torch.uint8: 4,
+    torch.int8: 5,
+    torch.float16: 11,
+    torch.bfloat16: 12,
+    torch.int32: 13,
+    torch.float32: 15,
+    torch.float64: 16,
+    torch.int64: 17,
+}
 
 
 @dataclass
 class Entry:
     """One tensor to write: its data comes from produce(), a tensor or an iterable of row chunks."""
+
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
@@ -64,11 +83,14 @@ def write_safetensors(path: Path, entries: list[Entry], metadata: dict | None = 
     for e in entries:
         if e.dtype not in RANK:
             raise ValueError(f"{e.name}: dtype {e.dtype} has no safetensors code")
-        header[e.name] = {"dtype": ST_DTYPES[e.dtype], "shape": list(e.shape),
-                          "data_offsets": [offset, offset + e.nbytes]}
+        header[e.name] = {
+            "dtype": ST_DTYPES[e.dtype],
+            "shape": list(e.shape),
+            "data_offsets": [offset, offset + e.nbytes],
+        }
         offset += e.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)                   # data starts 8-byte aligned
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
     with writing(path), open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
@@ -80,7 +102,7 @@ def write_safetensors(path: Path, entries: list[Entry], metadata: dict | None = 
                 data = chunk.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
                 f.write(memoryview(data))
                 done += data.nbytes
-            chunk = data = None                     # before the next tensor is made
+            chunk = data = None  # before the next tensor is made
             if done != e.nbytes:
                 raise RuntimeError(f"{e.name}: produced {done} bytes, header says {e.nbytes}")
     return 8 + len(raw) + offset
@@ -93,8 +115,9 @@ def _chunks(x) -> Iterator[torch.Tensor]:
         yield from x
 
 
-def write_sharded(out_dir: Path, entries: list[Entry], max_bytes: int = SHARD_BYTES,
-                  metadata: dict | None = None) -> list[Path]:
+def write_sharded(
+    out_dir: Path, entries: list[Entry], max_bytes: int = SHARD_BYTES, metadata: dict | None = None
+) -> list[Path]:
     """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json when
     the entries exceed max_bytes (a tensor larger than that gets a shard of its own)."""
     shards: list[list[Entry]] = [[]]
@@ -127,8 +150,13 @@ class LazyTensors(Mapping):
     `check(name, tensor, path)` runs on every read (finiteness). Tensors set with `[]=` live in memory
     and shadow the files; `info(name)` is (shape, dtype) without reading."""
 
-    def __init__(self, files: dict[str, Path], check: Callable | None = None,
-                 aliases: dict[str, str] | None = None, order: list[str] | None = None):
+    def __init__(
+        self,
+        files: dict[str, Path],
+        check: Callable | None = None,
+        aliases: dict[str, str] | None = None,
+        order: list[str] | None = None,
+    ):
         """files: name -> its file; aliases: name -> the name the file stores it under (a plain
         checkpoint's tensors go by Ruyi's names); order: the order names iterate in (a name set
         later and not in it comes after; one replaced keeps its place)."""
@@ -145,8 +173,10 @@ class LazyTensors(Mapping):
                     self._where[stored[name]] = where
         absent = next((n for n in self._files if n not in self._where), None)
         if absent is not None:
-            raise UserError(f"{self._files[absent]}: the index lists {aliases.get(absent, absent)} "
-                            "in this file, but it is not there")
+            raise UserError(
+                f"{self._files[absent]}: the index lists {aliases.get(absent, absent)} "
+                "in this file, but it is not there"
+            )
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name in self._mem:
@@ -183,6 +213,7 @@ class LazyTensors(Mapping):
             if check is not None:
                 check(name, t, path)
             return t
+
         return load
 
     def file(self, name: str) -> Path | None:
@@ -193,7 +224,12 @@ class LazyTensors(Mapping):
         """Another view of the same files (and the same in-memory tensors), set and discarded
         independently of this one."""
         new = LazyTensors.__new__(LazyTensors)
-        new._files, new._mem, new._check, new._where = dict(self._files), dict(self._mem), self._check, self._where
+        new._files, new._mem, new._check, new._where = (
+            dict(self._files),
+            dict(self._mem),
+            self._check,
+            self._where,
+        )
         new._order = dict(self._order)
         return new
 
@@ -229,10 +265,19 @@ def _header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, in
     header.pop("__metadata__", None)
     odd = next((k for k, v in header.items() if v["dtype"] not in TORCH_DTYPES), None)
     if odd is not None:
-        raise UserError(f"{path}: tensor {odd} is {header[odd]['dtype']}, a dtype ruyi-quant does "
-                        f"not read ({', '.join(TORCH_DTYPES)})")
-    return {k: (TORCH_DTYPES[v["dtype"]], tuple(v["shape"]), 8 + n + v["data_offsets"][0],
-                8 + n + v["data_offsets"][1]) for k, v in header.items()}
+        raise UserError(
+            f"{path}: tensor {odd} is {header[odd]['dtype']}, a dtype ruyi-quant does "
+            f"not read ({', '.join(TORCH_DTYPES)})"
+        )
+    return {
+        k: (
+            TORCH_DTYPES[v["dtype"]],
+            tuple(v["shape"]),
+            8 + n + v["data_offsets"][0],
+            8 + n + v["data_offsets"][1],
+        )
+        for k, v in header.items()
+    }
 
 
 def _read(path: Path, dtype: torch.dtype, shape: tuple[int, ...], start: int, end: int) -> torch.Tensor:
@@ -267,8 +312,10 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
         with open_safetensors(single) as f:
             return {k: single for k in f.keys()}
     if list(model_dir.glob("*.bin")) or list(model_dir.glob("*.pt")):
-        raise UserError(f"{model_dir}: only pickle weights (.bin/.pt) found; ruyi-quant never loads "
-                        "pickles: convert them to safetensors first")
+        raise UserError(
+            f"{model_dir}: only pickle weights (.bin/.pt) found; ruyi-quant never loads "
+            "pickles: convert them to safetensors first"
+        )
     raise UserError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
 
 
@@ -286,7 +333,7 @@ def open_safetensors(path: Path):
 def read_tensors(files: dict[str, Path], wanted: list[str] | None = None):
     """Yield (name, tensor) for the wanted names (all by default), one file open at a time."""
     by_file: dict[Path, list[str]] = {}
-    for name in (wanted if wanted is not None else files):
+    for name in wanted if wanted is not None else files:
         by_file.setdefault(files[name], []).append(name)
     for path, tensor_names in by_file.items():
         with open_safetensors(path) as f:
@@ -303,10 +350,11 @@ def check_finite(name: str, t: torch.Tensor, path: Path | None = None) -> None:
     `path`: the file it was read from, named in the error."""
     where = f"{path}: " if path is not None else ""
     if not t.is_floating_point():
-        raise UserError(f"{where}tensor {name} is {str(t.dtype).removeprefix('torch.')}, not a "
-                        "floating-point weight; the checkpoint is corrupt")
-    for block in t.reshape(-1).split(1 << 24):   # blocks: isfinite of a bf16 head makes float32
-        if not torch.isfinite(block).all():      # and bool copies of it (3 GB for Ruyi's)
+        raise UserError(
+            f"{where}tensor {name} is {str(t.dtype).removeprefix('torch.')}, not a "
+            "floating-point weight; the checkpoint is corrupt"
+        )
+    for block in t.reshape(-1).split(1 << 24):  # blocks: isfinite of a bf16 head makes float32
+        if not torch.isfinite(block).all():  # and bool copies of it (3 GB for Ruyi's)
             bad = "NaN" if torch.isnan(block).any() else "Inf"
             raise UserError(f"{where}tensor {name} contains {bad} values; the checkpoint is corrupt")
-

@@ -61,17 +61,30 @@ CASES = {
     "missing key": (lambda d: edit_config(d, hidden_size=None), ["missing required key 'hidden_size'"]),
     "unknown type": (lambda d: edit_config(d, model_type="mamba"), ["unsupported model_type 'mamba'"]),
     "bad exits": (lambda d: edit_config(d, early_exit_points=[2, 7]), ["early_exit_points"]),
-    "missing tensor": (lambda d: edit_tensors(d, lambda s: s.pop("model.norms.1.weight")),
-                       ["missing tensor model.norms.1.weight"]),
-    "wrong shape": (lambda d: edit_tensors(d, lambda s: s.__setitem__(
-        "model.layers.2.mlp.up_proj.weight", torch.zeros(300, 128))),
-        ["model.layers.2.mlp.up_proj.weight has shape [300, 128], expected [320, 128]"]),
-    "nan": (lambda d: edit_tensors(d, lambda s: s["model.eelayers.1.self_attn.k_proj.weight"].__setitem__(
-        (0, 0), float("nan"))), ["model.eelayers.1.self_attn.k_proj.weight contains NaN"]),
-    "inf": (lambda d: edit_tensors(d, lambda s: s["lm_head.2.weight"].__setitem__((3, 3), float("inf"))),
-            ["lm_head.2.weight contains Inf"]),
-    "pickle only": (lambda d: ((d / "model.safetensors").rename(d / "pytorch_model.bin")),
-                    ["never loads pickles"]),
+    "missing tensor": (
+        lambda d: edit_tensors(d, lambda s: s.pop("model.norms.1.weight")),
+        ["missing tensor model.norms.1.weight"],
+    ),
+    "wrong shape": (
+        lambda d: edit_tensors(
+            d, lambda s: s.__setitem__("model.layers.2.mlp.up_proj.weight", torch.zeros(300, 128))
+        ),
+        ["model.layers.2.mlp.up_proj.weight has shape [300, 128], expected [320, 128]"],
+    ),
+    "nan": (
+        lambda d: edit_tensors(
+            d, lambda s: s["model.eelayers.1.self_attn.k_proj.weight"].__setitem__((0, 0), float("nan"))
+        ),
+        ["model.eelayers.1.self_attn.k_proj.weight contains NaN"],
+    ),
+    "inf": (
+        lambda d: edit_tensors(d, lambda s: s["lm_head.2.weight"].__setitem__((3, 3), float("inf"))),
+        ["lm_head.2.weight contains Inf"],
+    ),
+    "pickle only": (
+        lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"),
+        ["never loads pickles"],
+    ),
 }
 
 
@@ -84,13 +97,16 @@ def test_bad_checkpoint(case, broken, tmp_path, capsys):
     assert nothing_written(tmp_path)
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--bits", "5"], "--bits 5: bits must be one of [2, 3, 4, 8]"),
-    (["--group-size", "100"], "--group-size 100: group_size must be one of"),
-    (["--override", "lm_head*:bitz=8"], "unknown setting 'bitz'"),
-    (["--override", "model.layer.*:bits=8"], "override pattern 'model.layer.*' matches no module"),
-    (["--method", "magic"], "--method"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--bits", "5"], "--bits 5: bits must be one of [2, 3, 4, 8]"),
+        (["--group-size", "100"], "--group-size 100: group_size must be one of"),
+        (["--override", "lm_head*:bitz=8"], "unknown setting 'bitz'"),
+        (["--override", "model.layer.*:bits=8"], "override pattern 'model.layer.*' matches no module"),
+        (["--method", "magic"], "--method"),
+    ],
+)
 def test_bad_quantize_settings(args, needle, tiny_dir, tmp_path, capsys):
     code, err = run_cli(capsys, "quantize", tiny_dir, "--out", tmp_path / "out", *args)
     assert_one_line_error(code, err, needle)
@@ -157,18 +173,26 @@ def test_export_refuses_to_replace_its_own_input(tiny_dir, tmp_path, capsys):
 
 
 RECIPE_ERRORS = {
-    "misspelt key": ("jobs:\n  - name: a\n    model: builtin:tiny\n    output: o\n"
-                     "    quantize:\n      bits: 4\n      groupsize: 32\n",
-                     ["recipe.yaml:7", "unknown key 'groupsize'", "did you mean 'group_size'"]),
+    "misspelt key": (
+        "jobs:\n  - name: a\n    model: builtin:tiny\n    output: o\n"
+        "    quantize:\n      bits: 4\n      groupsize: 32\n",
+        ["recipe.yaml:7", "unknown key 'groupsize'", "did you mean 'group_size'"],
+    ),
     "unknown top key": ("jobz: []\n", ["recipe.yaml:1", "unknown key 'jobz'"]),
-    "bad bits": ("jobs:\n  - name: a\n    model: builtin:tiny\n    output: o\n"
-                 "    quantize: {bits: 5}\n", ["recipe.yaml:5", "jobs[0].quantize.bits"]),
+    "bad bits": (
+        "jobs:\n  - name: a\n    model: builtin:tiny\n    output: o\n    quantize: {bits: 5}\n",
+        ["recipe.yaml:5", "jobs[0].quantize.bits"],
+    ),
     "missing output": ("jobs:\n  - name: a\n    model: builtin:tiny\n", ["jobs[0].output", "Field required"]),
     "bad yaml": ("jobs:\n  - name: [a\n", ["recipe.yaml", "not valid YAML"]),
-    "unknown builtin": ("jobs:\n  - {name: a, model: 'builtin:huge', output: o}\n",
-                        ["builtin:huge", "unknown built-in model"]),
-    "missing calib file": ("jobs:\n  - name: a\n    model: builtin:tiny\n    output: o\n"
-                           "    eval: {source: nowhere.txt}\n", ["nowhere.txt", "no such text file"]),
+    "unknown builtin": (
+        "jobs:\n  - {name: a, model: 'builtin:huge', output: o}\n",
+        ["builtin:huge", "unknown built-in model"],
+    ),
+    "missing calib file": (
+        "jobs:\n  - name: a\n    model: builtin:tiny\n    output: o\n    eval: {source: nowhere.txt}\n",
+        ["nowhere.txt", "no such text file"],
+    ),
 }
 
 
@@ -193,29 +217,73 @@ def test_group_size_larger_than_k(tiny_dir, tmp_path, capsys):
 
 
 def test_act_order_refused_by_awq_export(tiny_dir, tmp_path, capsys):
-    code, _ = run_cli(capsys, "quantize", tiny_dir, "--out", tmp_path / "q", "--method", "gptq",
-                      "--act-order", "--group-size", "32", "--samples", "4", "--seq-len", "64")
+    code, _ = run_cli(
+        capsys,
+        "quantize",
+        tiny_dir,
+        "--out",
+        tmp_path / "q",
+        "--method",
+        "gptq",
+        "--act-order",
+        "--group-size",
+        "32",
+        "--samples",
+        "4",
+        "--seq-len",
+        "64",
+    )
     assert code == 0
     code, err = run_cli(capsys, "export", tmp_path / "q", "--weights", "awq", "--out", tmp_path / "out")
-    assert_one_line_error(code, err, "weights: awq cannot hold act-order", "export weights: gptq",
-                          "act_order: false")
+    assert_one_line_error(
+        code, err, "weights: awq cannot hold act-order", "export weights: gptq", "act_order: false"
+    )
     assert nothing_written(tmp_path)
 
 
 def test_too_few_calibration_tokens_warns(tiny_dir, tmp_path, capsys):
-    code = main(["quantize", str(tiny_dir), "--out", str(tmp_path / "q"), "--method", "gptq",
-                 "--samples", "2", "--seq-len", "64", "--group-size", "32"])
+    code = main(
+        [
+            "quantize",
+            str(tiny_dir),
+            "--out",
+            str(tmp_path / "q"),
+            "--method",
+            "gptq",
+            "--samples",
+            "2",
+            "--seq-len",
+            "64",
+            "--group-size",
+            "32",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 0
-    assert ("ruyi-quant: warning: calibration has 128 tokens, fewer than the widest layer's 320 "
-            "input columns") in err and "use at least 320 tokens" in err
+    assert (
+        "ruyi-quant: warning: calibration has 128 tokens, fewer than the widest layer's 320 input columns"
+    ) in err and "use at least 320 tokens" in err
 
 
 def test_awq_has_no_hessian_to_warn_about(tiny_dir, tmp_path, capsys):
     """AWQ searches scales on its sampled rows; it builds no Hessian, so the GPTQ warning
     about too few tokens for one would be wrong there."""
-    code = main(["quantize", str(tiny_dir), "--out", str(tmp_path / "q"), "--method", "awq",
-                 "--samples", "2", "--seq-len", "64", "--group-size", "32"])
+    code = main(
+        [
+            "quantize",
+            str(tiny_dir),
+            "--out",
+            str(tmp_path / "q"),
+            "--method",
+            "awq",
+            "--samples",
+            "2",
+            "--seq-len",
+            "64",
+            "--group-size",
+            "32",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 0
     assert "Hessian" not in err

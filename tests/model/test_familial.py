@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from ruyi_quant.quant.family import QuantizedFamily
 from ruyi_quant.errors import UserError
 from ruyi_quant.exporters.hf import export_exit
+from ruyi_quant.quant.family import QuantizedFamily
 from ruyi_quant.store.checkpoint import load_model
 
 
@@ -47,28 +47,32 @@ def test_exported_exit_matches_transformers(which, request, tmp_path, eval_ids):
             hcache = h.cache if hasattr(h, "cache") else h.past_key_values
             steps_ours, steps_hf = [o], [h.logits]
             for t in range(40, 48):
-                steps_ours.append(model(ids[:, t:t + 1], exit=e, cache=cache).logits)
-                h = hf(ids[:, t:t + 1], cache=hcache, use_cache=True)
+                steps_ours.append(model(ids[:, t : t + 1], exit=e, cache=cache).logits)
+                h = hf(ids[:, t : t + 1], cache=hcache, use_cache=True)
                 steps_hf.append(h.logits)
             a, b = torch.cat(steps_ours, 1), torch.cat(steps_hf, 1)
             assert (a - b).abs().max().item() < 1e-4
-            assert (a - ours[:, :48]).abs().max().item() < 1e-4      # cache == no cache
+            assert (a - ours[:, :48]).abs().max().item() < 1e-4  # cache == no cache
 
 
-@pytest.mark.parametrize("which,arch", [("tiny_dir", "Qwen2ForCausalLM"),
-                                        ("tiny_smollm_dir", "LlamaForCausalLM")])
-def test_autotokenizer_and_automodel_load_every_export_as_the_source(which, arch, request, tmp_path,
-                                                                      eval_ids):
+@pytest.mark.parametrize(
+    "which,arch", [("tiny_dir", "Qwen2ForCausalLM"), ("tiny_smollm_dir", "LlamaForCausalLM")]
+)
+def test_autotokenizer_and_automodel_load_every_export_as_the_source(
+    which, arch, request, tmp_path, eval_ids
+):
     """As a user loads our outputs (transformers' quick-start: AutoTokenizer, AutoModelForCausalLM):
     the saved family and every exit's export, float and GPTQ, give the source tokenizer's ids, and
     the float exports our logits. A tokenizer that transformers' Qwen2Tokenizer would override
     (SmolLM2's digits-first pre-tokenizer) makes the export a Llama with attention biases."""
+    from conftest import MIXED_TEXT
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
     from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
-    from conftest import MIXED_TEXT
-    from ruyi_quant.store.checkpoint import save_family
+
     from ruyi_quant.quant.plan import QuantSpec, make_plan
     from ruyi_quant.quant.rtn import rtn_family
+    from ruyi_quant.store.checkpoint import save_family
+
     src = request.getfixturevalue(which)
 
     def ids_of(d):
@@ -76,7 +80,7 @@ def test_autotokenizer_and_automodel_load_every_export_as_the_source(which, arch
 
     want = PreTrainedTokenizerFast.from_pretrained(src)(MIXED_TEXT, add_special_tokens=False)["input_ids"]
     qwen2_ids = Qwen2Tokenizer.from_pretrained(src)(MIXED_TEXT, add_special_tokens=False)["input_ids"]
-    assert (qwen2_ids == want) == (arch == "Qwen2ForCausalLM")   # the case is real: they differ
+    assert (qwen2_ids == want) == (arch == "Qwen2ForCausalLM")  # the case is real: they differ
     model = bf16_roundtrip(load_model(src))
     fam = rtn_family(model, make_plan(model, QuantSpec(4, 32, True)), progress=False)
     (tmp_path / "fam").mkdir()
@@ -96,7 +100,7 @@ def test_autotokenizer_and_automodel_load_every_export_as_the_source(which, arch
         with torch.no_grad():
             # measured max |diff| 1.4e-6 (both archs)
             assert (model(ids, exit=e).logits - hf(ids).logits).abs().max().item() < 1e-4
-    if arch == "LlamaForCausalLM":      # q/k/v biases kept, o_proj's zero
+    if arch == "LlamaForCausalLM":  # q/k/v biases kept, o_proj's zero
         t = load_file(tmp_path / "float-3" / "model.safetensors")
         assert t["model.layers.0.self_attn.q_proj.bias"].abs().max() > 0
         assert not t["model.layers.0.self_attn.o_proj.bias"].any()
@@ -144,8 +148,15 @@ def test_unknown_exit_is_refused(tiny_dir, eval_ids):
 
 
 def _tiny_hf_kw():
-    return dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return dict(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
@@ -168,8 +179,10 @@ def test_sharded_checkpoint(tiny_dir, tmp_path, eval_ids):
     state = load_file(tiny_dir / "model.safetensors")
     names = sorted(state)
     half = len(names) // 2
-    shards = {"model-00001-of-00002.safetensors": names[:half],
-              "model-00002-of-00002.safetensors": names[half:]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[:half],
+        "model-00002-of-00002.safetensors": names[half:],
+    }
     for fname, keys in shards.items():
         save_file({k: state[k] for k in keys}, tmp_path / fname)
     index = {"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import calib_ids, kl_top1, recording
-from ruyi_quant.store.checkpoint import load_family, save_family
-from ruyi_quant.store.checkpoint import load_model
+
 from ruyi_quant.quant.awq import AWQ, apply_clip, clipped_rtn, search_clip, search_scales
 from ruyi_quant.quant.calibrate import calibrate
 from ruyi_quant.quant.pack import dequantize, from_awq, to_awq
 from ruyi_quant.quant.plan import QuantSpec, make_plan
 from ruyi_quant.quant.rtn import fake_quantize, rtn_family, rtn_quantize
+from ruyi_quant.store.checkpoint import load_family, load_model, save_family
 
 
 def salient(k=256, n=96, m=2048, seed=0, with_index=False):
@@ -31,14 +30,16 @@ def calib_windows(model_dir, n=16, t=128):
     return calib_ids(model_dir, n, t)
 
 
-@pytest.mark.parametrize("spec", [QuantSpec(4, 32, True), QuantSpec(4, 64, False),
-                                  QuantSpec(3, 128, False), QuantSpec(4, -1, True)])
+@pytest.mark.parametrize(
+    "spec",
+    [QuantSpec(4, 32, True), QuantSpec(4, 64, False), QuantSpec(3, 128, False), QuantSpec(4, -1, True)],
+)
 def test_awq_activation_weighted_error_below_rtn(spec):
     x, w = salient()
     ref = x @ w.t()
     e_rtn = (x @ fake_quantize(w, spec).t() - ref).norm()
     s, r, losses = search_scales(x, [w], spec)
-    assert r is not None and len(losses) == 20           # scaling helps on salient channels
+    assert r is not None and len(losses) == 20  # scaling helps on salient channels
     ws, xs = w * s, x / s
     e_scaled = (xs @ fake_quantize(ws, spec).t() - ref).norm()
     clipped = apply_clip(ws, search_clip(xs, ws, spec), spec)
@@ -81,15 +82,15 @@ def test_scale_search_keeps_identity_when_nothing_helps():
     g = torch.Generator().manual_seed(2)
     n, k = 48, 128
     q = torch.randint(0, 16, (n, k), generator=g)
-    q[:, 0::32], q[:, 1::32] = 0, 15                       # each group spans the whole grid
+    q[:, 0::32], q[:, 1::32] = 0, 15  # each group spans the whole grid
     zero = torch.randint(1, 15, (n, k // 32), generator=g).repeat_interleave(32, 1)
     step = 2.0 ** -torch.randint(4, 8, (n, k // 32), generator=g).float().repeat_interleave(32, 1)
     w = step * (q - zero)
-    assert torch.equal(fake_quantize(w, spec), w)          # the grid RTN finds is exact
+    assert torch.equal(fake_quantize(w, spec), w)  # the grid RTN finds is exact
     x, _ = salient(k=k, n=n)
     s, r, losses = search_scales(x, [w], spec)
     assert r is None and torch.equal(s, torch.ones(k))
-    assert min(losses) > 0                                 # every candidate did lose
+    assert min(losses) > 0  # every candidate did lose
 
 
 class FoldOnly(AWQ):
@@ -132,7 +133,7 @@ def test_awq_gemm_layout_round_trip():
     assert torch.equal(q2, q) and torch.equal(z2, z)
     assert torch.equal(dequantize(q2, s2, z2, g2), fake_quantize(w, spec))
     with pytest.raises(ValueError, match="divisible by the group size"):
-        to_awq(*rtn_quantize(torch.randn(16, 96), QuantSpec(4, 64, False)), 4)   # K=96, g64
+        to_awq(*rtn_quantize(torch.randn(16, 96), QuantSpec(4, 64, False)), 4)  # K=96, g64
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +141,7 @@ def awq_run(tiny_dir, eval_ids, tmp_path_factory):
     """The tiny family, AWQ 4-bit g32 asymmetric on trunk and branches, and RTN at that grid;
     `live`: the logits of the family as written in AWQ's layout and read back."""
     from ruyi_quant.store.checkpoint import load_family, save_family
+
     model = load_model(tiny_dir)
     spec = QuantSpec(4, 32, False)
     plan = make_plan(model, spec)
@@ -169,12 +171,13 @@ def test_awq_beats_rtn_at_every_exit(awq_run, eval_ids):
 
 def test_awq_family_stores_simulated_weights(awq_run, tmp_path):
     model, plan, fam, *_ = awq_run
-    assert fam.layout == "awq" and fam.modules == plan      # each grid records its plan's spec
+    assert fam.layout == "awq" and fam.modules == plan  # each grid records its plan's spec
     (tmp_path / "fam").mkdir()
     save_family(fam, tmp_path / "fam", None)
     back = load_family(tmp_path / "fam")
     assert back.layout == "awq" and back.modules == plan
     from safetensors import safe_open
+
     with safe_open(str(tmp_path / "fam" / "model.safetensors"), "pt") as f:
         stored = {k: f.get_slice(k).get_shape() for k in f.keys()}
     for m in plan:
@@ -213,7 +216,7 @@ def test_awq_heads_beat_rtn(which, request, eval_ids):
         fam = calibrate(model, plan, calib_windows(model_dir, 8), method, progress=False)
         awq = fam.dequantized_model().forward_exits(eval_ids)
     assert set(fam.modules) == set(plan)
-    assert all(method.ratios[h] is not None for h in plan)           # the heads were smoothed
+    assert all(method.ratios[h] is not None for h in plan)  # the heads were smoothed
     for e in ref:
         kl_rtn, kl_awq = kl_top1(ref[e], rtn[e])[0], kl_top1(ref[e], awq[e])[0]
         print(f"{which} exit {e}: KL rtn {kl_rtn:.3e} awq {kl_awq:.3e} ratio {kl_awq / kl_rtn:.2f}")
@@ -225,9 +228,9 @@ def test_clip_search_stays_within_each_groups_own_range(k, gs):
     """Clipping bounds are per (row, group): between half and all of that group's own max |w|
     (AutoAWQ's max_shrink 0.5), found on a partial last group too; some groups get clipped."""
     x, w = salient(k=k, n=16)
-    w[3, 5] = 0.5                                           # row 3, group 0: ten times the rest
+    w[3, 5] = 0.5  # row 3, group 0: ten times the rest
     spec = QuantSpec(4, gs, True)
-    best = search_clip(x, w, spec)                          # [N, G]
+    best = search_clip(x, w, spec)  # [N, G]
     groups = -(-k // gs)
     assert best.shape == (16, groups)
     pad = -k % gs
@@ -262,8 +265,11 @@ def test_skipped_linears_leave_the_rest_of_the_layer_to_awq(tiny_dir):
     """Layer 1's attention skipped (kept float): its pairs are not smoothed, but the MLP pairs
     after them are, and every planned linear is still quantized."""
     from ruyi_quant.recipe import Override
+
     model = load_model(tiny_dir)
-    plan = make_plan(model, QuantSpec(4, 32, False), overrides=[Override(pattern="model.layers.1.self_attn.*", skip=True)])
+    plan = make_plan(
+        model, QuantSpec(4, 32, False), overrides=[Override(pattern="model.layers.1.self_attn.*", skip=True)]
+    )
     method = AWQ()
     fam = calibrate(model, plan, calib_windows(tiny_dir, 4, 64), method, progress=False)
     assert set(fam.modules) == set(plan)
@@ -273,10 +279,11 @@ def test_skipped_linears_leave_the_rest_of_the_layer_to_awq(tiny_dir):
 
 def test_sample_rows_is_deterministic_and_keeps_small_inputs_whole():
     from ruyi_quant.quant.awq import sample_rows
-    x = torch.randn(4, 50, 3)                                          # 200 rows of K = 3
-    assert torch.equal(sample_rows(x, 200), x.reshape(200, 3))         # at the limit: all, in order
+
+    x = torch.randn(4, 50, 3)  # 200 rows of K = 3
+    assert torch.equal(sample_rows(x, 200), x.reshape(200, 3))  # at the limit: all, in order
     a, b = sample_rows(x, 64), sample_rows(x, 64)
-    assert a.shape == (64, 3) and torch.equal(a, b)                    # the same rows every time
+    assert a.shape == (64, 3) and torch.equal(a, b)  # the same rows every time
     rows = {tuple(r.tolist()) for r in x.reshape(200, 3)}
     assert len({tuple(r.tolist()) for r in a}) == 64 and all(tuple(r.tolist()) in rows for r in a)
     assert not torch.equal(sample_rows(x, 64, seed=1), a)
@@ -286,6 +293,7 @@ def test_fold_divides_the_feeding_ops_outputs():
     """Folding s into the op that feeds a pair divides that op's outputs by s: an RMSNorm's
     weight, or a linear's rows and bias (v_proj -> o_proj when the shapes fit)."""
     from ruyi_quant.quant.awq import fold
+
     g = torch.Generator().manual_seed(5)
     lin = torch.nn.Linear(6, 4, bias=True)
     x, s = torch.randn(3, 6, generator=g), torch.rand(4, generator=g) + 0.5
@@ -302,16 +310,21 @@ def awq_scales_by_hand(x, w, spec, r):
     n, k = w.shape
     gs = k if spec.group_size == -1 else spec.group_size
     rel = torch.empty(n, k)
-    for j in range(0, k, gs):                               # the last group may be partial
-        block = w[:, j:j + gs].abs()
-        rel[:, j:j + gs] = block / block.amax(1, keepdim=True).clamp(min=1e-8)
+    for j in range(0, k, gs):  # the last group may be partial
+        block = w[:, j : j + gs].abs()
+        rel[:, j : j + gs] = block / block.amax(1, keepdim=True).clamp(min=1e-8)
     s = (x.abs().mean(0) ** r / (rel.mean(0) ** (1 - r)).clamp(min=1e-4)).clamp(min=1e-4)
     return s / (s.max() * s.min()).sqrt()
 
 
-@pytest.mark.parametrize("k,spec,x_scale", [(80, QuantSpec(4, 64, False), 1.0),
-                                            (96, QuantSpec(4, 32, True), 0.01),
-                                            (128, QuantSpec(4, -1, True), 1.0)])
+@pytest.mark.parametrize(
+    "k,spec,x_scale",
+    [
+        (80, QuantSpec(4, 64, False), 1.0),
+        (96, QuantSpec(4, 32, True), 0.01),
+        (128, QuantSpec(4, -1, True), 1.0),
+    ],
+)
 def test_scale_search_matches_the_formula_per_group(k, spec, x_scale):
     """Every candidate's loss and the chosen scales equal the formula computed by hand with the
     weight statistic taken per (row, group) (a partial last group at K = 80 / group 64; groups
@@ -319,7 +332,7 @@ def test_scale_search_matches_the_formula_per_group(k, spec, x_scale):
     1e-4 floor on s matters) and large ones."""
     x, w = salient(k=k, n=24)
     x = x * x_scale
-    w[:, : k // 2] *= 8                                     # groups of different magnitude
+    w[:, : k // 2] *= 8  # groups of different magnitude
     ref = x @ w.t()
     s, r, losses = search_scales(x, [w], spec, n_grid=10)
     assert len(losses) == 10
@@ -344,20 +357,21 @@ def test_scale_search_reports_no_scaling_when_every_candidate_is_the_identity():
     assert losses == [identity] * 5
 
 
-@pytest.mark.parametrize("k,spec,dead", [(80, QuantSpec(4, 64, False), True),
-                                         (96, QuantSpec(4, 32, True), False)])
+@pytest.mark.parametrize(
+    "k,spec,dead", [(80, QuantSpec(4, 64, False), True), (96, QuantSpec(4, 32, True), False)]
+)
 def test_clip_search_equals_a_group_by_group_search(k, spec, dead):
     """search_clip against the search written out for one (row, group) at a time: shrink
     factors 1, 0.95, ... 0.55, the first (least) shrink with the smallest output error wins, so
     a group whose inputs are all zero keeps its whole range."""
     x, w = salient(k=k, n=6, m=256)
     if dead:
-        x[:, 64:] = 0                                       # the partial last group sees nothing
+        x[:, 64:] = 0  # the partial last group sees nothing
     gs = spec.group_size
     best = search_clip(x, w, spec, n_grid=20, max_shrink=0.5)
     for row in range(w.shape[0]):
         for gi, j in enumerate(range(0, k, gs)):
-            wg, xg = w[row, j:j + gs], x[:, j:j + gs]
+            wg, xg = w[row, j : j + gs], x[:, j : j + gs]
             org = wg.abs().max()
             errs = []
             for i in range(10):
@@ -375,8 +389,11 @@ def test_clipping_searches_at_most_512_evenly_strided_rows(monkeypatch, m, rows)
     """The clipping search sees at most CLIP_TOKENS (512) activation rows: all of them when there
     are fewer, otherwise every (m // 512)-th row, the first 512 of those (as AutoAWQ)."""
     import ruyi_quant.quant.awq as awq_mod
+
     seen = []
-    monkeypatch.setattr(awq_mod, "search_clip", lambda xc, w, *a: seen.append(xc) or w.abs().amax(1, keepdim=True))
+    monkeypatch.setattr(
+        awq_mod, "search_clip", lambda xc, w, *a: seen.append(xc) or w.abs().amax(1, keepdim=True)
+    )
 
     class Fam:
         def set_quantized(self, *a):
@@ -392,7 +409,9 @@ def test_awq_options_reach_every_search(monkeypatch, tiny_dir):
     """AWQ(n_grid, max_shrink) are the grids every scale and clip search runs on, layers and
     heads alike (not the functions' defaults)."""
     import inspect
+
     import ruyi_quant.quant.awq as awq_mod
+
     calls = []
 
     def spy(fn):
@@ -403,17 +422,17 @@ def test_awq_options_reach_every_search(monkeypatch, tiny_dir):
             bound.apply_defaults()
             calls.append((fn.__name__, dict(bound.arguments)))
             return fn(*a, **kw)
+
         return wrapped
 
     monkeypatch.setattr(awq_mod, "search_scales", spy(awq_mod.search_scales))
     monkeypatch.setattr(awq_mod, "search_clip", spy(awq_mod.search_clip))
     model = load_model(tiny_dir)
     plan = make_plan(model, QuantSpec(4, 32, True), heads=True)
-    calibrate(model, plan, calib_windows(tiny_dir, n=4, t=64), AWQ(n_grid=4, max_shrink=0.25),
-              progress=False)
+    calibrate(model, plan, calib_windows(tiny_dir, n=4, t=64), AWQ(n_grid=4, max_shrink=0.25), progress=False)
     scale_calls = [a for f, a in calls if f == "search_scales"]
     clip_calls = [a for f, a in calls if f == "search_clip"]
-    assert any(a["ws"][0].shape[0] == model.config.vocab_size for a in scale_calls)   # heads too
+    assert any(a["ws"][0].shape[0] == model.config.vocab_size for a in scale_calls)  # heads too
     assert scale_calls and all(a["n_grid"] == 4 for a in scale_calls)
     assert clip_calls and all(a["n_grid"] == 4 and a["max_shrink"] == 0.25 for a in clip_calls)
 
@@ -422,6 +441,7 @@ def test_quantize_linear_records_the_spec_it_quantized_with():
     """The grid AWQ stores for a linear carries the spec it was quantized with (exports and
     checkpoints read bits, group size and symmetry from it), and the linear computes with it."""
     from ruyi_quant.quant.family import QuantizedFamily
+
     g = torch.Generator().manual_seed(5)
     lin = torch.nn.Linear(64, 16, bias=False)
     with torch.no_grad():
@@ -438,6 +458,7 @@ def test_fake_quantize_is_the_rtn_grid_bit_for_bit(bits, gs, sym):
     """The searches' float-only fake_quantize against the grid RTN stores, dequantized: K = 576
     (a partial last group at 128), an all-positive row, a zero row."""
     from ruyi_quant.quant.plan import QuantSpec
+
     g = torch.Generator().manual_seed(bits + gs)
     w = torch.randn(24, 576, generator=g) * 0.05
     w[3] = w[3].abs()
@@ -460,4 +481,4 @@ def test_clipped_rtn_by_row_blocks_is_the_whole_grid_bit_for_bit(sym, gs):
     for rows in (1, 16, 33, 70, 4096):
         blocks = clipped_rtn(w, max_val, spec, rows=rows)
         assert all(torch.equal(a, b) for a, b in zip(whole, blocks))
-    assert not torch.equal(whole[0], rtn_quantize(w, spec)[0])      # the clipping did something
+    assert not torch.equal(whole[0], rtn_quantize(w, spec)[0])  # the clipping did something

@@ -17,18 +17,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import calib_ids, recording
 from torch import nn
 
-from conftest import calib_ids, recording
 from ruyi_quant.model import layout
-from ruyi_quant import names
-from ruyi_quant.store.checkpoint import load_model
 from ruyi_quant.quant.awq import AWQ
 from ruyi_quant.quant.calibrate import calibrate
 from ruyi_quant.quant.gptq import GPTQ, gptq_quantize
 from ruyi_quant.quant.pack import dequantize
 from ruyi_quant.quant.plan import QuantSpec, make_plan
-
+from ruyi_quant.store.checkpoint import load_model
 
 RecordingGPTQ, RecordingAWQ = recording(GPTQ), recording(AWQ)
 
@@ -43,9 +41,13 @@ def oracle_inputs(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     cfg = model.config
     per_exit: list[dict[str, torch.Tensor]] = []
     current: dict[str, torch.Tensor] = {}
-    hooks = [mod.register_forward_pre_hook(
-                 lambda m, inp, name=name: current.__setitem__(name, inp[0].reshape(-1, inp[0].shape[-1])))
-             for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    hooks = [
+        mod.register_forward_pre_hook(
+            lambda m, inp, name=name: current.__setitem__(name, inp[0].reshape(-1, inp[0].shape[-1]))
+        )
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear)
+    ]
     try:
         with torch.no_grad():
             for e in cfg.exits:
@@ -82,8 +84,9 @@ def gptq_run(request):
     """GPTQ 4-bit g32 over trunk, branches and heads, recorded; its dequantized family."""
     model_dir = request.getfixturevalue(request.param)
     model = load_model(model_dir)
-    float_weights = {n: m.weight.detach().clone() for n, m in model.named_modules()
-                     if isinstance(m, nn.Linear)}
+    float_weights = {
+        n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)
+    }
     plan = make_plan(model, QuantSpec(4, 32, True), heads=True)
     ids = calib_ids(model_dir, 8, 64)
     method = RecordingGPTQ()
@@ -111,6 +114,7 @@ def test_gptq_grids_are_gptq_on_the_oracle_inputs(gptq_run):
     others at most 0.53% of the weights differ (a rounding tie flipped by float summation
     order, then carried along by GPTQ's error feedback) and output errors agree within 0.15%."""
     from ruyi_quant.quant.gptq import Hessian
+
     plan, ids, method, deq, float_weights, fam = gptq_run
     oracle = oracle_inputs(deq, ids)
     for name in [n for n in plan if n.endswith(("down_proj", "o_proj")) or "head" in n]:
@@ -132,7 +136,7 @@ def test_awq_rounds_against_the_quantized_familys_inputs(which, request):
     model = load_model(model_dir)
     plan = make_plan(model, QuantSpec(4, 32, False), heads=True)
     ids = calib_ids(model_dir, 8, 64)
-    method = RecordingAWQ(max_tokens=10**9)          # no row sampling: rows compare one to one
+    method = RecordingAWQ(max_tokens=10**9)  # no row sampling: rows compare one to one
     fam = calibrate(model, plan, ids, method, batch=3, progress=False, layout="gptq")
     oracle = oracle_inputs(fam.dequantized_model(), ids)
     assert set(method.seen) == set(plan)

@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import calib_ids, kl_top1
+
 from ruyi_quant.errors import UserError
-from ruyi_quant.store.checkpoint import load_model
 from ruyi_quant.quant.calibrate import calibrate
 from ruyi_quant.quant.gptq import GPTQ, Hessian, accumulate_hessian, gptq_quantize
 from ruyi_quant.quant.pack import dequantize, from_gptq, to_gptq
 from ruyi_quant.quant.plan import QuantSpec, make_plan
-from ruyi_quant.quant.rtn import (group_qparams, grid_value, quantize_to_grid, rtn_family,
-                                  rtn_quantize)
+from ruyi_quant.quant.rtn import grid_value, group_qparams, quantize_to_grid, rtn_family, rtn_quantize
+from ruyi_quant.store.checkpoint import load_model
 
 
 def synthetic(k=192, n=64, m=1024, seed=0):
     """Correlated inputs with uneven channel scales, as real activations have. X [m, K]"""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=g) @ (torch.randn(k, k, generator=g) / k ** 0.5)
+    x = torch.randn(m, k, generator=g) @ (torch.randn(k, k, generator=g) / k**0.5)
     x = x * torch.linspace(0.2, 3.0, k)
     return x, torch.randn(n, k, generator=g) * 0.05
 
@@ -38,14 +37,20 @@ def test_hessian_running_average():
     assert torch.allclose(hs.h, 2 * x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("spec", [QuantSpec(4, 32, True), QuantSpec(4, 128, False),
-                                  QuantSpec(3, 64, True), QuantSpec(2, 32, False),
-                                  QuantSpec(8, -1, True)])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(4, 32, True),
+        QuantSpec(4, 128, False),
+        QuantSpec(3, 64, True),
+        QuantSpec(2, 32, False),
+        QuantSpec(8, -1, True),
+    ],
+)
 @pytest.mark.parametrize("act_order,static", [(False, False), (True, False), (True, True)])
 def test_gptq_output_error_below_rtn(spec, act_order, static):
     x, w = synthetic()
-    q, s, z, g, _ = gptq_quantize(w, hessian_of(x), spec, act_order=act_order, static_groups=static,
-                                  block=64)
+    q, s, z, g, _ = gptq_quantize(w, hessian_of(x), spec, act_order=act_order, static_groups=static, block=64)
     ours = dequantize(q, s, z, g)
     rtn = dequantize(*rtn_quantize(w, spec))
     e_gptq = ((w - ours) @ x.t()).norm()
@@ -56,7 +61,7 @@ def test_gptq_output_error_below_rtn(spec, act_order, static):
     q2, s2, z2, g2 = from_gptq(to_gptq(q, s, z, g, spec.bits), spec.bits, w.shape[1], w.shape[0])
     assert torch.equal(dequantize(q2, s2, z2, g2), ours)
     if act_order and not static and spec.group_size != -1:
-        assert (g.diff() < 0).any()                      # groups follow the permutation
+        assert (g.diff() < 0).any()  # groups follow the permutation
     if not act_order or static:
         gs = w.shape[1] if spec.group_size == -1 else spec.group_size
         assert torch.equal(g.long(), torch.arange(w.shape[1]) // gs)
@@ -75,8 +80,8 @@ def reference_gptq(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: floa
     out = torch.zeros_like(W)
     for i in range(k):
         if i % gs == 0:
-            scale, zero = group_qparams(W[:, i:i + gs].float(), spec)
-        q = quantize_to_grid(W[:, i:i + 1].float(), scale, zero, spec.maxq)
+            scale, zero = group_qparams(W[:, i : i + gs].float(), spec)
+        q = quantize_to_grid(W[:, i : i + 1].float(), scale, zero, spec.maxq)
         out[:, i] = grid_value(q, scale, zero).double().squeeze(1)
         err = (W[:, i] - out[:, i]) / U[i, i]
         W[:, i:] -= err.unsqueeze(1) * U[i, i:].unsqueeze(0)
@@ -94,7 +99,7 @@ def test_lazy_blocks_equal_the_column_by_column_algorithm(spec, block):
     hs = hessian_of(x)
     q, s, z, g, _ = gptq_quantize(w, hs, spec, block=block)
     ours, ref = dequantize(q, s, z, g), reference_gptq(w, hs.h, spec)
-    step = s.float()[g.long()].t()                                          # [N, K]
+    step = s.float()[g.long()].t()  # [N, K]
     off = (ours - ref).abs() > 1e-5
     assert off.float().mean() <= 0.001, off.float().mean()
     assert ((ours - ref).abs() <= step * 1.001 + 1e-6).all()
@@ -113,7 +118,7 @@ def test_gptq_dead_inputs_get_zero_weight():
         assert torch.equal(deq[:, dead], torch.zeros(w.shape[0], len(dead))), spec
         assert damp == 0.01
         e_rtn = ((w - dequantize(*rtn_quantize(w, spec))) @ x.t()).norm()
-        assert ((w - deq) @ x.t()).norm() < 0.9 * e_rtn      # measured 0.83x, 0.85x
+        assert ((w - deq) @ x.t()).norm() < 0.9 * e_rtn  # measured 0.83x, 0.85x
 
 
 def test_gptq_singular_hessian_from_duplicated_inputs():
@@ -134,7 +139,7 @@ def indefinite_hessian(k: int) -> Hessian:
     g = torch.Generator().manual_seed(3)
     basis, _ = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64))
     eig = torch.linspace(0.5, 1.5, k, dtype=torch.float64)
-    eig[0] = -0.05 * eig[1:].sum() / (k + 0.05)             # -5% of the mean eigenvalue
+    eig[0] = -0.05 * eig[1:].sum() / (k + 0.05)  # -5% of the mean eigenvalue
     return Hessian(h=((basis * eig) @ basis.t()).float(), n=1000)
 
 
@@ -154,7 +159,7 @@ def test_gptq_damping_escalates_until_positive_definite():
 
 
 def test_gptq_not_positive_definite_names_layer():
-    hs = Hessian(h=-torch.eye(8) - 1, n=10)         # negative definite: no damping rescues it
+    hs = Hessian(h=-torch.eye(8) - 1, n=10)  # negative definite: no damping rescues it
     with pytest.raises(UserError, match="model.layers.3.mlp.up_proj: Hessian not positive definite"):
         gptq_quantize(torch.randn(4, 8), hs, QuantSpec(4, -1, True), what="model.layers.3.mlp.up_proj")
 
@@ -200,8 +205,17 @@ def test_offloaded_activations_give_the_same_family(tiny_dir, eval_ids):
     fams = []
     for offload in (False, True):
         model = load_model(tiny_dir)
-        fams.append(calibrate(model, make_plan(model, plan_spec, heads=True), eval_ids[:, :64], GPTQ(),
-                              batch=2, progress=False, offload=offload))
+        fams.append(
+            calibrate(
+                model,
+                make_plan(model, plan_spec, heads=True),
+                eval_ids[:, :64],
+                GPTQ(),
+                batch=2,
+                progress=False,
+                offload=offload,
+            )
+        )
     assert fams[0].weight_names() == fams[1].weight_names()
     for k, v in fams[0].tensors.items():
         assert torch.equal(v, fams[1].tensors[k]), k
@@ -222,9 +236,11 @@ def test_static_groups_are_the_unmodified_weights_grids(act_order):
 
 def test_gptq_method_records_escalated_damping():
     """The calibration method reports which linears needed more damping than asked for."""
+
     class Fam:
         def set_quantized(self, *args):
             self.args = args
+
     k = 64
     bad = indefinite_hessian(k)
     good = hessian_of(torch.randn(256, k, generator=torch.Generator().manual_seed(4)))
@@ -240,11 +256,12 @@ def test_too_few_calibration_tokens_warn(tiny_dir, caplog):
     warning (logging; the CLI prints it as one stderr line, test_errors) says how many tokens to
     use; enough tokens, no warning."""
     from ruyi_quant.quant.calibrate import check_tokens
+
     model = load_model(tiny_dir)
     plan = make_plan(model, QuantSpec(4, 32, True))
     with caplog.at_level("WARNING", logger="ruyi_quant"):
         check_tokens(plan, model, 256)
-        assert [r.levelno for r in caplog.records] == [30]                  # logging.WARNING
+        assert [r.levelno for r in caplog.records] == [30]  # logging.WARNING
         msg = caplog.records[0].getMessage()
         assert msg.startswith("calibration has 256 tokens") and "use at least 320 tokens" in msg
         caplog.clear()

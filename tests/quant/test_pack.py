@@ -7,8 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from ruyi_quant.quant.pack import (dequantize, from_awq, from_gptq, pack_cols, pack_rows, to_gptq,
-                                   unpack_cols, unpack_rows)
+from ruyi_quant.quant.pack import (
+    dequantize,
+    from_awq,
+    from_gptq,
+    pack_cols,
+    pack_rows,
+    to_gptq,
+    unpack_cols,
+    unpack_rows,
+)
 from ruyi_quant.quant.plan import QuantSpec
 from ruyi_quant.quant.rtn import rtn_quantize
 
@@ -52,7 +60,7 @@ def autogptq_pack(q: np.ndarray, bits: int) -> np.ndarray:
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_pack_matches_autogptq_layout(bits):
     g = torch.Generator().manual_seed(bits)
-    q = torch.randint(0, 2 ** bits, (96, 5), generator=g)
+    q = torch.randint(0, 2**bits, (96, 5), generator=g)
     ours = pack_rows(q, bits)
     assert ours.dtype == torch.int32 and ours.shape == (96 * bits // 32, 5)
     assert np.array_equal(ours.numpy(), autogptq_pack(q.numpy(), bits))
@@ -62,11 +70,11 @@ def test_pack_matches_autogptq_layout(bits):
 @pytest.mark.parametrize("k,n", [(64, 24), (72, 10), (576, 3), (50, 7)])
 def test_pack_roundtrip_bit_exact(bits, k, n):
     g = torch.Generator().manual_seed(k * n + bits)
-    q = torch.randint(0, 2 ** bits, (k, n), generator=g)
+    q = torch.randint(0, 2**bits, (k, n), generator=g)
     packed = pack_rows(q, bits)
     assert packed.shape == (-(-k * bits // 32), n)
     assert torch.equal(unpack_rows(packed, bits, k), q.to(torch.int32))
-    z = torch.randint(0, 2 ** bits, (3, n), generator=g)
+    z = torch.randint(0, 2**bits, (3, n), generator=g)
     zp = pack_cols(z, bits)
     assert zp.shape == (3, -(-n * bits // 32))
     assert torch.equal(unpack_cols(zp, bits, n), z.to(torch.int32))
@@ -80,7 +88,7 @@ def test_rtn_grid_stored_and_dequantized_exactly(bits, group_size, sym):
     spec = QuantSpec(bits, group_size, sym)
     g = torch.Generator().manual_seed(bits * 1000 + group_size)
     w = torch.randn(48, 320, generator=g) * 0.05
-    w[:, :16] = w[:, :16].abs()            # an all-positive group region exercises zero >= 1
+    w[:, :16] = w[:, :16].abs()  # an all-positive group region exercises zero >= 1
     q, scales, zeros, g_idx = rtn_quantize(w, spec)
     groups = spec.groups(320)
     assert q.shape == (320, 48) and scales.shape == (groups, 48) and zeros.shape == (groups, 48)
@@ -127,19 +135,29 @@ def autoawq_pack(q: np.ndarray) -> np.ndarray:
 
 def test_awq_pack_matches_autoawq_layout():
     from ruyi_quant.quant.pack import awq_pack, awq_unpack
+
     q = torch.randint(0, 16, (48, 64), generator=torch.Generator().manual_seed(3))
     ours = awq_pack(q).numpy().view(np.uint32)
     assert np.array_equal(ours, autoawq_pack(q.numpy()))
     assert torch.equal(awq_unpack(awq_pack(q)), q.to(torch.int32))
 
 
-@pytest.mark.parametrize("bits,n,k,gs,fits", [(4, 16, 64, 32, True), (4, 16, 64, -1, True),
-                                              (3, 16, 64, 32, False), (4, 12, 64, 32, False),
-                                              (4, 16, 96, 64, False), (8, 16, 64, 32, False)])
+@pytest.mark.parametrize(
+    "bits,n,k,gs,fits",
+    [
+        (4, 16, 64, 32, True),
+        (4, 16, 64, -1, True),
+        (3, 16, 64, 32, False),
+        (4, 12, 64, 32, False),
+        (4, 16, 96, 64, False),
+        (8, 16, 64, 32, False),
+    ],
+)
 def test_awq_layout_takes_exactly_what_fits(bits, n, k, gs, fits):
     """AWQ's gemm layout: 4 bits, out_features a multiple of 8, K a multiple of the group size
     (or one group); awq_fits says so and to_awq refuses the rest with the reason."""
     from ruyi_quant.quant.pack import awq_fits, to_awq
+
     assert awq_fits(k, n, bits, gs) is fits
     spec = QuantSpec(bits, gs, False)
     grid = rtn_quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)), spec)
@@ -156,6 +174,7 @@ def test_awq_layout_takes_exactly_what_fits(bits, n, k, gs, fits):
 
 def test_awq_refuses_act_order_groups():
     from ruyi_quant.quant.pack import to_awq
+
     q, s, z, g = rtn_quantize(torch.randn(16, 64), QuantSpec(4, 32, False))
     with pytest.raises(ValueError, match="no act-order"):
         to_awq(q, s, z, g.flip(0), 4)
@@ -167,10 +186,17 @@ def test_gptq_v1_refuses_zero_below_one():
         to_gptq(q, s, z * 0, g, 4)
 
 
-GRID_CASES = [(2, 32, True, 16, 96, False), (3, 64, False, 24, 128, False), (4, -1, True, 8, 80, True),
-              (4, 32, False, 16, 128, True), (4, 64, True, 16, 80, False), (8, 16, False, 40, 64, False),
-              # K*bits and N*bits past 32*33, so that a ceiling over a wrong word size differs
-              (4, 128, False, 320, 576, False), (3, 32, True, 360, 352, False)]
+GRID_CASES = [
+    (2, 32, True, 16, 96, False),
+    (3, 64, False, 24, 128, False),
+    (4, -1, True, 8, 80, True),
+    (4, 32, False, 16, 128, True),
+    (4, 64, True, 16, 80, False),
+    (8, 16, False, 40, 64, False),
+    # K*bits and N*bits past 32*33, so that a ceiling over a wrong word size differs
+    (4, 128, False, 320, 576, False),
+    (3, 32, True, 360, 352, False),
+]
 
 
 @pytest.mark.parametrize("bits,gs,sym,n,k,awq", GRID_CASES)
@@ -178,11 +204,12 @@ def test_grid_nbytes_are_the_packed_sizes_and_unpack_inverts_pack(bits, gs, sym,
     """Grid.nbytes (sizes without packing) equals the packed tensors' bytes in each layout that
     holds the grid, and unpacking gives the same grid and spec back."""
     from ruyi_quant.quant.grid import Grid
+
     spec = QuantSpec(bits, gs, sym)
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(bits * k + n)) * 0.05
     grid = Grid.make(*rtn_quantize(w, spec), spec)
     layouts = ["gptq"] + (["awq"] if grid.fits_awq else [])
-    assert grid.fits_awq == awq          # 4 bits, N % 8 == 0, whole groups (K = 80 at g64 is not)
+    assert grid.fits_awq == awq  # 4 bits, N % 8 == 0, whole groups (K = 80 at g64 is not)
     for layout in layouts:
         packed = grid.pack(layout)
         nbytes = grid.nbytes(layout)

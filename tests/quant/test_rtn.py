@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import kl_top1
+
 from ruyi_quant.errors import UserError
-from ruyi_quant.store.checkpoint import load_model
 from ruyi_quant.quant.plan import QuantSpec, make_plan
-from ruyi_quant.recipe import Override
 from ruyi_quant.quant.rtn import rtn_family
+from ruyi_quant.recipe import Override
+from ruyi_quant.store.checkpoint import load_model
 
 
 def run_rtn(model, ids, spec, heads):
@@ -41,9 +41,15 @@ def test_rtn4_reported_and_worse_than_rtn8(tiny_dir, eval_ids):
 
 def test_rtn_only_touches_planned_modules(tiny_dir):
     model = load_model(tiny_dir)
-    plan = make_plan(model, QuantSpec(4, 32, True), heads=False,
-                     overrides=[Override(pattern="model.layers.1.*", skip=True),
-                                Override(pattern="*.mlp.down_proj", bits=8)])
+    plan = make_plan(
+        model,
+        QuantSpec(4, 32, True),
+        heads=False,
+        overrides=[
+            Override(pattern="model.layers.1.*", skip=True),
+            Override(pattern="*.mlp.down_proj", bits=8),
+        ],
+    )
     fam = rtn_family(model, plan, progress=False)
     assert "model.layers.1.self_attn.q_proj" not in fam.modules
     assert "model.layers.1.self_attn.q_proj.weight" in fam.tensors
@@ -58,16 +64,24 @@ def test_rtn_only_touches_planned_modules(tiny_dir):
 
 def test_plan_heads(tiny_dir, tiny_shared_dir):
     sep, shared = load_model(tiny_dir), load_model(tiny_shared_dir)
-    assert [m for m in make_plan(sep, QuantSpec(), heads=True) if "head" in m] == \
-        ["lm_head.0", "lm_head.1", "lm_head.2"]
+    assert [m for m in make_plan(sep, QuantSpec(), heads=True) if "head" in m] == [
+        "lm_head.0",
+        "lm_head.1",
+        "lm_head.2",
+    ]
     assert [m for m in make_plan(shared, QuantSpec(), heads=True) if "head" in m] == ["lm_head"]
     with pytest.raises(UserError, match="matches no module"):
         make_plan(sep, QuantSpec(), overrides=[Override(pattern="model.layer.*", bits=8)])
 
 
-@pytest.mark.parametrize("bits,group,msg", [(5, 128, r"bits must be one of \[2, 3, 4, 8\]"),
-                                           (4, 100, r"group_size must be one of \[-1, 16, 32"),
-                                           (4, 0, r"group_size must be one of \[-1, 16, 32")])
+@pytest.mark.parametrize(
+    "bits,group,msg",
+    [
+        (5, 128, r"bits must be one of \[2, 3, 4, 8\]"),
+        (4, 100, r"group_size must be one of \[-1, 16, 32"),
+        (4, 0, r"group_size must be one of \[-1, 16, 32"),
+    ],
+)
 def test_bad_grid_refused(bits, group, msg):
     with pytest.raises(UserError, match=msg):
         QuantSpec(bits, group, True)
@@ -79,10 +93,17 @@ def test_asymmetric_grids_of_special_groups():
     group spreads [min, max] over maxq steps (a range of exactly 1 included); an all-positive
     group gets max/(maxq-1) and zero 1, so its maximum is on the grid; an all-zero group the grid
     of [-1, 1]. Every group dequantizes within half a step, and exactly for the all-zero one."""
-    from ruyi_quant.quant.rtn import group_qparams, grid_value, quantize_to_grid
+    from ruyi_quant.quant.rtn import grid_value, group_qparams, quantize_to_grid
+
     spec = QuantSpec(8, 32, False)
-    rows = torch.stack([torch.linspace(-0.25, 0.75, 32), torch.linspace(-0.3, 0.4, 32),
-                        torch.linspace(0.2, 0.9, 32), torch.zeros(32)])
+    rows = torch.stack(
+        [
+            torch.linspace(-0.25, 0.75, 32),
+            torch.linspace(-0.3, 0.4, 32),
+            torch.linspace(0.2, 0.9, 32),
+            torch.zeros(32),
+        ]
+    )
     scale, zero = group_qparams(rows, spec)
     assert scale[0] == torch.tensor(1.0 / 255).half() and scale[1] == torch.tensor(0.7 / 255).half()
     assert zero[0] == round(0.25 / scale[0].item()) and zero[1] == round(0.3 / scale[1].item())
@@ -96,12 +117,13 @@ def test_asymmetric_grids_of_special_groups():
 def test_a_constant_positive_group_is_on_the_4_bit_grid():
     """All-positive groups keep their maximum on the grid: a constant group comes back within fp16
     rounding of the scale (at 4 bits, with the Q4_1-exact scale)."""
-    from ruyi_quant.quant.rtn import rtn_quantize
     from ruyi_quant.quant.pack import dequantize
+    from ruyi_quant.quant.rtn import rtn_quantize
+
     w = torch.full((2, 32), 0.3)
     w[1] = 0.01
     deq = dequantize(*rtn_quantize(w, QuantSpec(4, 32, False)))
-    assert ((deq - w).abs() <= 2 ** -9 * w).all(), deq[:, 0]
+    assert ((deq - w).abs() <= 2**-9 * w).all(), deq[:, 0]
 
 
 @pytest.mark.parametrize("k,gs", [(80, 64), (96, 64), (64, -1)])
@@ -110,6 +132,7 @@ def test_fake_quantize_is_rtn_dequantized(k, gs):
     including a partial last group (K = 80, group 64: padding 48, not the 16 a sign slip gives)."""
     from ruyi_quant.quant.pack import dequantize
     from ruyi_quant.quant.rtn import fake_quantize, rtn_quantize
+
     for sym in (True, False):
         spec = QuantSpec(4, gs, sym)
         w = torch.randn(24, k, generator=torch.Generator().manual_seed(k)) * 0.05
@@ -119,21 +142,30 @@ def test_fake_quantize_is_rtn_dequantized(k, gs):
 def test_plan_override_reaches_a_head_when_heads_are_off(tiny_dir):
     """An override that names a head quantizes it even with heads off ("heads at 8 bits, the
     rest at 4" is one override); the other heads stay float."""
-    plan = make_plan(load_model(tiny_dir), QuantSpec(4, 32, True), heads=False,
-                     overrides=[Override(pattern="lm_head.1", bits=8)])
+    plan = make_plan(
+        load_model(tiny_dir),
+        QuantSpec(4, 32, True),
+        heads=False,
+        overrides=[Override(pattern="lm_head.1", bits=8)],
+    )
     assert [m for m in plan if "head" in m] == ["lm_head.1"] and plan["lm_head.1"].bits == 8
 
 
 def test_later_overrides_change_only_what_they_name(tiny_dir):
     """Two overrides on one module compose: the second starts from the first's grid, not from
     the default (bits 8 from the first, group 64 from the second, sym from the default)."""
-    plan = make_plan(load_model(tiny_dir), QuantSpec(4, 32, True), overrides=[
-        Override(pattern="*.mlp.down_proj", bits=8), Override(pattern="model.layers.0.*", group_size=64)])
+    plan = make_plan(
+        load_model(tiny_dir),
+        QuantSpec(4, 32, True),
+        overrides=[
+            Override(pattern="*.mlp.down_proj", bits=8),
+            Override(pattern="model.layers.0.*", group_size=64),
+        ],
+    )
     assert plan["model.layers.0.mlp.down_proj"] == QuantSpec(8, 64, True)
     assert plan["model.layers.1.mlp.down_proj"] == QuantSpec(8, 32, True)
     assert plan["model.layers.0.mlp.up_proj"] == QuantSpec(4, 64, True)
     assert plan["model.layers.1.mlp.up_proj"] == QuantSpec(4, 32, True)
-
 
 
 def fp16_exact(v: float) -> bool:
@@ -145,7 +177,9 @@ def test_exact_min_scale_keeps_as_many_bits_as_the_min_allows():
     number. Each scale becomes the nearest number with the most significant bits (11, fp16's,
     down to 1) for which scale*zero is an fp16 number; a 4-bit zero costs at most 4 bits."""
     import math
+
     from ruyi_quant.quant.rtn import exact_min_scale
+
     g = torch.Generator().manual_seed(15)
     scale = (torch.rand(4000, generator=g) * 0.02 + 1e-4).half()
     zero = torch.randint(0, 16, (4000,), generator=g)

@@ -6,20 +6,27 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import kl_top1, needs_smollm2
-from ruyi_quant.store.checkpoint import load_family
+
 from ruyi_quant.pipeline import quantize
 from ruyi_quant.recipe import GPTQOptions, Quantize
 from ruyi_quant.runtime.generate import generate
 from ruyi_quant.runtime.int4 import Int4Linear
 from ruyi_quant.runtime.model import int4_model
+from ruyi_quant.store.checkpoint import load_family
 
 
 def family(src, act_order=False, **kw):
-    q = Quantize(method="gptq" if act_order else "rtn", bits=4, group_size=32, heads=True,
-                 gptq=GPTQOptions(act_order=act_order), **kw)
+    q = Quantize(
+        method="gptq" if act_order else "rtn",
+        bits=4,
+        group_size=32,
+        heads=True,
+        gptq=GPTQOptions(act_order=act_order),
+        **kw,
+    )
     from conftest import calib_ids
+
     return quantize(load_family(src), q, calib_ids(src, 8, 64) if act_order else None, progress=False)
 
 
@@ -73,7 +80,7 @@ def test_cached_generation_equals_recomputing_every_step(fam, eval_ids):
         kw = dict(sample=True, seed=3, temperature=1.5)
         a = generate(model, prompts, e, 24, **kw)
         assert a == generate(model, prompts, e, 24, use_cache=False, **kw)
-        assert len(set(a[0])) > 3                                   # not one token repeated
+        assert len(set(a[0])) > 3  # not one token repeated
 
 
 def test_switching_exits_between_requests_gives_each_exits_own_result(fam, eval_ids):
@@ -90,21 +97,22 @@ def test_a_stop_token_ends_its_row_only(fam, eval_ids):
     model = int4_model(fam, dtype=torch.float32, progress=False)
     prompts = [eval_ids[0, :9].tolist(), eval_ids[1, :15].tolist()]
     free = generate(model, prompts, fam.config.exits[-1], 8, sample=True, seed=5, temperature=1.5)
-    stop = free[0][3]                                   # row 0's fourth token, if row 1 lacks it early
+    stop = free[0][3]  # row 0's fourth token, if row 1 lacks it early
     got = generate(model, prompts, fam.config.exits[-1], 8, eos={stop}, sample=True, seed=5, temperature=1.5)
-    assert got[0] == free[0][:free[0].index(stop)]
-    assert got[1] == (free[1][:free[1].index(stop)] if stop in free[1] else free[1])
+    assert got[0] == free[0][: free[0].index(stop)]
+    assert got[1] == (free[1][: free[1].index(stop)] if stop in free[1] else free[1])
 
 
 def test_pick_greedy_top_k_top_p():
     from ruyi_quant.runtime.generate import pick
+
     logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 1.0]])
     assert pick(logits, False, 1.0, 0, 1.0, None).tolist() == [1, 0]
     g = torch.Generator().manual_seed(0)
     draws = {int(pick(logits[:1], True, 1.0, 1, 1.0, g)) for _ in range(20)}
-    assert draws == {1}                                               # top-k 1 is greedy
+    assert draws == {1}  # top-k 1 is greedy
     draws = {int(pick(torch.tensor([[0.0, 0.1, 9.0]]), True, 1.0, 0, 0.5, g)) for _ in range(20)}
-    assert draws == {2}                                               # top-p keeps the one likely token
+    assert draws == {2}  # top-p keeps the one likely token
 
 
 @pytest.mark.slow
@@ -112,14 +120,17 @@ def test_pick_greedy_top_k_top_p():
 def test_ruyi_mini_batched_generation_equals_one_by_one():
     """A real model (varied greedy tokens): left-padded batches give each prompt's own tokens, and
     the KV cache changes nothing, at the first and last exits."""
-    from ruyi_quant.text import load_tokenizer, tokenize
     from ruyi_quant.sources import resolve_model
+    from ruyi_quant.text import load_tokenizer, tokenize
+
     src = resolve_model("builtin:ruyi-mini")
     fam = quantize(load_family(src), Quantize(method="rtn", bits=4, group_size=128), progress=False)
     model = int4_model(fam, dtype=torch.float32, progress=False)
     tok = load_tokenizer(src)
-    prompts = [tokenize(tok, t).tolist() for t in ("def add(a, b):", "The capital of France is",
-                                                     "import numpy as np\nx = np.")]
+    prompts = [
+        tokenize(tok, t).tolist()
+        for t in ("def add(a, b):", "The capital of France is", "import numpy as np\nx = np.")
+    ]
     for e in (12, 29):
         batched = generate(model, prompts, e, 12)
         assert batched == [generate(model, [p], e, 12)[0] for p in prompts]
@@ -178,8 +189,9 @@ def test_cuda_generation_gives_the_cpu_paths_greedy_tokens(fam, eval_ids, compil
 @needs_smollm2
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the CPU path is tested above)")
 def test_cuda_generation_on_ruyi_mini_gives_the_cpu_paths_greedy_tokens():
-    from ruyi_quant.text import load_tokenizer, tokenize
     from ruyi_quant.sources import resolve_model
+    from ruyi_quant.text import load_tokenizer, tokenize
+
     src = resolve_model("builtin:ruyi-mini")
     fam = quantize(load_family(src), Quantize(method="rtn", bits=4, group_size=128), progress=False)
     tok = load_tokenizer(src)

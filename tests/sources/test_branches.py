@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import needs_smollm2
+
 from ruyi_quant import text as data
 from ruyi_quant.evaluate import exit_perplexities
 from ruyi_quant.runtime.generate import greedy_chat
@@ -18,8 +18,9 @@ from ruyi_quant.store.checkpoint import load_model
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "ruyi_quant.cli", *map(str, args)],
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "ruyi_quant.cli", *map(str, args)], capture_output=True, text=True
+    )
 
 
 def test_branch_at_equals_full_layer(tiny_dir, eval_ids):
@@ -41,11 +42,11 @@ def test_int8_asset_round_trip(tiny_dir):
     model = load_model(tiny_dir)
     tensors = ruyi_mini.branch_tensors(model)
     assert tensors and all(k.startswith(("model.eelayers.", "model.norms.")) for k in tensors)
-    assert not any(k.startswith("model.norms.2") for k in tensors)      # the last exit's norm
+    assert not any(k.startswith("model.norms.2") for k in tensors)  # the last exit's norm
     back = ruyi_mini.decode_int8(ruyi_mini.encode_int8(tensors))
     assert set(back) == set(tensors)
     for k, v in tensors.items():
-        if v.dim() == 2:      # at most half a step of each row's grid
+        if v.dim() == 2:  # at most half a step of each row's grid
             step = v.abs().amax(1, keepdim=True) / 127
             assert ((back[k] - v).abs() <= step / 2 + 1e-7).all(), k
         else:
@@ -56,23 +57,34 @@ def test_make_familial_cli(tiny_dir, tmp_path, eval_ids):
     """A plain Qwen2 model (exit 5 of the tiny family) becomes a family with trained branches;
     the last exit is the plain model, untouched."""
     plain = tmp_path / "plain"
-    r = cli("export", tiny_dir, "--exits", "5", "--weights", "float", "--dtype", "float32",
-            "--out", plain)
+    r = cli("export", tiny_dir, "--exits", "5", "--weights", "float", "--dtype", "float32", "--out", plain)
     assert r.returncode == 0, r.stderr
-    r = cli("make-familial", plain / "exit-5", "--exits", "2,3", "--steps", "30", "--windows", "8",
-            "--seq-len", "64", "--out", tmp_path / "fam")
+    r = cli(
+        "make-familial",
+        plain / "exit-5",
+        "--exits",
+        "2,3",
+        "--steps",
+        "30",
+        "--windows",
+        "8",
+        "--seq-len",
+        "64",
+        "--out",
+        tmp_path / "fam",
+    )
     assert r.returncode == 0, r.stderr
     fam = load_model(tmp_path / "fam")
     src = load_model(plain / "exit-5")
     assert fam.config.exits == [2, 3, 5] and fam.config.shared_heads
     report = json.loads((tmp_path / "fam" / "ruyi_quant.json").read_text())
     assert set(report["ppl_bf16"]) == {"2", "3", "5"}
-    r = cli("inspect", tmp_path / "fam")                 # the family is a model every command takes
+    r = cli("inspect", tmp_path / "fam")  # the family is a model every command takes
     assert r.returncode == 0 and "exits [2, 3, 5]" in r.stdout, r.stderr
     with torch.no_grad():
         last = fam(eval_ids[:1], exit=5).logits
         ref = src(eval_ids[:1]).logits
-        assert (last - ref).abs().max() < 0.05 * ref.abs().max()          # bf16 rounding only
+        assert (last - ref).abs().max() < 0.05 * ref.abs().max()  # bf16 rounding only
         # the branch was trained away from its initial copy of trunk layer 2
         w0 = src.model.layers[2].mlp.down_proj.weight
         w1 = fam.branch(0).mlp.down_proj.weight.float()
@@ -85,12 +97,12 @@ def test_make_familial_refuses_a_family(tiny_dir, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-
 @pytest.mark.slow
 @needs_smollm2
 def test_ruyi_mini_assembles_and_every_exit_runs():
-    from ruyi_quant.text import load_tokenizer
     from ruyi_quant.sources import resolve_model
+    from ruyi_quant.text import load_tokenizer
+
     path = resolve_model("builtin:ruyi-mini")
     model = load_model(path, torch.bfloat16)
     assert model.config.exits == list(ruyi_mini.RUYI_MINI_EXITS) and model.config.shared_heads
@@ -98,7 +110,7 @@ def test_ruyi_mini_assembles_and_every_exit_runs():
     ev = data.text_windows(tok, "builtin:pydoc/eval", 2, 128)
     ppl = exit_perplexities(model, ev, progress=False)
     values = [ppl[e] for e in ruyi_mini.RUYI_MINI_EXITS]
-    assert all(a > b for a, b in zip(values, values[1:])), ppl     # quality rises with depth
+    assert all(a > b for a, b in zip(values, values[1:])), ppl  # quality rises with depth
     assert values[0] < 20 * values[-1], ppl
     # the last exit is SmolLM2 as transformers loads it from the GGUF, up to bf16 rounding
     plain = load_model(resolve_model("builtin:smollm2"))

@@ -19,8 +19,18 @@ from ruyi_quant.cli import main
 from ruyi_quant.names import MARKER
 from ruyi_quant.store.files import is_ours
 
-QUANTIZE = ["quantize", "builtin:tiny", "--method", "gptq", "--samples", "32", "--seq-len", "256",
-            "--group-size", "32"]
+QUANTIZE = [
+    "quantize",
+    "builtin:tiny",
+    "--method",
+    "gptq",
+    "--samples",
+    "32",
+    "--seq-len",
+    "256",
+    "--group-size",
+    "32",
+]
 
 
 def leftovers(parent: Path, name: str = "out") -> list[str]:
@@ -30,8 +40,14 @@ def leftovers(parent: Path, name: str = "out") -> list[str]:
 
 def start(argv, tmp_path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "ruyi_quant.cli", *map(str, argv)], cwd=tmp_path,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "ruyi_quant.cli", *map(str, argv)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for(cond, proc, timeout=120.0) -> bool:
@@ -56,9 +72,9 @@ def tmp_dirs(parent: Path, name: str = "out") -> list[Path]:
 
 
 POINTS = {
-    "starting": lambda parent: (lambda: (time.sleep(1.0), True)[1]),
-    "working": lambda parent: (lambda: bool(tmp_dirs(parent))),
-    "writing": lambda parent: (lambda: any(any(d.iterdir()) for d in tmp_dirs(parent))),
+    "starting": lambda parent: lambda: (time.sleep(1.0), True)[1],
+    "working": lambda parent: lambda: bool(tmp_dirs(parent)),
+    "writing": lambda parent: lambda: any(any(d.iterdir()) for d in tmp_dirs(parent)),
 }
 
 
@@ -74,9 +90,11 @@ def family(tmp_path_factory):
 @pytest.mark.parametrize("command", ["quantize", "export"])
 def test_killed_run_leaves_nothing_and_a_rerun_succeeds(command, point, sig, family, tmp_path):
     out = tmp_path / "out"
-    argv = (QUANTIZE if command == "quantize" else
-            ["export", family, "--format", "gguf", "--multi"]) + ["--out", out]
-    main(["inspect", "builtin:tiny"])                   # the cache is built outside the timed run
+    argv = (QUANTIZE if command == "quantize" else ["export", family, "--format", "gguf", "--multi"]) + [
+        "--out",
+        out,
+    ]
+    main(["inspect", "builtin:tiny"])  # the cache is built outside the timed run
     proc = start(argv, tmp_path)
     reached = wait_for(POINTS[point](tmp_path), proc)
     assert reached, f"the run ended before the {point} point: {proc.communicate()}"
@@ -86,12 +104,12 @@ def test_killed_run_leaves_nothing_and_a_rerun_succeeds(command, point, sig, fam
         assert proc.returncode == 143, (proc.returncode, err)
         assert messages(err) == ["ruyi-quant: terminated"], err
         assert "Traceback" not in err
-        assert leftovers(tmp_path) == [] and not out.exists()     # cleaned up on the way out
+        assert leftovers(tmp_path) == [] and not out.exists()  # cleaned up on the way out
     else:
         assert proc.returncode == -signal.SIGKILL
-        assert not out.exists()                                  # never half-written under its name
+        assert not out.exists()  # never half-written under its name
     assert main([*map(str, argv)]) == 0
-    assert leftovers(tmp_path) == []                             # the rerun removed the dead run's
+    assert leftovers(tmp_path) == []  # the rerun removed the dead run's
     assert is_ours(out)
 
 
@@ -107,52 +125,60 @@ def test_two_writers_to_one_output(tmp_path, capsys):
     _, perr = proc.communicate(timeout=300)
     assert proc.returncode == 0, perr
     meta = json.loads((out / MARKER).read_text())
-    assert meta["quantization"]["method"] == "gptq"              # the first writer's result, whole
+    assert meta["quantization"]["method"] == "gptq"  # the first writer's result, whole
     assert leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("where", ["quantize", "export", "eval"])
 def test_a_full_disk_is_one_line_and_leaves_nothing(where, family, tmp_path, capsys, monkeypatch):
-    import ruyi_quant.store.checkpoint
     import ruyi_quant.exporters.gguf.files
     import ruyi_quant.report
+    import ruyi_quant.store.checkpoint
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "out" / "x"))
-    target = {"quantize": (ruyi_quant.store.checkpoint, "write_safetensors"),
-              "export": (ruyi_quant.exporters.gguf.files.gguf.GGUFWriter, "write_tensor_data"),
-              "eval": (ruyi_quant.report, "eval_markdown")}[where]
+
+    target = {
+        "quantize": (ruyi_quant.store.checkpoint, "write_safetensors"),
+        "export": (ruyi_quant.exporters.gguf.files.gguf.GGUFWriter, "write_tensor_data"),
+        "eval": (ruyi_quant.report, "eval_markdown"),
+    }[where]
     monkeypatch.setattr(*target, full)
-    argv = {"quantize": ["quantize", "builtin:tiny", "--bits", "8"],
-            "export": ["export", str(family), "--format", "gguf"],
-            "eval": ["eval", "builtin:tiny", str(family), "--samples", "1", "--seq-len", "32"]}[where]
+    argv = {
+        "quantize": ["quantize", "builtin:tiny", "--bits", "8"],
+        "export": ["export", str(family), "--format", "gguf"],
+        "eval": ["eval", "builtin:tiny", str(family), "--samples", "1", "--seq-len", "32"],
+    }[where]
     parent = tmp_path / "new" / "deeper"
     code = main(argv + ["--out", str(parent / "out")])
     err = messages(capsys.readouterr().err)
     assert code == 2 and len(err) == 1, err
     assert "No space left on device" in err[0] and "Traceback" not in err[0]
-    assert list(tmp_path.iterdir()) == []          # not even the parent directories it created
+    assert list(tmp_path.iterdir()) == []  # not even the parent directories it created
 
 
 def test_stale_temporary_directories_are_removed(family, tmp_path, capsys):
     """A dead run's `.out.tmp-*` (here holding a loadable family with our manifest) and a crash
     between renames' `.out.old-*` are removed by the next run that writes `out`."""
     import shutil
+
     shutil.copytree(family, tmp_path / ".out.tmp-dead1234")
     (tmp_path / ".out.old-999").mkdir()
-    (tmp_path / ".other.tmp-keep").mkdir()               # another output's: not ours to touch
+    (tmp_path / ".other.tmp-keep").mkdir()  # another output's: not ours to touch
     assert main(["quantize", "builtin:tiny", "--bits", "8", "--out", str(tmp_path / "out")]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-keep", "out"]
 
 
 def test_a_damaged_output_is_rerun_never_skipped(tiny_dir, tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"jobs:\n  - name: a\n    model: {tiny_dir}\n    output: out\n"
-                      "    quantize: {bits: 8, group_size: 32}\n")
+    recipe.write_text(
+        f"jobs:\n  - name: a\n    model: {tiny_dir}\n    output: out\n"
+        "    quantize: {bits: 8, group_size: 32}\n"
+    )
     assert main(["run", str(recipe)]) == 0
     weights = tmp_path / "out" / "family" / "model.safetensors"
     good = weights.read_bytes()
-    weights.write_bytes(good[: len(good) // 2])            # truncated after the run
+    weights.write_bytes(good[: len(good) // 2])  # truncated after the run
     capsys.readouterr()
     assert main(["run", str(recipe)]) == 0
     assert "skipped" not in capsys.readouterr().out
@@ -171,8 +197,13 @@ def test_outputs_respect_the_umask(family, tmp_path):
         assert main(["inspect", str(family), "--json", str(tmp_path / "i.json")]) == 0
     finally:
         os.umask(old)
-    for p in [tmp_path / "hf", tmp_path / "q", tmp_path / "i.json", *(tmp_path / "hf").rglob("*"),
-              *(tmp_path / "q").rglob("*")]:
+    for p in [
+        tmp_path / "hf",
+        tmp_path / "q",
+        tmp_path / "i.json",
+        *(tmp_path / "hf").rglob("*"),
+        *(tmp_path / "q").rglob("*"),
+    ]:
         mode = stat.S_IMODE(p.stat().st_mode)
         assert mode == (0o755 if p.is_dir() else 0o644), (p, oct(mode))
 
@@ -185,15 +216,18 @@ def small_disk(tmp_path):
     where.mkdir()
     if os.geteuid() != 0:
         pytest.skip(reason="mounting a small tmpfs needs root; the simulated full-disk tests still run")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(where)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(where)], capture_output=True, text=True
+    )
     if done.returncode != 0:
-        pytest.skip(reason=f"cannot mount a tmpfs here ({done.stderr.strip()}); the simulated tests still run")
+        pytest.skip(
+            reason=f"cannot mount a tmpfs here ({done.stderr.strip()}); the simulated tests still run"
+        )
     try:
         yield where
     finally:
         if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(where)], check=True)   # busy: detach it all the same
+            subprocess.run(["umount", "-l", str(where)], check=True)  # busy: detach it all the same
             pytest.fail("a file on the small disk was still open after the command")
 
 
@@ -209,13 +243,16 @@ FULL_DISK_COMMANDS = {
 
 
 @pytest.mark.parametrize("command", sorted(FULL_DISK_COMMANDS))
-def test_a_real_full_disk_is_one_line_naming_the_output_and_leaves_nothing(command, family, small_disk,
-                                                                           tmp_path, capsys):
+def test_a_real_full_disk_is_one_line_naming_the_output_and_leaves_nothing(
+    command, family, small_disk, tmp_path, capsys
+):
     pytest.importorskip("onnx")
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"jobs:\n  - name: a\n    model: builtin:tiny\n    output: {small_disk}/out\n"
-                      "    quantize: {bits: 4, group_size: 32}\n    export: [{format: gguf, multi: true}]\n")
-    (small_disk / "ballast").write_bytes(b"x" * 300_000)     # the eval's small files must not fit either
+    recipe.write_text(
+        f"jobs:\n  - name: a\n    model: builtin:tiny\n    output: {small_disk}/out\n"
+        "    quantize: {bits: 4, group_size: 32}\n    export: [{format: gguf, multi: true}]\n"
+    )
+    (small_disk / "ballast").write_bytes(b"x" * 300_000)  # the eval's small files must not fit either
     argv = [a.format(family=family, recipe=recipe) for a in FULL_DISK_COMMANDS[command]]
     if command != "run (gguf export)":
         argv += ["--out", str(small_disk / "out")]
@@ -234,6 +271,7 @@ class FullFile:
 
     def __init__(self, file=None, mode="wb"):
         import builtins
+
         self.f = builtins.open(file, mode) if file is not None else None
 
     def write(self, data):
@@ -257,6 +295,7 @@ class FullFile:
 def full_open(file, mode="r", *a, **k):
     """`open` on a full disk: files open as usual, writes to them fail."""
     import builtins
+
     return FullFile(file, mode) if any(c in mode for c in "wax") else builtins.open(file, mode, *a, **k)
 
 
@@ -268,21 +307,26 @@ def short_write(*a, **k):
 def rust_full(*a, **k):
     """What safetensors' own (Rust) writer raises on a full disk."""
     from safetensors import SafetensorError
+
     raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
 
 def patch(module: str, owner: str | None, attr: str, fake):
     """A monkeypatch target: an attribute of a module, or of a class in it."""
+
     def apply(monkeypatch):
         import importlib
+
         obj = importlib.import_module(module)
         monkeypatch.setattr(getattr(obj, owner) if owner else obj, attr, fake, raising=False)
+
     return apply
 
 
 def short_array(monkeypatch):
     """numpy in the encoded-module cache only: its arrays' tofile stops short."""
     import numpy
+
     import ruyi_quant.exporters.gguf.tensors as tensors
 
     class Numpy:
@@ -292,32 +336,54 @@ def short_array(monkeypatch):
         @staticmethod
         def ascontiguousarray(a):
             return type("Full", (), {"tofile": short_write})()
+
     monkeypatch.setattr(tensors, "np", Numpy())
 
 
-WRITERS = {    # writer -> (the patch, the command that reaches it, what the line names)
-    "safetensors stream": (patch("ruyi_quant.store.safetensors", None, "open", full_open),
-                           ["quantize", "builtin:tiny", "--bits", "8"], "{out}/model.safetensors"),
-    "spill": (patch("ruyi_quant.store.safetensors", None, "open", full_open), QUANTIZE, "{out}: cannot write its scratch files"),
-    "gguf tensors": (patch("gguf", "GGUFWriter", "write_tensor_data", short_write),
-                     ["export", "{family}", "--format", "gguf"], "{out}/exit-2/"),
-    "gguf encoded cache": (short_array, ["export", "{family}", "--format", "gguf", "--multi"],
-                           "{out}/.encoded/"),
-    "onnx data": (patch("ruyi_quant.exporters.onnx.files", None, "open", full_open),
-                  ["export", "{family}", "--format", "onnx"], "{out}/exit-2/model.onnx.data"),
-    "json": (patch("pathlib", "Path", "write_text", lambda *a, **k: FullFile().write("")),
-             ["export", "{family}"], "{out}: cannot write it"),
+WRITERS = {  # writer -> (the patch, the command that reaches it, what the line names)
+    "safetensors stream": (
+        patch("ruyi_quant.store.safetensors", None, "open", full_open),
+        ["quantize", "builtin:tiny", "--bits", "8"],
+        "{out}/model.safetensors",
+    ),
+    "spill": (
+        patch("ruyi_quant.store.safetensors", None, "open", full_open),
+        QUANTIZE,
+        "{out}: cannot write its scratch files",
+    ),
+    "gguf tensors": (
+        patch("gguf", "GGUFWriter", "write_tensor_data", short_write),
+        ["export", "{family}", "--format", "gguf"],
+        "{out}/exit-2/",
+    ),
+    "gguf encoded cache": (
+        short_array,
+        ["export", "{family}", "--format", "gguf", "--multi"],
+        "{out}/.encoded/",
+    ),
+    "onnx data": (
+        patch("ruyi_quant.exporters.onnx.files", None, "open", full_open),
+        ["export", "{family}", "--format", "onnx"],
+        "{out}/exit-2/model.onnx.data",
+    ),
+    "json": (
+        patch("pathlib", "Path", "write_text", lambda *a, **k: FullFile().write("")),
+        ["export", "{family}"],
+        "{out}: cannot write it",
+    ),
 }
 
 
 @pytest.mark.parametrize("writer", sorted(WRITERS))
-def test_every_writer_under_a_full_disk_is_one_line_naming_its_file(writer, family, tmp_path, capsys,
-                                                                   monkeypatch):
+def test_every_writer_under_a_full_disk_is_one_line_naming_its_file(
+    writer, family, tmp_path, capsys, monkeypatch
+):
     import ruyi_quant.errors
+
     pytest.importorskip("onnx")
     apply, argv, needle = WRITERS[writer]
     out = tmp_path / "new" / "out"
-    main(["inspect", "builtin:tiny"])                     # the cache is built before the disk fills
+    main(["inspect", "builtin:tiny"])  # the cache is built before the disk fills
     monkeypatch.setattr(ruyi_quant.errors, "free_bytes", lambda path: 0)
     apply(monkeypatch)
     capsys.readouterr()
@@ -336,6 +402,7 @@ def test_safetensors_own_writer_under_a_full_disk_names_its_file(tmp_path, monke
     from ruyi_quant.model.config import parse_config
     from ruyi_quant.model.familial import FamilialModel
     from ruyi_quant.sources.tiny import tiny_config
+
     monkeypatch.setattr(io, "save_file", rust_full)
     with pytest.raises(OSError) as info:
         io.save_model(FamilialModel(parse_config(tiny_config())), tmp_path)
@@ -348,8 +415,10 @@ def test_a_run_killed_while_replacing_a_job_is_cleaned_by_the_next_run_that_skip
     """SIGKILL during `run --force` of a finished job leaves `.out.tmp-*` and `.out.lock`; the next
     `run` finds the job intact, skips it, and removes them."""
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("jobs:\n  - name: a\n    model: builtin:tiny\n    output: out\n"
-                      "    quantize: {method: gptq, group_size: 32}\n    calibration: {samples: 32, seq_len: 256}\n")
+    recipe.write_text(
+        "jobs:\n  - name: a\n    model: builtin:tiny\n    output: out\n"
+        "    quantize: {method: gptq, group_size: 32}\n    calibration: {samples: 32, seq_len: 256}\n"
+    )
     assert main(["run", str(recipe)]) == 0
     proc = start(["run", recipe, "--force"], tmp_path)
     assert wait_for(lambda: any(any(d.iterdir()) for d in tmp_dirs(tmp_path)), proc)
@@ -367,36 +436,70 @@ def test_any_output_written_in_a_folder_removes_dead_runs_leftovers_there(tmp_pa
     """Another output's dead temporaries (a directory, a file from an atomic text write) and its lock
     file go; a live run's (its lock held) stay."""
     from ruyi_quant.store.files import output_lock
+
     (tmp_path / ".dead.tmp-abcd1234").mkdir()
     (tmp_path / ".dead.tmp-abcd1234" / "model.safetensors").write_bytes(b"x" * 1000)
     (tmp_path / ".i.json.tmp-zz99yy88").write_text("{")
     (tmp_path / ".dead.lock").write_text("")
     (tmp_path / ".gone.lock").write_text("")
-    (tmp_path / ".notes.lock").write_text("pid 1234\n")       # someone else's lock file: not ours
+    (tmp_path / ".notes.lock").write_text("pid 1234\n")  # someone else's lock file: not ours
     with output_lock(tmp_path / "live"):
         (tmp_path / ".live.tmp-live0000").mkdir()
         assert main(["quantize", "builtin:tiny", "--bits", "8", "--out", str(tmp_path / "q")]) == 0
-        assert sorted(p.name for p in tmp_path.iterdir()) == [".live.lock", ".live.tmp-live0000", ".notes.lock", "q"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            ".live.lock",
+            ".live.tmp-live0000",
+            ".notes.lock",
+            "q",
+        ]
 
 
-def test_llama_cpps_quantizer_on_a_full_disk_is_one_line_naming_its_file(tiny_dir, tmp_path, capsys,
-                                                                         monkeypatch):
+def test_llama_cpps_quantizer_on_a_full_disk_is_one_line_naming_its_file(
+    tiny_dir, tmp_path, capsys, monkeypatch
+):
     """llama.cpp's quantizer (K-quants) reports only a non-zero code: on a file system with less
     room than its input, that is a full disk, named with the file, and nothing is left."""
     llama_cpp = pytest.importorskip("llama_cpp")
     import ruyi_quant.errors
+
     monkeypatch.setattr(llama_cpp, "llama_model_quantize", lambda src, dst, params: 1)
     monkeypatch.setattr(ruyi_quant.errors, "free_bytes", lambda path: 4096)
     out = tmp_path / "new" / "out"
-    code = main(["export", str(tiny_dir), "--format", "gguf", "--type", "q6_k", "--exits", "2",
-                 "--no-imatrix", "--out", str(out)])
+    code = main(
+        [
+            "export",
+            str(tiny_dir),
+            "--format",
+            "gguf",
+            "--type",
+            "q6_k",
+            "--exits",
+            "2",
+            "--no-imatrix",
+            "--out",
+            str(out),
+        ]
+    )
     err = messages(capsys.readouterr().err)
     assert code == 2 and len(err) == 1, err
     assert f"{out}/exit-2/" in err[0] and "No space left on device" in err[0], err
     assert list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(ruyi_quant.errors, "free_bytes", lambda path: 1 << 40)   # room enough: a failure
-    code = main(["export", str(tiny_dir), "--format", "gguf", "--type", "q6_k", "--exits", "2",
-                 "--no-imatrix", "--out", str(out)])
+    monkeypatch.setattr(ruyi_quant.errors, "free_bytes", lambda path: 1 << 40)  # room enough: a failure
+    code = main(
+        [
+            "export",
+            str(tiny_dir),
+            "--format",
+            "gguf",
+            "--type",
+            "q6_k",
+            "--exits",
+            "2",
+            "--no-imatrix",
+            "--out",
+            str(out),
+        ]
+    )
     err = messages(capsys.readouterr().err)
     assert code == 2 and len(err) == 1 and "llama.cpp could not quantize" in err[0], err
     assert list(tmp_path.iterdir()) == []

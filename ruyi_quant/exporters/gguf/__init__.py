@@ -18,7 +18,19 @@ from .metadata import common_kv
 from .ollama import write_modelfile_for
 from .tensors import GGUFOptions, exit_arch, llama_rope_rows
 
-__all__ = ["GGUFOptions", "K_QUANTS", "base_name", "common_kv",
-           "exit_arch", "export", "extract", "extract_exit", "label", "llama_quantize",
-           "llama_rope_rows", "write_exit", "write_modelfile_for",
-           "write_multi"]
+__all__ = [
+    "GGUFOptions",
+    "K_QUANTS",
+    "base_name",
+    "common_kv",
+    "exit_arch",
+    "export",
+    "extract",
+    "extract_exit",
+    "label",
+    "llama_quantize",
+    "llama_rope_rows",
+    "write_exit",
+    "write_modelfile_for",
+    "write_multi",
+]

@@ -10,16 +10,15 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ...model.layout import exit_folder
 from ...errors import UserError
+from ...model.layout import exit_folder
 from ...quant.family import QuantizedFamily
 from .files import base_name, extract_exit, multi_exits, tensor_uses, write_exit, write_multi
-from .ggml import grid_type
+from .ggml import block_groups, grid_type
 from .imatrix import collect, for_exit, provenance_kv, requantize
 from .llamacpp import K_QUANTS, llama_quantize
 from .metadata import common_kv
 from .ollama import write_modelfile_for
-from .ggml import block_groups
 from .tensors import TYPES, EncodedCache, GGUFOptions, check_grid
 
 
@@ -40,15 +39,19 @@ def check(target, ex) -> None:
     from float weights) or in the multi-exit file, scaled RoPE, a grid no ggml type holds exactly
     (or not the type asked for)."""
     if ex.type in K_QUANTS and target.plan:
-        raise UserError(f"type {ex.type}: llama.cpp's K-quants start from float weights, and this "
-                        "family is already quantized; use type auto, or export an unquantized "
-                        "family (quantize method none)")
+        raise UserError(
+            f"type {ex.type}: llama.cpp's K-quants start from float weights, and this "
+            "family is already quantized; use type auto, or export an unquantized "
+            "family (quantize method none)"
+        )
     if ex.type in K_QUANTS and ex.multi:
         raise UserError(f"type {ex.type}: the multi-exit file holds our own grids; drop multi")
     if target.config.rope_scaled:
         raw = target.config.raw
-        raise UserError("gguf: scaled RoPE is not exported yet; the model uses "
-                        f"{raw.get('rope_parameters') or raw.get('rope_scaling')}")
+        raise UserError(
+            "gguf: scaled RoPE is not exported yet; the model uses "
+            f"{raw.get('rope_parameters') or raw.get('rope_scaling')}"
+        )
     want = TYPES.get(ex.type)
     for m, spec in target.plan.items():
         check_grid(m, spec, want, lambda m=m: block_groups(target.groups(m), target.widths[m]))
@@ -59,39 +62,53 @@ def folder(fam: QuantizedFamily, ex) -> str:
 
 
 def written(info: dict, out: Path) -> list[str]:
-    lines = [f"wrote {out / exit_folder(x['exit']) / x['file']} ({x['bytes'] / 1e6:.2f} MB) + Modelfile"
-             for x in info["exits"]]
+    lines = [
+        f"wrote {out / exit_folder(x['exit']) / x['file']} ({x['bytes'] / 1e6:.2f} MB) + Modelfile"
+        for x in info["exits"]
+    ]
     if info["multi"]:
         m = info["multi"]
-        lines.append(f"wrote {out / m['file']} ({m['bytes'] / 1e6:.2f} MB, every exit; per-exit files "
-                     f"together {sum(x['bytes'] for x in info['exits']) / 1e6:.2f} MB)")
+        lines.append(
+            f"wrote {out / m['file']} ({m['bytes'] / 1e6:.2f} MB, every exit; per-exit files "
+            f"together {sum(x['bytes'] for x in info['exits']) / 1e6:.2f} MB)"
+        )
     return lines
 
 
-def export(fam: QuantizedFamily, out_root: Path, tokenizer_dir: Path, ex, progress: bool = True,
-           calibration=None) -> dict:
+def export(
+    fam: QuantizedFamily, out_root: Path, tokenizer_dir: Path, ex, progress: bool = True, calibration=None
+) -> dict:
     """Per-exit GGUF files (each with an Ollama Modelfile) and/or the multi-exit file under
     out_root (a fresh directory), as the GGUFExport settings `ex` say. Returns what was written.
     `calibration`: the Calibration settings K-quants' importance matrix is computed from (default:
     the recipe's default)."""
     from .. import Target
-    check(Target.of_family(fam), ex)       # before any file or progress bar
+
+    check(Target.of_family(fam), ex)  # before any file or progress bar
     kquant = ex.type if ex.type in K_QUANTS else None
-    opt = GGUFOptions(type="f16" if kquant else ex.type, embed_type=ex.embed_type,
-                      head_type=ex.head_type, name=ex.name, license=ex.license)
+    opt = GGUFOptions(
+        type="f16" if kquant else ex.type,
+        embed_type=ex.embed_type,
+        head_type=ex.head_type,
+        name=ex.name,
+        license=ex.license,
+    )
     base, kind = base_name(fam, opt), label(fam, ex.type)
     out_root.mkdir(parents=True, exist_ok=True)
     info_all: dict = {"exits": [], "multi": None}
     exits = fam.config.exit_list(ex.exits) if ex.per_exit else []
-    common = common_kv(fam, tokenizer_dir, opt)        # the tokenizer, read once for every file
+    common = common_kv(fam, tokenizer_dir, opt)  # the tokenizer, read once for every file
     imat = None
     if kquant and ex.imatrix and exits:
         windows, imat_kv = _windows(tokenizer_dir, calibration)
         imat = collect(fam, windows, progress)
     # the trunk is in every exit's file (and the multi-exit one): encode each module once
     cache_dir = out_root / ".encoded"
-    cache = (EncodedCache(cache_dir, tensor_uses(fam, exits, ex.multi))
-             if not kquant and len(exits) + bool(ex.multi) > 1 else None)
+    cache = (
+        EncodedCache(cache_dir, tensor_uses(fam, exits, ex.multi))
+        if not kquant and len(exits) + bool(ex.multi) > 1
+        else None
+    )
     try:
         for e in tqdm(exits, desc="export gguf", unit="exit", disable=not progress, leave=False):
             d = out_root / exit_folder(e)
@@ -113,8 +130,9 @@ def export(fam: QuantizedFamily, out_root: Path, tokenizer_dir: Path, ex, progre
         if ex.multi:
             if progress:
                 tqdm.write(f"  writing the multi-exit file {base}-family-{kind}.gguf")
-            info_all["multi"] = write_multi(fam, out_root / f"{base}-family-{kind}.gguf", tokenizer_dir,
-                                           opt, common, cache)
+            info_all["multi"] = write_multi(
+                fam, out_root / f"{base}-family-{kind}.gguf", tokenizer_dir, opt, common, cache
+            )
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
     return info_all
@@ -124,9 +142,9 @@ def _windows(tokenizer_dir: Path, calibration):
     """The importance matrix's token windows and the provenance keys that describe them."""
     from ...recipe import Calibration
     from ...text import load_tokenizer, text_windows
+
     cal = calibration or Calibration()
-    w = text_windows(load_tokenizer(tokenizer_dir), cal.source, cal.samples, cal.seq_len, cal.seed,
-                     cal.field)
+    w = text_windows(load_tokenizer(tokenizer_dir), cal.source, cal.samples, cal.seq_len, cal.seed, cal.field)
     return w, provenance_kv(cal, len(w))
 
 
@@ -135,7 +153,7 @@ def extract(source: Path, exits: list[int] | None, out_root: Path) -> list[dict]
     re-quantization): `NAME-family-TYPE.gguf` -> `NAME-eE-TYPE.gguf`; every exit when None."""
     stem = Path(source).name.removesuffix(".gguf")
     infos = []
-    for e in (multi_exits(Path(source)) if exits is None else exits):
+    for e in multi_exits(Path(source)) if exits is None else exits:
         d = out_root / exit_folder(e)
         d.mkdir()
         name = stem.replace("-family-", f"-e{e}-") if "-family-" in stem else f"{stem}-e{e}"

@@ -18,8 +18,7 @@ from gguf import GGUFValueType as V
 from gguf import Keys
 
 from ... import names
-from ...errors import UserError
-from ...errors import name_problem
+from ...errors import UserError, name_problem
 from ...model.config import parse_config
 from ...quant.family import QuantizedFamily
 from .metadata import RuyiKeys, common_kv, exit_kv, read_kv, size_label, write_gguf
@@ -51,9 +50,15 @@ def tensor_uses(fam: QuantizedFamily, exits: list[int], multi: bool) -> Counter:
     return uses + Counter(fam.weight_names()) if multi else uses
 
 
-def write_exit(fam: QuantizedFamily, exit: int, path: Path, tok_dir: Path,
-               opt: GGUFOptions = GGUFOptions(), common: list[tuple] | None = None,
-               cache: EncodedCache | None = None) -> dict:
+def write_exit(
+    fam: QuantizedFamily,
+    exit: int,
+    path: Path,
+    tok_dir: Path,
+    opt: GGUFOptions = GGUFOptions(),
+    common: list[tuple] | None = None,
+    cache: EncodedCache | None = None,
+) -> dict:
     """A stock qwen2 (or llama) GGUF of one exit. `common`: common_kv(fam, tok_dir, opt) when the caller
     writes several files (it reads the tokenizer); `cache`: the encoded tensors they share."""
     cfg = fam.config
@@ -64,36 +69,48 @@ def write_exit(fam: QuantizedFamily, exit: int, path: Path, tok_dir: Path,
     kv = exit_kv(cfg, j, params, base_name(fam, opt), arch) + (common or common_kv(fam, tok_dir, opt))
     size = write_gguf(Path(path), arch, kv, arrays)
     write_modelfile(Path(path), kv)
-    return {"exit": cfg.exits[j], "file": Path(path).name, "bytes": size,
-            "tensor_bytes": sum(int(a.nbytes) for _, a, _ in arrays),
-            "types": sorted({t.name for _, _, t in arrays})}
+    return {
+        "exit": cfg.exits[j],
+        "file": Path(path).name,
+        "bytes": size,
+        "tensor_bytes": sum(int(a.nbytes) for _, a, _ in arrays),
+        "types": sorted({t.name for _, _, t in arrays}),
+    }
 
 
-def write_multi(fam: QuantizedFamily, path: Path, tok_dir: Path,
-                opt: GGUFOptions = GGUFOptions(), common: list[tuple] | None = None,
-                cache: EncodedCache | None = None) -> dict:
+def write_multi(
+    fam: QuantizedFamily,
+    path: Path,
+    tok_dir: Path,
+    opt: GGUFOptions = GGUFOptions(),
+    common: list[tuple] | None = None,
+    cache: EncodedCache | None = None,
+) -> dict:
     """One file: every tensor of the family once, the family's config, the exit list."""
     pairs = [(f, names.gguf_multi_name(f)) for f in fam.weight_names()]
     arrays = family_arrays(fam, pairs, opt, cache)
-    kv = [(Keys.General.NAME, base_name(fam, opt), V.STRING, None),
-          (Keys.General.SIZE_LABEL, size_label(fam.size()[0]), V.STRING, None),
-          (RuyiKeys.CONFIG, json.dumps(fam.config.to_json(), sort_keys=True), V.STRING, None),
-          (RuyiKeys.EXIT_ARCHITECTURE, exit_arch(fam), V.STRING, None)]
+    kv = [
+        (Keys.General.NAME, base_name(fam, opt), V.STRING, None),
+        (Keys.General.SIZE_LABEL, size_label(fam.size()[0]), V.STRING, None),
+        (RuyiKeys.CONFIG, json.dumps(fam.config.to_json(), sort_keys=True), V.STRING, None),
+        (RuyiKeys.EXIT_ARCHITECTURE, exit_arch(fam), V.STRING, None),
+    ]
     size = write_gguf(Path(path), MULTI_ARCH, kv + (common or common_kv(fam, tok_dir, opt)), arrays)
-    return {"file": Path(path).name, "bytes": size,
-            "tensor_bytes": sum(int(a.nbytes) for _, a, _ in arrays)}
+    return {"file": Path(path).name, "bytes": size, "tensor_bytes": sum(int(a.nbytes) for _, a, _ in arrays)}
 
 
 def _read_multi(multi_path: Path):
     """(reader, family config) of a multi-exit file, or a one-line error."""
     try:
         r = gguf.GGUFReader(str(multi_path))
-    except Exception as e:   # noqa: BLE001 - any parse failure is a bad input file
+    except Exception as e:  # noqa: BLE001 - any parse failure is a bad input file
         raise UserError(f"{multi_path}: not a GGUF file ({e})") from None
     arch = r.fields.get(Keys.General.ARCHITECTURE)
     if arch is None or arch.contents() != MULTI_ARCH or RuyiKeys.CONFIG not in r.fields:
-        raise UserError(f"{multi_path}: not a ruyi-quant multi-exit GGUF (architecture "
-                        f"'{arch.contents() if arch else None}'); export one with --multi")
+        raise UserError(
+            f"{multi_path}: not a ruyi-quant multi-exit GGUF (architecture "
+            f"'{arch.contents() if arch else None}'); export one with --multi"
+        )
     return r, parse_config(json.loads(r.fields[RuyiKeys.CONFIG].contents()), where=str(multi_path))
 
 
@@ -116,8 +133,9 @@ def extract_exit(multi_path: Path, exit: int, path: Path) -> dict:
         arrays.append((new, np.asarray(t.data), qtype))
         params += int(t.n_elements)
     arrays.sort(key=lambda a: _exit_order(a[0]))
-    kv = read_kv(r, skip=(Keys.General.NAME, Keys.General.SIZE_LABEL, RuyiKeys.CONFIG,
-                          RuyiKeys.EXIT_ARCHITECTURE))[0]
+    kv = read_kv(
+        r, skip=(Keys.General.NAME, Keys.General.SIZE_LABEL, RuyiKeys.CONFIG, RuyiKeys.EXIT_ARCHITECTURE)
+    )[0]
     base = r.fields[Keys.General.NAME].contents()
     arch = r.fields.get(RuyiKeys.EXIT_ARCHITECTURE)
     arch = arch.contents() if arch is not None else ARCH

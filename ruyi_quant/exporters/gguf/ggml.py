@@ -39,8 +39,7 @@ def block_groups(g_idx: torch.Tensor, k: int) -> torch.Tensor:
         raise NotExact(f"{k} input columns is not a multiple of {BLOCK}")
     blocks = g_idx.long().reshape(-1, BLOCK)
     if bool((blocks != blocks[:, :1]).any()):
-        raise NotExact("its groups do not cover whole 32-column blocks (group size 16, or "
-                       "act-order)")
+        raise NotExact("its groups do not cover whole 32-column blocks (group size 16, or act-order)")
     return blocks[:, 0]
 
 
@@ -61,27 +60,30 @@ def _fp16_bytes(x: torch.Tensor) -> np.ndarray:
     return x.half().numpy().astype("<f2").view(np.uint8).reshape(*x.shape, 2)
 
 
-def encode_grid(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
-                bits: int, sym: bool) -> tuple[np.ndarray, T]:
+def encode_grid(
+    q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, bits: int, sym: bool
+) -> tuple[np.ndarray, T]:
     """A grid -> (uint8 [N, bytes per row], ggml type), exactly; NotExact otherwise."""
     qtype = grid_type(bits, sym)
     if qtype is None:
-        raise NotExact(f"no ggml type holds a {bits}-bit {'symmetric' if sym else 'asymmetric'} "
-                       "grid exactly (4-bit and lower: Q4_0/Q4_1; 8-bit symmetric: Q8_0)")
+        raise NotExact(
+            f"no ggml type holds a {bits}-bit {'symmetric' if sym else 'asymmetric'} "
+            "grid exactly (4-bit and lower: Q4_0/Q4_1; 8-bit symmetric: Q8_0)"
+        )
     k, n = q.shape
-    d, z = block_params(scales, zeros, g_idx, k)                 # [N, B]
-    codes = q.t().reshape(n, k // BLOCK, BLOCK)                    # [N, B, 32]
+    d, z = block_params(scales, zeros, g_idx, k)  # [N, B]
+    codes = q.t().reshape(n, k // BLOCK, BLOCK)  # [N, B, 32]
     if qtype == T.Q4_0:
-        c = codes - z.unsqueeze(-1) + 8                            # zero 2^(b-1) -> 8
+        c = codes - z.unsqueeze(-1) + 8  # zero 2^(b-1) -> 8
         parts = [_fp16_bytes(d), _nibbles(c.numpy())]
     elif qtype == T.Q4_1:
         m = -(d.double() * z.double())
         if bool((m.half().double() != m).any()):
-            raise NotExact("its mins -scale*zero are not fp16 numbers (quantized by an older "
-                           "ruyi-quant); quantize again")
+            raise NotExact(
+                "its mins -scale*zero are not fp16 numbers (quantized by an older ruyi-quant); quantize again"
+            )
         parts = [_fp16_bytes(d), _fp16_bytes(m), _nibbles(codes.numpy())]
     else:
         c = (codes - z.unsqueeze(-1)).numpy().astype(np.int8)
         parts = [_fp16_bytes(d), c.view(np.uint8)]
     return np.concatenate(parts, axis=-1).reshape(n, -1), qtype
-

@@ -30,7 +30,7 @@ from ... import names
 from ...errors import UserError
 from ...quant.walk import Walk
 
-HEAD_KEY = "head@{j}"          # the input of exit j's head (its norm's output)
+HEAD_KEY = "head@{j}"  # the input of exit j's head (its norm's output)
 
 
 @torch.no_grad()
@@ -66,7 +66,7 @@ def for_exit(imatrix: dict[str, torch.Tensor], cfg, j: int) -> dict[str, np.ndar
     out = {}
     for key, v in imatrix.items():
         if key.startswith("head@"):
-            if key == HEAD_KEY.format(j=j):       # a tied head multiplies by token_embd itself,
+            if key == HEAD_KEY.format(j=j):  # a tied head multiplies by token_embd itself,
                 head = names.EMBED if cfg.tie_word_embeddings else names.PLAIN_HEAD  # as there
                 out[names.gguf_name(f"{head}.weight")] = v.numpy().astype(np.float32)
             continue
@@ -78,29 +78,41 @@ def for_exit(imatrix: dict[str, torch.Tensor], cfg, j: int) -> dict[str, np.ndar
 
 # --- ggml's quantizer -----------------------------------------------------------------------
 
+
 def _libggml():
     """The ggml library inside llama-cpp-python (its loader where it has one, else by file)."""
     try:
         import llama_cpp
     except ImportError:
-        raise UserError("an importance matrix needs llama-cpp-python (pip install "
-                        "'ruyi-quant[llama]')") from None
+        raise UserError(
+            "an importance matrix needs llama-cpp-python (pip install 'ruyi-quant[llama]')"
+        ) from None
     try:
         from llama_cpp._ggml import libggml
+
         return libggml
     except (ImportError, AttributeError):
         libs = sorted(Path(llama_cpp.__file__).parent.glob("lib/*ggml-base*"))
         if not libs:
-            raise UserError("llama-cpp-python without its ggml library: cannot apply an "
-                            "importance matrix (use imatrix: false)") from None
+            raise UserError(
+                "llama-cpp-python without its ggml library: cannot apply an "
+                "importance matrix (use imatrix: false)"
+            ) from None
         return ctypes.CDLL(str(libs[0]))
 
 
 def _ggml_quantize_chunk():
     f = _libggml().ggml_quantize_chunk
     f.restype = ctypes.c_size_t
-    f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                  ctypes.c_int64, ctypes.c_void_p]
+    f.argtypes = [
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+    ]
     return f
 
 
@@ -115,8 +127,9 @@ def quantize_rows(qtype: T, x: np.ndarray, imatrix: np.ndarray | None) -> np.nda
         qw = np.ascontiguousarray(imatrix, dtype=np.float32)
         if qw.shape != (cols,):
             raise ValueError(f"imatrix of {qw.shape} for a matrix of {cols} columns")
-    n = _ggml_quantize_chunk()(int(qtype), x.ctypes.data, out.ctypes.data, 0, rows, cols,
-                               None if qw is None else qw.ctypes.data)
+    n = _ggml_quantize_chunk()(
+        int(qtype), x.ctypes.data, out.ctypes.data, 0, rows, cols, None if qw is None else qw.ctypes.data
+    )
     if n != out.nbytes:
         raise RuntimeError(f"ggml_quantize_chunk wrote {n} bytes, expected {out.nbytes}")
     return out
@@ -125,18 +138,27 @@ def quantize_rows(qtype: T, x: np.ndarray, imatrix: np.ndarray | None) -> np.nda
 def provenance_kv(cal, n_windows: int) -> list[tuple]:
     """llama.cpp's own quantize.imatrix.* keys, naming our calibration set."""
     from gguf import GGUFValueType as V
-    return [("quantize.imatrix.file", "ruyi-quant (computed in memory)", V.STRING, None),
-            ("quantize.imatrix.dataset", f"{cal.source} {n_windows}x{cal.seq_len} seed {cal.seed}",
-             V.STRING, None),
-            ("quantize.imatrix.chunks_count", n_windows, V.INT32, None)]
+
+    return [
+        ("quantize.imatrix.file", "ruyi-quant (computed in memory)", V.STRING, None),
+        (
+            "quantize.imatrix.dataset",
+            f"{cal.source} {n_windows}x{cal.seq_len} seed {cal.seed}",
+            V.STRING,
+            None,
+        ),
+        ("quantize.imatrix.chunks_count", n_windows, V.INT32, None),
+    ]
 
 
-def requantize(f16_path: Path, quantized_path: Path, imatrix: dict[str, np.ndarray],
-               extra_kv: list[tuple] = ()) -> int:
+def requantize(
+    f16_path: Path, quantized_path: Path, imatrix: dict[str, np.ndarray], extra_kv: list[tuple] = ()
+) -> int:
     """Re-encode, in place, each quantized tensor of llama.cpp's output that has a matrix, from
     the F16 file it was made from, with the same type; add `extra_kv` (provenance). Returns how
     many tensors changed."""
     from .metadata import read_kv, write_gguf
+
     src = {t.name: t for t in gguf.GGUFReader(str(f16_path)).tensors}
     r = gguf.GGUFReader(str(quantized_path))
     arrays, changed = [], 0

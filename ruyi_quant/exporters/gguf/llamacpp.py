@@ -12,9 +12,14 @@ from pathlib import Path
 from ...errors import UserError, too_little_space
 
 K_QUANTS = ("q4_k_m", "q5_k_m", "q6_k")
-LLAMA_FTYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
-                "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
-                "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
+LLAMA_FTYPES = {
+    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+    "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
+    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+}
 
 
 @contextmanager
@@ -38,17 +43,18 @@ def llama_quantize(src: Path, dst: Path, ftype: str, threads: int = 2) -> int:
     try:
         import llama_cpp
     except ImportError:
-        raise UserError(f"type {ftype}: llama.cpp's quantizer needs llama-cpp-python "
-                        "(pip install 'ruyi-quant[llama]')") from None
+        raise UserError(
+            f"type {ftype}: llama.cpp's quantizer needs llama-cpp-python (pip install 'ruyi-quant[llama]')"
+        ) from None
     if ftype not in LLAMA_FTYPES:
         raise UserError(f"type {ftype}: llama.cpp types are {', '.join(LLAMA_FTYPES)}")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, LLAMA_FTYPES[ftype])
     params.nthread = threads
-    with _c_stderr_silenced():          # it logs every tensor (and each fallback type) there
+    with _c_stderr_silenced():  # it logs every tensor (and each fallback type) there
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0:
-        if too_little_space(dst, Path(src).stat().st_size):   # llama.cpp reports no errno
+        if too_little_space(dst, Path(src).stat().st_size):  # llama.cpp reports no errno
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
         raise UserError(f"llama.cpp could not quantize {src} to {ftype} (code {rc})")
     return Path(dst).stat().st_size

@@ -10,7 +10,8 @@ from gguf import Keys
 
 CHATML_TEMPLATE = (
     "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
-    "<|im_start|>assistant\n")
+    "<|im_start|>assistant\n"
+)
 
 
 STOP_TOKENS = ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
@@ -23,18 +24,22 @@ def write_modelfile(gguf_path: Path, kv: list[tuple]) -> None:
     tokens = set(values.get(Keys.Tokenizer.LIST, []))
     stops = [t for t in STOP_TOKENS if t in tokens] if template else []
     (gguf_path.parent / "Modelfile").write_text(
-        modelfile(gguf_path.name, template, stops, default_system(template)))
+        modelfile(gguf_path.name, template, stops, default_system(template))
+    )
 
 
 def write_modelfile_for(gguf_path: Path) -> None:
     """The Modelfile of a GGUF file that exists (e.g. one llama.cpp's quantizer wrote)."""
     r = gguf.GGUFReader(str(gguf_path))
-    kv = [(k, f.contents(), None, None) for k, f in r.fields.items() if k in (Keys.Tokenizer.CHAT_TEMPLATE, Keys.Tokenizer.LIST)]
+    kv = [
+        (k, f.contents(), None, None)
+        for k, f in r.fields.items()
+        if k in (Keys.Tokenizer.CHAT_TEMPLATE, Keys.Tokenizer.LIST)
+    ]
     write_modelfile(Path(gguf_path), kv)
 
 
-def modelfile(gguf_file: str, chat_template: str | None, stops: list[str],
-              system: str | None = None) -> str:
+def modelfile(gguf_file: str, chat_template: str | None, stops: list[str], system: str | None = None) -> str:
     """An Ollama Modelfile next to a per-exit file (ChatML templates are translated)."""
     lines = [f"FROM ./{gguf_file}"]
     if chat_template and "<|im_start|>" in chat_template:

@@ -8,7 +8,6 @@ for q/k (`llama_rope_rows`).
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
@@ -19,26 +18,31 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 
-from ...model import layout
-from ... import names
 from ...errors import UserError, writing
+from ...model import layout
 from ...quant.family import QuantizedFamily
 from .ggml import NotExact, block_groups, encode_grid, grid_type
 
 ARCH = "qwen2"
-LLAMA_ARCH = "llama"    # plain Llama sources: no q/k/v biases, q/k rows in llama.cpp's rope order
+LLAMA_ARCH = "llama"  # plain Llama sources: no q/k/v biases, q/k rows in llama.cpp's rope order
 MULTI_ARCH = "ruyi"
 FLOAT_TYPES = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16}
 TYPES = {**FLOAT_TYPES, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_1": T.Q4_1}
-FILE_TYPES = {T.F32: gguf.LlamaFileType.ALL_F32, T.F16: gguf.LlamaFileType.MOSTLY_F16,
-              T.BF16: gguf.LlamaFileType.MOSTLY_BF16, T.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
-              T.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, T.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1}
+FILE_TYPES = {
+    T.F32: gguf.LlamaFileType.ALL_F32,
+    T.F16: gguf.LlamaFileType.MOSTLY_F16,
+    T.BF16: gguf.LlamaFileType.MOSTLY_BF16,
+    T.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+    T.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
+    T.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
+}
+
 
 @dataclass(frozen=True)
 class GGUFOptions:
-    type: str = "auto"            # auto: grids exactly, float linears f16; or one of TYPES
-    embed_type: str = "auto"      # auto: q8_0 in files with <= 4-bit grids, else as `type`
-    head_type: str = "auto"       # a float head; a quantized head keeps its grid
+    type: str = "auto"  # auto: grids exactly, float linears f16; or one of TYPES
+    embed_type: str = "auto"  # auto: q8_0 in files with <= 4-bit grids, else as `type`
+    head_type: str = "auto"  # a float head; a quantized head keeps its grid
     name: str | None = None
     license: str | None = None
 
@@ -48,9 +52,11 @@ def _auto_types(fam: QuantizedFamily, opt: GGUFOptions) -> dict[str, T]:
     low_bits = any(s.bits <= 4 for s in fam.modules.values())
     base = T.F16 if opt.type == "auto" else TYPES[opt.type]
     small = T.Q8_0 if low_bits or base in (T.Q4_0, T.Q4_1) else base
-    return {"linear": base,
-            "embedding": small if opt.embed_type == "auto" else TYPES[opt.embed_type],
-            "head": small if opt.head_type == "auto" else TYPES[opt.head_type]}
+    return {
+        "linear": base,
+        "embedding": small if opt.embed_type == "auto" else TYPES[opt.embed_type],
+        "head": small if opt.head_type == "auto" else TYPES[opt.head_type],
+    }
 
 
 class LazyArray:
@@ -77,7 +83,7 @@ class EncodedCache:
 
     def __init__(self, root: Path, uses: Counter):
         self.root, self.left = Path(root), Counter(uses)
-        self.stored: dict[str, tuple[Path, tuple]] = {}          # name -> (file, shape)
+        self.stored: dict[str, tuple[Path, tuple]] = {}  # name -> (file, shape)
 
     def get(self, name: str, dtype, produce) -> np.ndarray:
         self.left[name] -= 1
@@ -103,13 +109,15 @@ def _float_array(t: torch.Tensor, qtype: T, what: str) -> tuple[np.ndarray, T]:
     if qtype == T.F16:
         return t.detach().float().numpy().astype(np.float16), T.F16
     if qtype in (T.Q8_0, T.Q4_0, T.Q4_1) and t.shape[-1] % 32:
-        raise UserError(f"{what}: {t.shape[-1]} columns is not a multiple of 32, which "
-                        f"{qtype.name} needs; choose type f16")
+        raise UserError(
+            f"{what}: {t.shape[-1]} columns is not a multiple of 32, which "
+            f"{qtype.name} needs; choose type f16"
+        )
     out = np.empty(gguf.quants.quant_shape_to_byte_shape(tuple(t.shape), qtype), dtype=np.uint8)
     step = max(1, QUANTIZE_ROWS_ELEMENTS // t.shape[-1])
-    for r in range(0, t.shape[0], step):        # rows at a time, from the stored dtype: gguf's
-        x = t[r:r + step].detach().float().numpy()          # quantizer makes several full-size
-        out[r:r + step] = gguf.quants.quantize(x, qtype)    # float temporaries
+    for r in range(0, t.shape[0], step):  # rows at a time, from the stored dtype: gguf's
+        x = t[r : r + step].detach().float().numpy()  # quantizer makes several full-size
+        out[r : r + step] = gguf.quants.quantize(x, qtype)  # float temporaries
     return out, qtype
 
 
@@ -121,23 +129,31 @@ def check_grid(module, spec, want, blocks) -> None:
         return
     exact = grid_type(spec.bits, spec.sym)
     if want is not None and want != exact:
-        raise UserError(f"type {want.name.lower()}: {module} holds a {spec.bits}-bit "
-                        f"{'symmetric' if spec.sym else 'asymmetric'} grid, which "
-                        f"{want.name} cannot hold exactly; use type auto"
-                        + (f" ({exact.name})" if exact else "") + " or a float type")
+        raise UserError(
+            f"type {want.name.lower()}: {module} holds a {spec.bits}-bit "
+            f"{'symmetric' if spec.sym else 'asymmetric'} grid, which "
+            f"{want.name} cannot hold exactly; use type auto"
+            + (f" ({exact.name})" if exact else "")
+            + " or a float type"
+        )
     try:
         if exact is None:
-            raise NotExact(f"no ggml type holds a {spec.bits}-bit "
-                           f"{'symmetric' if spec.sym else 'asymmetric'} grid exactly")
+            raise NotExact(
+                f"no ggml type holds a {spec.bits}-bit "
+                f"{'symmetric' if spec.sym else 'asymmetric'} grid exactly"
+            )
         blocks()
     except NotExact as e:
-        raise UserError(f"gguf: {module} cannot go into GGUF exactly: {e}; quantize with "
-                        "group_size a multiple of 32, act_order: false (or static_groups: true), "
-                        "and 4 bits (sym or asym) or 8 bits sym; or export type f16") from None
+        raise UserError(
+            f"gguf: {module} cannot go into GGUF exactly: {e}; quantize with "
+            "group_size a multiple of 32, act_order: false (or static_groups: true), "
+            "and 4 bits (sym or asym) or 8 bits sym; or export type f16"
+        ) from None
 
 
-def encode_module(fam: QuantizedFamily, module: str, opt: GGUFOptions,
-                  types: dict[str, T]) -> tuple[np.ndarray, T]:
+def encode_module(
+    fam: QuantizedFamily, module: str, opt: GGUFOptions, types: dict[str, T]
+) -> tuple[np.ndarray, T]:
     """The weight of one familial module as GGUF data (identical wherever it is written)."""
     role = layout.role(module)
     if module in fam.grids:
@@ -168,8 +184,9 @@ def llama_rope_rows(data: np.ndarray, n_head: int) -> np.ndarray:
     return data.reshape(n_head, 2, rows // n_head // 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
 
 
-def family_arrays(fam: QuantizedFamily, modules_and_names, opt: GGUFOptions,
-                  cache: EncodedCache | None = None):
+def family_arrays(
+    fam: QuantizedFamily, modules_and_names, opt: GGUFOptions, cache: EncodedCache | None = None
+):
     """[(gguf name, LazyArray, type)] for familial tensors, named by `modules_and_names`: a list of
     (familial tensor name, gguf name); quantized linears appear once as `.weight`. Types and
     shapes are decided (and every refusal raised) now; the data is encoded when written (or
@@ -178,8 +195,10 @@ def family_arrays(fam: QuantizedFamily, modules_and_names, opt: GGUFOptions,
     types = _auto_types(fam, opt)
     llama = exit_arch(fam) == LLAMA_ARCH
     raw = fam.config.raw
-    heads = {"attn_q": int(raw["num_attention_heads"]),
-             "attn_k": int(raw.get("num_key_value_heads", raw["num_attention_heads"]))}
+    heads = {
+        "attn_q": int(raw["num_attention_heads"]),
+        "attn_k": int(raw.get("num_key_value_heads", raw["num_attention_heads"])),
+    }
     out = []
     for fname, gname in modules_and_names:
         mod, suffix = fname.rsplit(".", 1)
@@ -191,7 +210,7 @@ def family_arrays(fam: QuantizedFamily, modules_and_names, opt: GGUFOptions,
             produce = partial(_encoded, fam, mod, opt, types)
             if cache is not None:
                 produce = partial(cache.get, fname, dtype, produce)
-        else:                                   # norms, biases
+        else:  # norms, biases
             qtype, (shape, dtype) = T.F32, (fam.tensor_info(fname)[0], np.float32)
             produce = partial(_as_f32, fam, fname)
         kind = gname.rsplit(".", 2)[-2]
@@ -219,8 +238,9 @@ def _data_shape(shape: tuple, qtype: T, what: str):
     if qtype == T.F16:
         return tuple(shape), np.float16
     if qtype in (T.Q8_0, T.Q4_0, T.Q4_1) and shape[-1] % 32:
-        raise UserError(f"{what}: {shape[-1]} columns is not a multiple of 32, which "
-                        f"{qtype.name} needs; choose type f16")
+        raise UserError(
+            f"{what}: {shape[-1]} columns is not a multiple of 32, which {qtype.name} needs; choose type f16"
+        )
     return tuple(gguf.quants.quant_shape_to_byte_shape(tuple(shape), qtype)), np.uint8
 
 

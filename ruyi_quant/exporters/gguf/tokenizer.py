@@ -9,8 +9,7 @@ import gguf
 from gguf import GGUFValueType as V
 from gguf import Keys
 
-from ...errors import UserError
-from ...errors import read_json
+from ...errors import UserError, read_json
 from ...text import pre_tokenizer_name
 
 
@@ -33,11 +32,13 @@ def tokenizer_kv(tok_dir: Path, n_vocab: int) -> list[tuple[str, object, V, V | 
     toks = [tokens.get(i, f"[PAD{i}]") for i in range(n_vocab)]
     ttypes = [types.get(i, int(gguf.TokenType.UNUSED)) for i in range(n_vocab)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    kv = [(Keys.Tokenizer.MODEL, "gpt2", V.STRING, None),
-          (Keys.Tokenizer.PRE, pre_tokenizer_name(tj), V.STRING, None),
-          (Keys.Tokenizer.LIST, toks, V.ARRAY, V.STRING),
-          (Keys.Tokenizer.TOKEN_TYPE, ttypes, V.ARRAY, V.INT32),
-          (Keys.Tokenizer.MERGES, merges, V.ARRAY, V.STRING)]
+    kv = [
+        (Keys.Tokenizer.MODEL, "gpt2", V.STRING, None),
+        (Keys.Tokenizer.PRE, pre_tokenizer_name(tj), V.STRING, None),
+        (Keys.Tokenizer.LIST, toks, V.ARRAY, V.STRING),
+        (Keys.Tokenizer.TOKEN_TYPE, ttypes, V.ARRAY, V.INT32),
+        (Keys.Tokenizer.MERGES, merges, V.ARRAY, V.STRING),
+    ]
     special = gguf.SpecialVocab(tok_dir, load_merges=False, n_vocab=n_vocab)
     for typ, tid in sorted(special.special_token_ids.items()):
         kv.append((getattr(Keys.Tokenizer, f"{typ.upper()}_ID"), int(tid), V.UINT32, None))

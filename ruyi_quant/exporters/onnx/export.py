@@ -36,20 +36,25 @@ def folder(fam, ex) -> str:
 
 
 def written(info: dict, out: Path) -> list[str]:
-    lines = [f"wrote {out / exit_folder(x['exit'])} ({disk_bytes(out / exit_folder(x['exit'])) / 1e6:.2f} MB)"
-             for x in info["exits"]]
+    lines = [
+        f"wrote {out / exit_folder(x['exit'])} ({disk_bytes(out / exit_folder(x['exit'])) / 1e6:.2f} MB)"
+        for x in info["exits"]
+    ]
     if info["multi"]:
         m = info["multi"]
-        lines.append(f"wrote {out / MULTI_FOLDER} ({m['bytes'] / 1e6:.2f} MB for exits {m['exits']}: "
-                     f"{m['tensor_bytes'] / 1e6:.2f} MB of distinct tensors in one data file)")
+        lines.append(
+            f"wrote {out / MULTI_FOLDER} ({m['bytes'] / 1e6:.2f} MB for exits {m['exits']}: "
+            f"{m['tensor_bytes'] / 1e6:.2f} MB of distinct tensors in one data file)"
+        )
     return lines
 
 
-def export(fam, out_root: Path, tokenizer_dir: Path | None, ex, progress: bool = True,
-           calibration=None) -> dict:
+def export(
+    fam, out_root: Path, tokenizer_dir: Path | None, ex, progress: bool = True, calibration=None
+) -> dict:
     """The folders the ONNXExport settings `ex` ask for, under out_root (created). Returns what
     was written: {"exits": [per-exit info], "multi": info or None}."""
-    check_onnx(fam.config, fam.modules, ex)    # before any folder or progress bar
+    check_onnx(fam.config, fam.modules, ex)  # before any folder or progress bar
     exits = fam.config.exit_list(ex.exits)
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)

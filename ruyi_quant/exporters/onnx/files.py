@@ -13,14 +13,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from ...model.layout import exit_folder
 from ... import __version__
 from ...errors import writing
+from ...model.layout import exit_folder
 from ...store.checkpoint import copy_tokenizer
 from ..provenance import provenance
 from .graph import Decoder
 
-ALIGN, PAGE, BIG = 64, 4096, 1 << 20     # offsets: 64-byte aligned, page aligned past 1 MiB
+ALIGN, PAGE, BIG = 64, 4096, 1 << 20  # offsets: 64-byte aligned, page aligned past 1 MiB
 DATA_FILE = "model.onnx.data"
 MULTI_DATA = "family.onnx.data"
 
@@ -33,7 +33,7 @@ class DataFile:
         self.path = Path(path)
         self.f = open(self.path, "wb")
         self.stubs: dict[str, TensorProto] = {}
-        self.attrs: dict = {}                 # per-module facts graphs need again (MatMulNBits layout)
+        self.attrs: dict = {}  # per-module facts graphs need again (MatMulNBits layout)
         self.tensor_bytes = 0
 
     def __contains__(self, name: str) -> bool:
@@ -48,10 +48,14 @@ class DataFile:
         pad = (-pos) % (PAGE if size >= BIG else ALIGN)
         with writing(self.path):
             self.f.write(b"\0" * pad)
-            self.f.write(arr.data)               # the array's own bytes, not a copy
+            self.f.write(arr.data)  # the array's own bytes, not a copy
         offset = pos + pad
-        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype), dims=arr.shape,
-                        data_location=TensorProto.EXTERNAL)
+        t = TensorProto(
+            name=name,
+            data_type=helper.np_dtype_to_tensor_dtype(arr.dtype),
+            dims=arr.shape,
+            data_location=TensorProto.EXTERNAL,
+        )
         for k, v in (("location", self.path.name), ("offset", str(offset)), ("length", str(size))):
             t.external_data.add(key=k, value=v)
         self.stubs[name] = t
@@ -80,12 +84,22 @@ class DataFile:
 
 def metadata(fam, exit: int, opt) -> dict[str, str]:
     """metadata_props of every graph: the GGUF files' provenance, the exit, the graph's settings."""
-    meta = {f"ruyi.{k}": (json.dumps(v) if isinstance(v, (list, dict, bool)) else str(v))
-            for k, v in provenance(fam).items() if v is not None}
-    meta.update({"ruyi.exit": str(exit), "ruyi.quantized_by": f"ruyi-quant {__version__}",
-                 "ruyi.onnx_dtype": opt.dtype, "ruyi.onnx_weights": opt.weights,
-                 "ruyi.onnx_head": opt.head, "ruyi.onnx_embed": opt.embed,
-                 "ruyi.accuracy_level": str(opt.accuracy_level)})
+    meta = {
+        f"ruyi.{k}": (json.dumps(v) if isinstance(v, (list, dict, bool)) else str(v))
+        for k, v in provenance(fam).items()
+        if v is not None
+    }
+    meta.update(
+        {
+            "ruyi.exit": str(exit),
+            "ruyi.quantized_by": f"ruyi-quant {__version__}",
+            "ruyi.onnx_dtype": opt.dtype,
+            "ruyi.onnx_weights": opt.weights,
+            "ruyi.onnx_head": opt.head,
+            "ruyi.onnx_embed": opt.embed,
+            "ruyi.accuracy_level": str(opt.accuracy_level),
+        }
+    )
     return meta
 
 
@@ -102,22 +116,47 @@ def genai_config(fam, exit: int, filename: str, opt, arch: str) -> dict:
             "context_length": context,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-                "filename": filename, "head_size": cfg.head_dim, "hidden_size": cfg.hidden_size,
-                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                           "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
-                           "past_value_names": "past_key_values.%d.value"},
-                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                            "present_value_names": "present.%d.value"},
-                "num_attention_heads": heads, "num_hidden_layers": exit + 1,
-                "num_key_value_heads": int(raw.get("num_key_value_heads") or heads)},
+                "filename": filename,
+                "head_size": cfg.head_dim,
+                "hidden_size": cfg.hidden_size,
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+                "num_attention_heads": heads,
+                "num_hidden_layers": exit + 1,
+                "num_key_value_heads": int(raw.get("num_key_value_heads") or heads),
+            },
             "eos_token_id": eos,
             "pad_token_id": raw.get("pad_token_id") if raw.get("pad_token_id") is not None else eos,
-            "type": arch, "vocab_size": cfg.vocab_size},
-        "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True,
-                   "length_penalty": 1.0, "max_length": context, "min_length": 0,
-                   "no_repeat_ngram_size": 0, "num_beams": 1, "num_return_sequences": 1,
-                   "past_present_share_buffer": True, "repetition_penalty": 1.0,
-                   "temperature": 1.0, "top_k": 1, "top_p": 1.0}}
+            "type": arch,
+            "vocab_size": cfg.vocab_size,
+        },
+        "search": {
+            "diversity_penalty": 0.0,
+            "do_sample": False,
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "max_length": context,
+            "min_length": 0,
+            "no_repeat_ngram_size": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": True,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+        },
+    }
 
 
 def _save_graph(model: onnx.ModelProto, path: Path) -> int:
@@ -142,15 +181,20 @@ def write_exit(fam, exit: int, out_dir: Path, tok_dir: Path | None, opt) -> dict
         data_bytes = data.close()
     graph_bytes = _save_graph(model, out_dir / "model.onnx")
     (out_dir / "genai_config.json").write_text(
-        json.dumps(genai_config(fam, exit, "model.onnx", opt, _arch(fam)), indent=2) + "\n")
+        json.dumps(genai_config(fam, exit, "model.onnx", opt, _arch(fam)), indent=2) + "\n"
+    )
     if tok_dir is not None:
         copy_tokenizer(tok_dir, out_dir)
-    return {"exit": exit, "file": "model.onnx", "bytes": graph_bytes + data_bytes,
-            "tensor_bytes": data.tensor_bytes, "dtype": opt.dtype}
+    return {
+        "exit": exit,
+        "file": "model.onnx",
+        "bytes": graph_bytes + data_bytes,
+        "tensor_bytes": data.tensor_bytes,
+        "dtype": opt.dtype,
+    }
 
 
-def write_multi(fam, out_dir: Path, tok_dir: Path | None, opt,
-                exits: list[int] | None = None) -> dict:
+def write_multi(fam, out_dir: Path, tok_dir: Path | None, opt, exits: list[int] | None = None) -> dict:
     """The multi-exit folder: family.onnx.data (every tensor once), exit-E.onnx per exit,
     genai_config.json for the last exit (files.genai_config names the graph), the tokenizer."""
     out_dir = Path(out_dir)
@@ -168,9 +212,16 @@ def write_multi(fam, out_dir: Path, tok_dir: Path | None, opt,
         files[e] = _save_graph(model, out_dir / f"{exit_folder(e)}.onnx")
     last = exits[-1]
     (out_dir / "genai_config.json").write_text(
-        json.dumps(genai_config(fam, last, f"{exit_folder(last)}.onnx", opt, _arch(fam)), indent=2) + "\n")
+        json.dumps(genai_config(fam, last, f"{exit_folder(last)}.onnx", opt, _arch(fam)), indent=2) + "\n"
+    )
     if tok_dir is not None:
         copy_tokenizer(tok_dir, out_dir)
-    return {"exits": exits, "data_file": MULTI_DATA, "data_bytes": data_bytes,
-            "tensor_bytes": data.tensor_bytes, "graph_bytes": sum(files.values()),
-            "bytes": data_bytes + sum(files.values()), "dtype": opt.dtype}
+    return {
+        "exits": exits,
+        "data_file": MULTI_DATA,
+        "data_bytes": data_bytes,
+        "tensor_bytes": data.tensor_bytes,
+        "graph_bytes": sum(files.values()),
+        "bytes": data_bytes + sum(files.values()),
+        "dtype": opt.dtype,
+    }

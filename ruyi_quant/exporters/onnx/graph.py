@@ -21,14 +21,16 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from ...model import layout
 from ... import names
 from ...errors import UserError
+from ...model import layout
 from .weights import check_grid, fusable, fuse, int8_grid, int8_rows, layout_of, nbits_arrays
 
 OPSET = 23
-DTYPES = {"float32": (TensorProto.FLOAT, np.float32, torch.float32),
-          "float16": (TensorProto.FLOAT16, np.float16, torch.float16)}
+DTYPES = {
+    "float32": (TensorProto.FLOAT, np.float32, torch.float32),
+    "float16": (TensorProto.FLOAT16, np.float16, torch.float16),
+}
 
 
 def check_onnx(config, modules: dict, ex) -> None:
@@ -36,19 +38,26 @@ def check_onnx(config, modules: dict, ex) -> None:
     QuantSpec, of a family or of a job's plan); run before anything is written."""
     if config.rope_scaled:
         raw = config.raw
-        raise UserError("onnx: scaled RoPE is not exported; the model uses "
-                        f"{raw.get('rope_parameters') or raw.get('rope_scaling')}")
-    if ex.embed == "head" and not (config.shared_heads and config.tie_word_embeddings
-                                   and names.SHARED_HEAD in modules and ex.weights == "auto"
-                                   and ex.head == "auto"):
-        raise UserError("onnx embed head: gathers the embedding from the head's grid, so it needs a "
-                        "head tied to the embedding and quantized (quantize with heads: true), "
-                        "weights auto and head auto; use embed float or int8")
+        raise UserError(
+            "onnx: scaled RoPE is not exported; the model uses "
+            f"{raw.get('rope_parameters') or raw.get('rope_scaling')}"
+        )
+    if ex.embed == "head" and not (
+        config.shared_heads
+        and config.tie_word_embeddings
+        and names.SHARED_HEAD in modules
+        and ex.weights == "auto"
+        and ex.head == "auto"
+    ):
+        raise UserError(
+            "onnx embed head: gathers the embedding from the head's grid, so it needs a "
+            "head tied to the embedding and quantized (quantize with heads: true), "
+            "weights auto and head auto; use embed float or int8"
+        )
     if ex.weights == "auto":
         for m, spec in modules.items():
-            if not (ex.head == "float" and layout.is_head(m)):      # int8 keeps a head's grid
+            if not (ex.head == "float" and layout.is_head(m)):  # int8 keeps a head's grid
                 check_grid(m, spec)
-
 
 
 class Graph:
@@ -65,17 +74,26 @@ class Graph:
         """A node; its outputs are named `names` (graph outputs) or after the node."""
         self.count += 1
         outs = names or [f"{op_type}_{self.count}" + (f"_{i}" if outputs > 1 else "") for i in range(outputs)]
-        while inputs and inputs[-1] == "":            # trailing optional inputs left out
+        while inputs and inputs[-1] == "":  # trailing optional inputs left out
             inputs = inputs[:-1]
-        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=f"{op_type}_{self.count}",
-                                           domain=domain or None, **attrs))
+        self.nodes.append(
+            helper.make_node(
+                op_type, list(inputs), outs, name=f"{op_type}_{self.count}", domain=domain or None, **attrs
+            )
+        )
         return outs[0] if len(outs) == 1 else outs
 
     def const(self, value, dtype=np.int64) -> str:
         """A small constant stored in the graph itself."""
         name = f"const_{len(self.consts)}"
-        self.consts.append(helper.make_tensor(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)),
-                                              np.shape(value), np.asarray(value, dtype).flatten().tolist()))
+        self.consts.append(
+            helper.make_tensor(
+                name,
+                helper.np_dtype_to_tensor_dtype(np.dtype(dtype)),
+                np.shape(value),
+                np.asarray(value, dtype).flatten().tolist(),
+            )
+        )
         return name
 
     def weight(self, name: str, produce) -> str:
@@ -120,11 +138,14 @@ class Decoder:
         q = self.grid_of(module, head)
         if q is None:
             n, k = self.fam.linear_shape(module)
-            if module in self.fam.grids:                  # --weights float / a float head
-                w = g.weight(f"{module}.weight",
-                             lambda: self.fam.grids[module].get().dequantize().to(g.torch).numpy())
+            if module in self.fam.grids:  # --weights float / a float head
+                w = g.weight(
+                    f"{module}.weight", lambda: self.fam.grids[module].get().dequantize().to(g.torch).numpy()
+                )
             else:
-                w = self.float_weight(self.fam.stored_name(f"{module}.weight") if head else f"{module}.weight")
+                w = self.float_weight(
+                    self.fam.stored_name(f"{module}.weight") if head else f"{module}.weight"
+                )
             flat = g.op("Reshape", x, g.const([-1, k]))
             y = g.op("Gemm", flat, w, self.float_weight(bias) if bias else "", transB=1)
             return g.op("Reshape", y, g.op("Concat", self.lead, g.const([n]), axis=0))
@@ -133,12 +154,24 @@ class Decoder:
     def matmul_nbits(self, x: str, prefix: str, lay, bias: str | None = None) -> str:
         g = self.g
         opt = [f"{prefix}.{k}" if f"{prefix}.{k}" in g.data else "" for k in ("zero_points", "g_idx")]
-        return g.op("MatMulNBits", x, f"{prefix}.B", f"{prefix}.scales", *opt, bias or "",
-                    domain="com.microsoft", K=lay.k, N=lay.n, bits=lay.bits, block_size=lay.block,
-                    accuracy_level=self.opt.accuracy_level)
+        return g.op(
+            "MatMulNBits",
+            x,
+            f"{prefix}.B",
+            f"{prefix}.scales",
+            *opt,
+            bias or "",
+            domain="com.microsoft",
+            K=lay.k,
+            N=lay.n,
+            bits=lay.bits,
+            block_size=lay.block,
+            accuracy_level=self.opt.accuracy_level,
+        )
 
-    def linears(self, x: str, prefix: str, modules: tuple[str, ...], fused: str,
-                biases: bool = False) -> list[str]:
+    def linears(
+        self, x: str, prefix: str, modules: tuple[str, ...], fused: str, biases: bool = False
+    ) -> list[str]:
         """Linears that read the same x. Grids of one layout (no act-order) run as one MatMulNBits
         over their stacked rows (initializers `PREFIX.FUSED.nbits.*`), then Split; otherwise one
         node each."""
@@ -146,8 +179,9 @@ class Decoder:
         grids = [self.grid_of(m, False) for m in mods]
         bias = [f"{m}.bias" if biases else None for m in mods]
         name = f"{prefix}.{fused}.nbits"
-        if all(q is not None for q in grids) and (name in g.data.attrs or fusable(
-                [layout_of(self.fam.grids[m]) for m in mods])):
+        if all(q is not None for q in grids) and (
+            name in g.data.attrs or fusable([layout_of(self.fam.grids[m]) for m in mods])
+        ):
             if name not in g.data.attrs:
                 parts = []
                 for q in grids:
@@ -159,8 +193,14 @@ class Decoder:
                     g.weight(f"{name}.{key}", lambda arr=arr: arr)
                 g.data.attrs[name] = (lay, [p[1].n for p in parts])
             lay, sizes = g.data.attrs[name]
-            b = g.weight(f"{prefix}.{fused}.bias", lambda: np.concatenate(
-                [self.fam.tensors[x].to(g.torch).numpy() for x in bias])) if biases else None
+            b = (
+                g.weight(
+                    f"{prefix}.{fused}.bias",
+                    lambda: np.concatenate([self.fam.tensors[x].to(g.torch).numpy() for x in bias]),
+                )
+                if biases
+                else None
+            )
             y = self.matmul_nbits(x, name, lay, b)
             return g.op("Split", y, g.const(sizes), axis=-1, outputs=len(mods))
         return [self.linear(x, m, bb) for m, bb in zip(mods, bias)]
@@ -182,25 +222,44 @@ class Decoder:
         g, w = self.g, self.float_weight(name)
         if delta is None:
             return g.op("RMSNormalization", x, w, axis=-1, epsilon=self.eps, stash_type=1), x
-        out, _, _, total = g.op("SkipSimplifiedLayerNormalization", delta, x, w, outputs=4,
-                                domain="com.microsoft", epsilon=self.eps)
+        out, _, _, total = g.op(
+            "SkipSimplifiedLayerNormalization",
+            delta,
+            x,
+            w,
+            outputs=4,
+            domain="com.microsoft",
+            epsilon=self.eps,
+        )
         return out, total
 
     def embed(self, ids: str) -> str:
         g, name = self.g, f"{names.EMBED}.weight"
         if self.opt.embed == "float":
             return g.op("Gather", self.float_weight(name), ids)
-        if self.opt.embed == "head":          # rows of the tied head's grid, from its own bytes
+        if self.opt.embed == "head":  # rows of the tied head's grid, from its own bytes
             prefix, lay = self.nbits(self.grid_of(self.map.head, head=True))
             if lay.act_order:
-                raise UserError("onnx embed head: the head's grid has act-order groups, which "
-                                "GatherBlockQuantized cannot read; use embed float or int8")
+                raise UserError(
+                    "onnx embed head: the head's grid has act-order groups, which "
+                    "GatherBlockQuantized cannot read; use embed float or int8"
+                )
             row = lay.blocks * lay.block * lay.bits // 8
             zp = f"{prefix}.zero_points"
-            rows = g.op("GatherBlockQuantized", g.data.alias(f"{prefix}.B", f"{prefix}.B.rows", (lay.n, row)),
-                        ids, g.data.alias(f"{prefix}.scales", f"{prefix}.scales.rows", (lay.n, lay.blocks)),
-                        g.data.alias(zp, f"{zp}.rows", (lay.n, -(-lay.blocks * lay.bits // 8))) if zp in g.data else "",
-                        domain="com.microsoft", bits=lay.bits, block_size=lay.block, gather_axis=0, quantize_axis=1)
+            rows = g.op(
+                "GatherBlockQuantized",
+                g.data.alias(f"{prefix}.B", f"{prefix}.B.rows", (lay.n, row)),
+                ids,
+                g.data.alias(f"{prefix}.scales", f"{prefix}.scales.rows", (lay.n, lay.blocks)),
+                g.data.alias(zp, f"{zp}.rows", (lay.n, -(-lay.blocks * lay.bits // 8)))
+                if zp in g.data
+                else "",
+                domain="com.microsoft",
+                bits=lay.bits,
+                block_size=lay.block,
+                gather_axis=0,
+                quantize_axis=1,
+            )
             if lay.blocks * lay.block == lay.k:
                 return rows
             return g.op("Slice", rows, g.const([0]), g.const([lay.k]), g.const([-1]))
@@ -228,11 +287,22 @@ class Decoder:
         g = self.g
         kept = g.op("ReduceSum", attention_mask, g.const([1]), keepdims=0)
         seqlens = g.op("Cast", g.op("Sub", kept, g.const(1)), to=TensorProto.INT32)
-        total = g.op("Cast", g.op("Squeeze", g.op("Shape", attention_mask, start=1, end=2)), to=TensorProto.INT32)
+        total = g.op(
+            "Cast", g.op("Squeeze", g.op("Shape", attention_mask, start=1, end=2)), to=TensorProto.INT32
+        )
         return seqlens, total
 
-    def layer(self, x: str, delta: str | None, prefix: str, cos: str, sin: str,
-              lengths: tuple[str, str], past: list[str], present: list[str]):
+    def layer(
+        self,
+        x: str,
+        delta: str | None,
+        prefix: str,
+        cos: str,
+        sin: str,
+        lengths: tuple[str, str],
+        past: list[str],
+        present: list[str],
+    ):
         """One decoder layer on the residual stream x + delta (delta: the previous layer's last
         output, not yet added); writes the graph outputs `present`. Returns (x, delta)."""
         g, p = self.g, prefix
@@ -241,9 +311,19 @@ class Decoder:
         q, k, v = self.linears(h, p, attn.names, attn.fused, biases=True)
         q = g.op("RotaryEmbedding", q, cos, sin, num_heads=self.heads)
         k = g.op("RotaryEmbedding", k, cos, sin, num_heads=self.kv_heads)
-        a, _, _ = g.op("GroupQueryAttention", q, k, v, *past, *lengths, domain="com.microsoft",
-                         names=[f"{p}.attention", *present], num_heads=self.heads,
-                         kv_num_heads=self.kv_heads, scale=self.cfg.head_dim ** -0.5)
+        a, _, _ = g.op(
+            "GroupQueryAttention",
+            q,
+            k,
+            v,
+            *past,
+            *lengths,
+            domain="com.microsoft",
+            names=[f"{p}.attention", *present],
+            num_heads=self.heads,
+            kv_num_heads=self.kv_heads,
+            scale=self.cfg.head_dim**-0.5,
+        )
         h, x = self.norm(x, f"{p}.{mlp.reads}.weight", self.linear(a, f"{p}.{out.names[0]}"))
         gate, up = self.linears(h, p, mlp.names, mlp.fused)
         act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
@@ -252,33 +332,55 @@ class Decoder:
     def build(self, metadata: dict[str, str]) -> onnx.ModelProto:
         g, cfg, e = self.g, self.cfg, self.map.layer
         kv_dims = ["batch_size", self.kv_heads, "past_sequence_length", cfg.head_dim]
-        inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-                  helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
-                                                ["batch_size", "total_sequence_length"]),
-                  helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"])]
-        outputs = [helper.make_tensor_value_info("logits", g.elem, ["batch_size", "sequence_length", cfg.vocab_size])]
+        inputs = [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+            helper.make_tensor_value_info(
+                "attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]
+            ),
+            helper.make_tensor_value_info(
+                "position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]
+            ),
+        ]
+        outputs = [
+            helper.make_tensor_value_info("logits", g.elem, ["batch_size", "sequence_length", cfg.vocab_size])
+        ]
         for i in range(e + 1):
             for kv in ("key", "value"):
                 inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", g.elem, kv_dims))
-                outputs.append(helper.make_tensor_value_info(
-                    f"present.{i}.{kv}", g.elem, ["batch_size", self.kv_heads, "total_sequence_length", cfg.head_dim]))
-        self.lead = g.op("Shape", "input_ids")                                  # [batch, seq]
+                outputs.append(
+                    helper.make_tensor_value_info(
+                        f"present.{i}.{kv}",
+                        g.elem,
+                        ["batch_size", self.kv_heads, "total_sequence_length", cfg.head_dim],
+                    )
+                )
+        self.lead = g.op("Shape", "input_ids")  # [batch, seq]
         x = self.embed("input_ids")
         cos, sin = self.rope("position_ids")
         lengths = self.lengths("attention_mask")
         delta = None
         for i in range(e + 1):
             prefix = names.TRUNK_LAYER.format(i=i) if i < e else self.map.branch
-            x, delta = self.layer(x, delta, prefix, cos, sin, lengths,
-                                  [f"past_key_values.{i}.{kv}" for kv in ("key", "value")],
-                                  [f"present.{i}.{kv}" for kv in ("key", "value")])
+            x, delta = self.layer(
+                x,
+                delta,
+                prefix,
+                cos,
+                sin,
+                lengths,
+                [f"past_key_values.{i}.{kv}" for kv in ("key", "value")],
+                [f"present.{i}.{kv}" for kv in ("key", "value")],
+            )
         x, _ = self.norm(x, f"{self.map.norm}.weight", delta)
         g.nodes.append(helper.make_node("Identity", [self.linear(x, self.map.head, head=True)], ["logits"]))
-        graph = helper.make_graph(g.nodes, f"exit_{e}", inputs, outputs,
-                                  initializer=g.consts + g.data.stubs_for(g.nodes))
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
-                                                        helper.make_opsetid("com.microsoft", 1)],
-                                  producer_name="ruyi-quant")
+        graph = helper.make_graph(
+            g.nodes, f"exit_{e}", inputs, outputs, initializer=g.consts + g.data.stubs_for(g.nodes)
+        )
+        model = helper.make_model(
+            graph,
+            opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
+            producer_name="ruyi-quant",
+        )
         model.ir_version = 10
         helper.set_model_props(model, metadata)
         return model

@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ...text import chat_ids, load_tokenizer
-from ...errors import UserError
+from ...errors import UserError, read_json
 from ...model.layout import folder_exit
 from ...recipe import Sampling
-from ...errors import read_json
+from ...text import chat_ids, load_tokenizer
 
 DEFAULT = Sampling()
 GENAI_CONFIG = "genai_config.json"
@@ -24,9 +23,10 @@ def resolve(folder: Path, exit: int | None) -> tuple[Path, str, int]:
     if not folder.is_dir():
         raise UserError(f"{folder}: no such directory")
     if (folder / GENAI_CONFIG).is_file():
-        graphs = {folder_exit(p.stem): p.name for p in folder.glob("*.onnx")
-                  if folder_exit(p.stem) is not None}
-        if graphs:                                                  # the multi-exit folder
+        graphs = {
+            folder_exit(p.stem): p.name for p in folder.glob("*.onnx") if folder_exit(p.stem) is not None
+        }
+        if graphs:  # the multi-exit folder
             e = max(graphs) if exit is None else exit
             if e not in graphs:
                 raise UserError(f"--exit {e}: {folder} holds exits {sorted(graphs)}")
@@ -36,8 +36,11 @@ def resolve(folder: Path, exit: int | None) -> tuple[Path, str, int]:
         if exit is not None and exit != e:
             raise UserError(f"--exit {exit}: {folder} holds exit {e} only")
         return folder, cfg["model"]["decoder"]["filename"], e
-    subs = {folder_exit(p.name): p for p in folder.iterdir()
-            if folder_exit(p.name) is not None and (p / GENAI_CONFIG).is_file()}
+    subs = {
+        folder_exit(p.name): p
+        for p in folder.iterdir()
+        if folder_exit(p.name) is not None and (p / GENAI_CONFIG).is_file()
+    }
     if not subs:
         multi = folder / "multi-exit"
         if (multi / GENAI_CONFIG).is_file():
@@ -52,21 +55,31 @@ def resolve(folder: Path, exit: int | None) -> tuple[Path, str, int]:
 def load(folder: Path, exit: int | None):
     """(onnxruntime-genai Model of the exit, exit layer, folder, end-of-sequence ids)."""
     import onnxruntime_genai as og
+
     d, graph, e = resolve(folder, exit)
     config = og.Config(str(d))
     written = read_json(d / GENAI_CONFIG, "genai config")["model"]
-    if graph != written["decoder"]["filename"]:           # another exit of a multi-exit folder
+    if graph != written["decoder"]["filename"]:  # another exit of a multi-exit folder
         config.overlay(json.dumps({"model": {"decoder": {"filename": graph, "num_hidden_layers": e + 1}}}))
     eos = written.get("eos_token_id")
     return og.Model(config), e, d, set(eos if isinstance(eos, list) else [eos])
 
 
-def generate_ids(model, ids: list[int], max_new_tokens: int, eos=(), sample: bool = DEFAULT.sample,
-                 temperature: float = DEFAULT.temperature, top_k: int = DEFAULT.top_k,
-                 top_p: float = DEFAULT.top_p, seed: int = DEFAULT.seed,
-                 on_token=None) -> list[int]:
+def generate_ids(
+    model,
+    ids: list[int],
+    max_new_tokens: int,
+    eos=(),
+    sample: bool = DEFAULT.sample,
+    temperature: float = DEFAULT.temperature,
+    top_k: int = DEFAULT.top_k,
+    top_p: float = DEFAULT.top_p,
+    seed: int = DEFAULT.seed,
+    on_token=None,
+) -> list[int]:
     """New tokens after `ids`, up to an end-of-sequence token (not included)."""
     import onnxruntime_genai as og
+
     params = og.GeneratorParams(model)
     opts = dict(max_length=len(ids) + max_new_tokens, do_sample=sample)
     if sample:
@@ -86,9 +99,15 @@ def generate_ids(model, ids: list[int], max_new_tokens: int, eos=(), sample: boo
     return out
 
 
-def generate(folder: Path, prompt: str, exit: int | None = None,
-             max_new_tokens: int = DEFAULT.max_new_tokens,
-             chat: bool = True, on_text=None, **search) -> dict:
+def generate(
+    folder: Path,
+    prompt: str,
+    exit: int | None = None,
+    max_new_tokens: int = DEFAULT.max_new_tokens,
+    chat: bool = True,
+    on_text=None,
+    **search,
+) -> dict:
     """The exit's answer to `prompt` (a user message in the chat template when the tokenizer has
     one and chat is True). on_text(piece) streams the decoded text."""
     model, e, d, eos = load(folder, exit)
@@ -103,6 +122,11 @@ def generate(folder: Path, prompt: str, exit: int | None = None,
         full = tok.decode(out, skip_special_tokens=True)
         on_text(full[shown:])
         shown = len(full)
+
     tokens = generate_ids(model, ids, max_new_tokens, eos, on_token=stream if on_text else None, **search)
-    return {"exit": e, "prompt_tokens": len(ids), "tokens": tokens,
-            "text": tok.decode(tokens, skip_special_tokens=True)}
+    return {
+        "exit": e,
+        "prompt_tokens": len(ids),
+        "tokens": tokens,
+        "text": tok.decode(tokens, skip_special_tokens=True),
+    }

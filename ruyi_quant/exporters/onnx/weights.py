@@ -31,12 +31,13 @@ from ...quant.plan import QuantSpec
 from ...quant.rtn import rtn_quantize
 
 NBITS = (4, 8)
-HEAD_INT8 = QuantSpec(bits=8, group_size=32, sym=True)     # a float head written 8-bit
+HEAD_INT8 = QuantSpec(bits=8, group_size=32, sym=True)  # a float head written 8-bit
 
 
 @dataclass(frozen=True)
 class NBitsLayout:
     """Attributes of one MatMulNBits node."""
+
     k: int
     n: int
     bits: int
@@ -56,15 +57,24 @@ def block_size(spec: QuantSpec, k: int) -> int:
 def check_grid(module: str, spec: QuantSpec) -> None:
     """A UserError naming the setting to change when MatMulNBits cannot hold this grid."""
     if spec.bits not in NBITS:
-        raise UserError(f"bits {spec.bits} ({module}): ONNX's MatMulNBits holds 4- and 8-bit grids "
-                        "here; quantize with bits 4 or 8, or export --weights float")
+        raise UserError(
+            f"bits {spec.bits} ({module}): ONNX's MatMulNBits holds 4- and 8-bit grids "
+            "here; quantize with bits 4 or 8, or export --weights float"
+        )
 
 
 def layout_of(grid) -> NBitsLayout:
     n, k = grid.shape
     block = block_size(grid.spec, k)
-    return NBitsLayout(k=k, n=n, bits=grid.spec.bits, block=block, blocks=-(-k // block),
-                       act_order=grid.act_order, sym=grid.spec.sym)
+    return NBitsLayout(
+        k=k,
+        n=n,
+        bits=grid.spec.bits,
+        block=block,
+        blocks=-(-k // block),
+        act_order=grid.act_order,
+        sym=grid.spec.sym,
+    )
 
 
 def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -78,16 +88,18 @@ def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
 
 def nbits_arrays(grid, lay: NBitsLayout, dtype: np.dtype) -> dict[str, np.ndarray]:
     """B, scales, zero_points (and g_idx) of a grid, as the layout says (module docstring)."""
-    q = grid.q.numpy()                                          # [K, N]
+    q = grid.q.numpy()  # [K, N]
     padded = np.zeros((lay.n, lay.blocks * lay.block), np.uint8)
-    padded[:, :lay.k] = q.T
-    out = {"B": _pack(padded, lay.bits).reshape(lay.n, lay.blocks, lay.block * lay.bits // 8),
-           "scales": grid.scales.numpy().T.astype(dtype).reshape(-1)}
-    zeros = grid.zeros.numpy().T                                # [N, blocks]
+    padded[:, : lay.k] = q.T
+    out = {
+        "B": _pack(padded, lay.bits).reshape(lay.n, lay.blocks, lay.block * lay.bits // 8),
+        "scales": grid.scales.numpy().T.astype(dtype).reshape(-1),
+    }
+    zeros = grid.zeros.numpy().T  # [N, blocks]
     if lay.act_order:
         out["zero_points"] = zeros.astype(dtype).reshape(-1)
         out["g_idx"] = grid.g_idx.numpy().astype(np.int32)
-    elif not (lay.sym and (zeros == 1 << (lay.bits - 1)).all()):   # 2^(bits-1) is the op's default
+    elif not (lay.sym and (zeros == 1 << (lay.bits - 1)).all()):  # 2^(bits-1) is the op's default
         out["zero_points"] = _pack(zeros, lay.bits).reshape(-1)
     return out
 
@@ -99,23 +111,38 @@ def fuse(parts: list[tuple[dict, NBitsLayout]]) -> tuple[dict, NBitsLayout]:
     lays = [lay for _, lay in parts]
     out = {k: np.concatenate([a[k] for a, _ in parts]) for k in ("B", "scales")}
     if any("zero_points" in a for a, _ in parts):
-        out["zero_points"] = np.concatenate([a["zero_points"] if "zero_points" in a else _pack(
-            np.full((lay.n, lay.blocks), 1 << (lay.bits - 1), np.uint8), lay.bits).reshape(-1)
-            for a, lay in parts])
+        out["zero_points"] = np.concatenate(
+            [
+                a["zero_points"]
+                if "zero_points" in a
+                else _pack(np.full((lay.n, lay.blocks), 1 << (lay.bits - 1), np.uint8), lay.bits).reshape(-1)
+                for a, lay in parts
+            ]
+        )
     first = lays[0]
-    return out, NBitsLayout(k=first.k, n=sum(lay.n for lay in lays), bits=first.bits, block=first.block,
-                            blocks=first.blocks, act_order=False, sym=all(lay.sym for lay in lays))
+    return out, NBitsLayout(
+        k=first.k,
+        n=sum(lay.n for lay in lays),
+        bits=first.bits,
+        block=first.block,
+        blocks=first.blocks,
+        act_order=False,
+        sym=all(lay.sym for lay in lays),
+    )
 
 
 def fusable(lays: list[NBitsLayout]) -> bool:
     first = lays[0]
-    return all((lay.k, lay.bits, lay.block) == (first.k, first.bits, first.block) and not lay.act_order
-               for lay in lays)
+    return all(
+        (lay.k, lay.bits, lay.block) == (first.k, first.bits, first.block) and not lay.act_order
+        for lay in lays
+    )
 
 
 def int8_grid(weight: torch.Tensor, spec: QuantSpec = HEAD_INT8):
     """A float weight [N, K] as an 8-bit grid (round to nearest): a float head written 8-bit."""
     from ...quant.grid import Grid
+
     return Grid.make(*rtn_quantize(weight.float(), spec), spec)
 
 

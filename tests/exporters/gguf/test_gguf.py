@@ -13,45 +13,48 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import MIXED_TEXT, kl_top1, needs_llama, needs_smollm2, open_llama
 from gguf import GGMLQuantizationType as T
 
-from conftest import MIXED_TEXT, kl_top1, needs_llama, needs_smollm2, open_llama
-from ruyi_quant.model import layout
 from ruyi_quant import names
-from ruyi_quant.quant.family import QuantizedFamily
-from ruyi_quant.store.checkpoint import load_family
 from ruyi_quant.errors import UserError
 from ruyi_quant.exporters import gguf as G
 from ruyi_quant.exporters.gguf.ggml import NotExact, encode_grid
-from ruyi_quant.store.checkpoint import load_model
+from ruyi_quant.model import layout
+from ruyi_quant.quant.family import QuantizedFamily
 from ruyi_quant.quant.pack import dequantize
 from ruyi_quant.quant.plan import QuantSpec
 from ruyi_quant.quant.rtn import group_qparams, rtn_family, rtn_quantize
 from ruyi_quant.recipe import Provenance, Quantize
+from ruyi_quant.store.checkpoint import load_family, load_model
 
 try:
     import llama_cpp
-except ImportError:                      # pragma: no cover - CI installs it
+except ImportError:  # pragma: no cover - CI installs it
     llama_cpp = None
 
 
-
 def linears(model, heads=False):
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-            and (heads or not n.startswith("lm_head"))]
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and (heads or not n.startswith("lm_head"))
+    ]
 
 
 def rtn_fam(model, bits=4, gs=32, sym=True, heads=False, source="builtin:tiny"):
-    fam = rtn_family(model, {n: QuantSpec(bits, gs, sym) for n in linears(model, heads)},
-                     progress=False)
+    fam = rtn_family(model, {n: QuantSpec(bits, gs, sym) for n in linears(model, heads)}, progress=False)
     fam.provenance = Provenance(model=source, quantize=Quantize(method="rtn"))
     return fam
 
 
 # --- pure encodings ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bits,sym,qtype", [(4, True, T.Q4_0), (4, False, T.Q4_1), (3, True, T.Q4_0),
-                                            (2, False, T.Q4_1), (8, True, T.Q8_0)])
+
+@pytest.mark.parametrize(
+    "bits,sym,qtype",
+    [(4, True, T.Q4_0), (4, False, T.Q4_1), (3, True, T.Q4_0), (2, False, T.Q4_1), (8, True, T.Q8_0)],
+)
 @pytest.mark.parametrize("gs", [32, 128, -1])
 def test_grid_blocks_decode_to_our_weights_bit_for_bit(bits, sym, qtype, gs):
     g = torch.Generator().manual_seed(bits * 10 + gs)
@@ -75,7 +78,7 @@ def test_asymmetric_mins_are_fp16_numbers():
         assert torch.equal(m.half().double(), m)
         # the scale moved by less than 1% of itself from the plain fp16 range/15
         plain = ((w.max(1).values.clamp(min=0) - w.min(1).values.clamp(max=0)) / 15).half().double()
-        big = plain > 2.0 ** -14                      # normal fp16 scales
+        big = plain > 2.0**-14  # normal fp16 scales
         assert mag < 1e-3 or float(((scale.double() - plain).abs() / plain)[big].max()) < 0.01
 
 
@@ -83,7 +86,7 @@ def test_asymmetric_grid_whose_mins_are_not_fp16_is_refused():
     """Q4_1 stores m = -scale*zero in fp16: a grid whose mins are not fp16 numbers (an fp16
     scale not rounded by exact_min_scale) cannot be written exactly, and is refused."""
     q = torch.randint(0, 16, (64, 4), generator=torch.Generator().manual_seed(0))
-    scales = torch.full((2, 4), 0.0123, dtype=torch.float16)            # 11 significant bits
+    scales = torch.full((2, 4), 0.0123, dtype=torch.float16)  # 11 significant bits
     zeros = torch.full((2, 4), 7)
     assert ((-(scales.double() * 7)).half().double() != -(scales.double() * 7)).all()
     with pytest.raises(NotExact, match="not fp16 numbers"):
@@ -104,24 +107,28 @@ def test_grids_ggml_cannot_hold_are_refused():
 
 # --- names ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("which", ["tiny_dir", "tiny_shared_dir"])
 def test_multi_exit_names_map_to_the_per_exit_names(which, request):
     fam = QuantizedFamily.from_model(load_model(request.getfixturevalue(which)))
     cfg = fam.config
     for j, e in enumerate(cfg.exits):
         direct = {names.gguf_name(cfg.exit_map(j).rename(f)) for f in fam.exit_tensor_names(j)}
-        via_multi = {names.gguf_multi_to_exit(names.gguf_multi_name(f), cfg.exit_map(j))
-                     for f in fam.tensors} - {None}
+        via_multi = {
+            names.gguf_multi_to_exit(names.gguf_multi_name(f), cfg.exit_map(j)) for f in fam.tensors
+        } - {None}
         assert direct == via_multi
         assert f"blk.{e}.attn_q.weight" in direct and f"blk.{e + 1}.attn_q.weight" not in direct
 
 
 # --- files ------------------------------------------------------------------------------------
 
+
 def tensors_of(path):
     r = gguf.GGUFReader(str(path))
-    return {t.name: (T(t.tensor_type), np.asarray(t.data).tobytes()) for t in r.tensors}, \
-        {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    return {t.name: (T(t.tensor_type), np.asarray(t.data).tobytes()) for t in r.tensors}, {
+        k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")
+    }
 
 
 def test_per_exit_file_metadata(tiny_dir, tmp_path):
@@ -157,10 +164,13 @@ def test_multi_exit_file_stores_each_tensor_once_and_extracts_byte_identical(whi
     cfg = fam.config
     info = G.write_multi(fam, tmp_path / "family.gguf", src)
     multi, kv = tensors_of(tmp_path / "family.gguf")
-    assert kv["general.architecture"] == "ruyi" and json.loads(kv["ruyi.config"])["early_exit_points"] == cfg.exits
+    assert (
+        kv["general.architecture"] == "ruyi"
+        and json.loads(kv["ruyi.config"])["early_exit_points"] == cfg.exits
+    )
     distinct = {names.gguf_multi_name(n) for n in fam.weight_names()}
-    assert set(multi) == distinct                           # every tensor once
-    assert info["bytes"] - info["tensor_bytes"] < 64 * 1024 + 64 * len(multi)   # metadata + padding
+    assert set(multi) == distinct  # every tensor once
+    assert info["bytes"] - info["tensor_bytes"] < 64 * 1024 + 64 * len(multi)  # metadata + padding
     for e in cfg.exits:
         G.write_exit(fam, e, tmp_path / f"direct-{e}.gguf", src)
         (tmp_path / f"x{e}").mkdir()
@@ -168,21 +178,22 @@ def test_multi_exit_file_stores_each_tensor_once_and_extracts_byte_identical(whi
         direct, kv_d = tensors_of(tmp_path / f"direct-{e}.gguf")
         copied, kv_x = tensors_of(tmp_path / f"x{e}" / f"x-{e}.gguf")
         assert direct.keys() == copied.keys()
-        assert all(direct[n] == copied[n] for n in direct)      # type and bytes
+        assert all(direct[n] == copied[n] for n in direct)  # type and bytes
         assert kv_d == kv_x
         assert (tmp_path / f"x{e}" / "Modelfile").is_file()
 
 
 @pytest.mark.parametrize("which", ["tiny_dir", "tiny_shared_dir"])
-def test_export_encodes_each_shared_module_once_into_the_same_files(which, request, tmp_path,
-                                                                    monkeypatch):
+def test_export_encodes_each_shared_module_once_into_the_same_files(which, request, tmp_path, monkeypatch):
     """A per-exit + multi-exit export encodes each module once (the trunk is in every file), and
     every file is byte for byte what writing it alone gives; the cache leaves nothing behind."""
     import hashlib
     from collections import Counter
-    from ruyi_quant.exporters.gguf import tensors as gt
+
     from ruyi_quant.exporters import export as export_gguf
+    from ruyi_quant.exporters.gguf import tensors as gt
     from ruyi_quant.recipe import GGUFExport
+
     src = request.getfixturevalue(which)
     fam = rtn_fam(load_model(src), sym=False, heads=True)
     calls = Counter()
@@ -192,13 +203,13 @@ def test_export_encodes_each_shared_module_once_into_the_same_files(which, reque
     for e in fam.config.exits:
         G.write_exit(fam, e, tmp_path / f"alone-{e}.gguf", src)
         alone[e] = hashlib.sha256((tmp_path / f"alone-{e}.gguf").read_bytes()).hexdigest()
-    assert max(calls.values()) > 1                            # written alone, the trunk is encoded per file
+    assert max(calls.values()) > 1  # written alone, the trunk is encoded per file
     calls.clear()
     G.write_multi(fam, tmp_path / "alone-multi.gguf", src)
-    every = set(calls)                                        # the multi-exit file holds every module
+    every = set(calls)  # the multi-exit file holds every module
     calls.clear()
     info = export_gguf(fam, tmp_path / "g", src, GGUFExport(multi=True), progress=False)
-    assert calls == Counter(every)                            # each encoded once
+    assert calls == Counter(every)  # each encoded once
     for x in info["exits"]:
         got = (tmp_path / "g" / f"exit-{x['exit']}" / x["file"]).read_bytes()
         assert hashlib.sha256(got).hexdigest() == alone[x["exit"]]
@@ -220,16 +231,20 @@ def test_extract_refuses_a_stock_file(tiny_dir, tmp_path):
 def test_cli_extracts_every_exit_when_none_is_named(tiny_dir, tmp_path):
     """`export gguf --from FAMILY.gguf` without --exit copies every exit out, as --exits says."""
     from ruyi_quant.cli import main
+
     fam = QuantizedFamily.from_model(load_model(tiny_dir))
     G.write_multi(fam, tmp_path / "m-family-f16.gguf", tiny_dir)
-    assert main(["export", "gguf", "--from", str(tmp_path / "m-family-f16.gguf"),
-                 "--out", str(tmp_path / "x")]) == 0
+    assert (
+        main(["export", "gguf", "--from", str(tmp_path / "m-family-f16.gguf"), "--out", str(tmp_path / "x")])
+        == 0
+    )
     got = sorted(p.relative_to(tmp_path / "x").as_posix() for p in (tmp_path / "x").rglob("*.gguf"))
     assert got == [f"exit-{e}/m-e{e}-f16.gguf" for e in fam.config.exits]
 
 
 def test_modelfile_template_renders_the_chat_template(tiny_dir, tmp_path):
     from transformers import AutoTokenizer
+
     fam = QuantizedFamily.from_model(load_model(tiny_dir))
     G.write_exit(fam, 5, tmp_path / "e5.gguf", tiny_dir)
     text = (tmp_path / "Modelfile").read_text()
@@ -237,28 +252,48 @@ def test_modelfile_template_renders_the_chat_template(tiny_dir, tmp_path):
     assert 'PARAMETER stop "<|im_end|>"' in text
     template = re.search(r'TEMPLATE """(.*?)"""', text, re.S).group(1)
     # expand Ollama's `range .Messages` by hand and compare with transformers' rendering
-    body, tail = re.fullmatch(r"\{\{- range \.Messages \}\}(.*?)\{\{ end \}\}(.*)", template,
-                              re.S).group(1, 2)
+    body, tail = re.fullmatch(r"\{\{- range \.Messages \}\}(.*?)\{\{ end \}\}(.*)", template, re.S).group(
+        1, 2
+    )
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
-    ours = "".join(body.replace("{{ .Role }}", m["role"]).replace("{{ .Content }}", m["content"])
-                   for m in msgs) + tail
+    ours = (
+        "".join(body.replace("{{ .Role }}", m["role"]).replace("{{ .Content }}", m["content"]) for m in msgs)
+        + tail
+    )
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     assert ours == tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 
 
 def test_export_refusals_write_nothing(tiny_dir, tmp_path):
     from ruyi_quant.store.checkpoint import save_family
+
     model = load_model(tiny_dir)
-    for spec, opts, msg in [(QuantSpec(4, 16, True), [], "group_size a multiple of 32"),
-                            (QuantSpec(8, 32, False), [], "8-bit asymmetric"),
-                            (QuantSpec(4, 32, False), ["--type", "q4_0"], "Q4_0 cannot hold")]:
+    for spec, opts, msg in [
+        (QuantSpec(4, 16, True), [], "group_size a multiple of 32"),
+        (QuantSpec(8, 32, False), [], "8-bit asymmetric"),
+        (QuantSpec(4, 32, False), ["--type", "q4_0"], "Q4_0 cannot hold"),
+    ]:
         fam = rtn_family(model, {n: spec for n in linears(model)}, progress=False)
         d = tmp_path / f"fam-{spec.bits}-{spec.group_size}-{spec.sym}-{len(opts)}"
         d.mkdir()
         save_family(fam, d, tiny_dir)
         out = tmp_path / f"out-{d.name}"
-        r = subprocess.run([sys.executable, "-m", "ruyi_quant.cli", "export", str(d), "--format",
-                            "gguf", "--out", str(out), *opts], capture_output=True, text=True)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ruyi_quant.cli",
+                "export",
+                str(d),
+                "--format",
+                "gguf",
+                "--out",
+                str(out),
+                *opts,
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert r.returncode == 2, r.stderr
         assert msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
         assert not out.exists()
@@ -266,11 +301,25 @@ def test_export_refusals_write_nothing(tiny_dir, tmp_path):
 
 def test_pre_tokenizer_names():
     from ruyi_quant import text as P
-    qwen2 = {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": P.QWEN2_REGEX}, "behavior": "Isolated"},
-        {"type": "ByteLevel", "use_regex": False}]}}
-    smol = {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-        {"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "use_regex": True}]}}
+
+    qwen2 = {
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": P.QWEN2_REGEX}, "behavior": "Isolated"},
+                {"type": "ByteLevel", "use_regex": False},
+            ],
+        }
+    }
+    smol = {
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Digits", "individual_digits": True},
+                {"type": "ByteLevel", "use_regex": True},
+            ],
+        }
+    }
     gpt2 = {"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}
     assert [P.pre_tokenizer_name(x) for x in (qwen2, smol, gpt2)] == ["qwen2", "smollm", "gpt-2"]
     # the tokenizer.json fragments we write name themselves
@@ -286,11 +335,13 @@ def test_pre_tokenizer_names():
 
 # --- llama.cpp --------------------------------------------------------------------------------
 
+
 def llama_logits(path, ids: torch.Tensor) -> torch.Tensor:
-    llm = open_llama(path, n_ctx=max(64, ids.numel()), logits_all=True, verbose=False, n_threads=2,
-                     n_batch=ids.numel())
+    llm = open_llama(
+        path, n_ctx=max(64, ids.numel()), logits_all=True, verbose=False, n_threads=2, n_batch=ids.numel()
+    )
     llm.eval(ids.tolist())
-    out = torch.tensor(np.array(llm.scores[:ids.numel()]), dtype=torch.float32)
+    out = torch.tensor(np.array(llm.scores[: ids.numel()]), dtype=torch.float32)
     llm.close()
     return out
 
@@ -318,10 +369,10 @@ def test_llama_cpp_runs_float_exits_like_our_model(which, ftype, request, tmp_pa
 def test_llama_cpp_runs_int4_exits_like_our_dequantized_model(sym, tiny_dir, tmp_path, eval_ids):
     from ruyi_quant.pipeline import quantize
     from ruyi_quant.recipe import Quantize
+
     model = load_model(tiny_dir)
     calib = eval_ids[:, :64]
-    fam = quantize(model, Quantize(method="gptq", bits=4, group_size=32, sym=sym), calib,
-                   progress=False)
+    fam = quantize(model, Quantize(method="gptq", bits=4, group_size=32, sym=sym), calib, progress=False)
     fam.provenance = Provenance(model="builtin:tiny")
     deq = fam.dequantized_model()
     ids = eval_ids[1, :96]
@@ -342,7 +393,9 @@ def test_llama_cpp_tokenizes_like_transformers(which, pre, request, tmp_path):
     """The GGUF of an exit tokenizes as the source tokenizer does and as AutoTokenizer reads the
     HF export of the same exit (Qwen2's pre-tokenizer, and SmolLM2's)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
     from ruyi_quant.exporters.hf import export_exit
+
     src = request.getfixturevalue(which)
     fam = QuantizedFamily.from_model(load_model(src))
     G.write_exit(fam, 2, tmp_path / "e2.gguf", src)
@@ -362,6 +415,7 @@ def test_a_saved_family_exports_the_same_bytes_as_in_memory(which, request, tmp_
     the tensor order (before issue 11 a loaded family listed its tensors in safetensors file
     order)."""
     from ruyi_quant.store.checkpoint import save_family
+
     src = request.getfixturevalue(which)
     fam = rtn_fam(load_model(src), sym=False, heads=True)
     (tmp_path / "fam").mkdir()
@@ -373,8 +427,9 @@ def test_a_saved_family_exports_the_same_bytes_as_in_memory(which, request, tmp_
     assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
     # the multi-exit file's tensors too (its ruyi.config carries the saved config.json's extras)
     ta, tb = (gguf.GGUFReader(str(tmp_path / f"{n}-multi.gguf")).tensors for n in "ab")
-    assert [(t.name, np.asarray(t.data).tobytes()) for t in ta] == \
-        [(t.name, np.asarray(t.data).tobytes()) for t in tb]
+    assert [(t.name, np.asarray(t.data).tobytes()) for t in ta] == [
+        (t.name, np.asarray(t.data).tobytes()) for t in tb
+    ]
 
 
 def test_special_token_ids_are_under_the_keys_llama_cpp_reads(tiny_dir, tmp_path):
@@ -409,10 +464,11 @@ def test_ruyi_mini_tokenizes_as_smollm2(tmp_path):
     `smollm` pre-tokenizer), transformers on ruyi-mini, AutoTokenizer on an exit's HF export and on
     the saved family, and llama.cpp on that exit's GGUF give the same ids on mixed text."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
-    from ruyi_quant.store.checkpoint import save_family
+
     from ruyi_quant.exporters.hf import export_exit
     from ruyi_quant.sources import resolve_model
     from ruyi_quant.sources.smollm2 import smollm2_gguf_path
+    from ruyi_quant.store.checkpoint import save_family
 
     def cpp(path):
         llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
@@ -423,7 +479,10 @@ def test_ruyi_mini_tokenizes_as_smollm2(tmp_path):
 
     want = cpp(smollm2_gguf_path())
     src = resolve_model("builtin:ruyi-mini")
-    assert PreTrainedTokenizerFast.from_pretrained(src)(MIXED_TEXT, add_special_tokens=False)["input_ids"] == want
+    assert (
+        PreTrainedTokenizerFast.from_pretrained(src)(MIXED_TEXT, add_special_tokens=False)["input_ids"]
+        == want
+    )
     fam = QuantizedFamily.from_model(load_model(src, dtype=None))
     (tmp_path / "hf").mkdir()
     export_exit(fam, 12, tmp_path / "hf", src, weights="float")
@@ -442,17 +501,19 @@ def test_ruyi_mini_gguf_every_exit_in_llama_cpp(tmp_path):
     dequantized model; the last exit's F16 file like the float model; the multi-exit file stores
     the trunk once; llama.cpp tokenizes SmolLM2's vocabulary like transformers."""
     from transformers import AutoTokenizer
-    from ruyi_quant.text import consecutive_windows, load_text, tokenize
-    from ruyi_quant.text import load_tokenizer
+
     from ruyi_quant.exporters import export as export_gguf
-    from ruyi_quant.sources import resolve_model
     from ruyi_quant.recipe import GGUFExport
+    from ruyi_quant.sources import resolve_model
+    from ruyi_quant.text import consecutive_windows, load_text, load_tokenizer, tokenize
+
     src = resolve_model("builtin:ruyi-mini")
     model = load_model(src)
     fam = rtn_fam(model, bits=4, gs=128, sym=False, source="builtin:ruyi-mini")
     info = export_gguf(fam, tmp_path / "g", src, GGUFExport(multi=True), progress=False)
-    ids = consecutive_windows(tokenize(load_tokenizer(src), load_text("builtin:pydoc/eval")), 1, 256,
-                              "eval")[0]
+    ids = consecutive_windows(tokenize(load_tokenizer(src), load_text("builtin:pydoc/eval")), 1, 256, "eval")[
+        0
+    ]
     deq = fam.dequantized_model()
     with torch.no_grad():
         ref_q = deq.forward_exits(ids[None])
@@ -484,8 +545,9 @@ def test_ruyi_mini_gguf_every_exit_in_llama_cpp(tmp_path):
     with torch.no_grad():
         ref = model.forward_exits(ids[None])
     for e in fam.config.exits:
-        G.write_exit(QuantizedFamily.from_model(model), e, tmp_path / "f16.gguf", src,
-                     G.GGUFOptions(type="f16"))
+        G.write_exit(
+            QuantizedFamily.from_model(model), e, tmp_path / "f16.gguf", src, G.GGUFOptions(type="f16")
+        )
         kl, top1 = kl_top1(ref[e][0], llama_logits(tmp_path / "f16.gguf", ids))
         assert kl < 1e-3 and top1 >= 0.99, (e, kl, top1)
     llm = llama_cpp.Llama(model_path=str(tmp_path / "f16.gguf"), vocab_only=True, verbose=False)
@@ -497,10 +559,10 @@ def test_ruyi_mini_gguf_every_exit_in_llama_cpp(tmp_path):
 def test_k_quants_through_llama_cpp(tiny_dir, tmp_path, eval_ids):
     from ruyi_quant.exporters import export as export_gguf
     from ruyi_quant.recipe import GGUFExport
+
     model = load_model(tiny_dir)
     fam = QuantizedFamily.from_model(model)
-    info = export_gguf(fam, tmp_path / "k", tiny_dir, GGUFExport(type="q6_k", exits=[5]),
-                       progress=False)
+    info = export_gguf(fam, tmp_path / "k", tiny_dir, GGUFExport(type="q6_k", exits=[5]), progress=False)
     path = tmp_path / "k" / "exit-5" / info["exits"][0]["file"]
     assert path.name.endswith("-q6_k.gguf") and not list(path.parent.glob("*.tmp.gguf"))
     assert (path.parent / "Modelfile").read_text().startswith(f"FROM ./{path.name}\n")
@@ -515,13 +577,16 @@ def test_k_quants_through_llama_cpp(tiny_dir, tmp_path, eval_ids):
 
 
 def test_act_order_needs_static_groups_for_gguf(tiny_dir, eval_ids, tmp_path):
-    from ruyi_quant.pipeline import quantize
     from ruyi_quant.exporters import FORMATS, Target
+    from ruyi_quant.pipeline import quantize
+
     gguf_format = FORMATS["gguf"]
     from ruyi_quant.recipe import GGUFExport, GPTQOptions, Quantize
+
     for static in (True, False):
-        q = Quantize(method="gptq", bits=4, group_size=32,
-                     gptq=GPTQOptions(act_order=True, static_groups=static))
+        q = Quantize(
+            method="gptq", bits=4, group_size=32, gptq=GPTQOptions(act_order=True, static_groups=static)
+        )
         fam = quantize(load_model(tiny_dir), q, eval_ids[:, :64], progress=False)
         if not static:
             with pytest.raises(UserError, match="static_groups: true"):
@@ -531,9 +596,11 @@ def test_act_order_needs_static_groups_for_gguf(tiny_dir, eval_ids, tmp_path):
         G.write_exit(fam, 5, tmp_path / "x.gguf", tiny_dir)
         tensors, _ = tensors_of(tmp_path / "x.gguf")
         data = np.frombuffer(tensors["blk.1.ffn_up.weight"][1], np.uint8).reshape(
-            fam.linear_shape("model.layers.1.mlp.up_proj")[0], -1)
-        np.testing.assert_array_equal(gguf.quants.dequantize(data, T.Q4_0),
-                                      fam.weight("model.layers.1.mlp.up_proj").numpy())
+            fam.linear_shape("model.layers.1.mlp.up_proj")[0], -1
+        )
+        np.testing.assert_array_equal(
+            gguf.quants.dequantize(data, T.Q4_0), fam.weight("model.layers.1.mlp.up_proj").numpy()
+        )
 
 
 @needs_llama
@@ -541,20 +608,23 @@ def test_k_quants_with_our_importance_matrix(tmp_path):
     """Q4_K_M with and without our importance matrix: the same tensor types (llama.cpp's mix);
     ggml's quantizer called by us without a matrix gives llama.cpp's bytes exactly; with the
     matrix every re-encoded tensor has a lower matrix-weighted rounding error."""
-    from ruyi_quant.exporters.gguf import imatrix as IM
     from ruyi_quant.exporters import export as export_gguf
+    from ruyi_quant.exporters.gguf import imatrix as IM
     from ruyi_quant.pipeline import calib_windows
     from ruyi_quant.recipe import Calibration, GGUFExport
     from ruyi_quant.sources.tiny import build_tiny
+
     src = build_tiny(tmp_path / "m", hidden=256, intermediate=512, layers=4, exits=(1, 3))
     model = load_model(src)
     fam = QuantizedFamily.from_model(model)
     fam.provenance = Provenance(model=str(src))
     cal = Calibration(samples=8, seq_len=64)
-    plain = export_gguf(fam, tmp_path / "p", src, GGUFExport(type="q4_k_m", imatrix=False),
-                        progress=False, calibration=cal)
-    weighted = export_gguf(fam, tmp_path / "w", src, GGUFExport(type="q4_k_m"), progress=False,
-                           calibration=cal)
+    plain = export_gguf(
+        fam, tmp_path / "p", src, GGUFExport(type="q4_k_m", imatrix=False), progress=False, calibration=cal
+    )
+    weighted = export_gguf(
+        fam, tmp_path / "w", src, GGUFExport(type="q4_k_m"), progress=False, calibration=cal
+    )
     matrices = IM.collect(model, calib_windows(src, cal), progress=False)
     for j, e in enumerate(fam.config.exits):
         G.write_exit(fam, e, tmp_path / "f16.gguf", src, G.GGUFOptions(type="f16"))
@@ -565,20 +635,23 @@ def test_k_quants_with_our_importance_matrix(tmp_path):
         assert kv["quantize.imatrix.dataset"].startswith("builtin:pydoc/calib 8x64")
         assert {n: t for n, (t, _) in p.items()} == {n: t for n, (t, _) in w.items()}
         kinds = {p[n][0] for n in p}
-        assert {T.Q4_K, T.Q6_K} <= kinds                      # real K-quant blocks in this test
+        assert {T.Q4_K, T.Q6_K} <= kinds  # real K-quant blocks in this test
         n_changed = 0
         for name, (qtype, data) in p.items():
             if qtype in (T.F32, T.F16):
                 continue
-            cols = 512 if "ffn_down" in name else 256           # intermediate / hidden width
+            cols = 512 if "ffn_down" in name else 256  # intermediate / hidden width
             x = np.frombuffer(f16[name][1], np.float16).astype(np.float32).reshape(-1, cols)
-            np.testing.assert_array_equal(IM.quantize_rows(qtype, x, None).reshape(-1),
-                                          np.frombuffer(data, np.uint8))
+            np.testing.assert_array_equal(
+                IM.quantize_rows(qtype, x, None).reshape(-1), np.frombuffer(data, np.uint8)
+            )
             if name not in m:
-                assert name == "token_embd.weight" and w[name][1] == data   # a lookup: no matrix
+                assert name == "token_embd.weight" and w[name][1] == data  # a lookup: no matrix
                 continue
-            deq = [gguf.quants.dequantize(np.frombuffer(d, np.uint8).reshape(len(x), -1), qtype)
-                   for d in (data, w[name][1])]
+            deq = [
+                gguf.quants.dequantize(np.frombuffer(d, np.uint8).reshape(len(x), -1), qtype)
+                for d in (data, w[name][1])
+            ]
             err = [float((m[name] * (x - d) ** 2).sum()) for d in deq]
             assert err[1] < err[0], (name, err)
             n_changed += 1
@@ -587,8 +660,21 @@ def test_k_quants_with_our_importance_matrix(tmp_path):
 
 def test_k_quant_export_with_missing_calibration_text_writes_nothing(tiny_dir, tmp_path, capsys):
     from ruyi_quant.cli import main
-    code = main(["export", str(tiny_dir), "--format", "gguf", "--type", "q4_k_m", "--calib",
-                 str(tmp_path / "missing.txt"), "--out", str(tmp_path / "out")])
+
+    code = main(
+        [
+            "export",
+            str(tiny_dir),
+            "--format",
+            "gguf",
+            "--type",
+            "q4_k_m",
+            "--calib",
+            str(tmp_path / "missing.txt"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "missing.txt" in err[0], err
     assert not (tmp_path / "out").exists()
@@ -596,18 +682,30 @@ def test_k_quant_export_with_missing_calibration_text_writes_nothing(tiny_dir, t
 
 # --- Llama sources ----------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory, tiny_dir):
     """A plain Llama checkpoint (no biases, HF's rotate-half RoPE) with the tiny tokenizer and
     a peaked head (the head is a scaled copy of the embeddings)."""
     import shutil
+
     from transformers import LlamaConfig, LlamaForCausalLM
+
     d = tmp_path_factory.mktemp("llama")
     torch.manual_seed(0)
-    hf = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=320,
-                                      num_hidden_layers=3, num_attention_heads=4,
-                                      num_key_value_heads=2, max_position_embeddings=256,
-                                      initializer_range=0.08, tie_word_embeddings=False))
+    hf = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=512,
+            hidden_size=128,
+            intermediate_size=320,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            initializer_range=0.08,
+            tie_word_embeddings=False,
+        )
+    )
     with torch.no_grad():
         hf.lm_head.weight.copy_(hf.model.embed_tokens.weight * 40)
     hf.save_pretrained(d)
@@ -622,12 +720,14 @@ def test_llama_source_exports_llama_architecture(llama_dir, tmp_path, eval_ids):
     no biases) that llama.cpp runs like our model, in F32 and, through a saved int4 family and
     the multi-exit file, in Q4_0."""
     from ruyi_quant.store.checkpoint import save_family
+
     model = load_model(llama_dir)
     ids = eval_ids[0, :96]
     with torch.no_grad():
         ref = model(ids[None]).logits[0]
-    G.write_exit(QuantizedFamily.from_model(model), 2, tmp_path / "f32.gguf", llama_dir,
-                 G.GGUFOptions(type="f32"))
+    G.write_exit(
+        QuantizedFamily.from_model(model), 2, tmp_path / "f32.gguf", llama_dir, G.GGUFOptions(type="f32")
+    )
     tensors, kv = tensors_of(tmp_path / "f32.gguf")
     assert kv["general.architecture"] == "llama" and kv["llama.block_count"] == 3
     assert not [n for n in tensors if n.endswith(".bias")]
@@ -638,8 +738,8 @@ def test_llama_source_exports_llama_architecture(llama_dir, tmp_path, eval_ids):
     fam = rtn_fam(model, source=str(llama_dir))
     (tmp_path / "fam").mkdir()
     save_family(fam, tmp_path / "fam", llama_dir)
-    fam = load_family(tmp_path / "fam")                 # the source architecture survives saving
-    opt = G.GGUFOptions(embed_type="f32", head_type="f32")   # the reference's float head
+    fam = load_family(tmp_path / "fam")  # the source architecture survives saving
+    opt = G.GGUFOptions(embed_type="f32", head_type="f32")  # the reference's float head
     G.write_exit(fam, 2, tmp_path / "q.gguf", llama_dir, opt)
     G.write_multi(fam, tmp_path / "family.gguf", llama_dir, opt)
     G.extract_exit(tmp_path / "family.gguf", 2, tmp_path / "x.gguf")
@@ -662,7 +762,7 @@ def test_llama_rope_rows_and_when_llama_is_chosen(llama_dir, tiny_dir):
     np.testing.assert_array_equal(got, [0, 2, 1, 3, 4, 6, 5, 7])
     fam = QuantizedFamily.from_model(load_model(llama_dir))
     assert G.exit_arch(fam) == "llama"
-    fam.tensors["model.layers.1.self_attn.k_proj.bias"][3] = 0.5     # a bias llama cannot hold
+    fam.tensors["model.layers.1.self_attn.k_proj.bias"][3] = 0.5  # a bias llama cannot hold
     assert G.exit_arch(fam) == "qwen2"
     assert G.exit_arch(QuantizedFamily.from_model(load_model(tiny_dir))) == "qwen2"
 
@@ -672,7 +772,9 @@ def test_imatrix_streamed_layer_by_layer_equals_the_whole_model_pass(which, requ
     """collect() reads one layer at a time; its matrices equal, bit for bit, hooks on the whole
     float model run window by window over every exit (what it did before it streamed)."""
     from torch import nn
+
     from ruyi_quant.exporters.gguf import imatrix as IM
+
     src = request.getfixturevalue(which)
     model = load_model(src)
     fam = QuantizedFamily.from_model(model)
@@ -683,12 +785,18 @@ def test_imatrix_streamed_layer_by_layer_equals_the_whole_model_pass(which, requ
         x = x.detach().float().reshape(-1, x.shape[-1])
         sums[key] = sums.get(key, 0) + (x * x).sum(0)
         counts[key] = counts.get(key, 0) + x.shape[0]
+
     cfg = model.config
     heads = {layout.head_prefix(cfg.shared_heads, j) for j in range(len(cfg.exits))}
-    hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: add(n, a[0])) for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and n not in heads]
-    hooks += [norm.register_forward_hook(lambda _m, _a, out, j=j: add(IM.HEAD_KEY.format(j=j), out))
-              for j, norm in enumerate(model.model.norms)]
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, a, n=n: add(n, a[0]))
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and n not in heads
+    ]
+    hooks += [
+        norm.register_forward_hook(lambda _m, _a, out, j=j: add(IM.HEAD_KEY.format(j=j), out))
+        for j, norm in enumerate(model.model.norms)
+    ]
     with torch.no_grad():
         for w in windows:
             model.forward_exits(w[None])
@@ -697,8 +805,9 @@ def test_imatrix_streamed_layer_by_layer_equals_the_whole_model_pass(which, requ
     whole = {k: sums[k] / counts[k] for k in sums}
     streamed = IM.collect(fam, windows, progress=False)
     assert streamed.keys() == whole.keys()
-    assert len(whole) == sum(isinstance(m, nn.Linear) for n, m in model.named_modules()
-                             if n not in heads) + len(cfg.exits)   # every linear and head seen
+    assert len(whole) == sum(
+        isinstance(m, nn.Linear) for n, m in model.named_modules() if n not in heads
+    ) + len(cfg.exits)  # every linear and head seen
     assert all(torch.equal(streamed[k], whole[k]) for k in whole)
 
 
@@ -708,9 +817,14 @@ def test_imatrix_names_follow_the_exit_file():
     from ruyi_quant.exporters.gguf import imatrix as IM
     from ruyi_quant.model.config import parse_config
     from ruyi_quant.sources.tiny import tiny_config
-    imat = {"model.layers.1.mlp.up_proj": torch.ones(4),
-            "model.eelayers.0.mlp.up_proj": 2 * torch.ones(4), "model.layers.5.mlp.up_proj": 3 * torch.ones(4),
-            "head@0": 4 * torch.ones(4), "head@2": 5 * torch.ones(4)}     # exits 2, 3, 5
+
+    imat = {
+        "model.layers.1.mlp.up_proj": torch.ones(4),
+        "model.eelayers.0.mlp.up_proj": 2 * torch.ones(4),
+        "model.layers.5.mlp.up_proj": 3 * torch.ones(4),
+        "head@0": 4 * torch.ones(4),
+        "head@2": 5 * torch.ones(4),
+    }  # exits 2, 3, 5
     for tied in (False, True):
         cfg = parse_config({**tiny_config(shared_heads=True), "tie_word_embeddings": tied})
         got = {k: float(v[0]) for k, v in IM.for_exit(imat, cfg, 0).items()}
@@ -727,8 +841,9 @@ def test_smollm2_as_a_llama_file(tmp_path):
     """The real plain Llama source (SmolLM2-135M: 9 heads, 3 KV heads) as a stock `llama` F16
     file: llama.cpp's logits match our model's, and greedy chat answers the capital question."""
     from ruyi_quant.pipeline import eval_windows
-    from ruyi_quant.sources import resolve_model
     from ruyi_quant.recipe import Eval
+    from ruyi_quant.sources import resolve_model
+
     src = resolve_model("builtin:smollm2")
     model = load_model(src)
     fam = QuantizedFamily.from_model(model)
@@ -741,8 +856,9 @@ def test_smollm2_as_a_llama_file(tmp_path):
     kl, top1 = kl_top1(ref, llama_logits(tmp_path / "s.gguf", ids))
     assert kl < 1e-3 and top1 >= 0.99, (kl, top1)
     llm = open_llama(tmp_path / "s.gguf", n_ctx=512, verbose=False, n_threads=2)
-    reply = llm.create_chat_completion([{"role": "user", "content": "What is the capital of France?"}],
-                                       max_tokens=30, temperature=0)["choices"][0]["message"]["content"]
+    reply = llm.create_chat_completion(
+        [{"role": "user", "content": "What is the capital of France?"}], max_tokens=30, temperature=0
+    )["choices"][0]["message"]["content"]
     llm.close()
     assert "Paris" in reply, reply
 
@@ -752,7 +868,9 @@ def test_multi_exit_config_is_the_models_not_the_checkpoints(tiny_dir, tmp_path)
     family checkpoint's quantization_config in ruyi.config (the tensors' description, not the
     model's), so the same family gave different files from memory and from disk."""
     import gguf as gg
+
     from ruyi_quant.cli import main
+
     q = tmp_path / "q"
     assert main(["quantize", str(tiny_dir), "--bits", "8", "--group-size", "32", "--out", str(q)]) == 0
     assert main(["export", str(q), "--format", "gguf", "--multi-only", "--out", str(tmp_path / "g")]) == 0

@@ -13,32 +13,38 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import calib_ids, kl_top1
 from onnx import helper, numpy_helper
 
-from conftest import calib_ids, kl_top1
-from ruyi_quant.store.checkpoint import load_family
 from ruyi_quant.errors import UserError
 from ruyi_quant.exporters import onnx as X
 from ruyi_quant.exporters.onnx.weights import _pack, int8_grid, layout_of, nbits_arrays
 from ruyi_quant.exporters.provenance import provenance
-from ruyi_quant.store.checkpoint import load_model
 from ruyi_quant.pipeline import quantize
 from ruyi_quant.quant.grid import Grid
 from ruyi_quant.quant.plan import QuantSpec
 from ruyi_quant.recipe import GPTQOptions, ONNXExport, Provenance, Quantize
 from ruyi_quant.sources.tiny import build_tiny
+from ruyi_quant.store.checkpoint import load_family, load_model
 
 try:
     import onnxruntime_genai as og
-except ImportError:                      # pragma: no cover - CI installs it
+except ImportError:  # pragma: no cover - CI installs it
     og = None
-needs_genai = pytest.mark.skipif(og is None, reason="onnxruntime-genai is not installed "
-                                 "(pip install onnxruntime-genai)")
+needs_genai = pytest.mark.skipif(
+    og is None, reason="onnxruntime-genai is not installed (pip install onnxruntime-genai)"
+)
 
 
 def family(src, method="rtn", bits=4, gs=32, sym=True, heads=False, act_order=False):
-    q = Quantize(method=method, bits=bits, group_size=gs, sym=sym, heads=heads,
-                 gptq=GPTQOptions(act_order=act_order, static_groups=False))
+    q = Quantize(
+        method=method,
+        bits=bits,
+        group_size=gs,
+        sym=sym,
+        heads=heads,
+        gptq=GPTQOptions(act_order=act_order, static_groups=False),
+    )
     calib = calib_ids(src, 8, 64) if method == "gptq" else None
     fam = quantize(load_family(src), q, calib, progress=False)
     fam.provenance = Provenance(model=str(src), quantize=q)
@@ -55,13 +61,17 @@ def run(sess, ids: np.ndarray, cfg, past: dict | None = None, start: int = 0):
     b, n = ids.shape
     layers = sum(1 for i in sess.get_inputs() if i.name.endswith(".key"))
     dt = np.float16 if sess.get_inputs()[3].type == "tensor(float16)" else np.float32
-    feeds = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((b, start + n), np.int64),
-             "position_ids": np.tile(np.arange(start, start + n), (b, 1))}
+    feeds = {
+        "input_ids": ids.astype(np.int64),
+        "attention_mask": np.ones((b, start + n), np.int64),
+        "position_ids": np.tile(np.arange(start, start + n), (b, 1)),
+    }
     kvh = cfg.raw["num_key_value_heads"]
     for i in range(layers):
         for kv in ("key", "value"):
-            feeds[f"past_key_values.{i}.{kv}"] = (past[f"present.{i}.{kv}"] if past else
-                                                  np.zeros((b, kvh, 0, cfg.head_dim), dt))
+            feeds[f"past_key_values.{i}.{kv}"] = (
+                past[f"present.{i}.{kv}"] if past else np.zeros((b, kvh, 0, cfg.head_dim), dt)
+            )
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feeds)))
 
@@ -69,19 +79,23 @@ def run(sess, ids: np.ndarray, cfg, past: dict | None = None, start: int = 0):
 def identity_decode(model_path, node) -> np.ndarray:
     """A MatMulNBits node of an exported graph run alone on the identity, without its bias:
     W^T [K, N] as onnxruntime itself dequantizes it (initializers from the graph's external data)."""
-    m = onnx.load(str(model_path))                      # external data loaded
+    m = onnx.load(str(model_path))  # external data loaded
     inits = {t.name: t for t in m.graph.initializer}
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    weights = list(node.input[1:5])                     # B, scales, zero_points, g_idx
+    weights = list(node.input[1:5])  # B, scales, zero_points, g_idx
     while weights and not weights[-1]:
         weights.pop()
     used = [i for i in weights if i]
-    g = helper.make_graph([helper.make_node("MatMulNBits", ["A", *weights], ["Y"],
-                                            domain="com.microsoft", **attrs)], "one",
-                          [helper.make_tensor_value_info("A", onnx.TensorProto.FLOAT, [None, attrs["K"]])],
-                          [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, [None, attrs["N"]])],
-                          [inits[i] for i in used])
-    one = helper.make_model(g, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)])
+    g = helper.make_graph(
+        [helper.make_node("MatMulNBits", ["A", *weights], ["Y"], domain="com.microsoft", **attrs)],
+        "one",
+        [helper.make_tensor_value_info("A", onnx.TensorProto.FLOAT, [None, attrs["K"]])],
+        [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, [None, attrs["N"]])],
+        [inits[i] for i in used],
+    )
+    one = helper.make_model(
+        g, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)]
+    )
     s = ort.InferenceSession(one.SerializeToString(), providers=["CPUExecutionProvider"])
     return s.run(None, {"A": np.eye(attrs["K"], dtype=np.float32)})[0]
 
@@ -99,10 +113,21 @@ def export_exit(fam, e, out, src, **kw):
 
 # --- the weights: exact ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bits,gs,k,sym,act_order", [
-    (4, 32, 128, True, False), (4, 32, 128, False, False), (4, 128, 576, True, False),
-    (4, 128, 576, False, False), (4, 128, 576, False, True), (4, 32, 96, True, True),
-    (4, -1, 576, False, False), (8, 128, 576, True, False), (8, 32, 128, False, False)])
+
+@pytest.mark.parametrize(
+    "bits,gs,k,sym,act_order",
+    [
+        (4, 32, 128, True, False),
+        (4, 32, 128, False, False),
+        (4, 128, 576, True, False),
+        (4, 128, 576, False, False),
+        (4, 128, 576, False, True),
+        (4, 32, 96, True, True),
+        (4, -1, 576, False, False),
+        (8, 128, 576, True, False),
+        (8, 32, 128, False, False),
+    ],
+)
 def test_matmulnbits_decodes_to_our_grid_bit_for_bit(bits, gs, k, sym, act_order):
     """Random codes, zeros and fp16 scales (any value our quantizers could make) through
     nbits_arrays, then onnxruntime's own kernel on the identity: exactly our dequantized weight."""
@@ -112,22 +137,46 @@ def test_matmulnbits_decodes_to_our_grid_bit_for_bit(bits, gs, k, sym, act_order
     g_idx = torch.arange(k) // spec.width(k)
     if act_order:
         g_idx = g_idx[torch.randperm(k, generator=g)]
-    zeros = torch.full((groups, n), 1 << (bits - 1)) if sym else torch.randint(0, 2 ** bits, (groups, n), generator=g)
-    grid = Grid.make(torch.randint(0, 2 ** bits, (k, n), generator=g),
-                     (torch.rand(groups, n, generator=g) * 0.05 + 1e-3).half(), zeros, g_idx.int(), spec)
+    zeros = (
+        torch.full((groups, n), 1 << (bits - 1))
+        if sym
+        else torch.randint(0, 2**bits, (groups, n), generator=g)
+    )
+    grid = Grid.make(
+        torch.randint(0, 2**bits, (k, n), generator=g),
+        (torch.rand(groups, n, generator=g) * 0.05 + 1e-3).half(),
+        zeros,
+        g_idx.int(),
+        spec,
+    )
     lay = layout_of(grid)
     arrays = nbits_arrays(grid, lay, np.float32)
     assert ("zero_points" in arrays) == (act_order or not sym) and ("g_idx" in arrays) == act_order
     inits = [numpy_helper.from_array(a, name) for name, a in arrays.items()]
-    node = helper.make_node("MatMulNBits", ["A", "B", "scales", "zero_points" if "zero_points" in arrays else "",
-                                            "g_idx" if act_order else ""], ["Y"], domain="com.microsoft",
-                            K=k, N=n, bits=bits, block_size=lay.block, accuracy_level=0)
-    m = helper.make_model(helper.make_graph(
-        [node], "g", [helper.make_tensor_value_info("A", onnx.TensorProto.FLOAT, [None, k])],
-        [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, [None, n])], inits),
-        opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)])
+    node = helper.make_node(
+        "MatMulNBits",
+        ["A", "B", "scales", "zero_points" if "zero_points" in arrays else "", "g_idx" if act_order else ""],
+        ["Y"],
+        domain="com.microsoft",
+        K=k,
+        N=n,
+        bits=bits,
+        block_size=lay.block,
+        accuracy_level=0,
+    )
+    m = helper.make_model(
+        helper.make_graph(
+            [node],
+            "g",
+            [helper.make_tensor_value_info("A", onnx.TensorProto.FLOAT, [None, k])],
+            [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, [None, n])],
+            inits,
+        ),
+        opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)],
+    )
     y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {"A": np.eye(k, dtype=np.float32)})[0]
+        None, {"A": np.eye(k, dtype=np.float32)}
+    )[0]
     np.testing.assert_array_equal(y.T, grid.dequantize().numpy())
 
 
@@ -140,12 +189,21 @@ def test_packed_codes_are_low_nibble_first():
 def k576_dir(tmp_path_factory):
     """A tiny family whose down_proj reads 576 columns (ruyi-mini's hidden size: not a multiple
     of 128)."""
-    return build_tiny(tmp_path_factory.mktemp("k576") / "model", layers=3, exits=(1, 2), hidden=128,
-                      intermediate=576, heads=4, kv_heads=2)
+    return build_tiny(
+        tmp_path_factory.mktemp("k576") / "model",
+        layers=3,
+        exits=(1, 2),
+        hidden=128,
+        intermediate=576,
+        heads=4,
+        kv_heads=2,
+    )
 
 
-FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+FUSED = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
 
 
 @pytest.mark.parametrize("sym,act_order", [(True, False), (False, False), (True, True), (False, True)])
@@ -157,8 +215,8 @@ def test_exported_matmulnbits_weights_are_our_grids(k576_dir, tmp_path, sym, act
     assert any(g.act_order for g in fam.grids.values()) == act_order
     path = export_exit(fam, 2, tmp_path / "e", k576_dir, accuracy_level=0)
     nodes = nbits_nodes(path)
-    assert len(nodes) == 3 * 4 + 1        # q/k/v and gate/up read 128 columns: one group, in order
-    assert any(len(n.input) > 4 and n.input[4] for n in nodes) == act_order      # g_idx: down_proj
+    assert len(nodes) == 3 * 4 + 1  # q/k/v and gate/up read 128 columns: one group, in order
+    assert any(len(n.input) > 4 and n.input[4] for n in nodes) == act_order  # g_idx: down_proj
     assert_nodes_decode_to_grids(fam, path, exit_index=1)
     assert any(helper.get_attribute_value(a) == 576 for n in nodes for a in n.attribute if a.name == "K")
 
@@ -176,8 +234,10 @@ def assert_nodes_decode_to_grids(fam, path, exit_index: int) -> None:
     seen = []
     for node in nbits_nodes(path):
         prefix = node.input[1].removesuffix(".nbits.B")
-        layer, _, tail = prefix.rpartition(".self_attn.") if ".self_attn." in prefix else prefix.rpartition(".mlp.")
-        kind = prefix[len(layer) + 1:]
+        layer, _, tail = (
+            prefix.rpartition(".self_attn.") if ".self_attn." in prefix else prefix.rpartition(".mlp.")
+        )
+        kind = prefix[len(layer) + 1 :]
         modules = [f"{layer}.{m}" for m in FUSED[kind]] if kind in FUSED else [prefix]
         w = identity_decode(path, node).T
         want = np.concatenate([fam.weight(m).numpy() for m in modules])
@@ -187,6 +247,7 @@ def assert_nodes_decode_to_grids(fam, path, exit_index: int) -> None:
 
 
 # --- graphs against our reference ----------------------------------------------------------------
+
 
 @pytest.fixture(scope="module", params=["tiny_dir", "tiny_shared_dir", "tied_dir"])
 def src(request):
@@ -219,10 +280,13 @@ def test_decode_with_the_cache_equals_a_fresh_prefill(tiny_dir, tmp_path, eval_i
         s = session(export_exit(fam, 5, tmp_path / dtype, tiny_dir, dtype=dtype, accuracy_level=0))
         full = run(s, ids, fam.config)["logits"]
         past = run(s, ids[:, :32], fam.config)
-        for t in range(32, 40):                     # one token at a time on the growing cache
-            step = run(s, ids[:, t:t + 1], fam.config, past, start=t)
-            np.testing.assert_allclose(step["logits"][:, 0].astype(np.float32),
-                                       full[:, t].astype(np.float32), atol=1e-4 if dtype == "float32" else 2e-2)
+        for t in range(32, 40):  # one token at a time on the growing cache
+            step = run(s, ids[:, t : t + 1], fam.config, past, start=t)
+            np.testing.assert_allclose(
+                step["logits"][:, 0].astype(np.float32),
+                full[:, t].astype(np.float32),
+                atol=1e-4 if dtype == "float32" else 2e-2,
+            )
             past = step
         assert past["present.0.key"].shape[2] == 40
 
@@ -230,10 +294,13 @@ def test_decode_with_the_cache_equals_a_fresh_prefill(tiny_dir, tmp_path, eval_i
 def test_float16_graph_stays_close_to_the_float32_reference(tiny_dir, tmp_path, eval_ids):
     fam = load_family(tiny_dir)
     ids = eval_ids[:2, :64]
-    got = run(session(export_exit(fam, 5, tmp_path / "h", tiny_dir, dtype="float16")), ids.numpy(),
-              fam.config)["logits"]
+    got = run(
+        session(export_exit(fam, 5, tmp_path / "h", tiny_dir, dtype="float16")), ids.numpy(), fam.config
+    )["logits"]
     assert got.dtype == np.float16
-    kl, top1 = kl_top1(load_model(tiny_dir)(ids, exit=5).logits.detach(), torch.from_numpy(got.astype(np.float32)))
+    kl, top1 = kl_top1(
+        load_model(tiny_dir)(ids, exit=5).logits.detach(), torch.from_numpy(got.astype(np.float32))
+    )
     assert kl < 1e-3 and top1 > 0.99
 
 
@@ -283,7 +350,9 @@ def test_embedding_gathered_from_the_tied_heads_grid(tied_dir, tmp_path, eval_id
     assert not any(n.startswith("model.embed_tokens") for n in inits)
     float_embed = export_exit(fam, 5, tmp_path / "f", tied_dir, accuracy_level=0)
     size = fam.config.vocab_size * fam.config.hidden_size * 4
-    assert (float_embed.parent / "model.onnx.data").stat().st_size - (path.parent / "model.onnx.data").stat().st_size >= size
+    assert (float_embed.parent / "model.onnx.data").stat().st_size - (
+        path.parent / "model.onnx.data"
+    ).stat().st_size >= size
     deq = fam.dequantized_model()
     deq.model.embed_tokens.weight = torch.nn.Parameter(fam.weight("lm_head"))
     ids = eval_ids[:2, :48]
@@ -295,11 +364,13 @@ def test_embedding_gathered_from_the_tied_heads_grid(tied_dir, tmp_path, eval_id
 
 # --- onnxruntime-genai ---------------------------------------------------------------------------
 
+
 @needs_genai
 def test_genai_greedy_generation_is_our_pytorch_generation(src, tmp_path, eval_ids):
     """32 greedy tokens through onnxruntime-genai (the folder as exported) are the tokens of our
     dequantized model with its KV cache, and genai's logits at every step are ours."""
     from ruyi_quant.exporters.onnx.runner import load
+
     fam = family(src, "rtn", 4, 32, True, heads=True)
     deq = fam.dequantized_model()
     e = fam.config.exits[1]
@@ -313,8 +384,10 @@ def test_genai_greedy_generation_is_our_pytorch_generation(src, tmp_path, eval_i
     gen.append_tokens(prompt)
     cache, ids, ours, theirs = deq.new_cache(), torch.tensor([prompt]), [], []
     while not gen.is_done():
-        logits = deq(ids, exit=e, cache=cache).logits[0, -1]     # genai's: those it picks from next
-        np.testing.assert_allclose(np.asarray(gen.get_logits()).reshape(-1), logits.detach().numpy(), atol=1e-3)
+        logits = deq(ids, exit=e, cache=cache).logits[0, -1]  # genai's: those it picks from next
+        np.testing.assert_allclose(
+            np.asarray(gen.get_logits()).reshape(-1), logits.detach().numpy(), atol=1e-3
+        )
         gen.generate_next_token()
         theirs.append(int(gen.get_next_tokens()[0]))
         ours.append(int(logits.argmax()))
@@ -327,6 +400,7 @@ def test_generate_cli_runs_each_exit_of_the_multi_exit_folder(tiny_dir, tmp_path
     """`ruyi-quant generate --onnx` on the multi-exit folder: the exit given, greedy, the tokens
     of that exit's standalone folder."""
     from ruyi_quant.exporters.onnx.runner import generate_ids, load
+
     fam = family(tiny_dir, "rtn", 4, 32, True)
     X.export(fam, tmp_path / "x", tiny_dir, ONNXExport(multi=True, accuracy_level=0), progress=False)
     prompt = eval_ids[3, :10].tolist()
@@ -336,21 +410,54 @@ def test_generate_cli_runs_each_exit_of_the_multi_exit_folder(tiny_dir, tmp_path
         assert got_e == e
         assert generate_ids(multi, prompt, 16, eos) == generate_ids(alone, prompt, 16, eos)
     sampled = [generate_ids(multi, prompt, 16, eos, sample=True, seed=s, temperature=2.0) for s in (1, 1, 2)]
-    assert sampled[0] == sampled[1] != sampled[2]          # sampling: seeded, and not greedy's
-    r = subprocess.run([sys.executable, "-m", "ruyi_quant.cli", "generate", "--onnx", str(tmp_path / "x"),
-                        "--exit", "3", "--max-new-tokens", "5", "--no-chat", "def f(x):"],
-                       capture_output=True, text=True)
+    assert sampled[0] == sampled[1] != sampled[2]  # sampling: seeded, and not greedy's
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ruyi_quant.cli",
+            "generate",
+            "--onnx",
+            str(tmp_path / "x"),
+            "--exit",
+            "3",
+            "--max-new-tokens",
+            "5",
+            "--no-chat",
+            "def f(x):",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert "[exit 3:" in r.stderr and "new]" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "ruyi_quant.cli", "generate", "--onnx", str(tmp_path / "x"),
-                        "--exit", "4", "hi"], capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.strip() == \
-        f"ruyi-quant: error: --exit 4: {tmp_path / 'x'} holds exits [2, 3, 5]"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ruyi_quant.cli",
+            "generate",
+            "--onnx",
+            str(tmp_path / "x"),
+            "--exit",
+            "4",
+            "hi",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        r.returncode == 2
+        and r.stderr.strip() == f"ruyi-quant: error: --exit 4: {tmp_path / 'x'} holds exits [2, 3, 5]"
+    )
 
 
 # --- the multi-exit folder, metadata ------------------------------------------------------------
 
-def test_multi_exit_folder_stores_each_tensor_once_and_runs_like_the_standalone_graphs(src, tmp_path, eval_ids):
+
+def test_multi_exit_folder_stores_each_tensor_once_and_runs_like_the_standalone_graphs(
+    src, tmp_path, eval_ids
+):
     fam = family(src, "rtn", 4, 32, False, heads=True)
     info = X.export(fam, tmp_path / "x", src, ONNXExport(multi=True), progress=False)
     multi = info["multi"]
@@ -358,7 +465,9 @@ def test_multi_exit_folder_stores_each_tensor_once_and_runs_like_the_standalone_
     # every distinct tensor of the exits' graphs once: the data file is their bytes plus alignment
     distinct = {}
     for e in fam.config.exits:
-        for t in onnx.load(str(tmp_path / "x" / f"exit-{e}" / "model.onnx"), load_external_data=False).graph.initializer:
+        for t in onnx.load(
+            str(tmp_path / "x" / f"exit-{e}" / "model.onnx"), load_external_data=False
+        ).graph.initializer:
             if t.data_location == onnx.TensorProto.EXTERNAL:
                 distinct[t.name] = int({x.key: x.value for x in t.external_data}["length"])
     assert multi["tensor_bytes"] == sum(distinct.values())
@@ -368,8 +477,9 @@ def test_multi_exit_folder_stores_each_tensor_once_and_runs_like_the_standalone_
     for e in fam.config.exits:
         onnx.checker.check_model(str(d / f"exit-{e}.onnx"), full_check=True)
         got = run(session(d / f"exit-{e}.onnx"), ids, fam.config)["logits"]
-        np.testing.assert_array_equal(got, run(session(tmp_path / "x" / f"exit-{e}" / "model.onnx"), ids,
-                                               fam.config)["logits"])
+        np.testing.assert_array_equal(
+            got, run(session(tmp_path / "x" / f"exit-{e}" / "model.onnx"), ids, fam.config)["logits"]
+        )
     cfg = json.loads((d / "genai_config.json").read_text())
     assert cfg["model"]["decoder"]["filename"] == f"exit-{fam.config.exits[-1]}.onnx"
 
@@ -378,52 +488,99 @@ def test_every_graph_carries_the_provenance(tiny_dir, tmp_path):
     fam = family(tiny_dir, "rtn", 4, 32, False)
     X.export(fam, tmp_path / "x", tiny_dir, ONNXExport(multi=True), progress=False)
     want = provenance(fam)
-    paths = [(e, tmp_path / "x" / f"exit-{e}" / "model.onnx") for e in fam.config.exits] + \
-            [(e, tmp_path / "x" / "multi-exit" / f"exit-{e}.onnx") for e in fam.config.exits]
+    paths = [(e, tmp_path / "x" / f"exit-{e}" / "model.onnx") for e in fam.config.exits] + [
+        (e, tmp_path / "x" / "multi-exit" / f"exit-{e}.onnx") for e in fam.config.exits
+    ]
     for e, p in paths:
         props = {x.key: x.value for x in onnx.load(str(p), load_external_data=False).metadata_props}
         assert props["ruyi.exit"] == str(e) and json.loads(props["ruyi.exits"]) == fam.config.exits
-        assert props["ruyi.method"] == "rtn" and props["ruyi.bits"] == "4" and props["ruyi.group_size"] == "32"
+        assert (
+            props["ruyi.method"] == "rtn" and props["ruyi.bits"] == "4" and props["ruyi.group_size"] == "32"
+        )
         assert props["ruyi.source_model"] == want["source_model"] == str(tiny_dir)
         assert props["ruyi.quantized_by"].startswith("ruyi-quant ")
 
 
 # --- refusals -------------------------------------------------------------------------------------
 
+
 def test_settings_onnx_cannot_hold_are_refused_before_writing(tiny_dir, tmp_path):
     fam3 = family(tiny_dir, "rtn", 3, 32, True)
     with pytest.raises(UserError, match=r"^bits 3 \(.*\): ONNX's MatMulNBits holds 4- and 8-bit grids"):
         X.export(fam3, tmp_path / "a", tiny_dir, ONNXExport(), progress=False)
     assert not (tmp_path / "a").exists()
-    X.check_onnx(fam3.config, fam3.modules, ONNXExport(weights="float"))      # dequantized: fine
-    r = subprocess.run([sys.executable, "-m", "ruyi_quant.cli", "export", str(tiny_dir), "--format", "onnx",
-                        "--out", str(tmp_path / "b"), "--weights", "gptq"], capture_output=True, text=True)
+    X.check_onnx(fam3.config, fam3.modules, ONNXExport(weights="float"))  # dequantized: fine
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ruyi_quant.cli",
+            "export",
+            str(tiny_dir),
+            "--format",
+            "onnx",
+            "--out",
+            str(tmp_path / "b"),
+            "--weights",
+            "gptq",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--weights gptq" in r.stderr
     assert not (tmp_path / "b").exists()
-    r = subprocess.run([sys.executable, "-m", "ruyi_quant.cli", "export", str(tiny_dir), "--format", "onnx",
-                        "--out", str(tmp_path / "c"), "--accuracy-level", "7"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ruyi_quant.cli",
+            "export",
+            str(tiny_dir),
+            "--format",
+            "onnx",
+            "--out",
+            str(tmp_path / "c"),
+            "--accuracy-level",
+            "7",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "--accuracy-level" in r.stderr and not (tmp_path / "c").exists()
 
 
 def test_a_recipe_with_an_onnx_export_of_3_bit_grids_fails_before_quantizing(tiny_dir, tmp_path):
     from ruyi_quant.preflight import check_exports
     from ruyi_quant.recipe import Job
-    job = Job(name="j", model=str(tiny_dir), output=str(tmp_path / "o"),
-              quantize=Quantize(method="rtn", bits=3), export=[{"format": "onnx"}])
+
+    job = Job(
+        name="j",
+        model=str(tiny_dir),
+        output=str(tmp_path / "o"),
+        quantize=Quantize(method="rtn", bits=3),
+        export=[{"format": "onnx"}],
+    )
     with pytest.raises(UserError, match=r"export\[0\]: bits 3"):
         check_exports(job, load_family(tiny_dir).config, "jobs[0]")
 
 
 def test_a_missing_onnx_package_is_one_line(monkeypatch, capsys, tiny_dir, tmp_path):
     import importlib.util
+
     from ruyi_quant.cli import main
+
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("onnxruntime_genai", "onnxruntime") else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("onnxruntime_genai", "onnxruntime") else real(name, *a),
+    )
     assert main(["generate", "--onnx", str(tmp_path), "hi"]) == 2
-    assert capsys.readouterr().err == ("ruyi-quant: error: generate --onnx needs onnxruntime_genai "
-                                       "(pip install 'ruyi-quant[onnx]')\n")
+    assert capsys.readouterr().err == (
+        "ruyi-quant: error: generate --onnx needs onnxruntime_genai (pip install 'ruyi-quant[onnx]')\n"
+    )
     assert main(["export", str(tiny_dir), "--format", "onnx", "--out", str(tmp_path / "o")]) == 2
-    assert capsys.readouterr().err == ("ruyi-quant: error: --format onnx needs onnxruntime "
-                                       "(pip install 'ruyi-quant[onnx]')\n")
+    assert capsys.readouterr().err == (
+        "ruyi-quant: error: --format onnx needs onnxruntime (pip install 'ruyi-quant[onnx]')\n"
+    )
     assert not (tmp_path / "o").exists()
