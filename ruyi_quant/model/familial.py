@@ -146,10 +146,8 @@ class FamilialModel(nn.Module):
 
 def familial_state(model: FamilialModel) -> dict[str, torch.Tensor]:
     """State dict with Ruyi's names, tied head left out."""
-    state = model.state_dict()
-    if model.config.tie_word_embeddings:
-        state.pop(layout.HEAD_WEIGHT, None)
-    return {k: v.contiguous() for k, v in state.items()}
+    tied = model.config.tie_word_embeddings
+    return {k: v.contiguous() for k, v in model.state_dict().items() if layout.stored_name(tied, k) == k}
 
 
 def skeleton(config: FamilialConfig) -> FamilialModel:
