@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import UserError
-from .recipe import Eval, Job, Quantize
+from .recipe import Eval, Job, Quantize, cli_flag
 from .sources import resolve_model
 from .store.files import check_output_dir
 from .text import check_source
@@ -20,16 +20,6 @@ if TYPE_CHECKING:
     from .quant.family import QuantizedFamily
 
 CALIBRATED = ("gptq", "awq")
-
-
-def cli_flag(section: str, key: str) -> str:
-    """The CLI flag of a recipe setting (what preflight's errors name on the command line)."""
-    special = {
-        ("calibration", "source"): "--calib",
-        ("eval", "source"): "--data",
-        ("quantize", "gptq.damp_percent"): "--damp",
-    }
-    return special.get((section, key), "--" + key.replace("_", "-"))
 
 
 def preflight(src: Path, q: Quantize | None = None, cal=None, ev: Eval | None = None, label=cli_flag) -> None:

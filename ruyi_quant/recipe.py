@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
 import torch
 import yaml
@@ -93,12 +93,32 @@ Folder = Annotated[str | None, AfterValidator(check_folder)]
 Name = Annotated[str | None, AfterValidator(check_name)]
 
 
+# settings whose command-line flag is not `--` + the field's name, by their place in a job
+FLAGS = {
+    "calibration.source": "--calib",
+    "eval.source": "--data",
+    "quantize.gptq.damp_percent": "--damp",
+    "quantize.awq.max_tokens": "--awq-tokens",
+    "quantize.awq.clip": "--no-clip",
+    "training.distill_weight": "--distill",
+    "training.sources": "--train",
+}
+
+
+def cli_flag(section: str, key: str) -> str:
+    """The command-line flag of a setting (`key` in `section`, or a dotted key below it)."""
+    where = f"{section}.{key}"
+    return FLAGS.get(where, "--" + where.rsplit(".", 1)[-1].replace("_", "-"))
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
 class Calibration(Strict):
     """Text the quantizer calibrates on (GPTQ/AWQ; RTN ignores it)."""
+
+    SECTION: ClassVar[str] = "calibration"  # its place among the settings (cli_flag)
 
     source: str = "builtin:pydoc/calib"
     field: str = "text"  # JSONL field that holds the text
@@ -109,6 +129,8 @@ class Calibration(Strict):
 
 class Override(Strict):
     """A grid for the modules a pattern matches (quant/plan.py: make_plan)."""
+
+    SECTION: ClassVar[str] = "quantize.overrides"  # its place among the settings (cli_flag)
 
     pattern: str  # shell-style module pattern, e.g. "lm_head*"
     bits: Bits | None = None
@@ -128,6 +150,7 @@ class Override(Strict):
 
 
 class GPTQOptions(Strict):
+    SECTION: ClassVar[str] = "quantize.gptq"  # its place among the settings (cli_flag)
     damp_percent: float = Field(0.01, gt=0, le=1, allow_inf_nan=False)  # dampening, fraction of mean diag(H)
     block_size: int = Field(128, ge=1)  # columns per lazy batch update
     act_order: bool = False  # desc_act: columns by decreasing diag(H)
@@ -135,6 +158,7 @@ class GPTQOptions(Strict):
 
 
 class AWQOptions(Strict):
+    SECTION: ClassVar[str] = "quantize.awq"  # its place among the settings (cli_flag)
     grid: int = Field(20, ge=2)  # scale exponents r = 0, 1/grid, ... tried
     max_shrink: float = Field(
         0.5, ge=0, lt=1, allow_inf_nan=False
@@ -144,6 +168,7 @@ class AWQOptions(Strict):
 
 
 class Quantize(Strict):
+    SECTION: ClassVar[str] = "quantize"  # its place among the settings (cli_flag)
     method: Literal["rtn", "gptq", "awq", "none"] = "rtn"
     bits: Bits = 4
     group_size: GroupSize = 128
@@ -161,6 +186,7 @@ Exits = Annotated[Union[Literal["all"], list[int]], AfterValidator(check_exits)]
 
 
 class HFExport(Strict):
+    SECTION: ClassVar[str] = "export"  # its place among the settings (cli_flag)
     format: Literal["hf"] = "hf"
     exits: Exits = "all"
     weights: Literal["auto", "float", "gptq", "awq"] = "auto"
@@ -174,6 +200,7 @@ KQuantType = Literal["q4_k_m", "q5_k_m", "q6_k"]
 
 
 class GGUFExport(Strict):
+    SECTION: ClassVar[str] = "export"  # its place among the settings (cli_flag)
     format: Literal["gguf"] = "gguf"
     exits: Exits = "all"
     type: Union[GGUFType, KQuantType] = "auto"  # auto: our grids exactly, float linears f16
@@ -189,6 +216,7 @@ class GGUFExport(Strict):
 
 
 class ONNXExport(Strict):
+    SECTION: ClassVar[str] = "export"  # its place among the settings (cli_flag)
     format: Literal["onnx"] = "onnx"
     exits: Exits = "all"
     dtype: Literal["float32", "float16"] = "float32"  # float weights and the compute type
@@ -215,6 +243,7 @@ Export = Annotated[
 
 
 class Eval(Strict):
+    SECTION: ClassVar[str] = "eval"  # its place among the settings (cli_flag)
     source: str = "builtin:pydoc/eval"
     field: str = "text"
     samples: int = Field(16, ge=1)
@@ -241,6 +270,8 @@ class Job(Strict):
 class Training(Strict):
     """make-familial: how the branch layers and exit norms are trained (sources/branches.py)."""
 
+    SECTION: ClassVar[str] = "training"  # its place among the settings (cli_flag)
+
     sources: list[str] = ["builtin:pydoc/train", "builtin:stdlib/train"]
     windows: int = Field(192, ge=1)  # training windows of seq_len tokens
     seq_len: int = Field(256, ge=8)
@@ -266,6 +297,8 @@ def dtype_of(name: str) -> torch.dtype:
 class Runtime(Strict):
     """Where and how a family runs on our runtime (generate, chat, eval --runtime)."""
 
+    SECTION: ClassVar[str] = "runtime"  # its place among the settings (cli_flag)
+
     device: Annotated[str, AfterValidator(check_device_name)] = "auto"
     dtype: DtypeName = "bf16"  # activations, and the float side of the model
     compile: Literal["auto", "on", "off"] = "auto"  # auto: on CUDA (with CUDA graphs)
@@ -273,6 +306,8 @@ class Runtime(Strict):
 
 class Sampling(Strict):
     """How tokens are picked: greedy, or a seeded draw after temperature, top-k and top-p."""
+
+    SECTION: ClassVar[str] = "sampling"  # its place among the settings (cli_flag)
 
     max_new_tokens: int = Field(64, ge=1)
     sample: bool = False
@@ -288,6 +323,8 @@ class Sampling(Strict):
 
 class Benchmark(Strict):
     """eval --runtime: what is timed per exit."""
+
+    SECTION: ClassVar[str] = "benchmark"  # its place among the settings (cli_flag)
 
     prefill: int = Field(256, ge=1)  # prompt tokens
     decode_tokens: int = Field(32, ge=1)  # tokens decoded

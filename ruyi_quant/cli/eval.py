@@ -59,7 +59,6 @@ def run(args) -> None:
 
     ev = validated(
         Eval,
-        {"source": "--data"},
         source=args.data,
         samples=args.samples,
         seq_len=args.seq_len,

@@ -8,10 +8,7 @@ import sys
 from pydantic import ValidationError
 
 from ..errors import UserError
-from ..recipe import Benchmark, Runtime, Sampling
-
-# settings whose flag is not `--` + the field's name
-FLAGS = {"distill_weight": "--distill", "damp_percent": "--damp", "sources": "--train", "clip": "--no-clip"}
+from ..recipe import Benchmark, Runtime, Sampling, cli_flag
 
 
 def given(**kw) -> dict:
@@ -25,14 +22,15 @@ def default(cls, field: str):
 
 
 def validated(cls, flags: dict | None = None, **kw):
-    """A settings object from the options given; a bad value is one line naming its flag."""
+    """A settings object from the options given; a bad value is one line naming its flag (recipe.
+    cli_flag, or `flags`: field -> flag, for options several fields come from)."""
     kw = given(**kw)
     try:
         return cls(**kw)
     except ValidationError as e:
         err = e.errors()[0]
         field = str(err["loc"][0])
-        flag = {**FLAGS, **(flags or {})}.get(field, "--" + field.replace("_", "-"))
+        flag = (flags or {}).get(field) or cli_flag(cls.SECTION, field)
         value = err.get("input")
         given_value = f" {value}" if isinstance(value, (str, int, float)) and len(err["loc"]) == 1 else ""
         raise UserError(f"{flag}{given_value}: {err['msg'].removeprefix('Value error, ')}") from None

@@ -85,14 +85,12 @@ def run(args) -> None:
         ),
         awq=validated(
             AWQOptions,
-            {"max_tokens": "--awq-tokens"},
             clip=False if args.no_clip else None,
             max_tokens=args.awq_tokens,
         ),
     )
     cal = validated(
         Calibration,
-        {"source": "--calib"},
         source=args.calib,
         samples=args.samples,
         seq_len=args.seq_len,
