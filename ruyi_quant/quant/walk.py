@@ -177,7 +177,8 @@ class Walk:
 
     def steps(self, before=None, observe=None, drop=None, progress: bool = False, desc: str = "layers"):
         """Yield (step, outputs) for every step of the walk; a trunk step's outputs become the next
-        step's inputs when the loop comes back."""
+        step's inputs when the loop comes back. Callers close it (`contextlib.closing`), so that an
+        error in their loop body erases the progress bar before the error line is printed."""
         for step in tqdm(self.plan(), desc=desc, unit="layer", disable=not progress, leave=False):
             t0 = time.perf_counter()
             layer = self.weights.load(step.prefix)
