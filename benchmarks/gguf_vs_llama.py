@@ -41,12 +41,10 @@ HEADERS = ["exit", "file", "made by", "bpw", "MB", "KL(bf16‖file)", "top-1 %",
 
 
 def llama_logits(path: Path, windows: torch.Tensor) -> list[torch.Tensor]:
-    import llama_cpp
+    from ruyi_quant.exporters.gguf.llamacpp import open_llama
 
     n = windows.shape[1]
-    llm = llama_cpp.Llama(
-        model_path=str(path), n_ctx=n, n_batch=n, logits_all=True, verbose=False, n_threads=2
-    )
+    llm = open_llama(path, n_ctx=n, n_batch=n, logits_all=True, verbose=False, n_threads=2)
     out = []
     for w in windows:
         llm.reset()

@@ -59,10 +59,10 @@ def onnx_bench():
 
 
 def llama_speed(path: Path, prompt: list[int], new: int, repeats: int, threads: int) -> dict:
-    import llama_cpp
+    from ruyi_quant.exporters.gguf.llamacpp import open_llama
 
-    llm = llama_cpp.Llama(
-        model_path=str(path),
+    llm = open_llama(
+        path,
         n_ctx=len(prompt) + new + 8,
         n_batch=len(prompt),
         n_threads=threads,

@@ -39,9 +39,9 @@ sys.exit(rc)
 LLAMA = """
 import resource, sys, time
 import numpy as np
-from llama_cpp import Llama
+from ruyi_quant.exporters.gguf.llamacpp import open_llama
 t0 = time.perf_counter()
-m = Llama(model_path=sys.argv[1], n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+m = open_llama(sys.argv[1], n_ctx=64, logits_all=True, verbose=False, n_threads=2)
 toks = m.tokenize(b"The quick brown fox", add_bos=False)
 m.eval(toks)
 logits = np.array(m.scores[: len(toks)])

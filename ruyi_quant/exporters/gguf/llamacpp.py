@@ -1,5 +1,5 @@
-"""llama.cpp's own quantizer (optional: needs llama-cpp-python), for its K-quants from an F16
-file; imatrix.py then applies our importance matrix."""
+"""llama.cpp through llama-cpp-python (optional): its own quantizer, for K-quants from an F16 file
+(imatrix.py then applies our importance matrix), and `open_llama`, which runs a GGUF file."""
 
 from __future__ import annotations
 
@@ -58,3 +58,41 @@ def llama_quantize(src: Path, dst: Path, ftype: str, threads: int = 2) -> int:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
         raise UserError(f"llama.cpp could not quantize {src} to {ftype} (code {rc})")
     return Path(dst).stat().st_size
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+# llama.cpp (llama-cpp-python 0.3.36) built on a CPU with AMX runs Q4_0/Q4_1/Q8_0 matmuls on its AMX
+# kernels, which crashed there (SIGSEGV in ggml_backend_amx_mul_mat). Without its extra buffer types
+# (llama.cpp's --no-repack) the weights stay in plain CPU buffers and run the kernels every other
+# CPU runs.
+AMX = "amx_int8" in _cpu_flags()
+
+
+def open_llama(path, **kw):
+    """llama_cpp.Llama on a GGUF file (keyword arguments: Llama's); on a CPU with AMX, without
+    llama.cpp's extra buffer types."""
+    import llama_cpp
+
+    if not AMX:
+        return llama_cpp.Llama(model_path=str(path), **kw)
+    low = llama_cpp.llama_cpp
+    real = low.llama_model_default_params
+
+    def params():
+        p = real()
+        p.use_extra_bufts = False
+        return p
+
+    low.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(model_path=str(path), **kw)
+    finally:
+        low.llama_model_default_params = real

@@ -13,13 +13,14 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import MIXED_TEXT, kl_top1, needs_llama, needs_smollm2, open_llama
+from conftest import MIXED_TEXT, kl_top1, needs_llama, needs_smollm2
 from gguf import GGMLQuantizationType as T
 
 from ruyi_quant import names
 from ruyi_quant.errors import UserError
 from ruyi_quant.exporters import gguf as G
 from ruyi_quant.exporters.gguf.ggml import NotExact, encode_grid
+from ruyi_quant.exporters.gguf.llamacpp import open_llama
 from ruyi_quant.model import layout
 from ruyi_quant.quant.family import QuantizedFamily
 from ruyi_quant.quant.pack import dequantize
