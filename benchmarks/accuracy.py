@@ -21,12 +21,13 @@ from pathlib import Path
 import torch
 
 from ruyi_quant.evaluate import evaluate
-from ruyi_quant.pipeline import calib_windows, eval_windows, quantize
+from ruyi_quant.pipeline import quantize
 from ruyi_quant.quant.family import QuantizedFamily
 from ruyi_quant.recipe import Calibration, Eval, Quantize
 from ruyi_quant.report import markdown_table
 from ruyi_quant.sources import resolve_model
 from ruyi_quant.store.checkpoint import load_model
+from ruyi_quant.text import calib_windows, eval_windows
 
 HEADERS = [
     "method",

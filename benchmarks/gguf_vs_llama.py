@@ -30,12 +30,13 @@ import torch
 
 from ruyi_quant.exporters import gguf as G
 from ruyi_quant.exporters.gguf import imatrix as IM
-from ruyi_quant.pipeline import calib_windows, eval_windows, quantize
+from ruyi_quant.pipeline import quantize
 from ruyi_quant.quant.family import QuantizedFamily
 from ruyi_quant.recipe import Calibration, Eval, Provenance, Quantize
 from ruyi_quant.report import markdown_table
 from ruyi_quant.sources import resolve_model
 from ruyi_quant.store.checkpoint import load_model
+from ruyi_quant.text import calib_windows, eval_windows
 
 HEADERS = ["exit", "file", "made by", "bpw", "MB", "KL(bf16‖file)", "top-1 %", "ppl", "ppl bf16"]
 

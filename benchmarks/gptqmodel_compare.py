@@ -46,12 +46,12 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
 import torch  # noqa: E402
 
 from ruyi_quant.evaluate import compare  # noqa: E402
-from ruyi_quant.pipeline import calib_windows, eval_windows  # noqa: E402
 from ruyi_quant.quant.pack import dequantize, from_gptq  # noqa: E402
 from ruyi_quant.recipe import Calibration, Eval  # noqa: E402
 from ruyi_quant.report import markdown_table  # noqa: E402
 from ruyi_quant.sources import resolve_model  # noqa: E402
 from ruyi_quant.store.checkpoint import load_family  # noqa: E402
+from ruyi_quant.text import calib_windows, eval_windows  # noqa: E402
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 LOG: dict = {"steps": {}}

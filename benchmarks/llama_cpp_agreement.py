@@ -25,11 +25,12 @@ from torch import nn
 
 from ruyi_quant.evaluate import token_stats
 from ruyi_quant.exporters import gguf as G
-from ruyi_quant.pipeline import eval_windows, quantize
+from ruyi_quant.pipeline import quantize
 from ruyi_quant.recipe import Eval, Provenance, Quantize
 from ruyi_quant.report import markdown_table
 from ruyi_quant.sources import resolve_model
 from ruyi_quant.store.checkpoint import load_model
+from ruyi_quant.text import eval_windows
 
 HEADERS = ["grid", "exit", "compared with our int4 model", "KL", "top-1 %"]
 

@@ -37,7 +37,7 @@ import torch
 from ruyi_quant.evaluate import summarise, token_stats
 from ruyi_quant.exporters import export
 from ruyi_quant.exporters import onnx as X
-from ruyi_quant.pipeline import calib_windows, eval_windows, quantize
+from ruyi_quant.pipeline import quantize
 from ruyi_quant.recipe import (
     Calibration,
     Eval,
@@ -51,6 +51,7 @@ from ruyi_quant.recipe import (
 from ruyi_quant.sources import resolve_model
 from ruyi_quant.store.checkpoint import load_family, load_model
 from ruyi_quant.store.files import disk_bytes
+from ruyi_quant.text import calib_windows, eval_windows
 
 ROOT = Path(__file__).resolve().parents[1]
 

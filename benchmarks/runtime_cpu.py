@@ -39,13 +39,14 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 
 from ruyi_quant.exporters import export
 from ruyi_quant.model import layout
-from ruyi_quant.pipeline import calib_windows, eval_windows, quantize
+from ruyi_quant.pipeline import quantize
 from ruyi_quant.recipe import Calibration, Eval, GGUFExport, GPTQOptions, ONNXExport, Provenance, Quantize
 from ruyi_quant.report import markdown_table, runtime_cells
 from ruyi_quant.runtime.model import int4_model
 from ruyi_quant.runtime.validate import model_bytes, runtime_report, speed
 from ruyi_quant.sources import resolve_model
 from ruyi_quant.store.checkpoint import load_family
+from ruyi_quant.text import calib_windows, eval_windows
 
 ROOT = Path(__file__).resolve().parents[1]
 

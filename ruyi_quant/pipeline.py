@@ -30,7 +30,7 @@ from .recipe import JOB_FAMILY, Eval, Job, Provenance, Quantize
 from .sources import resolve_model
 from .store.checkpoint import Spill, load_family, save_family
 from .store.files import atomic_dir, intact, read_manifest, scratch_dir, sweep, write_marker
-from .text import load_tokenizer, text_windows
+from .text import calib_windows, eval_windows
 
 
 def quantize(
@@ -141,14 +141,6 @@ def awq_layout_fits(model, plan: dict) -> bool:
         )
         for m in plan
     )
-
-
-def eval_windows(model_dir: Path, ev: Eval) -> torch.Tensor:
-    return text_windows(load_tokenizer(model_dir), ev.source, ev.samples, ev.seq_len, field=ev.field)
-
-
-def calib_windows(model_dir: Path, cal) -> torch.Tensor:
-    return text_windows(load_tokenizer(model_dir), cal.source, cal.samples, cal.seq_len, cal.seed, cal.field)
 
 
 def eval_report(

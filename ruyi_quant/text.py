@@ -158,6 +158,16 @@ def text_windows(
     return random_windows(ids, n, seq_len, seed, source)
 
 
+def calib_windows(model_dir: Path, cal) -> torch.Tensor:
+    """The windows a Calibration section asks for (random, seeded), in the model's tokens."""
+    return text_windows(load_tokenizer(model_dir), cal.source, cal.samples, cal.seq_len, cal.seed, cal.field)
+
+
+def eval_windows(model_dir: Path, ev) -> torch.Tensor:
+    """The windows an Eval section asks for (consecutive), in the model's tokens."""
+    return text_windows(load_tokenizer(model_dir), ev.source, ev.samples, ev.seq_len, field=ev.field)
+
+
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)

@@ -190,9 +190,9 @@ def test_cli_eval_and_export(tiny_dir, tmp_path, capsys):
     # here independently on the same windows (measured: identical; allowed 1e-5 relative)
     from conftest import kl_top1
 
-    from ruyi_quant.pipeline import eval_windows
     from ruyi_quant.recipe import Eval
     from ruyi_quant.store.checkpoint import load_family, load_model
+    from ruyi_quant.text import eval_windows
 
     ids = eval_windows(tiny_dir, Eval(samples=2, seq_len=64))
     with torch.no_grad():

@@ -92,12 +92,12 @@ def run(args) -> None:
 
 def run_runtime(args, ref, fam, tok_dir, ev) -> None:
     """`eval --runtime int4`: the reference in bf16 (or --dtype) against the family in int4."""
-    from ..pipeline import eval_windows
     from ..quant.calibrate import pick_device
     from ..recipe import dtype_of
     from ..report import rich_table, runtime_cells, runtime_markdown, runtime_plot
     from ..runtime.validate import runtime_report
     from ..store.files import atomic_dir, write_marker
+    from ..text import eval_windows
 
     rt, bench = runtime(args), benchmark(args)
     device, dtype = pick_device(rt.device), dtype_of(rt.dtype)

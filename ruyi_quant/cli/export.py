@@ -11,8 +11,8 @@ from ..model.layout import exit_folder
 from ..recipe import Calibration, GGUFExport, HFExport, ONNXExport, Provenance
 from .options import default, exits, validated
 
-# options that are not a field of the format's settings under their own name
-DERIVED = ("exits", "multi", "multi_only", "no_imatrix")
+# settings fields that do not come from the option of their own name (the format is the registry's)
+DERIVED = ("format", "exits", "multi", "per_exit", "imatrix")
 
 
 def add_parser(sub) -> None:
@@ -106,7 +106,6 @@ def settings(cls, args):
         per_exit=not args.multi_only,
         imatrix=not args.no_imatrix,
     )
-    kw.pop("format", None)
     return validated(cls, **{k: v for k, v in kw.items() if k in cls.model_fields})
 
 
@@ -135,7 +134,6 @@ def run(args) -> None:
     fam.provenance = fam.provenance or Provenance(model=source)  # a source model: its own name
     fam.config.exit_list(ex.exits)
     check_tokenizer(tok_dir)
-    fmt.check(exporters.Target.of_family(fam), ex)
     with atomic_dir(out, force=args.force, inputs=[tok_dir], kind="export") as tmp:
         info = fmt.export(fam, tmp, tok_dir, ex, calibration=validated(Calibration, source=args.calib))
         fam.verify()

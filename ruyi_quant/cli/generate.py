@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .eval import compiled
-from .options import add_runtime_args, add_sampling_args, one_exit, runtime, sampling
+from .options import add_runtime_args, add_sampling_args, exits, one_exit, runtime, sampling
 
 CHAT_HELP = "/exit E switches the exit, /exits lists them, /reset forgets the conversation, /quit ends"
 
@@ -137,7 +137,6 @@ def generate_onnx(args, picking) -> None:
 
     require("onnxruntime_genai", "generate --onnx", "pip install 'ruyi-quant[onnx]'")
     from ..exporters.onnx.runner import generate
-    from .options import exits
 
     exit = None if args.exit in (None, "last") else exits(args.exit, "--exit")
     if isinstance(exit, list) and len(exit) != 1:

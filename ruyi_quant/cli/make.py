@@ -7,9 +7,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..recipe import Training
-from .options import default
-from .options import exits as _exits
-from .options import validated as _validated
+from .options import default, validated
+from .options import exits as parse_exits
 
 
 def add_parser(sub) -> None:
@@ -76,7 +75,7 @@ def run_make_familial(args) -> None:
     from ..store.files import check_output_dir
     from ..text import check_source, check_tokenizer
 
-    train = _validated(
+    train = validated(
         Training,
         sources=args.train,
         windows=args.windows,
@@ -94,7 +93,7 @@ def run_make_familial(args) -> None:
     cfg = read_config(src)
     if len(cfg.exits) != 1:
         raise UserError(f"{args.model}: already a family (exits {cfg.exits}); give a plain Qwen2/Llama model")
-    exits = _exits(args.exits)
+    exits = parse_exits(args.exits)
     if exits == "all" or not exits:
         raise UserError("--exits: give the exit layers, e.g. 12,16,20,25,29")
     last = cfg.num_layers - 1
@@ -122,7 +121,7 @@ def run_make_synthetic(args) -> None:
     depth = 28 if args.depth is None else args.depth
     if not 1 <= depth <= 28:
         raise UserError(f"--depth {depth}: give 1..28 trunk layers")
-    exits = None if args.exits is None else _exits(args.exits)
+    exits = None if args.exits is None else parse_exits(args.exits)
     if exits == "all":
         raise UserError("--exits: give the exit layers, e.g. 1,2")
     if exits is not None and (sorted(set(exits)) != exits or exits[0] < 0 or exits[-1] != depth - 1):

@@ -8,7 +8,7 @@ import sys
 from pydantic import ValidationError
 
 from ..errors import UserError
-from ..recipe import Benchmark, Runtime, Sampling, cli_flag
+from ..recipe import Benchmark, Runtime, Sampling, check_exits, cli_flag
 
 
 def given(**kw) -> dict:
@@ -38,8 +38,6 @@ def validated(cls, flags: dict | None = None, **kw):
 
 def exits(text: str | None, flag: str = "--exits"):
     """`2,5` -> [2, 5]; `all` (or no flag) -> "all". Each exit once."""
-    from ..recipe import check_exits
-
     if text is None or text == "all":
         return "all"
     try:

@@ -82,8 +82,12 @@ class Target:
     config: object  # model.config.FamilialConfig
     plan: dict[str, QuantSpec]
     widths: dict[str, int]
-    act_order: tuple[str, ...]  # modules whose groups do not ascend
+    act_order_of: object  # () -> the modules whose groups do not ascend (called when needed)
     groups: object  # module -> g_idx [K] (called when a check needs it)
+
+    @property
+    def act_order(self) -> tuple[str, ...]:
+        return self.act_order_of()
 
     @classmethod
     def of_family(cls, fam) -> Target:
@@ -91,7 +95,7 @@ class Target:
             fam.config,
             fam.modules,
             {m: fam.linear_shape(m)[1] for m in fam.grids},
-            tuple(m for m, g in fam.grids.items() if g.act_order),
+            lambda: tuple(m for m, g in fam.grids.items() if g.act_order),  # reads each g_idx
             lambda m: fam.grids[m].g_idx,
         )
 
@@ -104,4 +108,4 @@ class Target:
             gs = plan[m].group_size if plan[m].group_size > 0 else k
             return (torch.randperm(k) if act_order else torch.arange(k)) // gs
 
-        return cls(config, plan, widths, tuple(plan) if act_order else (), groups)
+        return cls(config, plan, widths, lambda: tuple(plan) if act_order else (), groups)

@@ -138,7 +138,10 @@ def cache_exit_inputs(
 def _keep_inputs(step, xs, ins: dict, dtype: torch.dtype) -> None:
     """At an exit below the last: its inputs (what trunk layer e gets) in `dtype`."""
     if step.kind == "exit" and step.layer in ins:
-        ins[step.layer][:] = torch.cat([x.to(dtype) for x in xs])
+        start = 0
+        for x in xs:
+            ins[step.layer][start : start + len(x)] = x.to(dtype)
+            start += len(x)
 
 
 def train_branches(

@@ -13,6 +13,7 @@ Grids are packed into the layout here, when the file is written, and unpacked wh
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from functools import partial
 from pathlib import Path
@@ -359,19 +360,12 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = torch.float32)
         dtype = next(
             (tensors.info(n)[1] for n in names_ if tensors.info(n)[1].is_floating_point), torch.float32
         )
-    big = sum(tensors.info(n)[1].itemsize * _numel(tensors.info(n)[0]) for n in names_) > PROGRESS_BYTES
+    big = sum(tensors.info(n)[1].itemsize * math.prod(tensors.info(n)[0]) for n in names_) > PROGRESS_BYTES
     state = {}
     for n in tqdm(names_, desc="load", unit="tensor", disable=not big, leave=False):
         t = tensors[n]
         state[n] = t.to(dtype) if t.is_floating_point() else t
     return materialise(skeleton(fam.config), state)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:

@@ -141,10 +141,10 @@ def export(
 def _windows(tokenizer_dir: Path, calibration):
     """The importance matrix's token windows and the provenance keys that describe them."""
     from ...recipe import Calibration
-    from ...text import load_tokenizer, text_windows
+    from ...text import calib_windows
 
     cal = calibration or Calibration()
-    w = text_windows(load_tokenizer(tokenizer_dir), cal.source, cal.samples, cal.seq_len, cal.seed, cal.field)
+    w = calib_windows(tokenizer_dir, cal)
     return w, provenance_kv(cal, len(w))
 
 

@@ -611,9 +611,9 @@ def test_k_quants_with_our_importance_matrix(tmp_path):
     matrix every re-encoded tensor has a lower matrix-weighted rounding error."""
     from ruyi_quant.exporters import export as export_gguf
     from ruyi_quant.exporters.gguf import imatrix as IM
-    from ruyi_quant.pipeline import calib_windows
     from ruyi_quant.recipe import Calibration, GGUFExport
     from ruyi_quant.sources.tiny import build_tiny
+    from ruyi_quant.text import calib_windows
 
     src = build_tiny(tmp_path / "m", hidden=256, intermediate=512, layers=4, exits=(1, 3))
     model = load_model(src)
@@ -841,9 +841,9 @@ def test_imatrix_names_follow_the_exit_file():
 def test_smollm2_as_a_llama_file(tmp_path):
     """The real plain Llama source (SmolLM2-135M: 9 heads, 3 KV heads) as a stock `llama` F16
     file: llama.cpp's logits match our model's, and greedy chat answers the capital question."""
-    from ruyi_quant.pipeline import eval_windows
     from ruyi_quant.recipe import Eval
     from ruyi_quant.sources import resolve_model
+    from ruyi_quant.text import eval_windows
 
     src = resolve_model("builtin:smollm2")
     model = load_model(src)
