@@ -27,7 +27,8 @@ class QuantizedFamily:
     tensors: dict[str, torch.Tensor]  # float tensors (Ruyi names); biases included
     grids: dict[str, Grid] = field(default_factory=dict)  # module -> grid, in quantization order
     method: str = "none"
-    layout: str = "gptq"  # how a checkpoint stores the grids: gptq | awq
+    layout: str = "gptq"  # how a checkpoint stores the grids: gptq | awq | ggml
+    gguf: str | None = None  # ggml layout: the llama.cpp file type its blocks follow (q4_k_m, ...)
     provenance: object = None  # recipe.Provenance: what made it
     stats: dict = field(default_factory=dict)  # e.g. seconds per stage
     files: object = None  # store.files.ListedFiles of the directory it was read from
@@ -145,9 +146,12 @@ class QuantizedFamily:
     def quantization_json(self) -> dict:
         specs = {json.dumps(s.to_json(), sort_keys=True) for s in self.modules.values()}
         common = json.loads(specs.pop()) if len(specs) == 1 else None
-        return {
+        out = {
             "method": self.method,
             "layout": self.layout,
             "modules": {m: s.to_json() for m, s in self.modules.items()},
             "common": common,
         }
+        if self.gguf:
+            out["gguf"] = self.gguf
+        return out

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from . import kquant
 from .pack import LAYOUTS, awq_fits, dequantize, from_awq, from_gptq, packed_shapes, to_awq, to_gptq
 from .plan import QuantSpec
 
@@ -78,15 +80,83 @@ class Grid:
     def unpack(cls, layout: str, tensors: dict[str, torch.Tensor], spec: QuantSpec) -> Grid:
         """From the tensors of a checkpoint layout (names without the module prefix)."""
         t = {s: tensors[s] for s in LAYOUTS[layout]}
+        if layout == "ggml":
+            return BlockGrid.unpack(t, spec)
         if layout == "awq":
             return cls.make(*from_awq(t, spec.group_size), spec)
         n, k = t["scales"].shape[1], t["g_idx"].numel()
         return cls.make(*from_gptq(t, spec.bits, k, n), spec)
 
 
-def packed_nbytes(layout: str, n: int, k: int, groups: int, bits: int) -> int:
+class NotGPTQ(ValueError):
+    """A grid in llama.cpp's block types asked for GPTQ's codes, scales and zeros."""
+
+
+@dataclass(frozen=True)
+class BlockGrid:
+    """A linear in llama.cpp's block types (kquant.py): ggml's bytes [N, row bytes] for each type
+    of spec.ggml. A trunk layer can be in different types in two exits' files; the first (most
+    bits) is the one the family computes with."""
+
+    data: dict  # block type -> uint8 [N, row bytes]
+    spec: QuantSpec
+    k: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return next(iter(self.data.values())).shape[0], self.k
+
+    def get(self) -> BlockGrid:
+        return self
+
+    act_order = False
+    fits_awq = False
+
+    def ints(self):
+        raise NotGPTQ(
+            f"its grid is llama.cpp's {'/'.join(self.spec.ggml)} blocks (super-blocks with 6-bit "
+            "sub-block scales), which GPTQ's and AWQ's layouts cannot hold exactly"
+        )
+
+    def dequantize(self, block_type: str | None = None) -> torch.Tensor:
+        """float32 weight [N, K] of one of its types (the first by default), as ggml decodes it."""
+        t = block_type or self.spec.ggml[0]
+        codes, params = kquant.decode(self.data[t].numpy(), t, self.k)
+        return torch.from_numpy(kquant.dequantize(codes, params, t))
+
+    def pack(self, layout: str) -> dict[str, torch.Tensor]:
+        if layout != "ggml":
+            self.ints()
+        return {"ggml": torch.cat([self.data[t] for t in self.spec.ggml], 1)}
+
+    def nbytes(self, layout: str) -> int:
+        n, k = self.shape
+        return packed_nbytes("ggml", n, k, 0, 0, self.spec.ggml)
+
+    @classmethod
+    def unpack(cls, tensors: dict[str, torch.Tensor], spec: QuantSpec) -> BlockGrid:
+        """From its stored bytes; ValueError when they are not blocks of its types (a row's
+        width, or a non-finite block scale)."""
+        blob = tensors["ggml"]
+        per = sum(kquant.TYPES[t].nbytes / kquant.TYPES[t].block for t in spec.ggml)
+        k = round(blob.shape[1] / per)
+        data, at = {}, 0
+        for t in spec.ggml:
+            bt = kquant.TYPES[t]
+            if k % bt.block or blob.dtype != torch.uint8:
+                raise ValueError(f"{blob.shape[1]} bytes per row are not {'+'.join(spec.ggml)} blocks")
+            data[t], at = blob[:, at : at + bt.row_bytes(k)].contiguous(), at + bt.row_bytes(k)
+            params = kquant.decode(data[t].numpy(), bt, k)[1]
+            if not all(np.isfinite(params[x]).all() for x in ("d", "dmin") if x in params):
+                raise ValueError(f"its {t} block scales are not finite")
+        if at != blob.shape[1]:
+            raise ValueError(f"{blob.shape[1]} bytes per row are not {'+'.join(spec.ggml)} blocks")
+        return cls(data, spec, k)
+
+
+def packed_nbytes(layout: str, n: int, k: int, groups: int, bits: int, types=()) -> int:
     total = 0
-    for shape, dtype in packed_shapes(layout, n, k, groups, bits).values():
+    for shape, dtype in packed_shapes(layout, n, k, groups, bits, types).values():
         size = dtype.itemsize
         for d in shape:
             size *= d
@@ -137,12 +207,12 @@ class LazyGrid:
     def ints(self):
         return self.get().ints()
 
-    def dequantize(self) -> torch.Tensor:
-        return self.get().dequantize()
+    def dequantize(self, *block_type) -> torch.Tensor:
+        return self.get().dequantize(*block_type)
 
     def pack(self, layout: str) -> dict[str, torch.Tensor]:
         stored = self._packed(layout) if self._packed is not None else None
         return stored if stored is not None else self.get().pack(layout)
 
     def nbytes(self, layout: str) -> int:
-        return packed_nbytes(layout, *self.shape, self.groups, self.spec.bits)
+        return packed_nbytes(layout, *self.shape, self.groups, self.spec.bits, self.spec.ggml)

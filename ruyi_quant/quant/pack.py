@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from .kquant import TYPES
+
 BITS = (2, 3, 4, 8)
 
 
@@ -178,11 +180,18 @@ def awq_fits(k: int, n: int, bits: int, group_size: int) -> bool:
     return bits == 4 and n % 8 == 0 and (group_size == -1 or k % group_size == 0)
 
 
-LAYOUTS = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "qzeros", "scales")}
+LAYOUTS = {
+    "gptq": ("qweight", "qzeros", "scales", "g_idx"),
+    "awq": ("qweight", "qzeros", "scales"),
+    "ggml": ("ggml",),  # llama.cpp's bytes of each of the grid's block types, row by row
+}
 
 
-def packed_shapes(layout: str, n: int, k: int, groups: int, bits: int) -> dict[str, tuple]:
-    """name -> (shape, dtype) of a [N, K] linear's packed tensors, without packing anything."""
+def packed_shapes(layout: str, n: int, k: int, groups: int, bits: int, types=()) -> dict[str, tuple]:
+    """name -> (shape, dtype) of a [N, K] linear's packed tensors, without packing anything
+    (`types`: the block types of a ggml-layout grid)."""
+    if layout == "ggml":
+        return {"ggml": ((n, sum(TYPES[t].row_bytes(k) for t in types)), torch.uint8)}
     if layout == "awq":
         return {
             "qweight": ((k, n // 8), torch.int32),

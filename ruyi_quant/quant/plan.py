@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, replace
 from .. import names
 from ..errors import UserError
 from ..model import layout
+from .kquant import block_type
+from .ktypes import module_types
 from .pack import BITS
 
 GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
@@ -39,13 +41,25 @@ class QuantSpec:
     bits: int = 4
     group_size: int = 128  # -1: one group per output channel
     sym: bool = True
+    ggml: tuple[str, ...] = ()  # llama.cpp block types (quant/kquant.py), most bits first: then
+    # bits, group_size and sym are the first type's (codes, sub-block, offset stored or not)
 
     def __post_init__(self):
+        object.__setattr__(self, "ggml", tuple(self.ggml))
         try:
-            check_bits(self.bits)
+            for t in self.ggml:
+                block_type(t)
+            if not self.ggml:
+                check_bits(self.bits)
             check_group_size(self.group_size)
         except ValueError as e:
             raise UserError(str(e)) from None
+
+    @classmethod
+    def blocks(cls, types) -> QuantSpec:
+        """The spec of a linear held in llama.cpp's block types `types` (most bits first)."""
+        t = block_type(types[0])
+        return cls(t.bits, t.sub, not t.offset, tuple(types))
 
     @property
     def maxq(self) -> int:
@@ -59,7 +73,12 @@ class QuantSpec:
         return -(-k // self.width(k))
 
     def to_json(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.ggml:
+            del d["ggml"]
+        else:
+            d["ggml"] = list(self.ggml)
+        return d
 
 
 def linear_modules(model, heads: bool) -> list[str]:
@@ -99,3 +118,19 @@ def make_plan(model, default: QuantSpec, heads: bool = False, overrides=()) -> d
             }
             plan[m] = replace(base, **changes)
     return {m: s for m, s in plan.items() if m not in skipped}
+
+
+def block_plan(model, ftype: str, heads: bool = True) -> dict[str, QuantSpec]:
+    """Module name -> its spec in llama.cpp's block types for the `ftype` files (q4_k_m, q5_k_m,
+    q6_k) of every exit: each type llama.cpp's quantizer gives it in some exit's file (ktypes.py).
+    A module no block type fits stays float, as llama.cpp writes it F16; a head tied to the
+    embedding is the embedding (ggml's quantizer writes it, as llama.cpp does)."""
+    cfg = model.config
+    heads = heads and not cfg.tie_word_embeddings
+    modules = linear_modules(model, heads)
+
+    def shape_of(m: str) -> tuple[int, int]:
+        return tuple(model.get_submodule(m).weight.shape)
+
+    types = module_types(cfg, ftype, modules, shape_of)
+    return {m: QuantSpec.blocks(types[m]) for m in modules if m in types and "f16" not in types[m]}

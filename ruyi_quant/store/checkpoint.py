@@ -105,7 +105,9 @@ def grid_entries(fam: QuantizedFamily, layout: str, modules: dict[str, str]) -> 
     for m, new in modules.items():
         grid = fam.grids[m]
         n, k = grid.shape
-        for s, (shape, dtype) in packed_shapes(layout, n, k, grid.spec.groups(k), grid.spec.bits).items():
+        for s, (shape, dtype) in packed_shapes(
+            layout, n, k, grid.spec.groups(k), grid.spec.bits, grid.spec.ggml
+        ).items():
             entries.append(Entry(f"{new}.{s}", shape, dtype, lambda m=m, s=s: part(m, s)))
     return entries
 
@@ -169,6 +171,7 @@ def load_family(path: Path, hashes: bool = True, any_kind: bool = False) -> Quan
         raise UserError(f"{meta_path}: malformed ({msg})") from None
     fam = _open_lazily(path, read_config(path), modules, layout)
     fam.method, fam.provenance, fam.stats = q.get("method", "none"), provenance, meta.get("stats", {})
+    fam.gguf = q.get("gguf")
     fam.files = _listed(path, meta, hashes)
     return fam
 
@@ -234,7 +237,7 @@ def _open_lazily(
     grids = {}
     for m, spec in modules.items():
         n, k = shapes[f"{m}.weight"]
-        for s, want in packed_shapes(layout, n, k, spec.groups(k), spec.bits).items():
+        for s, want in packed_shapes(layout, n, k, spec.groups(k), spec.bits, spec.ggml).items():
             got = reader.info(f"{m}.{s}")
             if got != (tuple(want[0]), want[1]):
                 raise UserError(

@@ -23,6 +23,7 @@ from ruyi_quant.exporters.gguf.ggml import NotExact, encode_grid
 from ruyi_quant.exporters.gguf.llamacpp import open_llama
 from ruyi_quant.model import layout
 from ruyi_quant.quant.family import QuantizedFamily
+from ruyi_quant.quant.ggml_quantizer import quantize_rows
 from ruyi_quant.quant.pack import dequantize
 from ruyi_quant.quant.plan import QuantSpec
 from ruyi_quant.quant.rtn import group_qparams, rtn_family, rtn_quantize
@@ -644,7 +645,7 @@ def test_k_quants_with_our_importance_matrix(tmp_path):
             cols = 512 if "ffn_down" in name else 256  # intermediate / hidden width
             x = np.frombuffer(f16[name][1], np.float16).astype(np.float32).reshape(-1, cols)
             np.testing.assert_array_equal(
-                IM.quantize_rows(qtype, x, None).reshape(-1), np.frombuffer(data, np.uint8)
+                quantize_rows(qtype, x, None).reshape(-1), np.frombuffer(data, np.uint8)
             )
             if name not in m:
                 assert name == "token_embd.weight" and w[name][1] == data  # a lookup: no matrix

@@ -1,0 +1,94 @@
+"""GPTQ inside llama.cpp's block types (pure functions apart from ggml's own quantizer).
+
+Each block's parameters (d, dmin, the 6-bit sub-block scales and mins; Q6_K's int8 scales) come
+first from the search llama.cpp itself runs, ggml's quantizer weighted by the importance matrix
+(the mean square of each input column: diag(H) / 2 of GPTQ's Hessian H = 2 X^T X / n). With those
+fixed, GPTQ chooses every code, column by column, spreading each column's rounding error over the
+columns not yet quantized (act-order allowed: the groups are fixed). The result is written in
+ggml's bytes exactly (kquant.encode).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..model.layout import is_head
+from .ggml_quantizer import quantize_rows
+from .gptq import GPTQ, UPDATE_AT_ONCE, Factor, Hessian, factor_hessian
+from .grid import BlockGrid
+from .kquant import BlockType, block_type, columns, decode, encode, nearest, value
+
+
+def ggml_blocks(w: torch.Tensor, t: BlockType, imatrix: torch.Tensor | None) -> np.ndarray:
+    """ggml's own bytes for w [N, K] (llama.cpp's round-to-nearest on its weighted search)."""
+    qw = None if imatrix is None else imatrix.detach().float().cpu().numpy()
+    return quantize_rows(t.qtype, w.detach().float().cpu().numpy(), qw)
+
+
+def importance(h: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's importance matrix (mean x^2 per input column) from GPTQ's Hessian."""
+    return torch.diag(h).float() / 2
+
+
+def gptq_codes(w: torch.Tensor, f: Factor, t: BlockType, params: dict, block: int = 128) -> np.ndarray:
+    """w [N, K] -> codes uint8 [N, K] on the fixed block parameters `params`, chosen by GPTQ
+    against the inverse-Hessian factor f (its order: act-order or natural)."""
+    n, k = w.shape
+    W = w.detach().float().clone()
+    W[:, f.dead] = 0
+    s, o = columns(params, t, k)
+    s, o = s.to(W.device), o.to(W.device)
+    if f.perm is not None:
+        W, s, o = W[:, f.perm], s[:, f.perm], o[:, f.perm]
+    U = f.u
+    q = torch.zeros(n, k, dtype=torch.uint8, device=W.device)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        W1, Err = W[:, i1:i2].clone(), torch.zeros(n, i2 - i1, device=W.device)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            wcol = W1[:, i]
+            qcol = nearest(wcol, s[:, col], o[:, col], t)
+            q[:, col] = qcol
+            err = (wcol - value(qcol, s[:, col], o[:, col], t)) / U1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            Err[:, i] = err
+        step = k if n * (k - i2) <= UPDATE_AT_ONCE else max(1, UPDATE_AT_ONCE // n)
+        for c in range(i2, k, step):
+            W[:, c : c + step] -= Err @ U[i1:i2, c : c + step]
+    if f.perm is not None:
+        q = q[:, torch.argsort(f.perm).to(q.device)]
+    return q.cpu().numpy()
+
+
+def gptq_blocks(
+    w: torch.Tensor, f: Factor, type_name: str, imatrix: torch.Tensor | None, block: int = 128
+) -> np.ndarray:
+    """w [N, K] -> ggml bytes [N, row bytes] of `type_name`: ggml's block parameters (weighted
+    by `imatrix`), GPTQ's codes."""
+    t = block_type(type_name)
+    params = decode(ggml_blocks(w, t, imatrix), t, w.shape[1])[1]
+    return encode(gptq_codes(w, f, t, params, block), params, t)
+
+
+class BlockGPTQ(GPTQ):
+    """The calibration method (calibrate.py) for grids in llama.cpp's block types: GPTQ's
+    Hessians, the importance matrix taken from each, then gptq_blocks for every type a module's
+    spec names (one factor shared by all)."""
+
+    def quantize_group(self, linears: dict, hs: Hessian, plan, fam, inplace: bool = False) -> None:
+        first = next(iter(linears))
+        imatrix = importance(hs.h)
+        f = factor_hessian(hs, self.opts["damp"], self.opts["act_order"], first)
+        hs.h = None
+        if f.damp != self.opts["damp"]:
+            self.damp_used[first] = f.damp
+        for name, linear in linears.items():
+            spec, w = plan[name], linear.weight
+            data = {t: torch.from_numpy(gptq_blocks(w, f, t, imatrix, self.opts["block"])) for t in spec.ggml}
+            grid = BlockGrid(data, spec, w.shape[1])
+            fam.set_quantized(name, grid)
+            if not is_head(name):  # the family computes on with the first (most bits) type
+                linear.weight.data = grid.dequantize().to(w.device, w.dtype)
