@@ -26,7 +26,6 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from ... import names
-from ...errors import UserError
 from ...quant.ggml_quantizer import quantize_rows
 from ...quant.walk import Walk
 
