@@ -24,7 +24,7 @@ from .evaluate import evaluate
 from .log import Stages
 from .preflight import CALIBRATED, check_job
 from .quant.family import QuantizedFamily
-from .quant.plan import QuantSpec, make_plan
+from .quant.plan import QuantSpec, settings_plan
 from .quant.rtn import rtn_family, rtn_lazy
 from .recipe import JOB_FAMILY, Eval, Job, Provenance, Quantize
 from .sources import resolve_model
@@ -59,9 +59,11 @@ def quantize(
 
         if settings.method == "gptq":
             from .quant.gptq import GPTQ
+            from .quant.kgptq import BlockGPTQ
 
             g = settings.gptq
-            method, layout = GPTQ(g.damp_percent, g.block_size, g.act_order, g.static_groups), "gptq"
+            cls, layout = (BlockGPTQ, "ggml") if settings.gguf else (GPTQ, "gptq")
+            method = cls(g.damp_percent, g.block_size, g.act_order, g.static_groups)
         else:
             from .quant.awq import AWQ
 
@@ -82,16 +84,14 @@ def quantize(
         )
         if settings.method == "awq":
             fam.stats["awq_scale_ratios"] = method.ratios  # r per smoothing pair (None: no scaling)
-    fam.method = settings.method
+    fam.method, fam.gguf = settings.method, settings.gguf
     fam.stats["quantize_seconds"] = time.perf_counter() - t0
     return fam
 
 
 def checked_plan(model, settings: Quantize) -> dict[str, QuantSpec]:
     """The grid of every linear the settings quantize (a meta model will do)."""
-    plan = make_plan(
-        model, QuantSpec(settings.bits, settings.group_size, settings.sym), settings.heads, settings.overrides
-    )
+    plan = settings_plan(model, settings)
     for name, spec in plan.items():
         k = model.get_submodule(name).in_features
         if spec.group_size > k:

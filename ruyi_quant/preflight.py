@@ -115,15 +115,11 @@ def check_exports(job: Job, cfg, key: str) -> None:
     what the family will be."""
     from . import exporters
     from .model.familial import skeleton
-    from .quant.plan import QuantSpec, make_plan
+    from .quant.plan import settings_plan
 
     q = job.quantize
     model = skeleton(cfg)
-    plan = (
-        {}
-        if q.method == "none"
-        else make_plan(model, QuantSpec(q.bits, q.group_size, q.sym), q.heads, q.overrides)
-    )
+    plan = settings_plan(model, q)
     widths = {m: model.get_submodule(m).in_features for m in plan}
     for m, spec in plan.items():
         if spec.group_size > widths[m]:
@@ -131,7 +127,7 @@ def check_exports(job: Job, cfg, key: str) -> None:
                 f"{key}.quantize.group_size: {spec.group_size} is larger than {m}'s {widths[m]} input columns"
             )
     act_order = q.method == "gptq" and q.gptq.act_order and not q.gptq.static_groups
-    target = exporters.Target.planned(cfg, plan, widths, act_order)
+    target = exporters.Target.planned(cfg, plan, widths, act_order, q.gguf if plan else None)
     dumps = [ex.model_dump() for ex in job.export]
     for n, ex in enumerate(job.export):
         where = f"{key}.export[{n}]"

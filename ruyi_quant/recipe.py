@@ -34,6 +34,7 @@ from pydantic import (
     Field,
     Tag,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -167,6 +168,12 @@ class AWQOptions(Strict):
     max_tokens: int = Field(2048, ge=16)  # activation rows sampled per search
 
 
+GGUFType = Literal["auto", "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"]
+# llama.cpp's mixes of K-quant blocks (needs llama-cpp-python): made by llama.cpp's own quantizer
+# from an F16 file in an export of a float family, or calibrated into by quantize.gguf
+KQuantType = Literal["q4_k_m", "q5_k_m", "q6_k"]
+
+
 class Quantize(Strict):
     SECTION: ClassVar[str] = "quantize"  # its place among the settings (cli_flag)
     method: Literal["rtn", "gptq", "awq", "none"] = "rtn"
@@ -180,6 +187,19 @@ class Quantize(Strict):
     device: Annotated[str, AfterValidator(check_device_name)] = "auto"  # auto (cuda when
     # present), cpu, cuda, cuda:1, ... (availability: pick_device)
     batch: int = Field(8, ge=1)  # calibration windows per forward pass
+    gguf: Union[KQuantType, None] = None  # gptq: round into the block types llama.cpp's quantizer
+    # gives each tensor of every exit's file of this type (bits, group_size, sym and overrides
+    # then do not apply; the heads are included); a GGUF export writes them exactly
+
+    @field_validator("gguf")
+    @classmethod
+    def _gguf_needs_gptq(cls, v, info):
+        method = info.data.get("method")
+        if v and method != "gptq":
+            raise ValueError(f"calibrated K-quants need method gptq, not {method}")
+        if v and info.data.get("overrides"):
+            raise ValueError("llama.cpp's type map decides every tensor's type; drop the overrides")
+        return v
 
 
 Exits = Annotated[Union[Literal["all"], list[int]], AfterValidator(check_exits)]
@@ -192,11 +212,6 @@ class HFExport(Strict):
     weights: Literal["auto", "float", "gptq", "awq"] = "auto"
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     folder: Folder = None  # inside the job's output; default hf-gptq / hf-awq / hf-bfloat16
-
-
-GGUFType = Literal["auto", "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"]
-# made by llama.cpp's own quantizer from an F16 file (needs llama-cpp-python; float families)
-KQuantType = Literal["q4_k_m", "q5_k_m", "q6_k"]
 
 
 class GGUFExport(Strict):

@@ -53,6 +53,12 @@ def add_parser(sub) -> None:
         help="awq: activation rows sampled per scale search "
         f"(default {default(AWQOptions, 'max_tokens')}; fewer is faster on a CPU)",
     )
+    s.add_argument(
+        "--gguf",
+        help="gptq: round into llama.cpp's block types for this file type (q4_k_m, q5_k_m, q6_k), "
+        "tensor by tensor as llama.cpp's quantizer types every exit's file; export --format gguf "
+        "writes them exactly",
+    )
     s.add_argument("--device", help=f"auto (cuda when present), cpu, cuda (default {Q('device')})")
     s.add_argument("--force", action="store_true", help="replace an existing output of ours")
     s.set_defaults(func=run)
@@ -80,6 +86,7 @@ def run(args) -> None:
         heads=args.heads,
         overrides=overrides,
         device=args.device,
+        gguf=args.gguf,
         gptq=validated(
             GPTQOptions, damp_percent=args.damp, act_order=args.act_order, static_groups=args.static_groups
         ),

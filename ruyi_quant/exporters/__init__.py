@@ -84,6 +84,7 @@ class Target:
     widths: dict[str, int]
     act_order_of: object  # () -> the modules whose groups do not ascend (called when needed)
     groups: object  # module -> g_idx [K] (called when a check needs it)
+    gguf: str | None = None  # grids in llama.cpp's block types for this file type (q4_k_m, ...)
 
     @property
     def act_order(self) -> tuple[str, ...]:
@@ -97,10 +98,13 @@ class Target:
             {m: fam.linear_shape(m)[1] for m in fam.grids},
             lambda: tuple(m for m, g in fam.grids.items() if g.act_order),  # reads each g_idx
             lambda m: fam.grids[m].g_idx,
+            fam.gguf,
         )
 
     @classmethod
-    def planned(cls, config, plan: dict[str, QuantSpec], widths: dict[str, int], act_order: bool) -> Target:
+    def planned(
+        cls, config, plan: dict[str, QuantSpec], widths: dict[str, int], act_order: bool, gguf=None
+    ) -> Target:
         """A job's plan before it runs: act-order groups are some permutation of the columns."""
 
         def groups(m: str) -> torch.Tensor:
@@ -108,4 +112,13 @@ class Target:
             gs = plan[m].group_size if plan[m].group_size > 0 else k
             return (torch.randperm(k) if act_order else torch.arange(k)) // gs
 
-        return cls(config, plan, widths, lambda: tuple(plan) if act_order else (), groups)
+        return cls(config, plan, widths, lambda: tuple(plan) if act_order else (), groups, gguf)
+
+    def refuse_blocks(self, fmt: str) -> None:
+        """A format that holds GPTQ/AWQ grids refuses llama.cpp's blocks, in one line."""
+        if self.gguf:
+            raise UserError(
+                f"format {fmt}: this family's grids are llama.cpp's {self.gguf} blocks (super-blocks "
+                "with 6-bit sub-block scales), which the GPTQ, AWQ and MatMulNBits layouts cannot "
+                "hold exactly; export format gguf, or quantize without gguf"
+            )

@@ -120,6 +120,7 @@ def gptq_config(specs: dict[str, QuantSpec], all_linears: list[str], desc_act: b
 def check(target, ex) -> None:
     """weights awq: AWQ's format holds one 4-bit grid for every quantized module, its group size
     dividing every input width, no act-order. Says what to change otherwise."""
+    target.refuse_blocks("hf")
     if ex.weights == "awq" and target.plan:
         check_awq(target.plan, target.widths, target.act_order)
 

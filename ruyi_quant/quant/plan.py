@@ -134,3 +134,12 @@ def block_plan(model, ftype: str, heads: bool = True) -> dict[str, QuantSpec]:
 
     types = module_types(cfg, ftype, modules, shape_of)
     return {m: QuantSpec.blocks(types[m]) for m in modules if m in types and "f16" not in types[m]}
+
+
+def settings_plan(model, q) -> dict[str, QuantSpec]:
+    """The plan a recipe's quantize section (recipe.Quantize) makes for a model (a meta one will do)."""
+    if q.method == "none":
+        return {}
+    if q.gguf:
+        return block_plan(model, q.gguf)
+    return make_plan(model, QuantSpec(q.bits, q.group_size, q.sym), q.heads, q.overrides)

@@ -24,6 +24,8 @@ from .tensors import TYPES, EncodedCache, GGUFOptions, check_grid
 
 def label(fam: QuantizedFamily, type_: str) -> str:
     """What a GGUF export mostly holds, for folder and file names: q4_0, q4_1, q8_0, f16, ..."""
+    if fam.gguf:
+        return fam.gguf
     if type_ != "auto":
         return type_
     kinds = Counter(grid_type(s.bits, s.sym) for s in fam.modules.values())
@@ -38,6 +40,18 @@ def check(target, ex) -> None:
     """What GGUF files cannot hold: K-quants of a quantized family (llama.cpp's quantizer starts
     from float weights) or in the multi-exit file, scaled RoPE, a grid no ggml type holds exactly
     (or not the type asked for)."""
+    if target.gguf:
+        if ex.type not in ("auto", target.gguf):
+            raise UserError(
+                f"type {ex.type}: this family's grids are llama.cpp's {target.gguf} blocks, written "
+                f"as they are; use type auto (or {target.gguf})"
+            )
+        if ex.multi:
+            raise UserError(
+                f"multi: the multi-exit file does not hold {target.gguf} block grids yet; drop multi "
+                "(each exit's file holds them)"
+            )
+        return
     if ex.type in K_QUANTS and target.plan:
         raise UserError(
             f"type {ex.type}: llama.cpp's K-quants start from float weights, and this "
@@ -85,9 +99,9 @@ def export(
     from .. import Target
 
     check(Target.of_family(fam), ex)  # before any file or progress bar
-    kquant = ex.type if ex.type in K_QUANTS else None
+    kquant = ex.type if ex.type in K_QUANTS and not fam.gguf else None
     opt = GGUFOptions(
-        type="f16" if kquant else ex.type,
+        type="f16" if kquant else "auto" if fam.gguf else ex.type,
         embed_type=ex.embed_type,
         head_type=ex.head_type,
         name=ex.name,
@@ -106,7 +120,7 @@ def export(
     cache_dir = out_root / ".encoded"
     cache = (
         EncodedCache(cache_dir, tensor_uses(fam, exits, ex.multi))
-        if not kquant and len(exits) + bool(ex.multi) > 1
+        if not kquant and not fam.gguf and len(exits) + bool(ex.multi) > 1
         else None
     )
     try:

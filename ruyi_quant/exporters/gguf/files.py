@@ -21,9 +21,18 @@ from ... import names
 from ...errors import UserError, name_problem
 from ...model.config import parse_config
 from ...quant.family import QuantizedFamily
+from ...quant.ktypes import exit_types
 from .metadata import RuyiKeys, common_kv, exit_kv, read_kv, size_label, write_gguf
 from .ollama import write_modelfile
-from .tensors import ARCH, MULTI_ARCH, EncodedCache, GGUFOptions, exit_arch, family_arrays
+from .tensors import (
+    ARCH,
+    BLOCK_FILE_TYPES,
+    MULTI_ARCH,
+    EncodedCache,
+    GGUFOptions,
+    exit_arch,
+    family_arrays,
+)
 
 
 def base_name(fam: QuantizedFamily, opt: GGUFOptions) -> str:
@@ -38,8 +47,17 @@ def base_name(fam: QuantizedFamily, opt: GGUFOptions) -> str:
 
 def exit_arrays(fam: QuantizedFamily, j: int, opt: GGUFOptions, cache: EncodedCache | None = None):
     exit_map = fam.config.exit_map(j)
-    pairs = [(f, names.gguf_name(exit_map.rename(f))) for f in fam.exit_tensor_names(j)]
-    return family_arrays(fam, pairs, opt, cache)
+    tensors = fam.exit_tensor_names(j)
+    pairs = [(f, names.gguf_name(exit_map.rename(f))) for f in tensors]
+    return family_arrays(fam, pairs, opt, cache, exit_blocks(fam, j))
+
+
+def exit_blocks(fam: QuantizedFamily, j: int) -> dict[str, str] | None:
+    """{module: block type} of exit j's file when the family's grids are llama.cpp blocks."""
+    if not fam.gguf:
+        return None
+    modules = [n.removesuffix(".weight") for n in fam.exit_tensor_names(j) if n.endswith(".weight")]
+    return exit_types(fam.config, fam.gguf, j, modules, fam.linear_shape)
 
 
 def tensor_uses(fam: QuantizedFamily, exits: list[int], multi: bool) -> Counter:
@@ -67,7 +85,7 @@ def write_exit(
     params = fam.size(fam.exit_tensor_names(j))[0]
     arch = exit_arch(fam)
     kv = exit_kv(cfg, j, params, base_name(fam, opt), arch) + (common or common_kv(fam, tok_dir, opt))
-    size = write_gguf(Path(path), arch, kv, arrays)
+    size = write_gguf(Path(path), arch, kv, arrays, BLOCK_FILE_TYPES.get(fam.gguf))
     write_modelfile(Path(path), kv)
     return {
         "exit": cfg.exits[j],

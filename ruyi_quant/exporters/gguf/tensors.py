@@ -21,6 +21,8 @@ from gguf import GGMLQuantizationType as T
 from ...errors import UserError, writing
 from ...model import layout
 from ...quant.family import QuantizedFamily
+from ...quant.ggml_quantizer import quantize_rows
+from ...quant.kquant import block_type
 from .ggml import NotExact, block_groups, encode_grid, grid_type
 
 ARCH = "qwen2"
@@ -35,6 +37,11 @@ FILE_TYPES = {
     T.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
     T.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
     T.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
+}
+BLOCK_FILE_TYPES = {  # files in llama.cpp's mixes of block types
+    "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M,
+    "q5_k_m": gguf.LlamaFileType.MOSTLY_Q5_K_M,
+    "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K,
 }
 
 
@@ -185,13 +192,18 @@ def llama_rope_rows(data: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def family_arrays(
-    fam: QuantizedFamily, modules_and_names, opt: GGUFOptions, cache: EncodedCache | None = None
+    fam: QuantizedFamily,
+    modules_and_names,
+    opt: GGUFOptions,
+    cache: EncodedCache | None = None,
+    blocks: dict[str, str] | None = None,
 ):
     """[(gguf name, LazyArray, type)] for familial tensors, named by `modules_and_names`: a list of
     (familial tensor name, gguf name); quantized linears appear once as `.weight`. Types and
     shapes are decided (and every refusal raised) now; the data is encoded when written (or
     taken from `cache`). For the llama architecture q/k rows are reordered and the (zero) q/k/v
-    biases left out."""
+    biases left out. `blocks`: {module: llama.cpp block type} of a file in llama.cpp's types
+    (quant/ktypes.py): a block grid's bytes of that type, other weights by ggml's quantizer."""
     types = _auto_types(fam, opt)
     llama = exit_arch(fam) == LLAMA_ARCH
     raw = fam.config.raw
@@ -204,7 +216,12 @@ def family_arrays(
         mod, suffix = fname.rsplit(".", 1)
         if llama and layout.is_layer_bias(fname):
             continue
-        if suffix == "weight" and layout.role(mod) not in ("norm", "other"):
+        if suffix == "weight" and blocks is not None and mod in blocks and blocks[mod] != "f16":
+            bt = block_type(blocks[mod])
+            n, k = fam.linear_shape(mod)
+            qtype, shape, dtype = bt.qtype, (n, bt.row_bytes(k)), np.uint8
+            produce = partial(_block_bytes, fam, mod, bt)
+        elif suffix == "weight" and layout.role(mod) not in ("norm", "other"):
             qtype = module_type(fam, mod, opt, types)
             shape, dtype = _data_shape(fam.linear_shape(mod), qtype, mod)
             produce = partial(_encoded, fam, mod, opt, types)
@@ -242,6 +259,17 @@ def _data_shape(shape: tuple, qtype: T, what: str):
             f"{what}: {shape[-1]} columns is not a multiple of 32, which {qtype.name} needs; choose type f16"
         )
     return tuple(gguf.quants.quant_shape_to_byte_shape(tuple(shape), qtype)), np.uint8
+
+
+def _block_bytes(fam, module: str, bt) -> np.ndarray:
+    """A module's bytes in block type bt: its block grid's, or ggml's own rounding of its float
+    weight from F16 (what llama.cpp writes from an F16 file for a tensor it has no importance
+    matrix for, as the embedding)."""
+    grid = fam.grids.get(module)
+    if grid is not None and bt.name in grid.spec.ggml:
+        return grid.get().data[bt.name].numpy()
+    w = fam.weight(module) if grid is not None else fam.tensors[fam.stored_name(f"{module}.weight")]
+    return quantize_rows(bt.qtype, w.detach().half().float().numpy(), None)
 
 
 def _encoded(fam, module, opt, types) -> np.ndarray:

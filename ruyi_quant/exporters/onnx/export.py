@@ -28,6 +28,7 @@ def label(fam, ex) -> str:
 # --- the format's contract (exporters/__init__.py) ------------------------------------------
 def check(target, ex) -> None:
     """What these graphs cannot hold (graph.check_onnx), from a family or a job's plan."""
+    target.refuse_blocks("onnx")
     check_onnx(target.config, target.plan, ex)
 
 
@@ -54,7 +55,9 @@ def export(
 ) -> dict:
     """The folders the ONNXExport settings `ex` ask for, under out_root (created). Returns what
     was written: {"exits": [per-exit info], "multi": info or None}."""
-    check_onnx(fam.config, fam.modules, ex)  # before any folder or progress bar
+    from .. import Target
+
+    check(Target.of_family(fam), ex)  # before any folder or progress bar
     exits = fam.config.exit_list(ex.exits)
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
