@@ -6,7 +6,8 @@ the numbers are memory and speed, not quality.
     python benchmarks/calibrate_scale.py                    # depth 3 (exits 1,2) and 6 (2,4,5), GPTQ and AWQ
     python benchmarks/calibrate_scale.py --runs 28:full:gptq --device cuda --tag h200
 
-Each quantize is its own process (`ruyi-quant quantize ... --bits 4 --group-size 128 --heads`), its peak
+Each quantize is its own process (`ruyi-quant quantize ... --bits 4 --group-size 128 --heads`, or
+`--gguf q4_k_m`, heads included), its peak
 RSS from getrusage; seconds per layer come from the family's ruyi_quant.json
 (stats.layer_seconds), peak device memory from stats.peak_device_gb. Results go to
 benchmarks/results/calibrate_scale[-TAG].{json,md}, rewritten after every run.
@@ -54,7 +55,8 @@ def main() -> None:
         "--runs",
         nargs="+",
         default=["3:1,2:gptq", "6:2,4,5:gptq", "3:1,2:awq", "6:2,4,5:awq"],
-        help="DEPTH:EXITS:METHOD (EXITS 'full': Ruyi-7B's)",
+        help="DEPTH:EXITS:METHOD (EXITS 'full': Ruyi-7B's; METHOD gptq, awq, or gptq+q4_k_m: GPTQ "
+        "into llama.cpp's K-quant blocks)",
     )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--samples", type=int, default=32)
@@ -94,6 +96,8 @@ def main() -> None:
                 rows,
             )
         fam = work / f"family-{method}"
+        base, _, ftype = method.partition("+")  # gptq+q4_k_m: GPTQ into llama.cpp's q4_k_m blocks
+        grid = ["--gguf", ftype] if ftype else ["--bits", "4", "--group-size", "128", "--heads"]
         row = step(
             f"quantize {method} depth {depth}",
             RUN,
@@ -101,12 +105,8 @@ def main() -> None:
                 "quantize",
                 src,
                 "--method",
-                method,
-                "--bits",
-                "4",
-                "--group-size",
-                "128",
-                "--heads",
+                base,
+                *grid,
                 "--samples",
                 args.samples,
                 "--seq-len",

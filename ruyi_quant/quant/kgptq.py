@@ -17,7 +17,7 @@ from ..model.layout import is_head
 from .ggml_quantizer import quantize_rows
 from .gptq import GPTQ, UPDATE_AT_ONCE, Factor, Hessian, factor_hessian
 from .grid import BlockGrid
-from .kquant import BlockType, block_type, columns, decode, encode, nearest, value
+from .kquant import BlockType, block_type, decode, encode, nearest, subblock_params, value
 
 
 def ggml_blocks(w: torch.Tensor, t: BlockType, imatrix: torch.Tensor | None) -> np.ndarray:
@@ -31,16 +31,24 @@ def importance(h: torch.Tensor) -> torch.Tensor:
     return torch.diag(h).float() / 2
 
 
-def gptq_codes(w: torch.Tensor, f: Factor, t: BlockType, params: dict, block: int = 128) -> np.ndarray:
+def gptq_codes(
+    w: torch.Tensor, f: Factor, t: BlockType, params: dict, block: int = 128, inplace: bool = False
+) -> np.ndarray:
     """w [N, K] -> codes uint8 [N, K] on the fixed block parameters `params`, chosen by GPTQ
-    against the inverse-Hessian factor f (its order: act-order or natural)."""
+    against the inverse-Hessian factor f (its order: act-order or natural). The parameters stay
+    one per sub-block (a column reads its sub-block's); `inplace`: a float32 w is the working copy
+    and is left overwritten (a head: 2.2 GB fewer for Ruyi's)."""
     n, k = w.shape
-    W = w.detach().float().clone()
+    W = w.detach().float()
+    if not inplace and W.data_ptr() == w.data_ptr():
+        W = W.clone()
     W[:, f.dead] = 0
-    s, o = columns(params, t, k)
+    s, o = subblock_params(params, t)
     s, o = s.to(W.device), o.to(W.device)
+    cols = torch.arange(k) if f.perm is None else f.perm.cpu()
+    sub_of = (cols // t.sub).tolist()  # processing position -> sub-block
     if f.perm is not None:
-        W, s, o = W[:, f.perm], s[:, f.perm], o[:, f.perm]
+        W = W[:, f.perm]
     U = f.u
     q = torch.zeros(n, k, dtype=torch.uint8, device=W.device)
     for i1 in range(0, k, block):
@@ -49,28 +57,35 @@ def gptq_codes(w: torch.Tensor, f: Factor, t: BlockType, params: dict, block: in
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
+            sc, oc = s[:, sub_of[col]], o[:, sub_of[col]]
             wcol = W1[:, i]
-            qcol = nearest(wcol, s[:, col], o[:, col], t)
+            qcol = nearest(wcol, sc, oc, t)
             q[:, col] = qcol
-            err = (wcol - value(qcol, s[:, col], o[:, col], t)) / U1[i, i]
+            err = (wcol - value(qcol, sc, oc, t)) / U1[i, i]
             W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
             Err[:, i] = err
         step = k if n * (k - i2) <= UPDATE_AT_ONCE else max(1, UPDATE_AT_ONCE // n)
         for c in range(i2, k, step):
             W[:, c : c + step] -= Err @ U[i1:i2, c : c + step]
+    del W
     if f.perm is not None:
         q = q[:, torch.argsort(f.perm).to(q.device)]
     return q.cpu().numpy()
 
 
 def gptq_blocks(
-    w: torch.Tensor, f: Factor, type_name: str, imatrix: torch.Tensor | None, block: int = 128
+    w: torch.Tensor,
+    f: Factor,
+    type_name: str,
+    imatrix: torch.Tensor | None,
+    block: int = 128,
+    inplace: bool = False,
 ) -> np.ndarray:
     """w [N, K] -> ggml bytes [N, row bytes] of `type_name`: ggml's block parameters (weighted
     by `imatrix`), GPTQ's codes."""
     t = block_type(type_name)
     params = decode(ggml_blocks(w, t, imatrix), t, w.shape[1])[1]
-    return encode(gptq_codes(w, f, t, params, block), params, t)
+    return encode(gptq_codes(w, f, t, params, block, inplace), params, t)
 
 
 class BlockGPTQ(GPTQ):
@@ -87,7 +102,10 @@ class BlockGPTQ(GPTQ):
             self.damp_used[first] = f.damp
         for name, linear in linears.items():
             spec, w = plan[name], linear.weight
-            data = {t: torch.from_numpy(gptq_blocks(w, f, t, imatrix, self.opts["block"])) for t in spec.ggml}
+            data = {}
+            for i, t in enumerate(spec.ggml):  # the last type may overwrite a head's weight
+                last = inplace and i == len(spec.ggml) - 1
+                data[t] = torch.from_numpy(gptq_blocks(w, f, t, imatrix, self.opts["block"], last))
             grid = BlockGrid(data, spec, w.shape[1])
             fam.set_quantized(name, grid)
             if not is_head(name):  # the family computes on with the first (most bits) type

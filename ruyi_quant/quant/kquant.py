@@ -230,12 +230,18 @@ def dequantize(codes: np.ndarray, p: dict, t: BlockType | str) -> np.ndarray:
     return w.reshape(n, k)
 
 
-def columns(p: dict, t: BlockType, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, o) float32 [N, k] per weight, for a quantizer that walks columns."""
+def subblock_params(p: dict, t: BlockType) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, o) float32 [N, subs] (o zeros when the type stores none), for a quantizer that walks
+    columns: column c reads sub-block c // t.sub."""
     s, o = affine(p, t)
-    s = torch.from_numpy(np.repeat(s, t.sub, -1))
-    o = torch.zeros_like(s) if o is None else torch.from_numpy(np.repeat(o, t.sub, -1))
-    return s, o
+    s = torch.from_numpy(np.ascontiguousarray(s))
+    return s, (torch.zeros_like(s) if o is None else torch.from_numpy(np.ascontiguousarray(o)))
+
+
+def columns(p: dict, t: BlockType, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, o) float32 [N, k] per weight."""
+    s, o = subblock_params(p, t)
+    return s.repeat_interleave(t.sub, -1), o.repeat_interleave(t.sub, -1)
 
 
 def nearest(w: torch.Tensor, s: torch.Tensor, o: torch.Tensor, t: BlockType) -> torch.Tensor:

@@ -46,11 +46,6 @@ def check(target, ex) -> None:
                 f"type {ex.type}: this family's grids are llama.cpp's {target.gguf} blocks, written "
                 f"as they are; use type auto (or {target.gguf})"
             )
-        if ex.multi:
-            raise UserError(
-                f"multi: the multi-exit file does not hold {target.gguf} block grids yet; drop multi "
-                "(each exit's file holds them)"
-            )
         return
     if ex.type in K_QUANTS and target.plan:
         raise UserError(

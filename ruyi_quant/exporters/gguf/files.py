@@ -19,6 +19,7 @@ from gguf import Keys
 
 from ... import names
 from ...errors import UserError, name_problem
+from ...model import layout
 from ...model.config import parse_config
 from ...quant.family import QuantizedFamily
 from ...quant.ktypes import exit_types
@@ -58,6 +59,17 @@ def exit_blocks(fam: QuantizedFamily, j: int) -> dict[str, str] | None:
         return None
     modules = [n.removesuffix(".weight") for n in fam.exit_tensor_names(j) if n.endswith(".weight")]
     return exit_types(fam.config, fam.gguf, j, modules, fam.linear_shape)
+
+
+def multi_blocks(fam: QuantizedFamily) -> dict[str, str] | None:
+    """{module: block type} of the multi-exit file of a family in llama.cpp's blocks: one type per
+    module, the one with the most bits among those its exits' files give it (a trunk layer no
+    exit's file holds in fewer bits than its own); the embedding as in every exit's file."""
+    if not fam.gguf:
+        return None
+    last = exit_blocks(fam, len(fam.config.exits) - 1)
+    embed = {m: t for m, t in last.items() if m not in fam.grids and layout.role(m) == "embedding"}
+    return {**embed, **{m: g.spec.ggml[0] for m, g in fam.grids.items()}}
 
 
 def tensor_uses(fam: QuantizedFamily, exits: list[int], multi: bool) -> Counter:
@@ -106,14 +118,15 @@ def write_multi(
 ) -> dict:
     """One file: every tensor of the family once, the family's config, the exit list."""
     pairs = [(f, names.gguf_multi_name(f)) for f in fam.weight_names()]
-    arrays = family_arrays(fam, pairs, opt, cache)
+    arrays = family_arrays(fam, pairs, opt, cache, multi_blocks(fam))
     kv = [
         (Keys.General.NAME, base_name(fam, opt), V.STRING, None),
         (Keys.General.SIZE_LABEL, size_label(fam.size()[0]), V.STRING, None),
         (RuyiKeys.CONFIG, json.dumps(fam.config.to_json(), sort_keys=True), V.STRING, None),
         (RuyiKeys.EXIT_ARCHITECTURE, exit_arch(fam), V.STRING, None),
     ]
-    size = write_gguf(Path(path), MULTI_ARCH, kv + (common or common_kv(fam, tok_dir, opt)), arrays)
+    kv += common or common_kv(fam, tok_dir, opt)
+    size = write_gguf(Path(path), MULTI_ARCH, kv, arrays, BLOCK_FILE_TYPES.get(fam.gguf))
     return {"file": Path(path).name, "bytes": size, "tensor_bytes": sum(int(a.nbytes) for _, a, _ in arrays)}
 
 
@@ -151,14 +164,15 @@ def extract_exit(multi_path: Path, exit: int, path: Path) -> dict:
         arrays.append((new, np.asarray(t.data), qtype))
         params += int(t.n_elements)
     arrays.sort(key=lambda a: _exit_order(a[0]))
-    kv = read_kv(
+    kv, _, file_type = read_kv(
         r, skip=(Keys.General.NAME, Keys.General.SIZE_LABEL, RuyiKeys.CONFIG, RuyiKeys.EXIT_ARCHITECTURE)
-    )[0]
+    )
+    mix = file_type if file_type in BLOCK_FILE_TYPES.values() else None  # llama.cpp's mixes kept
     base = r.fields[Keys.General.NAME].contents()
     arch = r.fields.get(RuyiKeys.EXIT_ARCHITECTURE)
     arch = arch.contents() if arch is not None else ARCH
     kv = exit_kv(cfg, j, params, base, arch) + kv
-    size = write_gguf(Path(path), arch, kv, arrays)
+    size = write_gguf(Path(path), arch, kv, arrays, mix)
     write_modelfile(Path(path), kv)
     return {"exit": cfg.exits[j], "file": Path(path).name, "bytes": size}
 

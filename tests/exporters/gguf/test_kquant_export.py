@@ -156,11 +156,10 @@ def test_hf_and_onnx_refuse_block_grids_in_one_line(calibrated, wide_dir, tmp_pa
     ("ex", "words"),
     [
         (GGUFExport(type="q5_k_m"), "type q5_k_m"),
-        (GGUFExport(multi=True), "multi"),
         (GGUFExport(type="q4_0"), "q4_0"),
     ],
 )
-def test_gguf_refuses_other_types_and_multi(calibrated, wide_dir, tmp_path, ex, words):
+def test_gguf_refuses_other_types(calibrated, wide_dir, tmp_path, ex, words):
     from ruyi_quant.exporters import export
 
     with pytest.raises(UserError, match=words):
@@ -170,3 +169,30 @@ def test_gguf_refuses_other_types_and_multi(calibrated, wide_dir, tmp_path, ex, 
 def test_gguf_quantize_needs_gptq():
     with pytest.raises(ValueError, match="need method gptq"):
         Quantize(method="awq", gguf="q4_k_m")
+
+
+def test_the_multi_exit_file_holds_each_module_once_in_its_most_bits(calibrated, wide_dir, tmp_path):
+    """The multi-exit file stores every block grid once, in the type with the most bits that any
+    exit's file gives it; an exit copied out of it runs in llama.cpp and is never smaller than
+    that exit's own file."""
+    from ruyi_quant.exporters import export
+    from ruyi_quant.exporters.gguf.export import extract
+    from ruyi_quant.exporters.gguf.llamacpp import open_llama
+
+    info = export(calibrated, tmp_path / "g", wide_dir, GGUFExport(multi=True), progress=False)
+    multi = tmp_path / "g" / info["multi"]["file"]
+    stored = tensors_of(multi)
+    for m, g in calibrated.grids.items():
+        t, data = stored[names.gguf_multi_name(f"{m}.weight")]
+        assert gguf.GGMLQuantizationType(t).name.lower() == g.spec.ggml[0]
+        assert np.array_equal(data.reshape(-1), g.data[g.spec.ggml[0]].numpy().reshape(-1))
+    per_exit = sum(x["bytes"] for x in info["exits"])
+    assert info["multi"]["bytes"] < per_exit
+    (tmp_path / "x").mkdir()
+    for x, y in zip(extract(multi, None, tmp_path / "x"), info["exits"]):
+        path = tmp_path / "x" / f"exit-{x['exit']}" / x["file"]
+        assert x["bytes"] >= y["bytes"]
+        llm = open_llama(path, n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+        llm.eval([1, 2, 3, 4])
+        assert np.isfinite(np.array(llm.scores[:4])).all()
+        llm.close()

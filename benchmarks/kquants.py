@@ -1,0 +1,164 @@
+"""Calibrated K-quants against llama.cpp's own, in the files llama.cpp and Ollama users pick.
+
+    python benchmarks/kquants.py                                   # ruyi-mini, every exit
+    python benchmarks/kquants.py --model builtin:tiny --eval-samples 2 --ftypes q4_k_m   # quick
+
+For each exit and each of q4_k_m, q5_k_m and q6_k, three files with the same tensor types (llama.cpp's
+map for that exit's depth) and the same bytes per tensor:
+  (a) llama.cpp's quantizer from our F16 file, no importance matrix;
+  (b) the same with our importance matrix (exporters/gguf/imatrix.py: what `llama-quantize
+      --imatrix` does, the matrix from our calibration windows run through the float family);
+  (c) ours: `quantize --method gptq --gguf FTYPE` (ggml's weighted search for every block's
+      parameters, with the importance matrix of the quantized trunk's activations at each layer,
+      then GPTQ's codes on them, branch-aware), written as it is.
+Each file is run by llama.cpp (llama-cpp-python) and compared with our bf16 model on two held-out
+domains: builtin:pydoc/eval (the calibration's own corpus, another split) and builtin:stdlib/eval
+(Python source code, which the calibration never saw). Writes benchmarks/results/kquants.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import gguf
+import torch
+from gguf_vs_llama import bpw, llama_logits, score
+
+from ruyi_quant.exporters import gguf as G
+from ruyi_quant.exporters.gguf import imatrix as IM
+from ruyi_quant.pipeline import quantize
+from ruyi_quant.quant.family import QuantizedFamily
+from ruyi_quant.recipe import Calibration, Eval, GPTQOptions, Provenance, Quantize
+from ruyi_quant.report import markdown_table
+from ruyi_quant.sources import resolve_model
+from ruyi_quant.store.checkpoint import load_model
+from ruyi_quant.text import calib_windows, eval_windows
+
+DOMAINS = ("builtin:pydoc/eval", "builtin:stdlib/eval")
+FILES = {"a": "llama.cpp", "b": "llama.cpp + our imatrix", "c": "ruyi-quant gptq"}
+HEADERS = ["exit", "type", "file", "MB", "bpw"]
+HEADERS += [f"{x} {d.split(':')[1].split('/')[0]}" for d in DOMAINS for x in ("KL", "top-1 %", "ppl")]
+HEADERS += ["KL c/b pydoc", "KL c/b stdlib"]
+
+
+def types_of(path: Path) -> dict[str, tuple[int, int]]:
+    return {t.name: (int(t.tensor_type), int(t.n_bytes)) for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="builtin:ruyi-mini")
+    ap.add_argument("--ftypes", default="q4_k_m,q5_k_m,q6_k")
+    ap.add_argument("--exits", default="all")
+    ap.add_argument("--samples", type=int, default=32, help="calibration windows")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--eval-samples", type=int, default=8)
+    ap.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--damp", type=float, default=0.01)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/kquants"))
+    a = ap.parse_args()
+
+    src = resolve_model(a.model)
+    cal = Calibration(samples=a.samples, seq_len=a.seq_len)
+    calib = calib_windows(src, cal)
+    evs = {d: eval_windows(src, Eval(source=d, samples=a.eval_samples, seq_len=a.seq_len)) for d in DOMAINS}
+    model = load_model(src)
+    cfg = model.config
+    exits = cfg.exits if a.exits == "all" else [int(x) for x in a.exits.split(",")]
+    float_fam = QuantizedFamily.from_model(model)
+    float_fam.provenance = Provenance(model=a.model)
+    with torch.no_grad():
+        ref = {
+            (e, d): [model(w[None], exit=e).logits[0].float() for w in ev]
+            for e in exits
+            for d, ev in evs.items()
+        }
+    t0 = time.perf_counter()
+    imat = IM.collect(model, calib)
+    imatrix_seconds = time.perf_counter() - t0
+    ftypes = a.ftypes.split(",")
+    ours, seconds = {}, {}
+    for ftype in ftypes:
+        q = Quantize(method="gptq", gguf=ftype, gptq=GPTQOptions(act_order=a.act_order, damp_percent=a.damp))
+        t0 = time.perf_counter()
+        fam = quantize(load_model(src), q, calib)
+        seconds[ftype] = time.perf_counter() - t0
+        fam.provenance = Provenance(model=a.model, quantize=q, calibration=cal)
+        ours[ftype] = fam
+        print(f"{ftype}: calibrated in {seconds[ftype]:.0f} s", flush=True)
+    results, rows = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for e in exits:
+            f16 = tmp / f"e{e}-f16.gguf"
+            G.write_exit(float_fam, e, f16, src, G.GGUFOptions(type="f16"))
+            for ftype in ftypes:
+                paths = {k: tmp / f"e{e}-{ftype}-{k}.gguf" for k in FILES}
+                t0 = time.perf_counter()
+                G.llama_quantize(f16, paths["a"], ftype)
+                llama_s = time.perf_counter() - t0
+                shutil.copy(paths["a"], paths["b"])
+                IM.requantize(f16, paths["b"], IM.for_exit(imat, cfg, cfg.exit_index(e)))
+                G.write_exit(ours[ftype], e, paths["c"], src)
+                same = types_of(paths["a"]) == types_of(paths["b"]) == types_of(paths["c"])
+                kl = {}
+                for k, p in paths.items():
+                    bits, size = bpw(p)
+                    s = {d: score(ref[(e, d)], llama_logits(p, ev), ev) for d, ev in evs.items()}
+                    kl[k] = {d: s[d]["kl"] for d in DOMAINS}
+                    results.append(
+                        {
+                            "exit": e,
+                            "ftype": ftype,
+                            "file": k,
+                            "made_by": FILES[k],
+                            "bpw": bits,
+                            "bytes": size,
+                            "same_types_and_bytes": same,
+                            "scores": s,
+                            "quantize_seconds": llama_s if k == "a" else None,
+                        }
+                    )
+                    row = [str(e), ftype, FILES[k], f"{size / 1e6:.1f}", f"{bits:.2f}"]
+                    for d in DOMAINS:
+                        row += [f"{s[d]['kl']:.4f}", f"{100 * s[d]['top1']:.2f}", f"{s[d]['ppl']:.2f}"]
+                    if k == "c":
+                        row += [f"{kl['c'][d] / kl['b'][d]:.2f}" for d in DOMAINS]
+                    else:
+                        row += ["", ""]
+                    rows.append(row)
+                    print(" | ".join(row), flush=True)
+                assert same, f"exit {e} {ftype}: the three files differ in tensor types or sizes"
+    table = markdown_table(HEADERS, rows)
+    print(table)
+    meta = {
+        "model": a.model,
+        "exits": exits,
+        "calibration": {"source": cal.source, "windows": list(calib.shape)},
+        "eval": {d: list(ev.shape) for d, ev in evs.items()},
+        "gptq": {"act_order": a.act_order, "damp_percent": a.damp},
+        "calibrate_seconds": seconds,
+        "imatrix_seconds": imatrix_seconds,
+        "ppl_bf16": {
+            f"{e} {d}": score(ref[(e, d)], ref[(e, d)], evs[d])["ppl"] for e in exits for d in DOMAINS
+        },
+        "machine": {
+            "cpu_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+    }
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.with_suffix(".json").write_text(json.dumps({**meta, "results": results}, indent=2) + "\n")
+    a.out.with_suffix(".md").write_text(table + "\n")
+    print(f"wrote {a.out.with_suffix('.json')} and {a.out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
