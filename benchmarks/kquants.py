@@ -11,9 +11,11 @@ map for that exit's depth) and the same bytes per tensor:
   (c) ours: `quantize --method gptq --gguf FTYPE` (ggml's weighted search for every block's
       parameters, with the importance matrix of the quantized trunk's activations at each layer,
       then GPTQ's codes on them, branch-aware), written as it is.
-Each file is run by llama.cpp (llama-cpp-python) and compared with our bf16 model on two held-out
-domains: builtin:pydoc/eval (the calibration's own corpus, another split) and builtin:stdlib/eval
-(Python source code, which the calibration never saw). Writes benchmarks/results/kquants.{json,md}.
+Each file is run by llama.cpp (llama-cpp-python) and compared with our bf16 model on held-out
+texts (--eval; default builtin:pydoc/eval, the default calibration's own corpus in another split,
+and builtin:stdlib/eval, Python source, which it never saw; any .txt file adds a domain). --calib
+picks the calibration text (a mix: 'builtin:pydoc/calib + builtin:stdlib/calib'), for (b) and (c)
+alike. Writes benchmarks/results/kquants.{json,md} (--out).
 """
 
 from __future__ import annotations
@@ -40,11 +42,12 @@ from ruyi_quant.sources import resolve_model
 from ruyi_quant.store.checkpoint import load_model
 from ruyi_quant.text import calib_windows, eval_windows
 
-DOMAINS = ("builtin:pydoc/eval", "builtin:stdlib/eval")
 FILES = {"a": "llama.cpp", "b": "llama.cpp + our imatrix", "c": "ruyi-quant gptq"}
-HEADERS = ["exit", "type", "file", "MB", "bpw"]
-HEADERS += [f"{x} {d.split(':')[1].split('/')[0]}" for d in DOMAINS for x in ("KL", "top-1 %", "ppl")]
-HEADERS += ["KL c/b pydoc", "KL c/b stdlib"]
+
+
+def short(domain: str) -> str:
+    """builtin:pydoc/eval -> pydoc; a file -> its stem."""
+    return domain.split(":")[1].split("/")[0] if domain.startswith("builtin:") else Path(domain).stem
 
 
 def types_of(path: Path) -> dict[str, tuple[int, int]]:
@@ -61,13 +64,24 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=8)
     ap.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--damp", type=float, default=0.01)
+    ap.add_argument("--calib", default=Calibration().source, help="calibration text (a mix: A + B)")
+    ap.add_argument(
+        "--eval",
+        nargs="+",
+        default=["builtin:pydoc/eval", "builtin:stdlib/eval"],
+        help="held-out texts, one table column group each",
+    )
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/kquants"))
     a = ap.parse_args()
+    domains = a.eval
+    headers = ["exit", "type", "file", "MB", "bpw"]
+    headers += [f"{x} {short(d)}" for d in domains for x in ("KL", "top-1 %", "ppl")]
+    headers += [f"KL c/b {short(d)}" for d in domains]
 
     src = resolve_model(a.model)
-    cal = Calibration(samples=a.samples, seq_len=a.seq_len)
+    cal = Calibration(source=a.calib, samples=a.samples, seq_len=a.seq_len)
     calib = calib_windows(src, cal)
-    evs = {d: eval_windows(src, Eval(source=d, samples=a.eval_samples, seq_len=a.seq_len)) for d in DOMAINS}
+    evs = {d: eval_windows(src, Eval(source=d, samples=a.eval_samples, seq_len=a.seq_len)) for d in domains}
     model = load_model(src)
     cfg = model.config
     exits = cfg.exits if a.exits == "all" else [int(x) for x in a.exits.split(",")]
@@ -111,7 +125,7 @@ def main() -> None:
                 for k, p in paths.items():
                     bits, size = bpw(p)
                     s = {d: score(ref[(e, d)], llama_logits(p, ev), ev) for d, ev in evs.items()}
-                    kl[k] = {d: s[d]["kl"] for d in DOMAINS}
+                    kl[k] = {d: s[d]["kl"] for d in domains}
                     results.append(
                         {
                             "exit": e,
@@ -126,16 +140,16 @@ def main() -> None:
                         }
                     )
                     row = [str(e), ftype, FILES[k], f"{size / 1e6:.1f}", f"{bits:.2f}"]
-                    for d in DOMAINS:
+                    for d in domains:
                         row += [f"{s[d]['kl']:.4f}", f"{100 * s[d]['top1']:.2f}", f"{s[d]['ppl']:.2f}"]
                     if k == "c":
-                        row += [f"{kl['c'][d] / kl['b'][d]:.2f}" for d in DOMAINS]
+                        row += [f"{kl['c'][d] / kl['b'][d]:.2f}" for d in domains]
                     else:
                         row += ["", ""]
                     rows.append(row)
                     print(" | ".join(row), flush=True)
                 assert same, f"exit {e} {ftype}: the three files differ in tensor types or sizes"
-    table = markdown_table(HEADERS, rows)
+    table = markdown_table(headers, rows)
     print(table)
     meta = {
         "model": a.model,
@@ -146,7 +160,7 @@ def main() -> None:
         "calibrate_seconds": seconds,
         "imatrix_seconds": imatrix_seconds,
         "ppl_bf16": {
-            f"{e} {d}": score(ref[(e, d)], ref[(e, d)], evs[d])["ppl"] for e in exits for d in DOMAINS
+            f"{e} {d}": score(ref[(e, d)], ref[(e, d)], evs[d])["ppl"] for e in exits for d in domains
         },
         "machine": {
             "cpu_threads": torch.get_num_threads(),

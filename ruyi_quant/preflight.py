@@ -14,7 +14,7 @@ from .errors import UserError
 from .recipe import Eval, Job, Quantize, cli_flag
 from .sources import resolve_model
 from .store.files import check_output_dir
-from .text import check_source
+from .text import MIX, check_source, source_parts
 
 if TYPE_CHECKING:
     from .quant.family import QuantizedFamily
@@ -74,7 +74,10 @@ def check_reference(ref: QuantizedFamily, fam: QuantizedFamily, ref_name: str, f
 
 
 def _under(base: Path, source: str) -> str:
-    """A recipe's relative text path is relative to the recipe file."""
+    """A recipe's relative text path is relative to the recipe file (each part of a mixed one)."""
+    parts = source_parts(source)
+    if len(parts) > 1:
+        return MIX.join(_under(base, p) for p in parts)
     if source.startswith("builtin:") or Path(source).is_absolute():
         return source
     return os.path.normpath(Path(base) / source)

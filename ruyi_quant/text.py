@@ -87,7 +87,13 @@ def builtin_text(spec: str) -> str:
 
 def check_source(source: str, field: str = "text") -> None:
     """Fail fast on a text source that cannot be used (before any long work starts): a missing
-    file, binary data, invalid UTF-8, a JSONL line without the text field."""
+    file, binary data, invalid UTF-8, a JSONL line without the text field (each part of a mixed
+    source)."""
+    parts = source_parts(source)
+    if len(parts) > 1:
+        for p in parts:
+            check_source(p, field)
+        return
     if source.startswith("builtin:"):
         corpus, _, split = source.removeprefix("builtin:").partition("/")
         if corpus not in CORPORA or (split and split not in SPLITS):
@@ -147,11 +153,28 @@ def load_tokenizer(model_dir: Path):
         raise UserError(f"{path}: the tokenizers library cannot load it ({reason})") from None
 
 
+MIX = " + "  # between the parts of a mixed text source
+
+
+def source_parts(source: str) -> list[str]:
+    """The parts of a mixed text source (`builtin:pydoc/calib + builtin:stdlib/calib`); a file
+    whose own name holds " + " is one source."""
+    if MIX not in source or Path(source).is_file():
+        return [source]
+    return [p.strip() for p in source.split(MIX)]
+
+
 def text_windows(
     tokenizer, source: str, n: int, seq_len: int, seed: int | None = None, field: str = "text"
 ) -> torch.Tensor:
     """Windows of a text source: up to n consecutive ones from the start (evaluation), or, given a
-    seed, n at random offsets (calibration, training). [n, seq_len]"""
+    seed, n at random offsets (calibration, training). [n, seq_len]. A mixed source takes n / parts
+    windows from each part (the first parts one more while n does not divide), in order."""
+    parts = source_parts(source)
+    if len(parts) > 1:
+        counts = [n // len(parts) + (i < n % len(parts)) for i in range(len(parts))]
+        got = [text_windows(tokenizer, p, c, seq_len, seed, field) for p, c in zip(parts, counts) if c]
+        return torch.cat(got, 0)
     ids = tokenize(tokenizer, load_text(source, field))
     if seed is None:
         return consecutive_windows(ids, n, seq_len, source)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from ruyi_quant.cli import main
+from ruyi_quant.errors import UserError
 from ruyi_quant.recipe import load_recipe
 from ruyi_quant.text import SPLITS, builtin_text, load_text, split_of
 
@@ -117,6 +119,25 @@ def test_builtin_splits_are_disjoint():
             assert len(paras) > 20
             for p in paras:
                 assert all(p not in parts[e] for e in earlier), p[:80]
+
+
+def test_a_mixed_source_takes_windows_from_each_part(tiny_dir, tmp_path):
+    """`A + B`: n windows split evenly (the first part one more for odd n), each part's windows
+    the ones it gives alone; a file whose own name holds " + " is one source."""
+    from ruyi_quant.text import check_source, load_tokenizer, text_windows
+
+    tok = load_tokenizer(tiny_dir)
+    mixed = text_windows(tok, "builtin:pydoc/calib + builtin:stdlib/calib", 5, 32, 0)
+    a, b = (
+        text_windows(tok, "builtin:pydoc/calib", 3, 32, 0),
+        text_windows(tok, "builtin:stdlib/calib", 2, 32, 0),
+    )
+    assert torch.equal(mixed, torch.cat([a, b]))
+    odd = tmp_path / "a + b.txt"
+    odd.write_text("words and more words " * 40)
+    assert text_windows(tok, str(odd), 2, 16, 0).shape == (2, 16)
+    with pytest.raises(UserError, match="missing.txt: no such text file"):
+        check_source(f"builtin:pydoc/calib + {tmp_path / 'missing.txt'}")
 
 
 def test_split_of_is_stable_and_proportional():

@@ -36,7 +36,9 @@ def add_parser(sub) -> None:
     )
     s.add_argument("--skip", action="append", metavar="PATTERN", help="leave matching modules unquantized")
     s.add_argument(
-        "--calib", help=f"calibration text for gptq/awq: {C('source')} (default), a .txt or .jsonl file"
+        "--calib",
+        help=f"calibration text for gptq/awq: {C('source')} (default), a .txt or .jsonl file, or "
+        "several mixed, e.g. 'builtin:pydoc/calib + builtin:stdlib/calib' (windows split evenly)",
     )
     s.add_argument("--samples", type=int, help=f"calibration windows (default {C('samples')})")
     s.add_argument("--seq-len", type=int, help=f"tokens per window (default {C('seq_len')})")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import UserError
 from ..model.familial import FamilialModel, materialise, skeleton
 from .int4 import Int4Linear
 
@@ -16,6 +17,11 @@ def int4_model(
 ) -> FamilialModel:
     """The family's FamilialModel with Int4Linear for its grids (one trunk, every exit: the exit
     stays an argument of each call)."""
+    if fam.gguf:
+        raise UserError(
+            f"the int4 runtime holds GPTQ/AWQ grids, and this family's are llama.cpp's {fam.gguf} "
+            "blocks; run its GGUF export in llama.cpp (export --format gguf)"
+        )
     device = torch.device(device)
     model = skeleton(fam.config)
     for module in tqdm(list(fam.grids), desc="int4", unit="linear", disable=not progress, leave=False):

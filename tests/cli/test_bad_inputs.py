@@ -641,6 +641,13 @@ def text_files(ws):
 Q = "quantize {ws}/model --out {ws}/out "
 for name, extra, needles in [
     ("bits 5", "--bits 5", ["--bits"]),
+    ("gguf with awq", "--method awq --gguf q4_k_m", ["--gguf q4_k_m", "need method gptq, not awq"]),
+    ("gguf type", "--method gptq --gguf q3_k_s", ["--gguf q3_k_s"]),
+    (
+        "gguf with an override",
+        "--method gptq --gguf q4_k_m --override lm_head*:bits=8",
+        ["--gguf q4_k_m", "drop the overrides"],
+    ),
     ("group 100", "--group-size 100", ["--group-size"]),
     ("group larger than K", "--group-size 256", ["group_size 256"]),
     ("method", "--method magic", ["--method"]),
@@ -1057,6 +1064,16 @@ for cname, argv, needle in [
 ]:
     case(cname, argv, [needle], text_files, recipe="jobs:\n" + JOB if cname.startswith("run") else None)
 for name, body, needles in [
+    (
+        "hf export of K-quant blocks",
+        JOB + "    quantize: {method: gptq, gguf: q4_k_m}\n    export: [{format: hf}]\n",
+        ["jobs[0].export[0]", "q4_k_m blocks", "6-bit sub-block scales"],
+    ),
+    (
+        "K-quant blocks exported as another K-quant",
+        JOB + "    quantize: {method: gptq, gguf: q4_k_m}\n    export: [{format: gguf, type: q6_k}]\n",
+        ["jobs[0].export[0]", "type q6_k", "use type auto"],
+    ),
     (
         "export exits twice",
         JOB + "    export: [{format: hf, exits: [2, 2]}]\n",
