@@ -143,3 +143,57 @@ def test_awq_rounds_against_the_quantized_familys_inputs(which, request):
     for name in plan:
         assert method.seen[name].shape == oracle[name].shape, name
         assert rel_diff(method.seen[name], oracle[name]) < 2e-6, name
+
+
+@pytest.fixture(scope="module", params=["tiny_dir", "wide"])
+def block_run(request, tmp_path_factory):
+    """GPTQ into llama.cpp's q4_k_m blocks, recorded: the tiny family (rows of 128: the 32-blocks
+    llama.cpp falls back to) and a wider one (rows of 256 and 512: Q4_K and Q6_K)."""
+    pytest.importorskip("llama_cpp", reason="ggml's quantizer is llama-cpp-python's")
+    from ruyi_quant.quant.kgptq import BlockGPTQ
+    from ruyi_quant.quant.plan import block_plan
+    from ruyi_quant.sources.tiny import build_tiny
+
+    if request.param == "wide":
+        model_dir = build_tiny(
+            tmp_path_factory.mktemp("wide") / "m", hidden=256, intermediate=512, layers=6, exits=(2, 3, 5)
+        )
+    else:
+        model_dir = request.getfixturevalue(request.param)
+    model = load_model(model_dir)
+    float_weights = {
+        n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)
+    }
+    plan = block_plan(model, "q4_k_m")
+    ids = calib_ids(model_dir, 8, 64)
+    method = recording(BlockGPTQ)()
+    fam = calibrate(model, plan, ids, method, batch=3, progress=False, layout="ggml")
+    return plan, ids, method, fam, float_weights
+
+
+def test_block_grids_are_calibrated_on_the_quantized_familys_inputs(block_run):
+    """Each block grid's Hessian is 2/n X^T X of its inputs in the finished family (each module
+    computing in its first block type), heads included; GPTQ into the blocks run directly on the
+    oracle's Hessian and the float weight gives (nearly) the stored bytes of every type."""
+    from ruyi_quant.quant import kquant as K
+    from ruyi_quant.quant.gptq import Hessian, factor_hessian
+    from ruyi_quant.quant.kgptq import gptq_blocks, importance
+
+    plan, ids, method, fam, float_weights = block_run
+    oracle = oracle_inputs(fam.dequantized_model(), ids)
+    assert set(method.seen) == set(plan) and any(layout.is_head(m) for m in plan)
+    types = {t for s in plan.values() for t in s.ggml}
+    assert types & {"q4_k", "q6_k"} or types == {"q5_0", "q8_0"}, types
+    for name in plan:
+        x = oracle[name].double()
+        assert rel_diff(method.seen[name], 2 * x.t() @ x / x.shape[0]) < 5e-6, name
+    for name in [n for n in plan if n.endswith(("down_proj", "v_proj")) or "head" in n]:
+        x = oracle[name].float()
+        h = 2 * x.t() @ x / x.shape[0]
+        f = factor_hessian(Hessian(h=h.clone(), n=x.shape[0]), 0.01)
+        for t in plan[name].ggml:
+            direct = gptq_blocks(float_weights[name], f, t, importance(h))
+            stored = fam.grids[name].data[t].numpy()
+            k = x.shape[1]
+            c_d, c_s = K.decode(direct, t, k)[0], K.decode(stored, t, k)[0]
+            assert (c_d != c_s).mean() <= 0.02, (name, t)  # ties flipped by summation order
