@@ -40,7 +40,7 @@ from pydantic import (
 
 from .errors import UserError, name_problem
 from .names import MARKER
-from .quant.plan import check_bits, check_group_size
+from .quant.plan import check_bits, check_blocks, check_group_size
 
 Bits = Annotated[int, AfterValidator(check_bits)]
 SEED_LIMIT = 1 << 63  # torch's generators take a 64-bit seed
@@ -169,8 +169,7 @@ class AWQOptions(Strict):
 
 
 GGUFType = Literal["auto", "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"]
-# llama.cpp's mixes of K-quant blocks (needs llama-cpp-python): made by llama.cpp's own quantizer
-# from an F16 file in an export of a float family, or calibrated into by quantize.gguf
+# llama.cpp's K-quant mixes (llama-cpp-python): its quantizer's, or ours by quantize.gguf
 KQuantType = Literal["q4_k_m", "q5_k_m", "q6_k"]
 
 
@@ -187,19 +186,12 @@ class Quantize(Strict):
     device: Annotated[str, AfterValidator(check_device_name)] = "auto"  # auto (cuda when
     # present), cpu, cuda, cuda:1, ... (availability: pick_device)
     batch: int = Field(8, ge=1)  # calibration windows per forward pass
-    gguf: Union[KQuantType, None] = None  # gptq: round into the block types llama.cpp's quantizer
-    # gives each tensor of every exit's file of this type (bits, group_size, sym and overrides
-    # then do not apply; the heads are included); a GGUF export writes them exactly
+    gguf: Union[KQuantType, None] = None  # gptq into llama.cpp's blocks (quant/plan.py: block_plan)
 
     @field_validator("gguf")
     @classmethod
     def _gguf_needs_gptq(cls, v, info):
-        method = info.data.get("method")
-        if v and method != "gptq":
-            raise ValueError(f"calibrated K-quants need method gptq, not {method}")
-        if v and info.data.get("overrides"):
-            raise ValueError("llama.cpp's type map decides every tensor's type; drop the overrides")
-        return v
+        return check_blocks(v, info.data.get("method"), info.data.get("overrides"))
 
 
 Exits = Annotated[Union[Literal["all"], list[int]], AfterValidator(check_exits)]

@@ -36,6 +36,16 @@ def check_group_size(group_size: int) -> int:
     return group_size
 
 
+def check_blocks(ftype, method, overrides):
+    """quantize.gguf: GPTQ into every exit file's llama.cpp types (heads included; bits,
+    group_size and sym unused), which no override may change."""
+    if ftype and method != "gptq":
+        raise ValueError(f"calibrated K-quants need method gptq, not {method}")
+    if ftype and overrides:
+        raise ValueError("llama.cpp's type map decides every tensor's type; drop the overrides")
+    return ftype
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     bits: int = 4

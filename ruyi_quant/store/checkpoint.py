@@ -300,7 +300,7 @@ def _unpack_checked(path: Path, layout: str, module: str, spec: QuantSpec, shape
         problem = str(e).splitlines()[0] if str(e) else type(e).__name__
     if problem:
         raise UserError(
-            f"{reader.file(f'{module}.qweight') or path}: the packed tensors of {module} "
+            f"{reader.file(f'{module}.{LAYOUTS[layout][0]}') or path}: the packed tensors of {module} "
             f"disagree with ruyi_quant.json ({problem})"
         )
     return grid
