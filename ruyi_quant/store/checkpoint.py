@@ -31,6 +31,7 @@ from ..model.layout import is_layer_bias, stored_name
 from ..names import MARKER
 from ..quant.family import QuantizedFamily
 from ..quant.grid import Grid, LazyGrid
+from ..quant.ktypes import FTYPES
 from ..quant.pack import LAYOUTS, packed_shapes
 from ..quant.plan import QuantSpec
 from ..recipe import Provenance
@@ -172,6 +173,8 @@ def load_family(path: Path, hashes: bool = True, any_kind: bool = False) -> Quan
     fam = _open_lazily(path, read_config(path), modules, layout)
     fam.method, fam.provenance, fam.stats = q.get("method", "none"), provenance, meta.get("stats", {})
     fam.gguf = q.get("gguf")
+    if (fam.gguf is not None or layout == "ggml") and (fam.gguf not in FTYPES or layout != "ggml"):
+        raise UserError(f"{meta_path}: 'quantization' is malformed (gguf {fam.gguf!r} with layout {layout})")
     fam.files = _listed(path, meta, hashes)
     return fam
 

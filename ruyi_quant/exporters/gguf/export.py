@@ -39,7 +39,13 @@ def label(fam: QuantizedFamily, type_: str) -> str:
 def check(target, ex) -> None:
     """What GGUF files cannot hold: K-quants of a quantized family (llama.cpp's quantizer starts
     from float weights) or in the multi-exit file, scaled RoPE, a grid no ggml type holds exactly
-    (or not the type asked for)."""
+    (or not the type asked for); a family of llama.cpp blocks in another type."""
+    if target.config.rope_scaled:
+        raw = target.config.raw
+        raise UserError(
+            "gguf: scaled RoPE is not exported yet; the model uses "
+            f"{raw.get('rope_parameters') or raw.get('rope_scaling')}"
+        )
     if target.gguf:
         if ex.type not in ("auto", target.gguf):
             raise UserError(
@@ -55,12 +61,6 @@ def check(target, ex) -> None:
         )
     if ex.type in K_QUANTS and ex.multi:
         raise UserError(f"type {ex.type}: the multi-exit file holds our own grids; drop multi")
-    if target.config.rope_scaled:
-        raw = target.config.raw
-        raise UserError(
-            "gguf: scaled RoPE is not exported yet; the model uses "
-            f"{raw.get('rope_parameters') or raw.get('rope_scaling')}"
-        )
     want = TYPES.get(ex.type)
     for m, spec in target.plan.items():
         check_grid(m, spec, want, lambda m=m: block_groups(target.groups(m), target.widths[m]))

@@ -196,3 +196,18 @@ def test_the_multi_exit_file_holds_each_module_once_in_its_most_bits(calibrated,
         llm.eval([1, 2, 3, 4])
         assert np.isfinite(np.array(llm.scores[:4])).all()
         llm.close()
+
+
+@pytest.mark.parametrize("change", [{"gguf": "q9_k"}, {"layout": "gptq"}])
+def test_a_malformed_block_family_manifest_is_one_line(calibrated, wide_dir, tmp_path, change):
+    import json
+
+    (tmp_path / "fam").mkdir()
+    save_family(calibrated, tmp_path / "fam", wide_dir)
+    meta_path = tmp_path / "fam" / "ruyi_quant.json"
+    meta = json.loads(meta_path.read_text())
+    meta["quantization"].update(change)
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="malformed|disagree") as e:
+        load_family(tmp_path / "fam", hashes=False)
+    assert "\n" not in str(e.value)
