@@ -65,6 +65,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/ruyi-calibrate-scale")
     ap.add_argument("--tag", default="", help="results file suffix, e.g. the GPU's name")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic families")
+    ap.add_argument("--small", action="store_true", help="builtin:tiny for every run (a smoke run)")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -83,6 +84,11 @@ def main() -> None:
         notes["gpu"] = torch.cuda.get_device_name(0)
     stem = "calibrate_scale" + (f"-{args.tag}" if args.tag else "")
     sources = [work / "synthetic-{}-{}".format(*r.split(":")[:2]).replace(",", "_") for r in args.runs]
+    if args.small:
+        from ruyi_quant.sources import resolve_model
+
+        sources = [resolve_model("builtin:tiny")] * len(args.runs)
+        notes["synthetic"] = "builtin:tiny (smoke run: the depth and exits of --runs are ignored)"
     for i, spec in enumerate(args.runs):
         depth, exits, method = spec.split(":")
         src = sources[i]
@@ -122,9 +128,10 @@ def main() -> None:
         )
         stats = json.loads((fam / "ruyi_quant.json").read_text())["stats"]
         kind = per_kind(stats["layer_seconds"])
+        src_cfg = json.loads((src / "config.json").read_text())
         run = {
-            "depth": int(depth),
-            "exits": json.loads((src / "config.json").read_text())["early_exit_points"],
+            "depth": src_cfg.get("num_hidden_layers", int(depth)),
+            "exits": src_cfg["early_exit_points"],
             "method": method,
             "seconds": row["seconds"],
             "peak_rss_gb": row["peak_rss_gb"],
@@ -137,7 +144,7 @@ def main() -> None:
         }
         notes["runs"].append(run)
         shutil.rmtree(fam)
-        if not args.keep and src not in sources[i + 1 :]:
+        if not args.keep and not args.small and src not in sources[i + 1 :]:
             shutil.rmtree(src)  # disk: the full-size family alone is 21.5 GB
         write(notes, stem)
     if not args.keep:

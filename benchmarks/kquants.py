@@ -15,7 +15,13 @@ Each file is run by llama.cpp (llama-cpp-python) and compared with our bf16 mode
 texts (--eval; default builtin:pydoc/eval, the default calibration's own corpus in another split,
 and builtin:stdlib/eval, Python source, which it never saw; any .txt file adds a domain). --calib
 picks the calibration text (a mix: 'builtin:pydoc/calib + builtin:stdlib/calib'), for (b) and (c)
-alike. Writes benchmarks/results/kquants.{json,md} (--out).
+alike.
+
+--variant adds calibrated files beside (c), each with its own KL ratio to (b), e.g.
+    --variant 'name=awq;method=awq' --variant 'name=awq+gptq;method=gptq;awq_scales=1'
+    --variant 'name=gptq natural;act_order=0' --variant 'name=gptq pydoc;calib=builtin:pydoc/calib'
+(keys: name, method gptq|awq, act_order 0|1, damp, awq_scales 0|1, calib; unset ones are (c)'s).
+Writes benchmarks/results/kquants.{json,md} (--out).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from ruyi_quant.store.checkpoint import load_model
 from ruyi_quant.text import calib_windows, eval_windows
 
 FILES = {"a": "llama.cpp", "b": "llama.cpp + our imatrix", "c": "ruyi-quant gptq"}
+VARIANT_KEYS = {"name", "method", "act_order", "damp", "awq_scales", "calib"}
 
 
 def short(domain: str) -> str:
@@ -52,6 +59,24 @@ def short(domain: str) -> str:
 
 def types_of(path: Path) -> dict[str, tuple[int, int]]:
     return {t.name: (int(t.tensor_type), int(t.n_bytes)) for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def variant(text: str, base: dict) -> dict:
+    """'name=awq;method=awq;damp=0.1' -> base with those settings."""
+    v = dict(base)
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        key, _, value = part.partition("=")
+        if key not in VARIANT_KEYS or not value:
+            raise SystemExit(f"--variant {text!r}: {part!r} is not one of {sorted(VARIANT_KEYS)}=VALUE")
+        v[key] = value
+    return {
+        "name": v["name"],
+        "method": v["method"],
+        "act_order": str(v["act_order"]) in ("1", "True", "true"),
+        "damp": float(v["damp"]),
+        "awq_scales": str(v["awq_scales"]) in ("1", "True", "true"),
+        "calib": v["calib"],
+    }
 
 
 def main() -> None:
@@ -71,12 +96,20 @@ def main() -> None:
         default=["builtin:pydoc/eval", "builtin:stdlib/eval"],
         help="held-out texts, one table column group each",
     )
+    ap.add_argument("--variant", action="append", default=[], help="another calibrated file (see above)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/kquants"))
     a = ap.parse_args()
+    base = dict(
+        name=FILES["c"], method="gptq", act_order=a.act_order, damp=a.damp, awq_scales=0, calib=a.calib
+    )
+    variants = {"c": variant("", base)}
+    for n, text in enumerate(a.variant, 1):
+        variants[f"v{n}"] = variant(text, base)
+    files = {"a": FILES["a"], "b": FILES["b"], **{k: v["name"] for k, v in variants.items()}}
     domains = a.eval
     headers = ["exit", "type", "file", "MB", "bpw"]
     headers += [f"{x} {short(d)}" for d in domains for x in ("KL", "top-1 %", "ppl")]
-    headers += [f"KL c/b {short(d)}" for d in domains]
+    headers += [f"KL /b {short(d)}" for d in domains]
 
     src = resolve_model(a.model)
     cal = Calibration(source=a.calib, samples=a.samples, seq_len=a.seq_len)
@@ -98,14 +131,18 @@ def main() -> None:
     imatrix_seconds = time.perf_counter() - t0
     ftypes = a.ftypes.split(",")
     ours, seconds = {}, {}
-    for ftype in ftypes:
-        q = Quantize(method="gptq", gguf=ftype, gptq=GPTQOptions(act_order=a.act_order, damp_percent=a.damp))
-        t0 = time.perf_counter()
-        fam = quantize(load_model(src), q, calib)
-        seconds[ftype] = time.perf_counter() - t0
-        fam.provenance = Provenance(model=a.model, quantize=q, calibration=cal)
-        ours[ftype] = fam
-        print(f"{ftype}: calibrated in {seconds[ftype]:.0f} s", flush=True)
+    for k, v in variants.items():
+        vcal = cal.model_copy(update={"source": v["calib"]})
+        vcalib = calib if v["calib"] == a.calib else calib_windows(src, vcal)
+        for ftype in ftypes:
+            g = GPTQOptions(act_order=v["act_order"], damp_percent=v["damp"], awq_scales=v["awq_scales"])
+            q = Quantize(method=v["method"], gguf=ftype, gptq=g)
+            t0 = time.perf_counter()
+            fam = quantize(load_model(src), q, vcalib)
+            seconds[f"{k} {ftype}"] = time.perf_counter() - t0
+            fam.provenance = Provenance(model=a.model, quantize=q, calibration=vcal)
+            ours[(k, ftype)] = fam
+            print(f"{v['name']} {ftype}: calibrated in {seconds[f'{k} {ftype}']:.0f} s", flush=True)
     results, rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -113,14 +150,15 @@ def main() -> None:
             f16 = tmp / f"e{e}-f16.gguf"
             G.write_exit(float_fam, e, f16, src, G.GGUFOptions(type="f16"))
             for ftype in ftypes:
-                paths = {k: tmp / f"e{e}-{ftype}-{k}.gguf" for k in FILES}
+                paths = {k: tmp / f"e{e}-{ftype}-{k}.gguf" for k in files}
                 t0 = time.perf_counter()
                 G.llama_quantize(f16, paths["a"], ftype)
                 llama_s = time.perf_counter() - t0
                 shutil.copy(paths["a"], paths["b"])
                 IM.requantize(f16, paths["b"], IM.for_exit(imat, cfg, cfg.exit_index(e)))
-                G.write_exit(ours[ftype], e, paths["c"], src)
-                same = types_of(paths["a"]) == types_of(paths["b"]) == types_of(paths["c"])
+                for k in variants:
+                    G.write_exit(ours[(k, ftype)], e, paths[k], src)
+                same = all(types_of(paths["a"]) == types_of(p) for p in paths.values())
                 kl = {}
                 for k, p in paths.items():
                     bits, size = bpw(p)
@@ -131,7 +169,8 @@ def main() -> None:
                             "exit": e,
                             "ftype": ftype,
                             "file": k,
-                            "made_by": FILES[k],
+                            "made_by": files[k],
+                            "settings": variants.get(k),
                             "bpw": bits,
                             "bytes": size,
                             "same_types_and_bytes": same,
@@ -139,16 +178,16 @@ def main() -> None:
                             "quantize_seconds": llama_s if k == "a" else None,
                         }
                     )
-                    row = [str(e), ftype, FILES[k], f"{size / 1e6:.1f}", f"{bits:.2f}"]
+                    row = [str(e), ftype, files[k], f"{size / 1e6:.1f}", f"{bits:.2f}"]
                     for d in domains:
                         row += [f"{s[d]['kl']:.4f}", f"{100 * s[d]['top1']:.2f}", f"{s[d]['ppl']:.2f}"]
-                    if k == "c":
-                        row += [f"{kl['c'][d] / kl['b'][d]:.2f}" for d in domains]
+                    if k in variants:
+                        row += [f"{kl[k][d] / kl['b'][d]:.2f}" for d in domains]
                     else:
-                        row += ["", ""]
+                        row += [""] * len(domains)
                     rows.append(row)
                     print(" | ".join(row), flush=True)
-                assert same, f"exit {e} {ftype}: the three files differ in tensor types or sizes"
+                assert same, f"exit {e} {ftype}: the files differ in tensor types or sizes"
     table = markdown_table(headers, rows)
     print(table)
     meta = {
@@ -157,6 +196,7 @@ def main() -> None:
         "calibration": {"source": cal.source, "windows": list(calib.shape)},
         "eval": {d: list(ev.shape) for d, ev in evs.items()},
         "gptq": {"act_order": a.act_order, "damp_percent": a.damp},
+        "variants": variants,
         "calibrate_seconds": seconds,
         "imatrix_seconds": imatrix_seconds,
         "ppl_bf16": {

@@ -57,19 +57,7 @@ def quantize(
     else:
         from .quant.calibrate import calibrate
 
-        if settings.method == "gptq":
-            from .quant.gptq import GPTQ
-            from .quant.kgptq import BlockGPTQ
-
-            g = settings.gptq
-            cls, layout = (BlockGPTQ, "ggml") if settings.gguf else (GPTQ, "gptq")
-            method = cls(g.damp_percent, g.block_size, g.act_order, g.static_groups)
-        else:
-            from .quant.awq import AWQ
-
-            a = settings.awq
-            method = AWQ(a.grid, a.max_shrink, a.max_tokens, a.clip)
-            layout = "awq" if awq_layout_fits(skeleton, plan) else "gptq"
+        method, layout = calibration_method(settings, skeleton, plan)
         fam = calibrate(
             src,
             plan,
@@ -82,11 +70,29 @@ def quantize(
             layout=layout,
             spill=spill,
         )
-        if settings.method == "awq":
+        if hasattr(method, "ratios"):
             fam.stats["awq_scale_ratios"] = method.ratios  # r per smoothing pair (None: no scaling)
     fam.method, fam.gguf = settings.method, settings.gguf
     fam.stats["quantize_seconds"] = time.perf_counter() - t0
     return fam
+
+
+def calibration_method(settings: Quantize, skeleton, plan):
+    """-> (the calibration method of settings, the layout its grids are stored in)."""
+    from .quant.awq import AWQ
+    from .quant.gptq import GPTQ
+    from .quant.kgptq import BlockGPTQ, BlockRounding
+    from .quant.smooth import Smoothed
+
+    g, a = settings.gptq, settings.awq
+    awq = AWQ(a.grid, a.max_shrink, a.max_tokens, a.clip)
+    if settings.method == "awq" and not settings.gguf:
+        return awq, ("awq" if awq_layout_fits(skeleton, plan) else "gptq")
+    if settings.method == "awq":  # AWQ's scales, then llama.cpp's own rounding in its blocks
+        return Smoothed(awq, BlockRounding(g.damp_percent)), "ggml"
+    cls, layout = (BlockGPTQ, "ggml") if settings.gguf else (GPTQ, "gptq")
+    gptq = cls(g.damp_percent, g.block_size, g.act_order, g.static_groups)
+    return (Smoothed(awq, gptq) if g.awq_scales else gptq), layout
 
 
 def checked_plan(model, settings: Quantize) -> dict[str, QuantSpec]:

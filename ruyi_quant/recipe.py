@@ -156,14 +156,13 @@ class GPTQOptions(Strict):
     block_size: int = Field(128, ge=1)  # columns per lazy batch update
     act_order: bool = False  # desc_act: columns by decreasing diag(H)
     static_groups: bool = False  # group grids fixed up front (with act_order)
+    awq_scales: bool = False  # AWQ's scales searched and folded in first (quant/smooth.py)
 
 
 class AWQOptions(Strict):
     SECTION: ClassVar[str] = "quantize.awq"  # its place among the settings (cli_flag)
     grid: int = Field(20, ge=2)  # scale exponents r = 0, 1/grid, ... tried
-    max_shrink: float = Field(
-        0.5, ge=0, lt=1, allow_inf_nan=False
-    )  # clipping search: down to (1 - max_shrink) x max
+    max_shrink: float = Field(0.5, ge=0, lt=1, allow_inf_nan=False)  # clipping: to (1 - it) x max
     clip: bool = True  # search clipping ranges (q/k never clipped)
     max_tokens: int = Field(2048, ge=16)  # activation rows sampled per search
 

@@ -254,3 +254,27 @@ def test_sizes_are_what_the_files_hold(tiny_dir, tmp_path, capsys):
     got = json.loads((tmp_path / "i.json").read_text())
     assert got["family"]["bytes"] == tensor_bytes and got["disk_bytes"] == disk
     assert "weights MB (as stored)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "smoothed"),
+    [
+        (["--method", "gptq"], False),
+        (["--method", "gptq", "--awq-scales"], True),
+    ],
+)
+def test_quantize_awq_scales_smooth_the_family_before_gptq(tiny_dir, tmp_path, args, smoothed):
+    """`quantize --awq-scales` folds AWQ's scales in before GPTQ: the family records the scale
+    search's ratios and its norms hold the folded scales; without it the norms are the model's."""
+    from ruyi_quant.store.checkpoint import load_family, load_model
+
+    out = tmp_path / "q"
+    assert (
+        main(["quantize", str(tiny_dir), "--out", str(out), *args, "--samples", "4", "--seq-len", "32"]) == 0
+    )
+    fam = load_family(out)
+    float_state = load_model(tiny_dir).state_dict()
+    norms = [k for k in fam.tensors if k.endswith("input_layernorm.weight")]
+    changed = [k for k in norms if not torch.equal(fam.tensors[k].float(), float_state[k].float())]
+    assert fam.method == "gptq" and bool(fam.stats.get("awq_scale_ratios")) == smoothed
+    assert bool(changed) == smoothed, changed

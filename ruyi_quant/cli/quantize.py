@@ -48,6 +48,9 @@ def add_parser(sub) -> None:
     )
     s.add_argument("--act-order", action="store_true", help="gptq: columns by decreasing diag(H)")
     s.add_argument("--static-groups", action="store_true", help="gptq: group grids fixed up front")
+    s.add_argument(
+        "--awq-scales", action="store_true", help="gptq: AWQ's scales searched and folded in first"
+    )
     s.add_argument("--no-clip", action="store_true", help="awq: skip the clipping search")
     s.add_argument(
         "--awq-tokens",
@@ -57,7 +60,7 @@ def add_parser(sub) -> None:
     )
     s.add_argument(
         "--gguf",
-        help="gptq: round into llama.cpp's block types for this file type (q4_k_m, q5_k_m, q6_k), "
+        help="gptq/awq: round into llama.cpp's block types for this file type (q4_k_m, q5_k_m, q6_k), "
         "tensor by tensor as llama.cpp's quantizer types every exit's file; export --format gguf "
         "writes them exactly",
     )
@@ -90,7 +93,11 @@ def run(args) -> None:
         device=args.device,
         gguf=args.gguf,
         gptq=validated(
-            GPTQOptions, damp_percent=args.damp, act_order=args.act_order, static_groups=args.static_groups
+            GPTQOptions,
+            damp_percent=args.damp,
+            act_order=args.act_order,
+            static_groups=args.static_groups,
+            awq_scales=args.awq_scales,
         ),
         awq=validated(
             AWQOptions,

@@ -190,7 +190,30 @@ class AWQ:
         store(fam, linear, name, spec, *grid)
 
     def layer(self, layer, prefix: str, xs, kw, plan, fam) -> None:
-        # 1. scales: inputs of every pair from the float layer, searched and folded in order
+        self.smooth(layer, prefix, xs, kw, plan)
+        # 2. clip and round, group by group, inputs captured through the quantized groups
+        for group in layout.SEQUENTIAL_GROUPS:
+            mods = [m for m in group if f"{prefix}.{m}" in plan]
+            if not mods:
+                continue
+            rows: list[torch.Tensor] = []
+            capture_inputs(
+                layer, layer.get_submodule(mods[0]), xs, kw, lambda x: rows.append(x.reshape(-1, x.shape[-1]))
+            )
+            x = sample_rows(torch.cat(rows), self.max_tokens)
+            for m in mods:
+                self.quantize_linear(
+                    layer.get_submodule(m),
+                    f"{prefix}.{m}",
+                    x,
+                    plan[f"{prefix}.{m}"],
+                    fam,
+                    clip=m not in NO_CLIP,
+                )
+
+    def smooth(self, layer, prefix: str, xs, kw, plan) -> None:
+        """1. scales: inputs of every pair from the float layer, searched and folded in order
+        (the float layer computes the same outputs after)."""
         pairs = []
         for prev_name, lin_names in self.mappings:
             lins = [layer.get_submodule(n) for n in lin_names]
@@ -218,25 +241,6 @@ class AWQ:
             fold(prev, s)
             for lin in lins:
                 scale_columns(lin, s)
-        # 2. clip and round, group by group, inputs captured through the quantized groups
-        for group in layout.SEQUENTIAL_GROUPS:
-            mods = [m for m in group if f"{prefix}.{m}" in plan]
-            if not mods:
-                continue
-            rows: list[torch.Tensor] = []
-            capture_inputs(
-                layer, layer.get_submodule(mods[0]), xs, kw, lambda x: rows.append(x.reshape(-1, x.shape[-1]))
-            )
-            x = sample_rows(torch.cat(rows), self.max_tokens)
-            for m in mods:
-                self.quantize_linear(
-                    layer.get_submodule(m),
-                    f"{prefix}.{m}",
-                    x,
-                    plan[f"{prefix}.{m}"],
-                    fam,
-                    clip=m not in NO_CLIP,
-                )
 
     def observe_head(self, name: str, x: torch.Tensor, norm=None) -> None:
         self.heads.setdefault(name, []).append(sample_rows(x, self.max_tokens))
@@ -244,15 +248,20 @@ class AWQ:
         if norm is not None and not any(n is norm for n in seen):
             seen.append(norm)
 
-    def finish_head(self, name: str, head, plan, fam) -> None:
+    def smooth_head(self, name: str, head, plan) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The head's scales searched and folded into every norm that feeds it -> (its sampled
+        inputs as the scaled head sees them, the scales; None when no norm feeds it)."""
         x = sample_rows(torch.cat(self.heads.pop(name)), self.max_tokens)
         norms = self.head_norms.pop(name, [])
-        spec = plan[name]
-        if norms:  # norm(s) -> head smoothing, folded into every norm
-            s, r, _ = search_scales(x, [head.weight], spec, self.n_grid)
-            self.ratios[name] = r
-            for norm in norms:
-                fold(norm, s)
-            scale_columns(head, s)
-            x = x / s
-        self.quantize_linear(head, name, x, spec, fam)
+        if not norms:
+            return x, None
+        s, r, _ = search_scales(x, [head.weight], plan[name], self.n_grid)
+        self.ratios[name] = r
+        for norm in norms:
+            fold(norm, s)
+        scale_columns(head, s)
+        return x / s, s
+
+    def finish_head(self, name: str, head, plan, fam) -> None:
+        x, _ = self.smooth_head(name, head, plan)
+        self.quantize_linear(head, name, x, plan[name], fam)

@@ -213,5 +213,10 @@ class GPTQ:
             self.heads[name] = Hessian.zeros(x.shape[-1], x.device)
         accumulate_hessian(self.heads[name], x)
 
+    def rescale_head(self, name: str, s: torch.Tensor) -> None:
+        """The head's inputs became x / s (smooth.py): its Hessian becomes H / (s s^T)."""
+        h = self.heads[name].h
+        h.div_(s.to(h).unsqueeze(1)).div_(s.to(h).unsqueeze(0))
+
     def finish_head(self, name: str, head, plan, fam) -> None:
         self.quantize_group({name: head}, self.heads.pop(name), plan, fam, inplace=True)

@@ -101,12 +101,35 @@ class BlockGPTQ(GPTQ):
         if f.damp != self.opts["damp"]:
             self.damp_used[first] = f.damp
         for name, linear in linears.items():
-            spec, w = plan[name], linear.weight
-            data = {}
-            for i, t in enumerate(spec.ggml):  # the last type may overwrite a head's weight
-                last = inplace and i == len(spec.ggml) - 1
-                data[t] = torch.from_numpy(gptq_blocks(w, f, t, imatrix, self.opts["block"], last))
-            grid = BlockGrid(data, spec, w.shape[1])
-            fam.set_quantized(name, grid)
-            if not is_head(name):  # the family computes on with the first (most bits) type
-                linear.weight.data = grid.dequantize().to(w.device, w.dtype)
+            types = plan[name].ggml
+            # the last type may overwrite a head's weight
+            self.store(
+                fam,
+                linear,
+                name,
+                plan[name],
+                lambda w, t: gptq_blocks(w, f, t, imatrix, self.opts["block"], inplace and t == types[-1]),
+            )
+
+    @staticmethod
+    def store(fam, linear, name: str, spec, blocks) -> None:
+        """`blocks(weight, type) -> ggml bytes` for each of spec's types, kept as the module's
+        BlockGrid; the family computes on with the first (most bits) type."""
+        w = linear.weight
+        data = {t: torch.from_numpy(blocks(w, t)) for t in spec.ggml}
+        grid = BlockGrid(data, spec, w.shape[1])
+        fam.set_quantized(name, grid)
+        if not is_head(name):
+            linear.weight.data = grid.dequantize().to(w.device, w.dtype)
+
+
+class BlockRounding(BlockGPTQ):
+    """llama.cpp's own rounding in its block types (ggml's weighted search, nearest codes), the
+    importance matrix from each layer's inputs on the quantized trunk: AWQ's rounding step when
+    the grids are K-quant blocks (smooth.py). No error feedback, so no factor is made."""
+
+    def quantize_group(self, linears: dict, hs: Hessian, plan, fam, inplace: bool = False) -> None:
+        imatrix = importance(hs.h)
+        hs.h = None
+        for name, linear in linears.items():
+            self.store(fam, linear, name, plan[name], lambda w, t: ggml_blocks(w, block_type(t), imatrix))

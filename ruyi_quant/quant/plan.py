@@ -37,10 +37,10 @@ def check_group_size(group_size: int) -> int:
 
 
 def check_blocks(ftype, method, overrides):
-    """quantize.gguf: GPTQ into every exit file's llama.cpp types (heads included; bits,
+    """quantize.gguf: GPTQ or AWQ into every exit file's llama.cpp types (heads included; bits,
     group_size and sym unused), which no override may change."""
-    if ftype and method != "gptq":
-        raise ValueError(f"calibrated K-quants need method gptq, not {method}")
+    if ftype and method not in ("gptq", "awq"):
+        raise ValueError(f"calibrated K-quants need method gptq or awq, not {method}")
     if ftype and overrides:
         raise ValueError("llama.cpp's type map decides every tensor's type; drop the overrides")
     return ftype

@@ -641,7 +641,7 @@ def text_files(ws):
 Q = "quantize {ws}/model --out {ws}/out "
 for name, extra, needles in [
     ("bits 5", "--bits 5", ["--bits"]),
-    ("gguf with awq", "--method awq --gguf q4_k_m", ["--gguf q4_k_m", "need method gptq, not awq"]),
+    ("gguf with rtn", "--method rtn --gguf q4_k_m", ["--gguf q4_k_m", "need method gptq or awq, not rtn"]),
     ("gguf type", "--method gptq --gguf q3_k_s", ["--gguf q3_k_s"]),
     (
         "gguf with an override",

@@ -197,3 +197,63 @@ def test_block_grids_are_calibrated_on_the_quantized_familys_inputs(block_run):
             k = x.shape[1]
             c_d, c_s = K.decode(direct, t, k)[0], K.decode(stored, t, k)[0]
             assert (c_d != c_s).mean() <= 0.02, (name, t)  # ties flipped by summation order
+
+
+@pytest.mark.parametrize("which", ["tiny_dir", "tiny_shared_dir"])
+def test_awq_then_gptq_hessians_are_the_smoothed_familys_inputs(which, request):
+    """AWQ's scales folded in, then GPTQ: each linear's Hessian is 2/n X^T X of its inputs in
+    the finished (smoothed and quantized) family; a head's Hessian, gathered before its scales
+    were found, is rescaled to its scaled inputs. A GPTQ fed the unsmoothed inputs fails here."""
+    from ruyi_quant.quant.smooth import Smoothed
+
+    model_dir = request.getfixturevalue(which)
+    model = load_model(model_dir)
+    plan = make_plan(model, QuantSpec(4, 32, True), heads=True)
+    ids = calib_ids(model_dir, 8, 64)
+    method = Smoothed(AWQ(max_tokens=10**9), RecordingGPTQ())
+    fam = calibrate(model, plan, ids, method, batch=3, progress=False)
+    oracle = oracle_inputs(fam.dequantized_model(), ids)
+    heads = [m for m in plan if layout.is_head(m)]
+    assert heads and all(method.ratios.get(h) is not None for h in heads)  # the heads were scaled
+    assert set(method.inner.seen) == set(plan)
+    for name in plan:
+        x = oracle[name].double()
+        assert rel_diff(method.inner.seen[name], 2 * x.t() @ x / x.shape[0]) < 5e-6, name
+
+
+def test_awq_in_blocks_rounds_the_smoothed_weights_on_the_smoothed_inputs(tmp_path):
+    """AWQ into llama.cpp's q4_k_m blocks: each module is ggml's own weighted rounding of its
+    smoothed weight, the importance matrix from its inputs in the finished family."""
+    pytest.importorskip("llama_cpp", reason="ggml's quantizer is llama-cpp-python's")
+    from ruyi_quant.quant import kquant as K
+    from ruyi_quant.quant.kgptq import BlockRounding, ggml_blocks
+    from ruyi_quant.quant.plan import block_plan
+    from ruyi_quant.quant.smooth import Smoothed
+    from ruyi_quant.sources.tiny import build_tiny
+
+    model_dir = build_tiny(tmp_path / "m", hidden=256, intermediate=512, layers=6, exits=(2, 3, 5))
+    model = load_model(model_dir)
+    plan = block_plan(model, "q4_k_m")
+
+    class Kept(recording(BlockRounding)):
+        def quantize_group(self, linears, hs, plan, fam, inplace=False):
+            for name, lin in linears.items():
+                self.before[name] = lin.weight.detach().float().clone()
+            super().quantize_group(linears, hs, plan, fam, inplace)
+
+    ids = calib_ids(model_dir, 8, 64)
+    method = Smoothed(AWQ(max_tokens=10**9), Kept())
+    fam = calibrate(model, plan, ids, method, batch=3, progress=False, layout="ggml")
+    oracle = oracle_inputs(fam.dequantized_model(), ids)
+    assert set(method.inner.seen) == set(plan)
+    scaled = [m for m in plan if not torch.equal(method.inner.before[m], model.get_submodule(m).weight)]
+    assert any(layout.is_head(m) for m in scaled) and len(scaled) > len(plan) // 2
+    for name in plan:
+        x = oracle[name].float()
+        h = 2 * x.t() @ x / x.shape[0]
+        assert rel_diff(method.inner.seen[name], h) < 5e-6, name
+        for t in plan[name].ggml:
+            direct = ggml_blocks(method.inner.before[name], K.block_type(t), torch.diag(h) / 2)
+            stored = fam.grids[name].data[t].numpy()
+            c_d, c_s = K.decode(direct, t, x.shape[1])[0], K.decode(stored, t, x.shape[1])[0]
+            assert (c_d != c_s).mean() <= 0.02, (name, t)

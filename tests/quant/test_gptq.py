@@ -164,23 +164,45 @@ def test_gptq_not_positive_definite_names_layer():
         gptq_quantize(torch.randn(4, 8), hs, QuantSpec(4, -1, True), what="model.layers.3.mlp.up_proj")
 
 
-@pytest.mark.parametrize("heads", [False, True])
-def test_gptq_beats_rtn_at_every_exit(tiny_dir, eval_ids, heads):
+@pytest.mark.parametrize(("heads", "awq_scales"), [(False, False), (True, False), (True, True)])
+def test_gptq_beats_rtn_at_every_exit(tiny_dir, eval_ids, heads, awq_scales):
+    """GPTQ, and GPTQ on AWQ's smoothed family (smooth.py), against round-to-nearest."""
+    from ruyi_quant.quant.awq import AWQ
+    from ruyi_quant.quant.smooth import Smoothed
+
     calib = calib_ids(tiny_dir, 16, 128)
     model = load_model(tiny_dir)
     spec = QuantSpec(4, 32, True)
     plan = make_plan(model, spec, heads=heads)
+    method = Smoothed(AWQ(), GPTQ()) if awq_scales else GPTQ()
     with torch.no_grad():
         ref = model.forward_exits(eval_ids)
         rtn = rtn_family(model, plan, progress=False).dequantized_model().forward_exits(eval_ids)
-        fam = calibrate(model, plan, calib, GPTQ(), progress=False)
+        fam = calibrate(model, plan, calib, method, progress=False)
         gptq = fam.dequantized_model().forward_exits(eval_ids)
     assert set(fam.modules) == set(plan)
     for e in ref:
         kl_rtn, kl_gptq = kl_top1(ref[e], rtn[e])[0], kl_top1(ref[e], gptq[e])[0]
-        print(f"exit {e} heads={heads}: KL rtn {kl_rtn:.3e} gptq {kl_gptq:.3e}")
+        print(f"exit {e} heads={heads} awq_scales={awq_scales}: KL rtn {kl_rtn:.3e} gptq {kl_gptq:.3e}")
         # measured KL ratio GPTQ/RTN: 0.61-0.71 without heads, 0.63-0.74 with
         assert kl_gptq < 0.8 * kl_rtn
+
+
+def test_a_rescaled_head_hessian_is_the_hessian_of_the_scaled_inputs():
+    """Inputs x seen by a head whose columns were then scaled by s: its Hessian becomes that of
+    x / s (smooth.py), as if the scaled inputs had been seen."""
+    g = torch.Generator().manual_seed(0)
+    x, s = torch.randn(300, 48, generator=g), torch.rand(48, generator=g) + 0.25
+    method = GPTQ()
+    method.observe_head("lm_head", x[:100])
+    method.observe_head("lm_head", x[100:])
+    method.rescale_head("lm_head", s)
+    ref = Hessian.zeros(48)
+    accumulate_hessian(ref, x / s)
+    got = method.heads["lm_head"]
+    assert got.n == ref.n == 300
+    assert torch.allclose(got.h, ref.h, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got.h, 2 * x.t() @ x / 300, rtol=1e-2)
 
 
 def test_branch_sees_quantized_trunk(tiny_dir, eval_ids):

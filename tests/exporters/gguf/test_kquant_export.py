@@ -71,7 +71,23 @@ def test_per_exit_files_have_llama_cpps_types_and_sizes(calibrated, wide_dir, tm
     assert {"Q4_K", "Q6_K", "Q5_0", "Q8_0"} <= kinds, kinds
 
 
-def test_llama_cpp_runs_every_exit_like_our_dequantized_model(calibrated, wide_dir, tmp_path, eval_ids):
+@pytest.fixture(scope="module", params=["gptq", "awq", "awq+gptq"])
+def any_calibrated(request, wide_dir, calibrated):
+    """A q4_k_m family of each calibration method: GPTQ, AWQ (its scales, then llama.cpp's own
+    rounding), AWQ's scales then GPTQ."""
+    from ruyi_quant.pipeline import quantize
+
+    if request.param == "gptq":
+        return calibrated
+    method, _, then = request.param.partition("+")
+    q = Quantize(method=method, gguf="q4_k_m", gptq={"awq_scales": bool(then)})
+    fam = quantize(load_model(wide_dir), q, calib_ids(wide_dir, 16, 64), progress=False)
+    fam.provenance = Provenance(model=str(wide_dir), quantize=q)
+    assert fam.stats["awq_scale_ratios"] and fam.layout == "ggml"
+    return fam
+
+
+def test_llama_cpp_runs_every_exit_like_our_dequantized_model(any_calibrated, wide_dir, tmp_path, eval_ids):
     """llama.cpp's logits of each exit's file against our model on the same weights: each
     module dequantized (by us) in the type that exit's file gives it."""
     from ruyi_quant.exporters import export
@@ -79,6 +95,7 @@ def test_llama_cpp_runs_every_exit_like_our_dequantized_model(calibrated, wide_d
     from ruyi_quant.exporters.gguf.llamacpp import open_llama
     from ruyi_quant.quant.ggml_quantizer import quantize_rows
 
+    calibrated = any_calibrated
     info = export(calibrated, tmp_path / "g", wide_dir, GGUFExport(), progress=False)
     ids = eval_ids[0, :96]
     deq = calibrated.dequantized_model()
@@ -166,9 +183,9 @@ def test_gguf_refuses_other_types(calibrated, wide_dir, tmp_path, ex, words):
         export(calibrated, tmp_path / "x", wide_dir, ex, progress=False)
 
 
-def test_gguf_quantize_needs_gptq():
-    with pytest.raises(ValueError, match="need method gptq"):
-        Quantize(method="awq", gguf="q4_k_m")
+def test_gguf_quantize_needs_a_calibrated_method():
+    with pytest.raises(ValueError, match="need method gptq or awq, not rtn"):
+        Quantize(method="rtn", gguf="q4_k_m")
 
 
 def test_the_multi_exit_file_holds_each_module_once_in_its_most_bits(calibrated, wide_dir, tmp_path):
