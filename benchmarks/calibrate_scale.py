@@ -93,7 +93,7 @@ def main() -> None:
         depth, exits, method = spec.split(":")
         src = sources[i]
         rows: list[dict] = []
-        if not (src / "ruyi_quant.json").is_file():
+        if not args.small and not (src / "ruyi_quant.json").is_file():
             syn = ["make-synthetic", "--out", src, "--depth", depth, "--force"]
             step(
                 f"make-synthetic depth {depth}",
