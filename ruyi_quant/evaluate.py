@@ -11,9 +11,9 @@ import math
 from contextlib import closing
 
 import torch
-from tqdm.auto import tqdm
 
 from . import names
+from .log import bar
 from .model.familial import FamilialModel
 from .model.layout import head_prefix
 from .quant.family import QuantizedFamily
@@ -56,9 +56,7 @@ def compare(
 ) -> dict[int, dict]:
     """Per exit: ppl_ref, ppl_quant, delta_ppl_pct, kl, top1 (0..1), tokens."""
     sums: dict[int, dict] = {e: {} for e in exits}
-    for start in tqdm(
-        range(0, len(windows), batch), desc="eval", unit="batch", disable=not progress, leave=False
-    ):
+    for start in bar(range(0, len(windows), batch), desc="eval", unit="batch", enabled=progress):
         ids = windows[start : start + batch]
         r, q = ref.forward_exits(ids, exits=exits), quant.forward_exits(ids, exits=exits)
         for e in exits:
@@ -123,7 +121,7 @@ def exit_perplexities(
     """Next-token perplexity of every exit on windows [m, T], one trunk pass per batch."""
     nll = {e: 0.0 for e in model.config.exits}
     count = 0
-    for s in tqdm(range(0, len(windows), batch), desc="ppl", unit="batch", disable=not progress, leave=False):
+    for s in bar(range(0, len(windows), batch), desc="ppl", unit="batch", enabled=progress):
         ids = windows[s : s + batch]
         for e, logits in model.forward_exits(ids).items():
             nll[e] += nll_sum(torch.log_softmax(logits.float(), -1), ids)

@@ -215,7 +215,7 @@ def run_job(
             ref, fam = quantize_source(src, job.quantize, calib, progress, spill)
             fam.provenance = Provenance.model_validate(job.model_dump())
             (tmp / JOB_FAMILY).mkdir()
-            save_family(fam, tmp / JOB_FAMILY, src)
+            save_family(fam, tmp / JOB_FAMILY, src, progress=progress)
         done("quantize")
         fam = load_family(tmp / JOB_FAMILY, hashes=False)  # exports read it as just written, lazily
         formats = [exporters.get(ex.format) for ex in job.export]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import pytest
 import torch
@@ -112,3 +113,17 @@ def recording(method_cls):
             super().quantize_linear(linear, name, stat, spec, fam, **kw)
 
     return Recording
+
+
+# a step's progress in a pipe (ruyi_quant.log.bar): `eval: 8 layers ...`, then `eval: 8 layers in 7.4 s`
+PROGRESS = re.compile(r"[\w .-]+: (\d+ \w+|[\d.]+ [MG]B|\w+) (\.\.\.|in [\d.]+ s)")
+
+
+def error_lines(err: str) -> list[str]:
+    """stderr's lines less progress: a bar erased on a terminal (tqdm, leave=False), a step's
+    start and end lines in a pipe."""
+    return [
+        x
+        for x in err.replace("\r", "\n").splitlines()
+        if x.strip() and "%|" not in x and not PROGRESS.fullmatch(x)
+    ]

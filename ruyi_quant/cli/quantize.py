@@ -119,7 +119,7 @@ def run(args) -> None:
     with atomic_dir(out, force=args.force, inputs=[src], kind="family") as tmp, spilling(out) as spill:
         ref, fam = quantize_source(src, q, cal, spill=spill)
         fam.provenance = Provenance(model=args.model, quantize=q, calibration=cal)
-        save_family(fam, tmp, src)
+        save_family(fam, tmp, src, progress=True)
         ref.verify()
     print(
         f"wrote {out} ({len(fam.grids)} quantized linears, {disk_bytes(out) / 1e6:.2f} MB on disk; "

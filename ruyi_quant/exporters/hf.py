@@ -15,10 +15,10 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import __version__, names
 from ..errors import UserError
+from ..log import bar
 from ..model.layout import LAYER_LINEARS, exit_folder, is_layer_bias
 from ..names import MARKER
 from ..quant.family import QuantizedFamily
@@ -133,9 +133,7 @@ def export(
 
     check(Target.of_family(fam), ex)  # before any progress bar: one clean line if refused
     written = []
-    for e in tqdm(
-        fam.config.exit_list(ex.exits), desc="export hf", unit="exit", disable=not progress, leave=False
-    ):
+    for e in bar(fam.config.exit_list(ex.exits), desc="export hf", unit="exit", enabled=progress):
         d = out_root / exit_folder(e)
         d.mkdir(parents=True)
         export_exit(fam, e, d, tokenizer_dir, ex.weights, DTYPES[ex.dtype])

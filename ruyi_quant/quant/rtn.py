@@ -95,13 +95,12 @@ def rtn_quantize(w: torch.Tensor, spec: QuantSpec):
 
 def rtn_family(model, plan: dict, progress: bool = True):
     """Quantize every planned linear of a FamilialModel by RTN -> QuantizedFamily."""
-    from tqdm.auto import tqdm
-
+    from ..log import bar
     from .family import QuantizedFamily
     from .grid import Grid
 
     fam = QuantizedFamily.from_model(model)
-    for name in tqdm(list(plan), desc="rtn", unit="linear", disable=not progress, leave=False):
+    for name in bar(list(plan), desc="rtn", unit="linear", enabled=progress):
         spec = plan[name]
         fam.set_quantized(
             name, Grid.make(*rtn_quantize(model.get_submodule(name).weight.detach(), spec), spec)

@@ -25,9 +25,9 @@ import time
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .. import names
+from ..log import bar
 from ..model import layout
 from ..model.familial import FamilialModel, skeleton
 from .family import QuantizedFamily
@@ -179,7 +179,7 @@ class Walk:
         """Yield (step, outputs) for every step of the walk; a trunk step's outputs become the next
         step's inputs when the loop comes back. Callers close it (`contextlib.closing`), so that an
         error in their loop body erases the progress bar before the error line is printed."""
-        for step in tqdm(self.plan(), desc=desc, unit="layer", disable=not progress, leave=False):
+        for step in bar(self.plan(), desc=desc, unit="layer", enabled=progress):
             t0 = time.perf_counter()
             layer = self.weights.load(step.prefix)
             if before is not None:

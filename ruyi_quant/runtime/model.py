@@ -5,9 +5,9 @@ linear from the (lazy) family, so the float model is never materialised."""
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import UserError
+from ..log import bar
 from ..model.familial import FamilialModel, materialise, skeleton
 from .int4 import Int4Linear
 
@@ -24,7 +24,7 @@ def int4_model(
         )
     device = torch.device(device)
     model = skeleton(fam.config)
-    for module in tqdm(list(fam.grids), desc="int4", unit="linear", disable=not progress, leave=False):
+    for module in bar(list(fam.grids), desc="int4", unit="linear", enabled=progress):
         bias = f"{module}.bias"
         lin = Int4Linear(
             fam.grids[module].get(), fam.tensors[bias] if bias in fam.tensors else None, device, dtype

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .. import names, text
 from ..errors import UserError
 from ..evaluate import exit_perplexities, kl_rows
+from ..log import bar
 from ..model import layout
 from ..model.config import FAMILIAL_TYPE, parse_config
 from ..model.familial import FamilialModel, materialise, skeleton
@@ -197,8 +197,8 @@ def train_branches(
             )
             g = torch.Generator().manual_seed(seed * 1000 + e)
             losses = []
-            bar = tqdm(range(steps), desc=f"exit {e}", unit="step", disable=not progress, leave=False)
-            for _ in bar:
+            pbar = bar(range(steps), desc=f"exit {e}", unit="step", enabled=progress)
+            for _ in pbar:
                 rows = torch.randint(0, n, (batch,), generator=g)
                 pos = torch.rand(batch, T - 1, generator=g).argsort(-1)[:, :positions].sort(-1).values
                 r = rows.unsqueeze(1)
@@ -218,7 +218,7 @@ def train_branches(
                 opt.step()
                 sched.step()
                 losses.append(ce.item())
-                bar.set_postfix(ce=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+                pbar.set_postfix(ce=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
             for p in params:
                 p.requires_grad_(False)
             report["exits"][e] = {"loss": losses, "seconds": time.time() - t0}

@@ -106,8 +106,7 @@ def write_synthetic(
 ) -> dict:
     """Write the synthetic family (config, shards + index, a tiny tokenizer, the marker) into the
     existing directory out_dir. Returns its report."""
-    from tqdm.auto import tqdm
-
+    from ..log import bar
     from ..store.files import write_marker
     from .tiny import build_tokenizer
 
@@ -115,15 +114,13 @@ def write_synthetic(
     shapes = tensor_shapes(cfg)
     gen = torch.Generator().manual_seed(seed)
     total = sum(numel(s) for s in shapes.values())
-    bar = tqdm(
-        total=total * 2, desc="synthetic", unit="B", unit_scale=True, disable=not progress, leave=False
-    )
+    pbar = bar(total=total * 2, desc="synthetic", unit="B", unit_scale=True, enabled=progress)
 
     def produce(name, shape):
         def rows():
             std, mean = _scale(name, shape)
             for chunk in _random_rows(shape, std, mean, gen):
-                bar.update(chunk.numel() * 2)
+                pbar.update(chunk.numel() * 2)
                 yield chunk
 
         return rows
@@ -131,7 +128,7 @@ def write_synthetic(
     entries = [Entry(n, s, torch.bfloat16, produce(n, s)) for n, s in shapes.items()]
     out_dir = Path(out_dir)
     write_sharded(out_dir, entries, shard_bytes, metadata={"format": "pt"})
-    bar.close()
+    pbar.close()
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     build_tokenizer(out_dir)
     report = {

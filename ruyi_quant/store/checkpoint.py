@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from .. import __version__, names
 from ..errors import UserError, read_json, writing
+from ..log import bar
 from ..model.config import read_config
 from ..model.familial import FamilialModel, familial_state, materialise, skeleton
 from ..model.layout import is_layer_bias, stored_name
@@ -50,16 +50,35 @@ def pack_grid(layout: str, grid: Grid) -> dict[str, torch.Tensor]:
 
 
 def save_family(
-    fam: QuantizedFamily, out_dir: Path, tokenizer_dir: Path | None, float_dtype: torch.dtype | None = None
+    fam: QuantizedFamily,
+    out_dir: Path,
+    tokenizer_dir: Path | None,
+    float_dtype: torch.dtype | None = None,
+    progress: bool = False,
 ) -> None:
     """Write into an existing (temporary) directory; float tensors in the source's dtype. Streamed:
     one tensor (one quantized module's packed tensors) in memory at a time, whatever the family's
-    size; the file is byte for byte what safetensors' save_file would write."""
+    size; the file is byte for byte what safetensors' save_file would write. `progress`: a bar of
+    the bytes written (a lazy family's grids are made as they are written: RTN's whole work)."""
     out_dir = Path(out_dir)
     float_dtype = float_dtype or fam.config.source_dtype
-    write_safetensors(
-        out_dir / "model.safetensors", family_entries(fam, float_dtype), metadata={"format": "pt"}
+    entries = family_entries(fam, float_dtype)
+    pbar = bar(
+        desc="write", unit="B", total=sum(e.nbytes for e in entries), unit_scale=True, enabled=progress
     )
+
+    def counted(e: Entry) -> Entry:
+        def produce():
+            t = e.produce()
+            pbar.update(e.nbytes)
+            return t
+
+        return Entry(e.name, e.shape, e.dtype, produce)
+
+    with pbar:
+        write_safetensors(
+            out_dir / "model.safetensors", [counted(e) for e in entries], metadata={"format": "pt"}
+        )
     cfg = fam.config.to_json()
     cfg["torch_dtype"] = str(float_dtype).removeprefix("torch.")
     if fam.modules:
@@ -368,7 +387,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = torch.float32)
         )
     big = sum(tensors.info(n)[1].itemsize * math.prod(tensors.info(n)[0]) for n in names_) > PROGRESS_BYTES
     state = {}
-    for n in tqdm(names_, desc="load", unit="tensor", disable=not big, leave=False):
+    for n in bar(names_, desc="load", unit="tensor", enabled=big):
         t = tensors[n]
         state[n] = t.to(dtype) if t.is_floating_point() else t
     return materialise(skeleton(fam.config), state)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import error_lines
 from safetensors.torch import load_file, save_file
 
 from ruyi_quant.cli import main
@@ -1123,8 +1124,7 @@ def test_bad_input(name, ws, capsys, monkeypatch):
     capsys.readouterr()
     code = main([fill(a) for a in c.argv])
     err = capsys.readouterr().err
-    # progress bars a failing step had started are erased (tqdm, leave=False): not lines
-    lines = [x for x in err.replace("\r", "\n").splitlines() if x.strip() and "%|" not in x]
+    lines = error_lines(err)
     assert code == 2, (code, err)
     assert len(lines) == 1, err
     assert lines[0].startswith("ruyi-quant: error: ") and "Traceback" not in err

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import error_lines
 from safetensors.torch import load_file, save_file
 
 from ruyi_quant.cli import main
@@ -20,7 +21,7 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
 
 def assert_one_line_error(code, err, *needles):
     assert code == 2
-    lines = err.strip().splitlines()
+    lines = error_lines(err)
     assert len(lines) == 1, err
     assert lines[0].startswith("ruyi-quant: error: ")
     assert "Traceback" not in err

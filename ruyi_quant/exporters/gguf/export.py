@@ -8,9 +8,8 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from ...errors import UserError
+from ...log import bar, say
 from ...model.layout import exit_folder
 from ...quant.family import QuantizedFamily
 from .files import base_name, extract_exit, multi_exits, tensor_uses, write_exit, write_multi
@@ -119,7 +118,7 @@ def export(
         else None
     )
     try:
-        for e in tqdm(exits, desc="export gguf", unit="exit", disable=not progress, leave=False):
+        for e in bar(exits, desc="export gguf", unit="exit", enabled=progress):
             d = out_root / exit_folder(e)
             d.mkdir()
             fname = f"{base}-e{e}-{kind}.gguf"
@@ -138,7 +137,7 @@ def export(
             info_all["exits"].append(info)
         if ex.multi:
             if progress:
-                tqdm.write(f"  writing the multi-exit file {base}-family-{kind}.gguf")
+                say(f"  writing the multi-exit file {base}-family-{kind}.gguf")
             info_all["multi"] = write_multi(
                 fam, out_root / f"{base}-family-{kind}.gguf", tokenizer_dir, opt, common, cache
             )

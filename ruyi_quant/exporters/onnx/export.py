@@ -6,8 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
+from ...log import bar, say
 from ...model.layout import exit_folder
 from ...store.files import disk_bytes
 from .files import write_exit, write_multi
@@ -63,13 +62,13 @@ def export(
     out_root.mkdir(parents=True, exist_ok=True)
     written: dict = {"exits": [], "multi": None}
     if ex.per_exit:
-        for e in tqdm(exits, desc="export onnx", unit="exit", disable=not progress, leave=False):
+        for e in bar(exits, desc="export onnx", unit="exit", enabled=progress):
             d = out_root / exit_folder(e)
             d.mkdir()
             written["exits"].append(write_exit(fam, e, d, tokenizer_dir, ex))
     if ex.multi:
         if progress:
-            tqdm.write(f"  writing the multi-exit folder {MULTI_FOLDER}/")
+            say(f"  writing the multi-exit folder {MULTI_FOLDER}/")
         d = out_root / MULTI_FOLDER
         d.mkdir()
         written["multi"] = write_multi(fam, d, tokenizer_dir, ex, exits)
