@@ -113,6 +113,8 @@ def main() -> None:
                 "--method",
                 base,
                 *grid,
+                "--calib",
+                "builtin:pydoc/calib",
                 "--samples",
                 args.samples,
                 "--seq-len",

@@ -85,7 +85,7 @@ def main() -> None:
     a = ap.parse_args()
 
     src = resolve_model(a.model)
-    calib = calib_windows(src, Calibration(samples=a.samples, seq_len=a.seq_len))
+    calib = calib_windows(src, Calibration(source="builtin:pydoc/calib", samples=a.samples, seq_len=a.seq_len))
     ev = eval_windows(src, Eval(samples=a.eval_samples, seq_len=a.seq_len))
     model = load_model(src)
     cfg = model.config
@@ -107,7 +107,7 @@ def main() -> None:
         fam.provenance = Provenance(
             model=a.model,
             quantize=Quantize(method=method),
-            calibration=Calibration(samples=a.samples, seq_len=a.seq_len),
+            calibration=Calibration(source="builtin:pydoc/calib", samples=a.samples, seq_len=a.seq_len),
         )
         ours[label] = (fam, time.perf_counter() - t0)
         print(f"{label}: quantized in {ours[label][1]:.0f} s", flush=True)

@@ -254,7 +254,7 @@ def main() -> None:
 
     # 1. the tokens, exactly as a recipe job makes them
     src = resolve_model(a.model)
-    cal = Calibration(samples=a.samples, seq_len=a.seq_len)  # builtin:pydoc/calib, seed 0
+    cal = Calibration(source="builtin:pydoc/calib", samples=a.samples, seq_len=a.seq_len)  # seed 0
     ev = Eval(samples=a.eval_samples, seq_len=a.seq_len, exits=[e])
     calib, windows = calib_windows(src, cal), eval_windows(src, ev)
     LOG["calibration"] = {**cal.model_dump(), "windows": list(calib.shape)}

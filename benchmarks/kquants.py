@@ -12,10 +12,10 @@ map for that exit's depth) and the same bytes per tensor:
       parameters, with the importance matrix of the quantized trunk's activations at each layer,
       then GPTQ's codes on them, branch-aware), written as it is.
 Each file is run by llama.cpp (llama-cpp-python) and compared with our bf16 model on held-out
-texts (--eval; default builtin:pydoc/eval, the default calibration's own corpus in another split,
-and builtin:stdlib/eval, Python source, which it never saw; any .txt file adds a domain). --calib
-picks the calibration text (a mix: 'builtin:pydoc/calib + builtin:stdlib/calib'), for (b) and (c)
-alike.
+texts (--eval; default builtin:pydoc/eval and builtin:stdlib/eval, English docs and Python source,
+the two corpora the default calibration mixes, in other splits; any .txt file adds a domain the
+calibration never saw). --calib picks the calibration text (default: the tool's, that mix), for
+(b) and every calibrated file alike.
 
 --variant adds calibrated files beside (c), each with its own KL ratio to (b), e.g.
     --variant 'name=awq;method=awq' --variant 'name=awq+gptq;method=gptq;awq_scales=1'

@@ -191,7 +191,7 @@ def main() -> None:
             gptq=GPTQOptions(act_order=True, static_groups=True),
             overrides=[Override(pattern="lm_head", group_size=32, sym=False)],
         )
-        cal = Calibration()
+        cal = Calibration(source="builtin:pydoc/calib")
         t0 = time.perf_counter()
         fam = quantize(ref_fam, q, calib_windows(src, cal), progress=True)
         notes["quantize_seconds"] = time.perf_counter() - t0

@@ -185,7 +185,7 @@ def main() -> None:
             heads=True,
             gptq=GPTQOptions(act_order=True, static_groups=True),
         )
-        cal = Calibration()
+        cal = Calibration(source="builtin:pydoc/calib")
         t0 = time.perf_counter()
         fam = quantize(ref_fam, q, calib_windows(src, cal), progress=True)
         fam.provenance = Provenance(model="builtin:ruyi-mini", quantize=q, calibration=cal)

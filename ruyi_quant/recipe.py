@@ -121,7 +121,7 @@ class Calibration(Strict):
 
     SECTION: ClassVar[str] = "calibration"  # its place among the settings (cli_flag)
 
-    source: str = "builtin:pydoc/calib"  # or a mix: "builtin:pydoc/calib + builtin:stdlib/calib"
+    source: str = "builtin:pydoc/calib + builtin:stdlib/calib"  # English docs and Python source, half each
     field: str = "text"  # JSONL field that holds the text
     samples: int = Field(32, ge=1)
     seq_len: int = Field(256, ge=8)

@@ -84,11 +84,12 @@ def kl_top1(ref: torch.Tensor, q: torch.Tensor) -> tuple[float, float]:
 
 
 def calib_ids(model_dir, n: int, t: int) -> torch.Tensor:
-    """n random windows of t tokens of builtin:pydoc/calib, as a job's calibration takes them."""
+    """n random windows of t tokens of builtin:pydoc/calib, as a job's calibration takes them (the
+    bounds the tests state were measured on this one domain)."""
     from ruyi_quant.recipe import Calibration
     from ruyi_quant.text import calib_windows
 
-    return calib_windows(model_dir, Calibration(samples=n, seq_len=t))
+    return calib_windows(model_dir, Calibration(source="builtin:pydoc/calib", samples=n, seq_len=t))
 
 
 def recording(method_cls):

@@ -620,7 +620,7 @@ def test_k_quants_with_our_importance_matrix(tmp_path):
     model = load_model(src)
     fam = QuantizedFamily.from_model(model)
     fam.provenance = Provenance(model=str(src))
-    cal = Calibration(samples=8, seq_len=64)
+    cal = Calibration(source="builtin:pydoc/calib", samples=8, seq_len=64)
     plain = export_gguf(
         fam, tmp_path / "p", src, GGUFExport(type="q4_k_m", imatrix=False), progress=False, calibration=cal
     )
