@@ -59,7 +59,9 @@ def main() -> None:
     a = ap.parse_args()
 
     src = resolve_model(a.model)
-    calib = calib_windows(src, Calibration(source="builtin:pydoc/calib", samples=a.samples, seq_len=a.seq_len))
+    calib = calib_windows(
+        src, Calibration(source="builtin:pydoc/calib", samples=a.samples, seq_len=a.seq_len)
+    )
     ev = eval_windows(src, Eval(samples=a.eval_samples, seq_len=a.seq_len))
     ref = QuantizedFamily.from_model(load_model(src))
     results, rows = [], []

@@ -85,7 +85,9 @@ def main() -> None:
     a = ap.parse_args()
 
     src = resolve_model(a.model)
-    calib = calib_windows(src, Calibration(source="builtin:pydoc/calib", samples=a.samples, seq_len=a.seq_len))
+    calib = calib_windows(
+        src, Calibration(source="builtin:pydoc/calib", samples=a.samples, seq_len=a.seq_len)
+    )
     ev = eval_windows(src, Eval(samples=a.eval_samples, seq_len=a.seq_len))
     model = load_model(src)
     cfg = model.config

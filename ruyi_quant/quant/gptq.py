@@ -47,22 +47,23 @@ def accumulate_hessian(hs: Hessian, x: torch.Tensor) -> None:
 
 def inverse_hessian_factor(h: torch.Tensor, damp: float, what: str) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1; more damping while not positive
-    definite (x10, three times), then a UserError naming the layer. Returns (factor, damp used).
-    At most three [K, K] matrices live at once (Ruyi's down_proj: 1.4 GB each)."""
+    definite (x10, three times), then a UserError naming the layer. Returns (factor, damp used);
+    the factor is a column-major view (`.contiguous()` gives it row-major, the same values).
+    One working [K, K] matrix beside H: LAPACK factors it, inverts it and factors it again in
+    place, handed a column-major view (H is symmetric, so the view holds the same matrix)."""
     mean_diag = torch.mean(torch.diag(h)).item() or 1.0
+    info = torch.empty((), dtype=torch.int32, device=h.device)
     for attempt in range(4):
         d = damp * 10**attempt
-        hd = h.clone()
-        hd.diagonal().add_(d * mean_diag)
-        chol, info = torch.linalg.cholesky_ex(hd)
-        del hd
+        a = h.clone().mT
+        a.diagonal().add_(d * mean_diag)
+        torch.linalg.cholesky_ex(a, out=(a, info))
         if info.item() == 0:
-            inv = torch.cholesky_inverse(chol)
-            del chol
-            factor, info = torch.linalg.cholesky_ex(inv, upper=True)
-            del inv
+            torch.cholesky_inverse(a, out=a)
+            torch.linalg.cholesky_ex(a, upper=True, out=(a, info))
             if info.item() == 0:
-                return factor, d
+                return a, d
+        del a
     raise UserError(
         f"{what}: Hessian not positive definite even with damping {d:g}; use more or "
         "more varied calibration text, or raise damp_percent"
@@ -80,17 +81,25 @@ class Factor:
     damp: float  # the damping that made H positive definite
 
 
-def factor_hessian(hs: Hessian, damp: float = 0.01, act_order: bool = False, what: str = "linear") -> Factor:
+def factor_hessian(
+    hs: Hessian, damp: float = 0.01, act_order: bool = False, what: str = "linear", consume: bool = False
+) -> Factor:
+    """`consume`: hs.h is let go (None) and worked on in place, so that at most two [K, K]
+    matrices live at once (Ruyi's down_proj: 1.4 GB each); else hs is left as it was."""
     h = hs.h
+    if consume:
+        hs.h = None
     dead = torch.diag(h) == 0
     if bool(dead.any()):
-        h = h.clone()
+        h = h if consume else h.clone()
         h[dead, dead] = 1
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else None
     if perm is not None:
-        h = h[perm][:, perm]
+        h = h[perm]
+        h = h[:, perm]
     u, damp_used = inverse_hessian_factor(h, damp, what)
-    return Factor(dead, perm, u, damp_used)
+    del h
+    return Factor(dead, perm, u.contiguous(), damp_used)
 
 
 def gptq_quantize(
@@ -191,10 +200,9 @@ class GPTQ:
 
     def quantize_group(self, linears: dict, hs: Hessian, plan, fam, inplace: bool = False) -> None:
         """Quantize linears that read one input (name -> module) against its Hessian, factored
-        once; the Hessian's matrix is let go as soon as it is factored (Ruyi's down_proj: 1.4 GB)."""
+        once, in place (the Hessian's matrix is let go: Ruyi's down_proj's is 1.4 GB)."""
         first = next(iter(linears))
-        f = factor_hessian(hs, self.opts["damp"], self.opts["act_order"], first)
-        hs.h = None
+        f = factor_hessian(hs, self.opts["damp"], self.opts["act_order"], first, consume=True)
         for name, linear in linears.items():
             self.quantize_linear(linear, name, f, plan[name], fam, inplace=inplace)
 

@@ -96,8 +96,7 @@ class BlockGPTQ(GPTQ):
     def quantize_group(self, linears: dict, hs: Hessian, plan, fam, inplace: bool = False) -> None:
         first = next(iter(linears))
         imatrix = importance(hs.h)
-        f = factor_hessian(hs, self.opts["damp"], self.opts["act_order"], first)
-        hs.h = None
+        f = factor_hessian(hs, self.opts["damp"], self.opts["act_order"], first, consume=True)
         if f.damp != self.opts["damp"]:
             self.damp_used[first] = f.damp
         for name, linear in linears.items():
