@@ -24,7 +24,7 @@ from .evaluate import evaluate
 from .log import Stages
 from .preflight import CALIBRATED, check_job
 from .quant.family import QuantizedFamily
-from .quant.plan import QuantSpec, settings_plan
+from .quant.plan import QuantSpec, act_order, settings_plan
 from .quant.rtn import rtn_family, rtn_lazy
 from .recipe import JOB_FAMILY, Eval, Job, Provenance, Quantize
 from .sources import resolve_model
@@ -91,7 +91,7 @@ def calibration_method(settings: Quantize, skeleton, plan):
     if settings.method == "awq":  # AWQ's scales, then llama.cpp's own rounding in its blocks
         return Smoothed(awq, BlockRounding(g.damp_percent)), "ggml"
     cls, layout = (BlockGPTQ, "ggml") if settings.gguf else (GPTQ, "gptq")
-    gptq = cls(g.damp_percent, g.block_size, g.act_order, g.static_groups)
+    gptq = cls(g.damp_percent, g.block_size, act_order(settings), g.static_groups)
     return (Smoothed(awq, gptq) if g.awq_scales else gptq), layout
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import UserError
+from .quant.plan import act_order as gptq_act_order
 from .recipe import Eval, Job, Quantize, cli_flag
 from .sources import resolve_model
 from .store.files import check_output_dir
@@ -129,7 +130,7 @@ def check_exports(job: Job, cfg, key: str) -> None:
             raise UserError(
                 f"{key}.quantize.group_size: {spec.group_size} is larger than {m}'s {widths[m]} input columns"
             )
-    act_order = q.method == "gptq" and q.gptq.act_order and not q.gptq.static_groups
+    act_order = q.method == "gptq" and gptq_act_order(q) and not q.gptq.static_groups
     target = exporters.Target.planned(cfg, plan, widths, act_order, q.gguf if plan else None)
     dumps = [ex.model_dump() for ex in job.export]
     for n, ex in enumerate(job.export):

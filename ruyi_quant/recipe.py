@@ -154,7 +154,7 @@ class GPTQOptions(Strict):
     SECTION: ClassVar[str] = "quantize.gptq"  # its place among the settings (cli_flag)
     damp_percent: float = Field(0.01, gt=0, le=1, allow_inf_nan=False)  # dampening, fraction of mean diag(H)
     block_size: int = Field(128, ge=1)  # columns per lazy batch update
-    act_order: bool = False  # desc_act: columns by decreasing diag(H)
+    act_order: bool | None = None  # desc_act: columns by decreasing diag(H); None: on with gguf only
     static_groups: bool = False  # group grids fixed up front (with act_order)
     awq_scales: bool = False  # AWQ's scales searched and folded in first (quant/smooth.py)
 

@@ -278,3 +278,26 @@ def test_quantize_awq_scales_smooth_the_family_before_gptq(tiny_dir, tmp_path, a
     changed = [k for k in norms if not torch.equal(fam.tensors[k].float(), float_state[k].float())]
     assert fam.method == "gptq" and bool(fam.stats.get("awq_scale_ratios")) == smoothed
     assert bool(changed) == smoothed, changed
+
+
+@pytest.mark.parametrize(
+    ("settings", "want"),
+    [
+        ({"method": "gptq"}, False),
+        ({"method": "gptq", "gguf": "q4_k_m"}, True),
+        ({"method": "gptq", "gguf": "q4_k_m", "gptq": {"act_order": False}}, False),
+        ({"method": "gptq", "gptq": {"act_order": True}}, True),
+    ],
+)
+def test_act_order_is_on_by_default_for_llama_cpps_blocks_only(tiny_dir, settings, want):
+    """The GPTQ that quantize runs: act-order by default for K-quant blocks (fixed groups, and it
+    generalised best there), off for plain grids, as set when set."""
+    from ruyi_quant.model.familial import skeleton
+    from ruyi_quant.pipeline import calibration_method, checked_plan
+    from ruyi_quant.recipe import Quantize
+    from ruyi_quant.store.checkpoint import load_model
+
+    q = Quantize(**settings)
+    model = skeleton(load_model(tiny_dir).config)
+    method, _ = calibration_method(q, model, checked_plan(model, q))
+    assert method.opts["act_order"] is want

@@ -3,6 +3,7 @@ checkpoint."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from ..recipe import AWQOptions, Calibration, GPTQOptions, Override, Provenance, Quantize
@@ -46,7 +47,11 @@ def add_parser(sub) -> None:
     s.add_argument(
         "--damp", type=float, help=f"gptq dampening (default {default(GPTQOptions, 'damp_percent')})"
     )
-    s.add_argument("--act-order", action="store_true", help="gptq: columns by decreasing diag(H)")
+    s.add_argument(
+        "--act-order",
+        action=argparse.BooleanOptionalAction,
+        help="gptq: columns by decreasing diag(H) (default: on with --gguf, else off)",
+    )
     s.add_argument("--static-groups", action="store_true", help="gptq: group grids fixed up front")
     s.add_argument(
         "--awq-scales", action="store_true", help="gptq: AWQ's scales searched and folded in first"

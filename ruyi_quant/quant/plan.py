@@ -36,6 +36,12 @@ def check_group_size(group_size: int) -> int:
     return group_size
 
 
+def act_order(q) -> bool:
+    """GPTQ's act-order as the quantize settings ask it: by default on for llama.cpp's blocks (their
+    groups are fixed, and it generalised best there: docs/performance.md), off for other grids."""
+    return q.gptq.act_order if q.gptq.act_order is not None else bool(q.gguf)
+
+
 def check_blocks(ftype, method, overrides):
     """quantize.gguf: GPTQ or AWQ into every exit file's llama.cpp types (heads included; bits,
     group_size and sym unused), which no override may change."""
