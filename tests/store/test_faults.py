@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import error_lines
 
 from ruyi_quant.cli import main
 from ruyi_quant.names import MARKER
@@ -63,8 +64,8 @@ def wait_for(cond, proc, timeout=120.0) -> bool:
 
 
 def messages(err: str) -> list[str]:
-    """stderr without the progress bars (tqdm's carriage-return redraws, erased when done)."""
-    return [x for x in err.replace("\r", "\n").splitlines() if x.strip() and "%|" not in x]
+    """stderr without its progress (tqdm's redraws on a terminal, a step's lines in a pipe)."""
+    return error_lines(err)
 
 
 def tmp_dirs(parent: Path, name: str = "out") -> list[Path]:
