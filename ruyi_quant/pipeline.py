@@ -89,7 +89,7 @@ def calibration_method(settings: Quantize, skeleton, plan):
     if settings.method == "awq" and not settings.gguf:
         return awq, ("awq" if awq_layout_fits(skeleton, plan) else "gptq")
     if settings.method == "awq":  # AWQ's scales, then llama.cpp's own rounding in its blocks
-        return Smoothed(awq, BlockRounding(g.damp_percent)), "ggml"
+        return Smoothed(awq, BlockRounding()), "ggml"
     cls, layout = (BlockGPTQ, "ggml") if settings.gguf else (GPTQ, "gptq")
     gptq = cls(g.damp_percent, g.block_size, act_order(settings), g.static_groups)
     return (Smoothed(awq, gptq) if g.awq_scales else gptq), layout

@@ -58,11 +58,11 @@ DOWNLOAD = (
 class Run:
     """The stages so far, written to OUT/summary.json after each."""
 
-    def __init__(self, out: Path, budget: float):
+    def __init__(self, out: Path, budget: float, wheels: Path):
         self.out, self.deadline, self.t0 = out, time.monotonic() + budget, time.monotonic()
         self.stages: list[dict] = []
         self.env: dict = dict(os.environ)
-        self.wheels = ROOT / ".whl"
+        self.wheels = wheels
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -171,8 +171,7 @@ def main() -> None:
         print(DOWNLOAD)
         return
     a.out.mkdir(parents=True, exist_ok=True)
-    run = Run(a.out, a.budget)
-    run.wheels = a.wheel_dir
+    run = Run(a.out, a.budget, a.wheel_dir)
     info = environment(run)
     if run.stages[-1]["status"] != "ok":
         raise SystemExit(1)

@@ -24,10 +24,6 @@ class Smoothed:
     def ratios(self) -> dict:
         return self.awq.ratios
 
-    @property
-    def damp_used(self) -> dict:
-        return self.inner.damp_used
-
     def layer(self, layer, prefix: str, xs, kw, plan, fam) -> None:
         self.awq.smooth(layer, prefix, xs, kw, plan)
         self.inner.layer(layer, prefix, xs, kw, plan, fam)
