@@ -37,6 +37,11 @@ class Group:
     reads: str
     linears: tuple[Linear, ...]
     fused: str | None = None  # the group as one matmul (ONNX's qkv and gate-up projections)
+    # the layer's sub-block whose last op is this group's one linear: the block's output is that
+    # linear applied to its input (calibration replays it, walk.Replay), a pair with the
+    # attention weights for attention, as transformers' attention modules return
+    ends: str | None = None
+    ends_pair: bool = False
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -53,7 +58,12 @@ DECODER_LAYER = (
         ),
         fused="self_attn.qkv_proj",
     ),
-    Group("self_attn.v_proj", (Linear("self_attn.o_proj", False, "hidden", "q"),)),
+    Group(
+        "self_attn.v_proj",
+        (Linear("self_attn.o_proj", False, "hidden", "q"),),
+        ends="self_attn",
+        ends_pair=True,
+    ),
     Group(
         "post_attention_layernorm",
         (
@@ -62,11 +72,10 @@ DECODER_LAYER = (
         ),
         fused="mlp.gate_up_proj",
     ),
-    Group("mlp.up_proj", (Linear("mlp.down_proj", False, "hidden", "intermediate"),)),
+    Group("mlp.up_proj", (Linear("mlp.down_proj", False, "hidden", "intermediate"),), ends="mlp"),
 )
 LAYER_LINEARS = {lin.name: lin for g in DECODER_LAYER for lin in g.linears}  # execution order
 LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
-SEQUENTIAL_GROUPS = tuple(g.names for g in DECODER_LAYER)
 BIASES = tuple(f"{lin.name}.bias" for lin in LAYER_LINEARS.values() if lin.bias)
 
 

@@ -18,7 +18,7 @@ from ..model import layout
 from .calibrate import store
 from .plan import QuantSpec
 from .rtn import fake_quantize, rtn_quantize
-from .walk import capture_inputs, capture_many
+from .walk import Replay, capture_many
 
 # (feeding op, linears it feeds) per layer, in the order the layer computes them (model/layout.py)
 MAPPINGS = {"qwen2": tuple((g.reads, g.names) for g in layout.DECODER_LAYER)}
@@ -189,17 +189,17 @@ class AWQ:
             grid = rtn_quantize(w, spec)
         store(fam, linear, name, spec, *grid)
 
-    def layer(self, layer, prefix: str, xs, kw, plan, fam) -> None:
+    def layer(self, layer, prefix: str, xs, kw, plan, fam) -> list[torch.Tensor]:
+        """Smooth, clip and round a layer's planned linears; returns the layer's outputs."""
         self.smooth(layer, prefix, xs, kw, plan)
         # 2. clip and round, group by group, inputs captured through the quantized groups
-        for group in layout.SEQUENTIAL_GROUPS:
-            mods = [m for m in group if f"{prefix}.{m}" in plan]
+        replay = Replay(layer, xs, kw)
+        for group in layout.DECODER_LAYER:
+            mods = [m for m in group.names if f"{prefix}.{m}" in plan]
             if not mods:
                 continue
             rows: list[torch.Tensor] = []
-            capture_inputs(
-                layer, layer.get_submodule(mods[0]), xs, kw, lambda x: rows.append(x.reshape(-1, x.shape[-1]))
-            )
+            replay.capture(group, mods, lambda x: rows.append(x.reshape(-1, x.shape[-1])))
             x = sample_rows(torch.cat(rows), self.max_tokens)
             for m in mods:
                 self.quantize_linear(
@@ -210,6 +210,8 @@ class AWQ:
                     fam,
                     clip=m not in NO_CLIP,
                 )
+            replay.quantized(group)
+        return replay.outputs()
 
     def smooth(self, layer, prefix: str, xs, kw, plan) -> None:
         """1. scales: inputs of every pair from the float layer, searched and folded in order

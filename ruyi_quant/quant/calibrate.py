@@ -10,7 +10,8 @@ over every exit and is quantized once at the end. Inside a layer, linears that r
 input are quantized together, and the next group's inputs are captured through them
 (true-sequential). One layer's weights sit on the compute device at a time.
 
-A method is an object with `layer(layer, prefix, xs, kw, plan, fam)`,
+A method is an object with `layer(layer, prefix, xs, kw, plan, fam)` (which may return the
+layer's outputs, one per batch, as it computed them),
 `observe_head(name, x, norm)` and `finish_head(name, head, plan, fam)` (see gptq/awq).
 """
 
@@ -131,7 +132,8 @@ def calibrate(
 
     def quantize_layer(step, layer, inputs):
         if any(m.startswith(step.prefix + ".") for m in plan):
-            method.layer(layer, step.prefix, inputs, walk.kw, plan, fam)
+            return method.layer(layer, step.prefix, inputs, walk.kw, plan, fam)
+        return None
 
     def run_head(j, hidden):
         head_name = head_prefix(cfg.shared_heads, j)

@@ -17,8 +17,8 @@ from ..errors import UserError
 from ..model import layout
 from .calibrate import store
 from .plan import QuantSpec
-from .rtn import group_qparams, quantize_to_grid
-from .walk import capture_inputs
+from .rtn import group_qparams
+from .walk import Replay
 
 UPDATE_AT_ONCE = 1 << 26  # elements of GPTQ's lazy block update computed at once (256 MB in fp32)
 
@@ -137,30 +137,27 @@ def gptq_quantize(
     U = f.u  # [K, K] upper
 
     q = torch.zeros(n, k, dtype=torch.uint8, device=W.device)  # permuted order
-    group_of = torch.zeros(k, dtype=torch.int64)  # permuted order
+    # the group of each column in processing order: runs of gs, or the original order's runs
+    group_of = (f.perm if static is not None and f.perm is not None else torch.arange(k)).cpu() // gs
+    groups = group_of.tolist()
     scales, zeros = [], []
+    grids = [(s.float(), z.float()) for s, z in static] if static is not None else []
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         W1, Err = W[:, i1:i2].clone(), torch.zeros(n, i2 - i1, device=W.device)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if static is not None:
-                g = (int(f.perm[col]) if f.perm is not None else col) // gs
-                scale, zero = static[g]
-            else:
-                if col % gs == 0:  # a new group: its grid from current weights
-                    cur = torch.cat([W1[:, i:], W[:, i2 : i2 + gs]], 1)[:, :gs]
-                    scales.append(None)
-                    zeros.append(None)
-                    scales[-1], zeros[-1] = group_qparams(cur, spec)
-                g = len(scales) - 1
-                scale, zero = scales[g], zeros[g]
+            if static is None and col % gs == 0:  # a new group: its grid from current weights
+                scale, zero = group_qparams(torch.cat([W1[:, i:], W[:, i2 : i2 + gs]], 1)[:, :gs], spec)
+                scales.append(scale)
+                zeros.append(zero)
+                grids.append((scale.float(), zero.float()))
+            sf, zf = grids[groups[col]]
             wcol = W1[:, i]
-            qcol = quantize_to_grid(wcol.unsqueeze(1), scale, zero, spec.maxq).squeeze(1)
-            q[:, col], group_of[col] = qcol, g
-            deq = scale.float() * (qcol - zero).float()
-            err = (wcol - deq) / U1[i, i]
+            qf = torch.clamp(torch.round(wcol / sf) + zf, 0, spec.maxq)  # quantize_to_grid's codes
+            q[:, col] = qf
+            err = (wcol - sf * (qf - zf)) / U1[i, i]
             W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
             Err[:, i] = err
         step = k if n * (k - i2) <= UPDATE_AT_ONCE else max(1, UPDATE_AT_ONCE // n)
@@ -173,6 +170,17 @@ def gptq_quantize(
     if static is not None:
         scales, zeros = [s for s, _ in static], [z for _, z in static]
     return (q.t().contiguous(), torch.stack(scales), torch.stack(zeros), group_of.to(torch.int32), f.damp)
+
+
+def same_spec_runs(linears: dict, plan) -> list[list[str]]:
+    """The names of `linears` in runs of consecutive ones with one spec."""
+    runs: list[list[str]] = []
+    for name in linears:
+        if runs and plan[runs[-1][0]] == plan[name]:
+            runs[-1].append(name)
+        else:
+            runs.append([name])
+    return runs
 
 
 class GPTQ:
@@ -200,21 +208,49 @@ class GPTQ:
 
     def quantize_group(self, linears: dict, hs: Hessian, plan, fam, inplace: bool = False) -> None:
         """Quantize linears that read one input (name -> module) against its Hessian, factored
-        once, in place (the Hessian's matrix is let go: Ruyi's down_proj's is 1.4 GB)."""
+        once, in place (the Hessian's matrix is let go: Ruyi's down_proj's is 1.4 GB). Linears of
+        one spec are quantized as one matrix, their rows stacked: GPTQ treats every row alike
+        and apart, so each gets the grid it would get alone, in one column loop, not several."""
         first = next(iter(linears))
         f = factor_hessian(hs, self.opts["damp"], self.opts["act_order"], first, consume=True)
-        for name, linear in linears.items():
-            self.quantize_linear(linear, name, f, plan[name], fam, inplace=inplace)
+        for run in same_spec_runs(linears, plan):
+            if len(run) == 1:
+                self.quantize_linear(linears[run[0]], run[0], f, plan[run[0]], fam, inplace=inplace)
+                continue
+            w = torch.cat([linears[name].weight.detach().float() for name in run])
+            q, scales, zeros, g_idx, d = gptq_quantize(
+                w, f, plan[run[0]], what=first, inplace=True, **self.opts
+            )
+            del w
+            rows = [linears[name].out_features for name in run]
+            parts = zip(run, q.split(rows, 1), scales.split(rows, 1), zeros.split(rows, 1))
+            for name, qi, si, zi in parts:
+                if d != self.opts["damp"]:
+                    self.damp_used[name] = d
+                store(
+                    fam,
+                    linears[name],
+                    name,
+                    plan[name],
+                    qi.contiguous(),
+                    si.contiguous(),
+                    zi.contiguous(),
+                    g_idx.clone(),
+                )
 
-    def layer(self, layer, prefix: str, xs, kw, plan, fam) -> None:
-        for group in layout.SEQUENTIAL_GROUPS:
-            mods = [m for m in group if f"{prefix}.{m}" in plan]
+    def layer(self, layer, prefix: str, xs, kw, plan, fam) -> list[torch.Tensor]:
+        """Quantize a layer's planned linears group by group; returns the layer's outputs."""
+        replay = Replay(layer, xs, kw)
+        for group in layout.DECODER_LAYER:
+            mods = [m for m in group.names if f"{prefix}.{m}" in plan]
             if not mods:
                 continue
             first = layer.get_submodule(mods[0])
             hs = Hessian.zeros(first.in_features, first.weight.device)
-            capture_inputs(layer, first, xs, kw, lambda x: accumulate_hessian(hs, x))
+            replay.capture(group, mods, lambda x: accumulate_hessian(hs, x))
             self.quantize_group({f"{prefix}.{m}": layer.get_submodule(m) for m in mods}, hs, plan, fam)
+            replay.quantized(group)
+        return replay.outputs()
 
     def observe_head(self, name: str, x: torch.Tensor, norm=None) -> None:
         if name not in self.heads:

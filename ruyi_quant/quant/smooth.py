@@ -24,9 +24,9 @@ class Smoothed:
     def ratios(self) -> dict:
         return self.awq.ratios
 
-    def layer(self, layer, prefix: str, xs, kw, plan, fam) -> None:
+    def layer(self, layer, prefix: str, xs, kw, plan, fam):
         self.awq.smooth(layer, prefix, xs, kw, plan)
-        self.inner.layer(layer, prefix, xs, kw, plan, fam)
+        return self.inner.layer(layer, prefix, xs, kw, plan, fam)
 
     def observe_head(self, name: str, x, norm=None) -> None:
         self.awq.observe_head(name, x, norm)

@@ -12,7 +12,7 @@ Calibration, streamed evaluation, the importance matrix and branch training each
         if step.kind == "exit": ...        # the exit's branch output; the trunk goes on from its own
 
 `before(step, layer, inputs)` runs on a layer's inputs before its outputs are computed (calibration
-quantizes the layer there), `observe(module, x)` sees the input of every linear as the outputs are
+quantizes the layer there, and may return the outputs, one per batch: see `Replay`), `observe(module, x)` sees the input of every linear as the outputs are
 computed (the importance matrix), and `drop(step)` replaces the default of dropping the layer
 (calibration keeps its float tensors and spills its grids first); a step is yielded after its layer
 is dropped, so an exit's head never shares memory with its branch. Every batch gets the float32
@@ -118,6 +118,87 @@ def capture_inputs(layer, linear, xs: list[torch.Tensor], kw: dict, fn) -> None:
     capture_many(layer, {0: linear}, xs, kw, lambda key, x: fn(x))
 
 
+class Replay:
+    """One layer's true-sequential passes (a group's inputs captured, the group quantized, the next
+    group's inputs captured through it, ..., the layer's outputs) with no block computed twice.
+
+    A group that ends a block (`layout.Group.ends`: o_proj ends the attention, down_proj the MLP)
+    has its inputs kept as they are captured. Once the group is quantized, that block's output
+    for each batch is its linear applied to the kept input, computed once and kept: later passes
+    return it instead of running the block again. It is the same op on the same tensor, so every
+    later value is bit for bit what a whole forward gives. Kept tensors live where the
+    activations do (CPU memory when they are offloaded)."""
+
+    def __init__(self, layer, xs: "Activations", kw: dict):
+        self.layer, self.xs, self.kw = layer, xs, kw
+        self.kept: dict = {}  # group -> the inputs of its linear, per batch
+        self.known: dict = {}  # group -> the block's outputs, per batch
+        self.i = 0
+
+    def _over(self):
+        for self.i, x in enumerate(self.xs):
+            yield x
+
+    def _place(self, t: torch.Tensor) -> torch.Tensor:
+        return t.cpu() if self.xs.offload else t
+
+    def _block(self, group):
+        linear = self.layer.get_submodule(group.linears[0].name)
+
+        def forward(*args, **kwargs):
+            out = self.known[group]
+            if len(out) == self.i:  # first pass since the group was quantized
+                out.append(self._place(linear(self.kept[group][self.i].to(self.xs.dev))))
+                self.kept[group][self.i] = None
+            y = out[self.i].to(self.xs.dev)
+            return (y, None) if group.ends_pair else y
+
+        return forward
+
+    def _patched(self):
+        return _Patched({self.layer.get_submodule(g.ends): self._block(g) for g in self.known})
+
+    def capture(self, group, linears: list[str], fn) -> None:
+        """Run the layer over every batch, calling fn(input of the first of `linears`) each time
+        (they read one input); a group that ends a block keeps the inputs for its replay."""
+        keep = group.ends is not None
+        if keep:
+            self.kept[group] = []
+
+        def see(x):
+            if keep:
+                self.kept[group].append(self._place(x))
+            fn(x)
+
+        with self._patched():
+            capture_inputs(self.layer, self.layer.get_submodule(linears[0]), self._over(), self.kw, see)
+
+    def quantized(self, group) -> None:
+        """The group's linears are final: later passes replay the block it ends."""
+        if group in self.kept:
+            self.known[group] = []
+
+    def outputs(self) -> list[torch.Tensor]:
+        """The layer's outputs, one per batch."""
+        with self._patched():
+            return [self.layer(x, **self.kw) for x in self._over()]
+
+
+class _Patched:
+    """Modules whose forward is replaced (an instance attribute) for the duration."""
+
+    def __init__(self, forwards: dict):
+        self.forwards = forwards
+
+    def __enter__(self):
+        for mod, fn in self.forwards.items():
+            mod.forward = fn
+
+    def __exit__(self, *exc):
+        for mod in self.forwards:
+            del mod.forward
+
+
 class Activations:
     """Calibration activations, batch by batch: on the compute device when they fit, otherwise
     in CPU memory, each batch moved to the device as it is used (batches are placed so here)."""
@@ -182,10 +263,13 @@ class Walk:
         for step in bar(self.plan(), desc=desc, unit="layer", enabled=progress):
             t0 = time.perf_counter()
             layer = self.weights.load(step.prefix)
-            if before is not None:
-                before(step, layer, self.xs)
-            with _Observing(layer, step.prefix, observe):
-                out = self.xs.map(lambda x: layer(x, **self.kw))
+            given = before(step, layer, self.xs) if before is not None else None
+            if given is not None:  # the layer's outputs, computed as it was quantized
+                assert observe is None, "observe sees the outputs' computation"
+                out = Activations(given, self.dev, self.xs.offload)
+            else:
+                with _Observing(layer, step.prefix, observe):
+                    out = self.xs.map(lambda x: layer(x, **self.kw))
             if drop is not None:
                 drop(step)
             else:
