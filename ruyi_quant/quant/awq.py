@@ -62,18 +62,16 @@ def search_scales(
     else:
         w_mean = sum(norm_mean(w).sum(0) for w in parts) / n
     x_mean = x.abs().mean(0)
-
-    ref = x @ w.t() if one else None
+    # ||x W^T - x Q^T||^2 = sum over the rows d of W - Q of d G d^T, G = x^T x, made once: a
+    # candidate then costs N*K*K, not m*N*K, where K < m rows (ruyi-mini; not Ruyi-7B's width)
+    gram = x.t() @ x if k < x.shape[0] else None
 
     def loss_of(s):  # s None: plain rounding
-        if one:
-            q = fake_quantize(w, spec) if s is None else fake_quantize(w * s, spec) / s
-            return (x @ q.t() - ref).pow(2).mean().item()
         total = 0.0
-        for part in parts:
+        for part in [w] if one else parts:
             wf = part.float()
-            q = fake_quantize(wf, spec) if s is None else fake_quantize(wf * s, spec) / s
-            total += (x @ (q - wf).t()).pow(2).sum().item()
+            d = (fake_quantize(wf, spec) if s is None else fake_quantize(wf * s, spec) / s) - wf
+            total += ((d @ gram) * d).sum().item() if gram is not None else (x @ d.t()).pow(2).sum().item()
         return total / (x.shape[0] * n)
 
     losses, best, best_s = [], None, torch.ones(k, device=x.device)
