@@ -30,16 +30,30 @@ def nll_sum(logp: torch.Tensor, ids: torch.Tensor) -> float:
     return -logp[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).sum().item()
 
 
+ROWS_AT_ONCE = 32  # positions whose log-probabilities are made at a time (cache-sized)
+
+
 def token_stats(ref_logits: torch.Tensor, q_logits: torch.Tensor, ids: torch.Tensor) -> dict:
     """Sums over one batch. logits [B, T, V], ids [B, T]: next-token NLL of both models (T-1
-    positions per row), KL(ref || quant) and argmax agreement (all T positions)."""
-    lp = torch.log_softmax(ref_logits.float(), -1)
-    lq = torch.log_softmax(q_logits.float(), -1)
+    positions per row), KL(ref || quant) and argmax agreement (all T positions). The
+    log-probabilities are made ROWS_AT_ONCE positions at a time: every figure is a row's own
+    (log_softmax, the KL's sum over V, argmax), and the per-position values are summed once,
+    over the whole batch, so the sums are what whole-batch maths gives, bit for bit."""
+    nll_ref, nll_q, kl, top1 = [], [], [], []
+    targets = torch.cat([ids[:, 1:], ids[:, :1]], 1)  # position t's next token; the last is dropped
+    for t in range(0, ids.shape[1], ROWS_AT_ONCE):
+        lp = torch.log_softmax(ref_logits[:, t : t + ROWS_AT_ONCE].float(), -1)
+        lq = torch.log_softmax(q_logits[:, t : t + ROWS_AT_ONCE].float(), -1)
+        nxt = targets[:, t : t + ROWS_AT_ONCE].unsqueeze(-1)
+        nll_ref.append(lp.gather(-1, nxt).squeeze(-1))
+        nll_q.append(lq.gather(-1, nxt).squeeze(-1))
+        kl.append(kl_rows(lp, lq))
+        top1.append(lp.argmax(-1) == lq.argmax(-1))
     return {
-        "nll_ref": nll_sum(lp, ids),
-        "nll_quant": nll_sum(lq, ids),
-        "kl": kl_rows(lp, lq).sum().item(),
-        "top1": (lp.argmax(-1) == lq.argmax(-1)).sum().item(),
+        "nll_ref": -torch.cat(nll_ref, 1)[:, :-1].contiguous().sum().item(),
+        "nll_quant": -torch.cat(nll_q, 1)[:, :-1].contiguous().sum().item(),
+        "kl": torch.cat(kl, 1).sum().item(),
+        "top1": torch.cat(top1, 1).sum().item(),
         "positions": ids.numel(),
         "targets": ids[:, 1:].numel(),
     }
