@@ -7,8 +7,10 @@ batch through a layer before the next layer is read. All maths in float32.
 
 from __future__ import annotations
 
+import hashlib
 import math
-from contextlib import closing
+from contextlib import closing, nullcontext
+from pathlib import Path
 
 import torch
 
@@ -33,16 +35,31 @@ def nll_sum(logp: torch.Tensor, ids: torch.Tensor) -> float:
 ROWS_AT_ONCE = 32  # positions whose log-probabilities are made at a time (cache-sized)
 
 
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the vocabulary of logits [B, T, V], in float32, ROWS_AT_ONCE positions
+    at a time (each row's own: the same values as one call)."""
+    parts = [
+        torch.log_softmax(logits[:, t : t + ROWS_AT_ONCE].float(), -1)
+        for t in range(0, logits.shape[1], ROWS_AT_ONCE)
+    ]
+    return torch.cat(parts, 1)
+
+
 def token_stats(ref_logits: torch.Tensor, q_logits: torch.Tensor, ids: torch.Tensor) -> dict:
     """Sums over one batch. logits [B, T, V], ids [B, T]: next-token NLL of both models (T-1
-    positions per row), KL(ref || quant) and argmax agreement (all T positions). The
-    log-probabilities are made ROWS_AT_ONCE positions at a time: every figure is a row's own
-    (log_softmax, the KL's sum over V, argmax), and the per-position values are summed once,
-    over the whole batch, so the sums are what whole-batch maths gives, bit for bit."""
+    positions per row), KL(ref || quant) and argmax agreement (all T positions)."""
+    return stats_of(log_probs(ref_logits), q_logits, ids)
+
+
+def stats_of(ref_lp: torch.Tensor, q_logits: torch.Tensor, ids: torch.Tensor) -> dict:
+    """token_stats from the reference's log-probabilities. The quantized model's are made
+    ROWS_AT_ONCE positions at a time: every figure is a row's own (log_softmax, the KL's sum over
+    V, argmax), and the per-position values are summed once, over the whole batch, so the sums
+    are what whole-batch maths gives, bit for bit."""
     nll_ref, nll_q, kl, top1 = [], [], [], []
     targets = torch.cat([ids[:, 1:], ids[:, :1]], 1)  # position t's next token; the last is dropped
     for t in range(0, ids.shape[1], ROWS_AT_ONCE):
-        lp = torch.log_softmax(ref_logits[:, t : t + ROWS_AT_ONCE].float(), -1)
+        lp = ref_lp[:, t : t + ROWS_AT_ONCE]
         lq = torch.log_softmax(q_logits[:, t : t + ROWS_AT_ONCE].float(), -1)
         nxt = targets[:, t : t + ROWS_AT_ONCE].unsqueeze(-1)
         nll_ref.append(lp.gather(-1, nxt).squeeze(-1))
@@ -57,6 +74,47 @@ def token_stats(ref_logits: torch.Tensor, q_logits: torch.Tensor, ids: torch.Ten
         "positions": ids.numel(),
         "targets": ids[:, 1:].numel(),
     }
+
+
+class ReferenceCache:
+    """The reference's outputs at every exit (each exit's branch output, batch by batch, before
+    its norm and head) on one set of windows, kept in memory for the next evaluation against
+    the same reference on the same windows: a recipe's jobs on one model then walk the
+    reference's trunk once, not once a job. It keeps one evaluation's worth, when that is at most
+    `budget` bytes (ruyi-mini on 16 x 256 tokens: 47 MB; Ruyi-7B: 294 MB); a larger one is
+    computed every time. The heads are run again: their logits are vocabulary-wide (ruyi-mini's:
+    4 GB for the same windows)."""
+
+    def __init__(self, budget: int = 1 << 30):
+        self.budget = budget
+        self.key: tuple | None = None
+        self.outputs: dict[int, list[torch.Tensor]] = {}
+
+    @staticmethod
+    def key_of(ref: QuantizedFamily, windows: torch.Tensor, exits: list[int], batch: int) -> tuple | None:
+        """What makes an evaluation's reference side the same: the reference's directory and its
+        files (by its manifest's sha256, else by size and modification time; a family not read
+        from a directory is not cached), the windows, exits, batch."""
+        if ref.directory is None:
+            return None
+        if ref.files is not None and ref.files.files:
+            files = tuple(sorted(ref.files.files.items()))
+        else:
+            stats = ((p.name, p.stat()) for p in sorted(Path(ref.directory).iterdir()) if p.is_file())
+            files = tuple((name, st.st_size, st.st_mtime_ns) for name, st in stats)
+        tokens = hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()
+        return (str(ref.directory), files, tuple(windows.shape), tokens, tuple(exits), batch)
+
+    def holds(self, key) -> bool:
+        return key is not None and key == self.key and len(self.outputs) == len(key[4])
+
+    def start(self, key, nbytes: int) -> bool:
+        """Forget what is kept; keep `key`'s outputs (nbytes in all) if they fit."""
+        self.key, self.outputs = None, {}
+        if key is None or nbytes > self.budget:
+            return False
+        self.key = key
+        return True
 
 
 @torch.no_grad()
@@ -87,25 +145,40 @@ def compare_families(
     exits: list[int],
     batch: int = 4,
     progress: bool = True,
+    cache: ReferenceCache | None = None,
 ) -> dict[int, dict]:
     """compare() of two families, streamed: the same numbers as compare() of their dequantized
     models, bit for bit (the same float32 operations on every batch), with one layer of each
-    family in memory instead of both whole models."""
-    walks = [Walk(ref, windows, batch, exits=exits), Walk(quant, windows, batch, exits=exits)]
+    family in memory instead of both whole models. With `cache`, the reference side is read
+    from it when it holds this evaluation's, and kept in it otherwise."""
+    key = ReferenceCache.key_of(ref, windows, exits, batch) if cache is not None else None
+    hit = cache is not None and cache.holds(key)
+    keep = (
+        cache is not None
+        and not hit
+        and cache.start(key, len(exits) * windows.numel() * ref.config.hidden_size * 4)
+    )
+    walks = [Walk(quant, windows, batch, exits=exits), Walk(ref, windows, batch, exits=exits)]
     batches = list(windows.split(batch))
     sums: dict[int, dict] = {e: {} for e in exits}
     with (
-        closing(walks[0].steps(progress=progress, desc="eval")) as ref_steps,
-        closing(walks[1].steps()) as quant_steps,
+        closing(walks[0].steps(progress=progress, desc="eval")) as quant_steps,
+        nullcontext(None) if hit else closing(walks[1].steps()) as ref_steps,
     ):
-        for (step, r_out), (_, q_out) in zip(ref_steps, quant_steps):
+        for step, q_out in quant_steps:
+            if not hit:  # the reference's walk in step with the quantized family's
+                r_out = next(ref_steps)[1].batches
             if step.kind != "exit":
                 continue
+            if hit:
+                r_out = cache.outputs[step.layer]
+            elif keep:
+                cache.outputs[step.layer] = r_out
             head, norm = head_prefix(ref.config.shared_heads, step.j), names.EXIT_NORM.format(j=step.j)
-            parts = [(w.load(norm), w.load(head)) for w in walks]
+            (q_norm, q_head), (r_norm, r_head) = [(w.load(norm), w.load(head)) for w in walks]
             for i, ids in enumerate(batches):
-                r, q = (h(n(out[i])) for (n, h), out in zip(parts, (r_out.batches, q_out.batches)))
-                for k, v in token_stats(r, q, ids).items():
+                lp = log_probs(r_head(r_norm(r_out[i])))
+                for k, v in stats_of(lp, q_head(q_norm(q_out.batches[i])), ids).items():
                     sums[step.layer][k] = sums[step.layer].get(k, 0) + v
             for w in walks:
                 for prefix in (norm, head):
@@ -160,10 +233,11 @@ def evaluate(
     exits: list[int] | None = None,
     batch: int = 4,
     progress: bool = True,
+    cache: ReferenceCache | None = None,
 ) -> dict:
     """The report `ruyi-quant eval` prints and writes: one row per exit plus family totals."""
     exits = exits or ref_fam.config.exits
-    scores = compare_families(ref_fam, quant_fam, windows, exits, batch, progress)
+    scores = compare_families(ref_fam, quant_fam, windows, exits, batch, progress, cache)
     ref_sizes, q_sizes = exit_sizes(ref_fam), exit_sizes(quant_fam)
     rows = []
     for e in exits:

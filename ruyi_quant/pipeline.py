@@ -156,9 +156,12 @@ def eval_report(
     ev: Eval,
     out_dir: Path | None,
     progress: bool = True,
+    cache=None,
 ) -> dict:
+    """Evaluate `fam` against `ref` as `ev` says and write eval.json/.md/.png in out_dir; `cache`
+    (an evaluate.ReferenceCache) keeps the reference's side for the next job that shares it."""
     windows = eval_windows(model_dir, ev)
-    report = evaluate(ref, fam, windows, ref.config.exit_list(ev.exits), ev.batch, progress)
+    report = evaluate(ref, fam, windows, ref.config.exit_list(ev.exits), ev.batch, progress, cache)
     report["source"] = ev.source
     if out_dir is not None:
         from .report import eval_markdown, eval_plot
@@ -192,9 +195,16 @@ def write_manifest(out: Path, job: Job, summary: dict) -> None:
 
 
 def run_job(
-    job: Job, base: Path, force: bool = False, progress: bool = True, say=print, index: int = 0
+    job: Job,
+    base: Path,
+    force: bool = False,
+    progress: bool = True,
+    say=print,
+    index: int = 0,
+    cache=None,
 ) -> dict:
-    """Run one job; returns its summary ({'status': 'done'|'skipped', ...})."""
+    """Run one job; returns its summary ({'status': 'done'|'skipped', ...}). `cache`: an
+    evaluate.ReferenceCache that the jobs of one run share."""
     out, src, calib, ev = check_job(job, base, index)
     if not force and manifest_ok(out, job.digest()):
         sweep(out.parent)  # a dead run's leftovers (atomic_dir sweeps when it runs)
@@ -237,7 +247,7 @@ def run_job(
         if ev is not None:
             say(f"[{job.name}] evaluating on {ev.source}")
             with stages.stage("evaluate"):
-                summary["eval"] = eval_report(ref, fam, src, ev, tmp, progress)
+                summary["eval"] = eval_report(ref, fam, src, ev, tmp, progress, cache)
             done("eval")
         ref.verify()  # the model read was the one its manifest lists
         summary["seconds"] = time.perf_counter() - t0

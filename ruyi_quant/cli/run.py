@@ -22,6 +22,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> None:
+    from ..evaluate import ReferenceCache
     from ..pipeline import run_job
     from ..preflight import check_job
     from ..recipe import load_recipe
@@ -38,10 +39,10 @@ def run(args) -> None:
         check_job(job, base, index[id(job)])
     con = console()
     results = []
+    cache = ReferenceCache()  # the reference's side of evaluation, shared by the jobs
     for job in jobs:
-        res = run_job(
-            job, base, force=args.force, say=lambda m: con.print(m, markup=False), index=index[id(job)]
-        )
+        say = lambda m: con.print(m, markup=False)  # noqa: E731
+        res = run_job(job, base, force=args.force, say=say, index=index[id(job)], cache=cache)
         results.append((job, res))
         if res.get("eval"):
             con.print(rich_table(f"{job.name}: {res['method']} vs reference", *eval_cells(res["eval"])))

@@ -32,6 +32,7 @@ class QuantizedFamily:
     provenance: object = None  # recipe.Provenance: what made it
     stats: dict = field(default_factory=dict)  # e.g. seconds per stage
     files: object = None  # store.files.ListedFiles of the directory it was read from
+    directory: object = None  # the directory it was read from (a Path), if any
 
     def verify(self) -> None:
         """The files it was read from are the ones their manifest lists (a UserError if not)."""

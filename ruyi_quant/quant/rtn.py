@@ -24,8 +24,8 @@ def group_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch
     """
     w = w.float()
     maxq = spec.maxq
-    lo = torch.clamp(w.min(dim=1).values, max=0)
-    hi = torch.clamp(w.max(dim=1).values, min=0)
+    lo, hi = torch.aminmax(w, dim=1)  # one pass
+    lo, hi = torch.clamp(lo, max=0), torch.clamp(hi, min=0)
     if spec.sym:
         amax = torch.maximum(-lo, hi)
         amax = torch.where(amax == 0, torch.ones_like(amax), amax)

@@ -60,12 +60,55 @@ def _round_f32(x: float) -> float:
     return float(np.format_float_positional(np.float32(x), unique=True))
 
 
+GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+GGUF_STRING, GGUF_ARRAY = 8, 9
+
+
+def gguf_string(gguf_path: Path, key: str) -> str | None:
+    """One string field of a GGUF's metadata, or None: the key-value section read as the format
+    lays it out (little-endian; strings are a u64 length and UTF-8 bytes; arrays a u32 element
+    type, a u64 count, the elements), stopping at the key. gguf.GGUFReader would parse every
+    field first, SmolLM2's 49152 tokens and 48900 merges among them: seconds, where this is
+    milliseconds."""
+    import mmap
+    import struct
+
+    with open(gguf_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        if m[:4] != b"GGUF":
+            raise UserError(f"{gguf_path}: not a GGUF file")
+        (n_kv,) = struct.unpack_from("<Q", m, 16)  # after magic, version u32, tensor count u64
+        pos = 24
+
+        def string(pos):
+            (n,) = struct.unpack_from("<Q", m, pos)
+            return m[pos + 8 : pos + 8 + n].decode("utf-8"), pos + 8 + n
+
+        def skip(kind, pos):
+            if kind == GGUF_STRING:
+                return string(pos)[1]
+            if kind == GGUF_ARRAY:
+                inner, count = struct.unpack_from("<IQ", m, pos)
+                pos += 12
+                if inner in GGUF_SCALARS:
+                    return pos + count * struct.calcsize("<" + GGUF_SCALARS[inner])
+                for _ in range(count):
+                    pos = skip(inner, pos)
+                return pos
+            return pos + struct.calcsize("<" + GGUF_SCALARS[kind])
+
+        for _ in range(n_kv):
+            name, pos = string(pos)
+            (kind,) = struct.unpack_from("<I", m, pos)
+            pos += 4
+            if name == key:
+                return string(pos)[0] if kind == GGUF_STRING else None
+            pos = skip(kind, pos)
+    return None
+
+
 def gguf_pre_tokenizer(gguf_path: Path) -> str:
     """The pre-tokenizer a GGUF declares (`tokenizer.ggml.pre`: `smollm` for SmolLM2)."""
-    import gguf
-
-    field = gguf.GGUFReader(str(gguf_path)).fields.get(gguf.Keys.Tokenizer.PRE)
-    return field.contents() if field is not None else "default"
+    return gguf_string(gguf_path, "tokenizer.ggml.pre") or "default"
 
 
 def set_pre_tokenizer(tok_dir: Path, name: str) -> None:

@@ -164,7 +164,7 @@ def load_family(path: Path, hashes: bool = True, any_kind: bool = False) -> Quan
         fam = _open_lazily(
             path, config, {}, "gptq", names.plain_to_familial(config.num_layers) if plain else None
         )
-        fam.files = _listed(path, meta, hashes)
+        fam.files, fam.directory = _listed(path, meta, hashes), path
         return fam
     if meta.get("kind") != "family":
         raise UserError(
@@ -194,7 +194,7 @@ def load_family(path: Path, hashes: bool = True, any_kind: bool = False) -> Quan
     fam.gguf = q.get("gguf")
     if (fam.gguf is not None or layout == "ggml") and (fam.gguf not in FTYPES or layout != "ggml"):
         raise UserError(f"{meta_path}: 'quantization' is malformed (gguf {fam.gguf!r} with layout {layout})")
-    fam.files = _listed(path, meta, hashes)
+    fam.files, fam.directory = _listed(path, meta, hashes), path
     return fam
 
 
