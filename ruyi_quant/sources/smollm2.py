@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .. import names
@@ -64,46 +66,119 @@ GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 
 GGUF_STRING, GGUF_ARRAY = 8, 9
 
 
-def gguf_string(gguf_path: Path, key: str) -> str | None:
-    """One string field of a GGUF's metadata, or None: the key-value section read as the format
-    lays it out (little-endian; strings are a u64 length and UTF-8 bytes; arrays a u32 element
-    type, a u64 count, the elements), stopping at the key. gguf.GGUFReader would parse every
-    field first, SmolLM2's 49152 tokens and 48900 merges among them: seconds, where this is
+class _GGUFHeader:
+    """A GGUF's metadata and tensor list read as the format lays them out (little-endian;
+    strings are a u64 length and UTF-8 bytes; arrays a u32 element type, a u64 count, the
+    elements), on a memory map of the file. gguf.GGUFReader parses every field into objects
+    first (SmolLM2's 49152 tokens and 48900 merges among them): seconds, where this is
     milliseconds."""
+
+    def __init__(self, m, path: Path):
+        import struct
+
+        if m[:4] != b"GGUF":
+            raise UserError(f"{path}: not a GGUF file")
+        self.m, self.unpack = m, struct.unpack_from
+        self.n_tensors, self.n_kv = self.unpack("<QQ", m, 8)  # after magic and version u32
+        self.pos = 24
+
+    def string(self) -> str:
+        (n,) = self.unpack("<Q", self.m, self.pos)
+        self.pos += 8 + n
+        return self.m[self.pos - n : self.pos].decode("utf-8")
+
+    def value(self, kind: int):
+        """Read a value of `kind`; arrays are skipped (None)."""
+        import struct
+
+        if kind == GGUF_STRING:
+            return self.string()
+        if kind == GGUF_ARRAY:
+            inner, count = self.unpack("<IQ", self.m, self.pos)
+            self.pos += 12
+            if inner in GGUF_SCALARS:
+                self.pos += count * struct.calcsize("<" + GGUF_SCALARS[inner])
+            else:
+                for _ in range(count):
+                    self.value(inner)
+            return None
+        fmt = "<" + GGUF_SCALARS[kind]
+        (v,) = self.unpack(fmt, self.m, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return v
+
+    def fields(self):
+        """(key, value type, value) of every metadata field, in order; arrays' values None."""
+        for _ in range(self.n_kv):
+            key = self.string()
+            (kind,) = self.unpack("<I", self.m, self.pos)
+            self.pos += 4
+            yield key, kind, self.value(kind)
+
+
+def gguf_string(gguf_path: Path, key: str) -> str | None:
+    """One string field of a GGUF's metadata, or None."""
     import mmap
-    import struct
 
     with open(gguf_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        if m[:4] != b"GGUF":
-            raise UserError(f"{gguf_path}: not a GGUF file")
-        (n_kv,) = struct.unpack_from("<Q", m, 16)  # after magic, version u32, tensor count u64
-        pos = 24
-
-        def string(pos):
-            (n,) = struct.unpack_from("<Q", m, pos)
-            return m[pos + 8 : pos + 8 + n].decode("utf-8"), pos + 8 + n
-
-        def skip(kind, pos):
-            if kind == GGUF_STRING:
-                return string(pos)[1]
-            if kind == GGUF_ARRAY:
-                inner, count = struct.unpack_from("<IQ", m, pos)
-                pos += 12
-                if inner in GGUF_SCALARS:
-                    return pos + count * struct.calcsize("<" + GGUF_SCALARS[inner])
-                for _ in range(count):
-                    pos = skip(inner, pos)
-                return pos
-            return pos + struct.calcsize("<" + GGUF_SCALARS[kind])
-
-        for _ in range(n_kv):
-            name, pos = string(pos)
-            (kind,) = struct.unpack_from("<I", m, pos)
-            pos += 4
-            if name == key:
-                return string(pos)[0] if kind == GGUF_STRING else None
-            pos = skip(kind, pos)
+        for k, kind, v in _GGUFHeader(m, gguf_path).fields():
+            if k == key:
+                return v if kind == GGUF_STRING else None
     return None
+
+
+def gguf_tensors(gguf_path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a GGUF by its GGUF name, dequantized to float32 by gguf's own
+    `dequantize` (as transformers' loader does), rows first (the file lists sizes fastest first)."""
+    import mmap
+
+    import gguf
+
+    out = {}
+    with open(gguf_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        h = _GGUFHeader(m, gguf_path)
+        align = 32
+        for k, _, v in h.fields():
+            if k == "general.alignment":
+                align = int(v)
+        infos = []
+        for _ in range(h.n_tensors):
+            name = h.string()
+            (n_dims,) = h.unpack("<I", m, h.pos)
+            dims = h.unpack(f"<{n_dims}Q", m, h.pos + 4)
+            kind, offset = h.unpack("<IQ", m, h.pos + 4 + 8 * n_dims)
+            h.pos += 4 + 8 * n_dims + 12
+            infos.append((name, tuple(reversed(dims)), gguf.GGMLQuantizationType(kind), offset))
+        start = -(-h.pos // align) * align
+        for name, shape, kind, offset in infos:
+            block, nbytes = gguf.GGML_QUANT_SIZES[kind]
+            count = int(np.prod(shape))
+            raw = np.frombuffer(m, np.uint8, count // block * nbytes, start + offset)
+            rows = raw.reshape(*shape[:-1], shape[-1] // block * nbytes)
+            out[name] = np.array(gguf.dequantize(rows, kind), dtype=np.float32).reshape(shape)
+            del raw, rows  # views of the map, which closes after the loop
+    return out
+
+
+def llama_state(tensors: dict[str, np.ndarray], heads: int, kv_heads: int) -> dict[str, torch.Tensor]:
+    """A llama GGUF's tensors by transformers' llama names, q/k rows put back in the checkpoint's
+    order (llama.cpp's converter interleaves the rotary halves of each head)."""
+    plain = {v: k for k, v in names.GGUF_GLOBAL.items()}
+    in_layer = {v: k for k, v in names.GGUF_IN_LAYER.items()}
+    state = {}
+    for name, w in tensors.items():
+        mod, suffix = name.rsplit(".", 1)
+        block = re.fullmatch(r"blk\.(\d+)\.(\w+)", mod)
+        if block:
+            part = in_layer[block.group(2)]
+            if part in ("self_attn.q_proj", "self_attn.k_proj"):
+                n = heads if part == "self_attn.q_proj" else kv_heads
+                w = w.reshape(n, w.shape[0] // n // 2, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+            key = f"{names.PLAIN_LAYER.format(i=int(block.group(1)))}.{part}.{suffix}"
+        else:
+            key = f"{plain[mod]}.{suffix}"
+        state[key] = torch.from_numpy(np.ascontiguousarray(w))
+    return state
 
 
 def gguf_pre_tokenizer(gguf_path: Path) -> str:
@@ -127,12 +202,13 @@ def set_pre_tokenizer(tok_dir: Path, name: str) -> None:
 
 @torch.no_grad()
 def gguf_to_plain_checkpoint(gguf_path: str | Path, out_dir: str | Path, check: bool = True) -> dict:
-    """Dequantize a llama GGUF (transformers) into a plain llama safetensors checkpoint that
-    `load_model` reads: config.json, model.safetensors (float32; a tied head is left out),
-    tokenizer files with the chat template. Returns {"max_abs_logit_diff": ...} when `check`:
-    our forward of the written checkpoint against transformers' own model."""
+    """Dequantize a llama GGUF into a plain llama safetensors checkpoint that `load_model`
+    reads: config.json and the tokenizer files with the chat template (transformers' GGUF
+    readers), model.safetensors (float32, the tensors as transformers' GGUF loader makes them;
+    a tied head is left out). Returns {"max_abs_logit_diff": ...} when `check`: our forward of
+    the written checkpoint against transformers' own model of the GGUF (seconds more)."""
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
@@ -140,27 +216,26 @@ def gguf_to_plain_checkpoint(gguf_path: str | Path, out_dir: str | Path, check: 
     out_dir.mkdir(parents=True, exist_ok=True)
     kw = dict(gguf_file=gguf_path.name)
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kw)
-    hf = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **kw).eval()
-    raw = {k: v for k, v in hf.config.to_dict().items() if k not in DROP_CONFIG_KEYS}
+    config = AutoConfig.from_pretrained(str(gguf_path.parent), **kw)
+    raw = {k: v for k, v in config.to_dict().items() if k not in DROP_CONFIG_KEYS}
     if raw.get("model_type") != "llama":
         raise UserError(f"{gguf_path}: a {raw.get('model_type')} GGUF; only llama GGUFs are supported")
     raw["rms_norm_eps"] = _round_f32(raw["rms_norm_eps"])
     raw["architectures"] = ["LlamaForCausalLM"]
     raw["torch_dtype"] = "float32"
-    tied = bool(raw.get("tie_word_embeddings"))
-    state = {
-        k: v.contiguous()
-        for k, v in hf.state_dict().items()
-        if not (tied and k == names.PLAIN_HEAD + ".weight") and not k.endswith(names.IGNORED_SUFFIXES)
-    }
+    heads, kv_heads = raw["num_attention_heads"], raw.get("num_key_value_heads") or raw["num_attention_heads"]
+    state = llama_state(gguf_tensors(gguf_path), heads, kv_heads)
     save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     tok.save_pretrained(str(out_dir))
     set_pre_tokenizer(out_dir, gguf_pre_tokenizer(gguf_path))
-    tok = PreTrainedTokenizerFast.from_pretrained(str(out_dir))
-    hf.generation_config.save_pretrained(str(out_dir))
+    GenerationConfig.from_model_config(config).save_pretrained(str(out_dir))
     if not check:
         return {}
+    from transformers import AutoModelForCausalLM
+
+    tok = PreTrainedTokenizerFast.from_pretrained(str(out_dir))
+    hf = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **kw).eval()
     ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog. def f(x): return x")["input_ids"]])
     diff = (load_model(out_dir)(ids).logits - hf(ids).logits).abs().max().item()
     if diff > 1e-3:
@@ -175,6 +250,6 @@ def cached_smollm2() -> Path:
         gguf = smollm2_gguf_path()
         check_cache(path)
         with atomic_dir(path, check=False) as tmp:
-            info = gguf_to_plain_checkpoint(gguf, tmp)
+            info = gguf_to_plain_checkpoint(gguf, tmp, check=False)  # tests hold it to transformers
             write_marker(tmp, {"kind": "source", "name": "smollm2", "gguf": str(gguf), **info})
     return path

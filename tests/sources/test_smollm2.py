@@ -51,3 +51,24 @@ def test_smollm2s_string_fields_read_as_gguf_reads_them():
     strings = {k: f.contents() for k, f in fields.items() if f.types == [gguf.GGUFValueType.STRING]}
     assert "tokenizer.ggml.pre" in strings and len(strings) >= 5
     assert {k: gguf_string(path, k) for k in strings} == strings
+
+
+@needs_smollm2
+def test_smollm2_converts_to_the_tensors_transformers_makes(tmp_path):
+    """Our GGUF reading gives every tensor transformers' GGUF loader gives, bit for bit, under
+    the same names (q/k rows back in checkpoint order), and the written checkpoint's logits
+    match transformers' model of the GGUF."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from ruyi_quant.sources.smollm2 import gguf_to_plain_checkpoint, smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    info = gguf_to_plain_checkpoint(path, tmp_path / "plain", check=True)
+    assert info["max_abs_logit_diff"] < 1e-3
+    ours = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    theirs = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}  # tied
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
