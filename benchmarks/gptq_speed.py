@@ -87,13 +87,19 @@ def gptqmodel_run(model: str, exit: int, samples: int, seq_len: int, work: Path)
     )
     cal = Calibration(source="builtin:pydoc/calib", samples=samples, seq_len=seq_len)
     calib = calib_windows(resolve_model(model), cal)
-    qc = QuantizeConfig(bits=4, group_size=128, sym=True, desc_act=False, damp_percent=0.01, act_group_aware=False)
+    qc = QuantizeConfig(
+        bits=4, group_size=128, sym=True, desc_act=False, damp_percent=0.01, act_group_aware=False
+    )
     gm = GPTQModel.load(str(float_root / f"exit-{exit}"), qc, device="cpu")
     data = [{"input_ids": w.tolist(), "attention_mask": [1] * len(w)} for w in calib]
     load = round(os.getloadavg()[0], 2)
     t0 = time.perf_counter()
     gm.quantize(data, batch_size=1)
-    return {"version": gptqmodel.__version__, "load_before": load, "quantize_s": round(time.perf_counter() - t0, 2)}
+    return {
+        "version": gptqmodel.__version__,
+        "load_before": load,
+        "quantize_s": round(time.perf_counter() - t0, 2),
+    }
 
 
 def main() -> int:
@@ -116,10 +122,15 @@ def main() -> int:
         for i in range(a.runs):
             r = run_once(a.model, Path(tmp) / "family", args)
             runs.append(r)
-            print(f"run {i + 1}/{a.runs}: quantize {r['quantize_s']} s, wall {r['wall_s']} s, "
-                  f"peak RSS {r['peak_rss_gb']} GB, sha256 {r['sha256'][:16]}", flush=True)
-        gq = {"skipped": "--no-gptqmodel"} if a.no_gptqmodel else gptqmodel_run(
-            a.model, a.exit, a.samples, a.seq_len, Path(tmp)
+            print(
+                f"run {i + 1}/{a.runs}: quantize {r['quantize_s']} s, wall {r['wall_s']} s, "
+                f"peak RSS {r['peak_rss_gb']} GB, sha256 {r['sha256'][:16]}",
+                flush=True,
+            )
+        gq = (
+            {"skipped": "--no-gptqmodel"}
+            if a.no_gptqmodel
+            else gptqmodel_run(a.model, a.exit, a.samples, a.seq_len, Path(tmp))
         )
     shas = {r["sha256"] for r in runs}
     q = [r["quantize_s"] for r in runs]
@@ -169,7 +180,9 @@ def main() -> int:
             f"{gq['quantize_s']} s (load before {gq['load_before']})."
         )
     if a.expect is not None:
-        md.append(f"Expected sha256 {a.expect[:16]}: {'matched' if s['matches_expected'] else 'NOT matched'}.")
+        md.append(
+            f"Expected sha256 {a.expect[:16]}: {'matched' if s['matches_expected'] else 'NOT matched'}."
+        )
     text = "\n".join(md) + "\n"
     print(text)
     a.out.parent.mkdir(parents=True, exist_ok=True)
