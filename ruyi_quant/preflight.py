@@ -23,17 +23,25 @@ if TYPE_CHECKING:
 CALIBRATED = ("gptq", "awq")
 
 
-def preflight(src: Path, q: Quantize | None = None, cal=None, ev: Eval | None = None, label=cli_flag) -> None:
+def preflight(
+    src: Path,
+    q: Quantize | None = None,
+    cal=None,
+    ev: Eval | None = None,
+    label=cli_flag,
+    device: bool = True,
+) -> None:
     """Everything about a run that can be checked before the work, from the model's config alone:
-    the device, text sources (readable UTF-8 text), sequence lengths against the model, the
-    tokenizer. `label(section, key)` names the flag or recipe key in errors."""
+    the device (unless `device` is False: a Ray cluster's, checked by cluster.py), text sources
+    (readable UTF-8 text), sequence lengths against the model, the tokenizer. `label(section,
+    key)` names the flag or recipe key in errors."""
     from .model.config import read_config
     from .quant.calibrate import pick_device
     from .text import check_tokenizer
 
     cfg = read_config(src)
     texts = []
-    if q is not None:
+    if q is not None and device:
         pick_device(q.device, label("quantize", "device"))
         if q.method in CALIBRATED and cal is not None:
             texts.append(("calibration", cal))
@@ -84,10 +92,13 @@ def _under(base: Path, source: str) -> str:
     return os.path.normpath(Path(base) / source)
 
 
-def check_job(job: Job, base: Path, index: int = 0) -> tuple[Path, Path, object, Eval | None]:
+def check_job(
+    job: Job, base: Path, index: int = 0, device: bool = True
+) -> tuple[Path, Path, object, Eval | None]:
     """Everything about a job that can be checked before any job of the recipe runs: its output
-    (writable, not an input, ours), model, device, texts, sequence lengths, export exits. Returns
-    (output, model dir, calibration, eval) with paths resolved against the recipe's folder."""
+    (writable, not an input, ours), model, device (unless `device` is False), texts, sequence
+    lengths, export exits. Returns (output, model dir, calibration, eval) with paths resolved
+    against the recipe's folder."""
     from .model.config import read_config
 
     out = Path(os.path.normpath(Path(base) / job.output))  # absolute output stays as is
@@ -97,7 +108,7 @@ def check_job(job: Job, base: Path, index: int = 0) -> tuple[Path, Path, object,
     src = resolve_model(job.model, base)
     calib = job.calibration.model_copy(update={"source": _under(base, job.calibration.source)})
     ev = job.eval.model_copy(update={"source": _under(base, job.eval.source)}) if job.eval else None
-    preflight(src, job.quantize, calib, ev, label=lambda sec, k: f"{key}.{sec}.{k}")
+    preflight(src, job.quantize, calib, ev, label=lambda sec, k: f"{key}.{sec}.{k}", device=device)
     cfg = read_config(src)
     for n, ex in enumerate(job.export):
         try:

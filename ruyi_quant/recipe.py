@@ -29,6 +29,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -348,9 +349,37 @@ class Provenance(BaseModel):
     quantize: Quantize | None = None
 
 
+def check_ray_address(address: str) -> str:
+    if not address.strip():
+        raise ValueError("is empty: give local, auto, HOST:PORT or ray://HOST:PORT")
+    return address
+
+
+class RaySettings(Strict):
+    """Where a recipe's jobs run as Ray tasks (cluster.py); `ray: true` or `ray: ADDRESS` for short."""
+
+    address: Annotated[str, AfterValidator(check_ray_address)] = "local"  # local: a cluster started
+    # for the run; auto, HOST:PORT, ray://HOST:PORT: an existing one
+    cpus_per_job: int = Field(1, ge=1)  # CPUs a CPU job asks for (a CUDA job: one GPU and one CPU)
+    threads: int | None = Field(None, ge=1)  # torch threads per job; default: the driver's, as a
+    # serial run here uses, so the files are the serial run's bit for bit
+
+
+def _ray_shorthand(v):
+    if v is True:
+        return {}
+    if v is False:
+        return None
+    if isinstance(v, str):
+        return {"address": v}
+    return v
+
+
 class Recipe(Strict):
     defaults: dict = {}
     jobs: list[Job] = Field(min_length=1)
+    # run the jobs on Ray (`ruyi-quant run --ray` does the same); false or absent: one after another
+    ray: Annotated[Union[RaySettings, None], BeforeValidator(_ray_shorthand)] = None
 
 
 def _merge(base: dict, over: dict) -> dict:

@@ -1,4 +1,4 @@
-"""Put each bug that issue 10 names into a copy of the project, one at a time, and run the fast
+"""Put each planted bug (BUGS, below) into a copy of the project, one at a time, and run the fast
 quantization tests against it: every bug must fail at least one test.
 
     python scripts/hand_mutations.py            # all bugs, every failing test (about 50 min)

@@ -67,7 +67,7 @@ def _terminate(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit codes: 0 done, 2 a user's mistake or an OS error (disk full, permissions: one line),
+    """Exit codes: 0 done, 1 a recipe job failed under Ray (the others finished), 2 a user's mistake or an OS error (disk full, permissions: one line),
     130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Interrupted or terminated work leaves nothing
     behind: the temporary output is removed on the way out."""
     import signal
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         check_values(parser, args)
         log_to_stderr()
-        args.func(args)
+        rc = args.func(args)
     except UserError as e:
         print(f"ruyi-quant: error: {e}", file=sys.stderr)
         return 2
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         signal.signal(signal.SIGTERM, previous)
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -69,11 +69,17 @@ def save_branches(model: FamilialModel, path: Path, meta: dict) -> None:
     )
 
 
+ASSEMBLY_STEPS = 3  # SmolLM2 converted (once), the family built, the checkpoint written
+
+
 @torch.no_grad()
 def assemble_ruyi_mini(out_dir: str | Path, asset: Path = RUYI_MINI_ASSET, progress: bool = True) -> dict:
-    """SmolLM2 + the shipped branches -> a bf16 ruyi_qwen2 checkpoint in out_dir (seconds)."""
+    """SmolLM2 + the shipped branches -> a bf16 ruyi_qwen2 checkpoint in out_dir (seconds); a
+    progress bar of its steps on a terminal, a line as it starts and ends elsewhere."""
     from safetensors import safe_open
     from safetensors.torch import load_file
+
+    from ..log import bar
 
     if not asset.is_file():
         raise UserError(
@@ -82,7 +88,9 @@ def assemble_ruyi_mini(out_dir: str | Path, asset: Path = RUYI_MINI_ASSET, progr
         )
     with safe_open(str(asset), "pt") as f:
         meta = json.loads(f.metadata()["ruyi_quant"])
+    steps = bar(desc="assemble builtin:ruyi-mini", unit="step", total=ASSEMBLY_STEPS, enabled=progress)
     plain_dir = cached_smollm2()
+    steps.update()
     fam = make_familial(load_model(plain_dir), meta["exits"], meta["shared_heads"])
     trained = decode_int8(load_file(str(asset)))
     missing = set(branch_tensors(fam)) - set(trained)
@@ -90,6 +98,7 @@ def assemble_ruyi_mini(out_dir: str | Path, asset: Path = RUYI_MINI_ASSET, progr
         raise UserError(f"{asset}: does not match the family (missing {sorted(missing)[:3]})")
     fam.load_state_dict(trained, strict=False)
     fam.to(torch.bfloat16)
+    steps.update()
     report = {
         "kind": "source",
         "name": "ruyi-mini",
@@ -98,7 +107,10 @@ def assemble_ruyi_mini(out_dir: str | Path, asset: Path = RUYI_MINI_ASSET, progr
         "asset_sha256": sha256(asset),
         **meta,
     }
-    return write_source(fam, out_dir, plain_dir, report, check=False)
+    info = write_source(fam, out_dir, plain_dir, report, check=False)
+    steps.update()
+    steps.close()
+    return info
 
 
 def cached_ruyi_mini(progress: bool = True) -> Path:

@@ -1,4 +1,4 @@
-"""Issue 13's bad-input suite: every case runs the CLI in-process on a workspace holding a copy of
+"""The bad-input suite: every case runs the CLI in-process on a workspace holding a copy of
 the tiny family (`model`), a 4-bit RTN quantization of it (`fam`) and a few text files, and asserts
 exit code 2, exactly one line on stderr that starts `ruyi-quant: error:` and names the file, flag
 or recipe key (the case's needles), no traceback, and a workspace that is byte for byte what it

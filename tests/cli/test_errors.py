@@ -142,7 +142,7 @@ def test_existing_output_of_ours_needs_force(tiny_dir, tmp_path, capsys):
 
 
 def test_eval_does_not_replace_an_output_without_force(tiny_dir, tmp_path, capsys):
-    """Issue 13: `eval --out DIR` replaced an existing quantized family with eval files."""
+    """`eval --out DIR` never replaces an existing quantized family with eval files."""
     q = tmp_path / "q"
     assert run_cli(capsys, "quantize", tiny_dir, "--out", q, "--bits", "8")[0] == 0
     before = sorted(p.name for p in q.iterdir())
@@ -152,8 +152,8 @@ def test_eval_does_not_replace_an_output_without_force(tiny_dir, tmp_path, capsy
 
 
 def test_an_empty_marker_is_not_ours(tiny_dir, tmp_path, capsys):
-    """Issue 13: a directory whose ruyi_quant.json is just {} was taken for ours, and --force
-    deleted the user's other files in it."""
+    """A directory whose ruyi_quant.json is just {} is not ours: --force must not delete the
+    user's other files in it."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "ruyi_quant.json").write_text("{}")
@@ -164,7 +164,7 @@ def test_an_empty_marker_is_not_ours(tiny_dir, tmp_path, capsys):
 
 
 def test_export_refuses_to_replace_its_own_input(tiny_dir, tmp_path, capsys):
-    """Issue 13: `export FAM --out FAM --force` replaced its own input."""
+    """`export FAM --out FAM --force` must not replace its own input."""
     q = tmp_path / "q"
     assert run_cli(capsys, "quantize", tiny_dir, "--out", q, "--bits", "8")[0] == 0
     before = (q / "model.safetensors").read_bytes()

@@ -1,4 +1,4 @@
-"""Issue 14: GPTQ and AWQ read the family one layer (or head) at a time from a lazy checkpoint
+"""GPTQ and AWQ read the family one layer (or head) at a time from a lazy checkpoint
 and move each layer's grids to disk as they go; the results are bit for bit those of
 calibrating a model loaded whole."""
 

@@ -121,3 +121,17 @@ def test_ruyi_mini_assembles_and_every_exit_runs():
     top1 = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
     assert kl < 0.02 and top1 > 0.9, (kl, top1)
     assert "Paris" in greedy_chat(model, tok, "What is the capital of France?", max_new_tokens=12)
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_ruyi_mini_assembly_tells_its_steps_in_a_log(tmp_path, capsys):
+    """First use assembles ruyi-mini for seconds: a log (stderr not a terminal) gets a line as
+    it starts and one as it ends, with the steps done, and no carriage returns."""
+    ruyi_mini.assemble_ruyi_mini(tmp_path / "m")
+    err = capsys.readouterr().err
+    steps = ruyi_mini.ASSEMBLY_STEPS
+    assert f"assemble builtin:ruyi-mini: {steps} steps ..." in err
+    assert f"assemble builtin:ruyi-mini: {steps} steps in " in err
+    assert "\r" not in err
+    assert (tmp_path / "m" / "config.json").is_file()

@@ -1,4 +1,4 @@
-"""Issue 14 in CI (small): loading is lazy, streamed writes equal in-memory ones byte for byte,
+"""Scale in CI (small): loading is lazy, streamed writes equal in-memory ones byte for byte,
 the synthetic Ruyi-7B has Ruyi-7B's sizes. The full-size run is benchmarks/scale.py."""
 
 from __future__ import annotations

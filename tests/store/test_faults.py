@@ -1,4 +1,4 @@
-"""Issue 13's fault tests: runs killed (SIGKILL) or terminated (SIGTERM) at several points, two
+"""Fault tests: runs killed (SIGKILL) or terminated (SIGTERM) at several points, two
 writers to one output, a full disk, damaged and stale outputs, file modes."""
 
 from __future__ import annotations

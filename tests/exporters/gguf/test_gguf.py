@@ -414,8 +414,7 @@ def test_llama_cpp_tokenizes_like_transformers(which, pre, request, tmp_path):
 @pytest.mark.parametrize("which", ["tiny_dir", "tiny_shared_dir"])
 def test_a_saved_family_exports_the_same_bytes_as_in_memory(which, request, tmp_path):
     """Saving a family and loading it back changes nothing a per-exit GGUF file holds, not even
-    the tensor order (before issue 11 a loaded family listed its tensors in safetensors file
-    order)."""
+    the tensor order (a loaded family once listed its tensors in safetensors file order)."""
     from ruyi_quant.store.checkpoint import save_family
 
     src = request.getfixturevalue(which)
@@ -437,7 +436,7 @@ def test_a_saved_family_exports_the_same_bytes_as_in_memory(which, request, tmp_
 def test_special_token_ids_are_under_the_keys_llama_cpp_reads(tiny_dir, tmp_path):
     """bos/eos/pad ids go under gguf-py's Keys.Tokenizer names, which mirror llama.cpp's: the pad
     id is `tokenizer.ggml.padding_token_id` (a hand-spelled `pad_token_id` was silently ignored
-    by llama.cpp until the restructure of issue 11). No tokenizer key outside that table."""
+    by llama.cpp). No tokenizer key outside that table."""
     fam = QuantizedFamily.from_model(load_model(tiny_dir))
     G.write_exit(fam, 2, tmp_path / "e2.gguf", tiny_dir)
     _, kv = tensors_of(tmp_path / "e2.gguf")
