@@ -1,15 +1,18 @@
-"""A sweep recipe one job after another against the same recipe as Ray tasks (`--ray`, a local
-cluster started for each run), RUNS pairs taken in turn, and the files of the two compared.
+"""A sweep recipe one job after another and as Ray tasks (`--ray`: a local cluster started for
+each run), in four modes taken in turn RUNS times, and the files of each compared.
 
-    python benchmarks/ray_sweep.py                       # recipes/sweep.yaml, 3 pairs
+    python benchmarks/ray_sweep.py                       # recipes/sweep.yaml, 3 rounds
     python benchmarks/ray_sweep.py --recipe R --runs 5
 
-Each run is a fresh `ruyi-quant run RECIPE --force` process (so every job runs, and a Ray run
-pays for starting and stopping its cluster, as a user's does). The table gives per run the wall
-seconds, the user + system CPU seconds of the process and everything it waited for, the peak
-RSS of the largest such process, the load average before it, and whether every file equals the
-serial run's (sha256; JSON files without their timings, as scripts/behaviour_digest.py digests
-them); then the median, min and max. Writes --out.json and --out.md.
+The modes: serial (torch's default threads); `--ray` with its default, each job reserving and
+computing with that many CPUs; serial with one thread (OMP_NUM_THREADS=1); `--ray` with
+`ray: {cpus_per_job: 1}`, so that as many jobs run side by side as there are CPUs. A Ray mode's
+files must equal those of the serial mode of the same thread count. Each run is a fresh
+`ruyi-quant run RECIPE --force` process (every job runs; a Ray run pays for starting and
+stopping its cluster, as a user's does). The table gives per run the wall seconds, the load
+average before it, and whether every file equals its serial mode's (sha256; JSON files without
+their timings, as scripts/behaviour_digest.py digests them); then the median, min and max.
+Writes --out.json and --out.md.
 """
 
 from __future__ import annotations
@@ -46,22 +49,27 @@ def cpu_flags() -> str:
     return " ".join(f for f in ("avx2", "avx512f") if f in flags)
 
 
-def run_once(recipe: Path, ray: bool) -> dict:
+# name: (recipe addition, --ray, environment, the serial mode whose files it must give)
+MODES = {
+    "serial": ("", False, {}, "serial"),
+    "ray": ("", True, {}, "serial"),
+    "serial, 1 thread": ("", False, {"OMP_NUM_THREADS": "1"}, "serial, 1 thread"),
+    "ray, 1 CPU per job": ("ray: {cpus_per_job: 1}\n", True, {}, "serial, 1 thread"),
+}
+
+
+def run_once(recipe: Path, ray: bool, env: dict) -> dict:
     cmd = [sys.executable, "-m", "ruyi_quant.cli", "run", str(recipe), "--force", *(["--ray"] if ray else [])]
     load = round(os.getloadavg()[0], 2)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    err = proc.stderr.read() if proc.stderr else ""
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, **env}
+    )
     wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"run failed: {err.strip().splitlines()[-1] if err.strip() else status}")
-    return {
-        "load_before": load,
-        "wall_s": round(wall, 2),
-        "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
-        "peak_rss_gb": round(usage.ru_maxrss / 1e6, 2),  # KiB on Linux
-    }
+    if proc.returncode != 0:
+        err = proc.stderr.strip()
+        raise SystemExit(f"run failed: {err.splitlines()[-1] if err else proc.returncode}")
+    return {"load_before": load, "wall_s": round(wall, 2)}
 
 
 def spread(values: list[float]) -> dict:
@@ -77,71 +85,61 @@ def main() -> int:
     import ray
     import torch
 
-    runs: dict[str, list[dict]] = {"serial": [], "ray": []}
+    runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory(prefix="ray_sweep-") as tmp:
         work = Path(tmp)
         (work / "recipes").mkdir()
-        recipe = work / "recipes" / a.recipe.name
-        shutil.copy(a.recipe, recipe)
-        reference = None
+        text = a.recipe.read_text()
+        reference: dict[str, dict] = {}
         for i in range(a.runs):
-            for mode in ("serial", "ray"):
+            for mode, (extra, ray_on, env, serial) in MODES.items():
                 for d in work.iterdir():
                     if d.name != "recipes":
                         shutil.rmtree(d)
-                r = run_once(recipe, mode == "ray")
+                recipe = work / "recipes" / a.recipe.name
+                recipe.write_text(text + extra)
+                r = run_once(recipe, ray_on, env)
                 files = digest_tree(work / "out")
-                reference = reference or files
-                r["same_files"] = files == reference
+                reference.setdefault(mode, files)
+                r["same_files"] = files == reference[serial]
                 r["files"] = len(files)
                 runs[mode].append(r)
                 print(
-                    f"run {i + 1}/{a.runs} {mode}: wall {r['wall_s']} s, cpu {r['cpu_s']} s, "
-                    f"peak RSS {r['peak_rss_gb']} GB, same files: {r['same_files']}",
+                    f"round {i + 1}/{a.runs}, {mode}: wall {r['wall_s']} s, "
+                    f"files as '{serial}': {r['same_files']}",
                     flush=True,
                 )
     summary = {
-        mode: {
-            "wall_s": spread([r["wall_s"] for r in rs]),
-            "cpu_s": spread([r["cpu_s"] for r in rs]),
-            "peak_rss_gb": max(r["peak_rss_gb"] for r in rs),
-            "same_files": all(r["same_files"] for r in rs),
-        }
+        mode: {"wall_s": spread([r["wall_s"] for r in rs]), "same_files": all(r["same_files"] for r in rs)}
         for mode, rs in runs.items()
     }
-    ratio = summary["ray"]["wall_s"]["median"] / summary["serial"]["wall_s"]["median"]
     env = {
         "ray": ray.__version__,
         "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "cpu_flags": cpu_flags(),
     }
     result = {"recipe": str(a.recipe.relative_to(ROOT)) if a.recipe.is_relative_to(ROOT) else str(a.recipe)}
-    result.update({"env": env, "runs": runs, "summary": summary, "ray_over_serial": round(ratio, 3)})
+    result.update({"env": env, "runs": runs, "summary": summary})
     md = [
         f"# A sweep recipe, serial and on Ray: {result['recipe']}",
         "",
-        f"Ray {env['ray']}, torch {env['torch']}, {env['cpus']} CPUs ({env['cpu_flags']}), no GPU. "
-        "Each run is a fresh `ruyi-quant run --force` process; a Ray run starts a local cluster of "
-        "this machine's CPUs (one CPU per job) and stops it.",
+        f"Ray {env['ray']}, torch {env['torch']} ({env['torch_threads']} threads by default), {env['cpus']} "
+        f"CPUs ({env['cpu_flags']}), no GPU. Each run is a fresh `ruyi-quant run --force` process; a Ray "
+        "run starts a local cluster of this machine's CPUs and stops it. Files: sha256 of every file "
+        "(JSON without timings) against the first run of the serial mode with the same thread count.",
         "",
-        "| mode | run | load before | wall s | CPU s | peak RSS GB (largest process) | files as serial |",
-        "|---|---|---|---|---|---|---|",
+        "| mode | wall s per run | wall s, median (min-max) | load before each run | files as serial |",
+        "|---|---|---|---|---|",
     ]
     for mode, rs in runs.items():
-        for i, r in enumerate(rs, 1):
-            md.append(
-                f"| {mode} | {i} | {r['load_before']} | {r['wall_s']} | {r['cpu_s']} | {r['peak_rss_gb']} | "
-                f"{'same' if r['same_files'] else 'DIFFER'} ({r['files']} files) |"
-            )
-    for mode, s in summary.items():
-        w, c = s["wall_s"], s["cpu_s"]
+        w = summary[mode]["wall_s"]
         md.append(
-            f"| {mode} | median (min-max) | | {w['median']} ({w['min']}-{w['max']}) | "
-            f"{c['median']} ({c['min']}-{c['max']}) | {s['peak_rss_gb']} | "
-            f"{'same' if s['same_files'] else 'DIFFER'} |"
+            f"| {mode} | {', '.join(str(r['wall_s']) for r in rs)} | {w['median']} ({w['min']}-{w['max']}) | "
+            f"{', '.join(str(r['load_before']) for r in rs)} | "
+            f"{'same' if summary[mode]['same_files'] else 'DIFFER'} ({rs[0]['files']} files) |"
         )
-    md += ["", f"Ray's median wall time over the serial one: {ratio:.2f}."]
     text = "\n".join(md) + "\n"
     print(text)
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,10 +2,11 @@
 
 Each job is one task with the resources it needs: one GPU when it computes on CUDA, else
 `cpus_per_job` CPUs, and an estimate of its peak memory (`job_memory`), so that Ray starts no
-more jobs on a node than its memory holds. A job computes with as many torch threads as a serial
-run here would (`threads`): float32 sums split across threads differently round differently, and
-GPTQ's Hessians and factorizations are such sums, so the thread count is part of what makes the
-files the serial run's bit for bit. ADDRESS is an existing cluster (`auto`, `HOST:PORT`,
+more jobs on a node than its memory holds. Every job computes with `cpus_per_job` torch threads,
+by default the driver's own thread count, which a serial run here uses: float32 sums split
+across threads round differently, and GPTQ's Hessians and factorizations are such sums, so the
+thread count is part of what makes the files the serial run's bit for bit. (More threads than
+reserved CPUs would not pay: two jobs of two threads on two cores ran 8x slower each.) ADDRESS is an existing cluster (`auto`, `HOST:PORT`,
 `ray://HOST:PORT`); `local` starts a cluster on this machine for the run and stops it after.
 
 What the serial runner guarantees holds here too. Every job is checked on the driver before the
@@ -163,7 +164,6 @@ def run_on_ray(
     from .pipeline import manifest_ok
 
     ray = import_ray()
-    threads = settings.threads or torch.get_num_threads()
     results: dict[int, dict] = {}
     todo = []
     for index, job, out, src in jobs:
@@ -184,11 +184,13 @@ def run_on_ray(
     try:
         node = _largest_node(ray)
         gpu = {index: wants_gpu(job, index, ray.cluster_resources()) for index, job, _, _ in todo}
-        if settings.cpus_per_job > node.get("CPU", 0):
+        largest = int(node.get("CPU", 0))
+        if settings.cpus_per_job and settings.cpus_per_job > largest:
             raise UserError(
                 f"ray.cpus_per_job {settings.cpus_per_job}: no node of {where} has that many CPUs "
-                f"(the largest has {node.get('CPU', 0):g})"
+                f"(the largest has {largest})"
             )
+        threads = settings.cpus_per_job or max(1, min(torch.get_num_threads(), largest))
         task = ray.remote(max_retries=0)(_task)
 
         def submit(index: int, job: Job, attempt: int):
@@ -199,11 +201,12 @@ def run_on_ray(
                     f"({node['memory'] / 1e9:.1f} GB): asks for that"
                 )
                 need = int(node["memory"])
-            res = {"num_gpus": 1, "num_cpus": 1} if gpu[index] else {"num_cpus": settings.cpus_per_job}
+            res = {"num_gpus": 1, "num_cpus": 1} if gpu[index] else {"num_cpus": threads}
             ref = task.options(name=f"ruyi-quant:{job.name}", memory=need, **res).remote(
                 job.model_dump_json(), str(base), index, force, threads
             )
-            what = "1 GPU" if gpu[index] else f"{res['num_cpus']} CPU{'s' if res['num_cpus'] > 1 else ''}"
+            cpus = f"{res['num_cpus']} CPU{'s' if res['num_cpus'] > 1 else ''}"
+            what = f"{'1 GPU, ' if gpu[index] else ''}{cpus}, {threads} thread{'s' if threads > 1 else ''}"
             say(f"[{job.name}] submitted to {where}: {what}, {need / 1e9:.1f} GB")
             pending[ref] = (index, job, attempt)
 

@@ -360,9 +360,9 @@ class RaySettings(Strict):
 
     address: Annotated[str, AfterValidator(check_ray_address)] = "local"  # local: a cluster started
     # for the run; auto, HOST:PORT, ray://HOST:PORT: an existing one
-    cpus_per_job: int = Field(1, ge=1)  # CPUs a CPU job asks for (a CUDA job: one GPU and one CPU)
-    threads: int | None = Field(None, ge=1)  # torch threads per job; default: the driver's, as a
-    # serial run here uses, so the files are the serial run's bit for bit
+    cpus_per_job: int | None = Field(None, ge=1)  # CPUs a CPU job asks for and the torch threads
+    # every job computes with; default: the driver's torch threads, what a serial run here uses,
+    # so the files are the serial run's bit for bit (a CUDA job asks for one GPU and one CPU)
 
 
 def _ray_shorthand(v):
