@@ -53,6 +53,11 @@ def import_ray():
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if not sys.stdout.isatty():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    # `ray start` turns token authentication on where a token exists (~/.ray/auth_token), but a
+    # driver connecting to it does not unless told: say so (a cluster without it still connects)
+    token = "RAY_AUTH_TOKEN" in os.environ or (Path.home() / ".ray" / "auth_token").is_file()
+    if token:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     try:
         import ray
     except ImportError:
@@ -120,13 +125,37 @@ def _start(ray, settings: RaySettings) -> None:
     if settings.address == "local":
         ray.init(object_store_memory=OBJECT_STORE_BYTES, **kw)
         return
+    _reachable(settings.address)
     env = {k: os.environ[k] for k in ("RUYI_QUANT_CACHE",) if k in os.environ}
     try:
         ray.init(address=settings.address, runtime_env={"env_vars": env} if env else None, **kw)
     except (ConnectionError, RuntimeError, ValueError) as e:
+        if settings.address == "auto":
+            raise UserError(
+                "--ray auto: no Ray cluster runs on this machine; start one with `ray start --head`, "
+                "give its address, or leave ADDRESS out for a cluster of this run's own"
+            ) from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
             f"--ray {settings.address}: cannot connect to a Ray cluster there ({first})"
+        ) from None
+
+
+def _reachable(address: str, timeout: float = 5.0) -> None:
+    """HOST:PORT (or ray://HOST:PORT) must accept a connection: Ray itself retries a dead
+    address for minutes."""
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise UserError(
+            f"--ray {address}: nothing answers there ({reason}); start a cluster with "
+            "`ray start --head` or check the address"
         ) from None
 
 
@@ -192,6 +221,9 @@ def run_on_ray(
             )
         threads = settings.cpus_per_job or max(1, min(torch.get_num_threads(), largest))
         task = ray.remote(max_retries=0)(_task)
+        # a local cluster's workers start in this directory, so the paths (and the manifests that
+        # record them) are the serial run's; a remote worker needs them absolute
+        job_base = str(base) if settings.address == "local" else str(Path(base).resolve())
 
         def submit(index: int, job: Job, attempt: int):
             need = mem[index]
@@ -203,7 +235,7 @@ def run_on_ray(
                 need = int(node["memory"])
             res = {"num_gpus": 1, "num_cpus": 1} if gpu[index] else {"num_cpus": threads}
             ref = task.options(name=f"ruyi-quant:{job.name}", memory=need, **res).remote(
-                job.model_dump_json(), str(base), index, force, threads
+                job.model_dump_json(), job_base, index, force, threads
             )
             cpus = f"{res['num_cpus']} CPU{'s' if res['num_cpus'] > 1 else ''}"
             what = f"{'1 GPU, ' if gpu[index] else ''}{cpus}, {threads} thread{'s' if threads > 1 else ''}"

@@ -210,3 +210,46 @@ def test_memory_estimates_cover_the_measured_peaks_and_keep_two_7b_jobs_off_a_24
     assert job_memory(job("awq", None), ruyi) > 6.73e9
     # Ray offers a node about 70% of its memory: a 24 GB worker holds one such job, not two
     assert 2 * job_memory(job("gptq", {}), ruyi) > 0.7 * 24e9
+
+
+@pytest.mark.parametrize(
+    "address, problem", [("127.0.0.1:1", "nothing answers there"), ("auto", "no Ray cluster")]
+)
+def test_an_address_where_no_cluster_runs_is_one_line(tmp_path, address, problem):
+    pytest.importorskip("ray")
+    recipe = workspace(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = cli("run", recipe, "--ray", address, env=env)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert (
+        len(lines) == 1
+        and lines[0].startswith(f"ruyi-quant: error: --ray {address}: ")
+        and problem in lines[0]
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_existing_cluster_runs_the_jobs_with_the_serial_files(tmp_path, serial):
+    """`ray start --head` in another folder, then `--ray HOST:PORT`: the workers find the
+    recipe's paths and the driver's cache."""
+    pytest.importorskip("ray")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray_cli = [sys.executable, "-c", "from ray.scripts.scripts import main; main()"]
+    start = ray_cli + ["start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false"]
+    head = tmp_path / "head"
+    head.mkdir()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    subprocess.run(start, cwd=head, env=env, check=True, capture_output=True, timeout=300)
+    try:
+        recipe = workspace(tmp_path / "ws")
+        r = cli("run", recipe, "--ray", f"127.0.0.1:{port}")
+        assert r.returncode == 0, r.stderr
+        assert f"submitted to the Ray cluster at 127.0.0.1:{port}" in r.stdout
+        assert tree(tmp_path / "ws" / "out") == serial
+    finally:
+        subprocess.run(ray_cli + ["stop", "--force"], env=env, capture_output=True, timeout=300)
