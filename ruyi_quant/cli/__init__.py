@@ -67,9 +67,10 @@ def _terminate(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit codes: 0 done, 1 a recipe job failed under Ray (the others finished), 2 a user's mistake or an OS error (disk full, permissions: one line),
-    130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Interrupted or terminated work leaves nothing
-    behind: the temporary output is removed on the way out."""
+    """Exit codes: 0 done, 1 a recipe job failed under Ray (the others finished), 2 a user's
+    mistake or an OS error (disk full, permissions: one line), 130 interrupted (Ctrl-C), 143
+    terminated (SIGTERM). Interrupted or terminated work leaves nothing behind: the temporary
+    output is removed on the way out."""
     import signal
 
     previous = signal.signal(signal.SIGTERM, _terminate)
