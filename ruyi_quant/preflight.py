@@ -32,9 +32,9 @@ def preflight(
     device: bool = True,
 ) -> None:
     """Everything about a run that can be checked before the work, from the model's config alone:
-    the device (unless `device` is False: a Ray cluster's, checked by cluster.py), text sources
-    (readable UTF-8 text), sequence lengths against the model, the tokenizer. `label(section,
-    key)` names the flag or recipe key in errors."""
+    the device (unless `device` is False: a Ray cluster's, which pipeline/cluster.py checks), text
+    sources (readable UTF-8 text), sequence lengths against the model, the tokenizer.
+    `label(section, key)` names the flag or recipe key in errors."""
     from .model.config import read_config
     from .quant.calibrate import pick_device
     from .text import check_tokenizer

@@ -9,7 +9,7 @@ import torch
 
 from ruyi_quant.cli import main
 from ruyi_quant.errors import UserError
-from ruyi_quant.recipe import load_recipe
+from ruyi_quant.recipe.load import load_recipe
 from ruyi_quant.text import SPLITS, builtin_text, load_text, split_of
 
 RECIPE = """\

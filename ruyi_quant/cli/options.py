@@ -12,12 +12,12 @@ from ..recipe import Benchmark, Runtime, Sampling, check_exits, cli_flag
 
 
 def given(**kw) -> dict:
-    """The options a user gave; the rest take the settings' own defaults (recipe.py)."""
+    """The options a user gave; the rest take the settings' own defaults (recipe/__init__.py)."""
     return {k: v for k, v in kw.items() if v is not None}
 
 
 def default(cls, field: str):
-    """A setting's default, for --help (declared once, in recipe.py)."""
+    """A setting's default, for --help (declared once, in recipe/__init__.py)."""
     return cls.model_fields[field].default
 
 

@@ -1,5 +1,5 @@
 """`ruyi-quant run`: a recipe's jobs, every one checked before the first runs; one after another,
-or as Ray tasks (--ray, or the recipe's `ray` key: cluster.py)."""
+or as Ray tasks (--ray, or the recipe's `ray` key: pipeline/cluster.py)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ def run(args) -> int:
     from ..evaluate import ReferenceCache
     from ..pipeline import run_job
     from ..preflight import check_job
-    from ..recipe import RaySettings, load_recipe
+    from ..recipe import RaySettings
+    from ..recipe.load import load_recipe
     from ..report import eval_cells, rich_table
 
     recipe, base = load_recipe(args.recipe)
@@ -51,7 +52,7 @@ def run(args) -> int:
     if args.ray is not None:
         ray = (ray or RaySettings()).model_copy(update={"address": args.ray})
     if ray is not None:
-        from ..cluster import import_ray
+        from ..pipeline.cluster import import_ray
 
         import_ray()  # not installed: one line before any check
     index = {id(j): i for i, j in enumerate(recipe.jobs)}
@@ -71,7 +72,7 @@ def run(args) -> int:
             results.append((job, res))
             table(job, res)
     else:
-        from ..cluster import run_on_ray
+        from ..pipeline.cluster import run_on_ray
 
         by_index = run_on_ray(checked, base, args.force, ray, say)
         results = [(job, by_index[i]) for i, job, _, _ in checked]

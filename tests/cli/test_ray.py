@@ -196,8 +196,8 @@ def test_a_bad_ray_key_is_one_line(tmp_path, capsys, value, problem):
 
 
 def test_memory_estimates_cover_the_measured_peaks_and_keep_two_7b_jobs_off_a_24_gb_node():
-    from ruyi_quant.cluster import job_memory
     from ruyi_quant.model.config import parse_config
+    from ruyi_quant.pipeline.cluster import job_memory
     from ruyi_quant.recipe import Job
     from ruyi_quant.sources.synthetic import synthetic_config
 
@@ -231,16 +231,20 @@ def test_an_address_where_no_cluster_runs_is_one_line(tmp_path, address, problem
 
 
 def test_an_existing_cluster_runs_the_jobs_with_the_serial_files(tmp_path, serial):
-    """`ray start --head` in another folder, then `--ray HOST:PORT`: the workers find the
-    recipe's paths and the driver's cache."""
+    """`ray start --head` in another folder, then `--ray HOST:PORT` and `--ray ray://HOST:PORT`:
+    the workers find the recipe's paths and the driver's cache."""
     pytest.importorskip("ray")
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    port, client = free_port(), free_port()
     ray_cli = [sys.executable, "-c", "from ray.scripts.scripts import main; main()"]
-    start = ray_cli + ["start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false"]
+    start = ray_cli + ["start", "--head", f"--port={port}", f"--ray-client-server-port={client}"]
+    start += ["--num-cpus=2", "--include-dashboard=false"]
     head = tmp_path / "head"
     head.mkdir()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
@@ -250,6 +254,19 @@ def test_an_existing_cluster_runs_the_jobs_with_the_serial_files(tmp_path, seria
         r = cli("run", recipe, "--ray", f"127.0.0.1:{port}")
         assert r.returncode == 0, r.stderr
         assert f"submitted to the Ray cluster at 127.0.0.1:{port}" in r.stdout
+        assert tree(tmp_path / "ws" / "out") == serial
+        # the same cluster through Ray Client, as from another machine (its server starts last)
+        end = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", client), timeout=5).close()
+                break
+            except OSError:
+                assert time.monotonic() < end, "Ray Client's server never answered"
+                time.sleep(0.5)
+        r = cli("run", recipe, "--ray", f"ray://127.0.0.1:{client}", "--force")
+        assert r.returncode == 0, r.stderr
+        assert f"submitted to the Ray cluster at ray://127.0.0.1:{client}" in r.stdout
         assert tree(tmp_path / "ws" / "out") == serial
     finally:
         subprocess.run(ray_cli + ["stop", "--force"], env=env, capture_output=True, timeout=300)

@@ -18,19 +18,19 @@ from pathlib import Path
 
 import torch
 
-from . import exporters
-from .errors import UserError
-from .evaluate import evaluate
-from .log import Stages
-from .preflight import CALIBRATED, check_job
-from .quant.family import QuantizedFamily
-from .quant.plan import QuantSpec, act_order, settings_plan
-from .quant.rtn import rtn_family, rtn_lazy
-from .recipe import JOB_FAMILY, Eval, Job, Provenance, Quantize
-from .sources import resolve_model
-from .store.checkpoint import Spill, load_family, save_family
-from .store.files import atomic_dir, intact, read_manifest, scratch_dir, sweep, write_marker
-from .text import calib_windows, eval_windows
+from .. import exporters
+from ..errors import UserError
+from ..evaluate import evaluate
+from ..log import Stages
+from ..preflight import CALIBRATED, check_job
+from ..quant.family import QuantizedFamily
+from ..quant.plan import QuantSpec, act_order, settings_plan
+from ..quant.rtn import rtn_family, rtn_lazy
+from ..recipe import JOB_FAMILY, Eval, Job, Provenance, Quantize
+from ..sources import resolve_model
+from ..store.checkpoint import Spill, load_family, save_family
+from ..store.files import atomic_dir, intact, read_manifest, scratch_dir, sweep, write_marker
+from ..text import calib_windows, eval_windows
 
 
 def quantize(
@@ -39,7 +39,7 @@ def quantize(
     """Quantize a float family (a lazy one is read layer by layer) or a FamilialModel (left
     unchanged) by the recipe's quantize section. `spill`: a store.checkpoint.Spill that GPTQ/AWQ move
     each layer's grids to as they go (a family of any size then fits in memory)."""
-    from .model.familial import FamilialModel
+    from ..model.familial import FamilialModel
 
     src = source if isinstance(source, QuantizedFamily) else QuantizedFamily.from_model(source)
     if settings.method == "none":
@@ -55,7 +55,7 @@ def quantize(
             else rtn_lazy(QuantizedFamily(config=src.config, tensors=src.tensors.copy()), plan)
         )
     else:
-        from .quant.calibrate import calibrate
+        from ..quant.calibrate import calibrate
 
         method, layout = calibration_method(settings, skeleton, plan)
         fam = calibrate(
@@ -79,10 +79,10 @@ def quantize(
 
 def calibration_method(settings: Quantize, skeleton, plan):
     """-> (the calibration method of settings, the layout its grids are stored in)."""
-    from .quant.awq import AWQ
-    from .quant.gptq import GPTQ
-    from .quant.kgptq import BlockGPTQ, BlockRounding
-    from .quant.smooth import Smoothed
+    from ..quant.awq import AWQ
+    from ..quant.gptq import GPTQ
+    from ..quant.kgptq import BlockGPTQ, BlockRounding
+    from ..quant.smooth import Smoothed
 
     g, a = settings.gptq, settings.awq
     awq = AWQ(a.grid, a.max_shrink, a.max_tokens, a.clip)
@@ -132,7 +132,7 @@ def awq_layout_fits(model, plan: dict) -> bool:
     """AWQ's gemm layout holds a family when every quantized linear shares one 4-bit grid whose
     group size divides its input width (SmolLM2's 576 columns at g128 do not: such AWQ results
     are stored in GPTQ's layout, which has no such limit)."""
-    from .quant.pack import awq_fits
+    from ..quant.pack import awq_fits
 
     specs = set(plan.values())
     if len(specs) != 1:
@@ -164,7 +164,7 @@ def eval_report(
     report = evaluate(ref, fam, windows, ref.config.exit_list(ev.exits), ev.batch, progress, cache)
     report["source"] = ev.source
     if out_dir is not None:
-        from .report import eval_markdown, eval_plot
+        from ..report import eval_markdown, eval_plot
 
         (out_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
         (out_dir / "eval.md").write_text(eval_markdown(report))

@@ -30,9 +30,9 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import Terminated, UserError
-from .recipe import Job, RaySettings
-from .store.files import LEFTOVER, sweep
+from ..errors import Terminated, UserError
+from ..recipe import Job, RaySettings
+from ..store.files import LEFTOVER, sweep
 
 INSTALL = "pip install 'ruyi-quant[ray]'"
 OBJECT_STORE_BYTES = 128 << 20  # a local cluster's object store: tasks exchange only JSON text
@@ -97,9 +97,9 @@ def _task(job_json: str, base: str, index: int, force: bool, threads: int) -> st
 
     import torch
 
-    from .errors import write_problem
-    from .log import log_to_stderr
-    from .pipeline import run_job
+    from ..errors import write_problem
+    from ..log import log_to_stderr
+    from . import run_job
 
     log_to_stderr()
     torch.set_num_threads(threads)
@@ -121,14 +121,24 @@ def _task(job_json: str, base: str, index: int, force: bool, threads: int) -> st
 
 
 def _start(ray, settings: RaySettings) -> None:
-    kw = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=True)
+    kw = dict(logging_level=logging.ERROR, log_to_driver=True)
     if settings.address == "local":
-        ray.init(object_store_memory=OBJECT_STORE_BYTES, **kw)
+        ray.init(object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False, **kw)
         return
     _reachable(settings.address)
     env = {k: os.environ[k] for k in ("RUYI_QUANT_CACHE",) if k in os.environ}
+    # Ray Client's server starts a process per session, which a busy head can fail to start:
+    # a ray:// address is tried three times
+    tries = 3 if settings.address.startswith("ray://") else 1
     try:
-        ray.init(address=settings.address, runtime_env={"env_vars": env} if env else None, **kw)
+        for attempt in range(tries):
+            try:
+                ray.init(address=settings.address, runtime_env={"env_vars": env} if env else None, **kw)
+                break
+            except ConnectionError:
+                if attempt == tries - 1:
+                    raise
+                time.sleep(2.0)
     except (ConnectionError, RuntimeError, ValueError) as e:
         if settings.address == "auto":
             raise UserError(
@@ -190,7 +200,7 @@ def run_on_ray(
     job's summary by recipe index ({'status': 'done'|'skipped'|'failed', ...})."""
     import torch
 
-    from .pipeline import manifest_ok
+    from . import manifest_ok
 
     ray = import_ray()
     results: dict[int, dict] = {}
@@ -204,7 +214,7 @@ def run_on_ray(
             todo.append((index, job, out, src))
     if not todo:
         return results
-    from .model.config import read_config
+    from ..model.config import read_config
 
     mem = {index: job_memory(job, read_config(src)) for index, job, _, src in todo}
     _start(ray, settings)
