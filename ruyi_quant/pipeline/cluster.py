@@ -6,8 +6,9 @@ more jobs on a node than its memory holds. Every job computes with `cpus_per_job
 by default the driver's own thread count, which a serial run here uses: float32 sums split
 across threads round differently, and GPTQ's Hessians and factorizations are such sums, so the
 thread count is part of what makes the files the serial run's bit for bit. (More threads than
-reserved CPUs would not pay: two jobs of two threads on two cores ran 8x slower each.) ADDRESS is an existing cluster (`auto`, `HOST:PORT`,
-`ray://HOST:PORT`); `local` starts a cluster on this machine for the run and stops it after.
+reserved CPUs would not pay: two jobs of two threads on two cores ran 8x slower each.) ADDRESS
+is an existing cluster (`auto`, `HOST:PORT`, `ray://HOST:PORT`); `local` starts a cluster on
+this machine for the run and stops it after.
 
 What the serial runner guarantees holds here too. Every job is checked on the driver before the
 first is submitted, and a job whose outputs are intact is skipped there. A worker writes its
@@ -41,7 +42,8 @@ GRACE_S = 20.0  # how long cancelled jobs get to remove their temporary outputs 
 # A job's peak memory: the process itself, plus a multiple of its largest float32 unit (a decoder
 # layer or a head: calibration streams the family one unit at a time), plus evaluation's
 # log-probabilities. The multiples cover the measured peaks at Ruyi-7B's width on the CPU (GPTQ
-# 5.79 GB, AWQ 6.73 GB: 2.2 and 2.6 heads above the process) and ruyi-mini's demo (2.54 GB).
+# 5.79-6.13 GB, AWQ 6.73 GB: up to 2.3 and 2.6 heads above the process) and ruyi-mini's demo
+# (2.54 GB).
 BASE_BYTES = 1 << 30
 METHOD_UNITS = {"none": 1.0, "rtn": 1.0, "gptq": 2.5, "awq": 3.0}
 EVAL_COPIES = 6  # [batch, seq, vocab] float32 arrays evaluation holds at once
