@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, cpu_flags, write_result
 
 
 def sha256(path: Path) -> str:
@@ -36,14 +36,6 @@ def sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def cpu_flags() -> str:
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return "unknown"
-    return " ".join(f for f in ("avx2", "avx512f") if f in flags)
 
 
 def run_once(model: str, out: Path, args: list[str]) -> dict:
@@ -183,11 +175,7 @@ def main() -> int:
         md.append(
             f"Expected sha256 {a.expect[:16]}: {'matched' if s['matches_expected'] else 'NOT matched'}."
         )
-    text = "\n".join(md) + "\n"
-    print(text)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    a.out.with_suffix(".md").write_text(text)
+    write_result(a.out, result, "\n".join(md) + "\n")
     return 0 if s["grids_identical"] and s["matches_expected"] is not False else 1
 
 

@@ -18,8 +18,6 @@ Writes --out.json and --out.md.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 import os
 import shutil
 import statistics
@@ -29,25 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def digest_tree(root: Path) -> dict[str, str]:
-    spec = importlib.util.spec_from_file_location(
-        "behaviour_digest", ROOT / "scripts" / "behaviour_digest.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.digest_tree(root)
-
-
-def cpu_flags() -> str:
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return "unknown"
-    return " ".join(f for f in ("avx2", "avx512f") if f in flags)
-
+from common import ROOT, cpu_flags, digest_tree, write_result
 
 # name: (recipe addition, --ray, environment, the serial mode whose files it must give)
 MODES = {
@@ -140,11 +120,7 @@ def main() -> int:
             f"{', '.join(str(r['load_before']) for r in rs)} | "
             f"{'same' if summary[mode]['same_files'] else 'DIFFER'} ({rs[0]['files']} files) |"
         )
-    text = "\n".join(md) + "\n"
-    print(text)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    a.out.with_suffix(".md").write_text(text)
+    write_result(a.out, result, "\n".join(md) + "\n")
     return 0 if all(s["same_files"] for s in summary.values()) else 1
 
 

@@ -69,6 +69,14 @@ def write_problem(e: BaseException, path: Path | None = None) -> str | None:
     return None
 
 
+def os_error_line(e: OSError) -> str | None:
+    """The one line for an OSError the OS refused (`write_problem`), naming its file; None for a bug."""
+    problem = write_problem(e, e.filename)
+    if problem is None:
+        return None
+    return f"{e.filename}: {problem}" if e.filename else problem
+
+
 def too_little_space(path: Path | None, need: int) -> bool:
     """Whether the file system that `path` would be on has fewer than `need` bytes free (for
     writers that report a failure without the OS's reason)."""

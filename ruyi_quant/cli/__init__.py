@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-from ..errors import Terminated, UserError, write_problem
+from ..errors import Terminated, UserError, os_error_line
 from ..log import log_to_stderr
 
 # the modules of the subcommands, in --help's order; imported when the parser is built, after main
@@ -90,11 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         print("ruyi-quant: interrupted", file=sys.stderr)
         return 130
     except OSError as e:
-        problem = write_problem(e, e.filename)
-        if problem is None:
+        line = os_error_line(e)
+        if line is None:
             raise
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"ruyi-quant: error: {where}{problem}", file=sys.stderr)
+        print(f"ruyi-quant: error: {line}", file=sys.stderr)
         return 2
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -194,6 +194,15 @@ def write_manifest(out: Path, job: Job, summary: dict) -> None:
     )
 
 
+def skip_intact(job: Job, out: Path, force: bool, say) -> dict | None:
+    """A job's summary when its outputs are complete and unchanged (and not `force`), else None."""
+    if force or not manifest_ok(out, job.digest()):
+        return None
+    sweep(out.parent)  # a dead run's leftovers (atomic_dir sweeps when it runs)
+    say(f"[{job.name}] outputs complete and unchanged in {out}: skipped")
+    return {"status": "skipped", "output": str(out)}
+
+
 def run_job(
     job: Job,
     base: Path,
@@ -206,10 +215,8 @@ def run_job(
     """Run one job; returns its summary ({'status': 'done'|'skipped', ...}). `cache`: an
     evaluate.ReferenceCache that the jobs of one run share."""
     out, src, calib, ev = check_job(job, base, index)
-    if not force and manifest_ok(out, job.digest()):
-        sweep(out.parent)  # a dead run's leftovers (atomic_dir sweeps when it runs)
-        say(f"[{job.name}] outputs complete and unchanged in {out}: skipped")
-        return {"status": "skipped", "output": str(out)}
+    if (skipped := skip_intact(job, out, force, say)) is not None:
+        return skipped
     t0 = time.perf_counter()
     stages = Stages()
 

@@ -6,9 +6,9 @@ more jobs on a node than its memory holds. Every job computes with `cpus_per_job
 by default the driver's own thread count, which a serial run here uses: float32 sums split
 across threads round differently, and GPTQ's Hessians and factorizations are such sums, so the
 thread count is part of what makes the files the serial run's bit for bit. (More threads than
-reserved CPUs would not pay: two jobs of two threads on two cores ran 8x slower each.) ADDRESS
-is an existing cluster (`auto`, `HOST:PORT`, `ray://HOST:PORT`); `local` starts a cluster on
-this machine for the run and stops it after.
+reserved CPUs would not pay: two jobs of two threads on two cores ran 4-16x slower each than
+two of one thread.) ADDRESS is an existing cluster (`auto`, `HOST:PORT`, `ray://HOST:PORT`);
+`local` starts a cluster on this machine for the run and stops it after.
 
 What the serial runner guarantees holds here too. Every job is checked on the driver before the
 first is submitted, and a job whose outputs are intact is skipped there. A worker writes its
@@ -41,11 +41,12 @@ GRACE_S = 20.0  # how long cancelled jobs get to remove their temporary outputs 
 
 # A job's peak memory: the process itself, plus a multiple of its largest float32 unit (a decoder
 # layer or a head: calibration streams the family one unit at a time), plus evaluation's
-# log-probabilities. The multiples cover the measured peaks at Ruyi-7B's width on the CPU (GPTQ
-# 5.79-6.13 GB, AWQ 6.73 GB: up to 2.3 and 2.6 heads above the process) and ruyi-mini's demo
-# (2.54 GB).
+# log-probabilities, added (the stages run one after another: an upper bound). The multiples cover
+# the measured peaks at Ruyi-7B's width on the CPU (RTN 5.72 GB, exports up to 5.28 GB, GPTQ
+# 5.79-6.13 GB, AWQ 6.73 GB: up to 2.1, 1.9, 2.3 and 2.6 heads above the process) and ruyi-mini's
+# demo (2.54 GB).
 BASE_BYTES = 1 << 30
-METHOD_UNITS = {"none": 1.0, "rtn": 1.0, "gptq": 2.5, "awq": 3.0}
+METHOD_UNITS = {"none": 2.5, "rtn": 2.5, "gptq": 2.5, "awq": 3.0}  # none/rtn: exports' 1.9
 EVAL_COPIES = 6  # [batch, seq, vocab] float32 arrays evaluation holds at once
 
 
@@ -78,17 +79,18 @@ def job_memory(job: Job, cfg) -> int:
     return int(total)
 
 
-def wants_gpu(job: Job, index: int, cluster: dict) -> bool:
-    """Whether the job's task asks Ray for a GPU; a device the cluster cannot give is an error."""
+def wants_gpu(job: Job, index: int, node: dict) -> bool:
+    """Whether the job's task asks Ray for a GPU (`node`: the cluster's largest node's resources);
+    a device the cluster cannot give is an error."""
     dev = job.quantize.device
     key = f"jobs[{index}].quantize.device"
     if dev.startswith("cuda:") and dev != "cuda:0":
         raise UserError(
             f"{key} {dev}: under --ray each job gets one GPU, which it sees as cuda; give cuda or auto"
         )
-    if dev.startswith("cuda") and not cluster.get("GPU"):
+    if dev.startswith("cuda") and not node.get("GPU"):
         raise UserError(f"{key} {dev}: the Ray cluster has no GPU; use cpu or auto")
-    return dev.startswith("cuda") or (dev == "auto" and bool(cluster.get("GPU")))
+    return dev.startswith("cuda") or (dev == "auto" and bool(node.get("GPU")))
 
 
 def _task(job_json: str, base: str, index: int, force: bool, threads: int) -> str:
@@ -99,7 +101,7 @@ def _task(job_json: str, base: str, index: int, force: bool, threads: int) -> st
 
     import torch
 
-    from ..errors import write_problem
+    from ..errors import os_error_line
     from ..log import log_to_stderr
     from . import run_job
 
@@ -114,11 +116,10 @@ def _task(job_json: str, base: str, index: int, force: bool, threads: int) -> st
     except UserError as e:
         return json.dumps({"status": "failed", "error": str(e), "worker": worker})
     except OSError as e:
-        problem = write_problem(e, e.filename)
-        if problem is None:
+        line = os_error_line(e)
+        if line is None:
             raise
-        where = f"{e.filename}: " if e.filename else ""
-        return json.dumps({"status": "failed", "error": f"{where}{problem}", "worker": worker})
+        return json.dumps({"status": "failed", "error": line, "worker": worker})
     return json.dumps({**res, "worker": worker})
 
 
@@ -202,29 +203,26 @@ def run_on_ray(
     job's summary by recipe index ({'status': 'done'|'skipped'|'failed', ...})."""
     import torch
 
-    from . import manifest_ok
+    from ..model.config import read_config
+    from . import skip_intact
 
     ray = import_ray()
     results: dict[int, dict] = {}
     todo = []
     for index, job, out, src in jobs:
-        if not force and manifest_ok(out, job.digest()):
-            sweep(out.parent)
-            say(f"[{job.name}] outputs complete and unchanged in {out}: skipped")
-            results[index] = {"status": "skipped", "output": str(out)}
+        if (skipped := skip_intact(job, out, force, say)) is not None:
+            results[index] = skipped
         else:
             todo.append((index, job, out, src))
     if not todo:
         return results
-    from ..model.config import read_config
-
     mem = {index: job_memory(job, read_config(src)) for index, job, _, src in todo}
     _start(ray, settings)
     where = "a local Ray cluster" if settings.address == "local" else f"the Ray cluster at {settings.address}"
     pending: dict = {}
     try:
         node = _largest_node(ray)
-        gpu = {index: wants_gpu(job, index, ray.cluster_resources()) for index, job, _, _ in todo}
+        gpu = {index: wants_gpu(job, index, node) for index, job, _, _ in todo}
         largest = int(node.get("CPU", 0))
         if settings.cpus_per_job and settings.cpus_per_job > largest:
             raise UserError(

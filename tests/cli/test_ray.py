@@ -4,6 +4,7 @@ alone, Ctrl-C leaving no temporary output; without Ray, one line."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -24,6 +25,7 @@ JOBS = ("tiny-rtn4", "tiny-gptq4", "tiny-awq4-asym", "tiny-shared-gptq8")
 TIMEOUT = 900
 
 
+@functools.cache
 def _digest():
     spec = importlib.util.spec_from_file_location(
         "behaviour_digest", ROOT / "scripts" / "behaviour_digest.py"
@@ -194,7 +196,7 @@ def test_a_bad_ray_key_is_one_line(tmp_path, capsys, value, problem):
     assert len(err) == 1 and problem in err[0] and "ray" in err[0], err
 
 
-def test_memory_estimates_cover_the_measured_peaks_and_keep_two_7b_jobs_off_a_24_gb_node():
+def test_memory_estimates_cover_the_measured_peaks_and_keep_two_7b_jobs_off_a_16_gb_node():
     from ruyi_quant.model.config import parse_config
     from ruyi_quant.pipeline.cluster import job_memory
     from ruyi_quant.recipe import Job
@@ -204,11 +206,13 @@ def test_memory_estimates_cover_the_measured_peaks_and_keep_two_7b_jobs_off_a_24
     job = lambda method, ev: Job.model_validate(  # noqa: E731
         {"name": "j", "model": "m", "output": "o", "quantize": {"method": method}, "eval": ev}
     )
-    # CPU peaks at Ruyi-7B's width (docs/performance.md): GPTQ 5.79 GB, AWQ 6.73 GB
-    assert job_memory(job("gptq", None), ruyi) > 5.79e9
+    # CPU peaks at Ruyi-7B's width (docs/performance.md): RTN 5.72 GB (its exports up to 5.28 GB),
+    # GPTQ 5.79-6.13 GB, AWQ 6.73 GB
+    assert job_memory(job("rtn", None), ruyi) > 5.72e9
+    assert job_memory(job("gptq", None), ruyi) > 6.13e9
     assert job_memory(job("awq", None), ruyi) > 6.73e9
-    # Ray offers a node about 70% of its memory: a 24 GB worker holds one such job, not two
-    assert 2 * job_memory(job("gptq", {}), ruyi) > 0.7 * 24e9
+    # Ray offers a node its available memory: a 16 GB worker holds one such job, not two
+    assert 2 * job_memory(job("gptq", {}), ruyi) > 16e9
 
 
 @pytest.mark.parametrize(
